@@ -1,0 +1,3 @@
+from .osdn_attention import OSDNAttention
+
+__all__ = ["OSDNAttention"]

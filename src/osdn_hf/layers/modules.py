@@ -1,0 +1,88 @@
+"""Building blocks of the OSDN layer and block: short convolution, RMSNorms, SwiGLU MLP.
+
+Parameter names and shapes follow flash-linear-attention's modules, so DeltaNet weights load
+onto them by name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.osdn.utils import pad_varlen, unpad_varlen, varlen_index
+
+
+class ShortConvolution(nn.Conv1d):
+    """Causal depthwise convolution over time, then SiLU, with a cache for decoding.
+
+    The cache holds the last `kernel_size - 1` inputs of every sequence, oldest first:
+    `[N, D, kernel_size - 1]`, so decoding one token needs no history beyond it.
+    """
+
+    def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False):
+        super().__init__(hidden_size, hidden_size, kernel_size, groups=hidden_size, padding=0, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: `[B, T, D]` (B = 1 with `cu_seqlens`); cache: `[N, D, W - 1]` or None.
+
+        Returns `silu(conv(x))` `[B, T, D]` and the new cache `[N, D, W - 1]`.
+        """
+        W = self.kernel_size[0]
+        if cu_seqlens is None:
+            xs, lengths = x, None
+        else:
+            dest, L = varlen_index(cu_seqlens)
+            xs = pad_varlen(x, dest, len(cu_seqlens) - 1, L)  # (N, L, D), zeros after each end
+            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        N, _, D = xs.shape
+        history = xs.new_zeros(N, W - 1, D) if cache is None else cache.transpose(1, 2).to(xs.dtype)
+        xcat = torch.cat([history, xs], dim=1)  # (N, W - 1 + L, D)
+        y = F.silu(F.conv1d(xcat.transpose(1, 2), self.weight, self.bias, groups=D).transpose(1, 2))  # (N, L, D)
+        if lengths is None:
+            new_cache = xcat[:, xcat.shape[1] - (W - 1) :]
+        else:
+            # The last W - 1 inputs of each sequence sit at xcat[n, len_n : len_n + W - 1].
+            idx = lengths[:, None] + torch.arange(W - 1, device=x.device)  # (N, W - 1)
+            new_cache = xcat.gather(1, idx[..., None].expand(-1, -1, D))
+            y = unpad_varlen(y, dest)
+        return y, new_cache.transpose(1, 2).contiguous()
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and returned in the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """`RMSNorm(x) * silu(g)`, the output norm of the gated layer variant."""
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return (super().forward(x).float() * F.silu(g.float())).to(x.dtype)
+
+
+class SwiGLUMLP(nn.Module):
+    """`down_proj(silu(gate_proj(x)) * up_proj(x))`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

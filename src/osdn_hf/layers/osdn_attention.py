@@ -1,0 +1,136 @@
+"""The OSDN token mixer (SPEC.md section 5)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+from ..ops import chunk_osdn, fused_recurrent_osdn
+from .modules import GatedRMSNorm, RMSNorm, ShortConvolution
+
+if TYPE_CHECKING:
+    from ..configuration_osdn import OSDNConfig
+    from ..modeling_osdn import OSDNCache
+
+# With a cache, inputs up to this length take the token-by-token decoding op: below about
+# one chunk (64 tokens) the chunked form does more work than the recurrence.
+FUSED_RECURRENT_MAX_LEN = 64
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+class OSDNAttention(nn.Module):
+    """Online Scaled DeltaNet layer: DeltaNet whose write key is `d_t * k_t`.
+
+    Shapes: input `[B, T, hidden]`; heads `H = num_heads`, head dims `K`, `V`.
+    """
+
+    def __init__(self, config: OSDNConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = H = config.num_heads
+        self.head_k_dim, self.head_v_dim = config.head_k_dim, config.head_v_dim
+        key_dim, value_dim = H * self.head_k_dim, H * self.head_v_dim
+        hidden = config.hidden_size
+        self.use_precond = config.preconditioner == "osdn"
+        self.use_apf = self.use_precond and config.use_apf
+        self.eta_max = config.eta_max
+
+        self.q_proj = nn.Linear(hidden, key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, value_dim, bias=False)
+        self.b_proj = nn.Linear(hidden, H, bias=False)
+        if self.use_precond:
+            self.eta_proj = nn.Linear(hidden, H, bias=True)
+            self.eta_proj.bias_init = _logit(config.precond_eta_init / config.eta_max)
+        if self.use_apf:
+            self.apf_proj = nn.Linear(hidden, H, bias=True)
+            self.apf_proj.bias_init = _logit(config.apf_init)
+        self.q_conv1d = ShortConvolution(key_dim, config.conv_size, bias=config.conv_bias)
+        self.k_conv1d = ShortConvolution(key_dim, config.conv_size, bias=config.conv_bias)
+        self.v_conv1d = ShortConvolution(value_dim, config.conv_size, bias=config.conv_bias)
+        if config.use_output_gate:
+            self.g_proj = nn.Linear(hidden, value_dim, bias=False)
+            self.o_norm = GatedRMSNorm(self.head_v_dim, eps=config.norm_eps)
+        else:
+            self.o_norm = RMSNorm(self.head_v_dim, eps=config.norm_eps)
+        self.o_proj = nn.Linear(value_dim, hidden, bias=False)
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`beta, eta, lam`, each `[B, T, H]` in float32 (SPEC section 5, step 4)."""
+        beta = self.b_proj(x).float().sigmoid()
+        if self.use_precond:
+            eta = self.eta_max * self.eta_proj(x).float().sigmoid()
+        else:
+            eta = torch.zeros_like(beta)
+        lam = self.apf_proj(x).float().sigmoid() if self.use_apf else torch.ones_like(beta)
+        return beta, eta, lam
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: OSDNCache | None = None,
+        use_cache: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states: `[B, T, hidden]`; attention_mask: `[B, T_total]` of 0/1 (its last T
+        columns are this input's); cu_seqlens: packed sequences in a B = 1 input.
+
+        Returns `[B, T, hidden]`, zero at masked positions.
+        """
+        B, T, _ = hidden_states.shape
+        state = past_key_values.get_layer_state(self.layer_idx) if past_key_values is not None else None
+
+        # 0. Masked positions neither read nor write the state: pack the real tokens.
+        x, indices = hidden_states, None
+        if attention_mask is not None and not bool(attention_mask[:, -T:].all()):
+            if cu_seqlens is not None:
+                raise ValueError("pass either `cu_seqlens` or an `attention_mask` with padding, not both")
+            mask = attention_mask[:, -T:].bool()
+            indices = mask.flatten().nonzero().squeeze(-1)  # (total,)
+            lengths = mask.sum(-1)
+            cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+            x = hidden_states.reshape(B * T, -1).index_select(0, indices).unsqueeze(0)  # (1, total, hidden)
+
+        # 1-2. Projections, then causal short convolutions with SiLU.
+        conv_q, conv_k, conv_v = state["conv_state"] if state is not None else (None, None, None)
+        q, conv_q = self.q_conv1d(self.q_proj(x), conv_q, cu_seqlens)
+        k, conv_k = self.k_conv1d(self.k_proj(x), conv_k, cu_seqlens)
+        v, conv_v = self.v_conv1d(self.v_proj(x), conv_v, cu_seqlens)
+        q = q.view(*q.shape[:2], self.num_heads, self.head_k_dim)  # (B, T, H, K)
+        k = k.view(*k.shape[:2], self.num_heads, self.head_k_dim)  # (B, T, H, K)
+        v = v.view(*v.shape[:2], self.num_heads, self.head_v_dim)  # (B, T, H, V)
+
+        # 4. Gates.
+        beta, eta, lam = self.gates(x)
+
+        # 3 + 5. The op L2-normalises q and k (step 3) and runs the two-phase recurrence.
+        op = fused_recurrent_osdn if state is not None and T <= FUSED_RECURRENT_MAX_LEN else chunk_osdn
+        o, recurrent_state, precond_state = op(
+            q, k, v, beta, eta, lam,
+            initial_state=state["recurrent_state"] if state is not None else None,
+            initial_precond=state["precond_state"] if state is not None else None,
+            output_final_state=use_cache,
+            cu_seqlens=cu_seqlens,
+            use_qk_l2norm_in_kernel=True,
+        )
+        if use_cache:
+            past_key_values.update_layer_state(self.layer_idx, recurrent_state, precond_state, (conv_q, conv_k, conv_v))
+
+        # 6. Per-head output norm (optionally gated), then the output projection.
+        if isinstance(self.o_norm, GatedRMSNorm):
+            g = self.g_proj(x).view(*x.shape[:2], self.num_heads, self.head_v_dim)  # (B, T, H, V)
+            o = self.o_norm(o, g)
+        else:
+            o = self.o_norm(o)
+        o = self.o_proj(o.flatten(-2))  # (B, T, hidden)
+
+        if indices is not None:
+            o = o.new_zeros(B * T, o.shape[-1]).index_copy(0, indices, o[0]).view(B, T, -1)
+        return o

@@ -1,0 +1,187 @@
+"""Chunkwise OSDN (SPEC section 3): the training and prefill path.
+
+Two phases, each over chunks of `CHUNK_SIZE` tokens:
+
+1. `chunk_precondition` runs the preconditioner recurrence (SPEC section 2, phase 1) as a
+   gated delta rule on a `K`-vector and returns the write keys `W = D * K`. It never reads
+   `S`, and phase 2 only sees `W`, so another preconditioner can replace it.
+2. `chunk_delta_rule_asym` runs the asymmetric delta rule with read key `K` and write key
+   `W` through the WY form of SPEC section 3.
+
+This file is the pure-PyTorch path (every device, differentiable by autograd). The
+derivation is in `README.md` beside it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .utils import run_padded
+
+# 64 matches the Triton kernels' tile and fla's chunk size; on CPU any size gives the same
+# result, larger chunks trade more C x C work for fewer sequential steps.
+CHUNK_SIZE = 64
+
+# lam = 0 exactly (a full APF reset) would give log(0) = -inf and NaN differences; lam is
+# clamped here, which changes the result by at most a factor (1 + 1e-30).
+LAM_MIN = 1e-30
+
+
+def _to_chunks(x: torch.Tensor, C: int, fill: float = 0.0) -> torch.Tensor:
+    """[B, T, H, *] -> [B, H, NC, C, *], padding T at the end to a multiple of C with `fill`."""
+    B, T, H = x.shape[:3]
+    NC = max(-(-T // C), 1)
+    pad = NC * C - T
+    if pad:
+        x = torch.cat([x, x.new_full((B, pad, *x.shape[2:]), fill)], dim=1)
+    x = x.view(B, NC, C, H, *x.shape[3:])  # (B, NC, C, H, *)
+    return x.permute(0, 3, 1, 2, 4) if x.dim() == 5 else x.permute(0, 3, 1, 2)
+
+
+def _from_chunks(x: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, H, NC, C, D] -> [B, T, H, D]."""
+    B, H, NC, C, D = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(B, NC * C, H, D)[:, :T]
+
+
+def _solve_unit_lower(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve (I + A) X = rhs, A strictly lower triangular [..., C, C]."""
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    return torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+
+
+def chunk_precondition(
+    k: torch.Tensor, beta: torch.Tensor, eta: torch.Tensor, lam: torch.Tensor, d0: torch.Tensor, C: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 1: the preconditioner `d_t` at every position, chunk by chunk.
+
+    With `e_t = d_t - 1`, SPEC section 2 reads
+    `e_t = lam_t [ e_{t-1} + u_t (m_t - a_t <u_t, e_{t-1}>) ]`, where `u_t = k_t * k_t`,
+    `a_t = eta_t beta_t^2` and `m_t = eta_t beta_t (1 - beta_t sum(u_t))`. Inside a chunk the
+    scalars `delta_t = m_t - a_t <u_t, e_{t-1}>` solve a unit lower-triangular system, and
+    `e_t` follows from them in closed form (README.md, "Phase 1").
+
+    Args:
+        k: `[B, H, NC, C, K]` keys; beta, eta, lam: `[B, H, NC, C]`; d0: `[B, H, K]`.
+
+    Returns:
+        `d` `[B, H, NC, C, K]` at every position and the final `d` `[B, H, K]`.
+    """
+    u = k * k  # (B, H, NC, C, K)
+    a = eta * beta * beta  # (B, H, NC, C)
+    m = eta * beta * (1 - beta * u.sum(-1))  # (B, H, NC, C)
+    g = torch.log(lam.clamp_min(LAM_MIN)).cumsum(-1)  # log G_t, inclusive
+    gp = g - torch.log(lam.clamp_min(LAM_MIN))  # log G_{t-1}, exclusive
+    strict = torch.ones(C, C, dtype=torch.bool, device=k.device).tril(-1)
+    incl = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
+    neg_inf = torch.tensor(float("-inf"), device=k.device)
+    # L[t, s] = a_t G_{t-1} / G_{s-1} <u_t, u_s>, s < t
+    L = a[..., None] * torch.exp(torch.where(strict, gp[..., :, None] - gp[..., None, :], neg_inf)) * (u @ u.transpose(-1, -2))
+    # P[t, s] = G_t / G_{s-1}, s <= t
+    P = torch.exp(torch.where(incl, g[..., :, None] - gp[..., None, :], neg_inf))  # (B, H, NC, C, C)
+    rhs = torch.cat([m[..., None], (a * torch.exp(gp))[..., None] * u], dim=-1)  # (B, H, NC, C, 1 + K)
+    sol = _solve_unit_lower(L, rhs)
+    delta_m, Y = sol[..., 0], sol[..., 1:]  # (B, H, NC, C), (B, H, NC, C, K)
+    decay = torch.exp(g)[..., None]  # (B, H, NC, C, 1)
+
+    e = d0 - 1
+    es = []
+    for n in range(k.shape[2]):
+        delta = delta_m[:, :, n] - (Y[:, :, n] @ e[..., None])[..., 0]  # (B, H, C)
+        E = decay[:, :, n] * e[..., None, :] + P[:, :, n] @ (delta[..., None] * u[:, :, n])  # (B, H, C, K)
+        es.append(E)
+        e = E[..., -1, :]
+    return 1 + torch.stack(es, dim=2), 1 + e
+
+
+def chunk_delta_rule_asym(
+    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float, S0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 2: `S_t = S_{t-1} + beta_t w_t (v_t - S_{t-1}^T k_t)^T`, `o_t = scale S_t^T q_t`.
+
+    SPEC section 3, per chunk: `A = I + tril(diag(b) K W^T, -1)`,
+    `U = A^{-1} diag(b) (V - K S_0)`, `O = scale (Q S_0 + tril(Q W^T) U)`, `S_C = S_0 + W^T U`.
+
+    Args:
+        q, k, w: `[B, H, NC, C, K]`; v: `[B, H, NC, C, V]`; beta: `[B, H, NC, C]`; S0: `[B, H, K, V]`.
+
+    Returns:
+        `o` `[B, H, NC, C, V]` and the final state `[B, H, K, V]`.
+    """
+    C = q.shape[-2]
+    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
+    incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    A = (beta[..., None] * (k @ w.transpose(-1, -2))).masked_fill(~strict, 0)  # (B, H, NC, C, C)
+    # One solve gives both parts of U = A^{-1} diag(b) V - A^{-1} diag(b) K S_0.
+    sol = _solve_unit_lower(A, beta[..., None] * torch.cat([v, k], dim=-1))
+    Ub, Kb = sol[..., : v.shape[-1]], sol[..., v.shape[-1] :]  # (B, H, NC, C, V), (B, H, NC, C, K)
+    Mqw = (q @ w.transpose(-1, -2)).masked_fill(~incl, 0)  # (B, H, NC, C, C)
+
+    S = S0
+    os = []
+    for n in range(q.shape[2]):
+        U = Ub[:, :, n] - Kb[:, :, n] @ S  # (B, H, C, V)
+        os.append(scale * (q[:, :, n] @ S + Mqw[:, :, n] @ U))
+        S = S + w[:, :, n].transpose(-1, -2) @ U
+    return torch.stack(os, dim=2), S
+
+
+def _chunk_osdn_torch(q, k, v, beta, eta, lam, scale, S0, d0, chunk_size: int = CHUNK_SIZE):
+    """float32 `[B, T, H, *]` in, `(o [B, T, H, V], S [B, H, K, V], d [B, H, K])` out."""
+    T = q.shape[1]
+    qc, kc, vc = (_to_chunks(x, chunk_size) for x in (q, k, v))
+    bc, ec = _to_chunks(beta, chunk_size), _to_chunks(eta, chunk_size)
+    lc = _to_chunks(lam, chunk_size, fill=1.0)
+    D, d = chunk_precondition(kc, bc, ec, lc, d0, chunk_size)
+    o, S = chunk_delta_rule_asym(qc, kc, D * kc, vc, bc, scale, S0)
+    return _from_chunks(o, T), S, d
+
+
+def chunk_osdn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    eta: torch.Tensor,
+    lam: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    initial_precond: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Chunkwise OSDN: the training and prefill path.
+
+    Args:
+        q, k: `[B, T, H, K]` queries and keys (the layer L2-normalises keys).
+        v: `[B, T, H, V]` values.
+        beta, eta, lam: `[B, T, H]` write strength, preconditioner step, APF retention, in (0, 1).
+        scale: output scale, defaults to `K ** -0.5`.
+        initial_state: `[N, H, K, V]` memory `S_0` (zeros if None).
+        initial_precond: `[N, H, K]` preconditioner `d_0` (ones if None).
+        output_final_state: return the final `S` and `d` (float32).
+        cu_seqlens: int64 `[N + 1]` offsets of packed sequences (B must be 1); states reset
+            at each boundary.
+        use_qk_l2norm_in_kernel: L2-normalise q and k inside the op.
+
+    Returns:
+        `o` `[B, T, H, V]` in the dtype of `q`; `final_state` `[N, H, K, V]` and
+        `final_precond` `[N, H, K]` in float32, or None unless `output_final_state`.
+
+    Example:
+        >>> B, T, H, K = 2, 100, 4, 32
+        >>> q, k, v = (torch.randn(B, T, H, K) for _ in range(3))
+        >>> k = torch.nn.functional.normalize(k, dim=-1)
+        >>> beta, eta, lam = (torch.rand(B, T, H) for _ in range(3))
+        >>> o, S, d = chunk_osdn(q, k, v, beta, eta, lam, output_final_state=True)
+        >>> o.shape, S.shape, d.shape
+        (torch.Size([2, 100, 4, 32]), torch.Size([2, 4, 32, 32]), torch.Size([2, 4, 32]))
+    """
+    # TODO(issue 3): dispatch CUDA tensors to the Triton kernels here.
+    return run_padded(
+        _chunk_osdn_torch, q, k, v, beta, eta, lam, scale, initial_state, initial_precond,
+        output_final_state, cu_seqlens, use_qk_l2norm_in_kernel,
+    )
+
+

@@ -1,0 +1,157 @@
+"""Input validation and variable-length packing shared by the OSDN ops.
+
+Layout everywhere: inputs `[B, T, H, K]` / `[B, T, H, V]` / `[B, T, H]`, states
+`[N, H, K, V]` and `[N, H, K]`, where `N = B`, or `N = len(cu_seqlens) - 1` for packed input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The Triton kernels (issue 3) keep a K x V state tile in SRAM; 256 is the largest head
+# dimension they tile, so the torch path enforces the same limit to keep the API identical.
+MAX_HEAD_DIM = 256
+
+
+def _shape(x: torch.Tensor | None) -> str:
+    return "None" if x is None else str(tuple(x.shape))
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    eta: torch.Tensor,
+    lam: torch.Tensor,
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    initial_precond: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> int:
+    """Validate the arguments of an OSDN op and return `N`, the number of sequences.
+
+    Raises `ValueError` naming the offending argument and the shapes involved.
+    """
+    for name, x, rank in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("beta", beta, 3), ("eta", eta, 3), ("lam", lam, 3)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != rank:
+            raise ValueError(f"`{name}` must have {rank} dimensions, got shape {_shape(x)}")
+        if not x.is_floating_point():
+            raise ValueError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if k.shape != q.shape:
+        raise ValueError(f"`k` must have the shape of `q` [B, T, H, K] = {_shape(q)}, got {_shape(k)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"`v` must be [B, T, H, V] with B, T, H = {tuple(q.shape[:3])}, got {_shape(v)}")
+    for name, x in (("beta", beta), ("eta", eta), ("lam", lam)):
+        if x.shape != q.shape[:3]:
+            raise ValueError(f"`{name}` must be [B, T, H] = {tuple(q.shape[:3])}, got {_shape(x)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"`q`, `k`, `v` must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM or K < 1 or V < 1:
+        raise ValueError(f"head dims must be in [1, {MAX_HEAD_DIM}], got K={K} (q {_shape(q)}) and V={V} (v {_shape(v)})")
+    for name, x in (("k", k), ("v", v), ("beta", beta), ("eta", eta), ("lam", lam)):
+        if x.device != q.device:
+            raise ValueError(f"`{name}` is on {x.device} but `q` is on {q.device}")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"`scale` must be positive, got {scale}")
+
+    N = B
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"`cu_seqlens` must be a 1-D int64 tensor [N+1], got shape {_shape(cu_seqlens)} and dtype {cu_seqlens.dtype}"
+            )
+        if B != 1:
+            raise ValueError(f"`cu_seqlens` needs packed input with B = 1, got q of shape {_shape(q)}")
+        offsets = cu_seqlens.tolist()
+        if offsets[0] != 0 or offsets[-1] != T or any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"`cu_seqlens` must rise from 0 to T = {T}, got {offsets}")
+        N = len(offsets) - 1
+    for name, x, shape in (
+        ("initial_state", initial_state, (N, H, K, V)),
+        ("initial_precond", initial_precond, (N, H, K)),
+    ):
+        if x is None:
+            continue
+        if tuple(x.shape) != shape:
+            raise ValueError(f"`{name}` must be [N, H, ...] = {shape}, got {_shape(x)}")
+        if not x.is_floating_point():
+            raise ValueError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}")
+    return N
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """L2-normalise the last dimension (computed in float32, returned in `x.dtype`)."""
+    xf = x.float()
+    return (xf * torch.rsqrt((xf * xf).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def varlen_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Map every packed token to its row in a padded `[N * L, ...]` layout.
+
+    Returns (`dest`, `L`): `dest[i]` is `n * L + t` for packed token `i`, the `t`-th token of
+    sequence `n`, and `L` is the longest sequence (at least 1).
+    """
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    L = max(int(lengths.max()), 1)
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)  # (total,)
+    pos = torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - cu_seqlens[:-1][seq]
+    return seq * L + pos, L
+
+
+def pad_varlen(x: torch.Tensor, dest: torch.Tensor, N: int, L: int, fill: float = 0.0) -> torch.Tensor:
+    """`[1, total, ...]` packed -> `[N, L, ...]` padded at the end with `fill` (differentiable)."""
+    out = x.new_full((N * L, *x.shape[2:]), fill)
+    return out.index_copy(0, dest, x[0]).view(N, L, *x.shape[2:])
+
+
+def unpad_varlen(x: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+    """`[N, L, ...]` padded -> `[1, total, ...]` packed (differentiable)."""
+    return x.reshape(-1, *x.shape[2:]).index_select(0, dest).unsqueeze(0)
+
+
+def run_padded(
+    core,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    eta: torch.Tensor,
+    lam: torch.Tensor,
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    initial_precond: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    use_qk_l2norm_in_kernel: bool,
+):
+    """Validate, normalise and pack the op's arguments, run `core`, and unpack its result.
+
+    `core(q, k, v, beta, eta, lam, scale, S0, d0) -> (o, S, d)` receives float32 tensors of
+    one batch of equal-length sequences (`[N, L, H, *]`). Packed sequences are padded at
+    the end with neutral tokens (`k = v = beta = eta = 0`, `lam = 1`), which change neither
+    `S` nor `d`, so the state after the padding is the state at each sequence's end.
+    """
+    N = check_inputs(q, k, v, beta, eta, lam, scale, initial_state, initial_precond, cu_seqlens)
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    dtype = q.dtype
+    scale = K**-0.5 if scale is None else scale
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q), l2norm(k)
+    q, k, v, beta, eta, lam = (x.float() for x in (q, k, v, beta, eta, lam))
+    S0 = q.new_zeros(N, H, K, V) if initial_state is None else initial_state.float()
+    d0 = q.new_ones(N, H, K) if initial_precond is None else initial_precond.float()
+    if cu_seqlens is None:
+        o, S, d = core(q, k, v, beta, eta, lam, scale, S0, d0)
+    else:
+        dest, L = varlen_index(cu_seqlens)
+        padded = [pad_varlen(x, dest, N, L) for x in (q, k, v, beta, eta)]
+        o, S, d = core(*padded, pad_varlen(lam, dest, N, L, fill=1.0), scale, S0, d0)
+        o = unpad_varlen(o, dest)
+    if not output_final_state:
+        S = d = None
+    return o.to(dtype), S, d
