@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -11,6 +16,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_osdn import OSDNConfig
+from .hub_code import AUTO_MAP, write_code
 from .layers.modules import RMSNorm, ShortConvolution, SwiGLUMLP
 from .layers.osdn_attention import OSDNAttention
 
@@ -172,6 +178,38 @@ class OSDNPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, plus the modelling code and `auto_map`, all or nothing.
+
+        Everything is written to a temporary folder beside `save_directory` first, so a save
+        that fails leaves `save_directory` as it was. Other files already in the folder (a
+        tokenizer, say) stay; weight files of an earlier save are replaced.
+        """
+        target = Path(save_directory)
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"`save_directory` must be a folder, got the file {target}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", target.name)
+        self.config.auto_map = dict(AUTO_MAP)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise stick to the checkpoint
+        try:
+            super().save_pretrained(staging, **kwargs)
+            write_code(staging)
+            if not target.exists():
+                os.replace(staging, target)
+                return
+            for old in target.iterdir():
+                if old.name.startswith(("model.safetensors", "model-", "pytorch_model")) and old.is_file():
+                    old.unlink()
+            for new in staging.iterdir():
+                os.replace(new, target / new.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 class OSDNModel(OSDNPreTrainedModel):

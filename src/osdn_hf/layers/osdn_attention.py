@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from ..ops import chunk_osdn, fused_recurrent_osdn
+from ..ops.osdn.chunk import chunk_osdn
+from ..ops.osdn.fused_recurrent import fused_recurrent_osdn
 from .modules import GatedRMSNorm, RMSNorm, ShortConvolution
 
 if TYPE_CHECKING:

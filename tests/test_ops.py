@@ -1,0 +1,176 @@
+"""The three OSDN ops against a float64 loop of SPEC section 2, against each other, and fla."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, make_inputs, reference_osdn_f64
+
+from osdn_hf.ops import chunk_osdn, fused_recurrent_osdn, naive_recurrent_osdn
+
+OPS = {"naive": naive_recurrent_osdn, "chunk": chunk_osdn, "fused_recurrent": fused_recurrent_osdn}
+GRAD_NAMES = ("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond")
+
+
+def run_with_grads(fn, inputs: dict, cotangents: tuple, **kwargs):
+    """Run `fn`, backpropagate fixed random cotangents of (o, S, d); return outputs and grads."""
+    for x in inputs.values():
+        if x is not None:
+            x.grad = None
+    o, S, d = fn(**inputs, output_final_state=True, **kwargs)
+    loss = (o.double() * cotangents[0]).sum() + (S.double() * cotangents[1]).sum() + (d.double() * cotangents[2]).sum()
+    loss.backward()
+    # an input the result does not depend on (an empty sequence's tokens) has zero gradient
+    grads = {
+        n: torch.zeros_like(inputs[n]) if inputs[n].grad is None else inputs[n].grad.clone()
+        for n in GRAD_NAMES
+        if inputs.get(n) is not None
+    }
+    return (o, S, d), grads
+
+
+def reference(inputs: dict, **kwargs):
+    return reference_osdn_f64(
+        inputs["q"], inputs["k"], inputs["v"], inputs["beta"], inputs["eta"], inputs["lam"],
+        S0=inputs["initial_state"], d0=inputs["initial_precond"], **kwargs,
+    )
+
+
+@pytest.mark.parametrize("with_states", [False, True])
+@pytest.mark.parametrize("T", [1, 63, 64, 100, 300])
+@pytest.mark.parametrize("op", list(OPS))
+def test_op_matches_float64_loop(op, T, with_states):
+    B, H, K, V = 2, 2, 16, 8
+    inputs = make_inputs(B, T, H, K, V, with_states=with_states, seed=T)
+    g = torch.Generator().manual_seed(1)
+    cot = (torch.randn(B, T, H, V, generator=g).double(), torch.randn(B, H, K, V, generator=g).double(),
+           torch.randn(B, H, K, generator=g).double())
+    (o, S, d), grads = run_with_grads(OPS[op], inputs, cot)
+    ref_inputs = {n: (x.detach().double().requires_grad_() if x is not None else None) for n, x in inputs.items()}
+    (ro, rS, rd), ref_grads = run_with_grads(lambda output_final_state, **kw: reference(kw), ref_inputs, cot)
+    assert o.dtype == torch.float32 and S.dtype == torch.float32 and d.dtype == torch.float32
+    assert_close(f"{op} o", o, ro)
+    assert_close(f"{op} final_state", S, rS)
+    assert_close(f"{op} final_precond", d, rd)
+    for name, grad in ref_grads.items():
+        assert_close(f"{op} d{name}", grads[name], grad)
+
+
+def test_preconditioner_moves_and_deltanet_limit():
+    """eta > 0 moves d away from 1 (the test above is not vacuous); eta = 0, lam = 1 keeps d = 1."""
+    inputs = make_inputs(1, 50, 2, 16, 16)
+    inputs["lam"] = torch.ones_like(inputs["lam"])  # no APF pulling d back to 1
+    _, _, d = chunk_osdn(**inputs, output_final_state=True)
+    assert (d - 1).abs().max() > 0.05
+    inputs["eta"] = torch.zeros_like(inputs["eta"])
+    inputs["lam"] = torch.ones_like(inputs["lam"])
+    _, _, d = chunk_osdn(**inputs, output_final_state=True)
+    assert torch.equal(d, torch.ones_like(d))
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_packed_sequences_equal_separate_runs(op):
+    """cu_seqlens: states reset at boundaries, exactly as if each sequence ran alone (grads too)."""
+    lengths = [37, 0, 64, 1, 130]
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    T, N, H, K, V = sum(lengths), len(lengths), 2, 16, 8
+    inputs = make_inputs(1, T, H, K, V, with_states=True, N=N, seed=3)
+    g = torch.Generator().manual_seed(2)
+    cot = (torch.randn(1, T, H, V, generator=g).double(), torch.randn(N, H, K, V, generator=g).double(),
+           torch.randn(N, H, K, generator=g).double())
+    (o, S, d), grads = run_with_grads(OPS[op], inputs, cot, cu_seqlens=offsets)
+
+    for n in range(N):
+        s, e = offsets[n].item(), offsets[n + 1].item()
+        seg = {name: inputs[name].detach()[:, s:e].clone().requires_grad_() for name in ("q", "k", "v", "beta", "eta", "lam")}
+        seg["initial_state"] = inputs["initial_state"].detach()[n : n + 1].clone().requires_grad_()
+        seg["initial_precond"] = inputs["initial_precond"].detach()[n : n + 1].clone().requires_grad_()
+        seg_cot = (cot[0][:, s:e], cot[1][n : n + 1], cot[2][n : n + 1])
+        (o_n, S_n, d_n), g_n = run_with_grads(OPS[op], seg, seg_cot)
+        assert_close(f"S[{n}]", S[n : n + 1], S_n)
+        assert_close(f"d[{n}]", d[n : n + 1], d_n)
+        if e > s:
+            assert_close(f"o[{n}]", o[:, s:e], o_n)
+            for name in ("q", "k", "v", "beta", "eta", "lam"):
+                assert_close(f"d{name}[{n}]", grads[name][:, s:e], g_n[name])
+        assert_close(f"dS0[{n}]", grads["initial_state"][n : n + 1], g_n["initial_state"])
+        assert_close(f"dd0[{n}]", grads["initial_precond"][n : n + 1], g_n["initial_precond"])
+    if lengths[1] == 0:  # an empty sequence hands its initial state through unchanged
+        assert torch.equal(S[1], inputs["initial_state"][1].detach())
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_qk_l2norm_in_kernel_and_scale(op):
+    inputs = make_inputs(2, 20, 2, 16, 8)
+    raw_k = inputs["k"].detach() * 3.0 + 0.1
+    raw_q = inputs["q"].detach() * 2.0
+    got = OPS[op](**{**inputs, "q": raw_q, "k": raw_k}, scale=0.3, use_qk_l2norm_in_kernel=True, output_final_state=True)
+    qn = torch.nn.functional.normalize(raw_q, dim=-1, eps=1e-6)
+    kn = torch.nn.functional.normalize(raw_k, dim=-1, eps=1e-6)
+    ro, rS, rd = reference_osdn_f64(qn, kn, inputs["v"], inputs["beta"], inputs["eta"], inputs["lam"], scale=0.3)
+    assert_close("o", got[0], ro)
+    assert_close("S", got[1], rS)
+    assert_close("d", got[2], rd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op", ["chunk", "fused_recurrent"])
+def test_half_precision_inputs(op, dtype):
+    """16-bit q, k, v: output in that dtype, states in float32, error at the dtype's rounding."""
+    inputs = make_inputs(2, 100, 2, 32, 32, dtype=dtype, with_states=True)
+    o, S, d = OPS[op](**inputs, output_final_state=True)
+    assert o.dtype == dtype and S.dtype == torch.float32 and d.dtype == torch.float32
+    ro, rS, rd = reference(inputs)
+    assert_close("o", o, ro, dtype)
+    assert_close("S", S, rS, dtype)
+
+
+def test_deltanet_limit_matches_fla_reference():
+    """eta = 0, lam = 1: OSDN is DeltaNet, checked against flash-linear-attention's own loop."""
+    naive = pytest.importorskip("fla.ops.delta_rule.naive", reason="flash-linear-attention (the test extra) is not installed")
+    B, T, H, K, V = 2, 100, 3, 32, 16
+    inputs = make_inputs(B, T, H, K, V, with_states=True)
+    inputs = {n: (x.detach() if x is not None else None) for n, x in inputs.items()}
+    inputs["eta"] = torch.zeros(B, T, H)
+    inputs["lam"] = torch.ones(B, T, H)
+    inputs["initial_precond"] = None
+    to_bhtd = lambda x: x.transpose(1, 2).contiguous()  # fla's naive loop is [B, H, T, *]
+    fo, fS = naive.delta_rule_recurrence(
+        to_bhtd(inputs["q"]), to_bhtd(inputs["k"]), to_bhtd(inputs["v"]), inputs["beta"].transpose(1, 2).contiguous(),
+        initial_state=inputs["initial_state"].clone(), output_final_state=True,
+    )
+    for name, op in OPS.items():
+        o, S, d = op(**inputs, output_final_state=True)
+        assert_close(f"{name} o vs fla", o, fo.transpose(1, 2))
+        assert_close(f"{name} S vs fla", S, fS)
+        assert torch.equal(d, torch.ones_like(d))
+
+
+BAD_INPUTS = {
+    "q rank": (lambda a: {**a, "q": a["q"][0]}, "`q` must have 4 dimensions"),
+    "k shape": (lambda a: {**a, "k": a["k"][:, :, :, :8]}, "`k` must have the shape of `q`"),
+    "v shape": (lambda a: {**a, "v": a["v"][:, :5]}, "`v` must be"),
+    "beta shape": (lambda a: {**a, "beta": a["beta"][:, :, :1]}, "`beta` must be"),
+    "dtype": (lambda a: {**a, "v": a["v"].double()}, "share one dtype"),
+    "state shape": (lambda a: {**a, "initial_state": torch.zeros(2, 2, 16, 7)}, "`initial_state` must be"),
+    "precond shape": (lambda a: {**a, "initial_precond": torch.ones(3, 2, 16)}, "`initial_precond` must be"),
+    "cu_seqlens with B > 1": (lambda a: {**a, "cu_seqlens": torch.tensor([0, 10])}, "B = 1"),
+    "head dim": (lambda a: {**a, "q": torch.zeros(2, 10, 2, 300), "k": torch.zeros(2, 10, 2, 300)}, "head dims"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+@pytest.mark.parametrize("op", list(OPS))
+def test_bad_inputs_raise_value_error(op, case):
+    inputs = {n: (x.detach() if x is not None else None) for n, x in make_inputs(2, 10, 2, 16, 8).items()}
+    change, message = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=message):
+        OPS[op](**change(inputs))
+
+
+def test_bad_cu_seqlens_raise_value_error():
+    inputs = {n: (x.detach() if x is not None else None) for n, x in make_inputs(1, 10, 2, 16, 8).items()}
+    with pytest.raises(ValueError, match="rise from 0 to T"):
+        chunk_osdn(**inputs, cu_seqlens=torch.tensor([0, 4, 9]))
+    with pytest.raises(ValueError, match="1-D int64"):
+        chunk_osdn(**inputs, cu_seqlens=torch.tensor([0.0, 10.0]))
