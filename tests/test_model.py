@@ -1,0 +1,285 @@
+"""Layer and model: padding, packing, cached decoding, generation, config validation, sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from osdn_hf import OSDNCache, OSDNConfig, OSDNForCausalLM, OSDNModel
+from osdn_hf.layers.modules import ShortConvolution
+
+REPO = Path(__file__).resolve().parents[1]
+# SPEC section 7: cached decoding equals one full forward within float32 1e-4.
+LOGITS_ATOL = 1e-4
+
+
+def tiny_config(**overrides) -> OSDNConfig:
+    kwargs = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=64, pad_token_id=0)
+    kwargs.update(overrides)
+    return OSDNConfig(**kwargs)
+
+
+def tiny_model(seed: int = 0, **overrides) -> OSDNForCausalLM:
+    torch.manual_seed(seed)
+    model = OSDNForCausalLM(tiny_config(**overrides)).eval()
+    # Trained-like gates: random biases so beta, eta and lam vary per head and token.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in ("eta_proj", "apf_proj"):
+                if hasattr(layer.attn, proj):
+                    getattr(layer.attn, proj).weight.normal_(0, 0.3)
+            layer.attn.b_proj.weight.normal_(0, 0.3)
+    return model
+
+
+def test_auto_classes_are_registered():
+    config = AutoConfig.for_model("osdn", vocab_size=50, hidden_size=32, num_hidden_layers=1, num_heads=2)
+    assert isinstance(config, OSDNConfig)
+    assert isinstance(AutoModel.from_config(config), OSDNModel)
+    assert isinstance(AutoModelForCausalLM.from_config(config), OSDNForCausalLM)
+
+
+def test_short_convolution_packed_and_cached_equal_full():
+    torch.manual_seed(0)
+    conv = ShortConvolution(6, 4)
+    x = torch.randn(2, 11, 6)
+    full, _ = conv(x)
+    first, cache = conv(x[:, :5])
+    rest, _ = conv(x[:, 5:], cache)
+    torch.testing.assert_close(torch.cat([first, rest], 1), full)
+    packed, caches = conv(torch.cat([x[:1], x[1:, :7]], 1), cu_seqlens=torch.tensor([0, 11, 18]))
+    torch.testing.assert_close(packed[:, :11], full[:1])
+    torch.testing.assert_close(packed[:, 11:], conv(x[1:, :7])[0])
+    torch.testing.assert_close(caches[1], x[1, 4:7].T)
+
+
+@pytest.mark.parametrize("preconditioner", ["osdn", "none"])
+@pytest.mark.parametrize("prefill", [1, 7, 70])
+def test_cached_decoding_equals_full_forward(prefill, preconditioner):
+    """Prefill (chunked op when > 64 tokens, recurrent otherwise), then token by token."""
+    model = tiny_model(preconditioner=preconditioner)
+    ids = torch.randint(1, 97, (3, prefill + 12))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :prefill], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        assert isinstance(cache, OSDNCache) and cache.get_seq_length() == prefill
+        for t in range(prefill, ids.shape[1]):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=LOGITS_ATOL, rtol=0)
+    state = cache.get_layer_state(0)
+    assert state["recurrent_state"].shape == (3, 2, 16, 16) and state["recurrent_state"].dtype == torch.float32
+    assert state["precond_state"].shape == (3, 2, 16)
+    assert [c.shape for c in state["conv_state"]] == [(3, 32, 3)] * 3
+
+
+def test_left_padding_equals_unpadded_runs():
+    model = tiny_model()
+    prompts = [torch.randint(1, 97, (n,)) for n in (9, 4, 1)]
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = (torch.arange(width) >= width - torch.tensor([len(p) for p in prompts])[:, None]).long()
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+        for i, p in enumerate(prompts):
+            alone = model(p[None]).logits
+            torch.testing.assert_close(padded[i, width - len(p) :], alone[0], atol=LOGITS_ATOL, rtol=0)
+
+
+def test_padding_does_not_write_state():
+    """Pads anywhere (not only on the left) neither read nor write the recurrent state."""
+    model = tiny_model()
+    ids = torch.randint(1, 97, (1, 10))
+    mask = torch.ones(1, 10, dtype=torch.long)
+    mask[0, 3:6] = 0
+    with torch.no_grad():
+        holes = model(ids, attention_mask=mask, use_cache=True)
+        real = ids[:, mask[0].bool()]
+        dense = model(real, use_cache=True)
+    torch.testing.assert_close(holes.logits[:, mask[0].bool()], dense.logits, atol=LOGITS_ATOL, rtol=0)
+    for layer in range(2):
+        a, b = holes.past_key_values.get_layer_state(layer), dense.past_key_values.get_layer_state(layer)
+        torch.testing.assert_close(a["recurrent_state"], b["recurrent_state"])
+        torch.testing.assert_close(a["precond_state"], b["precond_state"])
+
+
+def test_packed_cu_seqlens_equal_separate_sequences():
+    model = tiny_model()
+    a, b = torch.randint(1, 97, (1, 13)), torch.randint(1, 97, (1, 70))
+    with torch.no_grad():
+        packed = model(torch.cat([a, b], 1), cu_seqlens=torch.tensor([0, 13, 83])).logits
+        torch.testing.assert_close(packed[:, :13], model(a).logits, atol=LOGITS_ATOL, rtol=0)
+        torch.testing.assert_close(packed[:, 13:], model(b).logits, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_packed_labels_do_not_cross_sequences():
+    model = tiny_model()
+    ids = torch.randint(1, 97, (1, 20))
+    cu = torch.tensor([0, 8, 20])
+    loss = model(ids, labels=ids, cu_seqlens=cu).loss
+    logits = model(ids, cu_seqlens=cu).logits
+    targets = torch.cat([ids[0, 1:8], ids[0, 9:20]])
+    expected = torch.nn.functional.cross_entropy(torch.cat([logits[0, :7], logits[0, 8:19]]), targets)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_generate_greedy_sampling_and_beam_search():
+    model = tiny_model()
+    ids = torch.randint(1, 97, (2, 6))
+    mask = torch.ones_like(ids)
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    no_cache = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(greedy, no_cache)
+    # Greedy decoding by hand, one full forward per token.
+    seq = ids
+    for _ in range(8):
+        seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(greedy, seq)
+
+    torch.manual_seed(1)
+    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)
+    torch.manual_seed(1)
+    again = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)
+    assert sampled.shape == (2, 14) and torch.equal(sampled, again)
+
+    beams = model.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+    beams_no_cache = model.generate(
+        ids, attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False, use_cache=False, pad_token_id=0
+    )
+    assert torch.equal(beams, beams_no_cache)
+
+
+def test_left_padded_batch_generates_like_each_prompt_alone():
+    model = tiny_model()
+    prompts = [torch.randint(1, 97, (n,)) for n in (7, 3)]
+    ids = torch.stack([torch.cat([torch.zeros(7 - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = (ids != 0).long()
+    # min_new_tokens keeps EOS out, so every row runs all 10 steps
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=10,
+                               min_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert torch.equal(batch[i, 7:], alone[0, len(p):])
+
+
+def test_logits_to_keep_and_hidden_states():
+    model = tiny_model()
+    ids = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        last = model(ids, logits_to_keep=1).logits
+    assert last.shape == (2, 1, 97)
+    torch.testing.assert_close(last, out.logits[:, -1:])
+    assert len(out.hidden_states) == 3
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    model = tiny_model().train()
+    ids = torch.randint(1, 97, (2, 20))
+    model(ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    # transformers 5.23 renamed the method; 5.17 has only the old name
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    model(ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], msg=n)
+    # every parameter, the preconditioner's included, gets a gradient
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_tied_embeddings():
+    model = tiny_model(tie_word_embeddings=True)
+    assert model.lm_head.weight.data_ptr() == model.model.embeddings.weight.data_ptr()
+
+
+def test_deltanet_variant_has_no_preconditioner_parameters():
+    names = [n for n, _ in tiny_model(preconditioner="none").named_parameters()]
+    assert not any("eta_proj" in n or "apf_proj" in n for n in names)
+    no_apf = [n for n, _ in tiny_model(use_apf=False).named_parameters()]
+    assert any("eta_proj" in n for n in no_apf) and not any("apf_proj" in n for n in no_apf)
+
+
+def test_gate_initialisation_follows_config():
+    model = tiny_model(precond_eta_init=0.3, eta_max=0.6, apf_init=0.9)
+    attn = model.model.layers[0].attn
+    x = torch.zeros(1, 1, 32)
+    _, eta, lam = attn.gates(x)
+    torch.testing.assert_close(eta, torch.full_like(eta, 0.3))
+    torch.testing.assert_close(lam, torch.full_like(lam, 0.9))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("num_heads", 3, "divisible by num_heads"),
+        ("hidden_size", 0, "`hidden_size` must be a positive integer"),
+        ("preconditioner", "adam", "`preconditioner` must be one of"),
+        ("precond_eta_init", 1.5, "`precond_eta_init` must lie in"),
+        ("apf_init", 1.0, "`apf_init` must lie in"),
+        ("eta_max", -1.0, "`eta_max` must be positive"),
+        ("conv_size", 0, "`conv_size` must be a positive integer"),
+        ("norm_eps", 0.0, "`norm_eps` must be positive"),
+        ("expand_k", 0.3, "`expand_k`"),
+    ],
+)
+def test_config_rejects_invalid_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**{field: value})
+
+
+def test_config_rejects_head_dim_beyond_kernels():
+    with pytest.raises(ValueError, match="head_k_dim = 512"):
+        OSDNConfig(hidden_size=1024, num_heads=2)
+
+
+def test_bad_model_inputs_raise_value_error():
+    model = tiny_model()
+    ids = torch.randint(1, 97, (2, 5))
+    with pytest.raises(ValueError, match="exactly one of"):
+        model(ids, inputs_embeds=torch.zeros(2, 5, 32))
+    with pytest.raises(ValueError, match="padding mask"):
+        model(ids, attention_mask=torch.ones(2, 1, 5, 5))
+    with pytest.raises(ValueError, match="OSDNCache"):
+        model(ids, past_key_values=((torch.zeros(1),),), use_cache=True)
+
+
+@pytest.mark.parametrize("name, fla_millions", [("osdn-340m", 374.4), ("osdn-1.3b", 1365.7)])
+def test_published_sizes_parameter_count(name, fla_millions):
+    """SPEC section 6: fla DeltaNet's count plus the preconditioner projections."""
+    config = AutoConfig.from_pretrained(REPO / "configs" / name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    L, H, D = config.num_hidden_layers, config.num_heads, config.hidden_size
+    precond = L * 2 * (H * D + H)  # eta_proj and apf_proj, weights and biases
+    assert round((total - precond) / 1e6, 1) == fla_millions
+    assert precond / 1e6 == pytest.approx({"osdn-340m": 0.4, "osdn-1.3b": 1.6}[name], abs=0.05)
+
+
+def test_published_sizes_match_fla_deltanet_exactly():
+    fla_models = pytest.importorskip("fla.models", reason="flash-linear-attention (the test extra) is not installed")
+    for name in ("osdn-340m", "osdn-1.3b"):
+        config = AutoConfig.from_pretrained(REPO / "configs" / name)
+        fla_config = fla_models.DeltaNetConfig(
+            hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers, num_heads=config.num_heads,
+            vocab_size=config.vocab_size, intermediate_size=config.intermediate_size, tie_word_embeddings=False,
+        )
+        with torch.device("meta"):
+            ours = AutoModelForCausalLM.from_config(config).state_dict()
+            theirs = fla_models.DeltaNetForCausalLM(fla_config).state_dict()
+        assert {k: v.shape for k, v in theirs.items()} == {k: v.shape for k, v in ours.items() if k in theirs}
+        assert all("eta_proj" in k or "apf_proj" in k for k in ours if k not in theirs)
+
+
+def test_tiny_config_is_the_demo_default():
+    from osdn_hf.demo import DEMO_CONFIG
+
+    saved = json.loads((REPO / "configs" / "osdn-tiny" / "config.json").read_text())
+    assert {k: saved[k] for k in DEMO_CONFIG} == DEMO_CONFIG
+    assert OSDNConfig(**{k: v for k, v in saved.items() if k not in ("architectures", "model_type")}).head_k_dim == 64
