@@ -8,15 +8,19 @@ Two phases, each over chunks of `CHUNK_SIZE` tokens:
 2. `chunk_delta_rule_asym` runs the asymmetric delta rule with read key `K` and write key
    `W` through the WY form of SPEC section 3.
 
-This file is the pure-PyTorch path (every device, differentiable by autograd). The
-derivation is in `README.md` beside it.
+Both phases are batched tensor algebra over all chunks except one recurrence each from
+chunk to chunk (`chunk_scan.py`): Triton kernels with hand-written backward on CUDA, torch
+loops elsewhere (`utils.use_triton` decides, once). The derivation is in `README.md`.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from .utils import run_padded
+from .chunk_scan import precond_scan, state_scan
+from .utils import dot_precision, run_padded, use_triton
 
 # 64 matches the Triton kernels' tile and fla's chunk size; on CPU any size gives the same
 # result, larger chunks trade more C x C work for fewer sequential steps.
@@ -51,7 +55,7 @@ def _solve_unit_lower(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_precondition(
-    k: torch.Tensor, beta: torch.Tensor, eta: torch.Tensor, lam: torch.Tensor, d0: torch.Tensor, C: int
+    k: torch.Tensor, beta: torch.Tensor, eta: torch.Tensor, lam: torch.Tensor, d0: torch.Tensor, use_triton: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 1: the preconditioner `d_t` at every position, chunk by chunk.
 
@@ -59,7 +63,8 @@ def chunk_precondition(
     `e_t = lam_t [ e_{t-1} + u_t (m_t - a_t <u_t, e_{t-1}>) ]`, where `u_t = k_t * k_t`,
     `a_t = eta_t beta_t^2` and `m_t = eta_t beta_t (1 - beta_t sum(u_t))`. Inside a chunk the
     scalars `delta_t = m_t - a_t <u_t, e_{t-1}>` solve a unit lower-triangular system, and
-    `e_t` follows from them in closed form (README.md, "Phase 1").
+    `e_t` follows from them in closed form (README.md, "Phase 1"). Only the chunk-start
+    values `e_n` need a sequential scan.
 
     Args:
         k: `[B, H, NC, C, K]` keys; beta, eta, lam: `[B, H, NC, C]`; d0: `[B, H, K]`.
@@ -67,11 +72,13 @@ def chunk_precondition(
     Returns:
         `d` `[B, H, NC, C, K]` at every position and the final `d` `[B, H, K]`.
     """
+    C = k.shape[-2]
     u = k * k  # (B, H, NC, C, K)
     a = eta * beta * beta  # (B, H, NC, C)
     m = eta * beta * (1 - beta * u.sum(-1))  # (B, H, NC, C)
-    g = torch.log(lam.clamp_min(LAM_MIN)).cumsum(-1)  # log G_t, inclusive
-    gp = g - torch.log(lam.clamp_min(LAM_MIN))  # log G_{t-1}, exclusive
+    log_lam = torch.log(lam.clamp_min(LAM_MIN))
+    g = log_lam.cumsum(-1)  # log G_t, inclusive
+    gp = g - log_lam  # log G_{t-1}, exclusive
     strict = torch.ones(C, C, dtype=torch.bool, device=k.device).tril(-1)
     incl = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
     neg_inf = torch.tensor(float("-inf"), device=k.device)
@@ -82,25 +89,23 @@ def chunk_precondition(
     rhs = torch.cat([m[..., None], (a * torch.exp(gp))[..., None] * u], dim=-1)  # (B, H, NC, C, 1 + K)
     sol = _solve_unit_lower(L, rhs)
     delta_m, Y = sol[..., 0], sol[..., 1:]  # (B, H, NC, C), (B, H, NC, C, K)
-    decay = torch.exp(g)[..., None]  # (B, H, NC, C, 1)
 
-    e = d0 - 1
-    es = []
-    for n in range(k.shape[2]):
-        delta = delta_m[:, :, n] - (Y[:, :, n] @ e[..., None])[..., 0]  # (B, H, C)
-        E = decay[:, :, n] * e[..., None, :] + P[:, :, n] @ (delta[..., None] * u[:, :, n])  # (B, H, C, K)
-        es.append(E)
-        e = E[..., -1, :]
-    return 1 + torch.stack(es, dim=2), 1 + e
+    # The chunk-end value is the last row of E below: e_{n+1} = Gc e_n + U^T (p * delta).
+    es, e = precond_scan(Y, u, delta_m, P[..., -1, :], torch.exp(g[..., -1]), d0 - 1, use_triton)
+    delta = delta_m - (Y @ es[..., None])[..., 0]  # (B, H, NC, C)
+    E = torch.exp(g)[..., None] * es[..., None, :] + P @ (delta[..., None] * u)  # (B, H, NC, C, K)
+    return 1 + E, 1 + e
 
 
 def chunk_delta_rule_asym(
-    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float, S0: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
+    S0: torch.Tensor, use_triton: bool, precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 2: `S_t = S_{t-1} + beta_t w_t (v_t - S_{t-1}^T k_t)^T`, `o_t = scale S_t^T q_t`.
 
     SPEC section 3, per chunk: `A = I + tril(diag(b) K W^T, -1)`,
     `U = A^{-1} diag(b) (V - K S_0)`, `O = scale (Q S_0 + tril(Q W^T) U)`, `S_C = S_0 + W^T U`.
+    Everything but the chunk-to-chunk state recurrence runs for all chunks at once.
 
     Args:
         q, k, w: `[B, H, NC, C, K]`; v: `[B, H, NC, C, V]`; beta: `[B, H, NC, C]`; S0: `[B, H, K, V]`.
@@ -115,25 +120,19 @@ def chunk_delta_rule_asym(
     # One solve gives both parts of U = A^{-1} diag(b) V - A^{-1} diag(b) K S_0.
     sol = _solve_unit_lower(A, beta[..., None] * torch.cat([v, k], dim=-1))
     Ub, Kb = sol[..., : v.shape[-1]], sol[..., v.shape[-1] :]  # (B, H, NC, C, V), (B, H, NC, C, K)
+    U, S_starts, S = state_scan(Kb, w, Ub, S0, use_triton, precision)
     Mqw = (q @ w.transpose(-1, -2)).masked_fill(~incl, 0)  # (B, H, NC, C, C)
-
-    S = S0
-    os = []
-    for n in range(q.shape[2]):
-        U = Ub[:, :, n] - Kb[:, :, n] @ S  # (B, H, C, V)
-        os.append(scale * (q[:, :, n] @ S + Mqw[:, :, n] @ U))
-        S = S + w[:, :, n].transpose(-1, -2) @ U
-    return torch.stack(os, dim=2), S
+    return scale * (q @ S_starts + Mqw @ U), S
 
 
-def _chunk_osdn_torch(q, k, v, beta, eta, lam, scale, S0, d0, chunk_size: int = CHUNK_SIZE):
+def _chunk_osdn_core(q, k, v, beta, eta, lam, scale, S0, d0, use_triton=False, precision="ieee", chunk_size=CHUNK_SIZE):
     """float32 `[B, T, H, *]` in, `(o [B, T, H, V], S [B, H, K, V], d [B, H, K])` out."""
     T = q.shape[1]
     qc, kc, vc = (_to_chunks(x, chunk_size) for x in (q, k, v))
     bc, ec = _to_chunks(beta, chunk_size), _to_chunks(eta, chunk_size)
     lc = _to_chunks(lam, chunk_size, fill=1.0)
-    D, d = chunk_precondition(kc, bc, ec, lc, d0, chunk_size)
-    o, S = chunk_delta_rule_asym(qc, kc, D * kc, vc, bc, scale, S0)
+    D, d = chunk_precondition(kc, bc, ec, lc, d0, use_triton)
+    o, S = chunk_delta_rule_asym(qc, kc, D * kc, vc, bc, scale, S0, use_triton, precision)
     return _from_chunks(o, T), S, d
 
 
@@ -178,9 +177,9 @@ def chunk_osdn(
         >>> o.shape, S.shape, d.shape
         (torch.Size([2, 100, 4, 32]), torch.Size([2, 4, 32, 32]), torch.Size([2, 4, 32]))
     """
-    # TODO(issue 3): dispatch CUDA tensors to the Triton kernels here.
+    core = partial(_chunk_osdn_core, use_triton=use_triton(q), precision=dot_precision(q))
     return run_padded(
-        _chunk_osdn_torch, q, k, v, beta, eta, lam, scale, initial_state, initial_precond,
+        core, q, k, v, beta, eta, lam, scale, initial_state, initial_precond,
         output_final_state, cu_seqlens, use_qk_l2norm_in_kernel,
     )
 

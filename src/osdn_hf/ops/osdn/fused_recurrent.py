@@ -4,7 +4,134 @@ from __future__ import annotations
 
 import torch
 
-from .utils import run_padded
+from .chunk_scan import HAS_TRITON
+from .utils import check_inputs, run_padded, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fused_recurrent_osdn_fwd_kernel(
+        q, k, v, beta, eta, lam, s0, d0, o, sf, df, cu_seqlens,
+        scale, T,
+        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+        IS_VARLEN: tl.constexpr, USE_QK_L2NORM: tl.constexpr,
+    ):
+        """SPEC section 2 token by token; one (sequence, head, V block) per program.
+
+        The state tile S[:, V block] and the whole preconditioner d stay in registers for the
+        whole sequence; every V block recomputes d (K values per token, cheaper than sharing).
+        """
+        i_v, i_nh = tl.program_id(0), tl.program_id(1)
+        i_n, i_h = i_nh // H, i_nh % H
+        if IS_VARLEN:
+            bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+            T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+        else:
+            bos = i_n.to(tl.int64) * T
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_kv = m_k[:, None] & m_v[None, :]
+        o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
+        i_s = i_nh.to(tl.int64)
+        if USE_INITIAL_STATE:
+            b_s = tl.load(s0 + i_s * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)  # [BK, BV]
+            b_d = tl.load(d0 + i_s * K + o_k, mask=m_k, other=1.0).to(tl.float32)  # [BK]
+        else:
+            b_s = tl.zeros([BK, BV], dtype=tl.float32)
+            b_d = tl.full([BK], 1.0, dtype=tl.float32)
+        p_q = q + (bos * H + i_h) * K + o_k
+        p_k = k + (bos * H + i_h) * K + o_k
+        p_v = v + (bos * H + i_h) * V + o_v
+        p_o = o + (bos * H + i_h) * V + o_v
+        p_g = bos * H + i_h
+        for _ in range(0, T):
+            b_q = tl.load(p_q, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+            b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+            b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)  # [BV]
+            b_b = tl.load(beta + p_g).to(tl.float32)
+            b_e = tl.load(eta + p_g).to(tl.float32)
+            b_l = tl.load(lam + p_g).to(tl.float32)
+            if USE_QK_L2NORM:
+                b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
+                b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+            # phase 1: hypergradient step on d, then APF
+            b_u = b_k * b_k
+            b_rho = 1 - b_b * tl.sum(b_d * b_u)
+            b_d = b_l * (b_d + b_e * b_b * b_rho * b_u) + (1 - b_l)
+            # phase 2: delta rule with the write key d * k
+            b_err = b_v - tl.sum(b_k[:, None] * b_s, 0)  # [BV]
+            b_s += (b_b * b_d * b_k)[:, None] * b_err[None, :]
+            b_o = scale * tl.sum(b_q[:, None] * b_s, 0)  # [BV]
+            tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
+            p_q += H * K
+            p_k += H * K
+            p_v += H * V
+            p_o += H * V
+            p_g += H
+        if STORE_FINAL_STATE:
+            tl.store(sf + i_s * K * V + o_kv, b_s, mask=m_kv)
+            if i_v == 0:
+                tl.store(df + i_s * K + o_k, b_d, mask=m_k)
+
+
+def fused_recurrent_osdn_fwd(q, k, v, beta, eta, lam, scale, initial_state, initial_precond, output_final_state,
+                             cu_seqlens, use_qk_l2norm_in_kernel, N):
+    """Launch the decoding kernel on `[B, T, H, *]` inputs (packed when `cu_seqlens` is given)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BK = max(triton.next_power_of_2(K), 16)
+    BV = min(max(triton.next_power_of_2(V), 16), 64 if BK <= 128 else 32)
+    q, k, v, beta, eta, lam = (x.contiguous() for x in (q, k, v, beta, eta, lam))
+    o = torch.empty_like(v)
+    sf = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    df = q.new_empty(N, H, K, dtype=torch.float32) if output_final_state else None
+    s0 = initial_state.float().contiguous() if initial_state is not None else None
+    d0 = initial_precond.float().contiguous() if initial_precond is not None else None
+    if (s0 is None) != (d0 is None):  # the kernel reads both or neither
+        s0 = q.new_zeros(N, H, K, V, dtype=torch.float32) if s0 is None else s0
+        d0 = q.new_ones(N, H, K, dtype=torch.float32) if d0 is None else d0
+    grid = (triton.cdiv(V, BV), N * H)
+    fused_recurrent_osdn_fwd_kernel[grid](
+        q, k, v, beta, eta, lam, s0, d0, o, sf, df, cu_seqlens,
+        scale, T,
+        H=H, K=K, V=V, BK=BK, BV=BV,
+        USE_INITIAL_STATE=s0 is not None, STORE_FINAL_STATE=output_final_state,
+        IS_VARLEN=cu_seqlens is not None, USE_QK_L2NORM=use_qk_l2norm_in_kernel,
+    )
+    return o, sf, df
+
+
+class FusedRecurrentOSDNFunction(torch.autograd.Function):
+    """Triton forward; the backward recomputes through the chunked op, which is differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, eta, lam, initial_state, initial_precond, scale, output_final_state,
+                cu_seqlens, use_qk_l2norm_in_kernel, N):
+        ctx.save_for_backward(q, k, v, beta, eta, lam, initial_state, initial_precond)
+        ctx.options = (scale, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel)
+        return fused_recurrent_osdn_fwd(q, k, v, beta, eta, lam, scale, initial_state, initial_precond,
+                                        output_final_state, cu_seqlens, use_qk_l2norm_in_kernel, N)
+
+    @staticmethod
+    def backward(ctx, do, dS, dd):
+        from .chunk import chunk_osdn
+
+        inputs = [x.detach().requires_grad_() if x is not None else None for x in ctx.saved_tensors]
+        scale, output_final_state, cu_seqlens, l2norm = ctx.options
+        q, k, v, beta, eta, lam, initial_state, initial_precond = inputs
+        with torch.enable_grad():
+            outs = chunk_osdn(q, k, v, beta, eta, lam, scale=scale, initial_state=initial_state,
+                              initial_precond=initial_precond, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                              use_qk_l2norm_in_kernel=l2norm)
+        pairs = [(y, g) for y, g in zip(outs, (do, dS, dd)) if y is not None and g is not None]
+        wanted = [x for x in inputs if x is not None]
+        grads = iter(torch.autograd.grad([y for y, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+        return (*(next(grads) if x is not None else None for x in inputs), None, None, None, None, None)
 
 
 def osdn_step(q_t, k_t, v_t, b_t, e_t, l_t, scale: float, S: torch.Tensor, d: torch.Tensor):
@@ -61,7 +188,14 @@ def fused_recurrent_osdn(
         ...                                initial_precond=d, output_final_state=True,
         ...                                use_qk_l2norm_in_kernel=True)
     """
-    # TODO(issue 3): dispatch CUDA tensors to the Triton decoding kernel here.
+    if use_triton(q):
+        N = check_inputs(q, k, v, beta, eta, lam, scale, initial_state, initial_precond, cu_seqlens)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        o, S, d = FusedRecurrentOSDNFunction.apply(
+            q, k, v, beta, eta, lam, initial_state, initial_precond, scale, output_final_state,
+            cu_seqlens, use_qk_l2norm_in_kernel, N,
+        )
+        return o, S, d
     return run_padded(
         _fused_recurrent_osdn_torch, q, k, v, beta, eta, lam, scale, initial_state, initial_precond,
         output_final_state, cu_seqlens, use_qk_l2norm_in_kernel,

@@ -6,6 +6,8 @@ Layout everywhere: inputs `[B, T, H, K]` / `[B, T, H, V]` / `[B, T, H]`, states
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 # The Triton kernels (issue 3) keep a K x V state tile in SRAM; 256 is the largest head
@@ -155,3 +157,20 @@ def run_padded(
     if not output_final_state:
         S = d = None
     return o.to(dtype), S, d
+
+
+# CI has no GPU: with OSDN_FORCE_TRITON=1 (and TRITON_INTERPRET=1 set before import) the
+# Triton kernels run on CPU tensors through Triton's interpreter, so tests exercise them.
+FORCE_TRITON_ENV = "OSDN_FORCE_TRITON"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """The one place that picks the Triton kernels (CUDA tensors) or the pure-torch path."""
+    from .chunk_scan import HAS_TRITON
+
+    return HAS_TRITON and (x.is_cuda or os.environ.get(FORCE_TRITON_ENV) == "1")
+
+
+def dot_precision(x: torch.Tensor) -> str:
+    """Matrix-product precision inside the kernels: exact for float32 inputs, tf32 otherwise."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"

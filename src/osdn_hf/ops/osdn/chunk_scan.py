@@ -1,0 +1,267 @@
+"""The two sequential scans over chunks of `chunk_osdn`, as Triton kernels and torch loops.
+
+Everything else in the chunked form is parallel over chunks (README.md); only these two
+recurrences carry state from one chunk to the next:
+
+* `precond_scan` (phase 1), per batch element and head, a `K`-vector:
+  `e_{n+1} = Gc_n e_n + U_n^T (p_n * (dm_n - Y_n e_n))`
+* `state_scan` (phase 2), per batch element and head, the `K x V` memory:
+  `U_n = Ub_n - Kb_n S_n`, `S_{n+1} = S_n + W_n^T U_n`
+
+Shapes (float32, contiguous): `Y, U, Kb, W` `[B, H, NC, C, K]`, `Ub` `[B, H, NC, C, V]`,
+`dm, p` `[B, H, NC, C]`, `Gc` `[B, H, NC]`, `e` `[B, H, K]`, `S` `[B, H, K, V]`. Both scans
+return the value at every chunk start (`[B, H, NC, K]`, `[B, H, NC, K, V]`) and the final one.
+The Triton versions have hand-written backward kernels (reverse scans); the torch versions
+are differentiated by autograd. Both compute the same function (tests/test_triton.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the pure-torch path needs no Triton
+    HAS_TRITON = False
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def precond_scan_fwd_kernel(
+        y, u, dm, p, gc, e0, es, ef,
+        NC,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
+    ):
+        """e_{n+1} = Gc_n e_n + sum_t u_t p_t (dm_t - <y_t, e_n>), one (batch, head) per program."""
+        i_bh = tl.program_id(0).to(tl.int64)
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        o_s = tl.arange(0, BS)
+        b_e = tl.load(e0 + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
+        for i_n in range(NC):
+            i_c = i_bh * NC + i_n
+            tl.store(es + i_c * K + o_k, b_e, mask=m_k)
+            b_new = b_e * tl.load(gc + i_c)
+            for i_s in tl.static_range(C // BS):
+                # the chunk is read in row slices of BS so a [BS, BK] tile fits in registers
+                o_t = i_c * C + i_s * BS + o_s  # [BS]
+                b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)  # [BS, BK]
+                b_u = tl.load(u + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)  # [BS, BK]
+                b_r = tl.load(p + o_t) * (tl.load(dm + o_t) - tl.sum(b_y * b_e[None, :], 1))  # [BS]
+                b_new += tl.sum(b_u * b_r[:, None], 0)
+            b_e = b_new
+        tl.store(ef + i_bh * K + o_k, b_e, mask=m_k)
+
+    @triton.jit
+    def precond_scan_bwd_kernel(
+        y, u, dm, p, gc, es, ges, gef, dy, du, ddm, dp, dgc, de0,
+        NC,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
+    ):
+        """Reverse of `precond_scan_fwd_kernel`; `de` is the gradient of e_{n+1}."""
+        i_bh = tl.program_id(0).to(tl.int64)
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        o_s = tl.arange(0, BS)
+        b_de = tl.load(gef + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
+        for j in range(NC):
+            i_c = i_bh * NC + NC - 1 - j
+            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)  # [BK] e_n
+            b_gc = tl.load(gc + i_c)
+            tl.store(dgc + i_c, tl.sum(b_e * b_de, 0))
+            b_acc = b_gc * b_de + tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0)
+            for i_s in tl.static_range(C // BS):
+                o_t = i_c * C + i_s * BS + o_s  # [BS]
+                o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
+                b_y = tl.load(y + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
+                b_u = tl.load(u + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
+                b_p = tl.load(p + o_t)  # [BS]
+                b_q = tl.sum(b_u * b_de[None, :], 1)  # [BS] <u_t, de>
+                b_res = tl.load(dm + o_t) - tl.sum(b_y * b_e[None, :], 1)  # [BS]
+                b_pq = b_p * b_q
+                tl.store(ddm + o_t, b_pq)
+                tl.store(dp + o_t, b_res * b_q)
+                tl.store(dy + o_tk, -b_pq[:, None] * b_e[None, :], mask=m_k[None, :])
+                tl.store(du + o_tk, (b_p * b_res)[:, None] * b_de[None, :], mask=m_k[None, :])
+                b_acc -= tl.sum(b_y * b_pq[:, None], 0)
+            b_de = b_acc
+        tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
+
+    @triton.jit
+    def state_scan_fwd_kernel(
+        kb, w, ub, s0, uo, ss, sf,
+        NC,
+        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+        BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """U_n = Ub_n - Kb_n S_n, S_{n+1} = S_n + W_n^T U_n; one (batch, head, V block) per program."""
+        i_bh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        o_s = tl.arange(0, BS)
+        m_kv = m_k[:, None] & m_v[None, :]
+        o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
+        b_s = tl.load(s0 + i_bh * K * V + o_kv, mask=m_kv, other=0.0)  # [BK, BV] stays in registers
+        for i_n in range(NC):
+            i_c = i_bh * NC + i_n
+            tl.store(ss + i_c * K * V + o_kv, b_s, mask=m_kv)
+            b_ds = tl.zeros([BK, BV], dtype=tl.float32)
+            for i_s in tl.static_range(C // BS):
+                o_t = i_c * C + i_s * BS + o_s  # [BS]
+                b_kb = tl.load(kb + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)  # [BS, BK]
+                b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)  # [BS, BK]
+                b_ub = tl.load(ub + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)  # [BS, BV]
+                b_u = b_ub - tl.dot(b_kb, b_s, input_precision=PRECISION)
+                tl.store(uo + o_t[:, None] * V + o_v[None, :], b_u, mask=m_v[None, :])
+                b_ds += tl.dot(tl.trans(b_w), b_u, input_precision=PRECISION)
+            b_s += b_ds
+        tl.store(sf + i_bh * K * V + o_kv, b_s, mask=m_kv)
+
+    @triton.jit
+    def state_scan_bwd_kernel(
+        kb, w, uo, ss, gu, gss, gsf, dub, dkb, dw, ds0,
+        NC, BH,
+        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+        BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Reverse of `state_scan_fwd_kernel`; `ds` is the gradient of S_{n+1}.
+
+        dKb and dW sum over V: each V block writes its share to its own slice of `dkb`, `dw`
+        (`[NV, B * H, NC, C, K]`), summed on the host.
+        """
+        i_bh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        o_s = tl.arange(0, BS)
+        m_kv = m_k[:, None] & m_v[None, :]
+        o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
+        part = i_v * BH * NC * C * K  # this V block's slice of dkb and dw
+        b_ds = tl.load(gsf + i_bh * K * V + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
+        for j in range(NC):
+            i_c = i_bh * NC + NC - 1 - j
+            b_sn = tl.load(ss + i_c * K * V + o_kv, mask=m_kv, other=0.0)  # [BK, BV] S_n
+            b_acc = b_ds + tl.load(gss + i_c * K * V + o_kv, mask=m_kv, other=0.0)
+            for i_s in tl.static_range(C // BS):
+                o_t = i_c * C + i_s * BS + o_s  # [BS]
+                o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
+                o_tv = o_t[:, None] * V + o_v[None, :]  # [BS, BV]
+                b_kb = tl.load(kb + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
+                b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
+                b_u = tl.load(uo + o_tv, mask=m_v[None, :], other=0.0)  # [BS, BV]
+                b_du = tl.load(gu + o_tv, mask=m_v[None, :], other=0.0) + tl.dot(b_w, b_ds, input_precision=PRECISION)
+                tl.store(dub + o_tv, b_du, mask=m_v[None, :])
+                tl.store(dw + part + o_tk, tl.dot(b_u, tl.trans(b_ds), input_precision=PRECISION), mask=m_k[None, :])
+                tl.store(dkb + part + o_tk, -tl.dot(b_du, tl.trans(b_sn), input_precision=PRECISION), mask=m_k[None, :])
+                b_acc -= tl.dot(tl.trans(b_kb), b_du, input_precision=PRECISION)
+            b_ds = b_acc
+        tl.store(ds0 + i_bh * K * V + o_kv, b_ds, mask=m_kv)
+
+
+def _block_sizes(K: int, V: int, C: int) -> tuple[int, int, int]:
+    """BK covers K; BV and the row slice BS shrink as K grows so tiles fit in registers."""
+    BK = max(triton.next_power_of_2(K), 16)
+    BV = 64 if BK <= 64 else 32
+    BS = min(C, 64 if BK <= 64 else 32 if BK <= 128 else 16)
+    return BK, min(BV, max(triton.next_power_of_2(V), 16)), BS
+
+
+class PrecondScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, u, dm, p, gc, e0):
+        B, H, NC, C, K = y.shape
+        y, u, dm, p, gc, e0 = (x.contiguous() for x in (y, u, dm, p, gc, e0))
+        es = y.new_empty(B, H, NC, K)
+        ef = y.new_empty(B, H, K)
+        BK, _, BS = _block_sizes(K, K, C)
+        precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, e0, es, ef, NC, K=K, C=C, BK=BK, BS=BS)
+        ctx.save_for_backward(y, u, dm, p, gc, es)
+        return es, ef
+
+    @staticmethod
+    def backward(ctx, ges, gef):
+        y, u, dm, p, gc, es = ctx.saved_tensors
+        B, H, NC, C, K = y.shape
+        ges = torch.zeros_like(es) if ges is None else ges.contiguous()
+        gef = es.new_zeros(B, H, K) if gef is None else gef.contiguous()
+        dy, du, ddm, dp, dgc, de0 = (torch.empty_like(x) for x in (y, u, dm, p, gc, gef))
+        BK, _, BS = _block_sizes(K, K, C)
+        precond_scan_bwd_kernel[(B * H,)](
+            y, u, dm, p, gc, es, ges, gef, dy, du, ddm, dp, dgc, de0, NC, K=K, C=C, BK=BK, BS=BS
+        )
+        return dy, du, ddm, dp, dgc, de0
+
+
+class StateScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kb, w, ub, s0, precision):
+        B, H, NC, C, K = kb.shape
+        V = ub.shape[-1]
+        kb, w, ub, s0 = (x.contiguous() for x in (kb, w, ub, s0))
+        uo = torch.empty_like(ub)
+        ss = kb.new_empty(B, H, NC, K, V)
+        sf = kb.new_empty(B, H, K, V)
+        BK, BV, BS = _block_sizes(K, V, C)
+        grid = (B * H, triton.cdiv(V, BV))
+        state_scan_fwd_kernel[grid](
+            kb, w, ub, s0, uo, ss, sf, NC, K=K, V=V, C=C, BK=BK, BV=BV, BS=BS, PRECISION=precision
+        )
+        ctx.save_for_backward(kb, w, uo, ss)
+        ctx.precision = precision
+        return uo, ss, sf
+
+    @staticmethod
+    def backward(ctx, gu, gss, gsf):
+        kb, w, uo, ss = ctx.saved_tensors
+        B, H, NC, C, K = kb.shape
+        V = uo.shape[-1]
+        BK, BV, BS = _block_sizes(K, V, C)
+        NV = triton.cdiv(V, BV)
+        gu = torch.zeros_like(uo) if gu is None else gu.contiguous()
+        gss = torch.zeros_like(ss) if gss is None else gss.contiguous()
+        gsf = kb.new_zeros(B, H, K, V) if gsf is None else gsf.contiguous()
+        dub = torch.empty_like(uo)
+        dkb = kb.new_empty(NV, *kb.shape)
+        dw = kb.new_empty(NV, *kb.shape)
+        ds0 = kb.new_empty(B, H, K, V)
+        state_scan_bwd_kernel[(B * H, NV)](
+            kb, w, uo, ss, gu, gss, gsf, dub, dkb, dw, ds0, NC, B * H,
+            K=K, V=V, C=C, BK=BK, BV=BV, BS=BS, PRECISION=ctx.precision,
+        )
+        return dkb.sum(0), dw.sum(0), dub, ds0, None
+
+
+def precond_scan_torch(y, u, dm, p, gc, e0):
+    """Torch twin of `PrecondScan` (a loop over chunks, differentiated by autograd)."""
+    es, e = [], e0
+    for n in range(y.shape[2]):
+        es.append(e)
+        r = p[:, :, n] * (dm[:, :, n] - (y[:, :, n] @ e[..., None])[..., 0])  # (B, H, C)
+        e = gc[:, :, n, None] * e + (r[..., None] * u[:, :, n]).sum(-2)
+    return torch.stack(es, dim=2), e
+
+
+def state_scan_torch(kb, w, ub, s0):
+    """Torch twin of `StateScan`."""
+    us, ss, s = [], [], s0
+    for n in range(kb.shape[2]):
+        ss.append(s)
+        u_n = ub[:, :, n] - kb[:, :, n] @ s  # (B, H, C, V)
+        us.append(u_n)
+        s = s + w[:, :, n].transpose(-1, -2) @ u_n
+    return torch.stack(us, dim=2), torch.stack(ss, dim=2), s
+
+
+def precond_scan(y, u, dm, p, gc, e0, use_triton: bool):
+    return PrecondScan.apply(y, u, dm, p, gc, e0) if use_triton else precond_scan_torch(y, u, dm, p, gc, e0)
+
+
+def state_scan(kb, w, ub, s0, use_triton: bool, precision: str = "ieee"):
+    return StateScan.apply(kb, w, ub, s0, precision) if use_triton else state_scan_torch(kb, w, ub, s0)
