@@ -1,0 +1,170 @@
+"""Time OSDN's kernels against flash-linear-attention's DeltaNet, its preconditioned kernel and SDPA.
+
+    python scripts/bench_kernels.py --out benchmarks/results/kernels.json --commit SHA
+    python scripts/bench_kernels.py --plot-only benchmarks/results/kernels.json   # PNG from a JSON
+
+One process, one GPU, bf16, H=16, K=V=128, (B, T) in (8, 2048), (4, 4096), (2, 8192),
+(1, 16384): forward and forward+backward of `chunk_osdn`, fla's `chunk_delta_rule` (same q, k,
+v, beta), fla's `chunk_precond_gated_delta_rule` with zero gates and causal
+`scaled_dot_product_attention`, timed with `triton.testing.do_bench` (median); peak memory of
+each forward+backward; and one decoding step (B=1) of `fused_recurrent_osdn` against fla's
+`fused_recurrent_delta_rule`. Writes the JSON (schema in the kernels issue) and a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384))
+H, K, V = 16, 128, 128
+
+
+def _peak_mib(fn) -> float:
+    """Peak memory allocated while `fn` runs, above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _fwd_bwd(fwd, leaves, do):
+    def step():
+        for t in leaves:
+            t.grad = None
+        fwd().backward(do)
+    return step
+
+
+def bench_row(B, T, do_bench):
+    from fla.ops.delta_rule import chunk_delta_rule
+
+    from osdn_hf.ops import chunk_osdn
+
+    dev, dt = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(T)
+    q, k, v = (torch.randn(B, T, H, D, device=dev, generator=g, dtype=dt).requires_grad_() for D in (K, K, V))
+    beta, eta = (torch.rand(B, T, H, device=dev, generator=g, dtype=dt).requires_grad_() for _ in range(2))
+    lam = (0.9 + 0.1 * torch.rand(B, T, H, device=dev, generator=g)).to(dt).requires_grad_()
+    do = torch.randn(B, T, H, V, device=dev, generator=g, dtype=dt)
+    row = dict(B=B, T=T, H=H, K=K, V=V)
+
+    osdn = lambda: chunk_osdn(q, k, v, beta, eta, lam, use_qk_l2norm_in_kernel=True)[0]  # noqa: E731
+    fla = lambda: chunk_delta_rule(q, k, v, beta, use_qk_l2norm_in_kernel=True)[0]  # noqa: E731
+    row["osdn_fwd_ms"] = do_bench(osdn)
+    row["osdn_fwdbwd_ms"] = do_bench(_fwd_bwd(osdn, (q, k, v, beta, eta, lam), do))
+    row["osdn_peak_mib"] = _peak_mib(_fwd_bwd(osdn, (q, k, v, beta, eta, lam), do))
+    row["fla_delta_fwd_ms"] = do_bench(fla)
+    row["fla_delta_fwdbwd_ms"] = do_bench(_fwd_bwd(fla, (q, k, v, beta), do))
+    row["fla_delta_peak_mib"] = _peak_mib(_fwd_bwd(fla, (q, k, v, beta), do))
+
+    try:
+        from fla.ops.precond_gated_delta_rule import chunk_precond_gated_delta_rule
+
+        zeros = torch.zeros(B, T, H, device=dev, dtype=torch.float32)
+        pre = lambda: chunk_precond_gated_delta_rule(q, k, v, zeros, zeros, beta, beta)[0]  # noqa: E731
+        row["fla_precond_fwd_ms"] = do_bench(pre)
+    except Exception as err:  # record why it did not run, keep benchmarking the rest
+        row["fla_precond_fwd_ms"], row["fla_precond_fwd_error"] = None, f"{type(err).__name__}: {err}"[:300]
+    try:
+        row["fla_precond_fwdbwd_ms"] = do_bench(_fwd_bwd(pre, (q, k, v, beta), do)) if row["fla_precond_fwd_ms"] else None
+        if row["fla_precond_fwdbwd_ms"] is None:
+            row["fla_precond_fwdbwd_error"] = "forward did not run"
+    except Exception as err:
+        row["fla_precond_fwdbwd_ms"], row["fla_precond_fwdbwd_error"] = None, f"{type(err).__name__}: {err}"[:300]
+
+    qs, ks, vs = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))  # (B, H, T, D)
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)  # noqa: E731
+    row["sdpa_fwd_ms"] = do_bench(sdpa)
+    row["sdpa_fwdbwd_ms"] = do_bench(_fwd_bwd(sdpa, (qs, ks, vs), do.transpose(1, 2).contiguous()))
+    return row
+
+
+def bench_decode(do_bench):
+    from fla.ops.delta_rule import fused_recurrent_delta_rule
+
+    from osdn_hf.ops import fused_recurrent_osdn
+
+    dev, dt = "cuda", torch.bfloat16
+    q, k, v = (torch.randn(1, 1, H, D, device=dev, dtype=dt) for D in (K, K, V))
+    beta, eta, lam = (torch.rand(1, 1, H, device=dev, dtype=dt) for _ in range(3))
+    S = torch.randn(1, H, K, V, device=dev)
+    d = torch.ones(1, H, K, device=dev)
+    with torch.no_grad():
+        osdn = lambda: fused_recurrent_osdn(q, k, v, beta, eta, lam, initial_state=S, initial_precond=d,  # noqa: E731
+                                            output_final_state=True, use_qk_l2norm_in_kernel=True)
+        fla = lambda: fused_recurrent_delta_rule(q, k, v, beta, initial_state=S, output_final_state=True,  # noqa: E731
+                                                 use_qk_l2norm_in_kernel=True)
+        return {"osdn_us": 1e3 * do_bench(osdn), "fla_delta_us": 1e3 * do_bench(fla)}
+
+
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [f"{r['B']}x{r['T']}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, kind in zip(axes, ("fwd", "fwdbwd")):
+        for name, key in (("OSDN", "osdn"), ("fla DeltaNet", "fla_delta"), ("fla precond", "fla_precond"), ("SDPA", "sdpa")):
+            ys = [r.get(f"{key}_{kind}_ms") for r in rows]
+            if any(y is not None for y in ys):
+                ax.plot(labels, [float("nan") if y is None else y for y in ys], marker="o", label=name)
+        ax.set_title(f"{'forward' if kind == 'fwd' else 'forward + backward'} (bf16, H={H}, K=V={K})")
+        ax.set_xlabel("B x T (16K tokens per batch)")
+        ax.set_ylabel("ms (median)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{result['device']}, torch {result['torch']}, triton {result['triton']}, commit {result['commit'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/kernels.json")
+    p.add_argument("--commit", default="unknown")
+    p.add_argument("--plot-only", metavar="JSON", help="only draw the PNG of an existing result")
+    args = p.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(Path(args.plot_only).read_text()), Path(args.plot_only).with_suffix(".png"))
+        return
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU")
+    import triton
+    from triton.testing import do_bench as _do_bench
+    from tqdm import tqdm
+
+    do_bench = lambda fn: _do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
+    rows = [bench_row(B, T, do_bench) for B, T in tqdm(SHAPES, desc="kernel benchmark")]
+    result = dict(
+        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        fla=__import__("fla").__version__, python=platform.python_version(), commit=args.commit,
+        command=" ".join(["python", *sys.argv]), dtype="bfloat16", rows=rows, decode=bench_decode(do_bench),
+    )
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"{'B x T':>10} {'osdn fwd':>9} {'fla fwd':>8} {'ratio':>6} {'osdn f+b':>9} {'fla f+b':>8} {'ratio':>6} {'mem ratio':>9}")
+    for r in rows:
+        print(f"{r['B']:>3} x {r['T']:<5} {r['osdn_fwd_ms']:9.3f} {r['fla_delta_fwd_ms']:8.3f} "
+              f"{r['osdn_fwd_ms'] / r['fla_delta_fwd_ms']:6.2f} {r['osdn_fwdbwd_ms']:9.3f} {r['fla_delta_fwdbwd_ms']:8.3f} "
+              f"{r['osdn_fwdbwd_ms'] / r['fla_delta_fwdbwd_ms']:6.2f} {r['osdn_peak_mib'] / r['fla_delta_peak_mib']:9.2f}")
+    print("decode:", result["decode"])
+    try:
+        plot(result, Path(args.out).with_suffix(".png"))
+    except ImportError:
+        print("matplotlib is not installed: draw the PNG later with --plot-only")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Check the CUDA kernels against `naive_recurrent_osdn`: outputs, final states, all gradients.
+
+    python scripts/check_kernels.py --out benchmarks/results/kernels_check.json --commit SHA
+
+Runs `chunk_osdn` and `fused_recurrent_osdn` on CUDA tensors (the Triton path) at
+T in {1, 63, 64, 100, 1000, 4096}, with initial states and with packed `cu_seqlens`, in
+float32, float16 and bfloat16, and compares each with the float32 token loop on the same
+inputs. Writes one JSON row per case and exits non-zero if any case is out of tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import torch
+from tqdm import tqdm
+
+from osdn_hf.ops import chunk_osdn, fused_recurrent_osdn, naive_recurrent_osdn
+
+# Relative (norm-wise) error allowed against the float32 loop on the same inputs. float32
+# runs exact products ("ieee"), so only summation order differs; 16-bit runs use tf32 products
+# inside and return outputs and gradients rounded to the input dtype (2^-11, 2^-8).
+RTOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+GRADS = ("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond")
+
+
+def make_inputs(B, T, H, K, V, N, dtype, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
+    u = lambda *s: torch.rand(*s, generator=g, device=device)  # noqa: E731
+    x = dict(
+        q=r(B, T, H, K).to(dtype), k=r(B, T, H, K).to(dtype), v=r(B, T, H, V).to(dtype),
+        beta=u(B, T, H), eta=u(B, T, H), lam=0.1 + 0.9 * u(B, T, H),
+        initial_state=0.5 * r(N, H, K, V), initial_precond=0.5 + u(N, H, K),
+    )
+    return {n: t.requires_grad_() for n, t in x.items()}
+
+
+def run(fn, inputs, cot, cu_seqlens):
+    for t in inputs.values():
+        t.grad = None
+    o, S, d = fn(**inputs, output_final_state=True, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True)
+    loss = (o.float() * cot[0]).sum() + (S * cot[1]).sum() + (d * cot[2]).sum()
+    loss.backward()
+    grads = {n: inputs[n].grad.detach().clone() for n in GRADS}
+    return {"o": o.detach(), "final_state": S.detach(), "final_precond": d.detach(), **{f"d{n}": g for n, g in grads.items()}}
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/kernels_check.json")
+    p.add_argument("--commit", default="unknown")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("check_kernels.py needs a CUDA GPU (on CPU, tests/test_triton.py runs the kernels interpreted)")
+    device = "cuda"
+    H, KV = 2, 64
+    cases = []
+    for T in (1, 63, 64, 100, 1000, 4096):
+        cases.append(dict(B=2, T=T, K=KV, V=KV, varlen=None))
+    cases.append(dict(B=1, T=None, K=KV, V=KV, varlen=[1, 63, 64, 100, 1000, 0, 37]))
+    for K, V in ((32, 32), (128, 128), (256, 256), (100, 48)):
+        cases.append(dict(B=2, T=100, K=K, V=V, varlen=None))
+
+    rows, failures = [], 0
+    work = [(c, name, op) for c in cases for name in DTYPES for op in ("chunk", "fused_recurrent")]
+    for case, dname, op in tqdm(work, desc="kernel checks"):
+        dtype = DTYPES[dname]
+        cu = None
+        T, B = case["T"], case["B"]
+        if case["varlen"] is not None:
+            cu = torch.tensor([0, *torch.tensor(case["varlen"]).cumsum(0).tolist()], device=device)
+            T = int(cu[-1])
+        N = B if cu is None else len(cu) - 1
+        inputs = make_inputs(B, T, H, case["K"], case["V"], N, dtype, device, seed=T)
+        g = torch.Generator(device=device).manual_seed(1)
+        cot = (torch.randn(B, T, H, case["V"], generator=g, device=device),
+               torch.randn(N, H, case["K"], case["V"], generator=g, device=device),
+               torch.randn(N, H, case["K"], generator=g, device=device))
+        fn = chunk_osdn if op == "chunk" else fused_recurrent_osdn
+        got = run(fn, inputs, cot, cu)
+        ref = run(naive_recurrent_osdn, inputs, cot, cu)
+        errs = {n: rel_err(got[n], ref[n]) for n in ref}
+        ok = all(e <= RTOL[dtype] for e in errs.values())
+        failures += not ok
+        rows.append(dict(op=op, dtype=dname, B=B, T=T, H=H, K=case["K"], V=case["V"], cu_seqlens=case["varlen"],
+                         initial_state=True, rtol=RTOL[dtype], rel_err=errs, ok=ok))
+
+    result = dict(
+        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__,
+        python=platform.python_version(), commit=args.commit, command=" ".join(["python", *sys.argv]),
+        reference="naive_recurrent_osdn (float32 token loop) on the same inputs", rows=rows, failures=failures,
+    )
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    for r in rows:
+        worst = max(r["rel_err"], key=r["rel_err"].get)
+        print(f"{r['op']:16s} {r['dtype']:9s} T={r['T']:5d} K={r['K']:3d} V={r['V']:3d} "
+              f"varlen={'y' if r['cu_seqlens'] else 'n'} worst {worst}={r['rel_err'][worst]:.1e} {'ok' if r['ok'] else 'FAIL'}")
+    print(f"{len(rows) - failures}/{len(rows)} cases within tolerance")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
