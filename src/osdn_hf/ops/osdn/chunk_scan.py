@@ -166,7 +166,11 @@ if HAS_TRITON:
 
 
 def _block_sizes(K: int, V: int, C: int) -> tuple[int, int, int]:
-    """BK covers K; BV and the row slice BS shrink as K grows so tiles fit in registers."""
+    """BK covers K; BV and the row slice BS shrink as K grows so tiles fit in registers.
+
+    The scans are sequential over chunks, so the kernels launch with num_stages=1: software
+    pipelining buys little there and its buffers overflow shared memory (seen on an H100).
+    """
     BK = max(triton.next_power_of_2(K), 16)
     BV = 64 if BK <= 64 else 32
     BS = min(C, 64 if BK <= 64 else 32 if BK <= 128 else 16)
@@ -181,7 +185,7 @@ class PrecondScan(torch.autograd.Function):
         es = y.new_empty(B, H, NC, K)
         ef = y.new_empty(B, H, K)
         BK, _, BS = _block_sizes(K, K, C)
-        precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, e0, es, ef, NC, K=K, C=C, BK=BK, BS=BS)
+        precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, e0, es, ef, NC, K=K, C=C, BK=BK, BS=BS, num_stages=1)
         ctx.save_for_backward(y, u, dm, p, gc, es)
         return es, ef
 
@@ -194,7 +198,7 @@ class PrecondScan(torch.autograd.Function):
         dy, du, ddm, dp, dgc, de0 = (torch.empty_like(x) for x in (y, u, dm, p, gc, gef))
         BK, _, BS = _block_sizes(K, K, C)
         precond_scan_bwd_kernel[(B * H,)](
-            y, u, dm, p, gc, es, ges, gef, dy, du, ddm, dp, dgc, de0, NC, K=K, C=C, BK=BK, BS=BS
+            y, u, dm, p, gc, es, ges, gef, dy, du, ddm, dp, dgc, de0, NC, K=K, C=C, BK=BK, BS=BS, num_stages=1
         )
         return dy, du, ddm, dp, dgc, de0
 
@@ -211,7 +215,7 @@ class StateScan(torch.autograd.Function):
         BK, BV, BS = _block_sizes(K, V, C)
         grid = (B * H, triton.cdiv(V, BV))
         state_scan_fwd_kernel[grid](
-            kb, w, ub, s0, uo, ss, sf, NC, K=K, V=V, C=C, BK=BK, BV=BV, BS=BS, PRECISION=precision
+            kb, w, ub, s0, uo, ss, sf, NC, K=K, V=V, C=C, BK=BK, BV=BV, BS=BS, PRECISION=precision, num_stages=1
         )
         ctx.save_for_backward(kb, w, uo, ss)
         ctx.precision = precision
@@ -233,7 +237,7 @@ class StateScan(torch.autograd.Function):
         ds0 = kb.new_empty(B, H, K, V)
         state_scan_bwd_kernel[(B * H, NV)](
             kb, w, uo, ss, gu, gss, gsf, dub, dkb, dw, ds0, NC, B * H,
-            K=K, V=V, C=C, BK=BK, BV=BV, BS=BS, PRECISION=ctx.precision,
+            K=K, V=V, C=C, BK=BK, BV=BV, BS=max(BS // 2, 16), PRECISION=ctx.precision, num_stages=1,
         )
         return dkb.sum(0), dw.sum(0), dub, ds0, None
 
