@@ -72,6 +72,27 @@ class OSDNAttention(nn.Module):
         lam = self.apf_proj(x).float().sigmoid() if self.use_apf else torch.ones_like(beta)
         return beta, eta, lam
 
+    def project(
+        self,
+        x: torch.Tensor,
+        conv_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ):
+        """SPEC section 5, steps 1, 2 and 4: the op's inputs from `x` `[B, T, hidden]`.
+
+        Returns q, k `[B, T, H, K]` (not yet L2-normalised), v `[B, T, H, V]`, beta, eta, lam
+        `[B, T, H]` and the new convolution states (q, k, v).
+        """
+        conv_q, conv_k, conv_v = conv_state if conv_state is not None else (None, None, None)
+        q, conv_q = self.q_conv1d(self.q_proj(x), conv_q, cu_seqlens)
+        k, conv_k = self.k_conv1d(self.k_proj(x), conv_k, cu_seqlens)
+        v, conv_v = self.v_conv1d(self.v_proj(x), conv_v, cu_seqlens)
+        q = q.view(*q.shape[:2], self.num_heads, self.head_k_dim)  # (B, T, H, K)
+        k = k.view(*k.shape[:2], self.num_heads, self.head_k_dim)  # (B, T, H, K)
+        v = v.view(*v.shape[:2], self.num_heads, self.head_v_dim)  # (B, T, H, V)
+        beta, eta, lam = self.gates(x)
+        return q, k, v, beta, eta, lam, (conv_q, conv_k, conv_v)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -99,17 +120,9 @@ class OSDNAttention(nn.Module):
             cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
             x = hidden_states.reshape(B * T, -1).index_select(0, indices).unsqueeze(0)  # (1, total, hidden)
 
-        # 1-2. Projections, then causal short convolutions with SiLU.
-        conv_q, conv_k, conv_v = state["conv_state"] if state is not None else (None, None, None)
-        q, conv_q = self.q_conv1d(self.q_proj(x), conv_q, cu_seqlens)
-        k, conv_k = self.k_conv1d(self.k_proj(x), conv_k, cu_seqlens)
-        v, conv_v = self.v_conv1d(self.v_proj(x), conv_v, cu_seqlens)
-        q = q.view(*q.shape[:2], self.num_heads, self.head_k_dim)  # (B, T, H, K)
-        k = k.view(*k.shape[:2], self.num_heads, self.head_k_dim)  # (B, T, H, K)
-        v = v.view(*v.shape[:2], self.num_heads, self.head_v_dim)  # (B, T, H, V)
-
-        # 4. Gates.
-        beta, eta, lam = self.gates(x)
+        # 1, 2, 4. Projections, short convolutions with SiLU, gates.
+        conv_state = state["conv_state"] if state is not None else None
+        q, k, v, beta, eta, lam, conv_state = self.project(x, conv_state, cu_seqlens)
 
         # 3 + 5. The op L2-normalises q and k (step 3) and runs the two-phase recurrence.
         op = fused_recurrent_osdn if state is not None and T <= FUSED_RECURRENT_MAX_LEN else chunk_osdn
@@ -122,7 +135,7 @@ class OSDNAttention(nn.Module):
             use_qk_l2norm_in_kernel=True,
         )
         if use_cache:
-            past_key_values.update_layer_state(self.layer_idx, recurrent_state, precond_state, (conv_q, conv_k, conv_v))
+            past_key_values.update_layer_state(self.layer_idx, recurrent_state, precond_state, conv_state)
 
         # 6. Per-head output norm (optionally gated), then the output projection.
         if isinstance(self.o_norm, GatedRMSNorm):

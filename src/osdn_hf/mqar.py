@@ -1,0 +1,200 @@
+"""Multi-query associative recall (MQAR) in the Zoology setup, on `OSDNForCausalLM`.
+
+A sequence holds `num_pairs` key-value pairs (keys from the lower half of the vocabulary,
+values from the upper half, token 0 is filler), then each key once more, at random places in
+the rest of the sequence, followed by its value. Loss and accuracy count only the answers:
+the value right after each queried key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .analysis import recall_residual
+from .configuration_osdn import OSDNConfig
+from .modeling_osdn import OSDNForCausalLM
+
+MODELS = {
+    "osdn": dict(preconditioner="osdn", use_apf=True),
+    "osdn_no_apf": dict(preconditioner="osdn", use_apf=False),
+    "deltanet": dict(preconditioner="none"),
+}
+SETTINGS = ((512, 64), (1024, 128), (2048, 256))
+
+
+def mqar_batch(batch_size: int, seq_len: int, num_pairs: int, vocab_size: int, generator: torch.Generator):
+    """`input_ids` `[B, seq_len]`, `labels` `[B, seq_len]` (-100 except answers) and the context mask."""
+    if 4 * num_pairs > seq_len:
+        raise ValueError(f"MQAR needs seq_len >= 4 * num_pairs (pairs, then one query each), got {seq_len}, {num_pairs}")
+    half = vocab_size // 2
+    if num_pairs > half - 1:
+        raise ValueError(f"{num_pairs} distinct keys do not fit in the key half of a {vocab_size}-token vocabulary")
+    B, P = batch_size, num_pairs
+    keys = torch.argsort(torch.rand(B, half - 1, generator=generator), dim=1)[:, :P] + 1  # distinct, in [1, half)
+    values = torch.randint(half, vocab_size, (B, P), generator=generator)
+    seq = torch.zeros(B, seq_len + 1, dtype=torch.long)
+    seq[:, 0 : 2 * P : 2], seq[:, 1 : 2 * P : 2] = keys, values
+    # queries: each key once, in a random order, at random two-token slots after the context
+    slots = (seq_len + 1 - 2 * P) // 2
+    slot = torch.argsort(torch.rand(B, slots, generator=generator), dim=1)[:, :P]  # (B, P)
+    order = torch.argsort(torch.rand(B, P, generator=generator), dim=1)
+    pos = 2 * P + 2 * slot  # position of each query key
+    rows = torch.arange(B)[:, None]
+    seq[rows, pos] = keys.gather(1, order)
+    seq[rows, pos + 1] = values.gather(1, order)
+    input_ids, targets = seq[:, :-1], seq[:, 1:]
+    labels = torch.full_like(input_ids, -100)
+    labels[rows, pos] = targets[rows, pos]
+    context = torch.zeros_like(input_ids, dtype=torch.bool)
+    context[:, : 2 * P] = True
+    return input_ids, labels, context
+
+
+def build_model(name: str, d_model: int, vocab_size: int, num_heads: int, seed: int, **config_overrides) -> OSDNForCausalLM:
+    torch.manual_seed(seed)
+    config = OSDNConfig(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=2, num_heads=num_heads,
+                        **MODELS[name], **config_overrides)
+    return OSDNForCausalLM(config)
+
+
+@torch.no_grad()
+def evaluate(model, batches) -> tuple[float, float]:
+    model.eval()
+    correct = total = 0
+    loss = 0.0
+    for input_ids, labels, _ in batches:
+        out = model(input_ids, labels=labels, use_cache=False)
+        answer = labels != -100
+        correct += (out.logits.argmax(-1)[answer] == labels[answer]).sum().item()
+        total += answer.sum().item()
+        loss += out.loss.item()
+    model.train()
+    return correct / total, loss / len(batches)
+
+
+def train_one(name: str, d_model: int, seq_len: int, num_pairs: int, lr: float, steps: int, batch_size: int,
+              vocab_size: int, num_heads: int, seed: int, eval_every: int, device: str, progress: bool = True) -> dict:
+    """Train one model on fresh MQAR batches; return its final accuracy, curve and residuals."""
+    gen = torch.Generator().manual_seed(seed)
+    eval_gen = torch.Generator().manual_seed(10_000 + seed)
+    model = build_model(name, d_model, vocab_size, num_heads, seed).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
+    warmup = max(steps // 20, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    to = lambda b: tuple(x.to(device) for x in b)  # noqa: E731
+    eval_batches = [to(mqar_batch(batch_size, seq_len, num_pairs, vocab_size, eval_gen)) for _ in range(2)]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    curve, start = [], time.time()
+    bar = tqdm(range(1, steps + 1), desc=f"{name} d={d_model} L={seq_len} lr={lr:g}", disable=not progress, leave=False)
+    for step in bar:
+        input_ids, labels, _ = to(mqar_batch(batch_size, seq_len, num_pairs, vocab_size, gen))
+        with autocast:
+            loss = model(input_ids, labels=labels, use_cache=False).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % eval_every == 0 or step == steps:
+            with autocast:
+                acc, eval_loss = evaluate(model, eval_batches)
+            curve.append({"step": step, "accuracy": acc, "loss": eval_loss})
+            bar.set_postfix(acc=f"{acc:.3f}", loss=f"{loss.item():.3f}")
+    input_ids, _, context = eval_batches[0]
+    residuals = recall_residual(model.float(), input_ids[:16], positions=context[:16])
+    return {
+        "model": name, "d_model": d_model, "seq_len": seq_len, "num_pairs": num_pairs, "lr": lr,
+        "accuracy": curve[-1]["accuracy"],
+        "recall_residual": sum(r["recall_residual"] for r in residuals) / len(residuals),
+        "write_residual": sum(r["write_residual"] for r in residuals) / len(residuals),
+        "residuals_per_layer": residuals, "curve": curve, "steps": steps, "batch_size": batch_size,
+        "vocab_size": vocab_size, "num_heads": num_heads, "seed": seed, "seconds": round(time.time() - start, 1),
+    }
+
+
+def plot(result: dict, png: Path) -> None:
+    """Best accuracy over learning rates against d_model, one panel per setting, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({(r["seq_len"], r["num_pairs"]) for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 3.8), squeeze=False)
+    for ax, (L, P) in zip(axes[0], settings):
+        for name in MODELS:
+            rows = [r for r in result["rows"] if r["model"] == name and (r["seq_len"], r["num_pairs"]) == (L, P)]
+            dims = sorted({r["d_model"] for r in rows})
+            if dims:
+                best = [max(r["accuracy"] for r in rows if r["d_model"] == d) for d in dims]
+                ax.plot(dims, best, marker="o", label=name)
+        ax.set_title(f"seq {L}, {P} pairs")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("d_model")
+        ax.set_ylabel("accuracy (best lr)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"MQAR, {result['device']}, commit {result['commit'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="MQAR sweep: OSDN, OSDN without APF and DeltaNet.")
+    p.add_argument("--out", default="benchmarks/results/mqar.json")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--d-models", nargs="+", type=int, default=[64, 128, 256])
+    p.add_argument("--settings", nargs="+", default=[f"{L}:{P}" for L, P in SETTINGS], help="seq_len:num_pairs")
+    p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--num-heads", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--commit", default="unknown")
+    p.add_argument("--time-budget", type=float, default=None, help="stop starting new runs after this many seconds")
+    p.add_argument("--plot-only", action="store_true", help="only draw the PNG of --out")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.plot_only:
+        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+        return json.loads(out.read_text())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    result.update(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+                  torch=torch.__version__, commit=args.commit, command="python scripts/mqar.py " + " ".join(argv or []))
+    done = {(r["model"], r["d_model"], r["seq_len"], r["num_pairs"], r["lr"], r["seed"]) for r in result["rows"]}
+    settings = [tuple(int(x) for x in s.split(":")) for s in args.settings]
+    plan = [(L, P, d, lr, m) for L, P in settings for d in args.d_models for lr in args.lrs for m in args.models
+            if (m, d, L, P, lr, args.seed) not in done]
+    start = time.time()
+    for L, P, d, lr, m in tqdm(plan, desc="MQAR sweep"):
+        if args.time_budget is not None and time.time() - start > args.time_budget:
+            print(f"time budget reached: {len(plan)} planned, stopping; rerun to continue where this stopped")
+            break
+        row = train_one(m, d, L, P, lr, args.steps, args.batch_size, args.vocab_size, args.num_heads, args.seed,
+                        args.eval_every, device)
+        result["rows"].append(row)
+        out.write_text(json.dumps(result, indent=1))  # partial results survive an interrupted sweep
+        print(f"{m:12s} d={d:4d} L={L:5d} P={P:4d} lr={lr:g}: acc {row['accuracy']:.3f}, "
+              f"recall residual {row['recall_residual']:.3f}, write residual {row['write_residual']:.3f}, {row['seconds']} s")
+    if result["rows"]:
+        out.write_text(json.dumps(result, indent=1))
+        plot(result, out.with_suffix(".png"))
+    return result

@@ -1,0 +1,86 @@
+"""MQAR data, the MQAR driver, and the recall/write residual diagnostics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from osdn_hf.analysis import recall_residual
+from osdn_hf.mqar import build_model, main, mqar_batch, train_one
+from osdn_hf.ops import naive_recurrent_osdn
+from osdn_hf.ops.osdn.utils import l2norm
+
+
+def test_mqar_batch_layout():
+    g = torch.Generator().manual_seed(0)
+    ids, labels, context = mqar_batch(4, 64, 8, 100, g)
+    assert ids.shape == labels.shape == context.shape == (4, 64)
+    for b in range(4):
+        keys, values = ids[b, 0:16:2], ids[b, 1:16:2]
+        assert len(set(keys.tolist())) == 8 and keys.min() >= 1 and keys.max() < 50 and values.min() >= 50
+        answers = (labels[b] != -100).nonzero().squeeze(-1)
+        assert len(answers) == 8 and answers.min() >= 16  # queries come after the context
+        for pos in answers.tolist():  # the answer is the value stored with the queried key
+            key = ids[b, pos].item()
+            assert labels[b, pos] == values[keys.tolist().index(key)] == ids[b, pos + 1]
+    assert context[:, :16].all() and not context[:, 16:].any()
+    with pytest.raises(ValueError, match="4 \\* num_pairs"):
+        mqar_batch(1, 30, 8, 100, g)
+
+
+@pytest.mark.parametrize("name", ["osdn", "deltanet"])
+def test_recall_residual_matches_a_direct_computation(name):
+    model = build_model(name, d_model=32, vocab_size=50, num_heads=2, seed=0).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.attn.b_proj.weight.normal_(0, 0.5)
+    ids = torch.randint(1, 50, (2, 40))
+    positions = torch.zeros(2, 40, dtype=torch.bool)
+    positions[:, :20] = True
+    got = recall_residual(model, ids, positions=positions)
+
+    hidden = model.model(ids, output_hidden_states=True).hidden_states
+    for i, block in enumerate(model.model.layers):
+        q, k, v, beta, eta, lam, _ = block.attn.project(block.attn_norm(hidden[i]))
+        k = l2norm(k)
+        _, S, _ = naive_recurrent_osdn(q, k, v, beta, eta, lam, output_final_state=True)
+        pred = torch.einsum("bhkv,bthk->bthv", S, k.float())
+        ratio = ((pred - v) ** 2).sum(-1) / (v**2).sum(-1)
+        assert got[i]["recall_residual"] == pytest.approx(ratio[:, :20].mean().item(), rel=1e-4)
+        if name == "deltanet":  # d = 1: the write residual is 1 - beta ||k||^2 (||k|| is 1 up to the norm's eps)
+            expected = (1 - beta * (k.float() ** 2).sum(-1)).abs()[:, :20].mean()
+            assert got[i]["write_residual"] == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_padding_writes_nothing_in_recall_residual():
+    model = build_model("osdn", d_model=32, vocab_size=50, num_heads=2, seed=0).eval()
+    ids = torch.randint(1, 50, (1, 30))
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 30, dtype=torch.long)], 1)
+    a = recall_residual(model, ids)
+    b = recall_residual(model, padded, attention_mask=mask)
+    for x, y in zip(a, b):
+        assert x["recall_residual"] == pytest.approx(y["recall_residual"], rel=1e-4)
+        assert x["write_residual"] == pytest.approx(y["write_residual"], rel=1e-4)
+
+
+def test_train_one_runs_and_reports():
+    row = train_one("osdn_no_apf", d_model=32, seq_len=64, num_pairs=8, lr=3e-3, steps=6, batch_size=8,
+                    vocab_size=64, num_heads=2, seed=0, eval_every=3, device="cpu", progress=False)
+    assert 0.0 <= row["accuracy"] <= 1.0 and row["recall_residual"] >= 0 and len(row["curve"]) == 2
+    assert [r["layer"] for r in row["residuals_per_layer"]] == [0, 1]
+
+
+def test_sweep_writes_rows_and_plot_and_resumes(tmp_path):
+    out = tmp_path / "mqar.json"
+    args = ["--out", str(out), "--models", "osdn", "deltanet", "--d-models", "32", "--settings", "64:8",
+            "--lrs", "3e-3", "--steps", "4", "--batch-size", "4", "--vocab-size", "64", "--eval-every", "2"]
+    main(args)
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["model"] for r in rows} == {"osdn", "deltanet"}
+    assert {"model", "d_model", "seq_len", "num_pairs", "lr", "accuracy", "recall_residual"} <= set(rows[0])
+    assert out.with_suffix(".png").stat().st_size > 0
+    main(args)  # everything is done: nothing is trained twice
+    assert len(json.loads(out.read_text())["rows"]) == 2
