@@ -21,10 +21,10 @@ def test_mqar_batch_layout():
         keys, values = ids[b, 0:16:2], ids[b, 1:16:2]
         assert len(set(keys.tolist())) == 8 and keys.min() >= 1 and keys.max() < 50 and values.min() >= 50
         answers = (labels[b] != -100).nonzero().squeeze(-1)
-        assert len(answers) == 8 and answers.min() >= 16  # queries come after the context
-        for pos in answers.tolist():  # the answer is the value stored with the queried key
-            key = ids[b, pos].item()
-            assert labels[b, pos] == values[keys.tolist().index(key)] == ids[b, pos + 1]
+        assert len(answers) == 8 and answers.min() >= 17  # queries come after the context
+        for pos in answers.tolist():  # HF convention: label t is predicted at t - 1, the query key
+            key = ids[b, pos - 1].item()
+            assert labels[b, pos] == values[keys.tolist().index(key)] == ids[b, pos]
     assert context[:, :16].all() and not context[:, 16:].any()
     with pytest.raises(ValueError, match="4 \\* num_pairs"):
         mqar_batch(1, 30, 8, 100, g)
@@ -64,6 +64,19 @@ def test_padding_writes_nothing_in_recall_residual():
     for x, y in zip(a, b):
         assert x["recall_residual"] == pytest.approx(y["recall_residual"], rel=1e-4)
         assert x["write_residual"] == pytest.approx(y["write_residual"], rel=1e-4)
+
+
+def test_mqar_loss_scores_only_the_answers():
+    """The model's (shifted) loss must score exactly the prediction made at each query key."""
+    model = build_model("deltanet", d_model=32, vocab_size=64, num_heads=2, seed=0).eval()
+    ids, labels, _ = mqar_batch(2, 64, 8, 64, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(ids, labels=labels)
+    query = torch.zeros_like(ids, dtype=torch.bool)
+    query[:, :-1] = labels[:, 1:] != -100
+    expected = torch.nn.functional.cross_entropy(out.logits[query], ids.roll(-1, 1)[query])
+    torch.testing.assert_close(out.loss, expected)
+    assert (ids[query] < 32).all()  # the positions scored hold keys
 
 
 def test_train_one_runs_and_reports():

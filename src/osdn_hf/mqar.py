@@ -31,7 +31,12 @@ SETTINGS = ((512, 64), (1024, 128), (2048, 256))
 
 
 def mqar_batch(batch_size: int, seq_len: int, num_pairs: int, vocab_size: int, generator: torch.Generator):
-    """`input_ids` `[B, seq_len]`, `labels` `[B, seq_len]` (-100 except answers) and the context mask."""
+    """`input_ids` `[B, seq_len]`, `labels` `[B, seq_len]` and the context mask `[B, seq_len]`.
+
+    `labels` follow the Hugging Face convention (the model shifts them): -100 everywhere but at
+    the answer positions, where they equal `input_ids`, so only the prediction made at each
+    query key, of the value that follows it, is scored.
+    """
     if 4 * num_pairs > seq_len:
         raise ValueError(f"MQAR needs seq_len >= 4 * num_pairs (pairs, then one query each), got {seq_len}, {num_pairs}")
     half = vocab_size // 2
@@ -40,22 +45,21 @@ def mqar_batch(batch_size: int, seq_len: int, num_pairs: int, vocab_size: int, g
     B, P = batch_size, num_pairs
     keys = torch.argsort(torch.rand(B, half - 1, generator=generator), dim=1)[:, :P] + 1  # distinct, in [1, half)
     values = torch.randint(half, vocab_size, (B, P), generator=generator)
-    seq = torch.zeros(B, seq_len + 1, dtype=torch.long)
+    seq = torch.zeros(B, seq_len, dtype=torch.long)
     seq[:, 0 : 2 * P : 2], seq[:, 1 : 2 * P : 2] = keys, values
     # queries: each key once, in a random order, at random two-token slots after the context
-    slots = (seq_len + 1 - 2 * P) // 2
+    slots = (seq_len - 2 * P) // 2
     slot = torch.argsort(torch.rand(B, slots, generator=generator), dim=1)[:, :P]  # (B, P)
     order = torch.argsort(torch.rand(B, P, generator=generator), dim=1)
     pos = 2 * P + 2 * slot  # position of each query key
     rows = torch.arange(B)[:, None]
     seq[rows, pos] = keys.gather(1, order)
     seq[rows, pos + 1] = values.gather(1, order)
-    input_ids, targets = seq[:, :-1], seq[:, 1:]
-    labels = torch.full_like(input_ids, -100)
-    labels[rows, pos] = targets[rows, pos]
-    context = torch.zeros_like(input_ids, dtype=torch.bool)
+    labels = torch.full_like(seq, -100)
+    labels[rows, pos + 1] = seq[rows, pos + 1]
+    context = torch.zeros_like(seq, dtype=torch.bool)
     context[:, : 2 * P] = True
-    return input_ids, labels, context
+    return seq, labels, context
 
 
 def build_model(name: str, d_model: int, vocab_size: int, num_heads: int, seed: int, **config_overrides) -> OSDNForCausalLM:
@@ -72,8 +76,9 @@ def evaluate(model, batches) -> tuple[float, float]:
     loss = 0.0
     for input_ids, labels, _ in batches:
         out = model(input_ids, labels=labels, use_cache=False)
-        answer = labels != -100
-        correct += (out.logits.argmax(-1)[answer] == labels[answer]).sum().item()
+        targets = labels[:, 1:]  # the prediction at t is of token t + 1, as in the loss
+        answer = targets != -100
+        correct += (out.logits[:, :-1].argmax(-1)[answer] == targets[answer]).sum().item()
         total += answer.sum().item()
         loss += out.loss.item()
     model.train()
