@@ -143,8 +143,8 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
     import triton
-    from triton.testing import do_bench as _do_bench
     from tqdm import tqdm
+    from triton.testing import do_bench as _do_bench
 
     do_bench = lambda fn: _do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
     rows = [bench_row(B, T, do_bench) for B, T in tqdm(SHAPES, desc="kernel benchmark")]

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-
-from osdn_hf.evaluation import perplexity
 from test_hf_integration import tokenizer  # noqa: F401  (module-scoped fixture)
 from test_model import tiny_model
+
+from osdn_hf.evaluation import perplexity
 
 
 def test_carried_state_perplexity_equals_one_full_pass(tokenizer):  # noqa: F811

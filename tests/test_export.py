@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from osdn_hf.export import check_card, export_for_hub
 from test_hf_integration import tokenizer  # noqa: F401  (module-scoped fixture)
 from test_model import tiny_model
+
+from osdn_hf.export import check_card, export_for_hub
 
 REPO = Path(__file__).resolve().parents[1]
 CLEAN_PYTHON = os.environ.get("OSDN_CLEAN_VENV_PYTHON")

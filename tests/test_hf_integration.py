@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from test_model import tiny_model
 from transformers import (
     AutoModelForCausalLM,
     DataCollatorForLanguageModeling,
@@ -23,7 +24,6 @@ from transformers import (
 import osdn_hf.modeling_osdn
 from osdn_hf import OSDNForCausalLM
 from osdn_hf.data import pack_blocks, shakespeare_texts, train_bpe_tokenizer
-from test_model import tiny_model
 
 
 @pytest.fixture(scope="module")

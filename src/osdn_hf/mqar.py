@@ -134,7 +134,21 @@ def plot(result: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = sorted({(r["seq_len"], r["num_pairs"]) for r in result["rows"]})
-    fig, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 3.8), squeeze=False)
+    fig, axes = plt.subplots(2, len(settings), figsize=(4.5 * len(settings), 7.4), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    for ax, (L, P) in zip(axes[1], settings):  # learning curves: MQAR learns in a jump, so show when
+        rows = [r for r in result["rows"] if (r["seq_len"], r["num_pairs"]) == (L, P)]
+        dims = sorted({r["d_model"] for r in rows})
+        for r in rows:
+            color = f"C{list(MODELS).index(r['model'])}"
+            ax.plot([c["step"] for c in r["curve"]], [c["accuracy"] for c in r["curve"]], color=color,
+                    linestyle=styles[dims.index(r["d_model"]) % len(styles)], label=f"{r['model']} d={r['d_model']} lr={r['lr']:g}")
+        ax.set_title(f"learning curves, seq {L}, {P} pairs")
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     for ax, (L, P) in zip(axes[0], settings):
         for name in MODELS:
             rows = [r for r in result["rows"] if r["model"] == name and (r["seq_len"], r["num_pairs"]) == (L, P)]
@@ -149,7 +163,8 @@ def plot(result: dict, png: Path) -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"MQAR, {result['device']}, commit {result['commit'][:10]}", fontsize=9)
+    vocab = sorted({r["vocab_size"] for r in result["rows"]})
+    fig.suptitle(f"MQAR, vocabulary {vocab}, {result['device']}, commit {result['commit'][:10]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
