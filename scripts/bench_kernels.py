@@ -41,6 +41,7 @@ def _fwd_bwd(fwd, leaves, do):
         for t in leaves:
             t.grad = None
         fwd().backward(do)
+
     return step
 
 
@@ -75,7 +76,9 @@ def bench_row(B, T, do_bench):
     except Exception as err:  # record why it did not run, keep benchmarking the rest
         row["fla_precond_fwd_ms"], row["fla_precond_fwd_error"] = None, f"{type(err).__name__}: {err}"[:300]
     try:
-        row["fla_precond_fwdbwd_ms"] = do_bench(_fwd_bwd(pre, (q, k, v, beta), do)) if row["fla_precond_fwd_ms"] else None
+        row["fla_precond_fwdbwd_ms"] = (
+            do_bench(_fwd_bwd(pre, (q, k, v, beta), do)) if row["fla_precond_fwd_ms"] else None
+        )
         if row["fla_precond_fwdbwd_ms"] is None:
             row["fla_precond_fwdbwd_error"] = "forward did not run"
     except Exception as err:
@@ -99,10 +102,27 @@ def bench_decode(do_bench):
     S = torch.randn(1, H, K, V, device=dev)
     d = torch.ones(1, H, K, device=dev)
     with torch.no_grad():
-        osdn = lambda: fused_recurrent_osdn(q, k, v, beta, eta, lam, initial_state=S, initial_precond=d,  # noqa: E731
-                                            output_final_state=True, use_qk_l2norm_in_kernel=True)
-        fla = lambda: fused_recurrent_delta_rule(q, k, v, beta, initial_state=S, output_final_state=True,  # noqa: E731
-                                                 use_qk_l2norm_in_kernel=True)
+        osdn = lambda: fused_recurrent_osdn(
+            q,
+            k,
+            v,
+            beta,
+            eta,
+            lam,
+            initial_state=S,
+            initial_precond=d,  # noqa: E731
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=True,
+        )
+        fla = lambda: fused_recurrent_delta_rule(
+            q,
+            k,
+            v,
+            beta,
+            initial_state=S,
+            output_final_state=True,  # noqa: E731
+            use_qk_l2norm_in_kernel=True,
+        )
         return {"osdn_us": 1e3 * do_bench(osdn), "fla_delta_us": 1e3 * do_bench(fla)}
 
 
@@ -116,7 +136,12 @@ def plot(result: dict, png: Path) -> None:
     labels = [f"{r['B']}x{r['T']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, kind in zip(axes, ("fwd", "fwdbwd")):
-        for name, key in (("OSDN", "osdn"), ("fla DeltaNet", "fla_delta"), ("fla precond", "fla_precond"), ("SDPA", "sdpa")):
+        for name, key in (
+            ("OSDN", "osdn"),
+            ("fla DeltaNet", "fla_delta"),
+            ("fla precond", "fla_precond"),
+            ("SDPA", "sdpa"),
+        ):
             ys = [r.get(f"{key}_{kind}_ms") for r in rows]
             if any(y is not None for y in ys):
                 ax.plot(labels, [float("nan") if y is None else y for y in ys], marker="o", label=name)
@@ -125,7 +150,10 @@ def plot(result: dict, png: Path) -> None:
         ax.set_ylabel("ms (median)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{result['device']}, torch {result['torch']}, triton {result['triton']}, commit {result['commit'][:10]}", fontsize=9)
+    fig.suptitle(
+        f"{result['device']}, torch {result['torch']}, triton {result['triton']}, commit {result['commit'][:10]}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     print(f"wrote {png}")
@@ -149,16 +177,29 @@ def main(argv=None):
     do_bench = lambda fn: _do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
     rows = [bench_row(B, T, do_bench) for B, T in tqdm(SHAPES, desc="kernel benchmark")]
     result = dict(
-        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-        fla=__import__("fla").__version__, python=platform.python_version(), commit=args.commit,
-        command=" ".join(["python", *sys.argv]), dtype="bfloat16", rows=rows, decode=bench_decode(do_bench),
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        fla=__import__("fla").__version__,
+        python=platform.python_version(),
+        commit=args.commit,
+        command=" ".join(["python", *sys.argv]),
+        dtype="bfloat16",
+        rows=rows,
+        decode=bench_decode(do_bench),
     )
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"{'B x T':>10} {'osdn fwd':>9} {'fla fwd':>8} {'ratio':>6} {'osdn f+b':>9} {'fla f+b':>8} {'ratio':>6} {'mem ratio':>9}")
+    print(
+        f"{'B x T':>10} {'osdn fwd':>9} {'fla fwd':>8} {'ratio':>6} "
+        f"{'osdn f+b':>9} {'fla f+b':>8} {'ratio':>6} {'mem ratio':>9}"
+    )
     for r in rows:
-        print(f"{r['B']:>3} x {r['T']:<5} {r['osdn_fwd_ms']:9.3f} {r['fla_delta_fwd_ms']:8.3f} "
-              f"{r['osdn_fwd_ms'] / r['fla_delta_fwd_ms']:6.2f} {r['osdn_fwdbwd_ms']:9.3f} {r['fla_delta_fwdbwd_ms']:8.3f} "
-              f"{r['osdn_fwdbwd_ms'] / r['fla_delta_fwdbwd_ms']:6.2f} {r['osdn_peak_mib'] / r['fla_delta_peak_mib']:9.2f}")
+        print(
+            f"{r['B']:>3} x {r['T']:<5} {r['osdn_fwd_ms']:9.3f} {r['fla_delta_fwd_ms']:8.3f} "
+            f"{r['osdn_fwd_ms'] / r['fla_delta_fwd_ms']:6.2f} "
+            f"{r['osdn_fwdbwd_ms']:9.3f} {r['fla_delta_fwdbwd_ms']:8.3f} "
+            f"{r['osdn_fwdbwd_ms'] / r['fla_delta_fwdbwd_ms']:6.2f} {r['osdn_peak_mib'] / r['fla_delta_peak_mib']:9.2f}"
+        )
     print("decode:", result["decode"])
     try:
         plot(result, Path(args.out).with_suffix(".png"))

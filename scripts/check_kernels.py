@@ -33,9 +33,14 @@ def make_inputs(B, T, H, K, V, N, dtype, device, seed):
     r = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
     u = lambda *s: torch.rand(*s, generator=g, device=device)  # noqa: E731
     x = dict(
-        q=r(B, T, H, K).to(dtype), k=r(B, T, H, K).to(dtype), v=r(B, T, H, V).to(dtype),
-        beta=u(B, T, H), eta=u(B, T, H), lam=0.1 + 0.9 * u(B, T, H),
-        initial_state=0.5 * r(N, H, K, V), initial_precond=0.5 + u(N, H, K),
+        q=r(B, T, H, K).to(dtype),
+        k=r(B, T, H, K).to(dtype),
+        v=r(B, T, H, V).to(dtype),
+        beta=u(B, T, H),
+        eta=u(B, T, H),
+        lam=0.1 + 0.9 * u(B, T, H),
+        initial_state=0.5 * r(N, H, K, V),
+        initial_precond=0.5 + u(N, H, K),
     )
     return {n: t.requires_grad_() for n, t in x.items()}
 
@@ -47,7 +52,12 @@ def run(fn, inputs, cot, cu_seqlens):
     loss = (o.float() * cot[0]).sum() + (S * cot[1]).sum() + (d * cot[2]).sum()
     loss.backward()
     grads = {n: inputs[n].grad.detach().clone() for n in GRADS}
-    return {"o": o.detach(), "final_state": S.detach(), "final_precond": d.detach(), **{f"d{n}": g for n, g in grads.items()}}
+    return {
+        "o": o.detach(),
+        "final_state": S.detach(),
+        "final_precond": d.detach(),
+        **{f"d{n}": g for n, g in grads.items()},
+    }
 
 
 def rel_err(a, b):
@@ -83,12 +93,24 @@ def main(argv=None):
         N = B if cu is None else len(cu) - 1
         inputs = make_inputs(B, T, H, case["K"], case["V"], N, dtype, device, seed=T)
         g = torch.Generator(device=device).manual_seed(1)
-        cot = (torch.randn(B, T, H, case["V"], generator=g, device=device),
-               torch.randn(N, H, case["K"], case["V"], generator=g, device=device),
-               torch.randn(N, H, case["K"], generator=g, device=device))
+        cot = (
+            torch.randn(B, T, H, case["V"], generator=g, device=device),
+            torch.randn(N, H, case["K"], case["V"], generator=g, device=device),
+            torch.randn(N, H, case["K"], generator=g, device=device),
+        )
         fn = chunk_osdn if op == "chunk" else fused_recurrent_osdn
-        row = dict(op=op, dtype=dname, B=B, T=T, H=H, K=case["K"], V=case["V"], cu_seqlens=case["varlen"],
-                   initial_state=True, rtol=RTOL[dtype])
+        row = dict(
+            op=op,
+            dtype=dname,
+            B=B,
+            T=T,
+            H=H,
+            K=case["K"],
+            V=case["V"],
+            cu_seqlens=case["varlen"],
+            initial_state=True,
+            rtol=RTOL[dtype],
+        )
         try:
             got = run(fn, inputs, cot, cu)
             ref = run(naive_recurrent_osdn, inputs, cot, cu)
@@ -100,9 +122,15 @@ def main(argv=None):
         rows.append(row)
 
     result = dict(
-        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__,
-        python=platform.python_version(), commit=args.commit, command=" ".join(["python", *sys.argv]),
-        reference="naive_recurrent_osdn (float32 token loop) on the same inputs", rows=rows, failures=failures,
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=__import__("triton").__version__,
+        python=platform.python_version(),
+        commit=args.commit,
+        command=" ".join(["python", *sys.argv]),
+        reference="naive_recurrent_osdn (float32 token loop) on the same inputs",
+        rows=rows,
+        failures=failures,
     )
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
@@ -111,8 +139,11 @@ def main(argv=None):
             print(f"{r['op']:16s} {r['dtype']:9s} T={r['T']:5d} K={r['K']:3d} ERROR {r['error']}")
             continue
         worst = max(r["rel_err"], key=r["rel_err"].get)
-        print(f"{r['op']:16s} {r['dtype']:9s} T={r['T']:5d} K={r['K']:3d} V={r['V']:3d} "
-              f"varlen={'y' if r['cu_seqlens'] else 'n'} worst {worst}={r['rel_err'][worst]:.1e} {'ok' if r['ok'] else 'FAIL'}")
+        print(
+            f"{r['op']:16s} {r['dtype']:9s} T={r['T']:5d} K={r['K']:3d} V={r['V']:3d} "
+            f"varlen={'y' if r['cu_seqlens'] else 'n'} "
+            f"worst {worst}={r['rel_err'][worst]:.1e} {'ok' if r['ok'] else 'FAIL'}"
+        )
     print(f"{len(rows) - failures}/{len(rows)} cases within tolerance")
     sys.exit(1 if failures else 0)
 

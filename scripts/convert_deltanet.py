@@ -19,8 +19,9 @@ def main(argv=None):
     p.add_argument("--apf-init", type=float, default=0.99, help="initial APF retention lam")
     p.add_argument("--max-shard-size", default="5GB")
     args = p.parse_args(argv)
-    model = convert_deltanet(args.src, args.dst, eta_init=args.eta_init, apf_init=args.apf_init,
-                             max_shard_size=args.max_shard_size)
+    model = convert_deltanet(
+        args.src, args.dst, eta_init=args.eta_init, apf_init=args.apf_init, max_shard_size=args.max_shard_size
+    )
     print(f"wrote {args.dst}: {sum(p.numel() for p in model.parameters()):,} parameters, dtype {model.dtype}")
 
 

@@ -1,6 +1,6 @@
 """Perplexity of a model folder on a local text file.
 
-    python scripts/eval_perplexity.py --model outputs/osdn-demo --file some.txt --out ppl.json
+python scripts/eval_perplexity.py --model outputs/osdn-demo --file some.txt --out ppl.json
 """
 
 import argparse
@@ -27,8 +27,13 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    result = perplexity(model, tokenizer, Path(args.file).read_text(encoding="utf-8"), args.block_size,
-                        carry_state=not args.no_carry_state)
+    result = perplexity(
+        model,
+        tokenizer,
+        Path(args.file).read_text(encoding="utf-8"),
+        args.block_size,
+        carry_state=not args.no_carry_state,
+    )
     result.update(model=args.model, file=args.file, block_size=args.block_size, carry_state=not args.no_carry_state)
     print(json.dumps(result, indent=1))
     if args.out:

@@ -1,6 +1,6 @@
 """Profile `chunk_osdn` forward and backward on the GPU: the CUDA kernels that take the time.
 
-    python scripts/profile_kernels.py --B 4 --T 4096
+python scripts/profile_kernels.py --B 4 --T 4096
 """
 
 import argparse

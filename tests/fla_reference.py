@@ -14,8 +14,17 @@ import torch
 import torch.nn.functional as F
 
 
-def _delta_rule(q, k, v, beta, initial_state=None, output_final_state=False, cu_seqlens=None,
-                use_qk_l2norm_in_kernel=False, **unused):
+def _delta_rule(
+    q,
+    k,
+    v,
+    beta,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    use_qk_l2norm_in_kernel=False,
+    **unused,
+):
     from fla.ops.delta_rule.naive import delta_rule_recurrence
 
     if cu_seqlens is not None:
@@ -23,8 +32,14 @@ def _delta_rule(q, k, v, beta, initial_state=None, output_final_state=False, cu_
     if use_qk_l2norm_in_kernel:
         q, k = (x * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + 1e-6).to(x) for x in (q, k))
     t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731  fla's loop is [B, H, T, *]
-    o, S = delta_rule_recurrence(t(q), t(k), t(v), beta.transpose(1, 2).contiguous(),
-                                 initial_state=initial_state, output_final_state=output_final_state)
+    o, S = delta_rule_recurrence(
+        t(q),
+        t(k),
+        t(v),
+        beta.transpose(1, 2).contiguous(),
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+    )
     return o.transpose(1, 2), S
 
 
@@ -54,7 +69,13 @@ def fla_on_cpu():
     import fla.modules.mlp as mlp
     from fla.modules import RMSNorm, ShortConvolution
 
-    saved = (layer.chunk_delta_rule, layer.fused_recurrent_delta_rule, mlp.swiglu, ShortConvolution.forward, RMSNorm.forward)
+    saved = (
+        layer.chunk_delta_rule,
+        layer.fused_recurrent_delta_rule,
+        mlp.swiglu,
+        ShortConvolution.forward,
+        RMSNorm.forward,
+    )
     layer.chunk_delta_rule = layer.fused_recurrent_delta_rule = _delta_rule
     mlp.swiglu = lambda x, y: F.silu(x.float()).to(x.dtype) * y
     ShortConvolution.forward = _short_conv
@@ -62,5 +83,10 @@ def fla_on_cpu():
     try:
         yield
     finally:
-        (layer.chunk_delta_rule, layer.fused_recurrent_delta_rule, mlp.swiglu, ShortConvolution.forward,
-         RMSNorm.forward) = saved
+        (
+            layer.chunk_delta_rule,
+            layer.fused_recurrent_delta_rule,
+            mlp.swiglu,
+            ShortConvolution.forward,
+            RMSNorm.forward,
+        ) = saved

@@ -60,5 +60,7 @@ def make_inputs(B, T, H, K, V, dtype=torch.float32, with_states=False, N=None, s
     N = B if N is None else N
     S0 = torch.randn(N, H, K, V, generator=g) * 0.5 if with_states else None
     d0 = 0.5 + torch.rand(N, H, K, generator=g) if with_states else None
-    tensors = dict(q=q.to(dtype), k=k.to(dtype), v=v.to(dtype), beta=beta, eta=eta, lam=lam, initial_state=S0, initial_precond=d0)
+    tensors = dict(
+        q=q.to(dtype), k=k.to(dtype), v=v.to(dtype), beta=beta, eta=eta, lam=lam, initial_state=S0, initial_precond=d0
+    )
     return {name: (x.clone().requires_grad_() if x is not None else None) for name, x in tensors.items()}

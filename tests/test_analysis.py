@@ -80,16 +80,48 @@ def test_mqar_loss_scores_only_the_answers():
 
 
 def test_train_one_runs_and_reports():
-    row = train_one("osdn_no_apf", d_model=32, seq_len=64, num_pairs=8, lr=3e-3, steps=6, batch_size=8,
-                    vocab_size=64, num_heads=2, seed=0, eval_every=3, device="cpu", progress=False)
+    row = train_one(
+        "osdn_no_apf",
+        d_model=32,
+        seq_len=64,
+        num_pairs=8,
+        lr=3e-3,
+        steps=6,
+        batch_size=8,
+        vocab_size=64,
+        num_heads=2,
+        seed=0,
+        eval_every=3,
+        device="cpu",
+        progress=False,
+    )
     assert 0.0 <= row["accuracy"] <= 1.0 and row["recall_residual"] >= 0 and len(row["curve"]) == 2
     assert [r["layer"] for r in row["residuals_per_layer"]] == [0, 1]
 
 
 def test_sweep_writes_rows_and_plot_and_resumes(tmp_path):
     out = tmp_path / "mqar.json"
-    args = ["--out", str(out), "--models", "osdn", "deltanet", "--d-models", "32", "--settings", "64:8",
-            "--lrs", "3e-3", "--steps", "4", "--batch-size", "4", "--vocab-size", "64", "--eval-every", "2"]
+    args = [
+        "--out",
+        str(out),
+        "--models",
+        "osdn",
+        "deltanet",
+        "--d-models",
+        "32",
+        "--settings",
+        "64:8",
+        "--lrs",
+        "3e-3",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--vocab-size",
+        "64",
+        "--eval-every",
+        "2",
+    ]
     main(args)
     rows = json.loads(out.read_text())["rows"]
     assert {r["model"] for r in rows} == {"osdn", "deltanet"}

@@ -20,8 +20,18 @@ LOGITS_ATOL = 1e-4
 
 def tiny_fla_deltanet(seed=0, **overrides):
     torch.manual_seed(seed)
-    kwargs = dict(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=101, fuse_norm=False,
-                  fuse_swiglu=False, fuse_cross_entropy=False, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    kwargs = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_heads=2,
+        vocab_size=101,
+        fuse_norm=False,
+        fuse_swiglu=False,
+        fuse_cross_entropy=False,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     kwargs.update(overrides)
     model = fla_models.DeltaNetForCausalLM(fla_models.DeltaNetConfig(**kwargs)).eval()
     with torch.no_grad():  # trained-looking weights: varied beta, non-trivial convolutions and norms
@@ -80,7 +90,14 @@ def test_fine_tuning_moves_the_preconditioner(tmp_path):
 
 @pytest.mark.parametrize("field, value", [("allow_neg_eigval", True), ("qk_norm", "sum"), ("use_beta", False)])
 def test_unsupported_deltanet_options_are_refused(field, value):
-    config = {"model_type": "delta_net", "hidden_size": 64, "num_hidden_layers": 1, "num_heads": 2, "vocab_size": 10, field: value}
+    config = {
+        "model_type": "delta_net",
+        "hidden_size": 64,
+        "num_hidden_layers": 1,
+        "num_heads": 2,
+        "vocab_size": 10,
+        field: value,
+    }
     with pytest.raises(ValueError, match=field):
         osdn_config_from_deltanet(config)
 

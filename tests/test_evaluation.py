@@ -36,8 +36,18 @@ def test_eval_perplexity_script(tmp_path, tokenizer):  # noqa: F811
     model.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
     (tmp_path / "t.txt").write_text("Friends, Romans, countrymen, lend me your ears;\n" * 5)
-    result = eval_perplexity.main(["--model", str(tmp_path / "m"), "--file", str(tmp_path / "t.txt"),
-                                   "--block-size", "16", "--out", str(tmp_path / "ppl.json")])
+    result = eval_perplexity.main(
+        [
+            "--model",
+            str(tmp_path / "m"),
+            "--file",
+            str(tmp_path / "t.txt"),
+            "--block-size",
+            "16",
+            "--out",
+            str(tmp_path / "ppl.json"),
+        ]
+    )
     assert result["perplexity"] > 1 and (tmp_path / "ppl.json").exists()
 
 
@@ -54,17 +64,20 @@ def test_lm_eval_hflm_runs_a_local_task(tmp_path, tokenizer):  # noqa: F811
 
     model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=2, max_length=128)
-    (ll, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("To be, or not", " to be"), 0)])
+    ((ll, _),) = lm.loglikelihood([Instance("loglikelihood", {}, ("To be, or not", " to be"), 0)])
     ctx, cont = tokenizer("To be, or not")["input_ids"], tokenizer(" to be")["input_ids"]
     with torch.no_grad():
         logp = model(torch.tensor([ctx + cont])).logits.log_softmax(-1)[0]
     assert ll == pytest.approx(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)), abs=1e-4)
-    text, = lm.generate_until([Instance("generate_until", {}, ("ROMEO:", {"until": ["\n\n"], "max_gen_toks": 5}), 0)])
+    (text,) = lm.generate_until([Instance("generate_until", {}, ("ROMEO:", {"until": ["\n\n"], "max_gen_toks": 5}), 0)])
     assert isinstance(text, str)
 
     rows = [("To be, or not to", [" be", " cat"]), ("Friends, Romans,", [" countrymen", " fish"])]
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"q": q, "choices": c, "label": 0}) + "\n" for q, c in rows))
-    (tmp_path / "tiny.yaml").write_text(textwrap.dedent(f"""\
+    (tmp_path / "data.jsonl").write_text(
+        "".join(json.dumps({"q": q, "choices": c, "label": 0}) + "\n" for q, c in rows)
+    )
+    (tmp_path / "tiny.yaml").write_text(
+        textwrap.dedent(f"""\
         task: osdn_tiny_choice
         dataset_path: json
         dataset_kwargs:
@@ -78,6 +91,7 @@ def test_lm_eval_hflm_runs_a_local_task(tmp_path, tokenizer):  # noqa: F811
           - metric: acc
             aggregation: mean
             higher_is_better: true
-        """))
+        """)
+    )
     result = simple_evaluate(model=lm, tasks=["osdn_tiny_choice"], task_manager=TaskManager(include_path=str(tmp_path)))
     assert 0.0 <= result["results"]["osdn_tiny_choice"]["acc,none"] <= 1.0

@@ -49,8 +49,14 @@ def exported(tmp_path, tokenizer):  # noqa: F811
 def test_export_writes_a_complete_folder(exported):
     out, _ = exported
     names = {p.name for p in out.iterdir()}
-    assert {"README.md", "config.json", "model.safetensors", "modeling_osdn.py", "configuration_osdn.py",
-            "tokenizer.json"} <= names
+    assert {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "modeling_osdn.py",
+        "configuration_osdn.py",
+        "tokenizer.json",
+    } <= names
     check_card((out / "README.md").read_text())
 
 
@@ -58,8 +64,14 @@ def _load_elsewhere(python: str, out: Path, ref: Path, block_package: bool):
     prelude = "import sys; sys.modules['osdn_hf'] = None\n" if block_package else ""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_MODULES_CACHE")}
     env["HF_MODULES_CACHE"] = str(out.parent / "modules")
-    result = subprocess.run([python, "-c", prelude + textwrap.dedent(LOAD), str(out), str(ref)], cwd=out.parent,
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [python, "-c", prelude + textwrap.dedent(LOAD), str(out), str(ref)],
+        cwd=out.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "generated:" in result.stdout
 
@@ -68,16 +80,23 @@ def test_export_loads_where_the_package_cannot_be_imported(exported):
     _load_elsewhere(sys.executable, *exported, block_package=True)
 
 
-@pytest.mark.skipif(CLEAN_PYTHON is None, reason="set OSDN_CLEAN_VENV_PYTHON to the python of a venv without osdn_hf "
-                                                  "(.ci/run builds one) to run this check")
+@pytest.mark.skipif(
+    CLEAN_PYTHON is None,
+    reason="set OSDN_CLEAN_VENV_PYTHON to the python of a venv without osdn_hf (.ci/run builds one) to run this check",
+)
 def test_export_loads_in_a_clean_virtual_environment(exported):
-    check = subprocess.run([CLEAN_PYTHON, "-c", "import importlib.util as u; print(u.find_spec('osdn_hf'))"],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [CLEAN_PYTHON, "-c", "import importlib.util as u; print(u.find_spec('osdn_hf'))"],
+        capture_output=True,
+        text=True,
+    )
     assert check.stdout.strip() == "None", "the clean venv must not have osdn_hf"
     _load_elsewhere(CLEAN_PYTHON, *exported, block_package=False)
 
 
-@pytest.mark.parametrize("card, message", [("# no metadata\n", "YAML block"), ("---\nlicense: mit\n---\n# x\n", "lacks")])
+@pytest.mark.parametrize(
+    "card, message", [("# no metadata\n", "YAML block"), ("---\nlicense: mit\n---\n# x\n", "lacks")]
+)
 def test_cards_without_metadata_are_refused(card, message):
     with pytest.raises(ValueError, match=message):
         check_card(card)

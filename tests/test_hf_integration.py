@@ -38,7 +38,9 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     files = {p.name for p in (tmp_path / "ckpt").iterdir()}
     assert "model.safetensors" in files and "config.json" in files
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert config["model_type"] == "osdn" and config["auto_map"]["AutoModelForCausalLM"] == "modeling_osdn.OSDNForCausalLM"
+    assert (
+        config["model_type"] == "osdn" and config["auto_map"]["AutoModelForCausalLM"] == "modeling_osdn.OSDNForCausalLM"
+    )
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     assert isinstance(loaded, OSDNForCausalLM)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -123,7 +125,9 @@ def test_remote_code_loads_without_the_package(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote ok" in result.stdout
     again = sorted(p.name for p in (tmp_path / "again").glob("*.py"))
@@ -135,12 +139,24 @@ def test_trainer_lowers_the_loss(tmp_path, tokenizer):
     blocks = pack_blocks(tokenizer("\n".join(texts))["input_ids"], 64)[:256]
     model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).train()
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=8, learning_rate=3e-3,
-        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=10,
+        output_dir=str(tmp_path),
+        max_steps=30,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=10,
     )
     data = Dataset.from_dict({"input_ids": blocks.tolist()})
-    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data.select(range(32)),
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        eval_dataset=data.select(range(32)),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]

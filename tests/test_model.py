@@ -133,7 +133,9 @@ def test_generate_greedy_sampling_and_beam_search():
     ids = torch.randint(1, 97, (2, 6))
     mask = torch.ones_like(ids)
     greedy = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    no_cache = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
+    no_cache = model.generate(
+        ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0
+    )
     assert torch.equal(greedy, no_cache)
     # Greedy decoding by hand, one full forward per token.
     seq = ids
@@ -160,11 +162,19 @@ def test_left_padded_batch_generates_like_each_prompt_alone():
     ids = torch.stack([torch.cat([torch.zeros(7 - len(p), dtype=torch.long), p]) for p in prompts])
     mask = (ids != 0).long()
     # min_new_tokens keeps EOS out, so every row runs all 10 steps
-    batch = model.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    batch = model.generate(
+        ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0
+    )
     for i, p in enumerate(prompts):
-        alone = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=10,
-                               min_new_tokens=10, do_sample=False, pad_token_id=0)
-        assert torch.equal(batch[i, 7:], alone[0, len(p):])
+        alone = model.generate(
+            p[None],
+            attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            max_new_tokens=10,
+            min_new_tokens=10,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        assert torch.equal(batch[i, 7:], alone[0, len(p) :])
 
 
 def test_logits_to_keep_and_hidden_states():
@@ -267,8 +277,12 @@ def test_published_sizes_match_fla_deltanet_exactly():
     for name in ("osdn-340m", "osdn-1.3b"):
         config = AutoConfig.from_pretrained(REPO / "configs" / name)
         fla_config = fla_models.DeltaNetConfig(
-            hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers, num_heads=config.num_heads,
-            vocab_size=config.vocab_size, intermediate_size=config.intermediate_size, tie_word_embeddings=False,
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_heads=config.num_heads,
+            vocab_size=config.vocab_size,
+            intermediate_size=config.intermediate_size,
+            tie_word_embeddings=False,
         )
         with torch.device("meta"):
             ours = AutoModelForCausalLM.from_config(config).state_dict()

@@ -18,12 +18,16 @@ def backend(request, monkeypatch):
     """Every test runs on both paths: the pure-torch one and the Triton kernels through Triton's
     interpreter (conftest.py sets TRITON_INTERPRET=1 without a GPU). The naive op ignores it."""
     if request.param == "triton" and ON_GPU:
-        pytest.skip("these tests use CPU tensors, which reach Triton only through the interpreter (no-GPU "
-                    "machines); on a GPU, scripts/check_kernels.py tests the kernels on CUDA tensors")
+        pytest.skip(
+            "these tests use CPU tensors, which reach Triton only through the interpreter (no-GPU "
+            "machines); on a GPU, scripts/check_kernels.py tests the kernels on CUDA tensors"
+        )
     if request.param == "triton":
         pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
         monkeypatch.setenv(FORCE_TRITON_ENV, "1")
     return request.param
+
+
 GRAD_NAMES = ("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond")
 
 
@@ -46,8 +50,15 @@ def run_with_grads(fn, inputs: dict, cotangents: tuple, **kwargs):
 
 def reference(inputs: dict, **kwargs):
     return reference_osdn_f64(
-        inputs["q"], inputs["k"], inputs["v"], inputs["beta"], inputs["eta"], inputs["lam"],
-        S0=inputs["initial_state"], d0=inputs["initial_precond"], **kwargs,
+        inputs["q"],
+        inputs["k"],
+        inputs["v"],
+        inputs["beta"],
+        inputs["eta"],
+        inputs["lam"],
+        S0=inputs["initial_state"],
+        d0=inputs["initial_precond"],
+        **kwargs,
     )
 
 
@@ -58,8 +69,11 @@ def test_op_matches_float64_loop(op, T, with_states):
     B, H, K, V = 2, 2, 16, 8
     inputs = make_inputs(B, T, H, K, V, with_states=with_states, seed=T)
     g = torch.Generator().manual_seed(1)
-    cot = (torch.randn(B, T, H, V, generator=g).double(), torch.randn(B, H, K, V, generator=g).double(),
-           torch.randn(B, H, K, generator=g).double())
+    cot = (
+        torch.randn(B, T, H, V, generator=g).double(),
+        torch.randn(B, H, K, V, generator=g).double(),
+        torch.randn(B, H, K, generator=g).double(),
+    )
     (o, S, d), grads = run_with_grads(OPS[op], inputs, cot)
     ref_inputs = {n: (x.detach().double().requires_grad_() if x is not None else None) for n, x in inputs.items()}
     (ro, rS, rd), ref_grads = run_with_grads(lambda output_final_state, **kw: reference(kw), ref_inputs, cot)
@@ -91,13 +105,19 @@ def test_packed_sequences_equal_separate_runs(op):
     T, N, H, K, V = sum(lengths), len(lengths), 2, 16, 8
     inputs = make_inputs(1, T, H, K, V, with_states=True, N=N, seed=3)
     g = torch.Generator().manual_seed(2)
-    cot = (torch.randn(1, T, H, V, generator=g).double(), torch.randn(N, H, K, V, generator=g).double(),
-           torch.randn(N, H, K, generator=g).double())
+    cot = (
+        torch.randn(1, T, H, V, generator=g).double(),
+        torch.randn(N, H, K, V, generator=g).double(),
+        torch.randn(N, H, K, generator=g).double(),
+    )
     (o, S, d), grads = run_with_grads(OPS[op], inputs, cot, cu_seqlens=offsets)
 
     for n in range(N):
         s, e = offsets[n].item(), offsets[n + 1].item()
-        seg = {name: inputs[name].detach()[:, s:e].clone().requires_grad_() for name in ("q", "k", "v", "beta", "eta", "lam")}
+        seg = {
+            name: inputs[name].detach()[:, s:e].clone().requires_grad_()
+            for name in ("q", "k", "v", "beta", "eta", "lam")
+        }
         seg["initial_state"] = inputs["initial_state"].detach()[n : n + 1].clone().requires_grad_()
         seg["initial_precond"] = inputs["initial_precond"].detach()[n : n + 1].clone().requires_grad_()
         seg_cot = (cot[0][:, s:e], cot[1][n : n + 1], cot[2][n : n + 1])
@@ -119,7 +139,9 @@ def test_qk_l2norm_in_kernel_and_scale(op):
     inputs = make_inputs(2, 20, 2, 16, 8)
     raw_k = inputs["k"].detach() * 3.0 + 0.1
     raw_q = inputs["q"].detach() * 2.0
-    got = OPS[op](**{**inputs, "q": raw_q, "k": raw_k}, scale=0.3, use_qk_l2norm_in_kernel=True, output_final_state=True)
+    got = OPS[op](
+        **{**inputs, "q": raw_q, "k": raw_k}, scale=0.3, use_qk_l2norm_in_kernel=True, output_final_state=True
+    )
     qn = torch.nn.functional.normalize(raw_q, dim=-1, eps=1e-6)
     kn = torch.nn.functional.normalize(raw_k, dim=-1, eps=1e-6)
     ro, rS, rd = reference_osdn_f64(qn, kn, inputs["v"], inputs["beta"], inputs["eta"], inputs["lam"], scale=0.3)
@@ -144,7 +166,9 @@ def test_half_precision_inputs(op, dtype, backend):
 
 def test_deltanet_limit_matches_fla_reference():
     """eta = 0, lam = 1: OSDN is DeltaNet, checked against flash-linear-attention's own loop."""
-    naive = pytest.importorskip("fla.ops.delta_rule.naive", reason="flash-linear-attention (the test extra) is not installed")
+    naive = pytest.importorskip(
+        "fla.ops.delta_rule.naive", reason="flash-linear-attention (the test extra) is not installed"
+    )
     B, T, H, K, V = 2, 100, 3, 32, 16
     inputs = make_inputs(B, T, H, K, V, with_states=True)
     inputs = {n: (x.detach() if x is not None else None) for n, x in inputs.items()}
@@ -153,8 +177,12 @@ def test_deltanet_limit_matches_fla_reference():
     inputs["initial_precond"] = None
     to_bhtd = lambda x: x.transpose(1, 2).contiguous()  # fla's naive loop is [B, H, T, *]
     fo, fS = naive.delta_rule_recurrence(
-        to_bhtd(inputs["q"]), to_bhtd(inputs["k"]), to_bhtd(inputs["v"]), inputs["beta"].transpose(1, 2).contiguous(),
-        initial_state=inputs["initial_state"].clone(), output_final_state=True,
+        to_bhtd(inputs["q"]),
+        to_bhtd(inputs["k"]),
+        to_bhtd(inputs["v"]),
+        inputs["beta"].transpose(1, 2).contiguous(),
+        initial_state=inputs["initial_state"].clone(),
+        output_final_state=True,
     )
     for name, op in OPS.items():
         o, S, d = op(**inputs, output_final_state=True)

@@ -47,9 +47,30 @@ def test_packers_and_varlen_collator():
 @pytest.mark.parametrize("packing", ["fixed", "varlen"])
 def test_train_script_pretrains_saves_and_plots(tmp_path, corpus, packing):
     out = tmp_path / "run"
-    common = ["--config", str(REPO / "configs" / "osdn-tiny"), "--data", *corpus, "--output-dir", str(out),
-              "--block-size", "64", "--batch-size", "8", "--lr", "3e-3", "--vocab-size", "400",
-              "--save-steps", "10", "--logging-steps", "2", "--warmup-steps", "2", "--packing", packing]
+    common = [
+        "--config",
+        str(REPO / "configs" / "osdn-tiny"),
+        "--data",
+        *corpus,
+        "--output-dir",
+        str(out),
+        "--block-size",
+        "64",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--vocab-size",
+        "400",
+        "--save-steps",
+        "10",
+        "--logging-steps",
+        "2",
+        "--warmup-steps",
+        "2",
+        "--packing",
+        packing,
+    ]
     result = main([*common, "--max-steps", "20"])
     losses = [h["loss"] for h in result["log_history"] if "loss" in h]
     assert losses[-1] < losses[0] - 0.5, losses
@@ -64,10 +85,41 @@ def test_train_script_pretrains_saves_and_plots(tmp_path, corpus, packing):
 
 
 def test_fine_tune_from_checkpoint_with_gradient_checkpointing(tmp_path, corpus):
-    first = main(["--config", str(REPO / "configs" / "osdn-tiny"), "--data", *corpus, "--output-dir", str(tmp_path / "a"),
-                  "--block-size", "64", "--max-steps", "4", "--vocab-size", "400", "--save-steps", "4"])
-    again = main(["--model", first["final"], "--data", *corpus, "--output-dir", str(tmp_path / "b"), "--block-size", "64",
-                  "--max-steps", "4", "--save-steps", "4", "--gradient-checkpointing"])
+    first = main(
+        [
+            "--config",
+            str(REPO / "configs" / "osdn-tiny"),
+            "--data",
+            *corpus,
+            "--output-dir",
+            str(tmp_path / "a"),
+            "--block-size",
+            "64",
+            "--max-steps",
+            "4",
+            "--vocab-size",
+            "400",
+            "--save-steps",
+            "4",
+        ]
+    )
+    again = main(
+        [
+            "--model",
+            first["final"],
+            "--data",
+            *corpus,
+            "--output-dir",
+            str(tmp_path / "b"),
+            "--block-size",
+            "64",
+            "--max-steps",
+            "4",
+            "--save-steps",
+            "4",
+            "--gradient-checkpointing",
+        ]
+    )
     assert again["eval_loss"] < first["eval_loss"]
 
 

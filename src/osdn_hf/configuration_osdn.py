@@ -165,7 +165,9 @@ class OSDNConfig(PretrainedConfig):
         if not self.eta_max > 0:
             raise ValueError(f"`eta_max` must be positive, got {self.eta_max!r}")
         if not 0 < self.precond_eta_init < self.eta_max:
-            raise ValueError(f"`precond_eta_init` must lie in (0, eta_max={self.eta_max}), got {self.precond_eta_init!r}")
+            raise ValueError(
+                f"`precond_eta_init` must lie in (0, eta_max={self.eta_max}), got {self.precond_eta_init!r}"
+            )
         if not 0 < self.apf_init < 1:
             raise ValueError(f"`apf_init` must lie in (0, 1), got {self.apf_init!r}")
         if not self.norm_eps > 0:

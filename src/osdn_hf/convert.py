@@ -37,14 +37,24 @@ _REQUIRED = {
     "attnres_block_size": None,
     "use_output_norm": True,
 }
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "vocab.json", "merges.txt")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
 
 
-def osdn_config_from_deltanet(fla_config: dict, eta_init: float = DEFAULT_ETA_INIT, apf_init: float = 0.99) -> OSDNConfig:
+def osdn_config_from_deltanet(
+    fla_config: dict, eta_init: float = DEFAULT_ETA_INIT, apf_init: float = 0.99
+) -> OSDNConfig:
     """The OSDN config with the DeltaNet shapes of `fla_config` (a `config.json` as a dict)."""
     if fla_config.get("model_type") != "delta_net":
-        raise ValueError(f"expected an fla DeltaNet config (model_type 'delta_net'), got {fla_config.get('model_type')!r}")
+        raise ValueError(
+            f"expected an fla DeltaNet config (model_type 'delta_net'), got {fla_config.get('model_type')!r}"
+        )
     for field, required in _REQUIRED.items():
         if field in fla_config and fla_config[field] != required:
             raise ValueError(f"cannot convert DeltaNet with {field}={fla_config[field]!r}: OSDN needs {required!r}")
@@ -93,7 +103,10 @@ def _load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def convert_deltanet(
-    src: str | Path, dst: str | Path, eta_init: float = DEFAULT_ETA_INIT, apf_init: float = 0.99,
+    src: str | Path,
+    dst: str | Path,
+    eta_init: float = DEFAULT_ETA_INIT,
+    apf_init: float = 0.99,
     max_shard_size: str = "5GB",
 ) -> OSDNForCausalLM:
     """Read the fla DeltaNet folder `src`, write an OSDN checkpoint folder `dst`, return the model."""

@@ -44,7 +44,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrai
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 260 + len(SPECIAL_TOKENS):
-        raise ValueError(f"`vocab_size` must be at least {260 + len(SPECIAL_TOKENS)} for byte-level BPE, got {vocab_size}")
+        raise ValueError(
+            f"`vocab_size` must be at least {260 + len(SPECIAL_TOKENS)} for byte-level BPE, got {vocab_size}"
+        )
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

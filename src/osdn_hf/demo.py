@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
     n_eval = max(len(blocks) // 50, 8)
     train_ds = Dataset.from_dict({"input_ids": blocks[:-n_eval].tolist()})
     eval_ds = Dataset.from_dict({"input_ids": blocks[-n_eval:].tolist()})
-    print(f"data: {sum(map(len, texts)):,} characters, {blocks.numel():,} tokens, {len(train_ds)} train / {n_eval} eval blocks")
+    print(
+        f"data: {sum(map(len, texts)):,} characters, {blocks.numel():,} tokens, "
+        f"{len(train_ds)} train / {n_eval} eval blocks"
+    )
 
     config = OSDNConfig(
         **DEMO_CONFIG,

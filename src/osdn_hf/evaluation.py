@@ -38,4 +38,9 @@ def perplexity(model, tokenizer, text: str, block_size: int = 2048, carry_state:
         scored += targets.numel()
         if carry_state:
             cache, prev_logit = out.past_key_values, out.logits[:, -1:].float()
-    return {"tokens": int(ids.shape[1]), "scored_tokens": scored, "nll": nll / scored, "perplexity": math.exp(nll / scored)}
+    return {
+        "tokens": int(ids.shape[1]),
+        "scored_tokens": scored,
+        "nll": nll / scored,
+        "perplexity": math.exp(nll / scored),
+    }

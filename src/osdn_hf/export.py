@@ -19,8 +19,13 @@ def check_card(card: str) -> None:
         raise ValueError(f"the model card's YAML lacks {missing}")
 
 
-def export_for_hub(model_dir: str | Path, out_dir: str | Path, card: str | Path, tokenizer_dir: str | Path | None = None,
-                   max_shard_size: str = "5GB") -> Path:
+def export_for_hub(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    card: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_size: str = "5GB",
+) -> Path:
     """Load `model_dir` and write everything `from_pretrained(..., trust_remote_code=True)` needs to `out_dir`."""
     card_text = Path(card).read_text(encoding="utf-8")
     check_card(card_text)

@@ -242,10 +242,10 @@ class OSDNModel(OSDNPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """Args beyond the usual ones:
-            cu_seqlens (`torch.LongTensor` of shape `[N + 1]`, *optional*): offsets of packed
-                sequences in a batch of one row; the state resets at each boundary.
-            **kwargs: accepted for API compatibility (for example `position_ids`, which OSDN
-                does not use) and ignored.
+        cu_seqlens (`torch.LongTensor` of shape `[N + 1]`, *optional*): offsets of packed
+            sequences in a batch of one row; the state resets at each boundary.
+        **kwargs: accepted for API compatibility (for example `position_ids`, which OSDN
+            does not use) and ignored.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
@@ -336,12 +336,12 @@ class OSDNForCausalLM(OSDNPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Args beyond `OSDNModel.forward`'s:
-            labels (`torch.LongTensor` of shape `[B, T]`, *optional*): targets, shifted inside;
-                -100 marks positions left out of the loss.
-            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0): compute logits
-                only for the last `logits_to_keep` positions (0: all), or for the given indices.
-            **kwargs: loss arguments such as `num_items_in_batch` (passed by `Trainer`); others
-                are ignored.
+        labels (`torch.LongTensor` of shape `[B, T]`, *optional*): targets, shifted inside;
+            -100 marks positions left out of the loss.
+        logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0): compute logits
+            only for the last `logits_to_keep` positions (0: all), or for the given indices.
+        **kwargs: loss arguments such as `num_items_in_batch` (passed by `Trainer`); others
+            are ignored.
         """
         if return_dict is None:
             return_dict = self.config.return_dict

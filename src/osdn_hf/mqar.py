@@ -38,7 +38,9 @@ def mqar_batch(batch_size: int, seq_len: int, num_pairs: int, vocab_size: int, g
     query key, of the value that follows it, is scored.
     """
     if 4 * num_pairs > seq_len:
-        raise ValueError(f"MQAR needs seq_len >= 4 * num_pairs (pairs, then one query each), got {seq_len}, {num_pairs}")
+        raise ValueError(
+            f"MQAR needs seq_len >= 4 * num_pairs (pairs, then one query each), got {seq_len}, {num_pairs}"
+        )
     half = vocab_size // 2
     if num_pairs > half - 1:
         raise ValueError(f"{num_pairs} distinct keys do not fit in the key half of a {vocab_size}-token vocabulary")
@@ -62,10 +64,18 @@ def mqar_batch(batch_size: int, seq_len: int, num_pairs: int, vocab_size: int, g
     return seq, labels, context
 
 
-def build_model(name: str, d_model: int, vocab_size: int, num_heads: int, seed: int, **config_overrides) -> OSDNForCausalLM:
+def build_model(
+    name: str, d_model: int, vocab_size: int, num_heads: int, seed: int, **config_overrides
+) -> OSDNForCausalLM:
     torch.manual_seed(seed)
-    config = OSDNConfig(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=2, num_heads=num_heads,
-                        **MODELS[name], **config_overrides)
+    config = OSDNConfig(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        num_hidden_layers=2,
+        num_heads=num_heads,
+        **MODELS[name],
+        **config_overrides,
+    )
     return OSDNForCausalLM(config)
 
 
@@ -85,8 +95,21 @@ def evaluate(model, batches) -> tuple[float, float]:
     return correct / total, loss / len(batches)
 
 
-def train_one(name: str, d_model: int, seq_len: int, num_pairs: int, lr: float, steps: int, batch_size: int,
-              vocab_size: int, num_heads: int, seed: int, eval_every: int, device: str, progress: bool = True) -> dict:
+def train_one(
+    name: str,
+    d_model: int,
+    seq_len: int,
+    num_pairs: int,
+    lr: float,
+    steps: int,
+    batch_size: int,
+    vocab_size: int,
+    num_heads: int,
+    seed: int,
+    eval_every: int,
+    device: str,
+    progress: bool = True,
+) -> dict:
     """Train one model on fresh MQAR batches; return its final accuracy, curve and residuals."""
     gen = torch.Generator().manual_seed(seed)
     eval_gen = torch.Generator().manual_seed(10_000 + seed)
@@ -94,10 +117,15 @@ def train_one(name: str, d_model: int, seq_len: int, num_pairs: int, lr: float, 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     warmup = max(steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    )
     to = lambda b: tuple(x.to(device) for x in b)  # noqa: E731
     eval_batches = [to(mqar_batch(batch_size, seq_len, num_pairs, vocab_size, eval_gen)) for _ in range(2)]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda")
+        else torch.autocast("cpu", enabled=False)
+    )
     curve, start = [], time.time()
     bar = tqdm(range(1, steps + 1), desc=f"{name} d={d_model} L={seq_len} lr={lr:g}", disable=not progress, leave=False)
     for step in bar:
@@ -117,12 +145,22 @@ def train_one(name: str, d_model: int, seq_len: int, num_pairs: int, lr: float, 
     input_ids, _, context = eval_batches[0]
     residuals = recall_residual(model.float(), input_ids[:16], positions=context[:16])
     return {
-        "model": name, "d_model": d_model, "seq_len": seq_len, "num_pairs": num_pairs, "lr": lr,
+        "model": name,
+        "d_model": d_model,
+        "seq_len": seq_len,
+        "num_pairs": num_pairs,
+        "lr": lr,
         "accuracy": curve[-1]["accuracy"],
         "recall_residual": sum(r["recall_residual"] for r in residuals) / len(residuals),
         "write_residual": sum(r["write_residual"] for r in residuals) / len(residuals),
-        "residuals_per_layer": residuals, "curve": curve, "steps": steps, "batch_size": batch_size,
-        "vocab_size": vocab_size, "num_heads": num_heads, "seed": seed, "seconds": round(time.time() - start, 1),
+        "residuals_per_layer": residuals,
+        "curve": curve,
+        "steps": steps,
+        "batch_size": batch_size,
+        "vocab_size": vocab_size,
+        "num_heads": num_heads,
+        "seed": seed,
+        "seconds": round(time.time() - start, 1),
     }
 
 
@@ -141,8 +179,13 @@ def plot(result: dict, png: Path) -> None:
         dims = sorted({r["d_model"] for r in rows})
         for r in rows:
             color = f"C{list(MODELS).index(r['model'])}"
-            ax.plot([c["step"] for c in r["curve"]], [c["accuracy"] for c in r["curve"]], color=color,
-                    linestyle=styles[dims.index(r["d_model"]) % len(styles)], label=f"{r['model']} d={r['d_model']} lr={r['lr']:g}")
+            ax.plot(
+                [c["step"] for c in r["curve"]],
+                [c["accuracy"] for c in r["curve"]],
+                color=color,
+                linestyle=styles[dims.index(r["d_model"]) % len(styles)],
+                label=f"{r['model']} d={r['d_model']} lr={r['lr']:g}",
+            )
         ax.set_title(f"learning curves, seq {L}, {P} pairs")
         ax.set_xlabel("step")
         ax.set_ylabel("accuracy")
@@ -197,23 +240,48 @@ def main(argv=None) -> dict:
         return json.loads(out.read_text())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    result.update(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-                  torch=torch.__version__, commit=args.commit, command="python scripts/mqar.py " + " ".join(argv or []))
+    result.update(
+        device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        torch=torch.__version__,
+        commit=args.commit,
+        command="python scripts/mqar.py " + " ".join(argv or []),
+    )
     done = {(r["model"], r["d_model"], r["seq_len"], r["num_pairs"], r["lr"], r["seed"]) for r in result["rows"]}
     settings = [tuple(int(x) for x in s.split(":")) for s in args.settings]
-    plan = [(L, P, d, lr, m) for L, P in settings for d in args.d_models for lr in args.lrs for m in args.models
-            if (m, d, L, P, lr, args.seed) not in done]
+    plan = [
+        (L, P, d, lr, m)
+        for L, P in settings
+        for d in args.d_models
+        for lr in args.lrs
+        for m in args.models
+        if (m, d, L, P, lr, args.seed) not in done
+    ]
     start = time.time()
     for L, P, d, lr, m in tqdm(plan, desc="MQAR sweep"):
         if args.time_budget is not None and time.time() - start > args.time_budget:
             print(f"time budget reached: {len(plan)} planned, stopping; rerun to continue where this stopped")
             break
-        row = train_one(m, d, L, P, lr, args.steps, args.batch_size, args.vocab_size, args.num_heads, args.seed,
-                        args.eval_every, device)
+        row = train_one(
+            m,
+            d,
+            L,
+            P,
+            lr,
+            args.steps,
+            args.batch_size,
+            args.vocab_size,
+            args.num_heads,
+            args.seed,
+            args.eval_every,
+            device,
+        )
         result["rows"].append(row)
         out.write_text(json.dumps(result, indent=1))  # partial results survive an interrupted sweep
-        print(f"{m:12s} d={d:4d} L={L:5d} P={P:4d} lr={lr:g}: acc {row['accuracy']:.3f}, "
-              f"recall residual {row['recall_residual']:.3f}, write residual {row['write_residual']:.3f}, {row['seconds']} s")
+        print(
+            f"{m:12s} d={d:4d} L={L:5d} P={P:4d} lr={lr:g}: acc {row['accuracy']:.3f}, "
+            f"recall residual {row['recall_residual']:.3f}, "
+            f"write residual {row['write_residual']:.3f}, {row['seconds']} s"
+        )
     if result["rows"]:
         out.write_text(json.dumps(result, indent=1))
         plot(result, out.with_suffix(".png"))

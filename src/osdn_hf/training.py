@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     texts = load_texts(args.data, args.text_column)
 
-    tokenizer_dir = args.tokenizer or (args.model if args.model and Path(args.model, "tokenizer_config.json").exists() else None)
+    tokenizer_dir = args.tokenizer or (
+        args.model if args.model and Path(args.model, "tokenizer_config.json").exists() else None
+    )
     if tokenizer_dir:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:
@@ -162,8 +164,14 @@ def main(argv: list[str] | None = None) -> dict:
         config = AutoConfig.from_pretrained(args.config)
         if not isinstance(config, OSDNConfig):
             raise ValueError(f"--config {args.config} is a {type(config).__name__}, not an OSDN config")
-        config.update(dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        config.update(
+            dict(
+                vocab_size=len(tokenizer),
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
         model = AutoModelForCausalLM.from_config(config)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
@@ -200,8 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
-                      data_collator=collator)
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=train_data, eval_dataset=eval_data, data_collator=collator
+    )
     resume = get_last_checkpoint(str(out)) if args.resume and out.exists() else None
     if args.resume and resume is None:
         raise ValueError(f"--resume: no checkpoint in {out}")

@@ -127,7 +127,12 @@ class OSDNAttention(nn.Module):
         # 3 + 5. The op L2-normalises q and k (step 3) and runs the two-phase recurrence.
         op = fused_recurrent_osdn if state is not None and T <= FUSED_RECURRENT_MAX_LEN else chunk_osdn
         o, recurrent_state, precond_state = op(
-            q, k, v, beta, eta, lam,
+            q,
+            k,
+            v,
+            beta,
+            eta,
+            lam,
             initial_state=state["recurrent_state"] if state is not None else None,
             initial_precond=state["precond_state"] if state is not None else None,
             output_final_state=use_cache,

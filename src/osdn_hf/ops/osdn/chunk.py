@@ -83,7 +83,11 @@ def chunk_precondition(
     incl = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
     neg_inf = torch.tensor(float("-inf"), device=k.device)
     # L[t, s] = a_t G_{t-1} / G_{s-1} <u_t, u_s>, s < t
-    L = a[..., None] * torch.exp(torch.where(strict, gp[..., :, None] - gp[..., None, :], neg_inf)) * (u @ u.transpose(-1, -2))
+    L = (
+        a[..., None]
+        * torch.exp(torch.where(strict, gp[..., :, None] - gp[..., None, :], neg_inf))
+        * (u @ u.transpose(-1, -2))
+    )
     # P[t, s] = G_t / G_{s-1}, s <= t
     P = torch.exp(torch.where(incl, g[..., :, None] - gp[..., None, :], neg_inf))  # (B, H, NC, C, C)
     rhs = torch.cat([m[..., None], (a * torch.exp(gp))[..., None] * u], dim=-1)  # (B, H, NC, C, 1 + K)
@@ -98,8 +102,15 @@ def chunk_precondition(
 
 
 def chunk_delta_rule_asym(
-    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
-    S0: torch.Tensor, use_triton: bool, precision: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    S0: torch.Tensor,
+    use_triton: bool,
+    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 2: `S_t = S_{t-1} + beta_t w_t (v_t - S_{t-1}^T k_t)^T`, `o_t = scale S_t^T q_t`.
 
@@ -179,8 +190,17 @@ def chunk_osdn(
     """
     core = partial(_chunk_osdn_core, use_triton=use_triton(q), precision=dot_precision(q))
     return run_padded(
-        core, q, k, v, beta, eta, lam, scale, initial_state, initial_precond,
-        output_final_state, cu_seqlens, use_qk_l2norm_in_kernel,
+        core,
+        q,
+        k,
+        v,
+        beta,
+        eta,
+        lam,
+        scale,
+        initial_state,
+        initial_precond,
+        output_final_state,
+        cu_seqlens,
+        use_qk_l2norm_in_kernel,
     )
-
-

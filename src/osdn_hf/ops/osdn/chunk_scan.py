@@ -32,9 +32,19 @@ if HAS_TRITON:
 
     @triton.jit
     def precond_scan_fwd_kernel(
-        y, u, dm, p, gc, e0, es, ef,
+        y,
+        u,
+        dm,
+        p,
+        gc,
+        e0,
+        es,
+        ef,
         NC,
-        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
+        K: tl.constexpr,
+        C: tl.constexpr,
+        BK: tl.constexpr,
+        BS: tl.constexpr,
     ):
         """e_{n+1} = Gc_n e_n + sum_t u_t p_t (dm_t - <y_t, e_n>), one (batch, head) per program."""
         i_bh = tl.program_id(0).to(tl.int64)
@@ -58,9 +68,25 @@ if HAS_TRITON:
 
     @triton.jit
     def precond_scan_bwd_kernel(
-        y, u, dm, p, gc, es, ges, gef, dy, du, ddm, dp, dgc, de0,
+        y,
+        u,
+        dm,
+        p,
+        gc,
+        es,
+        ges,
+        gef,
+        dy,
+        du,
+        ddm,
+        dp,
+        dgc,
+        de0,
         NC,
-        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
+        K: tl.constexpr,
+        C: tl.constexpr,
+        BK: tl.constexpr,
+        BS: tl.constexpr,
     ):
         """Reverse of `precond_scan_fwd_kernel`; `de` is the gradient of e_{n+1}."""
         i_bh = tl.program_id(0).to(tl.int64)
@@ -93,10 +119,21 @@ if HAS_TRITON:
 
     @triton.jit
     def state_scan_fwd_kernel(
-        kb, w, ub, s0, uo, ss, sf,
+        kb,
+        w,
+        ub,
+        s0,
+        uo,
+        ss,
+        sf,
         NC,
-        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-        BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr, PRECISION: tl.constexpr,
+        K: tl.constexpr,
+        V: tl.constexpr,
+        C: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        BS: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         """U_n = Ub_n - Kb_n S_n, S_{n+1} = S_n + W_n^T U_n; one (batch, head, V block) per program."""
         i_bh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
@@ -125,10 +162,26 @@ if HAS_TRITON:
 
     @triton.jit
     def state_scan_bwd_kernel(
-        kb, w, uo, ss, gu, gss, gsf, dub, dkb, dw, ds0,
-        NC, BH,
-        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-        BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr, PRECISION: tl.constexpr,
+        kb,
+        w,
+        uo,
+        ss,
+        gu,
+        gss,
+        gsf,
+        dub,
+        dkb,
+        dw,
+        ds0,
+        NC,
+        BH,
+        K: tl.constexpr,
+        V: tl.constexpr,
+        C: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        BS: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         """Reverse of `state_scan_fwd_kernel`; `ds` is the gradient of S_{n+1}.
 
@@ -236,8 +289,27 @@ class StateScan(torch.autograd.Function):
         dw = kb.new_empty(NV, *kb.shape)
         ds0 = kb.new_empty(B, H, K, V)
         state_scan_bwd_kernel[(B * H, NV)](
-            kb, w, uo, ss, gu, gss, gsf, dub, dkb, dw, ds0, NC, B * H,
-            K=K, V=V, C=C, BK=BK, BV=BV, BS=max(BS // 2, 16), PRECISION=ctx.precision, num_stages=1,
+            kb,
+            w,
+            uo,
+            ss,
+            gu,
+            gss,
+            gsf,
+            dub,
+            dkb,
+            dw,
+            ds0,
+            NC,
+            B * H,
+            K=K,
+            V=V,
+            C=C,
+            BK=BK,
+            BV=BV,
+            BS=max(BS // 2, 16),
+            PRECISION=ctx.precision,
+            num_stages=1,
         )
         return dkb.sum(0), dw.sum(0), dub, ds0, None
 

@@ -13,11 +13,29 @@ if HAS_TRITON:
 
     @triton.jit
     def fused_recurrent_osdn_fwd_kernel(
-        q, k, v, beta, eta, lam, s0, d0, o, sf, df, cu_seqlens,
-        scale, T,
-        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-        IS_VARLEN: tl.constexpr, USE_QK_L2NORM: tl.constexpr,
+        q,
+        k,
+        v,
+        beta,
+        eta,
+        lam,
+        s0,
+        d0,
+        o,
+        sf,
+        df,
+        cu_seqlens,
+        scale,
+        T,
+        H: tl.constexpr,
+        K: tl.constexpr,
+        V: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        USE_INITIAL_STATE: tl.constexpr,
+        STORE_FINAL_STATE: tl.constexpr,
+        IS_VARLEN: tl.constexpr,
+        USE_QK_L2NORM: tl.constexpr,
     ):
         """SPEC section 2 token by token; one (sequence, head, V block) per program.
 
@@ -79,8 +97,21 @@ if HAS_TRITON:
                 tl.store(df + i_s * K + o_k, b_d, mask=m_k)
 
 
-def fused_recurrent_osdn_fwd(q, k, v, beta, eta, lam, scale, initial_state, initial_precond, output_final_state,
-                             cu_seqlens, use_qk_l2norm_in_kernel, N):
+def fused_recurrent_osdn_fwd(
+    q,
+    k,
+    v,
+    beta,
+    eta,
+    lam,
+    scale,
+    initial_state,
+    initial_precond,
+    output_final_state,
+    cu_seqlens,
+    use_qk_l2norm_in_kernel,
+    N,
+):
     """Launch the decoding kernel on `[B, T, H, *]` inputs (packed when `cu_seqlens` is given)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -97,11 +128,29 @@ def fused_recurrent_osdn_fwd(q, k, v, beta, eta, lam, scale, initial_state, init
         d0 = q.new_ones(N, H, K, dtype=torch.float32) if d0 is None else d0
     grid = (triton.cdiv(V, BV), N * H)
     fused_recurrent_osdn_fwd_kernel[grid](
-        q, k, v, beta, eta, lam, s0, d0, o, sf, df, cu_seqlens,
-        scale, T,
-        H=H, K=K, V=V, BK=BK, BV=BV,
-        USE_INITIAL_STATE=s0 is not None, STORE_FINAL_STATE=output_final_state,
-        IS_VARLEN=cu_seqlens is not None, USE_QK_L2NORM=use_qk_l2norm_in_kernel,
+        q,
+        k,
+        v,
+        beta,
+        eta,
+        lam,
+        s0,
+        d0,
+        o,
+        sf,
+        df,
+        cu_seqlens,
+        scale,
+        T,
+        H=H,
+        K=K,
+        V=V,
+        BK=BK,
+        BV=BV,
+        USE_INITIAL_STATE=s0 is not None,
+        STORE_FINAL_STATE=output_final_state,
+        IS_VARLEN=cu_seqlens is not None,
+        USE_QK_L2NORM=use_qk_l2norm_in_kernel,
     )
     return o, sf, df
 
@@ -110,12 +159,39 @@ class FusedRecurrentOSDNFunction(torch.autograd.Function):
     """Triton forward; the backward recomputes through the chunked op, which is differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, eta, lam, initial_state, initial_precond, scale, output_final_state,
-                cu_seqlens, use_qk_l2norm_in_kernel, N):
+    def forward(
+        ctx,
+        q,
+        k,
+        v,
+        beta,
+        eta,
+        lam,
+        initial_state,
+        initial_precond,
+        scale,
+        output_final_state,
+        cu_seqlens,
+        use_qk_l2norm_in_kernel,
+        N,
+    ):
         ctx.save_for_backward(q, k, v, beta, eta, lam, initial_state, initial_precond)
         ctx.options = (scale, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel)
-        return fused_recurrent_osdn_fwd(q, k, v, beta, eta, lam, scale, initial_state, initial_precond,
-                                        output_final_state, cu_seqlens, use_qk_l2norm_in_kernel, N)
+        return fused_recurrent_osdn_fwd(
+            q,
+            k,
+            v,
+            beta,
+            eta,
+            lam,
+            scale,
+            initial_state,
+            initial_precond,
+            output_final_state,
+            cu_seqlens,
+            use_qk_l2norm_in_kernel,
+            N,
+        )
 
     @staticmethod
     def backward(ctx, do, dS, dd):
@@ -125,9 +201,20 @@ class FusedRecurrentOSDNFunction(torch.autograd.Function):
         scale, output_final_state, cu_seqlens, l2norm = ctx.options
         q, k, v, beta, eta, lam, initial_state, initial_precond = inputs
         with torch.enable_grad():
-            outs = chunk_osdn(q, k, v, beta, eta, lam, scale=scale, initial_state=initial_state,
-                              initial_precond=initial_precond, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                              use_qk_l2norm_in_kernel=l2norm)
+            outs = chunk_osdn(
+                q,
+                k,
+                v,
+                beta,
+                eta,
+                lam,
+                scale=scale,
+                initial_state=initial_state,
+                initial_precond=initial_precond,
+                output_final_state=output_final_state,
+                cu_seqlens=cu_seqlens,
+                use_qk_l2norm_in_kernel=l2norm,
+            )
         pairs = [(y, g) for y, g in zip(outs, (do, dS, dd)) if y is not None and g is not None]
         wanted = [x for x in inputs if x is not None]
         grads = iter(torch.autograd.grad([y for y, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
@@ -192,11 +279,33 @@ def fused_recurrent_osdn(
         N = check_inputs(q, k, v, beta, eta, lam, scale, initial_state, initial_precond, cu_seqlens)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         o, S, d = FusedRecurrentOSDNFunction.apply(
-            q, k, v, beta, eta, lam, initial_state, initial_precond, scale, output_final_state,
-            cu_seqlens, use_qk_l2norm_in_kernel, N,
+            q,
+            k,
+            v,
+            beta,
+            eta,
+            lam,
+            initial_state,
+            initial_precond,
+            scale,
+            output_final_state,
+            cu_seqlens,
+            use_qk_l2norm_in_kernel,
+            N,
         )
         return o, S, d
     return run_padded(
-        _fused_recurrent_osdn_torch, q, k, v, beta, eta, lam, scale, initial_state, initial_precond,
-        output_final_state, cu_seqlens, use_qk_l2norm_in_kernel,
+        _fused_recurrent_osdn_torch,
+        q,
+        k,
+        v,
+        beta,
+        eta,
+        lam,
+        scale,
+        initial_state,
+        initial_precond,
+        output_final_state,
+        cu_seqlens,
+        use_qk_l2norm_in_kernel,
     )

@@ -54,7 +54,9 @@ def check_inputs(
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"`q`, `k`, `v` must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM or K < 1 or V < 1:
-        raise ValueError(f"head dims must be in [1, {MAX_HEAD_DIM}], got K={K} (q {_shape(q)}) and V={V} (v {_shape(v)})")
+        raise ValueError(
+            f"head dims must be in [1, {MAX_HEAD_DIM}], got K={K} (q {_shape(q)}) and V={V} (v {_shape(v)})"
+        )
     for name, x in (("k", k), ("v", v), ("beta", beta), ("eta", eta), ("lam", lam)):
         if x.device != q.device:
             raise ValueError(f"`{name}` is on {x.device} but `q` is on {q.device}")
@@ -65,7 +67,8 @@ def check_inputs(
     if cu_seqlens is not None:
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(
-                f"`cu_seqlens` must be a 1-D int64 tensor [N+1], got shape {_shape(cu_seqlens)} and dtype {cu_seqlens.dtype}"
+                f"`cu_seqlens` must be a 1-D int64 tensor [N+1], "
+                f"got shape {_shape(cu_seqlens)} and dtype {cu_seqlens.dtype}"
             )
         if B != 1:
             raise ValueError(f"`cu_seqlens` needs packed input with B = 1, got q of shape {_shape(q)}")
