@@ -150,3 +150,49 @@ def test_lora_adapter_trains_saves_and_reloads(tmp_path):
     reloaded = peft.PeftModel.from_pretrained(tiny_model(), tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+
+
+def test_accelerate_launch_two_processes(tmp_path, corpus):
+    """DDP through `accelerate launch` (two CPU processes, gloo): one tokenizer, one saved model."""
+    import shutil
+    import subprocess
+
+    launcher = shutil.which("accelerate")
+    if launcher is None:
+        pytest.skip("the accelerate command is not on PATH (it comes with the accelerate package)")
+    out = tmp_path / "ddp"
+    cmd = [
+        launcher,
+        "launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "scripts" / "train.py"),
+        "--config",
+        str(REPO / "configs" / "osdn-tiny"),
+        "--data",
+        *corpus,
+        "--output-dir",
+        str(out),
+        "--block-size",
+        "64",
+        "--max-steps",
+        "4",
+        "--save-steps",
+        "4",
+        "--vocab-size",
+        "400",
+        "--batch-size",
+        "4",
+        "--packing",
+        "varlen",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "final" / "model.safetensors").exists() and (out / "tokenizer" / "tokenizer.json").exists()

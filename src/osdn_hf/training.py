@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset, load_dataset
 from transformers import (
     AutoConfig,
@@ -152,7 +153,15 @@ def main(argv: list[str] | None = None) -> dict:
     if tokenizer_dir:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:
-        tokenizer = train_bpe_tokenizer(texts, vocab_size=args.vocab_size)
+        # Trained once, by the main process, and saved: other processes (accelerate launch) and
+        # later --resume runs load that one, so every rank and run shares one vocabulary.
+        trained = out / "tokenizer"
+        with PartialState().main_process_first():
+            if trained.exists():
+                tokenizer = AutoTokenizer.from_pretrained(trained)
+            else:
+                tokenizer = train_bpe_tokenizer(texts, vocab_size=args.vocab_size)
+                tokenizer.save_pretrained(trained)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token, which packing puts between documents")
     if tokenizer.pad_token is None:
