@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -243,8 +244,9 @@ def main(argv=None) -> dict:
     result.update(
         device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__,
+        transformers=__import__("transformers").__version__,
         commit=args.commit,
-        command="python scripts/mqar.py " + " ".join(argv or []),
+        command="python scripts/mqar.py " + " ".join(sys.argv[1:] if argv is None else argv),
     )
     done = {(r["model"], r["d_model"], r["seq_len"], r["num_pairs"], r["lr"], r["seed"]) for r in result["rows"]}
     settings = [tuple(int(x) for x in s.split(":")) for s in args.settings]
