@@ -82,8 +82,13 @@ def main(argv=None):
     config = AutoConfig.from_pretrained(args.config)
     texts = shakespeare_texts()
     tokenizer = train_bpe_tokenizer(texts, vocab_size=config.vocab_size)
-    config.update(dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id))
+    config.update(
+        dict(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     blocks = pack_blocks(tokenizer("\n".join(texts))["input_ids"], args.seq)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(device)
@@ -102,19 +107,38 @@ def main(argv=None):
     # 2. fine-tuning steps with the Trainer
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(
-            output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=6e-4,
-            warmup_steps=max(args.steps // 10, 1), lr_scheduler_type="cosine", bf16=device == "cuda",
-            gradient_checkpointing=True, logging_steps=max(args.steps // 20, 1), save_strategy="no", report_to=[],
-            use_cpu=device == "cpu", dataloader_num_workers=0,
+            output_dir=tmp,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch,
+            learning_rate=6e-4,
+            warmup_steps=max(args.steps // 10, 1),
+            lr_scheduler_type="cosine",
+            bf16=device == "cuda",
+            gradient_checkpointing=True,
+            logging_steps=max(args.steps // 20, 1),
+            save_strategy="no",
+            report_to=[],
+            use_cpu=device == "cpu",
+            dataloader_num_workers=0,
         )
         data = [{"input_ids": row} for row in blocks.tolist()]  # no `datasets` needed on the GPU machine
         start = time.time()
-        trainer = Trainer(model=model, args=targs, train_dataset=data,
-                          data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+        trainer = Trainer(
+            model=model,
+            args=targs,
+            train_dataset=data,
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        )
         trainer.train()
         losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-        result["trainer"] = {"steps": args.steps, "batch": args.batch, "seq": args.seq, "seconds": time.time() - start,
-                             "losses": losses, "loss_falls": losses[-1][1] < losses[0][1]}
+        result["trainer"] = {
+            "steps": args.steps,
+            "batch": args.batch,
+            "seq": args.seq,
+            "seconds": time.time() - start,
+            "losses": losses,
+            "loss_falls": losses[-1][1] < losses[0][1],
+        }
         save()
 
     # 3. generate 128 tokens, 4. save and reload
@@ -123,8 +147,11 @@ def main(argv=None):
     prompt = tokenizer("ROMEO:", return_tensors="pt").to(device)
     start = time.time()
     gen = model.generate(**prompt, max_new_tokens=128, min_new_tokens=128, do_sample=False)
-    result["generate"] = {"new_tokens": gen.shape[1] - prompt["input_ids"].shape[1], "seconds": time.time() - start,
-                          "text": tokenizer.decode(gen[0])[:400]}
+    result["generate"] = {
+        "new_tokens": gen.shape[1] - prompt["input_ids"].shape[1],
+        "seconds": time.time() - start,
+        "text": tokenizer.decode(gen[0])[:400],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype).to(device).eval()
@@ -146,14 +173,22 @@ def main(argv=None):
         result["throughput_osdn"] = train_throughput(ours, args.batch, args.seq, args.throughput_steps, device)
         del ours
         torch.cuda.empty_cache()
-        fla_config = DeltaNetConfig(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-                                    num_heads=config.num_heads, intermediate_size=config.intermediate_size,
-                                    vocab_size=config.vocab_size, tie_word_embeddings=False)
+        fla_config = DeltaNetConfig(
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_heads=config.num_heads,
+            intermediate_size=config.intermediate_size,
+            vocab_size=config.vocab_size,
+            tie_word_embeddings=False,
+        )
         peer = DeltaNetForCausalLM(fla_config).to(device)
         peer.gradient_checkpointing_enable()
         result["throughput_fla_deltanet"] = train_throughput(peer, args.batch, args.seq, args.throughput_steps, device)
         o, f = result["throughput_osdn"], result["throughput_fla_deltanet"]
-        result["ratios"] = {"tokens_per_s": o["tokens_per_s"] / f["tokens_per_s"], "peak_memory": o["peak_mib"] / f["peak_mib"]}
+        result["ratios"] = {
+            "tokens_per_s": o["tokens_per_s"] / f["tokens_per_s"],
+            "peak_memory": o["peak_mib"] / f["peak_mib"],
+        }
     save()
     print(json.dumps({k: v for k, v in result.items() if k != "trainer"}, indent=1))
     print("trainer losses:", result["trainer"]["losses"])
