@@ -90,6 +90,34 @@ def main(argv=None):
         )
     )
     blocks = pack_blocks(tokenizer("\n".join(texts))["input_ids"], args.seq)
+    # 0. throughput and memory against fla's DeltaNet of the same shapes (gradient checkpointing on both)
+    if device == "cuda":
+        from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+
+        torch.manual_seed(0)
+        ours = AutoModelForCausalLM.from_config(config).to(device)
+        ours.gradient_checkpointing_enable()
+        result["throughput_osdn"] = train_throughput(ours, args.batch, args.seq, args.throughput_steps, device)
+        del ours
+        torch.cuda.empty_cache()
+        fla_config = DeltaNetConfig(
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_heads=config.num_heads,
+            intermediate_size=config.intermediate_size,
+            vocab_size=config.vocab_size,
+            tie_word_embeddings=False,
+        )
+        peer = DeltaNetForCausalLM(fla_config).to(device)
+        peer.gradient_checkpointing_enable()
+        result["throughput_fla_deltanet"] = train_throughput(peer, args.batch, args.seq, args.throughput_steps, device)
+        o, f = result["throughput_osdn"], result["throughput_fla_deltanet"]
+        result["ratios"] = {
+            "tokens_per_s": o["tokens_per_s"] / f["tokens_per_s"],
+            "peak_memory": o["peak_mib"] / f["peak_mib"],
+        }
+    save()
+
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(device)
     result["parameters"] = sum(p.numel() for p in model.parameters())
@@ -159,36 +187,6 @@ def main(argv=None):
             a, b = model(ids[:1, :256]).logits, reloaded(ids[:1, :256]).logits
         result["save_reload"] = {"dtype": str(model.dtype), "identical_logits": bool(torch.equal(a, b))}
     save()
-    del model, reloaded, trainer
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-    # 5. throughput and memory against fla's DeltaNet of the same shapes (gradient checkpointing on both)
-    if device == "cuda":
-        from fla.models import DeltaNetConfig, DeltaNetForCausalLM
-
-        torch.manual_seed(0)
-        ours = AutoModelForCausalLM.from_config(config).to(device)
-        ours.gradient_checkpointing_enable()
-        result["throughput_osdn"] = train_throughput(ours, args.batch, args.seq, args.throughput_steps, device)
-        del ours
-        torch.cuda.empty_cache()
-        fla_config = DeltaNetConfig(
-            hidden_size=config.hidden_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_heads=config.num_heads,
-            intermediate_size=config.intermediate_size,
-            vocab_size=config.vocab_size,
-            tie_word_embeddings=False,
-        )
-        peer = DeltaNetForCausalLM(fla_config).to(device)
-        peer.gradient_checkpointing_enable()
-        result["throughput_fla_deltanet"] = train_throughput(peer, args.batch, args.seq, args.throughput_steps, device)
-        o, f = result["throughput_osdn"], result["throughput_fla_deltanet"]
-        result["ratios"] = {
-            "tokens_per_s": o["tokens_per_s"] / f["tokens_per_s"],
-            "peak_memory": o["peak_mib"] / f["peak_mib"],
-        }
     save()
     print(json.dumps({k: v for k, v in result.items() if k != "trainer"}, indent=1))
     print("trainer losses:", result["trainer"]["losses"])
