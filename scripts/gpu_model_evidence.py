@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 import osdn_hf  # noqa: F401  registers the Auto classes
@@ -170,6 +171,9 @@ def main(argv=None):
         save()
 
     # 3. generate 128 tokens, 4. save and reload
+    # Trainer(bf16=True) leaves accelerate's autocast wrapper on model.forward; unwrap it, or the
+    # trained model would run under autocast and return fp32 logits while its reload does not.
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
     model.eval()
     model.to(torch.bfloat16 if device == "cuda" else torch.float32)
     prompt = tokenizer("ROMEO:", return_tensors="pt").to(device)
