@@ -72,6 +72,7 @@ def main(argv=None):
         device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__,
         transformers=__import__("transformers").__version__,
+        triton=__import__("triton").__version__ if device == "cuda" else None,
         commit=args.commit,
         command="python scripts/gpu_model_evidence.py " + " ".join(sys.argv[1:] if argv is None else argv),
     )

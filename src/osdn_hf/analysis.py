@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .ops.osdn.chunk import chunk_osdn
+from .ops.osdn.fused_recurrent import precond_step
 from .ops.osdn.utils import l2norm
 
 
@@ -67,10 +68,8 @@ def _layer_residuals(block, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
     d = torch.ones_like(k[:, 0])  # (B, H, K)
     write = []
-    for t in range(k.shape[1]):  # phase 1 of SPEC section 2, with the realised factor
-        u = k[:, t] * k[:, t]
-        b, e, lam_t = beta[:, t, :, None], eta[:, t, :, None], lam[:, t, :, None]
-        rho = 1 - b * (d * u).sum(-1, keepdim=True)
-        d = lam_t * (d + e * b * rho * u) + (1 - lam_t)
-        write.append((1 - b[..., 0] * (d * u).sum(-1)).abs())  # (B, H)
+    for t in range(k.shape[1]):  # phase 1 of SPEC section 2, then the realised factor
+        b = beta[:, t, :, None]
+        d = precond_step(k[:, t], b, eta[:, t, :, None], lam[:, t, :, None], d)
+        write.append((1 - b[..., 0] * (d * k[:, t] * k[:, t]).sum(-1)).abs())  # (B, H)
     return recall, torch.stack(write, dim=1)

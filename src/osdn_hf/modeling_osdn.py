@@ -36,9 +36,6 @@ class OSDNLayerCache:
         self.precond_state: torch.Tensor | None = None
         self.conv_state: tuple[torch.Tensor, ...] | None = None
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [] if self.recurrent_state is None else [self.recurrent_state, self.precond_state, *self.conv_state]
-
     def _map(self, fn) -> None:
         if self.recurrent_state is not None:
             self.recurrent_state, self.precond_state = fn(self.recurrent_state), fn(self.precond_state)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .analysis import recall_residual
 from .configuration_osdn import OSDNConfig
 from .modeling_osdn import OSDNForCausalLM
+from .ops.osdn.chunk_scan import HAS_TRITON
 
 MODELS = {
     "osdn": dict(preconditioner="osdn", use_apf=True),
@@ -245,6 +246,7 @@ def main(argv=None) -> dict:
         device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__,
         transformers=__import__("transformers").__version__,
+        triton=__import__("triton").__version__ if HAS_TRITON else None,
         commit=args.commit,
         command="python scripts/mqar.py " + " ".join(sys.argv[1:] if argv is None else argv),
     )

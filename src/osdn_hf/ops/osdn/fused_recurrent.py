@@ -221,6 +221,13 @@ class FusedRecurrentOSDNFunction(torch.autograd.Function):
         return (*(next(grads) if x is not None else None for x in inputs), None, None, None, None, None)
 
 
+def precond_step(k_t, b_t, e_t, l_t, d: torch.Tensor) -> torch.Tensor:
+    """Phase 1 of SPEC section 2 for one token: k_t, d: [B, H, K]; b_t, e_t, l_t: [B, H, 1]."""
+    u_t = k_t * k_t
+    rho_t = 1 - b_t * (d * u_t).sum(-1, keepdim=True)
+    return l_t * (d + e_t * b_t * rho_t * u_t) + (1 - l_t)
+
+
 def osdn_step(q_t, k_t, v_t, b_t, e_t, l_t, scale: float, S: torch.Tensor, d: torch.Tensor):
     """One token of SPEC section 2 for a batch of heads.
 
@@ -228,9 +235,7 @@ def osdn_step(q_t, k_t, v_t, b_t, e_t, l_t, scale: float, S: torch.Tensor, d: to
     Returns (o_t [B, H, V], S, d).
     """
     b_t, e_t, l_t = b_t[..., None], e_t[..., None], l_t[..., None]  # (B, H, 1)
-    u_t = k_t * k_t
-    rho_t = 1 - b_t * (d * u_t).sum(-1, keepdim=True)
-    d = l_t * (d + e_t * b_t * rho_t * u_t) + (1 - l_t)
+    d = precond_step(k_t, b_t, e_t, l_t, d)
     err = v_t - (k_t[..., None] * S).sum(-2)  # (B, H, V)
     S = S + (b_t * d * k_t)[..., None] * err[..., None, :]
     o_t = scale * (q_t[..., None] * S).sum(-2)

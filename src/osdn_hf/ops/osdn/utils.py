@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from .chunk_scan import HAS_TRITON
+
 # The Triton kernels (issue 3) keep a K x V state tile in SRAM; 256 is the largest head
 # dimension they tile, so the torch path enforces the same limit to keep the API identical.
 MAX_HEAD_DIM = 256
@@ -169,8 +171,6 @@ FORCE_TRITON_ENV = "OSDN_FORCE_TRITON"
 
 def use_triton(x: torch.Tensor) -> bool:
     """The one place that picks the Triton kernels (CUDA tensors) or the pure-torch path."""
-    from .chunk_scan import HAS_TRITON
-
     return HAS_TRITON and (x.is_cuda or os.environ.get(FORCE_TRITON_ENV) == "1")
 
 
