@@ -129,3 +129,23 @@ def test_sweep_writes_rows_and_plot_and_resumes(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
     main(args)  # everything is done: nothing is trained twice
     assert len(json.loads(out.read_text())["rows"]) == 2
+
+
+def test_sweep_splits_over_workers_and_merges(tmp_path):
+    """Two worker processes share the runs; the merged file holds each run once, and a rerun adds none."""
+    out = tmp_path / "mqar.json"
+    args = ["--out", str(out), "--models", "osdn", "deltanet", "--d-models", "32", "--settings", "64:8"]
+    args += ["--lrs", "3e-3", "1e-2", "--steps", "2", "--batch-size", "4", "--vocab-size", "64", "--eval-every", "2"]
+    main([*args, "--workers", "2"])
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["model"], r["lr"]) for r in rows) == [
+        ("deltanet", 3e-3),
+        ("deltanet", 1e-2),
+        ("osdn", 3e-3),
+        ("osdn", 1e-2),
+    ]
+    assert not list(tmp_path.glob("*.worker*.json"))
+    main([*args, "--workers", "2"])
+    assert len(json.loads(out.read_text())["rows"]) == 4
+    main([*args, "--steps", "3", "--deadline", "0"])  # a run cut short by the deadline is not recorded
+    assert len(json.loads(out.read_text())["rows"]) == 4

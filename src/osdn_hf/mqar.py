@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -111,8 +113,13 @@ def train_one(
     eval_every: int,
     device: str,
     progress: bool = True,
-) -> dict:
-    """Train one model on fresh MQAR batches; return its final accuracy, curve and residuals."""
+    deadline: float | None = None,
+) -> dict | None:
+    """Train one model on fresh MQAR batches; return its final accuracy, curve and residuals.
+
+    Returns None, recording nothing, if the clock passes `deadline` (a `time.time()` value)
+    before the run ends: an unfinished run is not a result.
+    """
     gen = torch.Generator().manual_seed(seed)
     eval_gen = torch.Generator().manual_seed(10_000 + seed)
     model = build_model(name, d_model, vocab_size, num_heads, seed).to(device)
@@ -131,6 +138,9 @@ def train_one(
     curve, start = [], time.time()
     bar = tqdm(range(1, steps + 1), desc=f"{name} d={d_model} L={seq_len} lr={lr:g}", disable=not progress, leave=False)
     for step in bar:
+        if deadline is not None and time.time() > deadline:
+            bar.close()
+            return None
         input_ids, labels, _ = to(mqar_batch(batch_size, seq_len, num_pairs, vocab_size, gen))
         with autocast:
             loss = model(input_ids, labels=labels, use_cache=False).loss
@@ -230,13 +240,72 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--commit", default="unknown")
     p.add_argument("--time-budget", type=float, default=None, help="stop starting new runs after this many seconds")
+    p.add_argument(
+        "--deadline", type=float, default=None, help="abandon (do not record) a run still going after this many seconds"
+    )
+    p.add_argument(
+        "--workers", type=int, default=1, help="training processes, spread round-robin over the visible GPUs"
+    )
+    p.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "i/n": the i-th of n workers' share of runs
     p.add_argument("--plot-only", action="store_true", help="only draw the PNG of --out")
     return p.parse_args(argv)
+
+
+def run_workers(args, argv) -> dict:
+    """Split the sweep over `--workers` processes (round-robin over GPUs), then merge their rows."""
+    out = Path(args.out)
+    gpus = max(torch.cuda.device_count(), 1)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    i = argv.index("--workers")
+    base = argv[:i] + argv[i + 2 :]
+    procs, shards = [], []
+    for w in range(args.workers):
+        shard = out.with_name(f"{out.stem}.worker{w}.json")
+        if out.exists() and not shard.exists():
+            shard.write_text(out.read_text())  # the rows done so far, so no worker repeats them
+        shards.append(shard)
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(w % gpus)) if torch.cuda.is_available() else None
+        cmd = [sys.executable, "-m", "osdn_hf.mqar", *base, "--out", str(shard), "--shard", f"{w}/{args.workers}"]
+        procs.append(subprocess.Popen(cmd, env=env))
+    codes = [p.wait() for p in procs]
+    result = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    keys = {_key(r) for r in result["rows"]}
+    for shard in shards:
+        if shard.exists():
+            part = json.loads(shard.read_text())
+            result.update({k: v for k, v in part.items() if k != "rows"})
+            for r in part["rows"]:
+                if _key(r) not in keys:
+                    keys.add(_key(r))
+                    result["rows"].append(r)
+            shard.unlink()
+    result["command"] = "python scripts/mqar.py " + " ".join(argv)
+    if result["rows"]:
+        out.write_text(json.dumps(result, indent=1))
+        plot(result, out.with_suffix(".png"))
+    if any(codes):
+        raise RuntimeError(f"MQAR workers exited with codes {codes}")
+    return result
+
+
+def _key(row: dict) -> tuple:
+    return (
+        row["model"],
+        row["d_model"],
+        row["seq_len"],
+        row["num_pairs"],
+        row["lr"],
+        row["seed"],
+        row["vocab_size"],
+        row["steps"],
+    )
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
+    if args.workers > 1 and not args.plot_only:
+        return run_workers(args, argv)
     if args.plot_only:
         plot(json.loads(out.read_text()), out.with_suffix(".png"))
         return json.loads(out.read_text())
@@ -250,7 +319,7 @@ def main(argv=None) -> dict:
         commit=args.commit,
         command="python scripts/mqar.py " + " ".join(sys.argv[1:] if argv is None else argv),
     )
-    done = {(r["model"], r["d_model"], r["seq_len"], r["num_pairs"], r["lr"], r["seed"]) for r in result["rows"]}
+    done = {_key(r) for r in result["rows"]}
     settings = [tuple(int(x) for x in s.split(":")) for s in args.settings]
     plan = [
         (L, P, d, lr, m)
@@ -258,9 +327,13 @@ def main(argv=None) -> dict:
         for d in args.d_models
         for lr in args.lrs
         for m in args.models
-        if (m, d, L, P, lr, args.seed) not in done
+        if (m, d, L, P, lr, args.seed, args.vocab_size, args.steps) not in done
     ]
+    if args.shard:
+        i, n = (int(x) for x in args.shard.split("/"))
+        plan = plan[i::n]
     start = time.time()
+    deadline = None if args.deadline is None else start + args.deadline
     for L, P, d, lr, m in tqdm(plan, desc="MQAR sweep"):
         if args.time_budget is not None and time.time() - start > args.time_budget:
             print(f"time budget reached: {len(plan)} planned, stopping; rerun to continue where this stopped")
@@ -278,7 +351,12 @@ def main(argv=None) -> dict:
             args.seed,
             args.eval_every,
             device,
+            progress=args.shard is None,
+            deadline=deadline,
         )
+        if row is None:
+            print(f"deadline reached during {m} d={d} L={L} lr={lr:g}: not recorded; rerun to continue")
+            break
         result["rows"].append(row)
         out.write_text(json.dumps(result, indent=1))  # partial results survive an interrupted sweep
         print(
@@ -290,3 +368,7 @@ def main(argv=None) -> dict:
         out.write_text(json.dumps(result, indent=1))
         plot(result, out.with_suffix(".png"))
     return result
+
+
+if __name__ == "__main__":
+    main()
