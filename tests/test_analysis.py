@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from osdn_hf.analysis import recall_residual
-from osdn_hf.mqar import build_model, main, mqar_batch, train_one
+from osdn_hf.mqar import answer_loss, build_model, main, mqar_batch, train_one
 from osdn_hf.ops import naive_recurrent_osdn
 from osdn_hf.ops.osdn.utils import l2norm
 
@@ -77,6 +77,8 @@ def test_mqar_loss_scores_only_the_answers():
     expected = torch.nn.functional.cross_entropy(out.logits[query], ids.roll(-1, 1)[query])
     torch.testing.assert_close(out.loss, expected)
     assert (ids[query] < 32).all()  # the positions scored hold keys
+    # what the sweep trains on: logits at the query positions only, the same loss
+    torch.testing.assert_close(answer_loss(model, ids, labels), out.loss)
 
 
 def test_train_one_runs_and_reports():

@@ -83,18 +83,35 @@ def build_model(
     return OSDNForCausalLM(config)
 
 
+def answer_logits(model: OSDNForCausalLM, input_ids: torch.Tensor, labels: torch.Tensor):
+    """Logits at the query positions only, and the answers they must predict.
+
+    The same numbers as `model(input_ids, labels=labels)` scores (HF shift: the prediction at
+    `t` is of token `t + 1`), without the `[B, T, vocab]` logits of every other position, which
+    at seq 2048 and vocabulary 8192 would take tens of GB for nothing.
+    """
+    query = torch.zeros_like(labels, dtype=torch.bool)
+    query[:, :-1] = labels[:, 1:] != -100
+    hidden = model.model(input_ids, use_cache=False).last_hidden_state
+    return model.lm_head(hidden[query]), labels.roll(-1, 1)[query]
+
+
+def answer_loss(model: OSDNForCausalLM, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the answers: equal to the model's own loss with these labels."""
+    logits, targets = answer_logits(model, input_ids, labels)
+    return torch.nn.functional.cross_entropy(logits.float(), targets)
+
+
 @torch.no_grad()
 def evaluate(model, batches) -> tuple[float, float]:
     model.eval()
     correct = total = 0
     loss = 0.0
     for input_ids, labels, _ in batches:
-        out = model(input_ids, labels=labels, use_cache=False)
-        targets = labels[:, 1:]  # the prediction at t is of token t + 1, as in the loss
-        answer = targets != -100
-        correct += (out.logits[:, :-1].argmax(-1)[answer] == targets[answer]).sum().item()
-        total += answer.sum().item()
-        loss += out.loss.item()
+        logits, targets = answer_logits(model, input_ids, labels)
+        correct += (logits.argmax(-1) == targets).sum().item()
+        total += targets.numel()
+        loss += torch.nn.functional.cross_entropy(logits.float(), targets).item()
     model.train()
     return correct / total, loss / len(batches)
 
@@ -143,7 +160,7 @@ def train_one(
             return None
         input_ids, labels, _ = to(mqar_batch(batch_size, seq_len, num_pairs, vocab_size, gen))
         with autocast:
-            loss = model(input_ids, labels=labels, use_cache=False).loss
+            loss = answer_loss(model, input_ids, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -254,7 +271,8 @@ def parse_args(argv=None):
 def run_workers(args, argv) -> dict:
     """Split the sweep over `--workers` processes (round-robin over GPUs), then merge their rows."""
     out = Path(args.out)
-    gpus = max(torch.cuda.device_count(), 1)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
     argv = list(sys.argv[1:] if argv is None else argv)
     i = argv.index("--workers")
     base = argv[:i] + argv[i + 2 :]
@@ -264,7 +282,7 @@ def run_workers(args, argv) -> dict:
         if out.exists() and not shard.exists():
             shard.write_text(out.read_text())  # the rows done so far, so no worker repeats them
         shards.append(shard)
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(w % gpus)) if torch.cuda.is_available() else None
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus[w % len(gpus)]) if gpus else None
         cmd = [sys.executable, "-m", "osdn_hf.mqar", *base, "--out", str(shard), "--shard", f"{w}/{args.workers}"]
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
@@ -366,7 +384,8 @@ def main(argv=None) -> dict:
         )
     if result["rows"]:
         out.write_text(json.dumps(result, indent=1))
-        plot(result, out.with_suffix(".png"))
+        if args.shard is None:  # a worker's share is plotted once merged
+            plot(result, out.with_suffix(".png"))
     return result
 
 
