@@ -13,6 +13,7 @@ With `--config configs/osdn-tiny` it runs on CPU as a dry run (no fla comparison
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import sys
@@ -78,9 +79,15 @@ def main(argv=None):
     )
     out = Path(args.out)
 
+    t0 = time.time()
+
+    def stage(name):  # a line per stage, so a run cut short shows where
+        print(f"[{time.time() - t0:7.1f} s] {name}", file=sys.stderr, flush=True)
+
     def save():
         out.write_text(json.dumps(result, indent=1))
 
+    stage("tokenizer")
     config = AutoConfig.from_pretrained(args.config)
     texts = shakespeare_texts()
     tokenizer = train_bpe_tokenizer(texts, vocab_size=config.vocab_size)
@@ -92,39 +99,14 @@ def main(argv=None):
         )
     )
     blocks = pack_blocks(tokenizer("\n".join(texts))["input_ids"], args.seq)
-    # 0. throughput and memory against fla's DeltaNet of the same shapes (gradient checkpointing on both)
-    if device == "cuda":
-        from fla.models import DeltaNetConfig, DeltaNetForCausalLM
-
-        torch.manual_seed(0)
-        ours = AutoModelForCausalLM.from_config(config).to(device)
-        ours.gradient_checkpointing_enable()
-        result["throughput_osdn"] = train_throughput(ours, args.batch, args.seq, args.throughput_steps, device)
-        del ours
-        torch.cuda.empty_cache()
-        fla_config = DeltaNetConfig(
-            hidden_size=config.hidden_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_heads=config.num_heads,
-            intermediate_size=config.intermediate_size,
-            vocab_size=config.vocab_size,
-            tie_word_embeddings=False,
-        )
-        peer = DeltaNetForCausalLM(fla_config).to(device)
-        peer.gradient_checkpointing_enable()
-        result["throughput_fla_deltanet"] = train_throughput(peer, args.batch, args.seq, args.throughput_steps, device)
-        o, f = result["throughput_osdn"], result["throughput_fla_deltanet"]
-        result["ratios"] = {
-            "tokens_per_s": o["tokens_per_s"] / f["tokens_per_s"],
-            "peak_memory": o["peak_mib"] / f["peak_mib"],
-        }
-    save()
-
+    stage("build")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).to(device)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config)
     result["parameters"] = sum(p.numel() for p in model.parameters())
 
     # 1. one bf16 forward+backward
+    stage("forward+backward")
     ids = blocks[: args.batch].to(device)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
         loss = model(input_ids=ids, labels=ids).loss
@@ -135,6 +117,7 @@ def main(argv=None):
     save()
 
     # 2. fine-tuning steps with the Trainer
+    stage("Trainer")
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(
             output_dir=tmp,
@@ -172,6 +155,7 @@ def main(argv=None):
         save()
 
     # 3. generate 128 tokens, 4. save and reload
+    stage("generate, save and reload")
     # Trainer(bf16=True) leaves accelerate's autocast wrapper on model.forward; unwrap it, or the
     # trained model would run under autocast and return fp32 logits while its reload does not.
     model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
@@ -192,7 +176,43 @@ def main(argv=None):
             a, b = model(ids[:1, :256]).logits, reloaded(ids[:1, :256]).logits
         result["save_reload"] = {"dtype": str(model.dtype), "identical_logits": bool(torch.equal(a, b))}
     save()
+    # the throughput figures count peak memory from here: nothing of the run above may stay
+    del model, reloaded, trainer, a, b
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    # 5. throughput and memory against fla's DeltaNet of the same shapes (gradient checkpointing on both)
+    stage("throughput")
+    if device == "cuda":
+        from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+
+        torch.manual_seed(0)
+        with torch.device(device):  # built where it runs: a 1.3B init on the CPU takes minutes
+            ours = AutoModelForCausalLM.from_config(config)
+        ours.gradient_checkpointing_enable()
+        result["throughput_osdn"] = train_throughput(ours, args.batch, args.seq, args.throughput_steps, device)
+        del ours
+        torch.cuda.empty_cache()
+        fla_config = DeltaNetConfig(
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_heads=config.num_heads,
+            intermediate_size=config.intermediate_size,
+            vocab_size=config.vocab_size,
+            tie_word_embeddings=False,
+        )
+        with torch.device(device):
+            peer = DeltaNetForCausalLM(fla_config)
+        peer.gradient_checkpointing_enable()
+        result["throughput_fla_deltanet"] = train_throughput(peer, args.batch, args.seq, args.throughput_steps, device)
+        o, f = result["throughput_osdn"], result["throughput_fla_deltanet"]
+        result["ratios"] = {
+            "tokens_per_s": o["tokens_per_s"] / f["tokens_per_s"],
+            "peak_memory": o["peak_mib"] / f["peak_mib"],
+        }
     save()
+
     print(json.dumps({k: v for k, v in result.items() if k != "trainer"}, indent=1))
     print("trainer losses:", result["trainer"]["losses"])
 

@@ -229,7 +229,12 @@ def main(argv: list[str] | None = None) -> dict:
     final = out / "final"
     trainer.save_model(str(final))
     tokenizer.save_pretrained(final)
-    plot_losses(trainer.state.log_history, out / "loss.png")
-    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    print(f"eval loss {metrics['eval_loss']:.4f}; model in {final}, loss plot in {out / 'loss.png'}")
+    state = PartialState()
+    if state.is_main_process:
+        plot_losses(trainer.state.log_history, out / "loss.png")
+        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        print(f"eval loss {metrics['eval_loss']:.4f}; model in {final}, loss plot in {out / 'loss.png'}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        state.wait_for_everyone()
+        torch.distributed.destroy_process_group()  # or NCCL may hold the launcher at exit
     return {"eval_loss": metrics["eval_loss"], "log_history": trainer.state.log_history, "final": str(final)}
