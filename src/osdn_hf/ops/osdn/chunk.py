@@ -19,6 +19,7 @@ from functools import partial
 
 import torch
 
+from .chunk_fused import chunk_osdn_fused
 from .chunk_scan import precond_scan, state_scan
 from .utils import dot_precision, run_padded, use_triton
 
@@ -142,8 +143,11 @@ def _chunk_osdn_core(q, k, v, beta, eta, lam, scale, S0, d0, use_triton=False, p
     qc, kc, vc = (_to_chunks(x, chunk_size) for x in (q, k, v))
     bc, ec = _to_chunks(beta, chunk_size), _to_chunks(eta, chunk_size)
     lc = _to_chunks(lam, chunk_size, fill=1.0)
-    D, d = chunk_precondition(kc, bc, ec, lc, d0, use_triton)
-    o, S = chunk_delta_rule_asym(qc, kc, D * kc, vc, bc, scale, S0, use_triton, precision)
+    if use_triton:
+        o, S, d = chunk_osdn_fused(qc, kc, vc, bc, ec, lc, scale, S0, d0, precision)
+    else:
+        D, d = chunk_precondition(kc, bc, ec, lc, d0, use_triton)
+        o, S = chunk_delta_rule_asym(qc, kc, D * kc, vc, bc, scale, S0, use_triton, precision)
     return _from_chunks(o, T), S, d
 
 

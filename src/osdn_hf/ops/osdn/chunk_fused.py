@@ -1,0 +1,544 @@
+"""Fused Triton kernels for `chunk_osdn`: both phases, forward and backward.
+
+The chunked algebra of `chunk.py` (README.md has the derivation), with every intra-chunk
+step done per chunk in one program that keeps its `C x C` matrices in registers, so no
+`[B, H, NC, C, C]` temporary, mask or exp ever reaches memory except the inverse that the
+backward pass reuses. The two chunk-to-chunk recurrences are the scans of `chunk_scan.py`.
+
+Layout: every tensor is float32 and chunked, `[B, H, NC, C, *]` contiguous, so row `t` of
+chunk `i_c = (b * H + h) * NC + n` starts at `(i_c * C + t) * D`.
+
+Phase 1 (`Precondition`): `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`
+    forward:  `pre_intra_fwd` (L, (I + L)^{-1}, Y, dm, p, Gc) -> precond scan -> `pre_out_fwd` (E, W)
+    backward: `pre_out_bwd` -> precond scan backward -> `pre_intra_bwd`
+Phase 2 (`DeltaRuleAsym`): `(q, k, w, v, beta, S0) -> (O, S_final)`
+    forward:  `wy_fwd` (A, T = A^{-1}, Ub, Kb) -> state scan -> `out_fwd` (O)
+    backward: `out_bwd` (dQ, dW, dU) -> state scan backward (adds Q^T dO itself) -> `wy_bwd`
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .chunk_scan import HAS_TRITON, _block_sizes, precond_scan_bwd_kernel, precond_scan_fwd_kernel
+from .chunk_scan import state_scan_bwd_kernel, state_scan_fwd_kernel
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+LAM_MIN = 1e-30  # as chunk.LAM_MIN: log(lam) stays finite for lam = 0
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _unit_lower_inverse(b_a, o_c, C: tl.constexpr):
+        """(I + A)^{-1} of a strictly lower triangular [C, C] `b_a`, by forward substitution.
+
+        Row i of the inverse's strictly lower part is `-A_i - sum_{j<i} A_ij (T_j - e_j)`,
+        built from the rows above it, which are already final.
+        """
+        b_t = -b_a
+        for i in range(1, C):
+            m_i = o_c == i
+            b_r = tl.sum(tl.where(m_i[:, None], b_t, 0.0), 0)  # [C] row i, so far -A_i
+            b_r = b_r + tl.sum(b_r[:, None] * b_t, 0) * (o_c < i)
+            b_t = tl.where(m_i[:, None], b_r[None, :], b_t)
+        return b_t + (o_c[:, None] == o_c[None, :]).to(tl.float32)
+
+    # ---------------------------------------------------------------- phase 2 forward
+
+    @triton.jit
+    def wy_fwd_kernel(
+        k, w, v, beta, tinv, ub, kb,
+        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """T = (I + tril(diag(b) K W^T, -1))^{-1}, Ub = T diag(b) V, Kb = T diag(b) K; one chunk per program."""
+        i_c = tl.program_id(0).to(tl.int64)
+        o_c = tl.arange(0, C)
+        o_t = i_c * C + o_c
+        b_b = tl.load(beta + o_t)
+        b_a = tl.zeros([C, C], dtype=tl.float32)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m = o_k[None, :] < K
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_a += tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
+        b_a = tl.where(o_c[:, None] > o_c[None, :], b_a * b_b[:, None], 0.0)
+        b_t = _unit_lower_inverse(b_a, o_c, C)
+        tl.store(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :], b_t)
+        for i_v in tl.static_range(0, V, BV):
+            o_v = i_v + tl.arange(0, BV)
+            m = o_v[None, :] < V
+            b_v = tl.load(v + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_ub = tl.dot(b_t, b_v * b_b[:, None], input_precision=PRECISION)
+            tl.store(ub + o_t[:, None] * V + o_v[None, :], b_ub, mask=m)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m = o_k[None, :] < K
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_kb = tl.dot(b_t, b_k * b_b[:, None], input_precision=PRECISION)
+            tl.store(kb + o_t[:, None] * K + o_k[None, :], b_kb, mask=m)
+
+    @triton.jit
+    def out_fwd_kernel(
+        q, w, u, ss, o, scale,
+        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """O = scale (Q S_n + tril(Q W^T) U); one (V block, chunk) per program."""
+        i_v, i_c = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        o_c = tl.arange(0, C)
+        o_t = i_c * C + o_c
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_o = tl.zeros([C, BV], dtype=tl.float32)
+        b_m = tl.zeros([C, C], dtype=tl.float32)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m_k = o_k < K
+            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+            b_o += tl.dot(b_q, b_s, input_precision=PRECISION)
+            b_m += tl.dot(b_q, tl.trans(b_w), input_precision=PRECISION)
+        b_m = tl.where(o_c[:, None] >= o_c[None, :], b_m, 0.0)
+        b_u = tl.load(u + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_o = scale * (b_o + tl.dot(b_m, b_u, input_precision=PRECISION))
+        tl.store(o + o_t[:, None] * V + o_v[None, :], b_o, mask=m_v[None, :])
+
+    # ---------------------------------------------------------------- phase 2 backward
+
+    @triton.jit
+    def out_bwd_kernel(
+        q, w, u, ss, do, dq, dw, du, scale,
+        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Through O = scale (Q S_n + M U), M = tril(Q W^T): dQ, the output's share of dW, and
+        dU = scale M^T dO. The share of dS_n (scale Q^T dO) is added by the state scan backward."""
+        i_c = tl.program_id(0).to(tl.int64)
+        o_c = tl.arange(0, C)
+        o_t = i_c * C + o_c
+        incl = o_c[:, None] >= o_c[None, :]
+        b_dm = tl.zeros([C, C], dtype=tl.float32)  # scale tril(dO U^T)
+        for i_v in tl.static_range(0, V, BV):
+            o_v = i_v + tl.arange(0, BV)
+            m = o_v[None, :] < V
+            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_u = tl.load(u + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_dm += tl.dot(b_do, tl.trans(b_u), input_precision=PRECISION)
+        b_dm = tl.where(incl, b_dm * scale, 0.0)
+        b_m = tl.zeros([C, C], dtype=tl.float32)  # scale tril(Q W^T)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m_k = o_k < K
+            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_m += tl.dot(b_q, tl.trans(b_w), input_precision=PRECISION)
+            tl.store(dw + o_t[:, None] * K + o_k[None, :], tl.dot(tl.trans(b_dm), b_q, input_precision=PRECISION), mask=m_k[None, :])
+            b_dq = tl.dot(b_dm, b_w, input_precision=PRECISION)
+            for i_v in tl.static_range(0, V, BV):
+                o_v = i_v + tl.arange(0, BV)
+                m_v = o_v < V
+                b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+                b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+                b_dq += scale * tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION)
+            tl.store(dq + o_t[:, None] * K + o_k[None, :], b_dq, mask=m_k[None, :])
+        b_m = tl.where(incl, b_m * scale, 0.0)
+        for i_v in tl.static_range(0, V, BV):
+            o_v = i_v + tl.arange(0, BV)
+            m = o_v[None, :] < V
+            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            tl.store(du + o_t[:, None] * V + o_v[None, :], tl.dot(tl.trans(b_m), b_do, input_precision=PRECISION), mask=m)
+
+    @triton.jit
+    def wy_bwd_kernel(
+        k, w, v, beta, tinv, dub, dkb, dk, dw, dv, dbeta,
+        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Through Ub = T diag(b) V, Kb = T diag(b) K, T = (I + A)^{-1}, A = tril(diag(b) K W^T, -1)."""
+        i_c = tl.program_id(0).to(tl.int64)
+        o_c = tl.arange(0, C)
+        o_t = i_c * C + o_c
+        b_b = tl.load(beta + o_t)
+        b_t = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])
+        b_dt = tl.zeros([C, C], dtype=tl.float32)
+        b_db = tl.zeros([C], dtype=tl.float32)
+        for i_v in tl.static_range(0, V, BV):
+            o_v = i_v + tl.arange(0, BV)
+            m = o_v[None, :] < V
+            b_v = tl.load(v + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_dub = tl.load(dub + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_dt += tl.dot(b_dub, tl.trans(b_v * b_b[:, None]), input_precision=PRECISION)
+            b_dvb = tl.dot(tl.trans(b_t), b_dub, input_precision=PRECISION)  # d(diag(b) V)
+            tl.store(dv + o_t[:, None] * V + o_v[None, :], b_dvb * b_b[:, None], mask=m)
+            b_db += tl.sum(b_dvb * b_v, 1)
+        b_kw = tl.zeros([C, C], dtype=tl.float32)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m = o_k[None, :] < K
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_dkb = tl.load(dkb + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_dt += tl.dot(b_dkb, tl.trans(b_k * b_b[:, None]), input_precision=PRECISION)
+            b_kw += tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
+        # dA = -T^T dT T^T on the strictly lower part
+        b_da = tl.dot(tl.trans(b_t), b_dt, input_precision=PRECISION)
+        b_da = -tl.dot(b_da, tl.trans(b_t), input_precision=PRECISION)
+        b_da = tl.where(o_c[:, None] > o_c[None, :], b_da, 0.0)
+        b_db += tl.sum(b_da * b_kw, 1)
+        b_dab = b_da * b_b[:, None]
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m = o_k[None, :] < K
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_dkb = tl.load(dkb + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_dkbb = tl.dot(tl.trans(b_t), b_dkb, input_precision=PRECISION)  # d(diag(b) K)
+            b_db += tl.sum(b_dkbb * b_k, 1)
+            b_dk = b_dkbb * b_b[:, None] + tl.dot(b_dab, b_w, input_precision=PRECISION)
+            tl.store(dk + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
+            tl.store(dw + o_t[:, None] * K + o_k[None, :], tl.dot(tl.trans(b_dab), b_k, input_precision=PRECISION), mask=m)
+        tl.store(dbeta + o_t, b_db)
+
+    # ---------------------------------------------------------------- phase 1 forward
+
+    LAM_MIN_C = tl.constexpr(LAM_MIN)
+
+    @triton.jit
+    def _log_gates(lam, o_t, o_c, C: tl.constexpr):
+        """g = cumsum(log lam) (inclusive), gp = g - log lam (exclusive), and g at the chunk's end."""
+        b_l = tl.log(tl.maximum(tl.load(lam + o_t), LAM_MIN_C))
+        b_g = tl.cumsum(b_l, 0)
+        b_gend = tl.sum(tl.where(o_c == C - 1, b_g, 0.0), 0)
+        return b_g, b_g - b_l, b_gend
+
+    @triton.jit
+    def pre_intra_fwd_kernel(
+        k, beta, eta, lam, u, y, dm, p, gc,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Per chunk: u = k * k, L[t, s] = a_t G_{t-1} / G_{s-1} <u_t, u_s> (s < t),
+        [dm, Y] = (I + L)^{-1} [m, diag(a G_{t-1}) U], p_s = G_C / G_{s-1}, Gc = G_C."""
+        i_c = tl.program_id(0).to(tl.int64)
+        o_c = tl.arange(0, C)
+        o_t = i_c * C + o_c
+        b_b = tl.load(beta + o_t)
+        b_eta = tl.load(eta + o_t)
+        b_g, b_gp, b_gend = _log_gates(lam, o_t, o_c, C)
+        b_uu = tl.zeros([C, C], dtype=tl.float32)
+        b_su = tl.zeros([C], dtype=tl.float32)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m = o_k[None, :] < K
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_u = b_k * b_k
+            tl.store(u + o_t[:, None] * K + o_k[None, :], b_u, mask=m)
+            b_uu += tl.dot(b_u, tl.trans(b_u), input_precision=PRECISION)
+            b_su += tl.sum(b_u, 1)
+        b_a = b_eta * b_b * b_b
+        b_m = b_eta * b_b * (1 - b_b * b_su)
+        strict = o_c[:, None] > o_c[None, :]
+        b_l = tl.where(strict, b_a[:, None] * tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)) * b_uu, 0.0)
+        b_ti = _unit_lower_inverse(b_l, o_c, C)
+        tl.store(dm + o_t, tl.sum(b_ti * b_m[None, :], 1))
+        b_r = b_a * tl.exp(b_gp)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m = o_k[None, :] < K
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_y = tl.dot(b_ti, b_k * b_k * b_r[:, None], input_precision=PRECISION)
+            tl.store(y + o_t[:, None] * K + o_k[None, :], b_y, mask=m)
+        tl.store(p + o_t, tl.exp(b_gend - b_gp))
+        tl.store(gc + i_c, tl.exp(b_gend))
+
+    @triton.jit
+    def pre_out_fwd_kernel(
+        k, lam, y, dm, es, w,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """delta = dm - Y e_n, E = G e_n^T + P (delta * U) with P[t, s] = G_t / G_{s-1} (s <= t),
+        W = (1 + E) * K."""
+        i_c = tl.program_id(0).to(tl.int64)
+        o_c = tl.arange(0, C)
+        o_t = i_c * C + o_c
+        b_g, b_gp, b_gend = _log_gates(lam, o_t, o_c, C)
+        b_delta = tl.load(dm + o_t)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m_k = o_k < K
+            b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
+            b_delta -= tl.sum(b_y * b_e[None, :], 1)
+        incl = o_c[:, None] >= o_c[None, :]
+        b_p = tl.where(incl, tl.exp(tl.where(incl, b_g[:, None] - b_gp[None, :], 0.0)), 0.0)
+        b_eg = tl.exp(b_g)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m_k = o_k < K
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
+            b_ee = b_eg[:, None] * b_e[None, :] + tl.dot(b_p, b_k * b_k * b_delta[:, None], input_precision=PRECISION)
+            tl.store(w + o_t[:, None] * K + o_k[None, :], (1 + b_ee) * b_k, mask=m_k[None, :])
+
+    # ---------------------------------------------------------------- phase 1 backward
+
+    @triton.jit
+    def pre_out_bwd_kernel(
+        k, lam, y, dm, es, dw, dk, ddm, dy, du, dg, dgp, ges,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Through W = (1 + E) * K, E = G e_n^T + P (delta * U), delta = dm - Y e_n.
+
+        Writes dK (the direct part), d(dm), dY, dU (the part through E), the gradients of the
+        log gates `g` and `gp` through G and P, and the gradient of e_n (`ges`). Nothing a
+        program writes is read back by it."""
+        i_c = tl.program_id(0).to(tl.int64)
+        o_c = tl.arange(0, C)
+        o_t = i_c * C + o_c
+        b_g, b_gp, b_gend = _log_gates(lam, o_t, o_c, C)
+        b_delta = tl.load(dm + o_t)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m_k = o_k < K
+            b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
+            b_delta -= tl.sum(b_y * b_e[None, :], 1)
+        incl = o_c[:, None] >= o_c[None, :]
+        b_p = tl.where(incl, tl.exp(tl.where(incl, b_g[:, None] - b_gp[None, :], 0.0)), 0.0)
+        b_eg = tl.exp(b_g)
+        b_dp = tl.zeros([C, C], dtype=tl.float32)  # dE (delta * U)^T
+        b_ddelta = tl.zeros([C], dtype=tl.float32)
+        b_dg = tl.zeros([C], dtype=tl.float32)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m_k = o_k < K
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
+            b_dw = tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_u = b_k * b_k
+            b_du_ = b_u * b_delta[:, None]
+            b_ee = b_eg[:, None] * b_e[None, :] + tl.dot(b_p, b_du_, input_precision=PRECISION)
+            b_de = b_dw * b_k  # dE
+            tl.store(dk + o_t[:, None] * K + o_k[None, :], b_dw * (1 + b_ee), mask=m_k[None, :])
+            b_dp += tl.dot(b_de, tl.trans(b_du_), input_precision=PRECISION)
+            b_dg += b_eg * tl.sum(b_de * b_e[None, :], 1)
+            b_pde = tl.dot(tl.trans(b_p), b_de, input_precision=PRECISION)  # d(delta * U)
+            b_ddelta += tl.sum(b_pde * b_u, 1)
+            tl.store(du + o_t[:, None] * K + o_k[None, :], b_pde * b_delta[:, None], mask=m_k[None, :])
+        b_dpp = tl.where(incl, b_dp * b_p, 0.0)  # dP * P: d(g_t - gp_s)
+        tl.store(dg + o_t, b_dg + tl.sum(b_dpp, 1))
+        tl.store(dgp + o_t, -tl.sum(b_dpp, 0))
+        tl.store(ddm + o_t, b_ddelta)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m_k = o_k < K
+            b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
+            tl.store(dy + o_t[:, None] * K + o_k[None, :], -b_ddelta[:, None] * b_e[None, :], mask=m_k[None, :])
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_de = tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0) * b_k
+            b_ges = tl.sum(b_de * b_eg[:, None], 0) - tl.sum(b_y * b_ddelta[:, None], 0)
+            tl.store(ges + i_c * K + o_k, b_ges, mask=m_k)
+
+    @triton.jit
+    def pre_intra_bwd_kernel(
+        k, beta, eta, lam, ddm, dy, du, dp, dgc, dg, dgp, dk, dbeta, deta, dlam,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Through `pre_intra_fwd_kernel`: [dm, Y] = (I + L)^{-1} R, p, Gc, back to k, beta, eta, lam.
+
+        `ddm`, `dy`, `du` hold the summed gradients of dm, Y and U; `dg`, `dgp` those of the log
+        gates from the output step. `dk` holds the direct part of dK (written by the previous
+        kernel) and gets the rest added."""
+        i_c = tl.program_id(0).to(tl.int64)
+        o_c = tl.arange(0, C)
+        o_t = i_c * C + o_c
+        b_b = tl.load(beta + o_t)
+        b_eta = tl.load(eta + o_t)
+        b_lam = tl.load(lam + o_t)
+        b_g, b_gp, b_gend = _log_gates(lam, o_t, o_c, C)
+        strict = o_c[:, None] > o_c[None, :]
+        b_uu = tl.zeros([C, C], dtype=tl.float32)
+        b_su = tl.zeros([C], dtype=tl.float32)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m = o_k[None, :] < K
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_u = b_k * b_k
+            b_uu += tl.dot(b_u, tl.trans(b_u), input_precision=PRECISION)
+            b_su += tl.sum(b_u, 1)
+        b_a = b_eta * b_b * b_b
+        b_m = b_eta * b_b * (1 - b_b * b_su)
+        b_f = tl.where(strict, tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)), 0.0)  # G_{t-1}/G_{s-1}
+        b_ti = _unit_lower_inverse(b_a[:, None] * b_f * b_uu, o_c, C)
+        b_egp = tl.exp(b_gp)
+        b_r = b_a * b_egp
+        # dR = T^T dX and dL = -dR X^T, X = [dm, Y] = T R, column by column over K
+        b_dx0 = tl.load(ddm + o_t)
+        b_x0 = tl.sum(b_ti * b_m[None, :], 1)
+        b_dr0 = tl.sum(b_ti * b_dx0[:, None], 0)  # T^T ddm
+        b_dl = -b_dr0[:, None] * b_x0[None, :]
+        b_dgp = tl.load(dgp + o_t)
+        b_da = tl.zeros([C], dtype=tl.float32)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m = o_k[None, :] < K
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_u = b_k * b_k
+            b_y = tl.dot(b_ti, b_u * b_r[:, None], input_precision=PRECISION)
+            b_dy = tl.load(dy + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_dr = tl.dot(tl.trans(b_ti), b_dy, input_precision=PRECISION)
+            b_dl -= tl.dot(b_dr, tl.trans(b_y), input_precision=PRECISION)
+            b_dru = tl.sum(b_dr * b_u, 1)  # <dR_t, u_t>
+            b_da += b_egp * b_dru
+            b_dgp += b_r * b_dru
+        b_dl = tl.where(strict, b_dl, 0.0)
+        # L = diag(a) F * UU^T
+        b_dlf = b_dl * b_f
+        b_da += tl.sum(b_dlf * b_uu, 1)
+        b_z = b_dlf * b_uu * b_a[:, None]  # dL * L: d(gp_t - gp_s)
+        b_dgp += tl.sum(b_z, 1) - tl.sum(b_z, 0)
+        b_duu = b_dlf * b_a[:, None]
+        b_duu = b_duu + tl.trans(b_duu)
+        # p_s = exp(gend - gp_s), Gc = exp(gend)
+        b_pv = tl.exp(b_gend - b_gp)
+        b_dpv = tl.load(dp + o_t) * b_pv
+        b_dgp -= b_dpv
+        b_dgend = tl.sum(b_dpv, 0) + tl.load(dgc + i_c) * tl.exp(b_gend)
+        # m = eta b (1 - b sum(u)), a = eta b^2
+        b_dm = b_dr0
+        b_dsu = -b_dm * b_eta * b_b * b_b
+        tl.store(deta + o_t, b_dm * b_b * (1 - b_b * b_su) + b_da * b_b * b_b)
+        tl.store(dbeta + o_t, b_dm * b_eta * (1 - 2 * b_b * b_su) + 2 * b_da * b_eta * b_b)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m = o_k[None, :] < K
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_u = b_k * b_k
+            b_dy = tl.load(dy + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_dr = tl.dot(tl.trans(b_ti), b_dy, input_precision=PRECISION)
+            b_du = tl.load(du + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + b_dr * b_r[:, None]
+            b_du += tl.dot(b_duu, b_u, input_precision=PRECISION) + b_dsu[:, None]
+            b_dk = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + 2 * b_k * b_du
+            tl.store(dk + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
+        # g = cumsum(l), gp = g - l, gend = g_{C-1}: dl_t = sum_{t' >= t} (dg + dgp)_{t'} - dgp_t + dgend
+        b_dgt = tl.load(dg + o_t) + b_dgp
+        b_dl_log = tl.sum(tl.where(o_c[None, :] >= o_c[:, None], b_dgt[None, :], 0.0), 1) - b_dgp + b_dgend
+        tl.store(dlam + o_t, tl.where(b_lam > LAM_MIN_C, b_dl_log / tl.maximum(b_lam, LAM_MIN_C), 0.0))
+
+
+def _tiles(K: int, V: int) -> tuple[int, int]:
+    """K and V are walked in blocks of at most 64 columns so every tile stays in registers."""
+    return min(64, max(triton.next_power_of_2(K), 16)), min(64, max(triton.next_power_of_2(V), 16))
+
+
+class Precondition(torch.autograd.Function):
+    """Phase 1: `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`; chunked float32 tensors."""
+
+    @staticmethod
+    def forward(ctx, k, beta, eta, lam, d0, precision):
+        B, H, NC, C, K = k.shape
+        BK, _ = _tiles(K, K)
+        grid = (B * H * NC,)
+        u, y = torch.empty_like(k), torch.empty_like(k)
+        dm, p = torch.empty_like(beta), torch.empty_like(beta)
+        gc = beta.new_empty(B, H, NC)
+        pre_intra_fwd_kernel[grid](k, beta, eta, lam, u, y, dm, p, gc, K=K, C=C, BK=BK, PRECISION=precision)
+        es, ef = y.new_empty(B, H, NC, K), y.new_empty(B, H, K)
+        SK, _, BS = _block_sizes(K, K, C)
+        precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, BK=SK, BS=BS, num_stages=1)
+        w = torch.empty_like(k)
+        pre_out_fwd_kernel[grid](k, lam, y, dm, es, w, K=K, C=C, BK=BK, PRECISION=precision)
+        ctx.save_for_backward(k, beta, eta, lam, u, y, dm, p, gc, es)
+        ctx.precision = precision
+        return w, 1 + ef
+
+    @staticmethod
+    def backward(ctx, dw, dd):
+        k, beta, eta, lam, u, y, dm, p, gc, es = ctx.saved_tensors
+        B, H, NC, C, K = k.shape
+        BK, _ = _tiles(K, K)
+        grid = (B * H * NC,)
+        dw = torch.zeros_like(k) if dw is None else dw.contiguous()
+        dd = k.new_zeros(B, H, K) if dd is None else dd.contiguous()
+        dk, ddm, dy, du = torch.empty_like(k), torch.empty_like(dm), torch.empty_like(y), torch.empty_like(u)
+        dg, dgp, ges = torch.empty_like(dm), torch.empty_like(dm), torch.empty_like(es)
+        pre_out_bwd_kernel[grid](
+            k, lam, y, dm, es, dw, dk, ddm, dy, du, dg, dgp, ges, K=K, C=C, BK=BK, PRECISION=ctx.precision
+        )
+        sdy, sdu, sddm, sdp, sdgc, de0 = (torch.empty_like(x) for x in (y, u, dm, p, gc, dd))
+        SK, _, BS = _block_sizes(K, K, C)
+        precond_scan_bwd_kernel[(B * H,)](
+            y, u, dm, p, gc, es, ges, dd, sdy, sdu, sddm, sdp, sdgc, de0, NC, K=K, C=C, BK=SK, BS=BS, num_stages=1
+        )
+        dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
+        pre_intra_bwd_kernel[grid](
+            k, beta, eta, lam, ddm + sddm, dy + sdy, du + sdu, sdp, sdgc, dg, dgp, dk, dbeta, deta, dlam,
+            K=K, C=C, BK=BK, PRECISION=ctx.precision,
+        )  # fmt: skip
+        return dk, dbeta, deta, dlam, de0, None
+
+
+class DeltaRuleAsym(torch.autograd.Function):
+    """Phase 2: `(q, k, w, v, beta, S0) -> (O, S_final)`; chunked float32 tensors."""
+
+    @staticmethod
+    def forward(ctx, q, k, w, v, beta, s0, scale, precision):
+        B, H, NC, C, K = k.shape
+        V = v.shape[-1]
+        BK, BV = _tiles(K, V)
+        tinv = k.new_empty(B, H, NC, C, C)
+        ub, kb = torch.empty_like(v), torch.empty_like(k)
+        wy_fwd_kernel[(B * H * NC,)](k, w, v, beta, tinv, ub, kb, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision)
+        SK, SV, BS = _block_sizes(K, V, C)
+        uo, ss, sf = torch.empty_like(ub), k.new_empty(B, H, NC, K, V), k.new_empty(B, H, K, V)
+        state_scan_fwd_kernel[(B * H, triton.cdiv(V, SV))](
+            kb, w, ub, s0, uo, ss, sf, NC, K=K, V=V, C=C, BK=SK, BV=SV, BS=BS, PRECISION=precision, num_stages=1
+        )
+        o = torch.empty_like(v)
+        out_fwd_kernel[(triton.cdiv(V, BV), B * H * NC)](
+            q, w, uo, ss, o, scale, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision
+        )
+        ctx.save_for_backward(q, k, w, v, beta, tinv, kb, uo, ss)
+        ctx.scale, ctx.precision = scale, precision
+        return o, sf
+
+    @staticmethod
+    def backward(ctx, do, ds):
+        q, k, w, v, beta, tinv, kb, uo, ss = ctx.saved_tensors
+        B, H, NC, C, K = k.shape
+        V = v.shape[-1]
+        BK, BV = _tiles(K, V)
+        scale, precision = ctx.scale, ctx.precision
+        do = torch.zeros_like(v) if do is None else do.contiguous()
+        ds = k.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
+        dq, dw_o, gu = torch.empty_like(q), torch.empty_like(w), torch.empty_like(uo)
+        out_bwd_kernel[(B * H * NC,)](
+            q, w, uo, ss, do, dq, dw_o, gu, scale, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision
+        )
+        SK, SV, BS = _block_sizes(K, V, C)
+        NV = triton.cdiv(V, SV)
+        dub, ds0 = torch.empty_like(uo), k.new_empty(B, H, K, V)
+        dkb, dw_s = k.new_empty(NV, *k.shape), k.new_empty(NV, *k.shape)
+        state_scan_bwd_kernel[(B * H, NV)](
+            kb, w, uo, ss, gu, ss, ds, dub, dkb, dw_s, ds0, NC, B * H, q, do, scale,
+            K=K, V=V, C=C, BK=SK, BV=SV, BS=max(BS // 2, 16), PRECISION=precision, HAS_QO=True, num_stages=1,
+        )  # fmt: skip
+        dk, dw_a, dv, dbeta = torch.empty_like(k), torch.empty_like(w), torch.empty_like(v), torch.empty_like(beta)
+        wy_bwd_kernel[(B * H * NC,)](
+            k, w, v, beta, tinv, dub, dkb.sum(0), dk, dw_a, dv, dbeta, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision
+        )
+        return dq, dk, dw_o + dw_s.sum(0) + dw_a, dv, dbeta, ds0, None, None
+
+
+def chunk_osdn_fused(qc, kc, vc, bc, ec, lc, scale, S0, d0, precision):
+    """Both phases on chunked float32 tensors `[B, H, NC, C, *]`: `(O, S_final, d_final)`."""
+    qc, kc, vc, bc, ec, lc = (x.contiguous() for x in (qc, kc, vc, bc, ec, lc))
+    w, d = Precondition.apply(kc, bc, ec, lc, d0.contiguous(), precision)
+    o, S = DeltaRuleAsym.apply(qc, kc, w, vc, bc, S0.contiguous(), scale, precision)
+    return o, S, d
