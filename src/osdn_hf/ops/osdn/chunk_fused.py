@@ -20,8 +20,14 @@ from __future__ import annotations
 
 import torch
 
-from .chunk_scan import HAS_TRITON, _block_sizes, precond_scan_bwd_kernel, precond_scan_fwd_kernel
-from .chunk_scan import state_scan_bwd_kernel, state_scan_fwd_kernel
+from .chunk_scan import (
+    HAS_TRITON,
+    _block_sizes,
+    precond_scan_bwd_kernel,
+    precond_scan_fwd_kernel,
+    state_scan_bwd_kernel,
+    state_scan_fwd_kernel,
+)
 
 if HAS_TRITON:
     import triton
@@ -101,7 +107,8 @@ if HAS_TRITON:
             m_k = o_k < K
             b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
             b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-            b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+            m_kv = m_k[:, None] & m_v[None, :]
+            b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
             b_o += tl.dot(b_q, b_s, input_precision=PRECISION)
             b_m += tl.dot(b_q, tl.trans(b_w), input_precision=PRECISION)
         b_m = tl.where(o_c[:, None] >= o_c[None, :], b_m, 0.0)
@@ -138,13 +145,15 @@ if HAS_TRITON:
             b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
             b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
             b_m += tl.dot(b_q, tl.trans(b_w), input_precision=PRECISION)
-            tl.store(dw + o_t[:, None] * K + o_k[None, :], tl.dot(tl.trans(b_dm), b_q, input_precision=PRECISION), mask=m_k[None, :])
+            b_dw = tl.dot(tl.trans(b_dm), b_q, input_precision=PRECISION)
+            tl.store(dw + o_t[:, None] * K + o_k[None, :], b_dw, mask=m_k[None, :])
             b_dq = tl.dot(b_dm, b_w, input_precision=PRECISION)
             for i_v in tl.static_range(0, V, BV):
                 o_v = i_v + tl.arange(0, BV)
                 m_v = o_v < V
                 b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
-                b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
+                m_kv = m_k[:, None] & m_v[None, :]
+                b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
                 b_dq += scale * tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION)
             tl.store(dq + o_t[:, None] * K + o_k[None, :], b_dq, mask=m_k[None, :])
         b_m = tl.where(incl, b_m * scale, 0.0)
@@ -152,7 +161,8 @@ if HAS_TRITON:
             o_v = i_v + tl.arange(0, BV)
             m = o_v[None, :] < V
             b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
-            tl.store(du + o_t[:, None] * V + o_v[None, :], tl.dot(tl.trans(b_m), b_do, input_precision=PRECISION), mask=m)
+            b_du = tl.dot(tl.trans(b_m), b_do, input_precision=PRECISION)
+            tl.store(du + o_t[:, None] * V + o_v[None, :], b_du, mask=m)
 
     @triton.jit
     def wy_bwd_kernel(
@@ -202,7 +212,8 @@ if HAS_TRITON:
             b_db += tl.sum(b_dkbb * b_k, 1)
             b_dk = b_dkbb * b_b[:, None] + tl.dot(b_dab, b_w, input_precision=PRECISION)
             tl.store(dk + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
-            tl.store(dw + o_t[:, None] * K + o_k[None, :], tl.dot(tl.trans(b_dab), b_k, input_precision=PRECISION), mask=m)
+            b_dw = tl.dot(tl.trans(b_dab), b_k, input_precision=PRECISION)
+            tl.store(dw + o_t[:, None] * K + o_k[None, :], b_dw, mask=m)
         tl.store(dbeta + o_t, b_db)
 
     # ---------------------------------------------------------------- phase 1 forward
