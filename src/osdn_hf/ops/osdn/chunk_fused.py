@@ -13,7 +13,7 @@ Phase 1 (`Precondition`): `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`
     backward: `pre_out_bwd` -> precond scan backward -> `pre_intra_bwd`
 Phase 2 (`DeltaRuleAsym`): `(q, k, w, v, beta, S0) -> (O, S_final)`
     forward:  `wy_fwd` (A, T = A^{-1}, Ub, Kb) -> state scan -> `out_fwd` (O)
-    backward: `out_bwd` (dQ, dW, dU) -> state scan backward (adds Q^T dO itself) -> `wy_bwd`
+    backward: `out_bwd` (dQ, dW, dU, dS_n) -> state scan backward -> `wy_bwd`
 """
 
 from __future__ import annotations
@@ -120,12 +120,12 @@ if HAS_TRITON:
 
     @triton.jit
     def out_bwd_kernel(
-        q, w, u, ss, do, dq, dw, du, scale,
+        q, w, u, ss, do, dq, dw, du, gss, scale,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Through O = scale (Q S_n + M U), M = tril(Q W^T): dQ, the output's share of dW, and
-        dU = scale M^T dO. The share of dS_n (scale Q^T dO) is added by the state scan backward."""
+        dU = scale M^T dO, and the gradient of the chunk-start state S_n, scale Q^T dO (`gss`)."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -155,6 +155,8 @@ if HAS_TRITON:
                 m_kv = m_k[:, None] & m_v[None, :]
                 b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
                 b_dq += scale * tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION)
+                b_gs = scale * tl.dot(tl.trans(b_q), b_do, input_precision=PRECISION)
+                tl.store(gss + i_c * K * V + o_k[:, None] * V + o_v[None, :], b_gs, mask=m_kv)
             tl.store(dq + o_t[:, None] * K + o_k[None, :], b_dq, mask=m_k[None, :])
         b_m = tl.where(incl, b_m * scale, 0.0)
         for i_v in tl.static_range(0, V, BV):
@@ -230,7 +232,7 @@ if HAS_TRITON:
 
     @triton.jit
     def pre_intra_fwd_kernel(
-        k, beta, eta, lam, u, y, dm, p, gc,
+        k, beta, eta, lam, u, y, dm, p, gc, tinv,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Per chunk: u = k * k, L[t, s] = a_t G_{t-1} / G_{s-1} <u_t, u_s> (s < t),
@@ -256,6 +258,7 @@ if HAS_TRITON:
         strict = o_c[:, None] > o_c[None, :]
         b_l = tl.where(strict, b_a[:, None] * tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)) * b_uu, 0.0)
         b_ti = _unit_lower_inverse(b_l, o_c, C)
+        tl.store(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :], b_ti)
         tl.store(dm + o_t, tl.sum(b_ti * b_m[None, :], 1))
         b_r = b_a * tl.exp(b_gp)
         for i_k in tl.static_range(0, K, BK):
@@ -358,7 +361,7 @@ if HAS_TRITON:
 
     @triton.jit
     def pre_intra_bwd_kernel(
-        k, beta, eta, lam, ddm, dy, du, dp, dgc, dg, dgp, dk, dbeta, deta, dlam,
+        k, beta, eta, lam, tinv, ddm, dy, du, dp, dgc, dg, dgp, dk, dbeta, deta, dlam,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Through `pre_intra_fwd_kernel`: [dm, Y] = (I + L)^{-1} R, p, Gc, back to k, beta, eta, lam.
@@ -386,7 +389,7 @@ if HAS_TRITON:
         b_a = b_eta * b_b * b_b
         b_m = b_eta * b_b * (1 - b_b * b_su)
         b_f = tl.where(strict, tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)), 0.0)  # G_{t-1}/G_{s-1}
-        b_ti = _unit_lower_inverse(b_a[:, None] * b_f * b_uu, o_c, C)
+        b_ti = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])  # (I + L)^{-1}
         b_egp = tl.exp(b_gp)
         b_r = b_a * b_egp
         # dR = T^T dX and dL = -dR X^T, X = [dm, Y] = T R, column by column over K
@@ -443,6 +446,29 @@ if HAS_TRITON:
         tl.store(dlam + o_t, tl.where(b_lam > LAM_MIN_C, b_dl_log / tl.maximum(b_lam, LAM_MIN_C), 0.0))
 
 
+# Launch settings of the two chunk scans (sequential over chunks, parallel over batch, head and
+# V blocks). `None` keeps `chunk_scan._block_sizes`'s choice; benchmarks/tune can override.
+SCAN_TUNING = {
+    "precond_fwd": dict(BS=None, num_warps=4, num_stages=1),
+    "precond_bwd": dict(BS=None, num_warps=4, num_stages=1),
+    "state_fwd": dict(BV=None, BS=None, num_warps=4, num_stages=1),
+    "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1),
+}
+# num_warps of the per-chunk kernels
+CHUNK_WARPS = 4
+
+
+def _scan_launch(name: str, K: int, V: int, C: int) -> dict:
+    BK, BV, BS = _block_sizes(K, V, C)
+    if name == "state_bwd":
+        BS = max(BS // 2, 16)
+    t = SCAN_TUNING[name]
+    out = dict(BK=BK, BS=t["BS"] or BS, num_warps=t["num_warps"], num_stages=t["num_stages"])
+    if name.startswith("state"):
+        out["BV"] = t["BV"] or BV
+    return out
+
+
 def _tiles(K: int, V: int) -> tuple[int, int]:
     """K and V are walked in blocks of at most 64 columns so every tile stays in registers."""
     return min(64, max(triton.next_power_of_2(K), 16)), min(64, max(triton.next_power_of_2(V), 16))
@@ -459,19 +485,23 @@ class Precondition(torch.autograd.Function):
         u, y = torch.empty_like(k), torch.empty_like(k)
         dm, p = torch.empty_like(beta), torch.empty_like(beta)
         gc = beta.new_empty(B, H, NC)
-        pre_intra_fwd_kernel[grid](k, beta, eta, lam, u, y, dm, p, gc, K=K, C=C, BK=BK, PRECISION=precision)
+        tinv = k.new_empty(B, H, NC, C, C)
+        pre_intra_fwd_kernel[grid](
+            k, beta, eta, lam, u, y, dm, p, gc, tinv, K=K, C=C, BK=BK, PRECISION=precision, num_warps=CHUNK_WARPS
+        )
         es, ef = y.new_empty(B, H, NC, K), y.new_empty(B, H, K)
-        SK, _, BS = _block_sizes(K, K, C)
-        precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, BK=SK, BS=BS, num_stages=1)
+        precond_scan_fwd_kernel[(B * H,)](
+            y, u, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, **_scan_launch("precond_fwd", K, K, C)
+        )
         w = torch.empty_like(k)
-        pre_out_fwd_kernel[grid](k, lam, y, dm, es, w, K=K, C=C, BK=BK, PRECISION=precision)
-        ctx.save_for_backward(k, beta, eta, lam, u, y, dm, p, gc, es)
+        pre_out_fwd_kernel[grid](k, lam, y, dm, es, w, K=K, C=C, BK=BK, PRECISION=precision, num_warps=CHUNK_WARPS)
+        ctx.save_for_backward(k, beta, eta, lam, u, y, dm, p, gc, es, tinv)
         ctx.precision = precision
         return w, 1 + ef
 
     @staticmethod
     def backward(ctx, dw, dd):
-        k, beta, eta, lam, u, y, dm, p, gc, es = ctx.saved_tensors
+        k, beta, eta, lam, u, y, dm, p, gc, es, tinv = ctx.saved_tensors
         B, H, NC, C, K = k.shape
         BK, _ = _tiles(K, K)
         grid = (B * H * NC,)
@@ -480,17 +510,34 @@ class Precondition(torch.autograd.Function):
         dk, ddm, dy, du = torch.empty_like(k), torch.empty_like(dm), torch.empty_like(y), torch.empty_like(u)
         dg, dgp, ges = torch.empty_like(dm), torch.empty_like(dm), torch.empty_like(es)
         pre_out_bwd_kernel[grid](
-            k, lam, y, dm, es, dw, dk, ddm, dy, du, dg, dgp, ges, K=K, C=C, BK=BK, PRECISION=ctx.precision
+            k,
+            lam,
+            y,
+            dm,
+            es,
+            dw,
+            dk,
+            ddm,
+            dy,
+            du,
+            dg,
+            dgp,
+            ges,
+            K=K,
+            C=C,
+            BK=BK,
+            PRECISION=ctx.precision,
+            num_warps=CHUNK_WARPS,
         )
         sdy, sdu, sddm, sdp, sdgc, de0 = (torch.empty_like(x) for x in (y, u, dm, p, gc, dd))
-        SK, _, BS = _block_sizes(K, K, C)
         precond_scan_bwd_kernel[(B * H,)](
-            y, u, dm, p, gc, es, ges, dd, sdy, sdu, sddm, sdp, sdgc, de0, NC, K=K, C=C, BK=SK, BS=BS, num_stages=1
-        )
+            y, u, dm, p, gc, es, ges, dd, sdy, sdu, sddm, sdp, sdgc, de0, NC, K=K, C=C,
+            **_scan_launch("precond_bwd", K, K, C),
+        )  # fmt: skip
         dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
         pre_intra_bwd_kernel[grid](
-            k, beta, eta, lam, ddm + sddm, dy + sdy, du + sdu, sdp, sdgc, dg, dgp, dk, dbeta, deta, dlam,
-            K=K, C=C, BK=BK, PRECISION=ctx.precision,
+            k, beta, eta, lam, tinv, ddm + sddm, dy + sdy, du + sdu, sdp, sdgc, dg, dgp, dk, dbeta, deta, dlam,
+            K=K, C=C, BK=BK, PRECISION=ctx.precision, num_warps=CHUNK_WARPS,
         )  # fmt: skip
         return dk, dbeta, deta, dlam, de0, None
 
@@ -505,15 +552,17 @@ class DeltaRuleAsym(torch.autograd.Function):
         BK, BV = _tiles(K, V)
         tinv = k.new_empty(B, H, NC, C, C)
         ub, kb = torch.empty_like(v), torch.empty_like(k)
-        wy_fwd_kernel[(B * H * NC,)](k, w, v, beta, tinv, ub, kb, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision)
-        SK, SV, BS = _block_sizes(K, V, C)
+        wy_fwd_kernel[(B * H * NC,)](
+            k, w, v, beta, tinv, ub, kb, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, num_warps=CHUNK_WARPS
+        )
+        launch = _scan_launch("state_fwd", K, V, C)
         uo, ss, sf = torch.empty_like(ub), k.new_empty(B, H, NC, K, V), k.new_empty(B, H, K, V)
-        state_scan_fwd_kernel[(B * H, triton.cdiv(V, SV))](
-            kb, w, ub, s0, uo, ss, sf, NC, K=K, V=V, C=C, BK=SK, BV=SV, BS=BS, PRECISION=precision, num_stages=1
+        state_scan_fwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
+            kb, w, ub, s0, uo, ss, sf, NC, K=K, V=V, C=C, PRECISION=precision, **launch
         )
         o = torch.empty_like(v)
         out_fwd_kernel[(triton.cdiv(V, BV), B * H * NC)](
-            q, w, uo, ss, o, scale, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision
+            q, w, uo, ss, o, scale, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, num_warps=CHUNK_WARPS
         )
         ctx.save_for_backward(q, k, w, v, beta, tinv, kb, uo, ss)
         ctx.scale, ctx.precision = scale, precision
@@ -528,21 +577,38 @@ class DeltaRuleAsym(torch.autograd.Function):
         scale, precision = ctx.scale, ctx.precision
         do = torch.zeros_like(v) if do is None else do.contiguous()
         ds = k.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
-        dq, dw_o, gu = torch.empty_like(q), torch.empty_like(w), torch.empty_like(uo)
+        dq, dw_o, gu, gss = torch.empty_like(q), torch.empty_like(w), torch.empty_like(uo), torch.empty_like(ss)
         out_bwd_kernel[(B * H * NC,)](
-            q, w, uo, ss, do, dq, dw_o, gu, scale, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision
-        )
-        SK, SV, BS = _block_sizes(K, V, C)
-        NV = triton.cdiv(V, SV)
+            q, w, uo, ss, do, dq, dw_o, gu, gss, scale,
+            K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, num_warps=CHUNK_WARPS,
+        )  # fmt: skip
+        launch = _scan_launch("state_bwd", K, V, C)
+        NV = triton.cdiv(V, launch["BV"])
         dub, ds0 = torch.empty_like(uo), k.new_empty(B, H, K, V)
         dkb, dw_s = k.new_empty(NV, *k.shape), k.new_empty(NV, *k.shape)
         state_scan_bwd_kernel[(B * H, NV)](
-            kb, w, uo, ss, gu, ss, ds, dub, dkb, dw_s, ds0, NC, B * H, q, do, scale,
-            K=K, V=V, C=C, BK=SK, BV=SV, BS=max(BS // 2, 16), PRECISION=precision, HAS_QO=True, num_stages=1,
+            kb, w, uo, ss, gu, gss, ds, dub, dkb, dw_s, ds0, NC, B * H, K=K, V=V, C=C, PRECISION=precision, **launch,
         )  # fmt: skip
         dk, dw_a, dv, dbeta = torch.empty_like(k), torch.empty_like(w), torch.empty_like(v), torch.empty_like(beta)
         wy_bwd_kernel[(B * H * NC,)](
-            k, w, v, beta, tinv, dub, dkb.sum(0), dk, dw_a, dv, dbeta, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision
+            k,
+            w,
+            v,
+            beta,
+            tinv,
+            dub,
+            dkb.sum(0),
+            dk,
+            dw_a,
+            dv,
+            dbeta,
+            K=K,
+            V=V,
+            C=C,
+            BK=BK,
+            BV=BV,
+            PRECISION=precision,
+            num_warps=CHUNK_WARPS,
         )
         return dq, dk, dw_o + dw_s.sum(0) + dw_a, dv, dbeta, ds0, None, None
 

@@ -175,9 +175,6 @@ if HAS_TRITON:
         ds0,
         NC,
         BH,
-        q,
-        do,
-        scale,
         K: tl.constexpr,
         V: tl.constexpr,
         C: tl.constexpr,
@@ -185,14 +182,11 @@ if HAS_TRITON:
         BV: tl.constexpr,
         BS: tl.constexpr,
         PRECISION: tl.constexpr,
-        HAS_QO: tl.constexpr = False,
     ):
         """Reverse of `state_scan_fwd_kernel`; `ds` is the gradient of S_{n+1}.
 
         dKb and dW sum over V: each V block writes its share to its own slice of `dkb`, `dw`
-        (`[NV, B * H, NC, C, K]`), summed on the host. The gradient of each chunk-start state
-        comes from `gss`, or, with HAS_QO, is `scale Q_n^T dO_n` (the output `scale Q_n S_n`),
-        computed here from `q` and `do` (`[B, H, NC, C, K]`, `[B, H, NC, C, V]`).
+        (`[NV, B * H, NC, C, K]`), summed on the host.
         """
         i_bh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         o_k = tl.arange(0, BK)
@@ -207,10 +201,7 @@ if HAS_TRITON:
         for j in range(NC):
             i_c = i_bh * NC + NC - 1 - j
             b_sn = tl.load(ss + i_c * K * V + o_kv, mask=m_kv, other=0.0)  # [BK, BV] S_n
-            if HAS_QO:
-                b_acc = b_ds
-            else:
-                b_acc = b_ds + tl.load(gss + i_c * K * V + o_kv, mask=m_kv, other=0.0)
+            b_acc = b_ds + tl.load(gss + i_c * K * V + o_kv, mask=m_kv, other=0.0)
             for i_s in tl.static_range(C // BS):
                 o_t = i_c * C + i_s * BS + o_s  # [BS]
                 o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
@@ -223,10 +214,6 @@ if HAS_TRITON:
                 tl.store(dw + part + o_tk, tl.dot(b_u, tl.trans(b_ds), input_precision=PRECISION), mask=m_k[None, :])
                 tl.store(dkb + part + o_tk, -tl.dot(b_du, tl.trans(b_sn), input_precision=PRECISION), mask=m_k[None, :])
                 b_acc -= tl.dot(tl.trans(b_kb), b_du, input_precision=PRECISION)
-                if HAS_QO:
-                    b_q = tl.load(q + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
-                    b_do = tl.load(do + o_tv, mask=m_v[None, :], other=0.0)  # [BS, BV]
-                    b_acc += scale * tl.dot(tl.trans(b_q), b_do, input_precision=PRECISION)
             b_ds = b_acc
         tl.store(ds0 + i_bh * K * V + o_kv, b_ds, mask=m_kv)
 
@@ -315,9 +302,6 @@ class StateScan(torch.autograd.Function):
             ds0,
             NC,
             B * H,
-            kb,
-            uo,
-            1.0,
             K=K,
             V=V,
             C=C,
