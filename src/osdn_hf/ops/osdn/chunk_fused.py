@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import torch
 
-from .chunk_scan import (
-    HAS_TRITON,
-    _block_sizes,
-    precond_scan_bwd_kernel,
-    precond_scan_fwd_kernel,
-    state_scan_bwd_kernel,
-    state_scan_fwd_kernel,
-)
+from .chunk_scan import HAS_TRITON, _block_sizes
 
-if HAS_TRITON:
+if HAS_TRITON:  # the kernels exist only with Triton; without it chunk.py never calls this module
     import triton
     import triton.language as tl
+
+    from .chunk_scan import (
+        precond_scan_bwd_kernel,
+        precond_scan_fwd_kernel,
+        state_scan_bwd_kernel,
+        state_scan_fwd_kernel,
+    )
 
 LAM_MIN = 1e-30  # as chunk.LAM_MIN: log(lam) stays finite for lam = 0
 
