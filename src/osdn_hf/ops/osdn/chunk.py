@@ -8,9 +8,10 @@ Two phases, each over chunks of `CHUNK_SIZE` tokens:
 2. `chunk_delta_rule_asym` runs the asymmetric delta rule with read key `K` and write key
    `W` through the WY form of SPEC section 3.
 
-Both phases are batched tensor algebra over all chunks except one recurrence each from
-chunk to chunk (`chunk_scan.py`): Triton kernels with hand-written backward on CUDA, torch
-loops elsewhere (`utils.use_triton` decides, once). The derivation is in `README.md`.
+Here both phases are batched torch algebra over all chunks except one recurrence each from
+chunk to chunk (the torch loops of `chunk_scan.py`), differentiated by autograd: the path off
+CUDA. On CUDA (`utils.use_triton` decides, once) `chunk_fused.py` runs the same algebra as
+Triton kernels with hand-written backward. The derivation is in `README.md`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from functools import partial
 
 import torch
 
-from .chunk_fused import chunk_osdn_fused
-from .chunk_scan import precond_scan, state_scan
+from .chunk_fused import LAM_MIN, chunk_osdn_fused
+from .chunk_scan import precond_scan_torch, state_scan_torch
 from .utils import dot_precision, run_padded, use_triton
 
 # 64 matches the Triton kernels' tile and fla's chunk size; on CPU any size gives the same
@@ -28,8 +29,8 @@ from .utils import dot_precision, run_padded, use_triton
 CHUNK_SIZE = 64
 
 # lam = 0 exactly (a full APF reset) would give log(0) = -inf and NaN differences; lam is
-# clamped here, which changes the result by at most a factor (1 + 1e-30).
-LAM_MIN = 1e-30
+# clamped at LAM_MIN (1e-30, shared with the kernels), which changes the result by at most a
+# factor (1 + 1e-30).
 
 
 def _to_chunks(x: torch.Tensor, C: int, fill: float = 0.0) -> torch.Tensor:
@@ -56,7 +57,7 @@ def _solve_unit_lower(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_precondition(
-    k: torch.Tensor, beta: torch.Tensor, eta: torch.Tensor, lam: torch.Tensor, d0: torch.Tensor, use_triton: bool
+    k: torch.Tensor, beta: torch.Tensor, eta: torch.Tensor, lam: torch.Tensor, d0: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 1: the preconditioner `d_t` at every position, chunk by chunk.
 
@@ -96,7 +97,7 @@ def chunk_precondition(
     delta_m, Y = sol[..., 0], sol[..., 1:]  # (B, H, NC, C), (B, H, NC, C, K)
 
     # The chunk-end value is the last row of E below: e_{n+1} = Gc e_n + U^T (p * delta).
-    es, e = precond_scan(Y, u, delta_m, P[..., -1, :], torch.exp(g[..., -1]), d0 - 1, use_triton)
+    es, e = precond_scan_torch(Y, u, delta_m, P[..., -1, :], torch.exp(g[..., -1]), d0 - 1)
     delta = delta_m - (Y @ es[..., None])[..., 0]  # (B, H, NC, C)
     E = torch.exp(g)[..., None] * es[..., None, :] + P @ (delta[..., None] * u)  # (B, H, NC, C, K)
     return 1 + E, 1 + e
@@ -110,8 +111,6 @@ def chunk_delta_rule_asym(
     beta: torch.Tensor,
     scale: float,
     S0: torch.Tensor,
-    use_triton: bool,
-    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 2: `S_t = S_{t-1} + beta_t w_t (v_t - S_{t-1}^T k_t)^T`, `o_t = scale S_t^T q_t`.
 
@@ -132,7 +131,7 @@ def chunk_delta_rule_asym(
     # One solve gives both parts of U = A^{-1} diag(b) V - A^{-1} diag(b) K S_0.
     sol = _solve_unit_lower(A, beta[..., None] * torch.cat([v, k], dim=-1))
     Ub, Kb = sol[..., : v.shape[-1]], sol[..., v.shape[-1] :]  # (B, H, NC, C, V), (B, H, NC, C, K)
-    U, S_starts, S = state_scan(Kb, w, Ub, S0, use_triton, precision)
+    U, S_starts, S = state_scan_torch(Kb, w, Ub, S0)
     Mqw = (q @ w.transpose(-1, -2)).masked_fill(~incl, 0)  # (B, H, NC, C, C)
     return scale * (q @ S_starts + Mqw @ U), S
 
@@ -146,8 +145,8 @@ def _chunk_osdn_core(q, k, v, beta, eta, lam, scale, S0, d0, use_triton=False, p
     if use_triton:
         o, S, d = chunk_osdn_fused(qc, kc, vc, bc, ec, lc, scale, S0, d0, precision)
     else:
-        D, d = chunk_precondition(kc, bc, ec, lc, d0, use_triton)
-        o, S = chunk_delta_rule_asym(qc, kc, D * kc, vc, bc, scale, S0, use_triton, precision)
+        D, d = chunk_precondition(kc, bc, ec, lc, d0)
+        o, S = chunk_delta_rule_asym(qc, kc, D * kc, vc, bc, scale, S0)
     return _from_chunks(o, T), S, d
 
 

@@ -33,7 +33,7 @@ if HAS_TRITON:  # the kernels exist only with Triton; without it chunk.py never 
         state_scan_fwd_kernel,
     )
 
-LAM_MIN = 1e-30  # as chunk.LAM_MIN: log(lam) stays finite for lam = 0
+LAM_MIN = 1e-30  # lam is clamped here before its log (both chunk paths): log(0) would be -inf
 
 if HAS_TRITON:
 
@@ -271,16 +271,10 @@ if HAS_TRITON:
         tl.store(gc + i_c, tl.exp(b_gend))
 
     @triton.jit
-    def pre_out_fwd_kernel(
-        k, lam, y, dm, es, w,
-        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        """delta = dm - Y e_n, E = G e_n^T + P (delta * U) with P[t, s] = G_t / G_{s-1} (s <= t),
-        W = (1 + E) * K."""
-        i_c = tl.program_id(0).to(tl.int64)
-        o_c = tl.arange(0, C)
-        o_t = i_c * C + o_c
-        b_g, b_gp, b_gend = _log_gates(lam, o_t, o_c, C)
+    def _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+        """The chunk's log gates g, gp, `delta = dm - Y e_n`, `P[t, s] = G_t / G_{s-1}` (s <= t)
+        and `G_t`: what the output step and its backward both start from."""
+        b_g, b_gp, _ = _log_gates(lam, o_t, o_c, C)
         b_delta = tl.load(dm + o_t)
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
@@ -290,7 +284,19 @@ if HAS_TRITON:
             b_delta -= tl.sum(b_y * b_e[None, :], 1)
         incl = o_c[:, None] >= o_c[None, :]
         b_p = tl.where(incl, tl.exp(tl.where(incl, b_g[:, None] - b_gp[None, :], 0.0)), 0.0)
-        b_eg = tl.exp(b_g)
+        return b_g, b_gp, b_delta, b_p, tl.exp(b_g)
+
+    @triton.jit
+    def pre_out_fwd_kernel(
+        k, lam, y, dm, es, w,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """delta = dm - Y e_n, E = G e_n^T + P (delta * U) with P[t, s] = G_t / G_{s-1} (s <= t),
+        W = (1 + E) * K."""
+        i_c = tl.program_id(0).to(tl.int64)
+        o_c = tl.arange(0, C)
+        o_t = i_c * C + o_c
+        b_g, b_gp, b_delta, b_p, b_eg = _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K, C, BK)
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
@@ -314,17 +320,8 @@ if HAS_TRITON:
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
-        b_g, b_gp, b_gend = _log_gates(lam, o_t, o_c, C)
-        b_delta = tl.load(dm + o_t)
-        for i_k in tl.static_range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m_k = o_k < K
-            b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
-            b_delta -= tl.sum(b_y * b_e[None, :], 1)
+        b_g, b_gp, b_delta, b_p, b_eg = _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K, C, BK)
         incl = o_c[:, None] >= o_c[None, :]
-        b_p = tl.where(incl, tl.exp(tl.where(incl, b_g[:, None] - b_gp[None, :], 0.0)), 0.0)
-        b_eg = tl.exp(b_g)
         b_dp = tl.zeros([C, C], dtype=tl.float32)  # dE (delta * U)^T
         b_ddelta = tl.zeros([C], dtype=tl.float32)
         b_dg = tl.zeros([C], dtype=tl.float32)

@@ -333,11 +333,3 @@ def state_scan_torch(kb, w, ub, s0):
         us.append(u_n)
         s = s + w[:, :, n].transpose(-1, -2) @ u_n
     return torch.stack(us, dim=2), torch.stack(ss, dim=2), s
-
-
-def precond_scan(y, u, dm, p, gc, e0, use_triton: bool):
-    return PrecondScan.apply(y, u, dm, p, gc, e0) if use_triton else precond_scan_torch(y, u, dm, p, gc, e0)
-
-
-def state_scan(kb, w, ub, s0, use_triton: bool, precision: str = "ieee"):
-    return StateScan.apply(kb, w, ub, s0, precision) if use_triton else state_scan_torch(kb, w, ub, s0)
