@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from osdn_hf.analysis import recall_residual
-from osdn_hf.mqar import answer_loss, build_model, main, mqar_batch, train_one
+from osdn_hf.mqar import answer_loss, build_model, main, mqar_batch, mqar_mixture_batch, train_one, train_pairs
 from osdn_hf.ops import naive_recurrent_osdn
 from osdn_hf.ops.osdn.utils import l2norm
 
@@ -28,6 +28,19 @@ def test_mqar_batch_layout():
     assert context[:, :16].all() and not context[:, 16:].any()
     with pytest.raises(ValueError, match="4 \\* num_pairs"):
         mqar_batch(1, 30, 8, 100, g)
+
+
+def test_mqar_training_mixture():
+    """Zoology-style training batches: the batch split over P and its halvings, answers counted per row."""
+    assert train_pairs(64, 1) == [64] and train_pairs(64, 4) == [8, 16, 32, 64] and train_pairs(8, 4) == [4, 8]
+    with pytest.raises(ValueError, match="train-mix"):
+        train_pairs(64, 0)
+    ids, labels, context = mqar_mixture_batch(10, 64, [4, 8], 100, torch.Generator().manual_seed(0))
+    assert ids.shape == (10, 64)
+    assert (labels != -100).sum(1).tolist() == [4] * 5 + [8] * 5
+    assert context.sum(1).tolist() == [8] * 5 + [16] * 5
+    with pytest.raises(ValueError, match="cannot hold"):
+        mqar_mixture_batch(1, 64, [4, 8], 100, torch.Generator())
 
 
 @pytest.mark.parametrize("name", ["osdn", "deltanet"])
@@ -123,10 +136,12 @@ def test_sweep_writes_rows_and_plot_and_resumes(tmp_path):
         "64",
         "--eval-every",
         "2",
+        "--train-mix",
+        "2",
     ]
     main(args)
     rows = json.loads(out.read_text())["rows"]
-    assert {r["model"] for r in rows} == {"osdn", "deltanet"}
+    assert {r["model"] for r in rows} == {"osdn", "deltanet"} and rows[0]["train_pairs"] == [4, 8]
     assert {"model", "d_model", "seq_len", "num_pairs", "lr", "accuracy", "recall_residual"} <= set(rows[0])
     assert out.with_suffix(".png").stat().st_size > 0
     main(args)  # everything is done: nothing is trained twice

@@ -49,16 +49,17 @@ def mqar_batch(batch_size: int, seq_len: int, num_pairs: int, vocab_size: int, g
     if num_pairs > half - 1:
         raise ValueError(f"{num_pairs} distinct keys do not fit in the key half of a {vocab_size}-token vocabulary")
     B, P = batch_size, num_pairs
-    keys = torch.argsort(torch.rand(B, half - 1, generator=generator), dim=1)[:, :P] + 1  # distinct, in [1, half)
-    values = torch.randint(half, vocab_size, (B, P), generator=generator)
-    seq = torch.zeros(B, seq_len, dtype=torch.long)
+    dev = dict(generator=generator, device=generator.device)  # drawn where the generator lives (CPU or GPU)
+    keys = torch.argsort(torch.rand(B, half - 1, **dev), dim=1)[:, :P] + 1  # distinct, in [1, half)
+    values = torch.randint(half, vocab_size, (B, P), **dev)
+    seq = torch.zeros(B, seq_len, dtype=torch.long, device=generator.device)
     seq[:, 0 : 2 * P : 2], seq[:, 1 : 2 * P : 2] = keys, values
     # queries: each key once, in a random order, at random two-token slots after the context
     slots = (seq_len - 2 * P) // 2
-    slot = torch.argsort(torch.rand(B, slots, generator=generator), dim=1)[:, :P]  # (B, P)
-    order = torch.argsort(torch.rand(B, P, generator=generator), dim=1)
+    slot = torch.argsort(torch.rand(B, slots, **dev), dim=1)[:, :P]  # (B, P)
+    order = torch.argsort(torch.rand(B, P, **dev), dim=1)
     pos = 2 * P + 2 * slot  # position of each query key
-    rows = torch.arange(B)[:, None]
+    rows = torch.arange(B, device=generator.device)[:, None]
     seq[rows, pos] = keys.gather(1, order)
     seq[rows, pos + 1] = values.gather(1, order)
     labels = torch.full_like(seq, -100)
@@ -66,6 +67,27 @@ def mqar_batch(batch_size: int, seq_len: int, num_pairs: int, vocab_size: int, g
     context = torch.zeros_like(seq, dtype=torch.bool)
     context[:, : 2 * P] = True
     return seq, labels, context
+
+
+def train_pairs(num_pairs: int, mix: int) -> list[int]:
+    """Pair counts of a training batch: `num_pairs` and the `mix - 1` halvings below it (at least 4).
+
+    Zoology trains MQAR on a mixture of easy and hard examples and tests on the hard ones; the
+    easy ones let the recall circuit form before the full task is learnable.
+    """
+    if mix < 1:
+        raise ValueError(f"--train-mix must be at least 1, got {mix}")
+    return sorted({max(num_pairs >> i, min(4, num_pairs)) for i in range(mix)})
+
+
+def mqar_mixture_batch(batch_size: int, seq_len: int, pairs: list[int], vocab_size: int, generator: torch.Generator):
+    """`mqar_batch` with the batch split evenly over the pair counts in `pairs` (largest last)."""
+    if batch_size < len(pairs):
+        raise ValueError(f"a batch of {batch_size} cannot hold the {len(pairs)} pair counts {pairs}")
+    sizes = [batch_size // len(pairs)] * len(pairs)
+    sizes[-1] += batch_size - sum(sizes)
+    parts = [mqar_batch(n, seq_len, p, vocab_size, generator) for n, p in zip(sizes, pairs)]
+    return tuple(torch.cat(x) for x in zip(*parts))
 
 
 def build_model(
@@ -131,22 +153,24 @@ def train_one(
     device: str,
     progress: bool = True,
     deadline: float | None = None,
+    train_mix: int = 1,
 ) -> dict | None:
     """Train one model on fresh MQAR batches; return its final accuracy, curve and residuals.
 
-    Returns None, recording nothing, if the clock passes `deadline` (a `time.time()` value)
-    before the run ends: an unfinished run is not a result.
+    Training batches mix `train_pairs(num_pairs, train_mix)` pair counts; evaluation uses
+    `num_pairs` only. Returns None, recording nothing, if the clock passes `deadline` (a
+    `time.time()` value) before the run ends: an unfinished run is not a result.
     """
-    gen = torch.Generator().manual_seed(seed)
-    eval_gen = torch.Generator().manual_seed(10_000 + seed)
+    pairs = train_pairs(num_pairs, train_mix)
+    gen = torch.Generator(device).manual_seed(seed)
+    eval_gen = torch.Generator(device).manual_seed(10_000 + seed)
     model = build_model(name, d_model, vocab_size, num_heads, seed).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     warmup = max(steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     )
-    to = lambda b: tuple(x.to(device) for x in b)  # noqa: E731
-    eval_batches = [to(mqar_batch(batch_size, seq_len, num_pairs, vocab_size, eval_gen)) for _ in range(2)]
+    eval_batches = [mqar_batch(batch_size, seq_len, num_pairs, vocab_size, eval_gen) for _ in range(2)]
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if device.startswith("cuda")
@@ -158,7 +182,7 @@ def train_one(
         if deadline is not None and time.time() > deadline:
             bar.close()
             return None
-        input_ids, labels, _ = to(mqar_batch(batch_size, seq_len, num_pairs, vocab_size, gen))
+        input_ids, labels, _ = mqar_mixture_batch(batch_size, seq_len, pairs, vocab_size, gen)
         with autocast:
             loss = answer_loss(model, input_ids, labels)
         opt.zero_grad(set_to_none=True)
@@ -179,6 +203,7 @@ def train_one(
         "seq_len": seq_len,
         "num_pairs": num_pairs,
         "lr": lr,
+        "train_pairs": pairs,
         "accuracy": curve[-1]["accuracy"],
         "recall_residual": sum(r["recall_residual"] for r in residuals) / len(residuals),
         "write_residual": sum(r["write_residual"] for r in residuals) / len(residuals),
@@ -255,6 +280,12 @@ def parse_args(argv=None):
     p.add_argument("--num-heads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--train-mix",
+        type=int,
+        default=1,
+        help="train on this many pair counts (P, P/2, ..., at least 4), test on P; 1: P only",
+    )
     p.add_argument("--commit", default="unknown")
     p.add_argument("--time-budget", type=float, default=None, help="stop starting new runs after this many seconds")
     p.add_argument(
@@ -282,7 +313,9 @@ def run_workers(args, argv) -> dict:
         if out.exists() and not shard.exists():
             shard.write_text(out.read_text())  # the rows done so far, so no worker repeats them
         shards.append(shard)
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus[w % len(gpus)]) if gpus else None
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.workers)))
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[w % len(gpus)]
         cmd = [sys.executable, "-m", "osdn_hf.mqar", *base, "--out", str(shard), "--shard", f"{w}/{args.workers}"]
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
@@ -316,6 +349,7 @@ def _key(row: dict) -> tuple:
         row["seed"],
         row["vocab_size"],
         row["steps"],
+        tuple(row.get("train_pairs", [row["num_pairs"]])),
     )
 
 
@@ -345,7 +379,7 @@ def main(argv=None) -> dict:
         for d in args.d_models
         for lr in args.lrs
         for m in args.models
-        if (m, d, L, P, lr, args.seed, args.vocab_size, args.steps) not in done
+        if (m, d, L, P, lr, args.seed, args.vocab_size, args.steps, tuple(train_pairs(P, args.train_mix))) not in done
     ]
     if args.shard:
         i, n = (int(x) for x in args.shard.split("/"))
@@ -371,6 +405,7 @@ def main(argv=None) -> dict:
             device,
             progress=args.shard is None,
             deadline=deadline,
+            train_mix=args.train_mix,
         )
         if row is None:
             print(f"deadline reached during {m} d={d} L={L} lr={lr:g}: not recorded; rerun to continue")
