@@ -34,20 +34,24 @@ CHUNK_SIZE = 64
 
 
 def _to_chunks(x: torch.Tensor, C: int, fill: float = 0.0) -> torch.Tensor:
-    """[B, T, H, *] -> [B, H, NC, C, *], padding T at the end to a multiple of C with `fill`."""
+    """[B, T, H, *] -> float32 [B, H, NC, C, *], padding T at the end to a multiple of C with `fill`.
+
+    One copy that casts and permutes together (the kernels read the result contiguously).
+    """
     B, T, H = x.shape[:3]
     NC = max(-(-T // C), 1)
-    pad = NC * C - T
-    if pad:
-        x = torch.cat([x, x.new_full((B, pad, *x.shape[2:]), fill)], dim=1)
-    x = x.view(B, NC, C, H, *x.shape[3:])  # (B, NC, C, H, *)
-    return x.permute(0, 3, 1, 2, 4) if x.dim() == 5 else x.permute(0, 3, 1, 2)
+    out = x.new_empty((B, H, NC, C, *x.shape[3:]), dtype=torch.float32)
+    rows = out.movedim(1, 3).flatten(1, 2)  # a [B, NC * C, H, *] view of `out`
+    if NC * C > T:
+        rows[:, T:].fill_(fill)
+    rows[:, :T].copy_(x)
+    return out
 
 
-def _from_chunks(x: torch.Tensor, T: int) -> torch.Tensor:
-    """[B, H, NC, C, D] -> [B, T, H, D]."""
+def _from_chunks(x: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, H, NC, C, D] -> [B, T, H, D] in `dtype`, in one copy."""
     B, H, NC, C, D = x.shape
-    return x.permute(0, 2, 3, 1, 4).reshape(B, NC * C, H, D)[:, :T]
+    return x.new_empty(B, T, H, D, dtype=dtype).copy_(x.movedim(1, 3).flatten(1, 2)[:, :T])
 
 
 def _solve_unit_lower(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -137,7 +141,8 @@ def chunk_delta_rule_asym(
 
 
 def _chunk_osdn_core(q, k, v, beta, eta, lam, scale, S0, d0, use_triton=False, precision="ieee", chunk_size=CHUNK_SIZE):
-    """float32 `[B, T, H, *]` in, `(o [B, T, H, V], S [B, H, K, V], d [B, H, K])` out."""
+    """`[B, T, H, *]` in (q, k, v in any float dtype, the rest float32), `(o [B, T, H, V]` in
+    q's dtype, `S [B, H, K, V], d [B, H, K])` out."""
     T = q.shape[1]
     qc, kc, vc = (_to_chunks(x, chunk_size) for x in (q, k, v))
     bc, ec = _to_chunks(beta, chunk_size), _to_chunks(eta, chunk_size)
@@ -147,7 +152,7 @@ def _chunk_osdn_core(q, k, v, beta, eta, lam, scale, S0, d0, use_triton=False, p
     else:
         D, d = chunk_precondition(kc, bc, ec, lc, d0)
         o, S = chunk_delta_rule_asym(qc, kc, D * kc, vc, bc, scale, S0)
-    return _from_chunks(o, T), S, d
+    return _from_chunks(o, T, q.dtype), S, d
 
 
 def chunk_osdn(
@@ -206,4 +211,5 @@ def chunk_osdn(
         output_final_state,
         cu_seqlens,
         use_qk_l2norm_in_kernel,
+        float_qkv=False,
     )

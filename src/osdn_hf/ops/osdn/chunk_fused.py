@@ -42,7 +42,7 @@ if HAS_TRITON:
         """(I + A)^{-1} of a strictly lower triangular [C, C] `b_a`, by forward substitution.
 
         Row i of the inverse's strictly lower part is `-A_i - sum_{j<i} A_ij (T_j - e_j)`,
-        built from the rows above it, which are already final.
+        built from the rows above it, which are already final. Used for chunks other than 64.
         """
         b_t = -b_a
         for i in range(1, C):
@@ -51,6 +51,70 @@ if HAS_TRITON:
             b_r = b_r + tl.sum(b_r[:, None] * b_t, 0) * (o_c < i)
             b_t = tl.where(m_i[:, None], b_r[None, :], b_t)
         return b_t + (o_c[:, None] == o_c[None, :]).to(tl.float32)
+
+    @triton.jit
+    def _blk(buf, r: tl.constexpr, c: tl.constexpr, o16):
+        """Block (r, c) of the 16 x 16 grid of a row-major [64, 64] buffer: its offsets."""
+        return buf + (r * 16 + o16)[:, None] * 64 + (c * 16 + o16)[None, :]
+
+    @triton.jit
+    def _unit_lower_inverse_64(buf):
+        """Overwrite the strictly lower [64, 64] `A` in `buf` (this program's own, row-major)
+        with `T = (I + A)^{-1}`, in 16 x 16 blocks.
+
+        The four diagonal blocks are inverted together by forward substitution (15 steps on a
+        [4, 16, 16] tile, not 63 on [64, 64]); the blocks below follow from
+        `T_ij = -T_ii sum_{j <= k < i} A_ik T_kj` as 16 x 16 products. The caller stores `A`
+        before and loads `T` after; the barriers order those accesses between warps.
+        """
+        o16 = tl.arange(0, 16)
+        o4 = tl.arange(0, 4)
+        o_d = (o4[:, None, None] * 16 + o16[None, :, None]) * 64 + o4[:, None, None] * 16 + o16[None, None, :]
+        tl.debug_barrier()
+        b_t = -tl.load(buf + o_d)  # [4, 16, 16]: the diagonal blocks of -A
+        for i in range(1, 16):
+            m_i = (o16 == i)[None, :, None]
+            b_r = tl.sum(tl.where(m_i, b_t, 0.0), 1)  # [4, 16] row i of each block, so far -A_i
+            b_r = b_r + tl.sum(b_r[:, :, None] * b_t, 1) * (o16 < i)[None, :]
+            b_t = tl.where(m_i, b_r[:, None, :], b_t)
+        b_t = b_t + (o16[:, None] == o16[None, :]).to(tl.float32)[None, :, :]
+        a21, a31, a41 = tl.load(_blk(buf, 1, 0, o16)), tl.load(_blk(buf, 2, 0, o16)), tl.load(_blk(buf, 3, 0, o16))
+        a32, a42, a43 = tl.load(_blk(buf, 2, 1, o16)), tl.load(_blk(buf, 3, 1, o16)), tl.load(_blk(buf, 3, 2, o16))
+        tl.debug_barrier()  # every warp has read A before any overwrites it
+        tl.store(buf + o_d, b_t)
+        tl.debug_barrier()
+        t11, t22 = tl.load(_blk(buf, 0, 0, o16)), tl.load(_blk(buf, 1, 1, o16))
+        t33, t44 = tl.load(_blk(buf, 2, 2, o16)), tl.load(_blk(buf, 3, 3, o16))
+        t21 = -tl.dot(tl.dot(t22, a21, input_precision="ieee"), t11, input_precision="ieee")
+        t32 = -tl.dot(tl.dot(t33, a32, input_precision="ieee"), t22, input_precision="ieee")
+        t43 = -tl.dot(tl.dot(t44, a43, input_precision="ieee"), t33, input_precision="ieee")
+        b_x = tl.dot(a31, t11, input_precision="ieee") + tl.dot(a32, t21, input_precision="ieee")
+        t31 = -tl.dot(t33, b_x, input_precision="ieee")
+        b_x = tl.dot(a42, t22, input_precision="ieee") + tl.dot(a43, t32, input_precision="ieee")
+        t42 = -tl.dot(t44, b_x, input_precision="ieee")
+        b_x = tl.dot(a41, t11, input_precision="ieee") + tl.dot(a42, t21, input_precision="ieee")
+        t41 = -tl.dot(t44, b_x + tl.dot(a43, t31, input_precision="ieee"), input_precision="ieee")
+        tl.store(_blk(buf, 1, 0, o16), t21)
+        tl.store(_blk(buf, 2, 1, o16), t32)
+        tl.store(_blk(buf, 3, 2, o16), t43)
+        tl.store(_blk(buf, 2, 0, o16), t31)
+        tl.store(_blk(buf, 3, 1, o16), t42)
+        tl.store(_blk(buf, 3, 0, o16), t41)
+        tl.debug_barrier()
+
+    @triton.jit
+    def _invert(b_a, buf, o_c, C: tl.constexpr):
+        """T = (I + A)^{-1} of the strictly lower [C, C] `b_a`, also left in `buf` (the program's
+        own [C, C] slot of the saved inverse)."""
+        o_cc = o_c[:, None] * C + o_c[None, :]
+        if C == 64:
+            tl.store(buf + o_cc, b_a)
+            _unit_lower_inverse_64(buf)
+            b_t = tl.load(buf + o_cc)
+        else:
+            b_t = _unit_lower_inverse(b_a, o_c, C)
+            tl.store(buf + o_cc, b_t)
+        return b_t
 
     # ---------------------------------------------------------------- phase 2 forward
 
@@ -73,8 +137,7 @@ if HAS_TRITON:
             b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             b_a += tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
         b_a = tl.where(o_c[:, None] > o_c[None, :], b_a * b_b[:, None], 0.0)
-        b_t = _unit_lower_inverse(b_a, o_c, C)
-        tl.store(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :], b_t)
+        b_t = _invert(b_a, tinv + i_c * C * C, o_c, C)
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
             m = o_v[None, :] < V
@@ -257,8 +320,7 @@ if HAS_TRITON:
         b_m = b_eta * b_b * (1 - b_b * b_su)
         strict = o_c[:, None] > o_c[None, :]
         b_l = tl.where(strict, b_a[:, None] * tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)) * b_uu, 0.0)
-        b_ti = _unit_lower_inverse(b_l, o_c, C)
-        tl.store(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :], b_ti)
+        b_ti = _invert(b_l, tinv + i_c * C * C, o_c, C)
         tl.store(dm + o_t, tl.sum(b_ti * b_m[None, :], 1))
         b_r = b_a * tl.exp(b_gp)
         for i_k in tl.static_range(0, K, BK):
