@@ -7,7 +7,7 @@ import torch
 from helpers import assert_close, make_inputs, reference_osdn_f64
 
 from osdn_hf.ops import chunk_osdn, fused_recurrent_osdn, naive_recurrent_osdn
-from osdn_hf.ops.osdn.utils import FORCE_TRITON_ENV
+from osdn_hf.ops.osdn.utils import FORCE_TRITON_ENV, l2norm
 
 OPS = {"naive": naive_recurrent_osdn, "chunk": chunk_osdn, "fused_recurrent": fused_recurrent_osdn}
 ON_GPU = torch.cuda.is_available()
@@ -148,6 +148,29 @@ def test_qk_l2norm_in_kernel_and_scale(op):
     assert_close("o", got[0], ro)
     assert_close("S", got[1], rS)
     assert_close("d", got[2], rd)
+
+
+@pytest.mark.parametrize("op", ["chunk", "fused_recurrent"])
+def test_qk_l2norm_in_kernel_gradients(op):
+    """The in-kernel L2 norm (on the Triton path fused into the chunk relayout) backpropagates
+    like normalising first: all gradients, at a length that leaves a partial chunk, with states."""
+    inputs = make_inputs(1, 100, 2, 16, 8, with_states=True)
+    cot = tuple(torch.randn(s, dtype=torch.float64) for s in ((1, 100, 2, 8), (1, 2, 16, 8), (1, 2, 16)))
+    raw = {
+        **inputs,
+        "q": (inputs["q"].detach() * 2.0).requires_grad_(),
+        "k": (inputs["k"].detach() * 3.0 + 0.1).requires_grad_(),
+    }
+    got, got_grads = run_with_grads(OPS[op], raw, cot, use_qk_l2norm_in_kernel=True)
+
+    def normalised_first(q, k, **rest):
+        return OPS[op](q=l2norm(q), k=l2norm(k), **rest)
+
+    ref, ref_grads = run_with_grads(normalised_first, raw, cot)
+    for name, a, b in zip(("o", "S", "d"), got, ref):
+        assert_close(name, a, b)
+    for name in GRAD_NAMES:
+        assert_close(f"d{name}", got_grads[name], ref_grads[name])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

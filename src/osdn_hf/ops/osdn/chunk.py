@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from .chunk_fused import LAM_MIN, chunk_osdn_fused
+from .chunk_fused import LAM_MIN, FromChunks, ToChunks, chunk_osdn_fused
 from .chunk_scan import precond_scan_torch, state_scan_torch
 from .utils import dot_precision, run_padded, use_triton
 
@@ -140,18 +140,25 @@ def chunk_delta_rule_asym(
     return scale * (q @ S_starts + Mqw @ U), S
 
 
-def _chunk_osdn_core(q, k, v, beta, eta, lam, scale, S0, d0, use_triton=False, precision="ieee", chunk_size=CHUNK_SIZE):
+def _chunk_osdn_core(
+    q, k, v, beta, eta, lam, scale, S0, d0, use_triton=False, precision="ieee", l2norm_qk=False, chunk_size=CHUNK_SIZE
+):
     """`[B, T, H, *]` in (q, k, v in any float dtype, the rest float32), `(o [B, T, H, V]` in
-    q's dtype, `S [B, H, K, V], d [B, H, K])` out."""
+    q's dtype, `S [B, H, K, V], d [B, H, K])` out. With `l2norm_qk` (Triton only) the kernels
+    that relayout q and k L2-normalise them on the way."""
     T = q.shape[1]
-    qc, kc, vc = (_to_chunks(x, chunk_size) for x in (q, k, v))
     bc, ec = _to_chunks(beta, chunk_size), _to_chunks(eta, chunk_size)
     lc = _to_chunks(lam, chunk_size, fill=1.0)
     if use_triton:
+        qc, kc = (ToChunks.apply(x, chunk_size, l2norm_qk) for x in (q, k))
+        vc = ToChunks.apply(v, chunk_size, False)
         o, S, d = chunk_osdn_fused(qc, kc, vc, bc, ec, lc, scale, S0, d0, precision)
-    else:
-        D, d = chunk_precondition(kc, bc, ec, lc, d0)
-        o, S = chunk_delta_rule_asym(qc, kc, D * kc, vc, bc, scale, S0)
+        return FromChunks.apply(o, T, q.dtype), S, d
+    if l2norm_qk:
+        raise ValueError("`l2norm_qk` needs the Triton path; the torch path normalises before the core")
+    qc, kc, vc = (_to_chunks(x, chunk_size) for x in (q, k, v))
+    D, d = chunk_precondition(kc, bc, ec, lc, d0)
+    o, S = chunk_delta_rule_asym(qc, kc, D * kc, vc, bc, scale, S0)
     return _from_chunks(o, T, q.dtype), S, d
 
 
@@ -196,7 +203,10 @@ def chunk_osdn(
         >>> o.shape, S.shape, d.shape
         (torch.Size([2, 100, 4, 32]), torch.Size([2, 4, 32, 32]), torch.Size([2, 4, 32]))
     """
-    core = partial(_chunk_osdn_core, use_triton=use_triton(q), precision=dot_precision(q))
+    fused = use_triton(q)  # the Triton path L2-normalises q and k inside its relayout kernels
+    core = partial(
+        _chunk_osdn_core, use_triton=fused, precision=dot_precision(q), l2norm_qk=fused and use_qk_l2norm_in_kernel
+    )
     return run_padded(
         core,
         q,
@@ -210,6 +220,6 @@ def chunk_osdn(
         initial_precond,
         output_final_state,
         cu_seqlens,
-        use_qk_l2norm_in_kernel,
+        use_qk_l2norm_in_kernel and not fused,
         float_qkv=False,
     )

@@ -116,6 +116,44 @@ if HAS_TRITON:
             tl.store(buf + o_cc, b_t)
         return b_t
 
+    # ---------------------------------------------------------------- layout
+
+    L2_EPS = tl.constexpr(1e-6)  # as utils.l2norm
+
+    @triton.jit
+    def to_chunks_kernel(x, y, T, H, NC, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, NORM: tl.constexpr):
+        """`[B, T, H, D]` (any float dtype) -> float32 `[B, H, NC, C, D]`, rows past T zero; with
+        NORM every row L2-normalised on the way. One chunk per program."""
+        i_c = tl.program_id(0).to(tl.int64)  # (b * H + h) * NC + n
+        i_bh, i_n = i_c // NC, i_c % NC
+        o_c, o_d = tl.arange(0, C), tl.arange(0, BD)
+        o_t = i_n * C + o_c
+        m_d = o_d[None, :] < D
+        src = (((i_bh // H) * T + o_t) * H + i_bh % H)[:, None] * D + o_d[None, :]
+        b_x = tl.load(x + src, mask=(o_t < T)[:, None] & m_d, other=0.0).to(tl.float32)
+        if NORM:
+            b_x = b_x * tl.rsqrt(tl.sum(b_x * b_x, 1) + L2_EPS)[:, None]
+        tl.store(y + (i_c * C + o_c)[:, None] * D + o_d[None, :], b_x, mask=m_d)
+
+    @triton.jit
+    def from_chunks_kernel(gy, x, gx, T, H, NC, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, NORM: tl.constexpr):
+        """float32 `[B, H, NC, C, D]` -> `[B, T, H, D]` in gx's dtype (rows past T dropped): the
+        inverse relayout, and the backward of `to_chunks_kernel`, through the L2 norm of the
+        rows of `x` with NORM."""
+        i_c = tl.program_id(0).to(tl.int64)
+        i_bh, i_n = i_c // NC, i_c % NC
+        o_c, o_d = tl.arange(0, C), tl.arange(0, BD)
+        o_t = i_n * C + o_c
+        m = (o_t < T)[:, None] & (o_d[None, :] < D)
+        dst = (((i_bh // H) * T + o_t) * H + i_bh % H)[:, None] * D + o_d[None, :]
+        b_g = tl.load(gy + (i_c * C + o_c)[:, None] * D + o_d[None, :], mask=m, other=0.0)
+        if NORM:  # y = x r, r = (|x|^2 + eps)^(-1/2): dx = r (dy - y <y, dy>)
+            b_x = tl.load(x + dst, mask=m, other=0.0).to(tl.float32)
+            b_r = tl.rsqrt(tl.sum(b_x * b_x, 1) + L2_EPS)
+            b_y = b_x * b_r[:, None]
+            b_g = b_r[:, None] * (b_g - b_y * tl.sum(b_y * b_g, 1)[:, None])
+        tl.store(gx + dst, b_g, mask=m)
+
     # ---------------------------------------------------------------- phase 2 forward
 
     @triton.jit
@@ -531,6 +569,58 @@ def _scan_launch(name: str, K: int, V: int, C: int) -> dict:
 def _tiles(K: int, V: int) -> tuple[int, int]:
     """K and V are walked in blocks of at most 64 columns so every tile stays in registers."""
     return min(64, max(triton.next_power_of_2(K), 16)), min(64, max(triton.next_power_of_2(V), 16))
+
+
+def _relayout_launch(D: int, C: int) -> dict:
+    BD = max(triton.next_power_of_2(D), 16)
+    return dict(D=D, C=C, BD=BD, num_warps=8 if BD * C > 8192 else 4)
+
+
+class ToChunks(torch.autograd.Function):
+    """`[B, T, H, D]` -> float32 `[B, H, NC, C, D]` (zero-padded), optionally L2-normalising rows."""
+
+    @staticmethod
+    def forward(ctx, x, C, normalize):
+        x = x.contiguous()
+        B, T, H, D = x.shape
+        NC = max(triton.cdiv(T, C), 1)
+        y = x.new_empty(B, H, NC, C, D, dtype=torch.float32)
+        to_chunks_kernel[(B * H * NC,)](x, y, T, H, NC, NORM=normalize, **_relayout_launch(D, C))
+        ctx.save_for_backward(x)
+        ctx.normalize = normalize
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (x,) = ctx.saved_tensors
+        B, T, H, D = x.shape
+        NC, C = gy.shape[2:4]
+        gx = torch.empty_like(x)
+        from_chunks_kernel[(B * H * NC,)](
+            gy.contiguous(), x, gx, T, H, NC, NORM=ctx.normalize, **_relayout_launch(D, C)
+        )
+        return gx, None, None
+
+
+class FromChunks(torch.autograd.Function):
+    """float32 `[B, H, NC, C, D]` -> `[B, T, H, D]` in `dtype`."""
+
+    @staticmethod
+    def forward(ctx, y, T, dtype):
+        y = y.contiguous()
+        B, H, NC, C, D = y.shape
+        x = y.new_empty(B, T, H, D, dtype=dtype)
+        from_chunks_kernel[(B * H * NC,)](y, x, x, T, H, NC, NORM=False, **_relayout_launch(D, C))
+        ctx.C = C
+        return x
+
+    @staticmethod
+    def backward(ctx, gx):
+        B, T, H, D = gx.shape
+        C, NC = ctx.C, max(triton.cdiv(T, ctx.C), 1)
+        gy = gx.new_empty(B, H, NC, C, D, dtype=torch.float32)
+        to_chunks_kernel[(B * H * NC,)](gx.contiguous(), gy, T, H, NC, NORM=False, **_relayout_launch(D, C))
+        return gy, None, None
 
 
 class Precondition(torch.autograd.Function):
