@@ -268,12 +268,32 @@ if HAS_TRITON:
             tl.store(du + o_t[:, None] * V + o_v[None, :], b_du, mask=m)
 
     @triton.jit
+    def _state_grads(dub, uo, ss, dss, i_c, o_t, o_k, m_k, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, WITH_W: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+        """For one K block of a chunk: dKb = -dUb S_n^T and (WITH_W) the scan's share of dW,
+        U dS_{n+1}^T, from the state and its gradient at the chunk's ends."""
+        b_dkb = tl.zeros([C, BK], dtype=tl.float32)
+        b_dws = tl.zeros([C, BK], dtype=tl.float32)
+        for i_v in tl.static_range(0, V, BV):
+            o_v = i_v + tl.arange(0, BV)
+            m_v = o_v < V
+            o_vk = i_c * K * V + o_k[None, :] * V + o_v[:, None]  # [BV, BK]: S^T
+            m_vk = m_v[:, None] & m_k[None, :]
+            b_du = tl.load(dub + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+            b_dkb -= tl.dot(b_du, tl.load(ss + o_vk, mask=m_vk, other=0.0), input_precision=PRECISION)
+            if WITH_W:
+                b_u = tl.load(uo + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+                b_dws += tl.dot(b_u, tl.load(dss + o_vk, mask=m_vk, other=0.0), input_precision=PRECISION)
+        return b_dkb, b_dws
+
+    @triton.jit
     def wy_bwd_kernel(
-        k, w, v, beta, tinv, dub, dkb, dk, dw, dv, dbeta,
+        k, w, v, beta, tinv, dub, uo, ss, dss, dw_o, dk, dw, dv, dbeta,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """Through Ub = T diag(b) V, Kb = T diag(b) K, T = (I + A)^{-1}, A = tril(diag(b) K W^T, -1)."""
+        """Through Ub = T diag(b) V, Kb = T diag(b) K, T = (I + A)^{-1}, A = tril(diag(b) K W^T, -1),
+        and the state scan's use of Kb and W; `dw_o` is the output's share of dW, added here."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -296,7 +316,7 @@ if HAS_TRITON:
             m = o_k[None, :] < K
             b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_dkb = tl.load(dkb + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_dkb, _ = _state_grads(dub, uo, ss, dss, i_c, o_t, o_k, o_k < K, K, V, C, BK, BV, False, PRECISION)
             b_dt += tl.dot(b_dkb, tl.trans(b_k * b_b[:, None]), input_precision=PRECISION)
             b_kw += tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
         # dA = -T^T dT T^T on the strictly lower part
@@ -310,12 +330,13 @@ if HAS_TRITON:
             m = o_k[None, :] < K
             b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_dkb = tl.load(dkb + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_dkb, b_dws = _state_grads(dub, uo, ss, dss, i_c, o_t, o_k, o_k < K, K, V, C, BK, BV, True, PRECISION)
             b_dkbb = tl.dot(tl.trans(b_t), b_dkb, input_precision=PRECISION)  # d(diag(b) K)
             b_db += tl.sum(b_dkbb * b_k, 1)
             b_dk = b_dkbb * b_b[:, None] + tl.dot(b_dab, b_w, input_precision=PRECISION)
             tl.store(dk + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
-            b_dw = tl.dot(tl.trans(b_dab), b_k, input_precision=PRECISION)
+            b_dw = tl.dot(tl.trans(b_dab), b_k, input_precision=PRECISION) + b_dws
+            b_dw += tl.load(dw_o + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             tl.store(dw + o_t[:, None] * K + o_k[None, :], b_dw, mask=m)
         tl.store(dbeta + o_t, b_db)
 
@@ -678,14 +699,31 @@ class Precondition(torch.autograd.Function):
             PRECISION=ctx.precision,
             num_warps=CHUNK_WARPS,
         )
-        sdy, sdu, sddm, sdp, sdgc, de0 = (torch.empty_like(x) for x in (y, u, dm, p, gc, dd))
+        sdp, sdgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(dd)
         precond_scan_bwd_kernel[(B * H,)](
-            y, u, dm, p, gc, es, ges, dd, sdy, sdu, sddm, sdp, sdgc, de0, NC, K=K, C=C,
+            y,
+            u,
+            dm,
+            p,
+            gc,
+            es,
+            ges,
+            dd,
+            dy,
+            du,
+            ddm,
+            sdp,
+            sdgc,
+            de0,
+            NC,
+            K=K,
+            C=C,
+            ACC=True,
             **_scan_launch("precond_bwd", K, K, C),
-        )  # fmt: skip
+        )  # fmt: skip: adds the scan's gradients of y, u, dm to the output step's
         dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
         pre_intra_bwd_kernel[grid](
-            k, beta, eta, lam, tinv, ddm + sddm, dy + sdy, du + sdu, sdp, sdgc, dg, dgp, dk, dbeta, deta, dlam,
+            k, beta, eta, lam, tinv, ddm, dy, du, sdp, sdgc, dg, dgp, dk, dbeta, deta, dlam,
             K=K, C=C, BK=BK, PRECISION=ctx.precision, num_warps=CHUNK_WARPS,
         )  # fmt: skip
         return dk, dbeta, deta, dlam, de0, None
@@ -732,34 +770,16 @@ class DeltaRuleAsym(torch.autograd.Function):
             K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, num_warps=CHUNK_WARPS,
         )  # fmt: skip
         launch = _scan_launch("state_bwd", K, V, C)
-        NV = triton.cdiv(V, launch["BV"])
-        dub, ds0 = torch.empty_like(uo), k.new_empty(B, H, K, V)
-        dkb, dw_s = k.new_empty(NV, *k.shape), k.new_empty(NV, *k.shape)
-        state_scan_bwd_kernel[(B * H, NV)](
-            kb, w, uo, ss, gu, gss, ds, dub, dkb, dw_s, ds0, NC, B * H, K=K, V=V, C=C, PRECISION=precision, **launch,
-        )  # fmt: skip
-        dk, dw_a, dv, dbeta = torch.empty_like(k), torch.empty_like(w), torch.empty_like(v), torch.empty_like(beta)
-        wy_bwd_kernel[(B * H * NC,)](
-            k,
-            w,
-            v,
-            beta,
-            tinv,
-            dub,
-            dkb.sum(0),
-            dk,
-            dw_a,
-            dv,
-            dbeta,
-            K=K,
-            V=V,
-            C=C,
-            BK=BK,
-            BV=BV,
-            PRECISION=precision,
-            num_warps=CHUNK_WARPS,
+        dub, dss, ds0 = torch.empty_like(uo), gss, k.new_empty(B, H, K, V)  # dss overwrites gss as it goes
+        state_scan_bwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
+            kb, w, gu, gss, ds, dub, dss, ds0, NC, K=K, V=V, C=C, PRECISION=precision, **launch
         )
-        return dq, dk, dw_o + dw_s.sum(0) + dw_a, dv, dbeta, ds0, None, None
+        dk, dw, dv, dbeta = torch.empty_like(k), torch.empty_like(w), torch.empty_like(v), torch.empty_like(beta)
+        wy_bwd_kernel[(B * H * NC,)](
+            k, w, v, beta, tinv, dub, uo, ss, dss, dw_o, dk, dw, dv, dbeta,
+            K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, num_warps=CHUNK_WARPS,
+        )  # fmt: skip
+        return dq, dk, dw, dv, dbeta, ds0, None, None
 
 
 def chunk_osdn_fused(qc, kc, vc, bc, ec, lc, scale, S0, d0, precision):

@@ -87,8 +87,10 @@ if HAS_TRITON:
         C: tl.constexpr,
         BK: tl.constexpr,
         BS: tl.constexpr,
+        ACC: tl.constexpr = False,
     ):
-        """Reverse of `precond_scan_fwd_kernel`; `de` is the gradient of e_{n+1}."""
+        """Reverse of `precond_scan_fwd_kernel`; `de` is the gradient of e_{n+1}. With ACC the
+        gradients of y, u and dm are added to what those buffers hold."""
         i_bh = tl.program_id(0).to(tl.int64)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
@@ -109,10 +111,17 @@ if HAS_TRITON:
                 b_q = tl.sum(b_u * b_de[None, :], 1)  # [BS] <u_t, de>
                 b_res = tl.load(dm + o_t) - tl.sum(b_y * b_e[None, :], 1)  # [BS]
                 b_pq = b_p * b_q
-                tl.store(ddm + o_t, b_pq)
+                b_ddm = b_pq
+                b_dy = -b_pq[:, None] * b_e[None, :]
+                b_du = (b_p * b_res)[:, None] * b_de[None, :]
+                if ACC:
+                    b_ddm += tl.load(ddm + o_t)
+                    b_dy += tl.load(dy + o_tk, mask=m_k[None, :], other=0.0)
+                    b_du += tl.load(du + o_tk, mask=m_k[None, :], other=0.0)
+                tl.store(ddm + o_t, b_ddm)
                 tl.store(dp + o_t, b_res * b_q)
-                tl.store(dy + o_tk, -b_pq[:, None] * b_e[None, :], mask=m_k[None, :])
-                tl.store(du + o_tk, (b_p * b_res)[:, None] * b_de[None, :], mask=m_k[None, :])
+                tl.store(dy + o_tk, b_dy, mask=m_k[None, :])
+                tl.store(du + o_tk, b_du, mask=m_k[None, :])
                 b_acc -= tl.sum(b_y * b_pq[:, None], 0)
             b_de = b_acc
         tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
@@ -164,17 +173,13 @@ if HAS_TRITON:
     def state_scan_bwd_kernel(
         kb,
         w,
-        uo,
-        ss,
         gu,
         gss,
         gsf,
         dub,
-        dkb,
-        dw,
+        dss,
         ds0,
         NC,
-        BH,
         K: tl.constexpr,
         V: tl.constexpr,
         C: tl.constexpr,
@@ -185,8 +190,8 @@ if HAS_TRITON:
     ):
         """Reverse of `state_scan_fwd_kernel`; `ds` is the gradient of S_{n+1}.
 
-        dKb and dW sum over V: each V block writes its share to its own slice of `dkb`, `dw`
-        (`[NV, B * H, NC, C, K]`), summed on the host.
+        Writes dUb and, per chunk, the gradient of the state after it (`dss`), from which
+        dKb = -dUb S_n^T and dW = U dS_{n+1}^T follow chunk by chunk outside the scan.
         """
         i_bh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         o_k = tl.arange(0, BK)
@@ -196,23 +201,19 @@ if HAS_TRITON:
         o_s = tl.arange(0, BS)
         m_kv = m_k[:, None] & m_v[None, :]
         o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
-        part = i_v * BH * NC * C * K  # this V block's slice of dkb and dw
         b_ds = tl.load(gsf + i_bh * K * V + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
         for j in range(NC):
             i_c = i_bh * NC + NC - 1 - j
-            b_sn = tl.load(ss + i_c * K * V + o_kv, mask=m_kv, other=0.0)  # [BK, BV] S_n
             b_acc = b_ds + tl.load(gss + i_c * K * V + o_kv, mask=m_kv, other=0.0)
+            tl.store(dss + i_c * K * V + o_kv, b_ds, mask=m_kv)  # after the load: dss may be gss
             for i_s in tl.static_range(C // BS):
                 o_t = i_c * C + i_s * BS + o_s  # [BS]
                 o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
                 o_tv = o_t[:, None] * V + o_v[None, :]  # [BS, BV]
                 b_kb = tl.load(kb + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
                 b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
-                b_u = tl.load(uo + o_tv, mask=m_v[None, :], other=0.0)  # [BS, BV]
                 b_du = tl.load(gu + o_tv, mask=m_v[None, :], other=0.0) + tl.dot(b_w, b_ds, input_precision=PRECISION)
                 tl.store(dub + o_tv, b_du, mask=m_v[None, :])
-                tl.store(dw + part + o_tk, tl.dot(b_u, tl.trans(b_ds), input_precision=PRECISION), mask=m_k[None, :])
-                tl.store(dkb + part + o_tk, -tl.dot(b_du, tl.trans(b_sn), input_precision=PRECISION), mask=m_k[None, :])
                 b_acc -= tl.dot(tl.trans(b_kb), b_du, input_precision=PRECISION)
             b_ds = b_acc
         tl.store(ds0 + i_bh * K * V + o_kv, b_ds, mask=m_kv)
@@ -280,38 +281,15 @@ class StateScan(torch.autograd.Function):
         B, H, NC, C, K = kb.shape
         V = uo.shape[-1]
         BK, BV, BS = _block_sizes(K, V, C)
-        NV = triton.cdiv(V, BV)
         gu = torch.zeros_like(uo) if gu is None else gu.contiguous()
         gss = torch.zeros_like(ss) if gss is None else gss.contiguous()
         gsf = kb.new_zeros(B, H, K, V) if gsf is None else gsf.contiguous()
-        dub = torch.empty_like(uo)
-        dkb = kb.new_empty(NV, *kb.shape)
-        dw = kb.new_empty(NV, *kb.shape)
-        ds0 = kb.new_empty(B, H, K, V)
-        state_scan_bwd_kernel[(B * H, NV)](
-            kb,
-            w,
-            uo,
-            ss,
-            gu,
-            gss,
-            gsf,
-            dub,
-            dkb,
-            dw,
-            ds0,
-            NC,
-            B * H,
-            K=K,
-            V=V,
-            C=C,
-            BK=BK,
-            BV=BV,
-            BS=max(BS // 2, 16),
-            PRECISION=ctx.precision,
-            num_stages=1,
-        )
-        return dkb.sum(0), dw.sum(0), dub, ds0, None
+        dub, dss, ds0 = torch.empty_like(uo), torch.empty_like(ss), kb.new_empty(B, H, K, V)
+        state_scan_bwd_kernel[(B * H, triton.cdiv(V, BV))](
+            kb, w, gu, gss, gsf, dub, dss, ds0, NC, K=K, V=V, C=C, BK=BK, BV=BV, BS=max(BS // 2, 16),
+            PRECISION=ctx.precision, num_stages=1,
+        )  # fmt: skip
+        return -dub @ ss.transpose(-1, -2), uo @ dss.transpose(-1, -2), dub, ds0, None
 
 
 def precond_scan_torch(y, u, dm, p, gc, e0):
