@@ -268,10 +268,18 @@ if HAS_TRITON:
             tl.store(du + o_t[:, None] * V + o_v[None, :], b_du, mask=m)
 
     @triton.jit
-    def _state_grads(dub, uo, ss, dss, i_c, o_t, o_k, m_k, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, WITH_W: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-        """For one K block of a chunk: dKb = -dUb S_n^T and (WITH_W) the scan's share of dW,
-        U dS_{n+1}^T, from the state and its gradient at the chunk's ends."""
+    def state_grads_kernel(
+        dub, uo, ss, dss, dkb, dw,
+        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """The state scan's gradients of its per-chunk inputs: dKb = -dUb S_n^T, and its share of
+        dW, U dS_{n+1}^T, added to `dw`. One (K block, chunk) per program."""
+        i_k, i_c = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        o_c = tl.arange(0, C)
+        o_t = i_c * C + o_c
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
         b_dkb = tl.zeros([C, BK], dtype=tl.float32)
         b_dws = tl.zeros([C, BK], dtype=tl.float32)
         for i_v in tl.static_range(0, V, BV):
@@ -281,19 +289,20 @@ if HAS_TRITON:
             m_vk = m_v[:, None] & m_k[None, :]
             b_du = tl.load(dub + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
             b_dkb -= tl.dot(b_du, tl.load(ss + o_vk, mask=m_vk, other=0.0), input_precision=PRECISION)
-            if WITH_W:
-                b_u = tl.load(uo + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
-                b_dws += tl.dot(b_u, tl.load(dss + o_vk, mask=m_vk, other=0.0), input_precision=PRECISION)
-        return b_dkb, b_dws
+            b_u = tl.load(uo + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+            b_dws += tl.dot(b_u, tl.load(dss + o_vk, mask=m_vk, other=0.0), input_precision=PRECISION)
+        o_tk = o_t[:, None] * K + o_k[None, :]
+        tl.store(dkb + o_tk, b_dkb, mask=m_k[None, :])
+        tl.store(dw + o_tk, tl.load(dw + o_tk, mask=m_k[None, :], other=0.0) + b_dws, mask=m_k[None, :])
 
     @triton.jit
     def wy_bwd_kernel(
-        k, w, v, beta, tinv, dub, uo, ss, dss, dw_o, dk, dw, dv, dbeta,
+        k, w, v, beta, tinv, dub, dk, dw, dv, dbeta,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Through Ub = T diag(b) V, Kb = T diag(b) K, T = (I + A)^{-1}, A = tril(diag(b) K W^T, -1),
-        and the state scan's use of Kb and W; `dw_o` is the output's share of dW, added here."""
+        `dk` holds dKb on entry (and dK on exit); `dw` holds the other shares of dW, added to."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -316,7 +325,7 @@ if HAS_TRITON:
             m = o_k[None, :] < K
             b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_dkb, _ = _state_grads(dub, uo, ss, dss, i_c, o_t, o_k, o_k < K, K, V, C, BK, BV, False, PRECISION)
+            b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             b_dt += tl.dot(b_dkb, tl.trans(b_k * b_b[:, None]), input_precision=PRECISION)
             b_kw += tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
         # dA = -T^T dT T^T on the strictly lower part
@@ -330,13 +339,14 @@ if HAS_TRITON:
             m = o_k[None, :] < K
             b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_dkb, b_dws = _state_grads(dub, uo, ss, dss, i_c, o_t, o_k, o_k < K, K, V, C, BK, BV, True, PRECISION)
+            b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            tl.debug_barrier()  # every warp has read this block of dKb before dK overwrites it
             b_dkbb = tl.dot(tl.trans(b_t), b_dkb, input_precision=PRECISION)  # d(diag(b) K)
             b_db += tl.sum(b_dkbb * b_k, 1)
             b_dk = b_dkbb * b_b[:, None] + tl.dot(b_dab, b_w, input_precision=PRECISION)
             tl.store(dk + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
-            b_dw = tl.dot(tl.trans(b_dab), b_k, input_precision=PRECISION) + b_dws
-            b_dw += tl.load(dw_o + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_dw = tl.dot(tl.trans(b_dab), b_k, input_precision=PRECISION)
+            b_dw += tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             tl.store(dw + o_t[:, None] * K + o_k[None, :], b_dw, mask=m)
         tl.store(dbeta + o_t, b_db)
 
@@ -774,9 +784,12 @@ class DeltaRuleAsym(torch.autograd.Function):
         state_scan_bwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
             kb, w, gu, gss, ds, dub, dss, ds0, NC, K=K, V=V, C=C, PRECISION=precision, **launch
         )
-        dk, dw, dv, dbeta = torch.empty_like(k), torch.empty_like(w), torch.empty_like(v), torch.empty_like(beta)
+        dk, dw, dv, dbeta = torch.empty_like(k), dw_o, torch.empty_like(v), torch.empty_like(beta)
+        state_grads_kernel[(triton.cdiv(K, BK), B * H * NC)](
+            dub, uo, ss, dss, dk, dw, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, num_warps=CHUNK_WARPS
+        )
         wy_bwd_kernel[(B * H * NC,)](
-            k, w, v, beta, tinv, dub, uo, ss, dss, dw_o, dk, dw, dv, dbeta,
+            k, w, v, beta, tinv, dub, dk, dw, dv, dbeta,
             K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, num_warps=CHUNK_WARPS,
         )  # fmt: skip
         return dq, dk, dw, dv, dbeta, ds0, None, None
