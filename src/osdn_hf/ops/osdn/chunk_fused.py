@@ -440,13 +440,14 @@ if HAS_TRITON:
 
     @triton.jit
     def pre_out_bwd_kernel(
-        k, lam, y, dm, es, dw, dk, ddm, dy, du, dg, dgp, ges,
+        k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Through W = (1 + E) * K, E = G e_n^T + P (delta * U), delta = dm - Y e_n.
 
-        Writes dK (the direct part), d(dm), dY, dU (the part through E), the gradients of the
-        log gates `g` and `gp` through G and P, and the gradient of e_n (`ges`). Nothing a
+        Writes dK (the direct part), d(dm), dU (the part through E), the gradients of the log
+        gates `g` and `gp` through G and P, and the gradient of e_n (`ges`). dY is not written:
+        it is `-d(dm) e_n^T` here and in the scan alike, so the next kernels rebuild it. Nothing a
         program writes is read back by it."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
@@ -481,7 +482,6 @@ if HAS_TRITON:
             m_k = o_k < K
             b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
             b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
-            tl.store(dy + o_t[:, None] * K + o_k[None, :], -b_ddelta[:, None] * b_e[None, :], mask=m_k[None, :])
             b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
             b_de = tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0) * b_k
             b_ges = tl.sum(b_de * b_eg[:, None], 0) - tl.sum(b_y * b_ddelta[:, None], 0)
@@ -489,12 +489,13 @@ if HAS_TRITON:
 
     @triton.jit
     def pre_intra_bwd_kernel(
-        k, beta, eta, lam, tinv, ddm, dy, du, dp, dgc, dg, dgp, dk, dbeta, deta, dlam,
+        k, beta, eta, lam, tinv, es, ddm, du, dp, dgc, dg, dgp, dk, dbeta, deta, dlam,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Through `pre_intra_fwd_kernel`: [dm, Y] = (I + L)^{-1} R, p, Gc, back to k, beta, eta, lam.
 
-        `ddm`, `dy`, `du` hold the summed gradients of dm, Y and U; `dg`, `dgp` those of the log
+        `ddm`, `du` hold the summed gradients of dm and U (that of Y is `-ddm e_n^T`, `es` holding
+        the chunk-start `e_n`); `dg`, `dgp` those of the log
         gates from the output step. `dk` holds the direct part of dK (written by the previous
         kernel) and gets the rest added."""
         i_c = tl.program_id(0).to(tl.int64)
@@ -520,7 +521,8 @@ if HAS_TRITON:
         b_ti = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])  # (I + L)^{-1}
         b_egp = tl.exp(b_gp)
         b_r = b_a * b_egp
-        # dR = T^T dX and dL = -dR X^T, X = [dm, Y] = T R, column by column over K
+        # dR = T^T dX and dL = -dR X^T, X = [dm, Y] = T R, column by column over K; with
+        # dY = -ddm e_n^T, the Y columns of dR are -(T^T ddm) e_n^T
         b_dx0 = tl.load(ddm + o_t)
         b_x0 = tl.sum(b_ti * b_m[None, :], 1)
         b_dr0 = tl.sum(b_ti * b_dx0[:, None], 0)  # T^T ddm
@@ -533,8 +535,7 @@ if HAS_TRITON:
             b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             b_u = b_k * b_k
             b_y = tl.dot(b_ti, b_u * b_r[:, None], input_precision=PRECISION)
-            b_dy = tl.load(dy + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_dr = tl.dot(tl.trans(b_ti), b_dy, input_precision=PRECISION)
+            b_dr = -b_dr0[:, None] * tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
             b_dl -= tl.dot(b_dr, tl.trans(b_y), input_precision=PRECISION)
             b_dru = tl.sum(b_dr * b_u, 1)  # <dR_t, u_t>
             b_da += b_egp * b_dru
@@ -562,8 +563,7 @@ if HAS_TRITON:
             m = o_k[None, :] < K
             b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             b_u = b_k * b_k
-            b_dy = tl.load(dy + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_dr = tl.dot(tl.trans(b_ti), b_dy, input_precision=PRECISION)
+            b_dr = -b_dr0[:, None] * tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
             b_du = tl.load(du + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + b_dr * b_r[:, None]
             b_du += tl.dot(b_duu, b_u, input_precision=PRECISION) + b_dsu[:, None]
             b_dk = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + 2 * b_k * b_du
@@ -687,53 +687,21 @@ class Precondition(torch.autograd.Function):
         grid = (B * H * NC,)
         dw = torch.zeros_like(k) if dw is None else dw.contiguous()
         dd = k.new_zeros(B, H, K) if dd is None else dd.contiguous()
-        dk, ddm, dy, du = torch.empty_like(k), torch.empty_like(dm), torch.empty_like(y), torch.empty_like(u)
+        dk, ddm, du = torch.empty_like(k), torch.empty_like(dm), torch.empty_like(u)
         dg, dgp, ges = torch.empty_like(dm), torch.empty_like(dm), torch.empty_like(es)
         pre_out_bwd_kernel[grid](
-            k,
-            lam,
-            y,
-            dm,
-            es,
-            dw,
-            dk,
-            ddm,
-            dy,
-            du,
-            dg,
-            dgp,
-            ges,
-            K=K,
-            C=C,
-            BK=BK,
-            PRECISION=ctx.precision,
-            num_warps=CHUNK_WARPS,
-        )
+            k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
+            K=K, C=C, BK=BK, PRECISION=ctx.precision, num_warps=CHUNK_WARPS,
+        )  # fmt: skip
+        # the scan adds its gradients of u and dm to the output step's (dy: see pre_out_bwd_kernel)
         sdp, sdgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(dd)
         precond_scan_bwd_kernel[(B * H,)](
-            y,
-            u,
-            dm,
-            p,
-            gc,
-            es,
-            ges,
-            dd,
-            dy,
-            du,
-            ddm,
-            sdp,
-            sdgc,
-            de0,
-            NC,
-            K=K,
-            C=C,
-            ACC=True,
+            y, u, dm, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC, K=K, C=C, ACC=True, DY=False,
             **_scan_launch("precond_bwd", K, K, C),
-        )  # fmt: skip: adds the scan's gradients of y, u, dm to the output step's
+        )  # fmt: skip
         dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
         pre_intra_bwd_kernel[grid](
-            k, beta, eta, lam, tinv, ddm, dy, du, sdp, sdgc, dg, dgp, dk, dbeta, deta, dlam,
+            k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, dg, dgp, dk, dbeta, deta, dlam,
             K=K, C=C, BK=BK, PRECISION=ctx.precision, num_warps=CHUNK_WARPS,
         )  # fmt: skip
         return dk, dbeta, deta, dlam, de0, None

@@ -88,9 +88,11 @@ if HAS_TRITON:
         BK: tl.constexpr,
         BS: tl.constexpr,
         ACC: tl.constexpr = False,
+        DY: tl.constexpr = True,
     ):
         """Reverse of `precond_scan_fwd_kernel`; `de` is the gradient of e_{n+1}. With ACC the
-        gradients of y, u and dm are added to what those buffers hold."""
+        gradients of y, u and dm are added to what those buffers hold; without DY dy is not
+        written (it is `-ddm e_n^T`, which a caller can rebuild)."""
         i_bh = tl.program_id(0).to(tl.int64)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
@@ -116,11 +118,13 @@ if HAS_TRITON:
                 b_du = (b_p * b_res)[:, None] * b_de[None, :]
                 if ACC:
                     b_ddm += tl.load(ddm + o_t)
-                    b_dy += tl.load(dy + o_tk, mask=m_k[None, :], other=0.0)
                     b_du += tl.load(du + o_tk, mask=m_k[None, :], other=0.0)
+                    if DY:
+                        b_dy += tl.load(dy + o_tk, mask=m_k[None, :], other=0.0)
                 tl.store(ddm + o_t, b_ddm)
                 tl.store(dp + o_t, b_res * b_q)
-                tl.store(dy + o_tk, b_dy, mask=m_k[None, :])
+                if DY:
+                    tl.store(dy + o_tk, b_dy, mask=m_k[None, :])
                 tl.store(du + o_tk, b_du, mask=m_k[None, :])
                 b_acc -= tl.sum(b_y * b_pq[:, None], 0)
             b_de = b_acc
