@@ -166,3 +166,17 @@ def test_sweep_splits_over_workers_and_merges(tmp_path):
     assert len(json.loads(out.read_text())["rows"]) == 4
     main([*args, "--steps", "3", "--deadline", "0"])  # a run cut short by the deadline is not recorded
     assert len(json.loads(out.read_text())["rows"]) == 4
+
+
+def test_sweep_merges_shards_left_by_a_killed_run(tmp_path):
+    """Rows in worker shards whose parent was killed before merging are kept, not run again, and
+    every row names the commit it ran at."""
+    out = tmp_path / "mqar.json"
+    args = ["--out", str(out), "--models", "osdn", "--d-models", "32", "--settings", "64:8", "--lrs", "3e-3"]
+    args += ["--steps", "2", "--batch-size", "4", "--vocab-size", "64", "--eval-every", "2"]
+    main([*args, "--out", str(tmp_path / "mqar.worker0.json"), "--commit", "abc"])  # as a worker would leave it
+    assert not out.exists()
+    main([*args, "--lrs", "3e-3", "1e-2", "--workers", "2", "--commit", "def"])
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["lr"], r["commit"]) for r in rows) == [(3e-3, "abc"), (1e-2, "def")]
+    assert not list(tmp_path.glob("*.worker*.json"))

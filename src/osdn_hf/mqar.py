@@ -299,26 +299,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_workers(args, argv) -> dict:
-    """Split the sweep over `--workers` processes (round-robin over GPUs), then merge their rows."""
-    out = Path(args.out)
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    argv = list(sys.argv[1:] if argv is None else argv)
-    i = argv.index("--workers")
-    base = argv[:i] + argv[i + 2 :]
-    procs, shards = [], []
-    for w in range(args.workers):
-        shard = out.with_name(f"{out.stem}.worker{w}.json")
-        if out.exists() and not shard.exists():
-            shard.write_text(out.read_text())  # the rows done so far, so no worker repeats them
-        shards.append(shard)
-        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.workers)))
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[w % len(gpus)]
-        cmd = [sys.executable, "-m", "osdn_hf.mqar", *base, "--out", str(shard), "--shard", f"{w}/{args.workers}"]
-        procs.append(subprocess.Popen(cmd, env=env))
-    codes = [p.wait() for p in procs]
+def _merge_shards(out: Path, shards: list[Path]) -> dict:
+    """Fold the workers' shard files into `out` (rows new to it, by `_key`) and delete them."""
     result = json.loads(out.read_text()) if out.exists() else {"rows": []}
     keys = {_key(r) for r in result["rows"]}
     for shard in shards:
@@ -330,6 +312,37 @@ def run_workers(args, argv) -> dict:
                     keys.add(_key(r))
                     result["rows"].append(r)
             shard.unlink()
+    if result["rows"]:
+        out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run_workers(args, argv) -> dict:
+    """Split the sweep over `--workers` processes (round-robin over GPUs), then merge their rows.
+
+    Shards left by an earlier run that was killed before it merged are merged first, so their
+    rows are kept and not run again.
+    """
+    out = Path(args.out)
+    _merge_shards(out, sorted(out.parent.glob(f"{out.stem}.worker*.json")))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    i = argv.index("--workers")
+    base = argv[:i] + argv[i + 2 :]
+    procs, shards = [], []
+    for w in range(args.workers):
+        shard = out.with_name(f"{out.stem}.worker{w}.json")
+        if out.exists():
+            shard.write_text(out.read_text())  # the rows done so far, so no worker repeats them
+        shards.append(shard)
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.workers)))
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[w % len(gpus)]
+        cmd = [sys.executable, "-m", "osdn_hf.mqar", *base, "--out", str(shard), "--shard", f"{w}/{args.workers}"]
+        procs.append(subprocess.Popen(cmd, env=env))
+    codes = [p.wait() for p in procs]
+    result = _merge_shards(out, shards)
     result["command"] = "python scripts/mqar.py " + " ".join(argv)
     if result["rows"]:
         out.write_text(json.dumps(result, indent=1))
@@ -410,7 +423,7 @@ def main(argv=None) -> dict:
         if row is None:
             print(f"deadline reached during {m} d={d} L={L} lr={lr:g}: not recorded; rerun to continue")
             break
-        result["rows"].append(row)
+        result["rows"].append({**row, "commit": args.commit})  # the top-level commit is the last run's
         out.write_text(json.dumps(result, indent=1))  # partial results survive an interrupted sweep
         print(
             f"{m:12s} d={d:4d} L={L:5d} P={P:4d} lr={lr:g}: acc {row['accuracy']:.3f}, "
