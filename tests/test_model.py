@@ -68,11 +68,15 @@ def test_cached_decoding_equals_full_forward(prefill, preconditioner):
         out = model(ids[:, :prefill], use_cache=True)
         cache, steps = out.past_key_values, [out.logits]
         assert isinstance(cache, OSDNCache) and cache.get_seq_length() == prefill
+        prefilled = cache.get_layer_state(0)
         for t in range(prefill, ids.shape[1]):
             out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=LOGITS_ATOL, rtol=0)
     state = cache.get_layer_state(0)
+    # decoding without autograd updated the prefill's state tensors in place
+    assert state["recurrent_state"] is prefilled["recurrent_state"]
+    assert state["precond_state"] is prefilled["precond_state"]
     assert state["recurrent_state"].shape == (3, 2, 16, 16) and state["recurrent_state"].dtype == torch.float32
     assert state["precond_state"].shape == (3, 2, 16)
     assert [c.shape for c in state["conv_state"]] == [(3, 32, 3)] * 3

@@ -173,6 +173,41 @@ def test_qk_l2norm_in_kernel_gradients(op):
         assert_close(f"d{name}", got_grads[name], ref_grads[name])
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_recurrent_inplace_final_state(packed):
+    """`inplace_final_state` writes the final states into the initial ones and returns them;
+    results equal the out-of-place call, also for packed sequences (one of them empty)."""
+    inputs = {
+        n: (x.detach() if x is not None else None)
+        for n, x in make_inputs(1, 9, 2, 16, 8, with_states=True, N=3).items()
+    }
+    cu = torch.tensor([0, 4, 4, 9]) if packed else None
+    if not packed:
+        inputs = {n: (x[:1] if n in ("initial_state", "initial_precond") else x) for n, x in inputs.items()}
+    ref = fused_recurrent_osdn(**inputs, output_final_state=True, cu_seqlens=cu)
+    S0, d0 = inputs["initial_state"].clone(), inputs["initial_precond"].clone()
+    with torch.no_grad():
+        o, S, d = fused_recurrent_osdn(
+            **{**inputs, "initial_state": S0, "initial_precond": d0}, cu_seqlens=cu, inplace_final_state=True
+        )
+    assert S is S0 and d is d0
+    for name, a, b in zip(("o", "S", "d"), (o, S, d), ref):
+        assert_close(name, a, b)
+    if packed:  # the empty sequence keeps its state
+        assert torch.equal(S0[1], inputs["initial_state"][1])
+
+
+def test_fused_recurrent_inplace_final_state_bad_input():
+    inputs = make_inputs(1, 3, 2, 16, 8, with_states=True)
+    with pytest.raises(ValueError, match="autograd"):
+        fused_recurrent_osdn(**inputs, inplace_final_state=True)
+    plain = {n: (x.detach() if x is not None else None) for n, x in inputs.items()}
+    with pytest.raises(ValueError, match="needs `initial_precond`"):
+        fused_recurrent_osdn(**{**plain, "initial_precond": None}, inplace_final_state=True)
+    with pytest.raises(ValueError, match="contiguous float32 `initial_state`"):
+        fused_recurrent_osdn(**{**plain, "initial_state": plain["initial_state"].double()}, inplace_final_state=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("op", ["chunk", "fused_recurrent"])
 def test_half_precision_inputs(op, dtype, backend):

@@ -111,15 +111,24 @@ def fused_recurrent_osdn_fwd(
     cu_seqlens,
     use_qk_l2norm_in_kernel,
     N,
+    inplace_final_state=False,
 ):
-    """Launch the decoding kernel on `[B, T, H, *]` inputs (packed when `cu_seqlens` is given)."""
+    """Launch the decoding kernel on `[B, T, H, *]` inputs (packed when `cu_seqlens` is given).
+
+    With `inplace_final_state` the final `S` is written over `initial_state` (each program
+    reads its own tile first and writes it last) and the final `d` into `initial_precond`
+    after the kernel (every V block reads all of `d`, so it cannot be overwritten while they run).
+    """
     B, T, H, K = q.shape
     V = v.shape[-1]
     BK = max(triton.next_power_of_2(K), 16)
     BV = min(max(triton.next_power_of_2(V), 16), 64 if BK <= 128 else 32)
     q, k, v, beta, eta, lam = (x.contiguous() for x in (q, k, v, beta, eta, lam))
     o = torch.empty_like(v)
-    sf = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    if inplace_final_state:
+        sf = initial_state
+    else:
+        sf = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     df = q.new_empty(N, H, K, dtype=torch.float32) if output_final_state else None
     s0 = initial_state.float().contiguous() if initial_state is not None else None
     d0 = initial_precond.float().contiguous() if initial_precond is not None else None
@@ -152,6 +161,8 @@ def fused_recurrent_osdn_fwd(
         IS_VARLEN=cu_seqlens is not None,
         USE_QK_L2NORM=use_qk_l2norm_in_kernel,
     )
+    if inplace_final_state:
+        return o, initial_state, initial_precond.copy_(df)
     return o, sf, df
 
 
@@ -264,12 +275,17 @@ def fused_recurrent_osdn(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
+    inplace_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Recurrent OSDN: the decoding path for one token or a short input.
 
     Same arguments and results as `chunk_osdn` (layout `[B, T, H, *]`, states `[N, H, K, V]`
     and `[N, H, K]` in float32); it walks the tokens one by one, so it is the cheaper path
     when T is small and the state comes from a cache.
+
+    `inplace_final_state=True` writes the final states over `initial_state` and
+    `initial_precond` (given, float32, contiguous, outside autograd) and returns those same
+    tensors, so a decoding cache is updated without new allocations.
 
     Example:
         >>> B, H, K = 2, 4, 32
@@ -280,7 +296,17 @@ def fused_recurrent_osdn(
         ...                                initial_precond=d, output_final_state=True,
         ...                                use_qk_l2norm_in_kernel=True)
     """
+    if inplace_final_state:
+        _check_inplace(initial_state, initial_precond, (q, k, v, beta, eta, lam))
+        output_final_state = True
     if use_triton(q):
+        if inplace_final_state:
+            N = check_inputs(q, k, v, beta, eta, lam, scale, initial_state, initial_precond, cu_seqlens)
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
+            return fused_recurrent_osdn_fwd(
+                q, k, v, beta, eta, lam, scale, initial_state, initial_precond, True, cu_seqlens,
+                use_qk_l2norm_in_kernel, N, inplace_final_state=True,
+            )  # fmt: skip
         N = check_inputs(q, k, v, beta, eta, lam, scale, initial_state, initial_precond, cu_seqlens)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         o, S, d = FusedRecurrentOSDNFunction.apply(
@@ -299,7 +325,7 @@ def fused_recurrent_osdn(
             N,
         )
         return o, S, d
-    return run_padded(
+    o, S, d = run_padded(
         _fused_recurrent_osdn_torch,
         q,
         k,
@@ -314,3 +340,24 @@ def fused_recurrent_osdn(
         cu_seqlens,
         use_qk_l2norm_in_kernel,
     )
+    if inplace_final_state:
+        return o, initial_state.copy_(S), initial_precond.copy_(d)
+    return o, S, d
+
+
+def _check_inplace(initial_state, initial_precond, inputs) -> None:
+    """`inplace_final_state` needs both states, float32 and contiguous, and no autograd through them."""
+    for name, x in (("initial_state", initial_state), ("initial_precond", initial_precond)):
+        if x is None:
+            raise ValueError(f"`inplace_final_state=True` needs `{name}`: the final state is written into it")
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            raise ValueError(
+                f"`inplace_final_state=True` needs a contiguous float32 `{name}`, got {x.dtype}"
+                f"{'' if x.is_contiguous() else ' (not contiguous)'}"
+            )
+    tracked = (initial_state, initial_precond, *inputs)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tracked):
+        raise ValueError(
+            "`inplace_final_state=True` overwrites the initial states, which autograd would need: "
+            "run it under torch.no_grad() or with inputs that do not require grad"
+        )
