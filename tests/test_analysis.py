@@ -180,3 +180,24 @@ def test_sweep_merges_shards_left_by_a_killed_run(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert sorted((r["lr"], r["commit"]) for r in rows) == [(3e-3, "abc"), (1e-2, "def")]
     assert not list(tmp_path.glob("*.worker*.json"))
+
+
+def test_sweep_over_preconditioner_settings(tmp_path):
+    """`--precond-eta-init` / `--apf-init` sweep the preconditioner: each model runs with the settings
+    that affect it (DeltaNet once), invalid combinations are skipped, and rows record what ran."""
+    out = tmp_path / "mqar.json"
+    args = ["--out", str(out), "--d-models", "32", "--settings", "64:8", "--lrs", "3e-3", "--steps", "2"]
+    args += ["--batch-size", "4", "--vocab-size", "64", "--eval-every", "2"]
+    args += ["--precond-eta-init", "0.5", "1.5", "--apf-init", "0.9"]  # 1.5 > eta_max = 1: skipped
+    main(args)
+    rows = json.loads(out.read_text())["rows"]
+    got = sorted((r["model"], tuple(sorted(r["config_overrides"].items()))) for r in rows)
+    assert got == [
+        ("deltanet", ()),
+        ("osdn", (("apf_init", 0.9), ("precond_eta_init", 0.5))),
+        ("osdn_no_apf", (("precond_eta_init", 0.5),)),
+    ]
+    osdn = next(r for r in rows if r["model"] == "osdn")
+    assert osdn["preconditioner_config"] == {"precond_eta_init": 0.5, "eta_max": 1.0, "apf_init": 0.9}
+    main(args)  # done rows are recognised with their settings: nothing runs twice
+    assert len(json.loads(out.read_text())["rows"]) == 3

@@ -9,6 +9,7 @@ the value right after each queried key.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -32,6 +33,9 @@ MODELS = {
     "deltanet": dict(preconditioner="none"),
 }
 SETTINGS = ((512, 64), (1024, 128), (2048, 256))
+# The preconditioner settings a sweep may vary (`--precond-eta-init` ...), and the models they affect.
+OVERRIDES = ("precond_eta_init", "eta_max", "apf_init")
+RELEVANT = {"osdn": set(OVERRIDES), "osdn_no_apf": {"precond_eta_init", "eta_max"}, "deltanet": set()}
 
 
 def mqar_batch(batch_size: int, seq_len: int, num_pairs: int, vocab_size: int, generator: torch.Generator):
@@ -154,8 +158,11 @@ def train_one(
     progress: bool = True,
     deadline: float | None = None,
     train_mix: int = 1,
+    config_overrides: dict | None = None,
 ) -> dict | None:
     """Train one model on fresh MQAR batches; return its final accuracy, curve and residuals.
+
+    `config_overrides` (OSDNConfig fields, e.g. `precond_eta_init`) are recorded in the row.
 
     Training batches mix `train_pairs(num_pairs, train_mix)` pair counts; evaluation uses
     `num_pairs` only. Returns None, recording nothing, if the clock passes `deadline` (a
@@ -164,7 +171,8 @@ def train_one(
     pairs = train_pairs(num_pairs, train_mix)
     gen = torch.Generator(device).manual_seed(seed)
     eval_gen = torch.Generator(device).manual_seed(10_000 + seed)
-    model = build_model(name, d_model, vocab_size, num_heads, seed).to(device)
+    config_overrides = dict(config_overrides or {})
+    model = build_model(name, d_model, vocab_size, num_heads, seed, **config_overrides).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     warmup = max(steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -214,6 +222,8 @@ def train_one(
         "vocab_size": vocab_size,
         "num_heads": num_heads,
         "seed": seed,
+        "config_overrides": config_overrides,
+        "preconditioner_config": {k: getattr(model.config, k) for k in OVERRIDES},
         "seconds": round(time.time() - start, 1),
     }
 
@@ -286,6 +296,9 @@ def parse_args(argv=None):
         default=1,
         help="train on this many pair counts (P, P/2, ..., at least 4), test on P; 1: P only",
     )
+    p.add_argument("--precond-eta-init", type=float, nargs="+", help="sweep OSDNConfig.precond_eta_init")
+    p.add_argument("--eta-max", type=float, nargs="+", help="sweep OSDNConfig.eta_max")
+    p.add_argument("--apf-init", type=float, nargs="+", help="sweep OSDNConfig.apf_init (OSDN with APF only)")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--time-budget", type=float, default=None, help="stop starting new runs after this many seconds")
     p.add_argument(
@@ -363,7 +376,24 @@ def _key(row: dict) -> tuple:
         row["vocab_size"],
         row["steps"],
         tuple(row.get("train_pairs", [row["num_pairs"]])),
+        tuple(sorted(row.get("config_overrides", {}).items())),
     )
+
+
+def override_grid(args, model: str) -> list[dict]:
+    """The preconditioner settings to run `model` with: the product of the values given for the
+    fields that affect it (`RELEVANT`), each a valid OSDNConfig; `[{}]` (the defaults) if none."""
+    axes = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) and k in RELEVANT[model]}
+    grid = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    valid = []
+    for combo in grid:
+        try:
+            OSDNConfig(**combo)
+        except ValueError as err:
+            print(f"skipping {model} with {combo}: {err}")
+            continue
+        valid.append(combo)
+    return valid if grid else [{}]
 
 
 def main(argv=None) -> dict:
@@ -387,19 +417,22 @@ def main(argv=None) -> dict:
     done = {_key(r) for r in result["rows"]}
     settings = [tuple(int(x) for x in s.split(":")) for s in args.settings]
     plan = [
-        (L, P, d, lr, m)
+        (L, P, d, lr, m, ov)
         for L, P in settings
         for d in args.d_models
         for lr in args.lrs
         for m in args.models
-        if (m, d, L, P, lr, args.seed, args.vocab_size, args.steps, tuple(train_pairs(P, args.train_mix))) not in done
+        for ov in override_grid(args, m)
+        if (m, d, L, P, lr, args.seed, args.vocab_size, args.steps, tuple(train_pairs(P, args.train_mix)))
+        + (tuple(sorted(ov.items())),)
+        not in done
     ]
     if args.shard:
         i, n = (int(x) for x in args.shard.split("/"))
         plan = plan[i::n]
     start = time.time()
     deadline = None if args.deadline is None else start + args.deadline
-    for L, P, d, lr, m in tqdm(plan, desc="MQAR sweep"):
+    for L, P, d, lr, m, ov in tqdm(plan, desc="MQAR sweep"):
         if args.time_budget is not None and time.time() - start > args.time_budget:
             print(f"time budget reached: {len(plan)} planned, stopping; rerun to continue where this stopped")
             break
@@ -419,6 +452,7 @@ def main(argv=None) -> dict:
             progress=args.shard is None,
             deadline=deadline,
             train_mix=args.train_mix,
+            config_overrides=ov,
         )
         if row is None:
             print(f"deadline reached during {m} d={d} L={L} lr={lr:g}: not recorded; rerun to continue")
@@ -426,7 +460,7 @@ def main(argv=None) -> dict:
         result["rows"].append({**row, "commit": args.commit})  # the top-level commit is the last run's
         out.write_text(json.dumps(result, indent=1))  # partial results survive an interrupted sweep
         print(
-            f"{m:12s} d={d:4d} L={L:5d} P={P:4d} lr={lr:g}: acc {row['accuracy']:.3f}, "
+            f"{m:12s} d={d:4d} L={L:5d} P={P:4d} lr={lr:g} {ov or ''}: acc {row['accuracy']:.3f}, "
             f"recall residual {row['recall_residual']:.3f}, "
             f"write residual {row['write_residual']:.3f}, {row['seconds']} s"
         )
