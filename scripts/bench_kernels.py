@@ -7,8 +7,9 @@ One process, one GPU, bf16, H=16, K=V=128, (B, T) in (8, 2048), (4, 4096), (2, 8
 (1, 16384): forward and forward+backward of `chunk_osdn`, fla's `chunk_delta_rule` (same q, k,
 v, beta), fla's `chunk_precond_gated_delta_rule` with zero gates and causal
 `scaled_dot_product_attention`, timed with `triton.testing.do_bench` (median); peak memory of
-each forward+backward; and one decoding step (B=1) of `fused_recurrent_osdn` against fla's
-`fused_recurrent_delta_rule`. Writes the JSON (schema in the kernels issue) and a PNG beside it.
+each forward+backward; and one decoding step (B=1) of `fused_recurrent_osdn` (out of place and
+in place) against fla's `fused_recurrent_delta_rule`, as whole-call time and as GPU time.
+Writes the JSON (schema in the kernels issue) and a PNG beside it.
 """
 
 from __future__ import annotations
@@ -91,7 +92,23 @@ def bench_row(B, T, do_bench):
     return row
 
 
+def _gpu_us(fn, calls: int = 50) -> float:
+    """GPU time per call of everything `fn` launches (torch.profiler), without host overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / calls
+
+
 def bench_decode(do_bench):
+    """One decoding step (B=1). `*_us` is `do_bench` of a whole call, which for a step this small
+    is mostly host time (checks, allocation, launch); `*_gpu_us` is the GPU time of what the call
+    launches. `osdn_inplace_*` updates the states in place, as the model's cached decoding does."""
     from fla.ops.delta_rule import fused_recurrent_delta_rule
 
     from osdn_hf.ops import fused_recurrent_osdn
@@ -101,29 +118,25 @@ def bench_decode(do_bench):
     beta, eta, lam = (torch.rand(1, 1, H, device=dev, dtype=dt) for _ in range(3))
     S = torch.randn(1, H, K, V, device=dev)
     d = torch.ones(1, H, K, device=dev)
+    S_cache, d_cache = S.clone(), d.clone()
+    args, norm = (q, k, v, beta, eta, lam), dict(use_qk_l2norm_in_kernel=True)
+    calls = {
+        "osdn": lambda: fused_recurrent_osdn(
+            *args, initial_state=S, initial_precond=d, output_final_state=True, **norm
+        ),
+        "osdn_inplace": lambda: fused_recurrent_osdn(
+            *args, initial_state=S_cache, initial_precond=d_cache, inplace_final_state=True, **norm
+        ),
+        "fla_delta": lambda: fused_recurrent_delta_rule(
+            q, k, v, beta, initial_state=S, output_final_state=True, use_qk_l2norm_in_kernel=True
+        ),
+    }
+    out = {}
     with torch.no_grad():
-        osdn = lambda: fused_recurrent_osdn(
-            q,
-            k,
-            v,
-            beta,
-            eta,
-            lam,
-            initial_state=S,
-            initial_precond=d,  # noqa: E731
-            output_final_state=True,
-            use_qk_l2norm_in_kernel=True,
-        )
-        fla = lambda: fused_recurrent_delta_rule(
-            q,
-            k,
-            v,
-            beta,
-            initial_state=S,
-            output_final_state=True,  # noqa: E731
-            use_qk_l2norm_in_kernel=True,
-        )
-        return {"osdn_us": 1e3 * do_bench(osdn), "fla_delta_us": 1e3 * do_bench(fla)}
+        for name, fn in calls.items():
+            out[f"{name}_us"] = 1e3 * do_bench(fn)
+            out[f"{name}_gpu_us"] = _gpu_us(fn)
+    return out
 
 
 def plot(result: dict, png: Path) -> None:
