@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -125,13 +126,15 @@ class OSDNAttention(nn.Module):
         q, k, v, beta, eta, lam, conv_state = self.project(x, conv_state, cu_seqlens)
 
         # 3 + 5. The op L2-normalises q and k (step 3) and runs the two-phase recurrence.
-        #    Decoding without autograd updates the cached states in place (no new allocations).
-        op = fused_recurrent_osdn if state is not None and T <= FUSED_RECURRENT_MAX_LEN else chunk_osdn
         S0 = state["recurrent_state"] if state is not None else None
         d0 = state["precond_state"] if state is not None else None
-        extra = {}
-        if op is fused_recurrent_osdn and use_cache and not torch.is_grad_enabled():
-            extra["inplace_final_state"] = all(x.dtype == torch.float32 and x.is_contiguous() for x in (S0, d0))
+        if state is not None and T <= FUSED_RECURRENT_MAX_LEN:
+            # decoding without autograd updates the cached states in place (no new allocations)
+            inplace = use_cache and not torch.is_grad_enabled()
+            inplace = inplace and all(x.dtype == torch.float32 and x.is_contiguous() for x in (S0, d0))
+            op = partial(fused_recurrent_osdn, inplace_final_state=inplace)
+        else:
+            op = chunk_osdn
         o, recurrent_state, precond_state = op(
             q,
             k,
@@ -144,7 +147,6 @@ class OSDNAttention(nn.Module):
             output_final_state=use_cache,
             cu_seqlens=cu_seqlens,
             use_qk_l2norm_in_kernel=True,
-            **extra,
         )
         if use_cache:
             past_key_values.update_layer_state(self.layer_idx, recurrent_state, precond_state, conv_state)
