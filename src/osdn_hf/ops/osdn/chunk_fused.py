@@ -78,6 +78,7 @@ if HAS_TRITON:
             b_r = b_r + tl.sum(b_r[:, :, None] * b_t, 1) * (o16 < i)[None, :]
             b_t = tl.where(m_i, b_r[:, None, :], b_t)
         b_t = b_t + (o16[:, None] == o16[None, :]).to(tl.float32)[None, :, :]
+        # blocks below the diagonal, [16, 16] each
         a21, a31, a41 = tl.load(_blk(buf, 1, 0, o16)), tl.load(_blk(buf, 2, 0, o16)), tl.load(_blk(buf, 3, 0, o16))
         a32, a42, a43 = tl.load(_blk(buf, 2, 1, o16)), tl.load(_blk(buf, 3, 1, o16)), tl.load(_blk(buf, 3, 2, o16))
         tl.debug_barrier()  # every warp has read A before any overwrites it
@@ -130,7 +131,7 @@ if HAS_TRITON:
         o_t = i_n * C + o_c
         m_d = o_d[None, :] < D
         src = (((i_bh // H) * T + o_t) * H + i_bh % H)[:, None] * D + o_d[None, :]
-        b_x = tl.load(x + src, mask=(o_t < T)[:, None] & m_d, other=0.0).to(tl.float32)
+        b_x = tl.load(x + src, mask=(o_t < T)[:, None] & m_d, other=0.0).to(tl.float32)  # [C, BD]
         if NORM:
             b_x = b_x * tl.rsqrt(tl.sum(b_x * b_x, 1) + L2_EPS)[:, None]
         tl.store(y + (i_c * C + o_c)[:, None] * D + o_d[None, :], b_x, mask=m_d)
@@ -146,9 +147,9 @@ if HAS_TRITON:
         o_t = i_n * C + o_c
         m = (o_t < T)[:, None] & (o_d[None, :] < D)
         dst = (((i_bh // H) * T + o_t) * H + i_bh % H)[:, None] * D + o_d[None, :]
-        b_g = tl.load(gy + (i_c * C + o_c)[:, None] * D + o_d[None, :], mask=m, other=0.0)
+        b_g = tl.load(gy + (i_c * C + o_c)[:, None] * D + o_d[None, :], mask=m, other=0.0)  # [C, BD]
         if NORM:  # y = x r, r = (|x|^2 + eps)^(-1/2): dx = r (dy - y <y, dy>)
-            b_x = tl.load(x + dst, mask=m, other=0.0).to(tl.float32)
+            b_x = tl.load(x + dst, mask=m, other=0.0).to(tl.float32)  # [C, BD]
             b_r = tl.rsqrt(tl.sum(b_x * b_x, 1) + L2_EPS)
             b_y = b_x * b_r[:, None]
             b_g = b_r[:, None] * (b_g - b_y * tl.sum(b_y * b_g, 1)[:, None])
@@ -287,10 +288,12 @@ if HAS_TRITON:
             m_v = o_v < V
             o_vk = i_c * K * V + o_k[None, :] * V + o_v[:, None]  # [BV, BK]: S^T
             m_vk = m_v[:, None] & m_k[None, :]
-            b_du = tl.load(dub + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
-            b_dkb -= tl.dot(b_du, tl.load(ss + o_vk, mask=m_vk, other=0.0), input_precision=PRECISION)
-            b_u = tl.load(uo + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
-            b_dws += tl.dot(b_u, tl.load(dss + o_vk, mask=m_vk, other=0.0), input_precision=PRECISION)
+            b_du = tl.load(dub + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)  # [C, BV]
+            b_st = tl.load(ss + o_vk, mask=m_vk, other=0.0)  # [BV, BK] S_n^T
+            b_dkb -= tl.dot(b_du, b_st, input_precision=PRECISION)
+            b_u = tl.load(uo + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)  # [C, BV]
+            b_dst = tl.load(dss + o_vk, mask=m_vk, other=0.0)  # [BV, BK] dS_{n+1}^T
+            b_dws += tl.dot(b_u, b_dst, input_precision=PRECISION)
         o_tk = o_t[:, None] * K + o_k[None, :]
         tl.store(dkb + o_tk, b_dkb, mask=m_k[None, :])
         tl.store(dw + o_tk, tl.load(dw + o_tk, mask=m_k[None, :], other=0.0) + b_dws, mask=m_k[None, :])
