@@ -6,14 +6,16 @@ step done per chunk in one program that keeps its `C x C` matrices in registers,
 backward pass reuses. The two chunk-to-chunk recurrences are the scans of `chunk_scan.py`.
 
 Layout: every tensor is float32 and chunked, `[B, H, NC, C, *]` contiguous, so row `t` of
-chunk `i_c = (b * H + h) * NC + n` starts at `(i_c * C + t) * D`.
+chunk `i_c = (b * H + h) * NC + n` starts at `(i_c * C + t) * D`; `ToChunks` / `FromChunks`
+move q, k, v and o between this layout and `[B, T, H, *]` in their own dtype.
 
 Phase 1 (`Precondition`): `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`
     forward:  `pre_intra_fwd` (L, (I + L)^{-1}, Y, dm, p, Gc) -> precond scan -> `pre_out_fwd` (E, W)
     backward: `pre_out_bwd` -> precond scan backward -> `pre_intra_bwd`
 Phase 2 (`DeltaRuleAsym`): `(q, k, w, v, beta, S0) -> (O, S_final)`
     forward:  `wy_fwd` (A, T = A^{-1}, Ub, Kb) -> state scan -> `out_fwd` (O)
-    backward: `out_bwd` (dQ, dW, dU, dS_n) -> state scan backward -> `wy_bwd`
+    backward: `out_bwd` (dQ, dW, dU, dS_n) -> state scan backward (dUb, dS_{n+1}) ->
+              `state_grads` (dKb, the scan's share of dW) -> `wy_bwd`
 """
 
 from __future__ import annotations
