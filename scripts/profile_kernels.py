@@ -11,6 +11,7 @@ knob at a time from the defaults, and prints and writes the times; nothing is ch
 import argparse
 import json
 import platform
+import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -62,6 +63,7 @@ def tune(step, args) -> dict:
         triton=triton.__version__,
         python=platform.python_version(),
         commit=args.commit,
+        command=" ".join(["python", *sys.argv]),
         shape=dict(B=args.B, T=args.T, H=args.H, K=args.D, V=args.D, dtype="bfloat16"),
         defaults=base,
         rows=rows,

@@ -416,17 +416,22 @@ def main(argv=None) -> dict:
     )
     done = {_key(r) for r in result["rows"]}
     settings = [tuple(int(x) for x in s.split(":")) for s in args.settings]
+    grids = {m: override_grid(args, m) for m in args.models}  # once per model: it reports what it skips
     plan = [
         (L, P, d, lr, m, ov)
         for L, P in settings
         for d in args.d_models
         for lr in args.lrs
         for m in args.models
-        for ov in override_grid(args, m)
-        if (m, d, L, P, lr, args.seed, args.vocab_size, args.steps, tuple(train_pairs(P, args.train_mix)))
-        + (tuple(sorted(ov.items())),)
+        for ov in grids[m]
+        if _key(
+            dict(
+                model=m, d_model=d, seq_len=L, num_pairs=P, lr=lr, seed=args.seed, vocab_size=args.vocab_size,
+                steps=args.steps, train_pairs=train_pairs(P, args.train_mix), config_overrides=ov,
+            )
+        )
         not in done
-    ]
+    ]  # fmt: skip
     if args.shard:
         i, n = (int(x) for x in args.shard.split("/"))
         plan = plan[i::n]

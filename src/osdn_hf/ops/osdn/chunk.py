@@ -22,7 +22,7 @@ import torch
 
 from .chunk_fused import LAM_MIN, FromChunks, ToChunks, chunk_osdn_fused
 from .chunk_scan import precond_scan_torch, state_scan_torch
-from .utils import dot_precision, run_padded, use_triton
+from .utils import dot_precision, l2norm, run_padded, use_triton
 
 # 64 matches the Triton kernels' tile and fla's chunk size; on CPU any size gives the same
 # result, larger chunks trade more C x C work for fewer sequential steps.
@@ -144,8 +144,8 @@ def _chunk_osdn_core(
     q, k, v, beta, eta, lam, scale, S0, d0, use_triton=False, precision="ieee", l2norm_qk=False, chunk_size=CHUNK_SIZE
 ):
     """`[B, T, H, *]` in (q, k, v in any float dtype, the rest float32), `(o [B, T, H, V]` in
-    q's dtype, `S [B, H, K, V], d [B, H, K])` out. With `l2norm_qk` (Triton only) the kernels
-    that relayout q and k L2-normalise them on the way."""
+    q's dtype, `S [B, H, K, V], d [B, H, K])` out. With `l2norm_qk` q and k are L2-normalised
+    first: on the Triton path inside the kernels that relayout them."""
     T = q.shape[1]
     bc, ec = _to_chunks(beta, chunk_size), _to_chunks(eta, chunk_size)
     lc = _to_chunks(lam, chunk_size, fill=1.0)
@@ -155,7 +155,7 @@ def _chunk_osdn_core(
         o, S, d = chunk_osdn_fused(qc, kc, vc, bc, ec, lc, scale, S0, d0, precision)
         return FromChunks.apply(o, T, q.dtype), S, d
     if l2norm_qk:
-        raise ValueError("`l2norm_qk` needs the Triton path; the torch path normalises before the core")
+        q, k = l2norm(q), l2norm(k)
     qc, kc, vc = (_to_chunks(x, chunk_size) for x in (q, k, v))
     D, d = chunk_precondition(kc, bc, ec, lc, d0)
     o, S = chunk_delta_rule_asym(qc, kc, D * kc, vc, bc, scale, S0)
@@ -203,9 +203,8 @@ def chunk_osdn(
         >>> o.shape, S.shape, d.shape
         (torch.Size([2, 100, 4, 32]), torch.Size([2, 4, 32, 32]), torch.Size([2, 4, 32]))
     """
-    fused = use_triton(q)  # the Triton path L2-normalises q and k inside its relayout kernels
     core = partial(
-        _chunk_osdn_core, use_triton=fused, precision=dot_precision(q), l2norm_qk=fused and use_qk_l2norm_in_kernel
+        _chunk_osdn_core, use_triton=use_triton(q), precision=dot_precision(q), l2norm_qk=use_qk_l2norm_in_kernel
     )
     return run_padded(
         core,
@@ -220,6 +219,6 @@ def chunk_osdn(
         initial_precond,
         output_final_state,
         cu_seqlens,
-        use_qk_l2norm_in_kernel and not fused,
+        False,  # the core normalises q and k (l2norm_qk)
         float_qkv=False,
     )

@@ -300,15 +300,13 @@ def fused_recurrent_osdn(
         _check_inplace(initial_state, initial_precond, (q, k, v, beta, eta, lam))
         output_final_state = True
     if use_triton(q):
-        if inplace_final_state:
-            N = check_inputs(q, k, v, beta, eta, lam, scale, initial_state, initial_precond, cu_seqlens)
-            scale = q.shape[-1] ** -0.5 if scale is None else scale
+        N = check_inputs(q, k, v, beta, eta, lam, scale, initial_state, initial_precond, cu_seqlens)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        if inplace_final_state:  # outside autograd (checked above), so no Function is needed
             return fused_recurrent_osdn_fwd(
                 q, k, v, beta, eta, lam, scale, initial_state, initial_precond, True, cu_seqlens,
                 use_qk_l2norm_in_kernel, N, inplace_final_state=True,
             )  # fmt: skip
-        N = check_inputs(q, k, v, beta, eta, lam, scale, initial_state, initial_precond, cu_seqlens)
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
         o, S, d = FusedRecurrentOSDNFunction.apply(
             q,
             k,

@@ -141,9 +141,10 @@ def run_padded(
 
     `core(q, k, v, beta, eta, lam, scale, S0, d0) -> (o, S, d)` receives float32 tensors of
     one batch of equal-length sequences (`[N, L, H, *]`); with `float_qkv=False`, q, k and v
-    keep their dtype and the core casts them (in the same copy as its own relayout). Packed sequences are padded at
-    the end with neutral tokens (`k = v = beta = eta = 0`, `lam = 1`), which change neither
-    `S` nor `d`, so the state after the padding is the state at each sequence's end.
+    keep their dtype and the core casts them (in the same copy as its own relayout).
+    Packed sequences are padded at the end with neutral tokens (`k = v = beta = eta = 0`,
+    `lam = 1`), which change neither `S` nor `d`, so the state after the padding is the state
+    at each sequence's end.
     """
     N = check_inputs(q, k, v, beta, eta, lam, scale, initial_state, initial_precond, cu_seqlens)
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
