@@ -180,6 +180,8 @@ def test_sweep_merges_shards_left_by_a_killed_run(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert sorted((r["lr"], r["commit"]) for r in rows) == [(3e-3, "abc"), (1e-2, "def")]
     assert not list(tmp_path.glob("*.worker*.json"))
+    command = json.loads(out.read_text())["command"]
+    assert "--workers 2" in command and "--shard" not in command  # the sweep's, not a worker's
 
 
 def test_sweep_over_preconditioner_settings(tmp_path):

@@ -319,7 +319,8 @@ def _merge_shards(out: Path, shards: list[Path]) -> dict:
     for shard in shards:
         if shard.exists():
             part = json.loads(shard.read_text())
-            result.update({k: v for k, v in part.items() if k != "rows"})
+            # a worker's own command line is internal: `run_workers` records the sweep's
+            result.update({k: v for k, v in part.items() if k not in ("rows", "command")})
             for r in part["rows"]:
                 if _key(r) not in keys:
                     keys.add(_key(r))
