@@ -150,8 +150,12 @@ def _chunk_osdn_core(
     bc, ec = _to_chunks(beta, chunk_size), _to_chunks(eta, chunk_size)
     lc = _to_chunks(lam, chunk_size, fill=1.0)
     if use_triton:
-        qc, kc = (ToChunks.apply(x, chunk_size, l2norm_qk) for x in (q, k))
-        vc = ToChunks.apply(v, chunk_size, False)
+        # q, k, v and the kernels' [B, H, NC, C, *] intermediates (per-chunk states included) are
+        # stored in the inputs' dtype when it is 16-bit, as fla does, and in float32 otherwise;
+        # the kernels compute in float32 and carry the states from chunk to chunk in float32
+        sd = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        qc, kc = (ToChunks.apply(x, chunk_size, l2norm_qk, sd) for x in (q, k))
+        vc = ToChunks.apply(v, chunk_size, False, sd)
         o, S, d = chunk_osdn_fused(qc, kc, vc, bc, ec, lc, scale, S0, d0, precision)
         return FromChunks.apply(o, T, q.dtype), S, d
     if l2norm_qk:

@@ -149,7 +149,7 @@ if HAS_TRITON:
         o_t = i_n * C + o_c
         m = (o_t < T)[:, None] & (o_d[None, :] < D)
         dst = (((i_bh // H) * T + o_t) * H + i_bh % H)[:, None] * D + o_d[None, :]
-        b_g = tl.load(gy + (i_c * C + o_c)[:, None] * D + o_d[None, :], mask=m, other=0.0)  # [C, BD]
+        b_g = tl.load(gy + (i_c * C + o_c)[:, None] * D + o_d[None, :], mask=m, other=0.0).to(tl.float32)  # [C, BD]
         if NORM:  # y = x r, r = (|x|^2 + eps)^(-1/2): dx = r (dy - y <y, dy>)
             b_x = tl.load(x + dst, mask=m, other=0.0).to(tl.float32)  # [C, BD]
             b_r = tl.rsqrt(tl.sum(b_x * b_x, 1) + L2_EPS)
@@ -174,21 +174,21 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
             b_a += tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
         b_a = tl.where(o_c[:, None] > o_c[None, :], b_a * b_b[:, None], 0.0)
         b_t = _invert(b_a, tinv + i_c * C * C, o_c, C)
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
             m = o_v[None, :] < V
-            b_v = tl.load(v + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_v = tl.load(v + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0).to(tl.float32)
             b_ub = tl.dot(b_t, b_v * b_b[:, None], input_precision=PRECISION)
             tl.store(ub + o_t[:, None] * V + o_v[None, :], b_ub, mask=m)
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
             b_kb = tl.dot(b_t, b_k * b_b[:, None], input_precision=PRECISION)
             tl.store(kb + o_t[:, None] * K + o_k[None, :], b_kb, mask=m)
 
@@ -209,14 +209,14 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
-            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
             m_kv = m_k[:, None] & m_v[None, :]
-            b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+            b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
             b_o += tl.dot(b_q, b_s, input_precision=PRECISION)
             b_m += tl.dot(b_q, tl.trans(b_w), input_precision=PRECISION)
         b_m = tl.where(o_c[:, None] >= o_c[None, :], b_m, 0.0)
-        b_u = tl.load(u + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_u = tl.load(u + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
         b_o = scale * (b_o + tl.dot(b_m, b_u, input_precision=PRECISION))
         tl.store(o + o_t[:, None] * V + o_v[None, :], b_o, mask=m_v[None, :])
 
@@ -238,16 +238,16 @@ if HAS_TRITON:
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
             m = o_v[None, :] < V
-            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
-            b_u = tl.load(u + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0).to(tl.float32)
+            b_u = tl.load(u + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0).to(tl.float32)
             b_dm += tl.dot(b_do, tl.trans(b_u), input_precision=PRECISION)
         b_dm = tl.where(incl, b_dm * scale, 0.0)
         b_m = tl.zeros([C, C], dtype=tl.float32)  # scale tril(Q W^T)
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
-            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
             b_m += tl.dot(b_q, tl.trans(b_w), input_precision=PRECISION)
             b_dw = tl.dot(tl.trans(b_dm), b_q, input_precision=PRECISION)
             tl.store(dw + o_t[:, None] * K + o_k[None, :], b_dw, mask=m_k[None, :])
@@ -255,9 +255,9 @@ if HAS_TRITON:
             for i_v in tl.static_range(0, V, BV):
                 o_v = i_v + tl.arange(0, BV)
                 m_v = o_v < V
-                b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+                b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
                 m_kv = m_k[:, None] & m_v[None, :]
-                b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+                b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
                 b_dq += scale * tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION)
                 b_gs = scale * tl.dot(tl.trans(b_q), b_do, input_precision=PRECISION)
                 tl.store(gss + i_c * K * V + o_k[:, None] * V + o_v[None, :], b_gs, mask=m_kv)
@@ -266,7 +266,7 @@ if HAS_TRITON:
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
             m = o_v[None, :] < V
-            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0).to(tl.float32)
             b_du = tl.dot(tl.trans(b_m), b_do, input_precision=PRECISION)
             tl.store(du + o_t[:, None] * V + o_v[None, :], b_du, mask=m)
 
@@ -290,15 +290,16 @@ if HAS_TRITON:
             m_v = o_v < V
             o_vk = i_c * K * V + o_k[None, :] * V + o_v[:, None]  # [BV, BK]: S^T
             m_vk = m_v[:, None] & m_k[None, :]
-            b_du = tl.load(dub + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)  # [C, BV]
-            b_st = tl.load(ss + o_vk, mask=m_vk, other=0.0)  # [BV, BK] S_n^T
+            o_tv = o_t[:, None] * V + o_v[None, :]  # [C, BV]
+            b_du = tl.load(dub + o_tv, mask=m_v[None, :], other=0.0).to(tl.float32)  # [C, BV]
+            b_st = tl.load(ss + o_vk, mask=m_vk, other=0.0).to(tl.float32)  # [BV, BK] S_n^T
             b_dkb -= tl.dot(b_du, b_st, input_precision=PRECISION)
-            b_u = tl.load(uo + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)  # [C, BV]
-            b_dst = tl.load(dss + o_vk, mask=m_vk, other=0.0)  # [BV, BK] dS_{n+1}^T
+            b_u = tl.load(uo + o_tv, mask=m_v[None, :], other=0.0).to(tl.float32)  # [C, BV]
+            b_dst = tl.load(dss + o_vk, mask=m_vk, other=0.0).to(tl.float32)  # [BV, BK] dS_{n+1}^T
             b_dws += tl.dot(b_u, b_dst, input_precision=PRECISION)
         o_tk = o_t[:, None] * K + o_k[None, :]
         tl.store(dkb + o_tk, b_dkb, mask=m_k[None, :])
-        tl.store(dw + o_tk, tl.load(dw + o_tk, mask=m_k[None, :], other=0.0) + b_dws, mask=m_k[None, :])
+        tl.store(dw + o_tk, tl.load(dw + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32) + b_dws, mask=m_k[None, :])
 
     @triton.jit
     def wy_bwd_kernel(
@@ -318,8 +319,8 @@ if HAS_TRITON:
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
             m = o_v[None, :] < V
-            b_v = tl.load(v + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
-            b_dub = tl.load(dub + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_v = tl.load(v + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0).to(tl.float32)
+            b_dub = tl.load(dub + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0).to(tl.float32)
             b_dt += tl.dot(b_dub, tl.trans(b_v * b_b[:, None]), input_precision=PRECISION)
             b_dvb = tl.dot(tl.trans(b_t), b_dub, input_precision=PRECISION)  # d(diag(b) V)
             tl.store(dv + o_t[:, None] * V + o_v[None, :], b_dvb * b_b[:, None], mask=m)
@@ -328,8 +329,8 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
             b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             b_dt += tl.dot(b_dkb, tl.trans(b_k * b_b[:, None]), input_precision=PRECISION)
             b_kw += tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
@@ -342,8 +343,8 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
             b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             tl.debug_barrier()  # every warp has read this block of dKb before dK overwrites it
             b_dkbb = tl.dot(tl.trans(b_t), b_dkb, input_precision=PRECISION)  # d(diag(b) K)
@@ -351,7 +352,7 @@ if HAS_TRITON:
             b_dk = b_dkbb * b_b[:, None] + tl.dot(b_dab, b_w, input_precision=PRECISION)
             tl.store(dk + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
             b_dw = tl.dot(tl.trans(b_dab), b_k, input_precision=PRECISION)
-            b_dw += tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_dw += tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
             tl.store(dw + o_t[:, None] * K + o_k[None, :], b_dw, mask=m)
         tl.store(dbeta + o_t, b_db)
 
@@ -369,11 +370,12 @@ if HAS_TRITON:
 
     @triton.jit
     def pre_intra_fwd_kernel(
-        k, beta, eta, lam, u, y, dm, p, gc, tinv,
+        k, beta, eta, lam, y, dm, p, gc, tinv,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """Per chunk: u = k * k, L[t, s] = a_t G_{t-1} / G_{s-1} <u_t, u_s> (s < t),
-        [dm, Y] = (I + L)^{-1} [m, diag(a G_{t-1}) U], p_s = G_C / G_{s-1}, Gc = G_C."""
+        """Per chunk: L[t, s] = a_t G_{t-1} / G_{s-1} <u_t, u_s> (s < t), [dm, Y] = (I + L)^{-1}
+        [m, diag(a G_{t-1}) U], p_s = G_C / G_{s-1}, Gc = G_C; u = k * k is formed where needed
+        (here, in the scan and in the backward) and never stored."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -385,9 +387,8 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
             b_u = b_k * b_k
-            tl.store(u + o_t[:, None] * K + o_k[None, :], b_u, mask=m)
             b_uu += tl.dot(b_u, tl.trans(b_u), input_precision=PRECISION)
             b_su += tl.sum(b_u, 1)
         b_a = b_eta * b_b * b_b
@@ -400,7 +401,7 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
             b_y = tl.dot(b_ti, b_k * b_k * b_r[:, None], input_precision=PRECISION)
             tl.store(y + o_t[:, None] * K + o_k[None, :], b_y, mask=m)
         tl.store(p + o_t, tl.exp(b_gend - b_gp))
@@ -415,7 +416,7 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
-            b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
             b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
             b_delta -= tl.sum(b_y * b_e[None, :], 1)
         incl = o_c[:, None] >= o_c[None, :]
@@ -436,7 +437,7 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
             b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
             b_ee = b_eg[:, None] * b_e[None, :] + tl.dot(b_p, b_k * b_k * b_delta[:, None], input_precision=PRECISION)
             tl.store(w + o_t[:, None] * K + o_k[None, :], (1 + b_ee) * b_k, mask=m_k[None, :])
@@ -465,9 +466,9 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
             b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
-            b_dw = tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_dw = tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
             b_u = b_k * b_k
             b_du_ = b_u * b_delta[:, None]
             b_ee = b_eg[:, None] * b_e[None, :] + tl.dot(b_p, b_du_, input_precision=PRECISION)
@@ -485,10 +486,10 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
-            b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
             b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-            b_de = tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0) * b_k
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+            b_de = tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32) * b_k
             b_ges = tl.sum(b_de * b_eg[:, None], 0) - tl.sum(b_y * b_ddelta[:, None], 0)
             tl.store(ges + i_c * K + o_k, b_ges, mask=m_k)
 
@@ -516,7 +517,7 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
             b_u = b_k * b_k
             b_uu += tl.dot(b_u, tl.trans(b_u), input_precision=PRECISION)
             b_su += tl.sum(b_u, 1)
@@ -537,7 +538,7 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
             b_u = b_k * b_k
             b_y = tl.dot(b_ti, b_u * b_r[:, None], input_precision=PRECISION)
             b_dr = -b_dr0[:, None] * tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
@@ -566,7 +567,7 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
             b_u = b_k * b_k
             b_dr = -b_dr0[:, None] * tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
             b_du = tl.load(du + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + b_dr * b_r[:, None]
@@ -613,14 +614,15 @@ def _relayout_launch(D: int, C: int) -> dict:
 
 
 class ToChunks(torch.autograd.Function):
-    """`[B, T, H, D]` -> float32 `[B, H, NC, C, D]` (zero-padded), optionally L2-normalising rows."""
+    """`[B, T, H, D]` -> `[B, H, NC, C, D]` in the storage dtype `dtype` (zero-padded), optionally
+    L2-normalising rows (in float32, then rounded to `dtype`)."""
 
     @staticmethod
-    def forward(ctx, x, C, normalize):
+    def forward(ctx, x, C, normalize, dtype):
         x = x.contiguous()
         B, T, H, D = x.shape
         NC = max(triton.cdiv(T, C), 1)
-        y = x.new_empty(B, H, NC, C, D, dtype=torch.float32)
+        y = x.new_empty(B, H, NC, C, D, dtype=dtype)
         to_chunks_kernel[(B * H * NC,)](x, y, T, H, NC, NORM=normalize, **_relayout_launch(D, C))
         ctx.save_for_backward(x)
         ctx.normalize = normalize
@@ -635,11 +637,11 @@ class ToChunks(torch.autograd.Function):
         from_chunks_kernel[(B * H * NC,)](
             gy.contiguous(), x, gx, T, H, NC, NORM=ctx.normalize, **_relayout_launch(D, C)
         )
-        return gx, None, None
+        return gx, None, None, None
 
 
 class FromChunks(torch.autograd.Function):
-    """float32 `[B, H, NC, C, D]` -> `[B, T, H, D]` in `dtype`."""
+    """`[B, H, NC, C, D]` (the storage dtype) -> `[B, T, H, D]` in `dtype`."""
 
     @staticmethod
     def forward(ctx, y, T, dtype):
@@ -647,14 +649,14 @@ class FromChunks(torch.autograd.Function):
         B, H, NC, C, D = y.shape
         x = y.new_empty(B, T, H, D, dtype=dtype)
         from_chunks_kernel[(B * H * NC,)](y, x, x, T, H, NC, NORM=False, **_relayout_launch(D, C))
-        ctx.C = C
+        ctx.C, ctx.dtype = C, y.dtype
         return x
 
     @staticmethod
     def backward(ctx, gx):
         B, T, H, D = gx.shape
         C, NC = ctx.C, max(triton.cdiv(T, ctx.C), 1)
-        gy = gx.new_empty(B, H, NC, C, D, dtype=torch.float32)
+        gy = gx.new_empty(B, H, NC, C, D, dtype=ctx.dtype)
         to_chunks_kernel[(B * H * NC,)](gx.contiguous(), gy, T, H, NC, NORM=False, **_relayout_launch(D, C))
         return gy, None, None
 
@@ -667,32 +669,34 @@ class Precondition(torch.autograd.Function):
         B, H, NC, C, K = k.shape
         BK, _ = _tiles(K, K)
         grid = (B * H * NC,)
-        u, y = torch.empty_like(k), torch.empty_like(k)
+        y = torch.empty_like(k)
         dm, p = torch.empty_like(beta), torch.empty_like(beta)
         gc = beta.new_empty(B, H, NC)
-        tinv = k.new_empty(B, H, NC, C, C)
+        tinv = beta.new_empty(B, H, NC, C, C)
         pre_intra_fwd_kernel[grid](
-            k, beta, eta, lam, u, y, dm, p, gc, tinv, K=K, C=C, BK=BK, PRECISION=precision, num_warps=CHUNK_WARPS
+            k, beta, eta, lam, y, dm, p, gc, tinv, K=K, C=C, BK=BK, PRECISION=precision, num_warps=CHUNK_WARPS
         )
-        es, ef = y.new_empty(B, H, NC, K), y.new_empty(B, H, K)
+        es, ef = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
         precond_scan_fwd_kernel[(B * H,)](
-            y, u, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, **_scan_launch("precond_fwd", K, K, C)
+            y, k, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, SQUARE=True, **_scan_launch("precond_fwd", K, K, C)
         )
         w = torch.empty_like(k)
         pre_out_fwd_kernel[grid](k, lam, y, dm, es, w, K=K, C=C, BK=BK, PRECISION=precision, num_warps=CHUNK_WARPS)
-        ctx.save_for_backward(k, beta, eta, lam, u, y, dm, p, gc, es, tinv)
+        ctx.save_for_backward(k, beta, eta, lam, y, dm, p, gc, es, tinv)
         ctx.precision = precision
         return w, 1 + ef
 
     @staticmethod
     def backward(ctx, dw, dd):
-        k, beta, eta, lam, u, y, dm, p, gc, es, tinv = ctx.saved_tensors
+        k, beta, eta, lam, y, dm, p, gc, es, tinv = ctx.saved_tensors
         B, H, NC, C, K = k.shape
         BK, _ = _tiles(K, K)
         grid = (B * H * NC,)
         dw = torch.zeros_like(k) if dw is None else dw.contiguous()
-        dd = k.new_zeros(B, H, K) if dd is None else dd.contiguous()
-        dk, ddm, du = torch.empty_like(k), torch.empty_like(dm), torch.empty_like(u)
+        dd = beta.new_zeros(B, H, K) if dd is None else dd.contiguous()
+        # gradients that several kernels add to stay float32 whatever k's storage
+        dk, du = torch.empty_like(k, dtype=torch.float32), torch.empty_like(k, dtype=torch.float32)
+        ddm = torch.empty_like(dm)
         dg, dgp, ges = torch.empty_like(dm), torch.empty_like(dm), torch.empty_like(es)
         pre_out_bwd_kernel[grid](
             k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
@@ -701,7 +705,7 @@ class Precondition(torch.autograd.Function):
         # the scan adds its gradients of u and dm to the output step's (dy: see pre_out_bwd_kernel)
         sdp, sdgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(dd)
         precond_scan_bwd_kernel[(B * H,)](
-            y, u, dm, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC, K=K, C=C, ACC=True, DY=False,
+            y, k, dm, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC, K=K, C=C, ACC=True, DY=False, SQUARE=True,
             **_scan_launch("precond_bwd", K, K, C),
         )  # fmt: skip
         dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
@@ -720,13 +724,13 @@ class DeltaRuleAsym(torch.autograd.Function):
         B, H, NC, C, K = k.shape
         V = v.shape[-1]
         BK, BV = _tiles(K, V)
-        tinv = k.new_empty(B, H, NC, C, C)
+        tinv = beta.new_empty(B, H, NC, C, C)
         ub, kb = torch.empty_like(v), torch.empty_like(k)
         wy_fwd_kernel[(B * H * NC,)](
             k, w, v, beta, tinv, ub, kb, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, num_warps=CHUNK_WARPS
         )
         launch = _scan_launch("state_fwd", K, V, C)
-        uo, ss, sf = torch.empty_like(ub), k.new_empty(B, H, NC, K, V), k.new_empty(B, H, K, V)
+        uo, ss, sf = torch.empty_like(ub), k.new_empty(B, H, NC, K, V), beta.new_empty(B, H, K, V)
         state_scan_fwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
             kb, w, ub, s0, uo, ss, sf, NC, K=K, V=V, C=C, PRECISION=precision, **launch
         )
@@ -746,18 +750,19 @@ class DeltaRuleAsym(torch.autograd.Function):
         BK, BV = _tiles(K, V)
         scale, precision = ctx.scale, ctx.precision
         do = torch.zeros_like(v) if do is None else do.contiguous()
-        ds = k.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
-        dq, dw_o, gu, gss = torch.empty_like(q), torch.empty_like(w), torch.empty_like(uo), torch.empty_like(ss)
+        ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
+        dq, gu, gss = torch.empty_like(q), torch.empty_like(uo), torch.empty_like(ss)
+        dw_o = torch.empty_like(w, dtype=torch.float32)  # added to by two more kernels
         out_bwd_kernel[(B * H * NC,)](
             q, w, uo, ss, do, dq, dw_o, gu, gss, scale,
             K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, num_warps=CHUNK_WARPS,
         )  # fmt: skip
         launch = _scan_launch("state_bwd", K, V, C)
-        dub, dss, ds0 = torch.empty_like(uo), gss, k.new_empty(B, H, K, V)  # dss overwrites gss as it goes
+        dub, dss, ds0 = torch.empty_like(uo), gss, beta.new_empty(B, H, K, V)  # dss overwrites gss as it goes
         state_scan_bwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
             kb, w, gu, gss, ds, dub, dss, ds0, NC, K=K, V=V, C=C, PRECISION=precision, **launch
         )
-        dk, dw, dv, dbeta = torch.empty_like(k), dw_o, torch.empty_like(v), torch.empty_like(beta)
+        dk, dw, dv, dbeta = torch.empty_like(k, dtype=torch.float32), dw_o, torch.empty_like(v), torch.empty_like(beta)
         state_grads_kernel[(triton.cdiv(K, BK), B * H * NC)](
             dub, uo, ss, dss, dk, dw, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, num_warps=CHUNK_WARPS
         )

@@ -45,8 +45,11 @@ if HAS_TRITON:
         C: tl.constexpr,
         BK: tl.constexpr,
         BS: tl.constexpr,
+        SQUARE: tl.constexpr = False,
     ):
-        """e_{n+1} = Gc_n e_n + sum_t u_t p_t (dm_t - <y_t, e_n>), one (batch, head) per program."""
+        """e_{n+1} = Gc_n e_n + sum_t u_t p_t (dm_t - <y_t, e_n>), one (batch, head) per program.
+
+        With SQUARE `u` holds k and u = k * k is formed on the way, so u is never stored."""
         i_bh = tl.program_id(0).to(tl.int64)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
@@ -59,8 +62,11 @@ if HAS_TRITON:
             for i_s in tl.static_range(C // BS):
                 # the chunk is read in row slices of BS so a [BS, BK] tile fits in registers
                 o_t = i_c * C + i_s * BS + o_s  # [BS]
-                b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)  # [BS, BK]
-                b_u = tl.load(u + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)  # [BS, BK]
+                o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
+                b_y = tl.load(y + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)  # [BS, BK]
+                b_u = tl.load(u + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)  # [BS, BK]
+                if SQUARE:
+                    b_u = b_u * b_u
                 b_r = tl.load(p + o_t) * (tl.load(dm + o_t) - tl.sum(b_y * b_e[None, :], 1))  # [BS]
                 b_new += tl.sum(b_u * b_r[:, None], 0)
             b_e = b_new
@@ -89,10 +95,12 @@ if HAS_TRITON:
         BS: tl.constexpr,
         ACC: tl.constexpr = False,
         DY: tl.constexpr = True,
+        SQUARE: tl.constexpr = False,
     ):
         """Reverse of `precond_scan_fwd_kernel`; `de` is the gradient of e_{n+1}. With ACC the
         gradients of y, u and dm are added to what those buffers hold; without DY dy is not
-        written (it is `-ddm e_n^T`, which a caller can rebuild)."""
+        written (it is `-ddm e_n^T`, which a caller can rebuild). SQUARE as in the forward; `du`
+        is still the gradient of u."""
         i_bh = tl.program_id(0).to(tl.int64)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
@@ -107,8 +115,10 @@ if HAS_TRITON:
             for i_s in tl.static_range(C // BS):
                 o_t = i_c * C + i_s * BS + o_s  # [BS]
                 o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
-                b_y = tl.load(y + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
-                b_u = tl.load(u + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
+                b_y = tl.load(y + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)  # [BS, BK]
+                b_u = tl.load(u + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)  # [BS, BK]
+                if SQUARE:
+                    b_u = b_u * b_u
                 b_p = tl.load(p + o_t)  # [BS]
                 b_q = tl.sum(b_u * b_de[None, :], 1)  # [BS] <u_t, de>
                 b_res = tl.load(dm + o_t) - tl.sum(b_y * b_e[None, :], 1)  # [BS]
@@ -164,11 +174,13 @@ if HAS_TRITON:
             b_ds = tl.zeros([BK, BV], dtype=tl.float32)
             for i_s in tl.static_range(C // BS):
                 o_t = i_c * C + i_s * BS + o_s  # [BS]
-                b_kb = tl.load(kb + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)  # [BS, BK]
-                b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)  # [BS, BK]
-                b_ub = tl.load(ub + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)  # [BS, BV]
+                o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
+                o_tv = o_t[:, None] * V + o_v[None, :]  # [BS, BV]
+                b_kb = tl.load(kb + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)  # [BS, BK]
+                b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)  # [BS, BK]
+                b_ub = tl.load(ub + o_tv, mask=m_v[None, :], other=0.0).to(tl.float32)  # [BS, BV]
                 b_u = b_ub - tl.dot(b_kb, b_s, input_precision=PRECISION)
-                tl.store(uo + o_t[:, None] * V + o_v[None, :], b_u, mask=m_v[None, :])
+                tl.store(uo + o_tv, b_u, mask=m_v[None, :])
                 b_ds += tl.dot(tl.trans(b_w), b_u, input_precision=PRECISION)
             b_s += b_ds
         tl.store(sf + i_bh * K * V + o_kv, b_s, mask=m_kv)
@@ -208,15 +220,17 @@ if HAS_TRITON:
         b_ds = tl.load(gsf + i_bh * K * V + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
         for j in range(NC):
             i_c = i_bh * NC + NC - 1 - j
-            b_acc = b_ds + tl.load(gss + i_c * K * V + o_kv, mask=m_kv, other=0.0)
+            b_acc = b_ds + tl.load(gss + i_c * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
             tl.store(dss + i_c * K * V + o_kv, b_ds, mask=m_kv)  # after the load: dss may be gss
             for i_s in tl.static_range(C // BS):
                 o_t = i_c * C + i_s * BS + o_s  # [BS]
                 o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
                 o_tv = o_t[:, None] * V + o_v[None, :]  # [BS, BV]
-                b_kb = tl.load(kb + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
-                b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
-                b_du = tl.load(gu + o_tv, mask=m_v[None, :], other=0.0) + tl.dot(b_w, b_ds, input_precision=PRECISION)
+                b_kb = tl.load(kb + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)  # [BS, BK]
+                b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)  # [BS, BK]
+                b_du = tl.load(gu + o_tv, mask=m_v[None, :], other=0.0).to(tl.float32) + tl.dot(
+                    b_w, b_ds, input_precision=PRECISION
+                )
                 tl.store(dub + o_tv, b_du, mask=m_v[None, :])
                 b_acc -= tl.dot(tl.trans(b_kb), b_du, input_precision=PRECISION)
             b_ds = b_acc
