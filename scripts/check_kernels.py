@@ -22,8 +22,11 @@ from osdn_hf.ops import chunk_osdn, fused_recurrent_osdn, naive_recurrent_osdn
 
 # Relative (norm-wise) error allowed against the float32 loop on the same inputs. float32
 # runs exact products ("ieee"), so only summation order differs; 16-bit runs use tf32 products
-# inside and return outputs and gradients rounded to the input dtype (2^-11, 2^-8).
-RTOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+# inside, store the chunked intermediates in the input dtype (as fla does) and return outputs
+# and gradients rounded to it (2^-11, 2^-8). float16 allows 1e-2: since 6ca9804 stores in 16
+# bits, dlam at T = 63 (one partial chunk, a small gradient) reaches 6.4e-3 (4.5e-3 before),
+# every other float16 case stays under 2.2e-3 (benchmarks/results/kernels_check_float16.json).
+RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GRADS = ("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond")
 
