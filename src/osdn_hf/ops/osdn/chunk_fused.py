@@ -5,9 +5,12 @@ step done per chunk in one program that keeps its `C x C` matrices in registers,
 `[B, H, NC, C, C]` temporary, mask or exp ever reaches memory except the inverse that the
 backward pass reuses. The two chunk-to-chunk recurrences are the scans of `chunk_scan.py`.
 
-Layout: every tensor is float32 and chunked, `[B, H, NC, C, *]` contiguous, so row `t` of
-chunk `i_c = (b * H + h) * NC + n` starts at `(i_c * C + t) * D`; `ToChunks` / `FromChunks`
-move q, k, v and o between this layout and `[B, T, H, *]` in their own dtype.
+Layout: every tensor is chunked, `[B, H, NC, C, *]` contiguous, so row `t` of chunk
+`i_c = (b * H + h) * NC + n` starts at `(i_c * C + t) * D`; `ToChunks` / `FromChunks` move q, k,
+v and o between this layout and `[B, T, H, *]`. Chunked q, k, v and the intermediates derived
+from them are stored in a storage dtype (the inputs' 16-bit dtype, else float32); kernels widen
+those loads to float32 (`.to(tl.float32)`) and compute in float32. Inverses, per-token vectors,
+states passed in or out, and gradients that several kernels add to are float32.
 
 Phase 1 (`Precondition`): `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`
     forward:  `pre_intra_fwd` (L, (I + L)^{-1}, Y, dm, p, Gc) -> precond scan -> `pre_out_fwd` (E, W)
@@ -662,7 +665,8 @@ class FromChunks(torch.autograd.Function):
 
 
 class Precondition(torch.autograd.Function):
-    """Phase 1: `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`; chunked float32 tensors."""
+    """Phase 1: `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`; chunked tensors, `k` and `W` in
+    the storage dtype, the rest float32."""
 
     @staticmethod
     def forward(ctx, k, beta, eta, lam, d0, precision):
@@ -717,7 +721,8 @@ class Precondition(torch.autograd.Function):
 
 
 class DeltaRuleAsym(torch.autograd.Function):
-    """Phase 2: `(q, k, w, v, beta, S0) -> (O, S_final)`; chunked float32 tensors."""
+    """Phase 2: `(q, k, w, v, beta, S0) -> (O, S_final)`; chunked tensors, q, k, w, v and O in the
+    storage dtype, beta and the states float32."""
 
     @staticmethod
     def forward(ctx, q, k, w, v, beta, s0, scale, precision):
@@ -774,7 +779,8 @@ class DeltaRuleAsym(torch.autograd.Function):
 
 
 def chunk_osdn_fused(qc, kc, vc, bc, ec, lc, scale, S0, d0, precision):
-    """Both phases on chunked float32 tensors `[B, H, NC, C, *]`: `(O, S_final, d_final)`."""
+    """Both phases on chunked tensors `[B, H, NC, C, *]` (q, k, v in the storage dtype, beta, eta,
+    lam float32): `(O, S_final, d_final)`, O in the storage dtype."""
     qc, kc, vc, bc, ec, lc = (x.contiguous() for x in (qc, kc, vc, bc, ec, lc))
     w, d = Precondition.apply(kc, bc, ec, lc, d0.contiguous(), precision)
     o, S = DeltaRuleAsym.apply(qc, kc, w, vc, bc, S0.contiguous(), scale, precision)
