@@ -109,3 +109,44 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V):
         assert_close(name, a, b)
     for name, a, b in zip(names, got_grads, ref_grads):
         assert_close(f"d{name}", a, b)
+
+
+def test_fused_kernels_store_16bit_inputs_in_16_bits():
+    """float16 q, k, v: the fused path saves its chunked intermediates in float16 (only the C x C
+    inverses and per-token vectors stay float32), and its outputs and all gradients still match
+    the torch chunked path run on the same values in float32."""
+    g = torch.Generator().manual_seed(0)
+    B, H, T, K, V = 1, 2, 150, 32, 48  # neither is the chunk size, so shapes tell tensors apart
+    q, k, v = (torch.randn(B, T, H, D, generator=g) for D in (K, K, V))
+    half = [x.half() for x in (q, k, v)]
+    rest = [
+        torch.rand(B, T, H, generator=g),
+        torch.rand(B, T, H, generator=g),
+        0.5 + 0.5 * torch.rand(B, T, H, generator=g),
+        K**-0.5,
+        torch.randn(B, H, K, V, generator=g),
+        1 + 0.1 * torch.randn(B, H, K, generator=g),
+    ]
+    names = ("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond")
+
+    def run(use_triton):
+        qkv = [(x if use_triton else x.float()).clone().requires_grad_() for x in half]
+        others = [x.clone().requires_grad_() if isinstance(x, torch.Tensor) else x for x in rest]
+        saved = []  # (shape, dtype) of what autograd saves for the backward
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t
+        ):
+            outs = _chunk_osdn_core(*qkv, *others, use_triton=use_triton, l2norm_qk=True)
+        inputs = dict(zip(names, [*qkv, *[x for x in others if isinstance(x, torch.Tensor)]]))
+        return outs, _grads(outs, inputs), saved
+
+    (ref, ref_grads, _), (got, got_grads, saved) = run(False), run(True)
+    assert got[0].dtype == torch.float16 and got[1].dtype == got[2].dtype == torch.float32
+    # [B, H, NC, C, K or V] and the per-chunk states [B, H, NC, K, V]; not the [.., C, C] inverses
+    chunked = [(s, dt) for s, dt in saved if len(s) == 5 and s[-1] in (K, V) and s[-2] in (64, K)]
+    assert len(chunked) >= 8, saved  # q, k, w, v, Y, Kb, U, per-chunk states
+    assert all(dt == torch.float16 for _, dt in chunked), chunked
+    for name, a, b in zip(("o", "S", "d"), got, ref):
+        assert_close(name, a, b, torch.float16)
+    for name, a, b in zip(names, got_grads, ref_grads):
+        assert_close(f"d{name}", a, b, torch.float16)
