@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -183,20 +182,16 @@ def main(argv=None):
         return
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
-    import triton
     from tqdm import tqdm
     from triton.testing import do_bench as _do_bench
+
+    from osdn_hf.run_info import run_metadata
 
     do_bench = lambda fn: _do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
     rows = [bench_row(B, T, do_bench) for B, T in tqdm(SHAPES, desc="kernel benchmark")]
     result = dict(
-        device=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=triton.__version__,
+        **run_metadata(args.commit),
         fla=__import__("fla").__version__,
-        python=platform.python_version(),
-        commit=args.commit,
-        command=" ".join(["python", *sys.argv]),
         dtype="bfloat16",
         rows=rows,
         decode=bench_decode(do_bench),

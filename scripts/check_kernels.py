@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 
 import torch
 from tqdm import tqdm
 
 from osdn_hf.ops import chunk_osdn, fused_recurrent_osdn, naive_recurrent_osdn
+from osdn_hf.run_info import run_metadata
 
 # Relative (norm-wise) error allowed against the float32 loop on the same inputs. float32
 # runs exact products ("ieee"), so only summation order differs; 16-bit runs use tf32 products
@@ -89,12 +89,7 @@ def main(argv=None):
     cases = [c for c in cases if max(c["K"], c["V"]) <= args.max_head_dim]
     rows, failures = [], 0
     result = dict(
-        device=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=__import__("triton").__version__,
-        python=platform.python_version(),
-        commit=args.commit,
-        command=" ".join(["python", *sys.argv]),
+        **run_metadata(args.commit),
         reference="naive_recurrent_osdn (float32 token loop) on the same inputs",
         rows=rows,
     )

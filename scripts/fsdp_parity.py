@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -121,20 +120,16 @@ def main(argv=None) -> dict:
 
     # one tokenizer for both runs, trained once here
     from osdn_hf.data import shakespeare_texts, train_bpe_tokenizer
+    from osdn_hf.run_info import run_metadata
 
     args.tokenizer_dir = work / "tokenizer"
     train_bpe_tokenizer(shakespeare_texts(), vocab_size=args.vocab_size).save_pretrained(args.tokenizer_dir)
 
     result = {
         "config": args.config,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        **run_metadata(args.commit, "scripts/fsdp_parity.py", argv),
         "gpus": args.gpus,
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
         "accelerate": __import__("accelerate").__version__,
-        "triton": __import__("triton").__version__ if torch.cuda.is_available() else None,
-        "commit": args.commit,
-        "command": "python scripts/fsdp_parity.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "steps": args.steps,
         "global_batch": args.global_batch,
         "block_size": args.block_size,

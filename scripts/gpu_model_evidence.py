@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForLangua
 
 import osdn_hf  # noqa: F401  registers the Auto classes
 from osdn_hf.data import pack_blocks, shakespeare_texts, train_bpe_tokenizer
+from osdn_hf.run_info import run_metadata
 
 
 def train_throughput(model, batch, seq, steps, device):
@@ -68,15 +68,7 @@ def main(argv=None):
     p.add_argument("--throughput-steps", type=int, default=8)
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = dict(
-        config=args.config,
-        device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        torch=torch.__version__,
-        transformers=__import__("transformers").__version__,
-        triton=__import__("triton").__version__ if device == "cuda" else None,
-        commit=args.commit,
-        command="python scripts/gpu_model_evidence.py " + " ".join(sys.argv[1:] if argv is None else argv),
-    )
+    result = dict(config=args.config, **run_metadata(args.commit, "scripts/gpu_model_evidence.py", argv))
     out = Path(args.out)
 
     t0 = time.time()

@@ -10,8 +10,6 @@ knob at a time from the defaults, and prints and writes the times; nothing is ch
 
 import argparse
 import json
-import platform
-import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -19,6 +17,7 @@ from tqdm import tqdm
 
 from osdn_hf.ops import chunk_osdn
 from osdn_hf.ops.osdn import chunk_fused
+from osdn_hf.run_info import run_metadata
 
 
 def _inputs(B, T, H, D):
@@ -58,12 +57,7 @@ def tune(step, args) -> dict:
         print(f"{name:12s} {knob or '':10s} {value if value is not None else '':>4} {ms or err}")
     chunk_fused.SCAN_TUNING.update(base)
     return dict(
-        device=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        python=platform.python_version(),
-        commit=args.commit,
-        command=" ".join(["python", *sys.argv]),
+        **run_metadata(args.commit),
         shape=dict(B=args.B, T=args.T, H=args.H, K=args.D, V=args.D, dtype="bfloat16"),
         defaults=base,
         rows=rows,

@@ -13,7 +13,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from .analysis import recall_residual
 from .configuration_osdn import OSDNConfig
 from .modeling_osdn import OSDNForCausalLM
-from .ops.osdn.chunk_scan import HAS_TRITON
+from .run_info import run_metadata
 
 MODELS = {
     "osdn": dict(preconditioner="osdn", use_apf=True),
@@ -407,14 +406,7 @@ def main(argv=None) -> dict:
         return json.loads(out.read_text())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    result.update(
-        device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        torch=torch.__version__,
-        transformers=__import__("transformers").__version__,
-        triton=__import__("triton").__version__ if HAS_TRITON else None,
-        commit=args.commit,
-        command="python scripts/mqar.py " + " ".join(sys.argv[1:] if argv is None else argv),
-    )
+    result.update(run_metadata(args.commit, "scripts/mqar.py", argv))
     done = {_key(r) for r in result["rows"]}
     settings = [tuple(int(x) for x in s.split(":")) for s in args.settings]
     grids = {m: override_grid(args, m) for m in args.models}  # once per model: it reports what it skips
