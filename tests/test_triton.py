@@ -78,17 +78,13 @@ def test_forced_triton_path_runs_the_kernels(monkeypatch):
     assert calls == ["Precondition", "DeltaRuleAsym", "FusedRecurrentOSDNFunction"]
 
 
-@pytest.mark.parametrize("K, V", [(48, 80), (128, 64), (256, 256)])
-def test_fused_chunk_kernels_match_torch_chunk_path(K, V):
-    """Both phases' fused kernels (forward and hand-written backward) against the torch chunked
-    path, differentiated by autograd: head dims that span several 64-wide tiles or leave a masked
-    remainder, three chunks, a non-trivial d0 and S0."""
-    g = torch.Generator().manual_seed(0)
-    B, H, T = 1, 2, 150
-    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
-    args = [
+def _core_args(B, T, H, K, V, seed=0):
+    """Arguments of `_chunk_osdn_core`: q, unit-norm k, v, beta, eta, lam in (0.5, 1), scale, and
+    a non-trivial S0 and d0."""
+    g = torch.Generator().manual_seed(seed)
+    return [
         torch.randn(B, T, H, K, generator=g),
-        k,
+        torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=g), dim=-1),
         torch.randn(B, T, H, V, generator=g),
         torch.rand(B, T, H, generator=g),
         torch.rand(B, T, H, generator=g),
@@ -97,6 +93,14 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V):
         torch.randn(B, H, K, V, generator=g),
         1 + 0.1 * torch.randn(B, H, K, generator=g),
     ]
+
+
+@pytest.mark.parametrize("K, V", [(48, 80), (128, 64), (256, 256)])
+def test_fused_chunk_kernels_match_torch_chunk_path(K, V):
+    """Both phases' fused kernels (forward and hand-written backward) against the torch chunked
+    path, differentiated by autograd: head dims that span several 64-wide tiles or leave a masked
+    remainder, three chunks, a non-trivial d0 and S0."""
+    args = _core_args(1, 150, 2, K, V)
     leaves = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
     inputs = [a for a in leaves if isinstance(a, torch.Tensor)]
     names = ("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond")
@@ -115,18 +119,9 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits():
     """float16 q, k, v: the fused path saves its chunked intermediates in float16 (only the C x C
     inverses and per-token vectors stay float32), and its outputs and all gradients still match
     the torch chunked path run on the same values in float32."""
-    g = torch.Generator().manual_seed(0)
-    B, H, T, K, V = 1, 2, 150, 32, 48  # neither is the chunk size, so shapes tell tensors apart
-    q, k, v = (torch.randn(B, T, H, D, generator=g) for D in (K, K, V))
-    half = [x.half() for x in (q, k, v)]
-    rest = [
-        torch.rand(B, T, H, generator=g),
-        torch.rand(B, T, H, generator=g),
-        0.5 + 0.5 * torch.rand(B, T, H, generator=g),
-        K**-0.5,
-        torch.randn(B, H, K, V, generator=g),
-        1 + 0.1 * torch.randn(B, H, K, generator=g),
-    ]
+    K, V = 32, 48  # neither is the chunk size, so shapes tell tensors apart
+    args = _core_args(1, 150, 2, K, V)
+    half, rest = [x.half() for x in args[:3]], args[3:]
     names = ("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond")
 
     def run(use_triton):
