@@ -20,7 +20,8 @@ from osdn_hf.ops.osdn import chunk_fused
 from osdn_hf.run_info import run_metadata
 
 
-def _inputs(B, T, H, D):
+def _step(B, T, H, D):
+    """One forward+backward of `chunk_osdn` on random bf16 inputs, as a closure."""
     dt = torch.bfloat16
     q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
     beta, eta, lam = (torch.rand(B, T, H, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
@@ -75,7 +76,7 @@ def main(argv=None):
     p.add_argument("--out", help="with --tune: write the times here (JSON)")
     p.add_argument("--commit", default="unknown")
     args = p.parse_args(argv)
-    step = _inputs(args.B, args.T, args.H, args.D)
+    step = _step(args.B, args.T, args.H, args.D)
     if args.tune:
         result = tune(step, args)
         if args.out:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .analysis import recall_residual
 from .configuration_osdn import OSDNConfig
 from .modeling_osdn import OSDNForCausalLM
-from .run_info import run_metadata
+from .run_info import command_line, run_metadata
 
 MODELS = {
     "osdn": dict(preconditioner="osdn", use_apf=True),
@@ -356,7 +356,7 @@ def run_workers(args, argv) -> dict:
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
     result = _merge_shards(out, shards)
-    result["command"] = "python scripts/mqar.py " + " ".join(argv)
+    result["command"] = command_line("scripts/mqar.py", argv)
     if result["rows"]:
         out.write_text(json.dumps(result, indent=1))
         plot(result, out.with_suffix(".png"))

@@ -22,7 +22,6 @@ def run_metadata(commit: str, script: str | None = None, argv: list[str] | None 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    argv = sys.argv[1:] if argv is None else argv
     return dict(
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         torch=torch.__version__,
@@ -30,5 +29,10 @@ def run_metadata(commit: str, script: str | None = None, argv: list[str] | None 
         triton=triton_version,
         python=platform.python_version(),
         commit=commit,
-        command=" ".join(["python", script or sys.argv[0], *argv]),
+        command=command_line(script, argv),
     )
+
+
+def command_line(script: str | None = None, argv: list[str] | None = None) -> str:
+    """`python <script> <argv>`, by default this process's own command line."""
+    return " ".join(["python", script or sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
