@@ -6,8 +6,12 @@ Builds the model from its config folder, then on one GPU: one bf16 forward+backw
 `--steps` fine-tuning steps with the HF Trainer (bf16, gradient checkpointing) on packed
 Shakespeare (tokenizer trained on the spot with the config's vocabulary); `generate` of 128
 tokens; save and reload with identical logits; and training throughput (tokens/s) and peak
-memory of OSDN and of fla's DeltaNetForCausalLM of the same shapes, same batch, same run.
-With `--config configs/osdn-tiny` it runs on CPU as a dry run (no fla comparison).
+memory of OSDN and of fla's DeltaNetForCausalLM of the same shapes, same batch, same run:
+each model alone first (its peak memory), then both resident and timed in `--rounds`
+alternating rounds of `--throughput-steps` steps, the order reversed every round; the
+reported ratio is the median of the per-round ratios (`osdn_hf.throughput`).
+`--only-throughput` runs the last part alone. With `--config configs/osdn-tiny` it runs on
+CPU as a dry run (no fla comparison).
 """
 
 from __future__ import annotations
@@ -27,70 +31,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForLangua
 import osdn_hf  # noqa: F401  registers the Auto classes
 from osdn_hf.data import pack_blocks, shakespeare_texts, train_bpe_tokenizer
 from osdn_hf.run_info import run_metadata
+from osdn_hf.throughput import alternate, measure_alone, training_step
 
 
-def train_throughput(model, batch, seq, steps, device):
-    """Tokens per second and peak memory of plain bf16-autocast training steps (AdamW)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
-
-    def step():
-        with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(2):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.time()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.time() - start
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-    return {"tokens_per_s": batch * seq * steps / seconds, "peak_mib": peak, "steps": steps}
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/osdn-340m")
-    p.add_argument("--out", required=True)
-    p.add_argument("--commit", default="unknown")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--throughput-steps", type=int, default=8)
-    args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = dict(config=args.config, **run_metadata(args.commit, "scripts/gpu_model_evidence.py", argv))
-    out = Path(args.out)
-
-    t0 = time.time()
-
-    def stage(name):  # a line per stage, so a run cut short shows where
-        print(f"[{time.time() - t0:7.1f} s] {name}", file=sys.stderr, flush=True)
-
-    def save():
-        out.write_text(json.dumps(result, indent=1))
-
-    stage("tokenizer")
-    config = AutoConfig.from_pretrained(args.config)
-    texts = shakespeare_texts()
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=config.vocab_size)
-    config.update(
-        dict(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    blocks = pack_blocks(tokenizer("\n".join(texts))["input_ids"], args.seq)
+def model_checks(config, tokenizer, blocks, args, device, result, stage, save):
+    """Stages 1-4: a bf16 forward+backward, Trainer steps, generate, save and reload."""
     stage("build")
     torch.manual_seed(0)
     with torch.device(device):
@@ -168,24 +113,57 @@ def main(argv=None):
             a, b = model(ids[:1, :256]).logits, reloaded(ids[:1, :256]).logits
         result["save_reload"] = {"dtype": str(model.dtype), "identical_logits": bool(torch.equal(a, b))}
     save()
-    # the throughput figures count peak memory from here: nothing of the run above may stay
-    del model, reloaded, trainer, a, b
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
-    # 5. throughput and memory against fla's DeltaNet of the same shapes (gradient checkpointing on both)
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/osdn-340m")
+    p.add_argument("--out", required=True)
+    p.add_argument("--commit", default="unknown")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--throughput-steps", type=int, default=10, help="timed steps per model in each round")
+    p.add_argument("--rounds", type=int, default=6, help="alternating throughput rounds (order reversed each round)")
+    p.add_argument("--only-throughput", action="store_true", help="skip the Trainer, generate and save/reload stages")
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = dict(config=args.config, **run_metadata(args.commit, "scripts/gpu_model_evidence.py", argv))
+    out = Path(args.out)
+
+    t0 = time.time()
+
+    def stage(name):  # a line per stage, so a run cut short shows where
+        print(f"[{time.time() - t0:7.1f} s] {name}", file=sys.stderr, flush=True)
+
+    def save():
+        out.write_text(json.dumps(result, indent=1))
+
+    stage("tokenizer")
+    config = AutoConfig.from_pretrained(args.config)
+    texts = shakespeare_texts()
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=config.vocab_size)
+    config.update(
+        dict(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    blocks = pack_blocks(tokenizer("\n".join(texts))["input_ids"], args.seq)
+    if not args.only_throughput:
+        model_checks(config, tokenizer, blocks, args, device, result, stage, save)
+        gc.collect()  # the throughput figures count peak memory from here: nothing of the checks may stay
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    # 5. throughput and memory against fla's DeltaNet of the same shapes (gradient checkpointing on both):
+    # each alone first for its peak memory, then both resident, timed in alternating rounds
     stage("throughput")
     if device == "cuda":
         from fla.models import DeltaNetConfig, DeltaNetForCausalLM
 
-        torch.manual_seed(0)
-        with torch.device(device):  # built where it runs: a 1.3B init on the CPU takes minutes
-            ours = AutoModelForCausalLM.from_config(config)
-        ours.gradient_checkpointing_enable()
-        result["throughput_osdn"] = train_throughput(ours, args.batch, args.seq, args.throughput_steps, device)
-        del ours
-        torch.cuda.empty_cache()
+        tokens = args.batch * args.seq
         fla_config = DeltaNetConfig(
             hidden_size=config.hidden_size,
             num_hidden_layers=config.num_hidden_layers,
@@ -194,19 +172,40 @@ def main(argv=None):
             vocab_size=config.vocab_size,
             tie_word_embeddings=False,
         )
-        with torch.device(device):
-            peer = DeltaNetForCausalLM(fla_config)
-        peer.gradient_checkpointing_enable()
-        result["throughput_fla_deltanet"] = train_throughput(peer, args.batch, args.seq, args.throughput_steps, device)
+        steps = {}
+        for name, build in (
+            ("osdn", lambda: AutoModelForCausalLM.from_config(config)),
+            ("fla_deltanet", lambda: DeltaNetForCausalLM(fla_config)),
+        ):
+            base = torch.cuda.memory_allocated()
+            torch.manual_seed(0)
+            with torch.device(device):  # built where it runs: a 1.3B init on the CPU takes minutes
+                model = build()
+            model.gradient_checkpointing_enable()
+            parameters = sum(p.numel() for p in model.parameters())
+            steps[name] = training_step(model, args.batch, args.seq, device)
+            result[f"throughput_{name}"] = measure_alone(
+                steps[name], tokens, args.throughput_steps, device, base_bytes=base
+            )
+            result[f"throughput_{name}"]["parameters"] = parameters
+            save()
+        stage("throughput, alternating rounds")
+        result["throughput_rounds"] = alternate(steps, tokens, args.throughput_steps, args.rounds, device)
         o, f = result["throughput_osdn"], result["throughput_fla_deltanet"]
         result["ratios"] = {
-            "tokens_per_s": o["tokens_per_s"] / f["tokens_per_s"],
+            "tokens_per_s": result["throughput_rounds"]["ratio"]["median"],
+            "tokens_per_s_range": [
+                result["throughput_rounds"]["ratio"]["min"],
+                result["throughput_rounds"]["ratio"]["max"],
+            ],
+            "tokens_per_s_first_block": o["tokens_per_s"] / f["tokens_per_s"],
             "peak_memory": o["peak_mib"] / f["peak_mib"],
         }
     save()
 
     print(json.dumps({k: v for k, v in result.items() if k != "trainer"}, indent=1))
-    print("trainer losses:", result["trainer"]["losses"])
+    if "trainer" in result:
+        print("trainer losses:", result["trainer"]["losses"])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""Training throughput of two models measured side by side (what `scripts/gpu_model_evidence.py` reports).
+
+A single timed block per model is at the mercy of whatever the GPU does meanwhile (clocks,
+other tenants, a kernel autotuned in the first steps). So each model is first measured alone
+for its peak memory, and then both stay resident and are timed in alternating blocks, the
+order reversed every round (A B, B A, A B, ...), so that a drift in the machine's speed falls
+on both alike. The ratio is taken per round and summarised by its median and range.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def training_step(model: torch.nn.Module, batch: int, seq: int, device: str) -> Callable[[], None]:
+    """One AdamW step of `model` on random tokens, under bf16 autocast on CUDA."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _seconds(step: Callable[[], None], steps: int, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure_alone(
+    step: Callable[[], None], tokens_per_step: int, steps: int, device: str, warmup: int = 2, base_bytes: int = 0
+) -> dict:
+    """Tokens per second and peak memory (MiB, CUDA only) of `steps` steps after `warmup` untimed ones.
+
+    `base_bytes` is what was allocated before the model was built (another model kept resident);
+    it is taken off the peak, so the peak is this model's own: weights, optimizer state, activations.
+    """
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    seconds = _seconds(step, steps, device)
+    peak = (torch.cuda.max_memory_allocated() - base_bytes) / 2**20 if device == "cuda" else None
+    return {"tokens_per_s": tokens_per_step * steps / seconds, "peak_mib": peak, "steps": steps}
+
+
+def alternate(
+    steps_by_name: dict[str, Callable[[], None]], tokens_per_step: int, steps: int, rounds: int, device: str
+) -> dict:
+    """Tokens per second of each model over `rounds` rounds of `steps` steps, the order reversed every round.
+
+    Returns the per-round figures, the order each round ran in, and for the first two names the
+    per-round ratio (first / second) with its median, minimum and maximum.
+    """
+    if rounds < 1 or steps < 1:
+        raise ValueError(f"rounds and steps must be >= 1, got rounds={rounds}, steps={steps}")
+    names = list(steps_by_name)
+    per_round = {name: [] for name in names}
+    orders = []
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        orders.append(list(order))
+        for name in order:
+            per_round[name].append(tokens_per_step * steps / _seconds(steps_by_name[name], steps, device))
+    result = {
+        "rounds": rounds,
+        "steps_per_round": steps,
+        "orders": orders,
+        "tokens_per_s": per_round,
+        "median_tokens_per_s": {name: statistics.median(v) for name, v in per_round.items()},
+    }
+    if len(names) >= 2:
+        ratios = [a / b for a, b in zip(per_round[names[0]], per_round[names[1]])]
+        result["ratio"] = {
+            "of": f"{names[0]} / {names[1]}",
+            "per_round": ratios,
+            "median": statistics.median(ratios),
+            "min": min(ratios),
+            "max": max(ratios),
+        }
+    return result

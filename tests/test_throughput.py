@@ -1,0 +1,35 @@
+"""osdn_hf.throughput: side-by-side training throughput in alternating rounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from osdn_hf import OSDNConfig, OSDNForCausalLM
+from osdn_hf.throughput import alternate, measure_alone, training_step
+
+
+def test_alternate_reverses_the_order_every_round_and_takes_the_ratio_per_round():
+    calls = []
+    steps = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    result = alternate(steps, tokens_per_step=100, steps=2, rounds=3, device="cpu")
+    assert calls == ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
+    assert result["orders"] == [["a", "b"], ["b", "a"], ["a", "b"]]
+    assert all(len(v) == 3 and min(v) > 0 for v in result["tokens_per_s"].values())
+    ratios = [x / y for x, y in zip(result["tokens_per_s"]["a"], result["tokens_per_s"]["b"])]
+    assert result["ratio"]["of"] == "a / b"
+    assert result["ratio"]["per_round"] == pytest.approx(ratios)
+    assert result["ratio"]["min"] <= result["ratio"]["median"] <= result["ratio"]["max"]
+    with pytest.raises(ValueError, match="rounds"):
+        alternate(steps, 100, steps=2, rounds=0, device="cpu")
+
+
+def test_training_step_trains_and_measure_alone_counts_tokens():
+    torch.manual_seed(0)
+    config = OSDNConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_heads=2, intermediate_size=64)
+    model = OSDNForCausalLM(config)
+    before = [p.detach().clone() for p in model.parameters()]
+    step = training_step(model, batch=2, seq=16, device="cpu")
+    result = measure_alone(step, tokens_per_step=32, steps=2, device="cpu", warmup=1)
+    assert result["steps"] == 2 and result["tokens_per_s"] > 0 and result["peak_mib"] is None
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the optimizer stepped
