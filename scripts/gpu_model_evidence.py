@@ -17,6 +17,7 @@ CPU as a dry run (no fla comparison).
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import sys
@@ -152,7 +153,9 @@ def main(argv=None):
     )
     blocks = pack_blocks(tokenizer("\n".join(texts))["input_ids"], args.seq)
     if not args.only_throughput:
-        model_checks(config, tokenizer, blocks, args, device, result, stage, save)
+        # a copy: save_pretrained of the bf16 model writes dtype=bfloat16 into the config it was built from,
+        # and a model built later from that config would train in pure bf16 against fla's float32 weights
+        model_checks(copy.deepcopy(config), tokenizer, blocks, args, device, result, stage, save)
         gc.collect()  # the throughput figures count peak memory from here: nothing of the checks may stay
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -174,7 +177,7 @@ def main(argv=None):
         )
         steps = {}
         for name, build in (
-            ("osdn", lambda: AutoModelForCausalLM.from_config(config)),
+            ("osdn", lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32)),
             ("fla_deltanet", lambda: DeltaNetForCausalLM(fla_config)),
         ):
             base = torch.cuda.memory_allocated()
@@ -183,11 +186,12 @@ def main(argv=None):
                 model = build()
             model.gradient_checkpointing_enable()
             parameters = sum(p.numel() for p in model.parameters())
+            dtypes = sorted({str(p.dtype) for p in model.parameters()})
             steps[name] = training_step(model, args.batch, args.seq, device)
             result[f"throughput_{name}"] = measure_alone(
                 steps[name], tokens, args.throughput_steps, device, base_bytes=base
             )
-            result[f"throughput_{name}"]["parameters"] = parameters
+            result[f"throughput_{name}"].update(parameters=parameters, parameter_dtypes=dtypes)
             save()
         stage("throughput, alternating rounds")
         result["throughput_rounds"] = alternate(steps, tokens, args.throughput_steps, args.rounds, device)
