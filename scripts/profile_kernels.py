@@ -1,11 +1,15 @@
 """Profile `chunk_osdn` forward and backward on the GPU: the CUDA kernels that take the time.
 
     python scripts/profile_kernels.py --B 4 --T 4096            # per-kernel CUDA time
-    python scripts/profile_kernels.py --tune --out tune.json    # launch settings, one knob at a time
+    python scripts/profile_kernels.py --tune --out tune.json    # scan launch settings, one knob at a time
+    python scripts/profile_kernels.py --grid --out grid.json    # per-chunk kernels: warps x tile
 
 `--tune` times forward+backward (`triton.testing.do_bench`, median) while it varies the scans'
-launch settings (`chunk_fused.SCAN_TUNING`) and the per-chunk kernels' warps (`CHUNK_WARPS`), one
-knob at a time from the defaults, and prints and writes the times; nothing is changed in place.
+launch settings (`chunk_fused.SCAN_TUNING`), one knob at a time from the defaults, and prints
+and writes the times; `--only state_fwd ...` limits it to those scans. `--grid` profiles one
+forward+backward at every (num_warps, tile) setting of the per-chunk kernels
+(`chunk_fused.CHUNK_LAUNCH`, all kernels alike in each profile) and reports each kernel's CUDA
+time per setting and its fastest. Nothing is changed in place.
 """
 
 import argparse
@@ -40,28 +44,76 @@ def tune(step, args) -> dict:
             knobs["BV"] = (16, 32, 64)
         for knob, values in knobs.items():
             trials += [(name, knob, value) for value in values]
-    trials += [("chunk_warps", "num_warps", w) for w in (2, 4, 8)]
+    if args.only:
+        trials = [t for t in trials if t[0] in ("default", *args.only)]
     rows = []
     for name, knob, value in tqdm(trials, desc="launch settings"):
         chunk_fused.SCAN_TUNING.update({n: dict(t) for n, t in base.items()})
-        warps = chunk_fused.CHUNK_WARPS
-        if name == "chunk_warps":
-            chunk_fused.CHUNK_WARPS = value
-        elif name != "default":
+        if name != "default":
             chunk_fused.SCAN_TUNING[name][knob] = value
         try:
             ms, err = triton.testing.do_bench(step), None
         except Exception as e:  # a setting that does not fit (registers, shared memory) is recorded
             ms, err = None, f"{type(e).__name__}: {e}"[:200]
-        chunk_fused.CHUNK_WARPS = warps
         rows.append(dict(kernel=name, knob=knob, value=value, fwdbwd_ms=ms, error=err))
         print(f"{name:12s} {knob or '':10s} {value if value is not None else '':>4} {ms or err}")
     chunk_fused.SCAN_TUNING.update(base)
     return dict(
-        **run_metadata(args.commit),
+        **run_metadata(args.commit, "scripts/profile_kernels.py", args.argv),
         shape=dict(B=args.B, T=args.T, H=args.H, K=args.D, V=args.D, dtype="bfloat16"),
         defaults=base,
         rows=rows,
+    )
+
+
+def _profiled(step):
+    """The CUDA profile of one call of `step`, after three untimed calls."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return prof
+
+
+def kernel_times(step) -> dict:
+    """CUDA time (us) of every kernel in one call of `step`."""
+    return {e.key: e.self_device_time_total for e in _profiled(step).key_averages() if e.self_device_time_total > 0}
+
+
+def grid(step, args) -> dict:
+    """Each per-chunk kernel's CUDA time at every (num_warps, tile) setting, and its fastest."""
+    base = {name: dict(t) for name, t in chunk_fused.CHUNK_LAUNCH.items()}
+    rows = []
+    for warps, tile in tqdm([(w, t) for w in (4, 8) for t in (16, 32, 64)], desc="per-chunk settings"):
+        for launch in chunk_fused.CHUNK_LAUNCH.values():
+            launch.update(num_warps=warps, tile=tile)
+        try:
+            times, err = kernel_times(step), None
+        except Exception as e:  # a setting that does not fit (registers, shared memory) is recorded
+            times, err = {}, f"{type(e).__name__}: {e}"[:200]
+        for name in base:
+            rows.append(dict(kernel=name, num_warps=warps, tile=tile, us=times.get(f"{name}_kernel"), error=err))
+        print(f"warps {warps} tile {tile}: total {sum(times.values()):.0f} us", err or "", flush=True)
+        if args.out:  # as it goes: a run cut short keeps the settings it reached
+            with open(args.out, "w") as f:
+                json.dump(dict(**run_metadata(args.commit, "scripts/profile_kernels.py", args.argv), rows=rows), f)
+    for name, launch in base.items():
+        chunk_fused.CHUNK_LAUNCH[name] = launch
+    best = {}
+    for name in base:
+        timed = [r for r in rows if r["kernel"] == name and r["us"] is not None]
+        if timed:
+            b = min(timed, key=lambda r: r["us"])
+            best[name] = dict(num_warps=b["num_warps"], tile=b["tile"], us=b["us"])
+            print(f"{name:16s} fastest: warps {b['num_warps']} tile {b['tile']:2d}  {b['us']:8.1f} us")
+    return dict(
+        **run_metadata(args.commit, "scripts/profile_kernels.py", args.argv),
+        shape=dict(B=args.B, T=args.T, H=args.H, K=args.D, V=args.D, dtype="bfloat16"),
+        defaults=base,
+        rows=rows,
+        fastest=best,
     )
 
 
@@ -73,23 +125,24 @@ def main(argv=None):
     p.add_argument("--D", type=int, default=128)
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--tune", action="store_true", help="time launch settings instead of profiling")
-    p.add_argument("--out", help="with --tune: write the times here (JSON)")
+    p.add_argument("--grid", action="store_true", help="time the per-chunk kernels at every warps x tile setting")
+    p.add_argument("--out", help="with --tune or --grid: write the times here (JSON)")
+    p.add_argument(
+        "--only", nargs="+", help="with --tune: only these scans (precond_fwd precond_bwd state_fwd state_bwd)"
+    )
     p.add_argument("--commit", default="unknown")
     args = p.parse_args(argv)
+    args.argv = argv
     step = _step(args.B, args.T, args.H, args.D)
-    if args.tune:
-        result = tune(step, args)
+    if args.tune or args.grid:
+        result = (tune if args.tune else grid)(step, args)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
         return
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    print(
+        _profiled(step).key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
+    )
 
 
 if __name__ == "__main__":

@@ -177,8 +177,8 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             b_a += tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
         b_a = tl.where(o_c[:, None] > o_c[None, :], b_a * b_b[:, None], 0.0)
         b_t = _invert(b_a, tinv + i_c * C * C, o_c, C)
@@ -212,10 +212,10 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
-            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
             m_kv = m_k[:, None] & m_v[None, :]
-            b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+            b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
             b_o += tl.dot(b_q, b_s, input_precision=PRECISION)
             b_m += tl.dot(b_q, tl.trans(b_w), input_precision=PRECISION)
         b_m = tl.where(o_c[:, None] >= o_c[None, :], b_m, 0.0)
@@ -241,26 +241,26 @@ if HAS_TRITON:
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
             m = o_v[None, :] < V
-            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0).to(tl.float32)
-            b_u = tl.load(u + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0).to(tl.float32)
+            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_u = tl.load(u + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
             b_dm += tl.dot(b_do, tl.trans(b_u), input_precision=PRECISION)
         b_dm = tl.where(incl, b_dm * scale, 0.0)
         b_m = tl.zeros([C, C], dtype=tl.float32)  # scale tril(Q W^T)
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
-            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
             b_m += tl.dot(b_q, tl.trans(b_w), input_precision=PRECISION)
-            b_dw = tl.dot(tl.trans(b_dm), b_q, input_precision=PRECISION)
+            b_dw = tl.dot(tl.trans(b_dm), b_q.to(tl.float32), input_precision=PRECISION)
             tl.store(dw + o_t[:, None] * K + o_k[None, :], b_dw, mask=m_k[None, :])
-            b_dq = tl.dot(b_dm, b_w, input_precision=PRECISION)
+            b_dq = tl.dot(b_dm, b_w.to(tl.float32), input_precision=PRECISION)
             for i_v in tl.static_range(0, V, BV):
                 o_v = i_v + tl.arange(0, BV)
                 m_v = o_v < V
-                b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
+                b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
                 m_kv = m_k[:, None] & m_v[None, :]
-                b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+                b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
                 b_dq += scale * tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION)
                 b_gs = scale * tl.dot(tl.trans(b_q), b_do, input_precision=PRECISION)
                 tl.store(gss + i_c * K * V + o_k[:, None] * V + o_v[None, :], b_gs, mask=m_kv)
@@ -294,11 +294,11 @@ if HAS_TRITON:
             o_vk = i_c * K * V + o_k[None, :] * V + o_v[:, None]  # [BV, BK]: S^T
             m_vk = m_v[:, None] & m_k[None, :]
             o_tv = o_t[:, None] * V + o_v[None, :]  # [C, BV]
-            b_du = tl.load(dub + o_tv, mask=m_v[None, :], other=0.0).to(tl.float32)  # [C, BV]
-            b_st = tl.load(ss + o_vk, mask=m_vk, other=0.0).to(tl.float32)  # [BV, BK] S_n^T
+            b_du = tl.load(dub + o_tv, mask=m_v[None, :], other=0.0)  # [C, BV]
+            b_st = tl.load(ss + o_vk, mask=m_vk, other=0.0)  # [BV, BK] S_n^T
             b_dkb -= tl.dot(b_du, b_st, input_precision=PRECISION)
-            b_u = tl.load(uo + o_tv, mask=m_v[None, :], other=0.0).to(tl.float32)  # [C, BV]
-            b_dst = tl.load(dss + o_vk, mask=m_vk, other=0.0).to(tl.float32)  # [BV, BK] dS_{n+1}^T
+            b_u = tl.load(uo + o_tv, mask=m_v[None, :], other=0.0)  # [C, BV]
+            b_dst = tl.load(dss + o_vk, mask=m_vk, other=0.0)  # [BV, BK] dS_{n+1}^T
             b_dws += tl.dot(b_u, b_dst, input_precision=PRECISION)
         o_tk = o_t[:, None] * K + o_k[None, :]
         tl.store(dkb + o_tk, b_dkb, mask=m_k[None, :])
@@ -332,10 +332,10 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_dt += tl.dot(b_dkb, tl.trans(b_k * b_b[:, None]), input_precision=PRECISION)
+            b_dt += tl.dot(b_dkb, tl.trans(b_k.to(tl.float32) * b_b[:, None]), input_precision=PRECISION)
             b_kw += tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
         # dA = -T^T dT T^T on the strictly lower part
         b_da = tl.dot(tl.trans(b_t), b_dt, input_precision=PRECISION)
@@ -591,8 +591,16 @@ SCAN_TUNING = {
     "state_fwd": dict(BV=None, BS=None, num_warps=4, num_stages=1),
     "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1),
 }
-# num_warps of the per-chunk kernels
-CHUNK_WARPS = 4
+# Launch settings of the per-chunk kernels: num_warps, and the widest K or V block a kernel walks
+# (16, 32 or 64; narrower blocks hold fewer registers). `scripts/profile_kernels.py --grid` times
+# every kernel at each setting.
+CHUNK_LAUNCH = {
+    name: dict(num_warps=4, tile=64)
+    for name in (
+        "pre_intra_fwd", "pre_out_fwd", "wy_fwd", "out_fwd",
+        "out_bwd", "state_grads", "wy_bwd", "pre_out_bwd", "pre_intra_bwd",
+    )
+}  # fmt: skip
 
 
 def _scan_launch(name: str, K: int, V: int, C: int) -> dict:
@@ -606,9 +614,13 @@ def _scan_launch(name: str, K: int, V: int, C: int) -> dict:
     return out
 
 
-def _tiles(K: int, V: int) -> tuple[int, int]:
-    """K and V are walked in blocks of at most 64 columns so every tile stays in registers."""
-    return min(64, max(triton.next_power_of_2(K), 16)), min(64, max(triton.next_power_of_2(V), 16))
+def _chunk_launch(name: str, K: int, V: int | None = None) -> dict:
+    """BK (and BV where the kernel walks V) and num_warps of per-chunk kernel `name`."""
+    t = CHUNK_LAUNCH[name]
+    out = dict(BK=min(t["tile"], max(triton.next_power_of_2(K), 16)), num_warps=t["num_warps"])
+    if V is not None:
+        out["BV"] = min(t["tile"], max(triton.next_power_of_2(V), 16))
+    return out
 
 
 def _relayout_launch(D: int, C: int) -> dict:
@@ -671,21 +683,20 @@ class Precondition(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k, beta, eta, lam, d0, precision):
         B, H, NC, C, K = k.shape
-        BK, _ = _tiles(K, K)
         grid = (B * H * NC,)
         y = torch.empty_like(k)
         dm, p = torch.empty_like(beta), torch.empty_like(beta)
         gc = beta.new_empty(B, H, NC)
         tinv = beta.new_empty(B, H, NC, C, C)
         pre_intra_fwd_kernel[grid](
-            k, beta, eta, lam, y, dm, p, gc, tinv, K=K, C=C, BK=BK, PRECISION=precision, num_warps=CHUNK_WARPS
+            k, beta, eta, lam, y, dm, p, gc, tinv, K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_fwd", K)
         )
         es, ef = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
         precond_scan_fwd_kernel[(B * H,)](
             y, k, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, SQUARE=True, **_scan_launch("precond_fwd", K, K, C)
         )
         w = torch.empty_like(k)
-        pre_out_fwd_kernel[grid](k, lam, y, dm, es, w, K=K, C=C, BK=BK, PRECISION=precision, num_warps=CHUNK_WARPS)
+        pre_out_fwd_kernel[grid](k, lam, y, dm, es, w, K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K))
         ctx.save_for_backward(k, beta, eta, lam, y, dm, p, gc, es, tinv)
         ctx.precision = precision
         return w, 1 + ef
@@ -694,7 +705,6 @@ class Precondition(torch.autograd.Function):
     def backward(ctx, dw, dd):
         k, beta, eta, lam, y, dm, p, gc, es, tinv = ctx.saved_tensors
         B, H, NC, C, K = k.shape
-        BK, _ = _tiles(K, K)
         grid = (B * H * NC,)
         dw = torch.zeros_like(k) if dw is None else dw.contiguous()
         dd = beta.new_zeros(B, H, K) if dd is None else dd.contiguous()
@@ -704,7 +714,7 @@ class Precondition(torch.autograd.Function):
         dg, dgp, ges = torch.empty_like(dm), torch.empty_like(dm), torch.empty_like(es)
         pre_out_bwd_kernel[grid](
             k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
-            K=K, C=C, BK=BK, PRECISION=ctx.precision, num_warps=CHUNK_WARPS,
+            K=K, C=C, PRECISION=ctx.precision, **_chunk_launch("pre_out_bwd", K),
         )  # fmt: skip
         # the scan adds its gradients of u and dm to the output step's (dy: see pre_out_bwd_kernel)
         sdp, sdgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(dd)
@@ -715,7 +725,7 @@ class Precondition(torch.autograd.Function):
         dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
         pre_intra_bwd_kernel[grid](
             k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, dg, dgp, dk, dbeta, deta, dlam,
-            K=K, C=C, BK=BK, PRECISION=ctx.precision, num_warps=CHUNK_WARPS,
+            K=K, C=C, PRECISION=ctx.precision, **_chunk_launch("pre_intra_bwd", K),
         )  # fmt: skip
         return dk, dbeta, deta, dlam, de0, None
 
@@ -728,11 +738,10 @@ class DeltaRuleAsym(torch.autograd.Function):
     def forward(ctx, q, k, w, v, beta, s0, scale, precision):
         B, H, NC, C, K = k.shape
         V = v.shape[-1]
-        BK, BV = _tiles(K, V)
         tinv = beta.new_empty(B, H, NC, C, C)
         ub, kb = torch.empty_like(v), torch.empty_like(k)
         wy_fwd_kernel[(B * H * NC,)](
-            k, w, v, beta, tinv, ub, kb, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, num_warps=CHUNK_WARPS
+            k, w, v, beta, tinv, ub, kb, K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_fwd", K, V)
         )
         launch = _scan_launch("state_fwd", K, V, C)
         uo, ss, sf = torch.empty_like(ub), k.new_empty(B, H, NC, K, V), beta.new_empty(B, H, K, V)
@@ -740,8 +749,9 @@ class DeltaRuleAsym(torch.autograd.Function):
             kb, w, ub, s0, uo, ss, sf, NC, K=K, V=V, C=C, PRECISION=precision, **launch
         )
         o = torch.empty_like(v)
-        out_fwd_kernel[(triton.cdiv(V, BV), B * H * NC)](
-            q, w, uo, ss, o, scale, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, num_warps=CHUNK_WARPS
+        launch = _chunk_launch("out_fwd", K, V)
+        out_fwd_kernel[(triton.cdiv(V, launch["BV"]), B * H * NC)](
+            q, w, uo, ss, o, scale, K=K, V=V, C=C, PRECISION=precision, **launch
         )
         ctx.save_for_backward(q, k, w, v, beta, tinv, kb, uo, ss)
         ctx.scale, ctx.precision = scale, precision
@@ -752,7 +762,6 @@ class DeltaRuleAsym(torch.autograd.Function):
         q, k, w, v, beta, tinv, kb, uo, ss = ctx.saved_tensors
         B, H, NC, C, K = k.shape
         V = v.shape[-1]
-        BK, BV = _tiles(K, V)
         scale, precision = ctx.scale, ctx.precision
         do = torch.zeros_like(v) if do is None else do.contiguous()
         ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
@@ -760,7 +769,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         dw_o = torch.empty_like(w, dtype=torch.float32)  # added to by two more kernels
         out_bwd_kernel[(B * H * NC,)](
             q, w, uo, ss, do, dq, dw_o, gu, gss, scale,
-            K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, num_warps=CHUNK_WARPS,
+            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("out_bwd", K, V),
         )  # fmt: skip
         launch = _scan_launch("state_bwd", K, V, C)
         dub, dss, ds0 = torch.empty_like(uo), gss, beta.new_empty(B, H, K, V)  # dss overwrites gss as it goes
@@ -768,12 +777,13 @@ class DeltaRuleAsym(torch.autograd.Function):
             kb, w, gu, gss, ds, dub, dss, ds0, NC, K=K, V=V, C=C, PRECISION=precision, **launch
         )
         dk, dw, dv, dbeta = torch.empty_like(k, dtype=torch.float32), dw_o, torch.empty_like(v), torch.empty_like(beta)
-        state_grads_kernel[(triton.cdiv(K, BK), B * H * NC)](
-            dub, uo, ss, dss, dk, dw, K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, num_warps=CHUNK_WARPS
+        launch = _chunk_launch("state_grads", K, V)
+        state_grads_kernel[(triton.cdiv(K, launch["BK"]), B * H * NC)](
+            dub, uo, ss, dss, dk, dw, K=K, V=V, C=C, PRECISION=precision, **launch
         )
         wy_bwd_kernel[(B * H * NC,)](
             k, w, v, beta, tinv, dub, dk, dw, dv, dbeta,
-            K=K, V=V, C=C, BK=BK, BV=BV, PRECISION=precision, num_warps=CHUNK_WARPS,
+            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_bwd", K, V),
         )  # fmt: skip
         return dq, dk, dw, dv, dbeta, ds0, None, None
 
