@@ -592,15 +592,20 @@ SCAN_TUNING = {
     "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1),
 }
 # Launch settings of the per-chunk kernels: num_warps, and the widest K or V block a kernel walks
-# (16, 32 or 64; narrower blocks hold fewer registers). `scripts/profile_kernels.py --grid` times
-# every kernel at each setting.
+# (16, 32 or 64; narrower blocks hold fewer registers). The fastest of each kernel measured by
+# `scripts/profile_kernels.py --grid` (H100, bf16, K = V = 128; benchmarks/results/kernels_grid.json).
+# Eight warps are not used: that profile hit an illegal memory access at 8 warps with 16-wide tiles.
 CHUNK_LAUNCH = {
-    name: dict(num_warps=4, tile=64)
-    for name in (
-        "pre_intra_fwd", "pre_out_fwd", "wy_fwd", "out_fwd",
-        "out_bwd", "state_grads", "wy_bwd", "pre_out_bwd", "pre_intra_bwd",
-    )
-}  # fmt: skip
+    "pre_intra_fwd": dict(num_warps=4, tile=64),
+    "pre_out_fwd": dict(num_warps=4, tile=32),
+    "wy_fwd": dict(num_warps=4, tile=64),
+    "out_fwd": dict(num_warps=4, tile=64),
+    "out_bwd": dict(num_warps=4, tile=64),
+    "state_grads": dict(num_warps=4, tile=64),
+    "wy_bwd": dict(num_warps=4, tile=32),
+    "pre_out_bwd": dict(num_warps=4, tile=32),
+    "pre_intra_bwd": dict(num_warps=4, tile=32),
+}
 
 
 def _scan_launch(name: str, K: int, V: int, C: int) -> dict:
