@@ -152,7 +152,8 @@ def _chunk_osdn_core(
     if use_triton:
         # q, k, v and the kernels' [B, H, NC, C, *] intermediates (per-chunk states included) are
         # stored in the inputs' dtype when it is 16-bit, as fla does, and in float32 otherwise;
-        # the kernels compute in float32 and carry the states from chunk to chunk in float32
+        # products run in 16 bits where both operands are stored ones (chunk_fused.py), and the
+        # states are carried from chunk to chunk in float32
         sd = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
         qc, kc = (ToChunks.apply(x, chunk_size, l2norm_qk, sd) for x in (q, k))
         vc = ToChunks.apply(v, chunk_size, False, sd)

@@ -8,8 +8,11 @@ backward pass reuses. The two chunk-to-chunk recurrences are the scans of `chunk
 Layout: every tensor is chunked, `[B, H, NC, C, *]` contiguous, so row `t` of chunk
 `i_c = (b * H + h) * NC + n` starts at `(i_c * C + t) * D`; `ToChunks` / `FromChunks` move q, k,
 v and o between this layout and `[B, T, H, *]`. Chunked q, k, v and the intermediates derived
-from them are stored in a storage dtype (the inputs' 16-bit dtype, else float32); kernels widen
-those loads to float32 (`.to(tl.float32)`) and compute in float32. Inverses, per-token vectors,
+from them are stored in a storage dtype (the inputs' 16-bit dtype, else float32). A product of two
+stored operands runs in the storage dtype (exact: a product of two 16-bit numbers fits float32,
+and it accumulates in float32); a product with a matrix computed in the kernel widens the stored
+operand to float32 (`.to(tl.float32)`, tf32 or ieee). The state scans round the float32 state
+to the storage dtype for their products, as fla does, and carry it in float32. Inverses, per-token vectors,
 states passed in or out, and gradients that several kernels add to are float32.
 
 Phase 1 (`Precondition`): `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`

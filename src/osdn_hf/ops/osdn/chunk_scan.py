@@ -176,10 +176,10 @@ if HAS_TRITON:
                 o_t = i_c * C + i_s * BS + o_s  # [BS]
                 o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
                 o_tv = o_t[:, None] * V + o_v[None, :]  # [BS, BV]
-                b_kb = tl.load(kb + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)  # [BS, BK]
-                b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)  # [BS, BK]
+                b_kb = tl.load(kb + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
+                b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
                 b_ub = tl.load(ub + o_tv, mask=m_v[None, :], other=0.0).to(tl.float32)  # [BS, BV]
-                b_u = b_ub - tl.dot(b_kb, b_s, input_precision=PRECISION)
+                b_u = (b_ub - tl.dot(b_kb, b_s.to(b_kb.dtype), input_precision=PRECISION)).to(b_w.dtype)
                 tl.store(uo + o_tv, b_u, mask=m_v[None, :])
                 b_ds += tl.dot(tl.trans(b_w), b_u, input_precision=PRECISION)
             b_s += b_ds
@@ -226,11 +226,12 @@ if HAS_TRITON:
                 o_t = i_c * C + i_s * BS + o_s  # [BS]
                 o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
                 o_tv = o_t[:, None] * V + o_v[None, :]  # [BS, BV]
-                b_kb = tl.load(kb + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)  # [BS, BK]
-                b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)  # [BS, BK]
+                b_kb = tl.load(kb + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
+                b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
                 b_du = tl.load(gu + o_tv, mask=m_v[None, :], other=0.0).to(tl.float32) + tl.dot(
-                    b_w, b_ds, input_precision=PRECISION
+                    b_w, b_ds.to(b_w.dtype), input_precision=PRECISION
                 )
+                b_du = b_du.to(b_kb.dtype)
                 tl.store(dub + o_tv, b_du, mask=m_v[None, :])
                 b_acc -= tl.dot(tl.trans(b_kb), b_du, input_precision=PRECISION)
             b_ds = b_acc
