@@ -190,7 +190,7 @@ def test_sweep_over_preconditioner_settings(tmp_path):
     out = tmp_path / "mqar.json"
     args = ["--out", str(out), "--d-models", "32", "--settings", "64:8", "--lrs", "3e-3", "--steps", "2"]
     args += ["--batch-size", "4", "--vocab-size", "64", "--eval-every", "2"]
-    args += ["--precond-eta-init", "0.5", "1.5", "--apf-init", "0.9"]  # 1.5 > eta_max = 1: skipped
+    args += ["--precond-eta-init", "0.5", "2.5", "--apf-init", "0.9"]  # 2.5 > eta_max = 2: skipped
     main(args)
     rows = json.loads(out.read_text())["rows"]
     got = sorted((r["model"], tuple(sorted(r["config_overrides"].items()))) for r in rows)
@@ -200,6 +200,18 @@ def test_sweep_over_preconditioner_settings(tmp_path):
         ("osdn_no_apf", (("precond_eta_init", 0.5),)),
     ]
     osdn = next(r for r in rows if r["model"] == "osdn")
-    assert osdn["preconditioner_config"] == {"precond_eta_init": 0.5, "eta_max": 1.0, "apf_init": 0.9}
+    assert osdn["preconditioner_config"] == {"precond_eta_init": 0.5, "eta_max": 2.0, "apf_init": 0.9}
     main(args)  # done rows are recognised with their settings: nothing runs twice
     assert len(json.loads(out.read_text())["rows"]) == 3
+
+
+def test_settings_sweep_plots_one_bar_per_run(tmp_path):
+    """A result whose every row carries preconditioner overrides is drawn as labelled bars."""
+    out = tmp_path / "mqar.json"
+    args = ["--out", str(out), "--models", "osdn", "--d-models", "32", "--settings", "64:8", "--lrs", "3e-3"]
+    args += ["--steps", "2", "--batch-size", "4", "--vocab-size", "64", "--eval-every", "2", "--eta-max", "1", "2"]
+    main(args)
+    png = out.with_suffix(".png")
+    png.unlink()
+    main(["--out", str(out), "--plot-only"])
+    assert png.stat().st_size > 1000

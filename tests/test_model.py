@@ -234,7 +234,7 @@ def test_gate_initialisation_follows_config():
         ("num_heads", 3, "divisible by num_heads"),
         ("hidden_size", 0, "`hidden_size` must be a positive integer"),
         ("preconditioner", "adam", "`preconditioner` must be one of"),
-        ("precond_eta_init", 1.5, "`precond_eta_init` must lie in"),
+        ("precond_eta_init", 2.5, "`precond_eta_init` must lie in"),
         ("apf_init", 1.0, "`apf_init` must lie in"),
         ("eta_max", -1.0, "`eta_max` must be positive"),
         ("conv_size", 0, "`conv_size` must be a positive integer"),

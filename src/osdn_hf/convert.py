@@ -75,7 +75,6 @@ def osdn_config_from_deltanet(
         use_output_gate=fla_config.get("use_gate", False),
         norm_eps=fla_config.get("norm_eps", 1e-6),
         preconditioner="osdn",
-        eta_max=1.0,
         precond_eta_init=eta_init,
         apf_init=apf_init,
         initializer_range=fla_config.get("initializer_range", 0.02),

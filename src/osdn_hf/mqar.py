@@ -227,8 +227,41 @@ def train_one(
     }
 
 
+def plot_settings(result: dict, png: Path) -> None:
+    """A sweep over preconditioner settings: one bar per run, grouped by cell, labelled with its settings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(
+        result["rows"],
+        key=lambda r: (r["seq_len"], r["d_model"], r["seed"], r["lr"], sorted(r["config_overrides"].items())),
+    )
+    labels = [
+        f"{r['model']} {r['seq_len']}:{r['num_pairs']} d{r['d_model']} seed {r['seed']} lr {r['lr']:g}  "
+        + " ".join(f"{k}={v:g}" for k, v in sorted(r["config_overrides"].items()))
+        for r in rows
+    ]
+    fig, ax = plt.subplots(figsize=(9, 0.38 * len(rows) + 1.2))
+    cells = sorted({(r["seq_len"], r["d_model"], r["seed"]) for r in rows})
+    colors = [f"C{cells.index((r['seq_len'], r['d_model'], r['seed']))}" for r in rows]
+    ax.barh(range(len(rows)), [r["accuracy"] for r in rows], color=colors)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(f"MQAR preconditioner settings, {result['device']}, commit {result['commit'][:10]}", fontsize=9)
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def plot(result: dict, png: Path) -> None:
-    """Best accuracy over learning rates against d_model, one panel per setting, one line per model."""
+    """Best accuracy over learning rates against d_model, one panel per setting, one line per model;
+    a sweep over preconditioner settings (every row with overrides) gets `plot_settings` instead."""
+    if result["rows"] and all(r.get("config_overrides") for r in result["rows"]):
+        return plot_settings(result, png)
     import matplotlib
 
     matplotlib.use("Agg")
