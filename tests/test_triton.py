@@ -95,11 +95,15 @@ def _core_args(B, T, H, K, V, seed=0):
     ]
 
 
-@pytest.mark.parametrize("K, V", [(48, 80), (128, 64), (256, 256)])
-def test_fused_chunk_kernels_match_torch_chunk_path(K, V):
+@pytest.mark.parametrize("K, V, tile", [(48, 80, None), (128, 64, None), (256, 256, None), (48, 80, 16)])
+def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, monkeypatch):
     """Both phases' fused kernels (forward and hand-written backward) against the torch chunked
-    path, differentiated by autograd: head dims that span several 64-wide tiles or leave a masked
-    remainder, three chunks, a non-trivial d0 and S0."""
+    path, differentiated by autograd: head dims that span several tiles (the launch table's 32-
+    and 64-wide ones, or 16-wide everywhere) or leave a masked remainder, three chunks, a
+    non-trivial d0 and S0."""
+    if tile is not None:
+        for name, launch in chunk_fused.CHUNK_LAUNCH.items():
+            monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, name, dict(launch, tile=tile))
     args = _core_args(1, 150, 2, K, V)
     leaves = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
     inputs = [a for a in leaves if isinstance(a, torch.Tensor)]

@@ -647,16 +647,17 @@ class ToChunks(torch.autograd.Function):
         NC = max(triton.cdiv(T, C), 1)
         y = x.new_empty(B, H, NC, C, D, dtype=dtype)
         to_chunks_kernel[(B * H * NC,)](x, y, T, H, NC, NORM=normalize, **_relayout_launch(D, C))
-        ctx.save_for_backward(x)
-        ctx.normalize = normalize
+        if normalize:  # the backward through the norm needs x; a plain relayout needs only its shape
+            ctx.save_for_backward(x)
+        ctx.normalize, ctx.shape, ctx.dtype = normalize, x.shape, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        (x,) = ctx.saved_tensors
-        B, T, H, D = x.shape
+        B, T, H, D = ctx.shape
         NC, C = gy.shape[2:4]
-        gx = torch.empty_like(x)
+        gx = gy.new_empty(ctx.shape, dtype=ctx.dtype)
+        x = ctx.saved_tensors[0] if ctx.normalize else gx  # without NORM the kernel never reads x
         from_chunks_kernel[(B * H * NC,)](
             gy.contiguous(), x, gx, T, H, NC, NORM=ctx.normalize, **_relayout_launch(D, C)
         )
