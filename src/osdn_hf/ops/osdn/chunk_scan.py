@@ -158,7 +158,10 @@ if HAS_TRITON:
         BS: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        """U_n = Ub_n - Kb_n S_n, S_{n+1} = S_n + W_n^T U_n; one (batch, head, V block) per program."""
+        """U_n = Ub_n - Kb_n S_n, S_{n+1} = S_n + W_n^T U_n; one (batch, head, V block) per program.
+
+        The products run in the dtype Kb and W are stored in: S and U are rounded to it for them
+        (as fla does; no-ops for float32 storage), and S is carried in float32."""
         i_bh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
