@@ -190,7 +190,7 @@ def main(argv=None):
     do_bench = lambda fn: _do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
     rows = [bench_row(B, T, do_bench) for B, T in tqdm(SHAPES, desc="kernel benchmark")]
     result = dict(
-        **run_metadata(args.commit),
+        **run_metadata(args.commit, "scripts/bench_kernels.py", argv),
         fla=__import__("fla").__version__,
         dtype="bfloat16",
         rows=rows,

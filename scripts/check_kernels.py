@@ -89,7 +89,7 @@ def main(argv=None):
     cases = [c for c in cases if max(c["K"], c["V"]) <= args.max_head_dim]
     rows, failures = [], 0
     result = dict(
-        **run_metadata(args.commit),
+        **run_metadata(args.commit, "scripts/check_kernels.py", argv),
         reference="naive_recurrent_osdn (float32 token loop) on the same inputs",
         rows=rows,
     )

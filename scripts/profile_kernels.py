@@ -33,7 +33,7 @@ def _step(B, T, H, D):
     return lambda: chunk_osdn(q, k, v, beta, eta, lam, use_qk_l2norm_in_kernel=True)[0].backward(do)
 
 
-def tune(step, args) -> dict:
+def tune(step, args, meta: dict) -> dict:
     import triton
 
     base = {name: dict(t) for name, t in chunk_fused.SCAN_TUNING.items()}
@@ -59,7 +59,7 @@ def tune(step, args) -> dict:
         print(f"{name:12s} {knob or '':10s} {value if value is not None else '':>4} {ms or err}")
     chunk_fused.SCAN_TUNING.update(base)
     return dict(
-        **run_metadata(args.commit, "scripts/profile_kernels.py", args.argv),
+        **meta,
         shape=dict(B=args.B, T=args.T, H=args.H, K=args.D, V=args.D, dtype="bfloat16"),
         defaults=base,
         rows=rows,
@@ -82,7 +82,7 @@ def kernel_times(step) -> dict:
     return {e.key: e.self_device_time_total for e in _profiled(step).key_averages() if e.self_device_time_total > 0}
 
 
-def grid(step, args) -> dict:
+def grid(step, args, meta: dict) -> dict:
     """Each per-chunk kernel's CUDA time at every (num_warps, tile) setting, and its fastest."""
     base = {name: dict(t) for name, t in chunk_fused.CHUNK_LAUNCH.items()}
     rows = []
@@ -98,7 +98,7 @@ def grid(step, args) -> dict:
         print(f"warps {warps} tile {tile}: total {sum(times.values()):.0f} us", err or "", flush=True)
         if args.out:  # as it goes: a run cut short keeps the settings it reached
             with open(args.out, "w") as f:
-                json.dump(dict(**run_metadata(args.commit, "scripts/profile_kernels.py", args.argv), rows=rows), f)
+                json.dump(dict(**meta, rows=rows), f)
     for name, launch in base.items():
         chunk_fused.CHUNK_LAUNCH[name] = launch
     best = {}
@@ -109,7 +109,7 @@ def grid(step, args) -> dict:
             best[name] = dict(num_warps=b["num_warps"], tile=b["tile"], us=b["us"])
             print(f"{name:16s} fastest: warps {b['num_warps']} tile {b['tile']:2d}  {b['us']:8.1f} us")
     return dict(
-        **run_metadata(args.commit, "scripts/profile_kernels.py", args.argv),
+        **meta,
         shape=dict(B=args.B, T=args.T, H=args.H, K=args.D, V=args.D, dtype="bfloat16"),
         defaults=base,
         rows=rows,
@@ -132,10 +132,10 @@ def main(argv=None):
     )
     p.add_argument("--commit", default="unknown")
     args = p.parse_args(argv)
-    args.argv = argv
     step = _step(args.B, args.T, args.H, args.D)
     if args.tune or args.grid:
-        result = (tune if args.tune else grid)(step, args)
+        meta = run_metadata(args.commit, "scripts/profile_kernels.py", argv)
+        result = (tune if args.tune else grid)(step, args, meta)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)

@@ -625,9 +625,13 @@ def _scan_launch(name: str, K: int, V: int, C: int) -> dict:
 def _chunk_launch(name: str, K: int, V: int | None = None) -> dict:
     """BK (and BV where the kernel walks V) and num_warps of per-chunk kernel `name`."""
     t = CHUNK_LAUNCH[name]
-    out = dict(BK=min(t["tile"], max(triton.next_power_of_2(K), 16)), num_warps=t["num_warps"])
+
+    def block(D):
+        return min(t["tile"], max(triton.next_power_of_2(D), 16))
+
+    out = dict(BK=block(K), num_warps=t["num_warps"])
     if V is not None:
-        out["BV"] = min(t["tile"], max(triton.next_power_of_2(V), 16))
+        out["BV"] = block(V)
     return out
 
 
