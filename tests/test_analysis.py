@@ -8,7 +8,18 @@ import pytest
 import torch
 
 from osdn_hf.analysis import recall_residual
-from osdn_hf.mqar import answer_loss, build_model, main, mqar_batch, mqar_mixture_batch, train_one, train_pairs
+from osdn_hf.mqar import (
+    answer_loss,
+    at_defaults,
+    build_model,
+    main,
+    mqar_batch,
+    mqar_mixture_batch,
+    row_settings,
+    settings_of,
+    train_one,
+    train_pairs,
+)
 from osdn_hf.ops import naive_recurrent_osdn
 from osdn_hf.ops.osdn.utils import l2norm
 
@@ -215,3 +226,30 @@ def test_settings_sweep_plots_one_bar_per_run(tmp_path):
     png.unlink()
     main(["--out", str(out), "--plot-only"])
     assert png.stat().st_size > 1000
+
+
+def test_runs_are_told_apart_by_the_settings_they_ran_with(tmp_path):
+    """A run recorded under earlier defaults (eta_max 1) does not count as done once the defaults
+    change; the three-model plot draws only runs at the current defaults; a row that does not say
+    what it ran with is refused by name."""
+    out = tmp_path / "mqar.json"
+    args = ["--out", str(out), "--models", "osdn", "deltanet", "--d-models", "32", "--settings", "64:8"]
+    args += ["--lrs", "3e-3", "--steps", "2", "--batch-size", "4", "--vocab-size", "64", "--eval-every", "2"]
+    main(args)
+    result = json.loads(out.read_text())
+    old = next(r for r in result["rows"] if r["model"] == "osdn")
+    old["preconditioner_config"]["eta_max"] = 1.0  # as if run before eta_max became 2
+    old["accuracy"] = 0.5
+    out.write_text(json.dumps(result))
+    assert [r["model"] for r in at_defaults(result["rows"])] == ["deltanet"]
+    main(args)  # OSDN reruns at the current defaults, DeltaNet (no preconditioner settings) does not
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["model"], row_settings(r).get("eta_max")) for r in rows) == [
+        ("deltanet", None),
+        ("osdn", 1.0),
+        ("osdn", 2.0),
+    ]
+    assert settings_of("osdn_no_apf", {"apf_init": 0.9}) == {"precond_eta_init": 0.9, "eta_max": 2.0}
+    del rows[0]["preconditioner_config"]
+    with pytest.raises(ValueError, match="without 'preconditioner_config'"):
+        at_defaults(rows)

@@ -258,8 +258,9 @@ def plot_settings(result: dict, png: Path) -> None:
 
 
 def plot(result: dict, png: Path) -> None:
-    """Best accuracy over learning rates against d_model, one panel per setting, one line per model;
-    a sweep over preconditioner settings (every row with overrides) gets `plot_settings` instead."""
+    """Best accuracy over learning rates against d_model, one panel per setting, one line per model,
+    from the runs at OSDNConfig's current preconditioner defaults (`at_defaults`); a sweep over
+    preconditioner settings (every row with overrides) gets `plot_settings` instead."""
     if result["rows"] and all(r.get("config_overrides") for r in result["rows"]):
         return plot_settings(result, png)
     import matplotlib
@@ -267,6 +268,9 @@ def plot(result: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    others = len(result["rows"])
+    result = {**result, "rows": at_defaults(result["rows"])}
+    others -= len(result["rows"])
     settings = sorted({(r["seq_len"], r["num_pairs"]) for r in result["rows"]})
     fig, axes = plt.subplots(2, len(settings), figsize=(4.5 * len(settings), 7.4), squeeze=False)
     styles = ["-", "--", ":", "-."]
@@ -303,7 +307,12 @@ def plot(result: dict, png: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     vocab = sorted({r["vocab_size"] for r in result["rows"]})
-    fig.suptitle(f"MQAR, vocabulary {vocab}, {result['device']}, commit {result['commit'][:10]}", fontsize=9)
+    defaults = ", ".join(f"{k}={v:g}" for k, v in settings_of("osdn").items())
+    fig.suptitle(
+        f"MQAR, vocabulary {vocab}, {result['device']}, commit {result['commit'][:10]}; OSDN at the defaults "
+        f"{defaults} ({others} runs at other settings not drawn)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
@@ -398,6 +407,31 @@ def run_workers(args, argv) -> dict:
     return result
 
 
+def settings_of(model: str, overrides: dict | None = None) -> dict:
+    """The preconditioner settings (`OVERRIDES`) that affect `model` when built with `overrides`:
+    OSDNConfig's current defaults updated by them; DeltaNet has none."""
+    config = OSDNConfig(**MODELS[model], **(overrides or {}))
+    return {k: getattr(config, k) for k in OVERRIDES if k in RELEVANT[model]}
+
+
+def row_settings(row: dict) -> dict:
+    """The preconditioner settings a recorded run used (its `preconditioner_config`), restricted to
+    those that affect its model, so that runs are told apart by what they ran with, also across a
+    change of OSDNConfig's defaults."""
+    if "preconditioner_config" not in row:
+        raise ValueError(f"MQAR row without 'preconditioner_config' (the settings it ran with): {_short(row)}")
+    return {k: v for k, v in row["preconditioner_config"].items() if k in RELEVANT[row["model"]]}
+
+
+def _short(row: dict) -> str:
+    return f"{row['model']} d={row['d_model']} L={row['seq_len']} lr={row['lr']:g}"
+
+
+def at_defaults(rows: list[dict]) -> list[dict]:
+    """The rows that ran with OSDNConfig's current preconditioner defaults."""
+    return [r for r in rows if row_settings(r) == settings_of(r["model"])]
+
+
 def _key(row: dict) -> tuple:
     return (
         row["model"],
@@ -409,7 +443,7 @@ def _key(row: dict) -> tuple:
         row["vocab_size"],
         row["steps"],
         tuple(row.get("train_pairs", [row["num_pairs"]])),
-        tuple(sorted(row.get("config_overrides", {}).items())),
+        tuple(sorted(row_settings(row).items())),
     )
 
 
@@ -453,7 +487,7 @@ def main(argv=None) -> dict:
         if _key(
             dict(
                 model=m, d_model=d, seq_len=L, num_pairs=P, lr=lr, seed=args.seed, vocab_size=args.vocab_size,
-                steps=args.steps, train_pairs=train_pairs(P, args.train_mix), config_overrides=ov,
+                steps=args.steps, train_pairs=train_pairs(P, args.train_mix), preconditioner_config=settings_of(m, ov),
             )
         )
         not in done
