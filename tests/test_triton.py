@@ -120,9 +120,9 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, monkeypatch):
 
 
 def test_fused_kernels_store_16bit_inputs_in_16_bits():
-    """float16 q, k, v: the fused path saves its chunked intermediates in float16 (only the C x C
-    inverses and per-token vectors stay float32), and its outputs and all gradients still match
-    the torch chunked path run on the same values in float32."""
+    """float16 q, k, v: the fused path saves its chunked intermediates and phase 2's C x C inverse
+    in float16 (phase 1's inverse and the per-token vectors stay float32), and its outputs and all
+    gradients still match the torch chunked path run on the same values in float32."""
     K, V = 32, 48  # neither is the chunk size, so shapes tell tensors apart
     args = _core_args(1, 150, 2, K, V)
     half, rest = [x.half() for x in args[:3]], args[3:]
@@ -145,6 +145,8 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits():
     chunked = [(s, dt) for s, dt in saved if len(s) == 5 and s[-1] in (K, V) and s[-2] in (64, K)]
     assert len(chunked) >= 8, saved  # q, k, w, v, Y, Kb, U, per-chunk states
     assert all(dt == torch.float16 for _, dt in chunked), chunked
+    inverses = sorted(str(dt) for s, dt in saved if s[-2:] == (64, 64))
+    assert inverses == ["torch.float16", "torch.float32"], saved
     for name, a, b in zip(("o", "S", "d"), got, ref):
         assert_close(name, a, b, torch.float16)
     for name, a, b in zip(names, got_grads, ref_grads):

@@ -167,11 +167,14 @@ if HAS_TRITON:
 
     @triton.jit
     def wy_fwd_kernel(
-        k, w, v, beta, tinv, ub, kb,
+        k, w, v, beta, scratch, tinv, ub, kb,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """T = (I + tril(diag(b) K W^T, -1))^{-1}, Ub = T diag(b) V, Kb = T diag(b) K; one chunk per program."""
+        """T = (I + tril(diag(b) K W^T, -1))^{-1}, Ub = T diag(b) V, Kb = T diag(b) K; one chunk per program.
+
+        T is inverted in float32 (`scratch`, the program's [C, C] slot) and saved in the storage
+        dtype (`tinv`), the dtype its products with V and K run in."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -184,18 +187,19 @@ if HAS_TRITON:
             b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             b_a += tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
         b_a = tl.where(o_c[:, None] > o_c[None, :], b_a * b_b[:, None], 0.0)
-        b_t = _invert(b_a, tinv + i_c * C * C, o_c, C)
+        b_t = _invert(b_a, scratch + i_c * C * C, o_c, C).to(tinv.dtype.element_ty)
+        tl.store(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :], b_t)
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
             m = o_v[None, :] < V
-            b_v = tl.load(v + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0).to(tl.float32)
-            b_ub = tl.dot(b_t, b_v * b_b[:, None], input_precision=PRECISION)
+            b_v = tl.load(v + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_ub = tl.dot(b_t, (b_v * b_b[:, None]).to(b_v.dtype), input_precision=PRECISION)
             tl.store(ub + o_t[:, None] * V + o_v[None, :], b_ub, mask=m)
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-            b_kb = tl.dot(b_t, b_k * b_b[:, None], input_precision=PRECISION)
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_kb = tl.dot(b_t, (b_k * b_b[:, None]).to(b_k.dtype), input_precision=PRECISION)
             tl.store(kb + o_t[:, None] * K + o_k[None, :], b_kb, mask=m)
 
     @triton.jit
@@ -222,8 +226,8 @@ if HAS_TRITON:
             b_o += tl.dot(b_q, b_s, input_precision=PRECISION)
             b_m += tl.dot(b_q, tl.trans(b_w), input_precision=PRECISION)
         b_m = tl.where(o_c[:, None] >= o_c[None, :], b_m, 0.0)
-        b_u = tl.load(u + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0).to(tl.float32)
-        b_o = scale * (b_o + tl.dot(b_m, b_u, input_precision=PRECISION))
+        b_u = tl.load(u + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_o = scale * (b_o + tl.dot(b_m.to(b_u.dtype), b_u, input_precision=PRECISION))
         tl.store(o + o_t[:, None] * V + o_v[None, :], b_o, mask=m_v[None, :])
 
     # ---------------------------------------------------------------- phase 2 backward
@@ -255,9 +259,9 @@ if HAS_TRITON:
             b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
             b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
             b_m += tl.dot(b_q, tl.trans(b_w), input_precision=PRECISION)
-            b_dw = tl.dot(tl.trans(b_dm), b_q.to(tl.float32), input_precision=PRECISION)
+            b_dw = tl.dot(tl.trans(b_dm).to(b_q.dtype), b_q, input_precision=PRECISION)
             tl.store(dw + o_t[:, None] * K + o_k[None, :], b_dw, mask=m_k[None, :])
-            b_dq = tl.dot(b_dm, b_w.to(tl.float32), input_precision=PRECISION)
+            b_dq = tl.dot(b_dm.to(b_w.dtype), b_w, input_precision=PRECISION)
             for i_v in tl.static_range(0, V, BV):
                 o_v = i_v + tl.arange(0, BV)
                 m_v = o_v < V
@@ -272,8 +276,8 @@ if HAS_TRITON:
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
             m = o_v[None, :] < V
-            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0).to(tl.float32)
-            b_du = tl.dot(tl.trans(b_m), b_do, input_precision=PRECISION)
+            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_du = tl.dot(tl.trans(b_m).to(b_do.dtype), b_do, input_precision=PRECISION)
             tl.store(du + o_t[:, None] * V + o_v[None, :], b_du, mask=m)
 
     @triton.jit
@@ -319,18 +323,18 @@ if HAS_TRITON:
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         b_b = tl.load(beta + o_t)
-        b_t = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])
+        b_t = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])  # the storage dtype
         b_dt = tl.zeros([C, C], dtype=tl.float32)
         b_db = tl.zeros([C], dtype=tl.float32)
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
             m = o_v[None, :] < V
-            b_v = tl.load(v + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0).to(tl.float32)
-            b_dub = tl.load(dub + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0).to(tl.float32)
-            b_dt += tl.dot(b_dub, tl.trans(b_v * b_b[:, None]), input_precision=PRECISION)
+            b_v = tl.load(v + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_dub = tl.load(dub + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_dt += tl.dot(b_dub, tl.trans((b_v * b_b[:, None]).to(b_v.dtype)), input_precision=PRECISION)
             b_dvb = tl.dot(tl.trans(b_t), b_dub, input_precision=PRECISION)  # d(diag(b) V)
             tl.store(dv + o_t[:, None] * V + o_v[None, :], b_dvb * b_b[:, None], mask=m)
-            b_db += tl.sum(b_dvb * b_v, 1)
+            b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
         b_kw = tl.zeros([C, C], dtype=tl.float32)
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
@@ -341,6 +345,7 @@ if HAS_TRITON:
             b_dt += tl.dot(b_dkb, tl.trans(b_k.to(tl.float32) * b_b[:, None]), input_precision=PRECISION)
             b_kw += tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
         # dA = -T^T dT T^T on the strictly lower part
+        b_t = b_t.to(tl.float32)
         b_da = tl.dot(tl.trans(b_t), b_dt, input_precision=PRECISION)
         b_da = -tl.dot(b_da, tl.trans(b_t), input_precision=PRECISION)
         b_da = tl.where(o_c[:, None] > o_c[None, :], b_da, 0.0)
@@ -349,15 +354,15 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             tl.debug_barrier()  # every warp has read this block of dKb before dK overwrites it
             b_dkbb = tl.dot(tl.trans(b_t), b_dkb, input_precision=PRECISION)  # d(diag(b) K)
-            b_db += tl.sum(b_dkbb * b_k, 1)
-            b_dk = b_dkbb * b_b[:, None] + tl.dot(b_dab, b_w, input_precision=PRECISION)
+            b_db += tl.sum(b_dkbb * b_k.to(tl.float32), 1)
+            b_dk = b_dkbb * b_b[:, None] + tl.dot(b_dab.to(b_w.dtype), b_w, input_precision=PRECISION)
             tl.store(dk + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
-            b_dw = tl.dot(tl.trans(b_dab), b_k, input_precision=PRECISION)
+            b_dw = tl.dot(tl.trans(b_dab).to(b_k.dtype), b_k, input_precision=PRECISION)
             b_dw += tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
             tl.store(dw + o_t[:, None] * K + o_k[None, :], b_dw, mask=m)
         tl.store(dbeta + o_t, b_db)
@@ -751,11 +756,12 @@ class DeltaRuleAsym(torch.autograd.Function):
     def forward(ctx, q, k, w, v, beta, s0, scale, precision):
         B, H, NC, C, K = k.shape
         V = v.shape[-1]
-        tinv = beta.new_empty(B, H, NC, C, C)
+        scratch, tinv = beta.new_empty(B, H, NC, C, C), k.new_empty(B, H, NC, C, C)
         ub, kb = torch.empty_like(v), torch.empty_like(k)
         wy_fwd_kernel[(B * H * NC,)](
-            k, w, v, beta, tinv, ub, kb, K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_fwd", K, V)
+            k, w, v, beta, scratch, tinv, ub, kb, K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_fwd", K, V)
         )
+        del scratch  # before the scan allocates the per-chunk states
         launch = _scan_launch("state_fwd", K, V, C)
         uo, ss, sf = torch.empty_like(ub), k.new_empty(B, H, NC, K, V), beta.new_empty(B, H, K, V)
         state_scan_fwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
@@ -789,11 +795,13 @@ class DeltaRuleAsym(torch.autograd.Function):
         state_scan_bwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
             kb, w, gu, gss, ds, dub, dss, ds0, NC, K=K, V=V, C=C, PRECISION=precision, **launch
         )
+        del do, gu, gss  # no later kernel reads these: freed before dK and dV are allocated
         dk, dw, dv, dbeta = torch.empty_like(k, dtype=torch.float32), dw_o, torch.empty_like(v), torch.empty_like(beta)
         launch = _chunk_launch("state_grads", K, V)
         state_grads_kernel[(triton.cdiv(K, launch["BK"]), B * H * NC)](
             dub, uo, ss, dss, dk, dw, K=K, V=V, C=C, PRECISION=precision, **launch
         )
+        del dss
         wy_bwd_kernel[(B * H * NC,)](
             k, w, v, beta, tinv, dub, dk, dw, dv, dbeta,
             K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_bwd", K, V),
