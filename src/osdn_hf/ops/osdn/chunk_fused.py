@@ -610,7 +610,7 @@ CHUNK_LAUNCH = {
     "out_fwd": dict(num_warps=4, tile=64),
     "out_bwd": dict(num_warps=4, tile=64),
     "state_grads": dict(num_warps=4, tile=64),
-    "wy_bwd": dict(num_warps=4, tile=32),
+    "wy_bwd": dict(num_warps=4, tile=64),
     "pre_out_bwd": dict(num_warps=4, tile=32),
     "pre_intra_bwd": dict(num_warps=4, tile=32),
 }
