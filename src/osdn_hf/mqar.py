@@ -277,7 +277,11 @@ def plot(result: dict, png: Path) -> None:
     for ax, (L, P) in zip(axes[1], settings):  # learning curves: MQAR learns in a jump, so show when
         rows = [r for r in result["rows"] if (r["seq_len"], r["num_pairs"]) == (L, P)]
         dims = sorted({r["d_model"] for r in rows})
+        best = {}  # the best learning rate's run of each model and d_model, as in the panel above
         for r in rows:
+            if (r["model"], r["d_model"]) not in best or r["accuracy"] > best[r["model"], r["d_model"]]["accuracy"]:
+                best[r["model"], r["d_model"]] = r
+        for r in best.values():
             color = f"C{list(MODELS).index(r['model'])}"
             ax.plot(
                 [c["step"] for c in r["curve"]],
@@ -286,12 +290,12 @@ def plot(result: dict, png: Path) -> None:
                 linestyle=styles[dims.index(r["d_model"]) % len(styles)],
                 label=f"{r['model']} d={r['d_model']} lr={r['lr']:g}",
             )
-        ax.set_title(f"learning curves, seq {L}, {P} pairs")
+        ax.set_title(f"learning curves (best lr), seq {L}, {P} pairs")
         ax.set_xlabel("step")
         ax.set_ylabel("accuracy")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2, loc="lower right")
     for ax, (L, P) in zip(axes[0], settings):
         for name in MODELS:
             rows = [r for r in result["rows"] if r["model"] == name and (r["seq_len"], r["num_pairs"]) == (L, P)]
@@ -309,7 +313,7 @@ def plot(result: dict, png: Path) -> None:
     vocab = sorted({r["vocab_size"] for r in result["rows"]})
     defaults = ", ".join(f"{k}={v:g}" for k, v in settings_of("osdn").items())
     fig.suptitle(
-        f"MQAR, vocabulary {vocab}, {result['device']}, commit {result['commit'][:10]}; OSDN at the defaults "
+        f"MQAR, vocabulary {vocab}, {result['device']}, commit {result['commit'][:10]}\nOSDN at the defaults "
         f"{defaults} ({others} runs at other settings not drawn)",
         fontsize=9,
     )
