@@ -271,17 +271,14 @@ def plot(result: dict, png: Path) -> None:
     others = len(result["rows"])
     result = {**result, "rows": at_defaults(result["rows"])}
     others -= len(result["rows"])
+    best = best_runs(result["rows"])
     settings = sorted({(r["seq_len"], r["num_pairs"]) for r in result["rows"]})
     fig, axes = plt.subplots(2, len(settings), figsize=(4.5 * len(settings), 7.4), squeeze=False)
     styles = ["-", "--", ":", "-."]
     for ax, (L, P) in zip(axes[1], settings):  # learning curves: MQAR learns in a jump, so show when
-        rows = [r for r in result["rows"] if (r["seq_len"], r["num_pairs"]) == (L, P)]
+        rows = [r for r in best if (r["seq_len"], r["num_pairs"]) == (L, P)]  # the runs of the panel above
         dims = sorted({r["d_model"] for r in rows})
-        best = {}  # the best learning rate's run of each model and d_model, as in the panel above
         for r in rows:
-            if (r["model"], r["d_model"]) not in best or r["accuracy"] > best[r["model"], r["d_model"]]["accuracy"]:
-                best[r["model"], r["d_model"]] = r
-        for r in best.values():
             color = f"C{list(MODELS).index(r['model'])}"
             ax.plot(
                 [c["step"] for c in r["curve"]],
@@ -298,11 +295,12 @@ def plot(result: dict, png: Path) -> None:
         ax.legend(fontsize=6, ncol=2, loc="lower right")
     for ax, (L, P) in zip(axes[0], settings):
         for name in MODELS:
-            rows = [r for r in result["rows"] if r["model"] == name and (r["seq_len"], r["num_pairs"]) == (L, P)]
-            dims = sorted({r["d_model"] for r in rows})
-            if dims:
-                best = [max(r["accuracy"] for r in rows if r["d_model"] == d) for d in dims]
-                ax.plot(dims, best, marker="o", label=name)
+            rows = sorted(
+                (r for r in best if r["model"] == name and (r["seq_len"], r["num_pairs"]) == (L, P)),
+                key=lambda r: r["d_model"],
+            )
+            if rows:
+                ax.plot([r["d_model"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=name)
         ax.set_title(f"seq {L}, {P} pairs")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("d_model")
@@ -411,6 +409,16 @@ def run_workers(args, argv) -> dict:
     return result
 
 
+def best_runs(rows: list[dict]) -> list[dict]:
+    """The run with the best accuracy over learning rates of each model, setting and d_model."""
+    best = {}
+    for r in rows:
+        cell = (r["model"], r["seq_len"], r["num_pairs"], r["d_model"])
+        if cell not in best or r["accuracy"] > best[cell]["accuracy"]:
+            best[cell] = r
+    return list(best.values())
+
+
 def settings_of(model: str, overrides: dict | None = None) -> dict:
     """The preconditioner settings (`OVERRIDES`) that affect `model` when built with `overrides`:
     OSDNConfig's current defaults updated by them; DeltaNet has none."""
@@ -423,17 +431,17 @@ def row_settings(row: dict) -> dict:
     those that affect its model, so that runs are told apart by what they ran with, also across a
     change of OSDNConfig's defaults."""
     if "preconditioner_config" not in row:
-        raise ValueError(f"MQAR row without 'preconditioner_config' (the settings it ran with): {_short(row)}")
+        raise ValueError(
+            "MQAR row without 'preconditioner_config' (the settings it ran with): "
+            f"{row['model']} d={row['d_model']} L={row['seq_len']} lr={row['lr']:g}"
+        )
     return {k: v for k, v in row["preconditioner_config"].items() if k in RELEVANT[row["model"]]}
-
-
-def _short(row: dict) -> str:
-    return f"{row['model']} d={row['d_model']} L={row['seq_len']} lr={row['lr']:g}"
 
 
 def at_defaults(rows: list[dict]) -> list[dict]:
     """The rows that ran with OSDNConfig's current preconditioner defaults."""
-    return [r for r in rows if row_settings(r) == settings_of(r["model"])]
+    defaults = {m: settings_of(m) for m in MODELS}
+    return [r for r in rows if row_settings(r) == defaults[r["model"]]]
 
 
 def _key(row: dict) -> tuple:
@@ -481,17 +489,18 @@ def main(argv=None) -> dict:
     done = {_key(r) for r in result["rows"]}
     settings = [tuple(int(x) for x in s.split(":")) for s in args.settings]
     grids = {m: override_grid(args, m) for m in args.models}  # once per model: it reports what it skips
+    ran_with = {(m, i): settings_of(m, ov) for m in args.models for i, ov in enumerate(grids[m])}
     plan = [
         (L, P, d, lr, m, ov)
         for L, P in settings
         for d in args.d_models
         for lr in args.lrs
         for m in args.models
-        for ov in grids[m]
+        for i, ov in enumerate(grids[m])
         if _key(
             dict(
                 model=m, d_model=d, seq_len=L, num_pairs=P, lr=lr, seed=args.seed, vocab_size=args.vocab_size,
-                steps=args.steps, train_pairs=train_pairs(P, args.train_mix), preconditioner_config=settings_of(m, ov),
+                steps=args.steps, train_pairs=train_pairs(P, args.train_mix), preconditioner_config=ran_with[m, i],
             )
         )
         not in done
