@@ -3,13 +3,17 @@
     python scripts/profile_kernels.py --B 4 --T 4096            # per-kernel CUDA time
     python scripts/profile_kernels.py --tune --out tune.json    # scan launch settings, one knob at a time
     python scripts/profile_kernels.py --grid --out grid.json    # per-chunk kernels: warps x tile
+    python scripts/profile_kernels.py --peer --out peer.json    # ours and fla's DeltaNet, kernel by kernel
 
 `--tune` times forward+backward (`triton.testing.do_bench`, median) while it varies the scans'
 launch settings (`chunk_fused.SCAN_TUNING`), one knob at a time from the defaults, and prints
 and writes the times; `--only state_fwd ...` limits it to those scans. `--grid` profiles one
 forward+backward at every (num_warps, tile) setting of the per-chunk kernels
 (`chunk_fused.CHUNK_LAUNCH`, all kernels alike in each profile) and reports each kernel's CUDA
-time per setting and its fastest. Nothing is changed in place.
+time per setting and its fastest. `--peer` profiles one forward+backward of ours and of fla's
+`chunk_delta_rule` on the same inputs in the same process and lists both sets of kernels with
+their CUDA times (each kernel's total over its calls), to show where the difference lies.
+Nothing is changed in place.
 """
 
 import argparse
@@ -31,6 +35,34 @@ def _step(B, T, H, D):
     beta, eta, lam = (torch.rand(B, T, H, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
     do = torch.randn(B, T, H, D, device="cuda", dtype=dt)
     return lambda: chunk_osdn(q, k, v, beta, eta, lam, use_qk_l2norm_in_kernel=True)[0].backward(do)
+
+
+def _fla_step(B, T, H, D):
+    """The same for fla's DeltaNet (`chunk_delta_rule`, the peer of `scripts/bench_kernels.py`)."""
+    from fla.ops.delta_rule import chunk_delta_rule
+
+    dt = torch.bfloat16
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
+    beta = torch.rand(B, T, H, device="cuda", dtype=dt, requires_grad=True)
+    do = torch.randn(B, T, H, D, device="cuda", dtype=dt)
+    return lambda: chunk_delta_rule(q, k, v, beta, use_qk_l2norm_in_kernel=True)[0].backward(do)
+
+
+def peer(step, args, meta: dict) -> dict:
+    """Per-kernel CUDA time (us) of one forward+backward of ours and of fla's DeltaNet."""
+    ours, theirs = kernel_times(step), kernel_times(_fla_step(args.B, args.T, args.H, args.D))
+    for name, times in (("chunk_osdn", ours), ("fla chunk_delta_rule", theirs)):
+        print(f"{name}: {sum(times.values()):.0f} us in all")
+        for kernel, us in sorted(times.items(), key=lambda kv: -kv[1]):
+            print(f"  {us:8.1f}  {kernel[:90]}")
+    return dict(
+        **meta,
+        shape=dict(B=args.B, T=args.T, H=args.H, K=args.D, V=args.D, dtype="bfloat16"),
+        osdn_us=ours,
+        fla_delta_us=theirs,
+        osdn_total_us=sum(ours.values()),
+        fla_delta_total_us=sum(theirs.values()),
+    )
 
 
 def tune(step, args, meta: dict) -> dict:
@@ -126,16 +158,17 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--tune", action="store_true", help="time launch settings instead of profiling")
     p.add_argument("--grid", action="store_true", help="time the per-chunk kernels at every warps x tile setting")
-    p.add_argument("--out", help="with --tune or --grid: write the times here (JSON)")
+    p.add_argument("--peer", action="store_true", help="profile ours and fla's DeltaNet side by side")
+    p.add_argument("--out", help="with --tune, --grid or --peer: write the times here (JSON)")
     p.add_argument(
         "--only", nargs="+", help="with --tune: only these scans (precond_fwd precond_bwd state_fwd state_bwd)"
     )
     p.add_argument("--commit", default="unknown")
     args = p.parse_args(argv)
     step = _step(args.B, args.T, args.H, args.D)
-    if args.tune or args.grid:
+    if args.tune or args.grid or args.peer:
         meta = run_metadata(args.commit, "scripts/profile_kernels.py", argv)
-        result = (tune if args.tune else grid)(step, args, meta)
+        result = (tune if args.tune else grid if args.grid else peer)(step, args, meta)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)

@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from .chunk_fused import LAM_MIN, FromChunks, ToChunks, chunk_osdn_fused
+from .chunk_fused import LAM_MIN, ToChunks, chunk_osdn_fused
 from .chunk_scan import precond_scan_torch, state_scan_torch
 from .utils import dot_precision, l2norm, run_padded, use_triton
 
@@ -154,11 +154,10 @@ def _chunk_osdn_core(
         # stored in the inputs' dtype when it is 16-bit, as fla does, and in float32 otherwise;
         # products run in 16 bits where both operands are stored ones (chunk_fused.py), and the
         # states are carried from chunk to chunk in float32
+        # v and o stay [B, T, H, V] (the kernels address their rows there)
         sd = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
         qc, kc = (ToChunks.apply(x, chunk_size, l2norm_qk, sd) for x in (q, k))
-        vc = ToChunks.apply(v, chunk_size, False, sd)
-        o, S, d = chunk_osdn_fused(qc, kc, vc, bc, ec, lc, scale, S0, d0, precision)
-        return FromChunks.apply(o, T, q.dtype), S, d
+        return chunk_osdn_fused(qc, kc, v.to(sd), bc, ec, lc, scale, S0, d0, precision, q.dtype)
     if l2norm_qk:
         q, k = l2norm(q), l2norm(k)
     qc, kc, vc = (_to_chunks(x, chunk_size) for x in (q, k, v))

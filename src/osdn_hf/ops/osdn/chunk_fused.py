@@ -5,9 +5,11 @@ step done per chunk in one program that keeps its `C x C` matrices in registers,
 `[B, H, NC, C, C]` temporary, mask or exp ever reaches memory except the inverse that the
 backward pass reuses. The two chunk-to-chunk recurrences are the scans of `chunk_scan.py`.
 
-Layout: every tensor is chunked, `[B, H, NC, C, *]` contiguous, so row `t` of chunk
-`i_c = (b * H + h) * NC + n` starts at `(i_c * C + t) * D`; `ToChunks` / `FromChunks` move q, k,
-v and o between this layout and `[B, T, H, *]`. Chunked q, k, v and the intermediates derived
+Layout: tensors are chunked, `[B, H, NC, C, *]` contiguous, so row `t` of chunk
+`i_c = (b * H + h) * NC + n` starts at `(i_c * C + t) * D`; `ToChunks` moves q and k into this
+layout (L2-normalising them on the way). v and o, and their gradients, stay `[B, T, H, V]`: the
+phase-2 kernels address their rows there (`_bthd_rows`), masking rows past T, so no copy of them
+is made. Chunked q, k and the intermediates derived
 from them are stored in a storage dtype (the inputs' 16-bit dtype, else float32). A product of two
 stored operands runs in the storage dtype (exact: a product of two 16-bit numbers fits float32,
 and it accumulates in float32); a product with a matrix computed in the kernel widens the stored
@@ -127,11 +129,20 @@ if HAS_TRITON:
 
     # ---------------------------------------------------------------- layout
 
+    @triton.jit
+    def _bthd_rows(i_c, o_c, T, H, NC, C: tl.constexpr):
+        """Rows `o_c` of chunk `i_c = (b * H + h) * NC + n` in a `[B, T, H, D]` tensor: their
+        indices (times D gives the offset) and the mask of rows before T (the rest are the chunked
+        layout's zero padding)."""
+        i_bh = i_c // NC
+        o_t = (i_c % NC) * C + o_c
+        return ((i_bh // H) * T + o_t) * H + i_bh % H, o_t < T
+
     L2_EPS = tl.constexpr(1e-6)  # as utils.l2norm
 
     @triton.jit
     def to_chunks_kernel(x, y, T, H, NC, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, NORM: tl.constexpr):
-        """`[B, T, H, D]` (any float dtype) -> float32 `[B, H, NC, C, D]`, rows past T zero; with
+        """`[B, T, H, D]` (any float dtype) -> `[B, H, NC, C, D]` in y's dtype, rows past T zero; with
         NORM every row L2-normalised on the way. One chunk per program."""
         i_c = tl.program_id(0).to(tl.int64)  # (b * H + h) * NC + n
         i_bh, i_n = i_c // NC, i_c % NC
@@ -146,9 +157,8 @@ if HAS_TRITON:
 
     @triton.jit
     def from_chunks_kernel(gy, x, gx, T, H, NC, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, NORM: tl.constexpr):
-        """float32 `[B, H, NC, C, D]` -> `[B, T, H, D]` in gx's dtype (rows past T dropped): the
-        inverse relayout, and the backward of `to_chunks_kernel`, through the L2 norm of the
-        rows of `x` with NORM."""
+        """`[B, H, NC, C, D]` -> `[B, T, H, D]` in gx's dtype (rows past T dropped): the backward
+        of `to_chunks_kernel`, through the L2 norm of the rows of `x` with NORM."""
         i_c = tl.program_id(0).to(tl.int64)
         i_bh, i_n = i_c // NC, i_c % NC
         o_c, o_d = tl.arange(0, C), tl.arange(0, BD)
@@ -167,17 +177,18 @@ if HAS_TRITON:
 
     @triton.jit
     def wy_fwd_kernel(
-        k, w, v, beta, scratch, tinv, ub, kb,
+        k, w, v, beta, scratch, tinv, ub, kb, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
         """T = (I + tril(diag(b) K W^T, -1))^{-1}, Ub = T diag(b) V, Kb = T diag(b) K; one chunk per program.
 
         T is inverted in float32 (`scratch`, the program's [C, C] slot) and saved in the storage
-        dtype (`tinv`), the dtype its products with V and K run in."""
+        dtype (`tinv`), the dtype its products with V and K run in. v is `[B, T, H, V]`."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
+        r_v, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
         b_b = tl.load(beta + o_t)
         b_a = tl.zeros([C, C], dtype=tl.float32)
         for i_k in tl.static_range(0, K, BK):
@@ -192,7 +203,7 @@ if HAS_TRITON:
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
             m = o_v[None, :] < V
-            b_v = tl.load(v + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_v = tl.load(v + r_v[:, None] * V + o_v[None, :], mask=m_r[:, None] & m, other=0.0)
             b_ub = tl.dot(b_t, (b_v * b_b[:, None]).to(b_v.dtype), input_precision=PRECISION)
             tl.store(ub + o_t[:, None] * V + o_v[None, :], b_ub, mask=m)
         for i_k in tl.static_range(0, K, BK):
@@ -204,11 +215,11 @@ if HAS_TRITON:
 
     @triton.jit
     def out_fwd_kernel(
-        q, w, u, ss, o, scale,
+        q, w, u, ss, o, scale, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """O = scale (Q S_n + tril(Q W^T) U); one (V block, chunk) per program."""
+        """O = scale (Q S_n + tril(Q W^T) U), written to `[B, T, H, V]`; one (V block, chunk) per program."""
         i_v, i_c = tl.program_id(0), tl.program_id(1).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -228,27 +239,30 @@ if HAS_TRITON:
         b_m = tl.where(o_c[:, None] >= o_c[None, :], b_m, 0.0)
         b_u = tl.load(u + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
         b_o = scale * (b_o + tl.dot(b_m.to(b_u.dtype), b_u, input_precision=PRECISION))
-        tl.store(o + o_t[:, None] * V + o_v[None, :], b_o, mask=m_v[None, :])
+        r_o, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
+        tl.store(o + r_o[:, None] * V + o_v[None, :], b_o, mask=m_r[:, None] & m_v[None, :])
 
     # ---------------------------------------------------------------- phase 2 backward
 
     @triton.jit
     def out_bwd_kernel(
-        q, w, u, ss, do, dq, dw, du, gss, scale,
+        q, w, u, ss, do, dq, dw, du, gss, scale, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Through O = scale (Q S_n + M U), M = tril(Q W^T): dQ, the output's share of dW, and
-        dU = scale M^T dO, and the gradient of the chunk-start state S_n, scale Q^T dO (`gss`)."""
+        dU = scale M^T dO, and the gradient of the chunk-start state S_n, scale Q^T dO (`gss`).
+        dO is `[B, T, H, V]`."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
+        r_o, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
         incl = o_c[:, None] >= o_c[None, :]
         b_dm = tl.zeros([C, C], dtype=tl.float32)  # scale tril(dO U^T)
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
             m = o_v[None, :] < V
-            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_do = tl.load(do + r_o[:, None] * V + o_v[None, :], mask=m_r[:, None] & m, other=0.0)
             b_u = tl.load(u + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
             b_dm += tl.dot(b_do, tl.trans(b_u), input_precision=PRECISION)
         b_dm = tl.where(incl, b_dm * scale, 0.0)
@@ -265,7 +279,7 @@ if HAS_TRITON:
             for i_v in tl.static_range(0, V, BV):
                 o_v = i_v + tl.arange(0, BV)
                 m_v = o_v < V
-                b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+                b_do = tl.load(do + r_o[:, None] * V + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
                 m_kv = m_k[:, None] & m_v[None, :]
                 b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
                 b_dq += scale * tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION)
@@ -276,7 +290,7 @@ if HAS_TRITON:
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
             m = o_v[None, :] < V
-            b_do = tl.load(do + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_do = tl.load(do + r_o[:, None] * V + o_v[None, :], mask=m_r[:, None] & m, other=0.0)
             b_du = tl.dot(tl.trans(b_m).to(b_do.dtype), b_do, input_precision=PRECISION)
             tl.store(du + o_t[:, None] * V + o_v[None, :], b_du, mask=m)
 
@@ -313,15 +327,17 @@ if HAS_TRITON:
 
     @triton.jit
     def wy_bwd_kernel(
-        k, w, v, beta, tinv, dub, dk, dw, dv, dbeta,
+        k, w, v, beta, tinv, dub, dk, dw, dv, dbeta, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Through Ub = T diag(b) V, Kb = T diag(b) K, T = (I + A)^{-1}, A = tril(diag(b) K W^T, -1),
-        `dk` holds dKb on entry (and dK on exit); `dw` holds the other shares of dW, added to."""
+        `dk` holds dKb on entry (and dK on exit); `dw` holds the other shares of dW, added to.
+        v and dv are `[B, T, H, V]`."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
+        r_v, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
         b_b = tl.load(beta + o_t)
         b_t = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])  # the storage dtype
         b_dt = tl.zeros([C, C], dtype=tl.float32)
@@ -329,11 +345,11 @@ if HAS_TRITON:
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
             m = o_v[None, :] < V
-            b_v = tl.load(v + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+            b_v = tl.load(v + r_v[:, None] * V + o_v[None, :], mask=m_r[:, None] & m, other=0.0)
             b_dub = tl.load(dub + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
             b_dt += tl.dot(b_dub, tl.trans((b_v * b_b[:, None]).to(b_v.dtype)), input_precision=PRECISION)
             b_dvb = tl.dot(tl.trans(b_t), b_dub, input_precision=PRECISION)  # d(diag(b) V)
-            tl.store(dv + o_t[:, None] * V + o_v[None, :], b_dvb * b_b[:, None], mask=m)
+            tl.store(dv + r_v[:, None] * V + o_v[None, :], b_dvb * b_b[:, None], mask=m_r[:, None] & m)
             b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
         b_kw = tl.zeros([C, C], dtype=tl.float32)
         for i_k in tl.static_range(0, K, BK):
@@ -673,27 +689,6 @@ class ToChunks(torch.autograd.Function):
         return gx, None, None, None
 
 
-class FromChunks(torch.autograd.Function):
-    """`[B, H, NC, C, D]` (the storage dtype) -> `[B, T, H, D]` in `dtype`."""
-
-    @staticmethod
-    def forward(ctx, y, T, dtype):
-        y = y.contiguous()
-        B, H, NC, C, D = y.shape
-        x = y.new_empty(B, T, H, D, dtype=dtype)
-        from_chunks_kernel[(B * H * NC,)](y, x, x, T, H, NC, NORM=False, **_relayout_launch(D, C))
-        ctx.C, ctx.dtype = C, y.dtype
-        return x
-
-    @staticmethod
-    def backward(ctx, gx):
-        B, T, H, D = gx.shape
-        C, NC = ctx.C, max(triton.cdiv(T, ctx.C), 1)
-        gy = gx.new_empty(B, H, NC, C, D, dtype=ctx.dtype)
-        to_chunks_kernel[(B * H * NC,)](gx.contiguous(), gy, T, H, NC, NORM=False, **_relayout_launch(D, C))
-        return gy, None, None
-
-
 class Precondition(torch.autograd.Function):
     """Phase 1: `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`; chunked tensors, `k` and `W` in
     the storage dtype, the rest float32."""
@@ -749,28 +744,29 @@ class Precondition(torch.autograd.Function):
 
 
 class DeltaRuleAsym(torch.autograd.Function):
-    """Phase 2: `(q, k, w, v, beta, S0) -> (O, S_final)`; chunked tensors, q, k, w, v and O in the
-    storage dtype, beta and the states float32."""
+    """Phase 2: `(q, k, w, v, beta, S0) -> (O, S_final)`; q, k, w chunked in the storage dtype, v
+    `[B, T, H, V]` in it too, O `[B, T, H, V]` in `out_dtype`, beta and the states float32."""
 
     @staticmethod
-    def forward(ctx, q, k, w, v, beta, s0, scale, precision):
+    def forward(ctx, q, k, w, v, beta, s0, scale, precision, out_dtype):
         B, H, NC, C, K = k.shape
-        V = v.shape[-1]
+        T, V = v.shape[1], v.shape[-1]
         scratch, tinv = beta.new_empty(B, H, NC, C, C), k.new_empty(B, H, NC, C, C)
-        ub, kb = torch.empty_like(v), torch.empty_like(k)
+        ub, kb = k.new_empty(B, H, NC, C, V), torch.empty_like(k)
         wy_fwd_kernel[(B * H * NC,)](
-            k, w, v, beta, scratch, tinv, ub, kb, K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_fwd", K, V)
-        )
+            k, w, v, beta, scratch, tinv, ub, kb, T, H, NC,
+            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_fwd", K, V),
+        )  # fmt: skip
         del scratch  # before the scan allocates the per-chunk states
         launch = _scan_launch("state_fwd", K, V, C)
         uo, ss, sf = torch.empty_like(ub), k.new_empty(B, H, NC, K, V), beta.new_empty(B, H, K, V)
         state_scan_fwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
             kb, w, ub, s0, uo, ss, sf, NC, K=K, V=V, C=C, PRECISION=precision, **launch
         )
-        o = torch.empty_like(v)
+        o = v.new_empty(B, T, H, V, dtype=out_dtype)
         launch = _chunk_launch("out_fwd", K, V)
         out_fwd_kernel[(triton.cdiv(V, launch["BV"]), B * H * NC)](
-            q, w, uo, ss, o, scale, K=K, V=V, C=C, PRECISION=precision, **launch
+            q, w, uo, ss, o, scale, T, H, NC, K=K, V=V, C=C, PRECISION=precision, **launch
         )
         ctx.save_for_backward(q, k, w, v, beta, tinv, kb, uo, ss)
         ctx.scale, ctx.precision = scale, precision
@@ -780,14 +776,14 @@ class DeltaRuleAsym(torch.autograd.Function):
     def backward(ctx, do, ds):
         q, k, w, v, beta, tinv, kb, uo, ss = ctx.saved_tensors
         B, H, NC, C, K = k.shape
-        V = v.shape[-1]
+        T, V = v.shape[1], v.shape[-1]
         scale, precision = ctx.scale, ctx.precision
         do = torch.zeros_like(v) if do is None else do.contiguous()
         ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
         dq, gu, gss = torch.empty_like(q), torch.empty_like(uo), torch.empty_like(ss)
         dw_o = torch.empty_like(w, dtype=torch.float32)  # added to by two more kernels
         out_bwd_kernel[(B * H * NC,)](
-            q, w, uo, ss, do, dq, dw_o, gu, gss, scale,
+            q, w, uo, ss, do, dq, dw_o, gu, gss, scale, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("out_bwd", K, V),
         )  # fmt: skip
         launch = _scan_launch("state_bwd", K, V, C)
@@ -803,16 +799,17 @@ class DeltaRuleAsym(torch.autograd.Function):
         )
         del dss
         wy_bwd_kernel[(B * H * NC,)](
-            k, w, v, beta, tinv, dub, dk, dw, dv, dbeta,
+            k, w, v, beta, tinv, dub, dk, dw, dv, dbeta, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_bwd", K, V),
         )  # fmt: skip
-        return dq, dk, dw, dv, dbeta, ds0, None, None
+        return dq, dk, dw, dv, dbeta, ds0, None, None, None
 
 
-def chunk_osdn_fused(qc, kc, vc, bc, ec, lc, scale, S0, d0, precision):
-    """Both phases on chunked tensors `[B, H, NC, C, *]` (q, k, v in the storage dtype, beta, eta,
-    lam float32): `(O, S_final, d_final)`, O in the storage dtype."""
-    qc, kc, vc, bc, ec, lc = (x.contiguous() for x in (qc, kc, vc, bc, ec, lc))
+def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype):
+    """Both phases: q, k, beta, eta, lam chunked `[B, H, NC, C, *]` (q, k in the storage dtype,
+    the rest float32), v `[B, T, H, V]` in the storage dtype: `(O, S_final, d_final)`, O
+    `[B, T, H, V]` in `out_dtype`."""
+    qc, kc, v, bc, ec, lc = (x.contiguous() for x in (qc, kc, v, bc, ec, lc))
     w, d = Precondition.apply(kc, bc, ec, lc, d0.contiguous(), precision)
-    o, S = DeltaRuleAsym.apply(qc, kc, w, vc, bc, S0.contiguous(), scale, precision)
+    o, S = DeltaRuleAsym.apply(qc, kc, w, v, bc, S0.contiguous(), scale, precision, out_dtype)
     return o, S, d
