@@ -119,10 +119,26 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, monkeypatch):
         assert_close(f"d{name}", a, b)
 
 
-def test_fused_kernels_store_16bit_inputs_in_16_bits():
+def test_fused_kernels_store_16bit_inputs_in_16_bits(monkeypatch):
     """float16 q, k, v: the fused path saves its chunked intermediates and phase 2's C x C inverse
-    in float16 (phase 1's inverse and the per-token vectors stay float32), and its outputs and all
-    gradients still match the torch chunked path run on the same values in float32."""
+    in float16 (phase 1's inverse and the per-token vectors stay float32), hands autograd each
+    gradient in its input's dtype (so autograd casts none), and its outputs and all gradients
+    still match the torch chunked path run on the same values in float32."""
+    handed = []  # (function, input dtypes, gradient dtypes) of each hand-written backward
+    for cls in (chunk_fused.Precondition, chunk_fused.DeltaRuleAsym):
+        forward, backward = cls.forward, cls.backward
+
+        def fwd(ctx, *a, _f=forward):
+            ctx.in_dtypes = [x.dtype if isinstance(x, torch.Tensor) else None for x in a]
+            return _f(ctx, *a)
+
+        def bwd(ctx, *g, _b=backward, _n=cls.__name__):
+            grads = _b(ctx, *g)
+            handed.append((_n, ctx.in_dtypes, [x.dtype if isinstance(x, torch.Tensor) else None for x in grads]))
+            return grads
+
+        monkeypatch.setattr(cls, "forward", staticmethod(fwd))
+        monkeypatch.setattr(cls, "backward", staticmethod(bwd))
     K, V = 32, 48  # neither is the chunk size, so shapes tell tensors apart
     args = _core_args(1, 150, 2, K, V)
     half, rest = [x.half() for x in args[:3]], args[3:]
@@ -141,6 +157,9 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits():
 
     (ref, ref_grads, _), (got, got_grads, saved) = run(False), run(True)
     assert got[0].dtype == torch.float16 and got[1].dtype == got[2].dtype == torch.float32
+    assert sorted(n for n, _, _ in handed) == ["DeltaRuleAsym", "Precondition"], handed
+    assert all(ins == grads for _, ins, grads in handed), handed
+    assert all(torch.float16 in ins for _, ins, _ in handed), handed
     # [B, H, NC, C, K or V] and the per-chunk states [B, H, NC, K, V]; not the [.., C, C] inverses
     chunked = [(s, dt) for s, dt in saved if len(s) == 5 and s[-1] in (K, V) and s[-2] in (64, K)]
     assert len(chunked) >= 7, saved  # q, k, w, Y, Kb, U, per-chunk states

@@ -327,13 +327,13 @@ if HAS_TRITON:
 
     @triton.jit
     def wy_bwd_kernel(
-        k, w, v, beta, tinv, dub, dk, dw, dv, dbeta, T, H, NC,
+        k, w, v, beta, tinv, dub, dk, dw, dk_out, dw_out, dv, dbeta, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Through Ub = T diag(b) V, Kb = T diag(b) K, T = (I + A)^{-1}, A = tril(diag(b) K W^T, -1),
-        `dk` holds dKb on entry (and dK on exit); `dw` holds the other shares of dW, added to.
-        v and dv are `[B, T, H, V]`."""
+        `dk` holds dKb and `dw` the other shares of dW (float32); dK and all of dW go to `dk_out`
+        and `dw_out` (k's dtype; they may be `dk` and `dw`). v and dv are `[B, T, H, V]`."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -373,14 +373,14 @@ if HAS_TRITON:
             b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            tl.debug_barrier()  # every warp has read this block of dKb before dK overwrites it
+            tl.debug_barrier()  # every warp has read this block of dKb before dK may overwrite it
             b_dkbb = tl.dot(tl.trans(b_t), b_dkb, input_precision=PRECISION)  # d(diag(b) K)
             b_db += tl.sum(b_dkbb * b_k.to(tl.float32), 1)
             b_dk = b_dkbb * b_b[:, None] + tl.dot(b_dab.to(b_w.dtype), b_w, input_precision=PRECISION)
-            tl.store(dk + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
+            tl.store(dk_out + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
             b_dw = tl.dot(tl.trans(b_dab).to(b_k.dtype), b_k, input_precision=PRECISION)
             b_dw += tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-            tl.store(dw + o_t[:, None] * K + o_k[None, :], b_dw, mask=m)
+            tl.store(dw_out + o_t[:, None] * K + o_k[None, :], b_dw, mask=m)
         tl.store(dbeta + o_t, b_db)
 
     # ---------------------------------------------------------------- phase 1 forward
@@ -522,7 +522,7 @@ if HAS_TRITON:
 
     @triton.jit
     def pre_intra_bwd_kernel(
-        k, beta, eta, lam, tinv, es, ddm, du, dp, dgc, dg, dgp, dk, dbeta, deta, dlam,
+        k, beta, eta, lam, tinv, es, ddm, du, dp, dgc, dg, dgp, dk, dk_out, dbeta, deta, dlam,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Through `pre_intra_fwd_kernel`: [dm, Y] = (I + L)^{-1} R, p, Gc, back to k, beta, eta, lam.
@@ -530,7 +530,7 @@ if HAS_TRITON:
         `ddm`, `du` hold the summed gradients of dm and U (that of Y is `-ddm e_n^T`, `es` holding
         the chunk-start `e_n`); `dg`, `dgp` those of the log
         gates from the output step. `dk` holds the direct part of dK (written by the previous
-        kernel) and gets the rest added."""
+        kernel, float32); dK, that plus the rest, goes to `dk_out` (k's dtype; it may be `dk`)."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -600,7 +600,7 @@ if HAS_TRITON:
             b_du = tl.load(du + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + b_dr * b_r[:, None]
             b_du += tl.dot(b_duu, b_u, input_precision=PRECISION) + b_dsu[:, None]
             b_dk = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + 2 * b_k * b_du
-            tl.store(dk + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
+            tl.store(dk_out + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
         # g = cumsum(l), gp = g - l, gend = g_{C-1}: dl_t = sum_{t' >= t} (dg + dgp)_{t'} - dgp_t + dgend
         b_dgt = tl.load(dg + o_t) + b_dgp
         b_dl_log = tl.sum(tl.where(o_c[None, :] >= o_c[:, None], b_dgt[None, :], 0.0), 1) - b_dgp + b_dgend
@@ -659,6 +659,12 @@ def _chunk_launch(name: str, K: int, V: int | None = None) -> dict:
 def _relayout_launch(D: int, C: int) -> dict:
     BD = max(triton.next_power_of_2(D), 16)
     return dict(D=D, C=C, BD=BD, num_warps=8 if BD * C > 8192 else 4)
+
+
+def _in_dtype_of(acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Where the last kernel that adds to float32 gradient `acc` writes the gradient of `x`: in
+    x's dtype, the one autograd would cast it to (`acc` itself when that is float32)."""
+    return acc if acc.dtype == x.dtype else torch.empty_like(x)
 
 
 class ToChunks(torch.autograd.Function):
@@ -736,11 +742,12 @@ class Precondition(torch.autograd.Function):
             **_scan_launch("precond_bwd", K, K, C),
         )  # fmt: skip
         dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
+        dk_out = _in_dtype_of(dk, k)
         pre_intra_bwd_kernel[grid](
-            k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, dg, dgp, dk, dbeta, deta, dlam,
+            k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, dg, dgp, dk, dk_out, dbeta, deta, dlam,
             K=K, C=C, PRECISION=ctx.precision, **_chunk_launch("pre_intra_bwd", K),
         )  # fmt: skip
-        return dk, dbeta, deta, dlam, de0, None
+        return dk_out, dbeta, deta, dlam, de0, None
 
 
 class DeltaRuleAsym(torch.autograd.Function):
@@ -798,11 +805,12 @@ class DeltaRuleAsym(torch.autograd.Function):
             dub, uo, ss, dss, dk, dw, K=K, V=V, C=C, PRECISION=precision, **launch
         )
         del dss
+        dk_out, dw_out = _in_dtype_of(dk, k), _in_dtype_of(dw, w)
         wy_bwd_kernel[(B * H * NC,)](
-            k, w, v, beta, tinv, dub, dk, dw, dv, dbeta, T, H, NC,
+            k, w, v, beta, tinv, dub, dk, dw, dk_out, dw_out, dv, dbeta, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_bwd", K, V),
         )  # fmt: skip
-        return dq, dk, dw, dv, dbeta, ds0, None, None, None
+        return dq, dk_out, dw_out, dv, dbeta, ds0, None, None, None
 
 
 def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype):
