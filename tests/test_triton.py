@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import assert_close, make_inputs
 
-pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
+triton = pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
 if torch.cuda.is_available():
     pytest.skip(
         "CPU tensors reach Triton only through the interpreter, which conftest.py enables on machines "
@@ -59,6 +59,28 @@ def test_scans_match_torch_twins(K, V):
         assert_close(name, a, b)
     for name, a, b in zip(state, _grads(got, state), _grads(ref, state)):
         assert_close(f"d{name}", a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_state_scan_recompute_rebuilds_the_same_states(dtype):
+    """RECOMPUTE (the phase-2 backward's rebuild of the per-chunk states from W and the scan's own
+    U) gives the forward scan's per-chunk and final states bit for bit, without reading Kb or Ub."""
+    _, state = _scan_inputs(2, 2, 3, 64, 48, 80)
+    kb, w, ub = (state[n].detach().to(dtype) for n in ("kb", "w", "ub"))
+    s0 = state["s0"].detach()
+    B, H, NC, C, K = kb.shape
+    V = ub.shape[-1]
+    launch = chunk_fused._scan_launch("state_fwd", K, V, C)
+    grid = (B * H, triton.cdiv(V, launch["BV"]))
+    uo, ss, sf = torch.empty_like(ub), kb.new_empty(B, H, NC, K, V), s0.new_empty(B, H, K, V)
+    chunk_scan.state_scan_fwd_kernel[grid](kb, w, ub, s0, uo, ss, sf, NC, K=K, V=V, C=C, PRECISION="ieee", **launch)
+    ss2, sf2 = torch.full_like(ss, float("nan")), torch.full_like(sf, float("nan"))
+    nan = torch.full_like(kb, float("nan"))  # Kb and Ub must not be read
+    chunk_scan.state_scan_fwd_kernel[grid](
+        nan, w, nan, s0, uo, ss2, sf2, NC, K=K, V=V, C=C, PRECISION="ieee", RECOMPUTE=True, **launch
+    )
+    assert torch.equal(ss2, ss) and torch.equal(sf2, sf)
+    assert ss.abs().sum() > 0 and not torch.equal(ss[:, :, 1], ss[:, :, 2])  # states that move
 
 
 def test_forced_triton_path_runs_the_kernels(monkeypatch):
@@ -162,7 +184,9 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(monkeypatch):
     assert all(torch.float16 in ins for _, ins, _ in handed), handed
     # [B, H, NC, C, K or V] and the per-chunk states [B, H, NC, K, V]; not the [.., C, C] inverses
     chunked = [(s, dt) for s, dt in saved if len(s) == 5 and s[-1] in (K, V) and s[-2] in (64, K)]
-    assert len(chunked) >= 7, saved  # q, k, w, Y, Kb, U, per-chunk states
+    assert len(chunked) >= 7, saved  # q, k, w, Y, Kb, U (k twice)
+    # the per-chunk states [B, H, NC, K, V] are rebuilt in the backward, not kept
+    assert not [s for s, _ in chunked if s[-2:] == (K, V)], chunked
     assert all(dt == torch.float16 for _, dt in chunked), chunked
     # v is read where it lies, [B, T, H, V], not copied into the chunked layout: U is the one
     # chunked tensor of width V saved

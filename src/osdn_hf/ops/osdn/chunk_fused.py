@@ -775,16 +775,24 @@ class DeltaRuleAsym(torch.autograd.Function):
         out_fwd_kernel[(triton.cdiv(V, launch["BV"]), B * H * NC)](
             q, w, uo, ss, o, scale, T, H, NC, K=K, V=V, C=C, PRECISION=precision, **launch
         )
-        ctx.save_for_backward(q, k, w, v, beta, tinv, kb, uo, ss)
+        # The per-chunk states (twice the size of U) are not kept for the backward, which
+        # rebuilds them from W and U: a model holds every layer's saved tensors at once.
+        ctx.save_for_backward(q, k, w, v, beta, tinv, kb, uo, s0)
         ctx.scale, ctx.precision = scale, precision
         return o, sf
 
     @staticmethod
     def backward(ctx, do, ds):
-        q, k, w, v, beta, tinv, kb, uo, ss = ctx.saved_tensors
+        q, k, w, v, beta, tinv, kb, uo, s0 = ctx.saved_tensors
         B, H, NC, C, K = k.shape
         T, V = v.shape[1], v.shape[-1]
         scale, precision = ctx.scale, ctx.precision
+        launch = _scan_launch("state_fwd", K, V, C)
+        ss, sf = k.new_empty(B, H, NC, K, V), beta.new_empty(B, H, K, V)
+        state_scan_fwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
+            kb, w, uo, s0, uo, ss, sf, NC, K=K, V=V, C=C, PRECISION=precision, RECOMPUTE=True, **launch
+        )
+        del sf
         do = torch.zeros_like(v) if do is None else do.contiguous()
         ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
         dq, gu, gss = torch.empty_like(q), torch.empty_like(uo), torch.empty_like(ss)

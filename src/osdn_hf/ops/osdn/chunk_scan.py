@@ -157,11 +157,14 @@ if HAS_TRITON:
         BV: tl.constexpr,
         BS: tl.constexpr,
         PRECISION: tl.constexpr,
+        RECOMPUTE: tl.constexpr = False,
     ):
         """U_n = Ub_n - Kb_n S_n, S_{n+1} = S_n + W_n^T U_n; one (batch, head, V block) per program.
 
         The products run in the dtype Kb and W are stored in: S and U are rounded to it for them
-        (as fla does; no-ops for float32 storage), and S is carried in float32."""
+        (as fla does; no-ops for float32 storage), and S is carried in float32. With RECOMPUTE,
+        `uo` holds the U this scan wrote before and only the per-chunk states are rebuilt from it
+        (Kb and Ub are not read): the same `ss` and `sf`, bit for bit, for half the work."""
         i_bh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
@@ -179,11 +182,14 @@ if HAS_TRITON:
                 o_t = i_c * C + i_s * BS + o_s  # [BS]
                 o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
                 o_tv = o_t[:, None] * V + o_v[None, :]  # [BS, BV]
-                b_kb = tl.load(kb + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
                 b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
-                b_ub = tl.load(ub + o_tv, mask=m_v[None, :], other=0.0).to(tl.float32)  # [BS, BV]
-                b_u = (b_ub - tl.dot(b_kb, b_s.to(b_kb.dtype), input_precision=PRECISION)).to(b_w.dtype)
-                tl.store(uo + o_tv, b_u, mask=m_v[None, :])
+                if RECOMPUTE:
+                    b_u = tl.load(uo + o_tv, mask=m_v[None, :], other=0.0)  # [BS, BV]
+                else:
+                    b_kb = tl.load(kb + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
+                    b_ub = tl.load(ub + o_tv, mask=m_v[None, :], other=0.0).to(tl.float32)  # [BS, BV]
+                    b_u = (b_ub - tl.dot(b_kb, b_s.to(b_kb.dtype), input_precision=PRECISION)).to(b_w.dtype)
+                    tl.store(uo + o_tv, b_u, mask=m_v[None, :])
                 b_ds += tl.dot(tl.trans(b_w), b_u, input_precision=PRECISION)
             b_s += b_ds
         tl.store(sf + i_bh * K * V + o_kv, b_s, mask=m_kv)
