@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .configuration_osdn import OSDNConfig
 from .hub_code import AUTO_MAP, write_code
+from .layers.loss import causal_lm_loss
 from .layers.modules import RMSNorm, ShortConvolution, SwiGLUMLP
 from .layers.osdn_attention import OSDNAttention
 
@@ -365,7 +366,8 @@ class OSDNForCausalLM(OSDNPreTrainedModel, GenerationMixin):
                 # A sequence's last token does not predict the next sequence's first token.
                 labels = labels.clone()
                 labels[:, cu_seqlens[1:-1]] = -100
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            # transformers' loss, without its float32 copies of the logits (layers/loss.py)
+            loss = causal_lm_loss(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
 
         output = CausalLMOutputWithPast(
             loss=loss,
