@@ -6,6 +6,9 @@ Runs `chunk_osdn` and `fused_recurrent_osdn` on CUDA tensors (the Triton path) a
 T in {1, 63, 64, 100, 1000, 4096}, with initial states and with packed `cu_seqlens`, in
 float32, float16 and bfloat16, and compares each with the float32 token loop on the same
 inputs. Writes one JSON row per case and exits non-zero if any case is out of tolerance.
+`--shard I/N` runs every N-th case from the I-th (0-based), so N processes side by side share
+a run whose compiling would not fit one call (float32 compiles its ieee products for about a
+minute per shape); the rows of the N JSON files together are the whole run.
 """
 
 from __future__ import annotations
@@ -74,7 +77,14 @@ def main(argv=None):
     p.add_argument("--commit", default="unknown")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="a share of the run")
     p.add_argument("--max-head-dim", type=int, default=256, help="skip cases with K or V above this (a share)")
+    p.add_argument("--shard", default="0/1", help="I/N: every N-th case from the I-th (a share)")
     args = p.parse_args(argv)
+    try:
+        shard, shards = (int(x) for x in args.shard.split("/"))
+        if not 0 <= shard < shards:
+            raise ValueError
+    except ValueError:
+        p.error(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}")
     if not torch.cuda.is_available():
         sys.exit("check_kernels.py needs a CUDA GPU (on CPU, tests/test_triton.py runs the kernels interpreted)")
     device = "cuda"
@@ -86,7 +96,7 @@ def main(argv=None):
     for K, V in ((32, 32), (128, 128), (256, 256), (100, 48)):
         cases.append(dict(B=2, T=100, K=K, V=V, varlen=None))
 
-    cases = [c for c in cases if max(c["K"], c["V"]) <= args.max_head_dim]
+    cases = [c for c in cases if max(c["K"], c["V"]) <= args.max_head_dim][shard::shards]
     rows, failures = [], 0
     result = dict(
         **run_metadata(args.commit, "scripts/check_kernels.py", argv),
