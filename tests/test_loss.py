@@ -35,7 +35,7 @@ def _value_and_grad(fn, logits, **kwargs):
     ids=["mean", "num_items_tensor", "num_items_int", "shift_labels"],
 )
 def test_equals_transformers_loss_in_float32(kwargs, rows, monkeypatch):
-    monkeypatch.setattr(loss_module, "ROWS", rows)
+    monkeypatch.setattr(loss_module, "BLOCK_ELEMENTS", rows * V)
     logits, labels = _batch(torch.float32)
     if kwargs.get("shift_labels") == "given":
         shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
@@ -52,7 +52,7 @@ def test_bf16_logits_match_and_keep_no_float32_copy(monkeypatch):
     """bf16 logits: the loss is computed in float32 (transformers' value within float32 rounding),
     the gradient comes back in bf16, and autograd keeps no float32 tensor of the logits' size,
     as transformers' loss does (twice: the upcast and the log-softmax)."""
-    monkeypatch.setattr(loss_module, "ROWS", 8)
+    monkeypatch.setattr(loss_module, "BLOCK_ELEMENTS", 8 * V)
     logits, labels = _batch(torch.bfloat16)
 
     def saved_float32_logits(fn):

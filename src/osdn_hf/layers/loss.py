@@ -2,10 +2,10 @@
 
 transformers' default (`ForCausalLMLoss`) upcasts the `[B, T, vocab]` logits to float32 and
 `cross_entropy` saves a float32 log-softmax of the same size for the backward: at 4 x 2048
-tokens and a 32000-word vocabulary that is 2 GiB on top of the bf16 logits, and it set the peak
-of a training step of osdn-340m. Here the logits are read in float32 one block of rows at a
-time; the forward saves only the per-row log-sum-exp, and the backward writes the gradient in
-the logits' dtype, block by block. Same values as transformers' loss (up to float32 rounding),
+tokens and a 32000-word vocabulary that is 2 GiB on top of the bf16 logits, the likely peak of
+a training step of osdn-340m (README, model throughput). Here the logits are read in float32
+one block of rows at a time (64 MiB); the forward saves only the per-row log-sum-exp, and the
+backward writes the gradient in the logits' dtype, block by block. Same values as transformers' loss (up to float32 rounding),
 same arguments (`ignore_index`, `shift_labels`, `num_items_in_batch`).
 """
 
@@ -13,20 +13,21 @@ from __future__ import annotations
 
 import torch
 
-ROWS = 4096  # rows of logits upcast at a time: 4096 x 32000 floats is 0.5 GiB
+BLOCK_ELEMENTS = 1 << 24  # logits upcast at a time: 64 MiB of float32 (524 rows of a 32000-word vocabulary)
 
 
 class _RowCrossEntropy(torch.autograd.Function):
     """Per-row cross entropy `logsumexp(x) - x[target]` of `[N, V]` logits (0 where the target is
-    ignored), computed in float32 in blocks of `ROWS` rows."""
+    ignored), computed in float32 in blocks of rows of `BLOCK_ELEMENTS` logits."""
 
     @staticmethod
     def forward(ctx, logits, target, ignore_index):
         valid = target != ignore_index
         target = torch.where(valid, target, 0)
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        for i in range(0, logits.shape[0], ROWS):
-            lse[i : i + ROWS] = torch.logsumexp(logits[i : i + ROWS].float(), dim=-1)
+        n = _rows(logits)
+        for i in range(0, logits.shape[0], n):
+            lse[i : i + n] = torch.logsumexp(logits[i : i + n].float(), dim=-1)
         picked = logits.gather(1, target[:, None])[:, 0].float()
         ctx.save_for_backward(logits, target, valid, lse)
         return torch.where(valid, lse - picked, 0.0)
@@ -36,12 +37,17 @@ class _RowCrossEntropy(torch.autograd.Function):
         logits, target, valid, lse = ctx.saved_tensors
         scale = torch.where(valid, grad, 0.0)
         out = torch.empty_like(logits)
-        for i in range(0, logits.shape[0], ROWS):
-            rows = slice(i, i + ROWS)
-            g = torch.exp(logits[rows].float() - lse[rows, None])  # softmax
+        n = _rows(logits)
+        for i in range(0, logits.shape[0], n):
+            rows = slice(i, i + n)
+            g = logits[rows].float().sub_(lse[rows, None]).exp_()  # softmax, one float32 block
             g.scatter_add_(1, target[rows, None], torch.full_like(g[:, :1], -1.0))
-            out[rows] = g * scale[rows, None]
+            out[rows] = g.mul_(scale[rows, None])
         return out, None, None
+
+
+def _rows(logits: torch.Tensor) -> int:
+    return max(1, BLOCK_ELEMENTS // logits.shape[-1])
 
 
 def causal_lm_loss(
