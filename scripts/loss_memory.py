@@ -60,9 +60,9 @@ def main(argv=None):
         child = subprocess.run(
             [sys.executable, __file__, "--one", which, *shape], capture_output=True, text=True, check=True
         )
-        result[which] = json.loads(child.stdout.strip().splitlines()[-1])
-        print(f"{which:12s} peak {result[which]['peak_above_logits_mib']:7.0f} MiB above the logits "
-              f"({result[which]['logits_mib']:.0f} MiB), loss {result[which]['loss']:.6f}")  # fmt: skip
+        row = result[f"loss_{which}"] = json.loads(child.stdout.strip().splitlines()[-1])
+        print(f"{which:12s} peak {row['peak_above_logits_mib']:7.0f} MiB above the logits "
+              f"({row['logits_mib']:.0f} MiB), loss {row['loss']:.6f}")  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
