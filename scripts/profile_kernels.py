@@ -4,6 +4,7 @@
     python scripts/profile_kernels.py --tune --out tune.json    # scan launch settings, one knob at a time
     python scripts/profile_kernels.py --grid --out grid.json    # per-chunk kernels: warps x tile
     python scripts/profile_kernels.py --peer --out peer.json    # ours and fla's DeltaNet, kernel by kernel
+    python scripts/profile_kernels.py --plot-only peer.json     # its PNG (peer.png)
 
 `--tune` times forward+backward (`triton.testing.do_bench`, median) while it varies the scans'
 launch settings (`chunk_fused.SCAN_TUNING`), one knob at a time from the defaults, and prints
@@ -12,7 +13,8 @@ forward+backward at every (num_warps, tile) setting of the per-chunk kernels
 (`chunk_fused.CHUNK_LAUNCH`, all kernels alike in each profile) and reports each kernel's CUDA
 time per setting and its fastest. `--peer` profiles one forward+backward of ours and of fla's
 `chunk_delta_rule` on the same inputs in the same process and lists both sets of kernels with
-their CUDA times (each kernel's total over its calls), to show where the difference lies.
+their CUDA times (each kernel's total over its calls), to show where the difference lies,
+and draws them grouped by what they do (`peer.png` beside `peer.json`).
 Nothing is changed in place.
 """
 
@@ -63,6 +65,60 @@ def peer(step, args, meta: dict) -> dict:
         osdn_total_us=sum(ours.values()),
         fla_delta_total_us=sum(theirs.values()),
     )
+
+
+# What each kernel does, by name: (group, substrings of the kernels in it), first match wins.
+GROUPS = (
+    ("phase 1: preconditioner", ("pre_intra", "pre_out", "precond_scan")),
+    (
+        "delta rule: WY/UT, states, outputs",
+        ("wy_", "out_", "state_", "chunk_", "recompute_w_u", "prepare_wy", "merge_16x16", "solve_tril"),
+    ),
+    ("relayout, L2 norm of q and k", ("to_chunks", "from_chunks", "l2norm")),
+    ("float32 to bf16 casts", ("bfloat16_copy",)),
+    ("gradient accumulation into .grad", ("CUDAFunctor_add<c10::BFloat16>",)),
+)
+
+
+def grouped(times: dict) -> dict:
+    """Kernel times (us) summed by `GROUPS`, the rest as 'other'."""
+    out = {name: 0.0 for name, _ in GROUPS} | {"other": 0.0}
+    for kernel, us in times.items():
+        group = next((name for name, keys in GROUPS if any(k in kernel for k in keys)), "other")
+        out[group] += us
+    return out
+
+
+def plot_peer(result: dict, png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = {"chunk_osdn": grouped(result["osdn_us"]), "fla chunk_delta_rule": grouped(result["fla_delta_us"])}
+    fig, ax = plt.subplots(figsize=(10, 3.2))
+    for i, groups in enumerate(bars.values()):
+        left = 0.0
+        for j, (group, us) in enumerate(groups.items()):
+            ax.barh(i, us, left=left, color=f"C{j}", label=group if i == 0 else None)
+            if us > 150:
+                ax.text(left + us / 2, i, f"{us:.0f}", ha="center", va="center", fontsize=8, color="white")
+            left += us
+        ax.text(left + 30, i, f"{left:.0f} us", va="center", fontsize=9)
+    ax.set_yticks(range(len(bars)), list(bars))
+    ax.invert_yaxis()
+    ax.set_xlabel("CUDA time of one forward+backward, summed per kernel (us)")
+    shape = result["shape"]
+    ax.set_title(
+        f"B={shape['B']} T={shape['T']} H={shape['H']} K=V={shape['K']} {shape['dtype']}; "
+        f"{result['device']}, commit {result['commit'][:10]}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    ax.set_xlim(0, max(sum(g.values()) for g in bars.values()) * 1.15)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
 
 
 def tune(step, args, meta: dict) -> dict:
@@ -164,7 +220,12 @@ def main(argv=None):
         "--only", nargs="+", help="with --tune: only these scans (precond_fwd precond_bwd state_fwd state_bwd)"
     )
     p.add_argument("--commit", default="unknown")
+    p.add_argument("--plot-only", metavar="JSON", help="only draw the PNG of an existing --peer result")
     args = p.parse_args(argv)
+    if args.plot_only:
+        with open(args.plot_only) as f:
+            plot_peer(json.load(f), args.plot_only.removesuffix(".json") + ".png")
+        return
     step = _step(args.B, args.T, args.H, args.D)
     if args.tune or args.grid or args.peer:
         meta = run_metadata(args.commit, "scripts/profile_kernels.py", argv)
@@ -172,6 +233,8 @@ def main(argv=None):
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
+            if args.peer:
+                plot_peer(result, args.out.removesuffix(".json") + ".png")
         return
     print(
         _profiled(step).key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
