@@ -5,8 +5,9 @@ transformers' default (`ForCausalLMLoss`) upcasts the `[B, T, vocab]` logits to 
 tokens and a 32000-word vocabulary that is 2 GiB on top of the bf16 logits, the likely peak of
 a training step of osdn-340m (README, model throughput). Here the logits are read in float32
 one block of rows at a time (64 MiB); the forward saves only the per-row log-sum-exp, and the
-backward writes the gradient in the logits' dtype, block by block. Same values as transformers' loss (up to float32 rounding),
-same arguments (`ignore_index`, `shift_labels`, `num_items_in_batch`).
+backward writes the gradient in the logits' dtype, block by block. Same values as transformers'
+loss (up to float32 rounding), same arguments (`ignore_index`, `shift_labels`,
+`num_items_in_batch`).
 """
 
 from __future__ import annotations

@@ -145,12 +145,11 @@ if HAS_TRITON:
         """`[B, T, H, D]` (any float dtype) -> `[B, H, NC, C, D]` in y's dtype, rows past T zero; with
         NORM every row L2-normalised on the way. One chunk per program."""
         i_c = tl.program_id(0).to(tl.int64)  # (b * H + h) * NC + n
-        i_bh, i_n = i_c // NC, i_c % NC
         o_c, o_d = tl.arange(0, C), tl.arange(0, BD)
-        o_t = i_n * C + o_c
+        r_x, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
         m_d = o_d[None, :] < D
-        src = (((i_bh // H) * T + o_t) * H + i_bh % H)[:, None] * D + o_d[None, :]
-        b_x = tl.load(x + src, mask=(o_t < T)[:, None] & m_d, other=0.0).to(tl.float32)  # [C, BD]
+        src = r_x[:, None] * D + o_d[None, :]
+        b_x = tl.load(x + src, mask=m_r[:, None] & m_d, other=0.0).to(tl.float32)  # [C, BD]
         if NORM:
             b_x = b_x * tl.rsqrt(tl.sum(b_x * b_x, 1) + L2_EPS)[:, None]
         tl.store(y + (i_c * C + o_c)[:, None] * D + o_d[None, :], b_x, mask=m_d)
@@ -160,11 +159,10 @@ if HAS_TRITON:
         """`[B, H, NC, C, D]` -> `[B, T, H, D]` in gx's dtype (rows past T dropped): the backward
         of `to_chunks_kernel`, through the L2 norm of the rows of `x` with NORM."""
         i_c = tl.program_id(0).to(tl.int64)
-        i_bh, i_n = i_c // NC, i_c % NC
         o_c, o_d = tl.arange(0, C), tl.arange(0, BD)
-        o_t = i_n * C + o_c
-        m = (o_t < T)[:, None] & (o_d[None, :] < D)
-        dst = (((i_bh // H) * T + o_t) * H + i_bh % H)[:, None] * D + o_d[None, :]
+        r_x, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
+        m = m_r[:, None] & (o_d[None, :] < D)
+        dst = r_x[:, None] * D + o_d[None, :]
         b_g = tl.load(gy + (i_c * C + o_c)[:, None] * D + o_d[None, :], mask=m, other=0.0).to(tl.float32)  # [C, BD]
         if NORM:  # y = x r, r = (|x|^2 + eps)^(-1/2): dx = r (dy - y <y, dy>)
             b_x = tl.load(x + dst, mask=m, other=0.0).to(tl.float32)  # [C, BD]
