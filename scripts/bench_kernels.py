@@ -6,7 +6,10 @@
 One process, one GPU, bf16, H=16, K=V=128, (B, T) in (8, 2048), (4, 4096), (2, 8192),
 (1, 16384): forward and forward+backward of `chunk_osdn`, fla's `chunk_delta_rule` (same q, k,
 v, beta), fla's `chunk_precond_gated_delta_rule` with zero gates and causal
-`scaled_dot_product_attention`, timed with `triton.testing.do_bench` (median); peak memory of
+`scaled_dot_product_attention`, timed with `triton.testing.do_bench` (median); ours and fla's
+DeltaNet in `--rounds` alternating rounds, the order reversed every round (each figure is the
+median over the rounds, the per-round values and ratios are kept), since fla's times moved by
+half between separate runs and a drift of the machine should fall on both alike; peak memory of
 each forward+backward; and one decoding step (B=1) of `fused_recurrent_osdn` (out of place and
 in place) against fla's `fused_recurrent_delta_rule`, as whole-call time and as GPU time.
 Writes the JSON (schema in the kernels issue) and a PNG beside it.
@@ -16,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
 import torch
+
+from osdn_hf.throughput import alternating_rounds, ratio_summary
 
 SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384))
 H, K, V = 16, 128, 128
@@ -45,7 +51,7 @@ def _fwd_bwd(fwd, leaves, do):
     return step
 
 
-def bench_row(B, T, do_bench):
+def bench_row(B, T, do_bench, rounds=3):
     from fla.ops.delta_rule import chunk_delta_rule
 
     from osdn_hf.ops import chunk_osdn
@@ -60,12 +66,22 @@ def bench_row(B, T, do_bench):
 
     osdn = lambda: chunk_osdn(q, k, v, beta, eta, lam, use_qk_l2norm_in_kernel=True)[0]  # noqa: E731
     fla = lambda: chunk_delta_rule(q, k, v, beta, use_qk_l2norm_in_kernel=True)[0]  # noqa: E731
-    row["osdn_fwd_ms"] = do_bench(osdn)
-    row["osdn_fwdbwd_ms"] = do_bench(_fwd_bwd(osdn, (q, k, v, beta, eta, lam), do))
-    row["osdn_peak_mib"] = _peak_mib(_fwd_bwd(osdn, (q, k, v, beta, eta, lam), do))
-    row["fla_delta_fwd_ms"] = do_bench(fla)
-    row["fla_delta_fwdbwd_ms"] = do_bench(_fwd_bwd(fla, (q, k, v, beta), do))
-    row["fla_delta_peak_mib"] = _peak_mib(_fwd_bwd(fla, (q, k, v, beta), do))
+    steps = {
+        "osdn_fwd": osdn,
+        "fla_delta_fwd": fla,
+        "osdn_fwdbwd": _fwd_bwd(osdn, (q, k, v, beta, eta, lam), do),
+        "fla_delta_fwdbwd": _fwd_bwd(fla, (q, k, v, beta), do),
+    }
+    ms, orders = alternating_rounds(steps, do_bench, rounds)
+    row.update({f"{name}_ms": statistics.median(values) for name, values in ms.items()})
+    row["rounds"] = dict(
+        orders=orders,
+        ms=ms,
+        fwd_ratio=ratio_summary(ms["osdn_fwd"], ms["fla_delta_fwd"], "osdn / fla_delta"),
+        fwdbwd_ratio=ratio_summary(ms["osdn_fwdbwd"], ms["fla_delta_fwdbwd"], "osdn / fla_delta"),
+    )
+    row["osdn_peak_mib"] = _peak_mib(steps["osdn_fwdbwd"])
+    row["fla_delta_peak_mib"] = _peak_mib(steps["fla_delta_fwdbwd"])
 
     try:
         from fla.ops.precond_gated_delta_rule import chunk_precond_gated_delta_rule
@@ -176,7 +192,10 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results/kernels.json")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--plot-only", metavar="JSON", help="only draw the PNG of an existing result")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and fla's DeltaNet")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.plot_only:
         plot(json.loads(Path(args.plot_only).read_text()), Path(args.plot_only).with_suffix(".png"))
         return
@@ -188,7 +207,7 @@ def main(argv=None):
     from osdn_hf.run_info import run_metadata
 
     do_bench = lambda fn: _do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
-    rows = [bench_row(B, T, do_bench) for B, T in tqdm(SHAPES, desc="kernel benchmark")]
+    rows = [bench_row(B, T, do_bench, args.rounds) for B, T in tqdm(SHAPES, desc="kernel benchmark")]
     result = dict(
         **run_metadata(args.commit, "scripts/bench_kernels.py", argv),
         fla=__import__("fla").__version__,
@@ -199,14 +218,16 @@ def main(argv=None):
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(
         f"{'B x T':>10} {'osdn fwd':>9} {'fla fwd':>8} {'ratio':>6} "
-        f"{'osdn f+b':>9} {'fla f+b':>8} {'ratio':>6} {'mem ratio':>9}"
+        f"{'osdn f+b':>9} {'fla f+b':>8} {'ratio':>6} {'mem ratio':>9}  f+b ratio per round"
     )
     for r in rows:
         print(
             f"{r['B']:>3} x {r['T']:<5} {r['osdn_fwd_ms']:9.3f} {r['fla_delta_fwd_ms']:8.3f} "
             f"{r['osdn_fwd_ms'] / r['fla_delta_fwd_ms']:6.2f} "
             f"{r['osdn_fwdbwd_ms']:9.3f} {r['fla_delta_fwdbwd_ms']:8.3f} "
-            f"{r['osdn_fwdbwd_ms'] / r['fla_delta_fwdbwd_ms']:6.2f} {r['osdn_peak_mib'] / r['fla_delta_peak_mib']:9.2f}"
+            f"{r['osdn_fwdbwd_ms'] / r['fla_delta_fwdbwd_ms']:6.2f} "
+            f"{r['osdn_peak_mib'] / r['fla_delta_peak_mib']:9.2f}  "
+            + " ".join(f"{x:.2f}" for x in r["rounds"]["fwdbwd_ratio"]["per_round"])
         )
     print("decode:", result["decode"])
     try:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from osdn_hf import OSDNConfig, OSDNForCausalLM
-from osdn_hf.throughput import alternate, measure_alone, training_step
+from osdn_hf.throughput import alternate, alternating_rounds, measure_alone, ratio_summary, training_step
 
 
 def test_alternate_reverses_the_order_every_round_and_takes_the_ratio_per_round():
@@ -22,6 +22,22 @@ def test_alternate_reverses_the_order_every_round_and_takes_the_ratio_per_round(
     assert result["ratio"]["min"] <= result["ratio"]["median"] <= result["ratio"]["max"]
     with pytest.raises(ValueError, match="rounds"):
         alternate(steps, 100, steps=2, rounds=0, device="cpu")
+
+
+def test_alternating_rounds_with_any_measure_as_the_kernel_benchmark_uses_them():
+    """What `scripts/bench_kernels.py` times ours and fla's kernels with: a measure per call
+    (there `do_bench`), four functions, the order reversed every round."""
+    seen = []
+    fns = {name: name for name in ("osdn_fwd", "fla_fwd", "osdn_fwdbwd", "fla_fwdbwd")}
+    times = {"osdn_fwd": [3.0, 2.0], "fla_fwd": [1.0, 2.0], "osdn_fwdbwd": [8.0, 6.0], "fla_fwdbwd": [4.0, 2.0]}
+    queues = {name: iter(ts) for name, ts in times.items()}  # each call measures the next value
+    values, orders = alternating_rounds(fns, lambda name: seen.append(name) or next(queues[name]), 2)
+    assert seen == list(fns) + list(fns)[::-1] and orders == [list(fns), list(fns)[::-1]]
+    assert values == times
+    summary = ratio_summary(values["osdn_fwdbwd"], values["fla_fwdbwd"], "osdn / fla")
+    assert summary == {"of": "osdn / fla", "per_round": [2.0, 3.0], "median": 2.5, "min": 2.0, "max": 3.0}
+    with pytest.raises(ValueError, match="rounds"):
+        alternating_rounds(fns, len, 0)
 
 
 def test_training_step_trains_and_measure_alone_counts_tokens():

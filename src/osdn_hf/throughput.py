@@ -1,5 +1,8 @@
 """Training throughput of two models measured side by side (what `scripts/gpu_model_evidence.py` reports).
 
+The alternating rounds (`alternating_rounds`, `ratio_summary`) also time the kernels against
+fla's in `scripts/bench_kernels.py`.
+
 A single timed block per model is at the mercy of whatever the GPU does meanwhile (clocks,
 other tenants, a kernel autotuned in the first steps). So each model is first measured alone
 for its peak memory, and then both stay resident and are timed in alternating blocks, the
@@ -60,6 +63,36 @@ def measure_alone(
     return {"tokens_per_s": tokens_per_step * steps / seconds, "peak_mib": peak, "steps": steps}
 
 
+def alternating_rounds(
+    fns: dict[str, Callable[[], object]], measure: Callable[[Callable[[], object]], float], rounds: int
+) -> tuple[dict[str, list[float]], list[list[str]]]:
+    """`measure` of each of `fns` once a round for `rounds` rounds, the order reversed every round
+    (A B, B A, A B, ...): the values by name, one a round, and the order of each round.
+
+    Example:
+        >>> values, orders = alternating_rounds({"a": 1, "b": 2}, lambda f: f * 10, rounds=2)
+        >>> values, orders
+        ({'a': [10, 10], 'b': [20, 20]}, [['a', 'b'], ['b', 'a']])
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    names = list(fns)
+    values = {name: [] for name in names}
+    orders = []
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        orders.append(list(order))
+        for name in order:
+            values[name].append(measure(fns[name]))
+    return values, orders
+
+
+def ratio_summary(a: list[float], b: list[float], of: str) -> dict:
+    """The per-round ratios `a / b` with their median, minimum and maximum."""
+    ratios = [x / y for x, y in zip(a, b)]
+    return {"of": of, "per_round": ratios, "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
 def alternate(
     steps_by_name: dict[str, Callable[[], None]], tokens_per_step: int, steps: int, rounds: int, device: str
 ) -> dict:
@@ -71,13 +104,9 @@ def alternate(
     if rounds < 1 or steps < 1:
         raise ValueError(f"rounds and steps must be >= 1, got rounds={rounds}, steps={steps}")
     names = list(steps_by_name)
-    per_round = {name: [] for name in names}
-    orders = []
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        orders.append(list(order))
-        for name in order:
-            per_round[name].append(tokens_per_step * steps / _seconds(steps_by_name[name], steps, device))
+    per_round, orders = alternating_rounds(
+        steps_by_name, lambda step: tokens_per_step * steps / _seconds(step, steps, device), rounds
+    )
     result = {
         "rounds": rounds,
         "steps_per_round": steps,
@@ -86,12 +115,5 @@ def alternate(
         "median_tokens_per_s": {name: statistics.median(v) for name, v in per_round.items()},
     }
     if len(names) >= 2:
-        ratios = [a / b for a, b in zip(per_round[names[0]], per_round[names[1]])]
-        result["ratio"] = {
-            "of": f"{names[0]} / {names[1]}",
-            "per_round": ratios,
-            "median": statistics.median(ratios),
-            "min": min(ratios),
-            "max": max(ratios),
-        }
+        result["ratio"] = ratio_summary(per_round[names[0]], per_round[names[1]], f"{names[0]} / {names[1]}")
     return result
