@@ -72,6 +72,17 @@ def test_bf16_logits_match_and_keep_no_float32_copy(monkeypatch):
     torch.testing.assert_close(got_grad.float(), ref_grad.float(), rtol=1e-2, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_leaves_the_logits_as_they_were(dtype, monkeypatch):
+    """The logits are the model's output too: the loss's backward must not write into them (for
+    float32 logits, `.float()` returns the logits themselves)."""
+    monkeypatch.setattr(loss_module, "BLOCK_ELEMENTS", 8 * V)
+    logits, labels = _batch(dtype)
+    x = logits.clone().requires_grad_()
+    causal_lm_loss(x, labels, vocab_size=V).backward()
+    assert torch.equal(x.detach(), logits)
+
+
 def test_all_positions_ignored_gives_nan_as_transformers():
     logits, labels = _batch(torch.float32)
     labels[:] = -100

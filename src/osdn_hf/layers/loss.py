@@ -41,7 +41,9 @@ class _RowCrossEntropy(torch.autograd.Function):
         n = _rows(logits)
         for i in range(0, logits.shape[0], n):
             rows = slice(i, i + n)
-            g = logits[rows].float().sub_(lse[rows, None]).exp_()  # softmax, one float32 block
+            # softmax of one block, in a new float32 tensor (.float() of float32 logits is the
+            # logits themselves, which the caller still holds: never written in place)
+            g = (logits[rows].float() - lse[rows, None]).exp_()
             g.scatter_add_(1, target[rows, None], torch.full_like(g[:, :1], -1.0))
             out[rows] = g.mul_(scale[rows, None])
         return out, None, None
