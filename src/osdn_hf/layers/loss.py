@@ -41,9 +41,9 @@ class _RowCrossEntropy(torch.autograd.Function):
         n = _rows(logits)
         for i in range(0, logits.shape[0], n):
             rows = slice(i, i + n)
-            # softmax of one block, in a new float32 tensor (.float() of float32 logits is the
-            # logits themselves, which the caller still holds: never written in place)
-            g = (logits[rows].float() - lse[rows, None]).exp_()
+            # softmax of one block, in one new float32 tensor (a copy even of float32 logits:
+            # they are the model's output too, never written in place)
+            g = logits[rows].to(torch.float32, copy=True).sub_(lse[rows, None]).exp_()
             g.scatter_add_(1, target[rows, None], torch.full_like(g[:, :1], -1.0))
             out[rows] = g.mul_(scale[rows, None])
         return out, None, None
