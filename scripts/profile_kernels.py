@@ -30,29 +30,23 @@ from osdn_hf.ops.osdn import chunk_fused
 from osdn_hf.run_info import run_metadata
 
 
-def _step(B, T, H, D):
-    """One forward+backward of `chunk_osdn` on random bf16 inputs, as a closure."""
+def _step(B, T, H, D, peer=False):
+    """One forward+backward of `chunk_osdn` on random bf16 inputs, as a closure; with `peer`, of
+    fla's DeltaNet (`chunk_delta_rule`, the peer of `scripts/bench_kernels.py`) on the same kind."""
     dt = torch.bfloat16
     q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
     beta, eta, lam = (torch.rand(B, T, H, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
     do = torch.randn(B, T, H, D, device="cuda", dtype=dt)
+    if peer:
+        from fla.ops.delta_rule import chunk_delta_rule
+
+        return lambda: chunk_delta_rule(q, k, v, beta, use_qk_l2norm_in_kernel=True)[0].backward(do)
     return lambda: chunk_osdn(q, k, v, beta, eta, lam, use_qk_l2norm_in_kernel=True)[0].backward(do)
-
-
-def _fla_step(B, T, H, D):
-    """The same for fla's DeltaNet (`chunk_delta_rule`, the peer of `scripts/bench_kernels.py`)."""
-    from fla.ops.delta_rule import chunk_delta_rule
-
-    dt = torch.bfloat16
-    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
-    beta = torch.rand(B, T, H, device="cuda", dtype=dt, requires_grad=True)
-    do = torch.randn(B, T, H, D, device="cuda", dtype=dt)
-    return lambda: chunk_delta_rule(q, k, v, beta, use_qk_l2norm_in_kernel=True)[0].backward(do)
 
 
 def peer(step, args, meta: dict) -> dict:
     """Per-kernel CUDA time (us) of one forward+backward of ours and of fla's DeltaNet."""
-    ours, theirs = kernel_times(step), kernel_times(_fla_step(args.B, args.T, args.H, args.D))
+    ours, theirs = kernel_times(step), kernel_times(_step(args.B, args.T, args.H, args.D, peer=True))
     for name, times in (("chunk_osdn", ours), ("fla chunk_delta_rule", theirs)):
         print(f"{name}: {sum(times.values()):.0f} us in all")
         for kernel, us in sorted(times.items(), key=lambda kv: -kv[1]):

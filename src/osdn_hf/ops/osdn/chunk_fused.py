@@ -748,6 +748,21 @@ class Precondition(torch.autograd.Function):
         return dk_out, dbeta, deta, dlam, de0, None
 
 
+def _state_scan(kb, w, ub, s0, uo, precision):
+    """Phase 2's state scan: the per-chunk states `[B, H, NC, K, V]` (storage dtype) and the final
+    state (float32). With `ub` it writes U to `uo`; with `ub=None` it rebuilds the states from the
+    U already in `uo` (RECOMPUTE: Kb and Ub are not read)."""
+    B, H, NC, C, K = kb.shape
+    V = uo.shape[-1]
+    launch = _scan_launch("state_fwd", K, V, C)
+    ss, sf = kb.new_empty(B, H, NC, K, V), s0.new_empty(B, H, K, V)
+    state_scan_fwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
+        kb, w, uo if ub is None else ub, s0, uo, ss, sf, NC,
+        K=K, V=V, C=C, PRECISION=precision, RECOMPUTE=ub is None, **launch,
+    )  # fmt: skip
+    return ss, sf
+
+
 class DeltaRuleAsym(torch.autograd.Function):
     """Phase 2: `(q, k, w, v, beta, S0) -> (O, S_final)`; q, k, w chunked in the storage dtype, v
     `[B, T, H, V]` in it too, O `[B, T, H, V]` in `out_dtype`, beta and the states float32."""
@@ -763,11 +778,8 @@ class DeltaRuleAsym(torch.autograd.Function):
             K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_fwd", K, V),
         )  # fmt: skip
         del scratch  # before the scan allocates the per-chunk states
-        launch = _scan_launch("state_fwd", K, V, C)
-        uo, ss, sf = torch.empty_like(ub), k.new_empty(B, H, NC, K, V), beta.new_empty(B, H, K, V)
-        state_scan_fwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
-            kb, w, ub, s0, uo, ss, sf, NC, K=K, V=V, C=C, PRECISION=precision, **launch
-        )
+        uo = torch.empty_like(ub)
+        ss, sf = _state_scan(kb, w, ub, s0, uo, precision)
         o = v.new_empty(B, T, H, V, dtype=out_dtype)
         launch = _chunk_launch("out_fwd", K, V)
         out_fwd_kernel[(triton.cdiv(V, launch["BV"]), B * H * NC)](
@@ -785,12 +797,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         B, H, NC, C, K = k.shape
         T, V = v.shape[1], v.shape[-1]
         scale, precision = ctx.scale, ctx.precision
-        launch = _scan_launch("state_fwd", K, V, C)
-        ss, sf = k.new_empty(B, H, NC, K, V), beta.new_empty(B, H, K, V)
-        state_scan_fwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
-            kb, w, uo, s0, uo, ss, sf, NC, K=K, V=V, C=C, PRECISION=precision, RECOMPUTE=True, **launch
-        )
-        del sf
+        ss, _ = _state_scan(kb, w, None, s0, uo, precision)
         do = torch.zeros_like(v) if do is None else do.contiguous()
         ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
         dq, gu, gss = torch.empty_like(q), torch.empty_like(uo), torch.empty_like(ss)
