@@ -8,7 +8,8 @@ float32, float16 and bfloat16, and compares each with the float32 token loop on 
 inputs. Writes one JSON row per case and exits non-zero if any case is out of tolerance.
 `--shard I/N` runs every N-th case from the I-th (0-based), so N processes side by side share
 a run whose compiling would not fit one call (float32 compiles its ieee products for about a
-minute per shape); the rows of the N JSON files together are the whole run.
+minute per shape); `--merge A.json B.json ... --out ALL.json` joins their rows into one file
+(each row keeps the shard it came from; shards that never wrote a file are named as missing).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from osdn_hf.ops import chunk_osdn, fused_recurrent_osdn, naive_recurrent_osdn
-from osdn_hf.run_info import run_metadata
+from osdn_hf.run_info import command_line, run_metadata
 
 # Relative (norm-wise) error allowed against the float32 loop on the same inputs. float32
 # runs exact products ("ieee"), so only summation order differs; 16-bit runs use tf32 products
@@ -71,6 +72,32 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+def merge(paths, out, argv):
+    """Join shard files into one result: rows in shard order, failures summed, the commands kept."""
+    rows, commands, missing = [], [], []
+    result = None
+    for path in paths:
+        try:
+            with open(path) as f:
+                part = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            missing.append(f"{path}: {type(err).__name__}")
+            continue
+        result = result or {k: v for k, v in part.items() if k not in ("rows", "failures", "command")}
+        commands.append(part.get("command"))
+        rows += [dict(r, shard=part.get("command")) for r in part["rows"]]
+    if result is None:
+        print(f"no shard file could be read: {missing}")
+        return 1
+    failures = sum(not r["ok"] for r in rows)
+    result.update(command=command_line("scripts/check_kernels.py", argv), shards=commands)
+    result.update(missing_shards=missing, rows=rows, failures=failures)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{len(rows) - failures}/{len(rows)} cases within tolerance in {len(commands)} shards; missing: {missing}")
+    return 1 if failures or missing else 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/kernels_check.json")
@@ -78,7 +105,10 @@ def main(argv=None):
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="a share of the run")
     p.add_argument("--max-head-dim", type=int, default=256, help="skip cases with K or V above this (a share)")
     p.add_argument("--shard", default="0/1", help="I/N: every N-th case from the I-th (a share)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="join the shards' files into --out, run nothing")
     args = p.parse_args(argv)
+    if args.merge:
+        sys.exit(merge(args.merge, args.out, argv))
     try:
         shard, shards = (int(x) for x in args.shard.split("/"))
         if not 0 <= shard < shards:
