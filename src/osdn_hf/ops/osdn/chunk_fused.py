@@ -204,12 +204,27 @@ if HAS_TRITON:
             b_v = tl.load(v + r_v[:, None] * V + o_v[None, :], mask=m_r[:, None] & m, other=0.0)
             b_ub = tl.dot(b_t, (b_v * b_b[:, None]).to(b_v.dtype), input_precision=PRECISION)
             tl.store(ub + o_t[:, None] * V + o_v[None, :], b_ub, mask=m)
+        _store_kb(k, kb, b_t, b_b, o_t, K, BK, PRECISION)
+
+    @triton.jit
+    def _store_kb(k, kb, b_t, b_b, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+        """Kb = T diag(b) K of one chunk (T `[C, C]` in the storage dtype), written to `kb`."""
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m = o_k[None, :] < K
             b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             b_kb = tl.dot(b_t, (b_k * b_b[:, None]).to(b_k.dtype), input_precision=PRECISION)
             tl.store(kb + o_t[:, None] * K + o_k[None, :], b_kb, mask=m)
+
+    @triton.jit
+    def kb_kernel(k, beta, tinv, kb, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+        """Kb = T diag(b) K again from the saved T, as `wy_fwd_kernel` made it: the backward's
+        reverse state scan reads it, and the forward does not keep it. One chunk per program."""
+        i_c = tl.program_id(0).to(tl.int64)
+        o_c = tl.arange(0, C)
+        o_t = i_c * C + o_c
+        b_t = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])
+        _store_kb(k, kb, b_t, tl.load(beta + o_t), o_t, K, BK, PRECISION)
 
     @triton.jit
     def out_fwd_kernel(
@@ -422,15 +437,34 @@ if HAS_TRITON:
         b_l = tl.where(strict, b_a[:, None] * tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)) * b_uu, 0.0)
         b_ti = _invert(b_l, tinv + i_c * C * C, o_c, C)
         tl.store(dm + o_t, tl.sum(b_ti * b_m[None, :], 1))
-        b_r = b_a * tl.exp(b_gp)
+        _store_y(k, y, b_ti, b_a * tl.exp(b_gp), o_t, K, BK, PRECISION)
+        tl.store(p + o_t, tl.exp(b_gend - b_gp))
+        tl.store(gc + i_c, tl.exp(b_gend))
+
+    @triton.jit
+    def _store_y(k, y, b_ti, b_r, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+        """Y = (I + L)^{-1} diag(a G_{t-1}) U of one chunk (`b_r` = a G_{t-1}), written to `y`."""
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m = o_k[None, :] < K
             b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
             b_y = tl.dot(b_ti, b_k * b_k * b_r[:, None], input_precision=PRECISION)
             tl.store(y + o_t[:, None] * K + o_k[None, :], b_y, mask=m)
-        tl.store(p + o_t, tl.exp(b_gend - b_gp))
-        tl.store(gc + i_c, tl.exp(b_gend))
+
+    @triton.jit
+    def pre_y_kernel(
+        k, beta, eta, lam, tinv, y,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Y again from the saved (I + L)^{-1}, as `pre_intra_fwd_kernel` made it: the backward
+        reads it, and the forward does not keep it. One chunk per program."""
+        i_c = tl.program_id(0).to(tl.int64)
+        o_c = tl.arange(0, C)
+        o_t = i_c * C + o_c
+        b_b = tl.load(beta + o_t)
+        _, b_gp, _ = _log_gates(lam, o_t, o_c, C)
+        b_ti = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])
+        _store_y(k, y, b_ti, tl.load(eta + o_t) * b_b * b_b * tl.exp(b_gp), o_t, K, BK, PRECISION)
 
     @triton.jit
     def _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
@@ -620,7 +654,9 @@ SCAN_TUNING = {
 CHUNK_LAUNCH = {
     "pre_intra_fwd": dict(num_warps=4, tile=64),
     "pre_out_fwd": dict(num_warps=4, tile=32),
+    "pre_y": dict(num_warps=4, tile=64),  # not in the grid: pre_intra_fwd's settings for the same loop
     "wy_fwd": dict(num_warps=4, tile=64),
+    "kb": dict(num_warps=4, tile=64),  # not in the grid: wy_fwd's settings for the same loop
     "out_fwd": dict(num_warps=4, tile=64),
     "out_bwd": dict(num_warps=4, tile=64),
     "state_grads": dict(num_warps=4, tile=64),
@@ -714,15 +750,18 @@ class Precondition(torch.autograd.Function):
         )
         w = torch.empty_like(k)
         pre_out_fwd_kernel[grid](k, lam, y, dm, es, w, K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K))
-        ctx.save_for_backward(k, beta, eta, lam, y, dm, p, gc, es, tinv)
+        # Y is rebuilt from the inverse in the backward: 1X less held between forward and backward
+        ctx.save_for_backward(k, beta, eta, lam, dm, p, gc, es, tinv)
         ctx.precision = precision
         return w, 1 + ef
 
     @staticmethod
     def backward(ctx, dw, dd):
-        k, beta, eta, lam, y, dm, p, gc, es, tinv = ctx.saved_tensors
+        k, beta, eta, lam, dm, p, gc, es, tinv = ctx.saved_tensors
         B, H, NC, C, K = k.shape
         grid = (B * H * NC,)
+        y = torch.empty_like(k)
+        pre_y_kernel[grid](k, beta, eta, lam, tinv, y, K=K, C=C, PRECISION=ctx.precision, **_chunk_launch("pre_y", K))
         dw = torch.zeros_like(k) if dw is None else dw.contiguous()
         dd = beta.new_zeros(B, H, K) if dd is None else dd.contiguous()
         # gradients that several kernels add to stay float32 whatever k's storage
@@ -739,6 +778,7 @@ class Precondition(torch.autograd.Function):
             y, k, dm, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC, K=K, C=C, ACC=True, DY=False, SQUARE=True,
             **_scan_launch("precond_bwd", K, K, C),
         )  # fmt: skip
+        del y
         dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
         dk_out = _in_dtype_of(dk, k)
         pre_intra_bwd_kernel[grid](
@@ -750,14 +790,14 @@ class Precondition(torch.autograd.Function):
 
 def _state_scan(kb, w, ub, s0, uo, precision):
     """Phase 2's state scan: the per-chunk states `[B, H, NC, K, V]` (storage dtype) and the final
-    state (float32). With `ub` it writes U to `uo`; with `ub=None` it rebuilds the states from the
-    U already in `uo` (RECOMPUTE: Kb and Ub are not read)."""
-    B, H, NC, C, K = kb.shape
+    state (float32). With `kb` and `ub` it writes U to `uo`; with `kb=ub=None` it rebuilds the
+    states from the U already in `uo` (RECOMPUTE)."""
+    B, H, NC, C, K = w.shape
     V = uo.shape[-1]
     launch = _scan_launch("state_fwd", K, V, C)
-    ss, sf = kb.new_empty(B, H, NC, K, V), s0.new_empty(B, H, K, V)
+    ss, sf = w.new_empty(B, H, NC, K, V), s0.new_empty(B, H, K, V)
     state_scan_fwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
-        kb, w, uo if ub is None else ub, s0, uo, ss, sf, NC,
+        w if kb is None else kb, w, uo if ub is None else ub, s0, uo, ss, sf, NC,
         K=K, V=V, C=C, PRECISION=precision, RECOMPUTE=ub is None, **launch,
     )  # fmt: skip
     return ss, sf
@@ -780,24 +820,25 @@ class DeltaRuleAsym(torch.autograd.Function):
         del scratch  # before the scan allocates the per-chunk states
         uo = torch.empty_like(ub)
         ss, sf = _state_scan(kb, w, ub, s0, uo, precision)
+        del ub, kb  # Kb is rebuilt from T in the backward, for 1X less saved
         o = v.new_empty(B, T, H, V, dtype=out_dtype)
         launch = _chunk_launch("out_fwd", K, V)
         out_fwd_kernel[(triton.cdiv(V, launch["BV"]), B * H * NC)](
             q, w, uo, ss, o, scale, T, H, NC, K=K, V=V, C=C, PRECISION=precision, **launch
         )
-        # The per-chunk states (twice the size of U) are not kept for the backward, which
-        # rebuilds them from W and U: a model holds every layer's saved tensors at once.
-        ctx.save_for_backward(q, k, w, v, beta, tinv, kb, uo, s0)
+        # The per-chunk states (twice the size of U) and Kb are not kept for the backward, which
+        # rebuilds them from W and U, and T: a model holds every layer's saved tensors at once.
+        ctx.save_for_backward(q, k, w, v, beta, tinv, uo, s0)
         ctx.scale, ctx.precision = scale, precision
         return o, sf
 
     @staticmethod
     def backward(ctx, do, ds):
-        q, k, w, v, beta, tinv, kb, uo, s0 = ctx.saved_tensors
+        q, k, w, v, beta, tinv, uo, s0 = ctx.saved_tensors
         B, H, NC, C, K = k.shape
         T, V = v.shape[1], v.shape[-1]
         scale, precision = ctx.scale, ctx.precision
-        ss, _ = _state_scan(kb, w, None, s0, uo, precision)
+        ss, _ = _state_scan(None, w, None, s0, uo, precision)
         do = torch.zeros_like(v) if do is None else do.contiguous()
         ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
         dq, gu, gss = torch.empty_like(q), torch.empty_like(uo), torch.empty_like(ss)
@@ -806,18 +847,21 @@ class DeltaRuleAsym(torch.autograd.Function):
             q, w, uo, ss, do, dq, dw_o, gu, gss, scale, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("out_bwd", K, V),
         )  # fmt: skip
+        kb = torch.empty_like(k)
+        kb_kernel[(B * H * NC,)](k, beta, tinv, kb, K=K, C=C, PRECISION=precision, **_chunk_launch("kb", K))
         launch = _scan_launch("state_bwd", K, V, C)
         dub, dss, ds0 = torch.empty_like(uo), gss, beta.new_empty(B, H, K, V)  # dss overwrites gss as it goes
         state_scan_bwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
             kb, w, gu, gss, ds, dub, dss, ds0, NC, K=K, V=V, C=C, PRECISION=precision, **launch
         )
-        del do, gu, gss  # no later kernel reads these: freed before dK and dV are allocated
-        dk, dw, dv, dbeta = torch.empty_like(k, dtype=torch.float32), dw_o, torch.empty_like(v), torch.empty_like(beta)
+        del do, gu, gss, kb  # no later kernel reads these: freed before dK is allocated
+        dk, dw = torch.empty_like(k, dtype=torch.float32), dw_o
         launch = _chunk_launch("state_grads", K, V)
         state_grads_kernel[(triton.cdiv(K, launch["BK"]), B * H * NC)](
             dub, uo, ss, dss, dk, dw, K=K, V=V, C=C, PRECISION=precision, **launch
         )
-        del dss
+        del ss, dss  # the states and their gradients (4X) go before the last kernel's outputs come
+        dv, dbeta = torch.empty_like(v), torch.empty_like(beta)
         dk_out, dw_out = _in_dtype_of(dk, k), _in_dtype_of(dw, w)
         wy_bwd_kernel[(B * H * NC,)](
             k, w, v, beta, tinv, dub, dk, dw, dk_out, dw_out, dv, dbeta, T, H, NC,
