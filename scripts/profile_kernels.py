@@ -124,6 +124,9 @@ def tune(step, args, meta: dict) -> dict:
         knobs = dict(num_warps=(2, 4, 8), num_stages=(1, 2, 3), BS=(16, 32, 64))
         if name.startswith("state"):
             knobs["BV"] = (16, 32, 64)
+        else:  # whole chunks with the next one loaded ahead, at 4 and at 8 warps
+            knobs["prefetch"] = (True,)
+            knobs[("prefetch", "num_warps")] = ((True, 8),)
         for knob, values in knobs.items():
             trials += [(name, knob, value) for value in values]
     if args.only:
@@ -132,13 +135,14 @@ def tune(step, args, meta: dict) -> dict:
     for name, knob, value in tqdm(trials, desc="launch settings"):
         chunk_fused.SCAN_TUNING.update({n: dict(t) for n, t in base.items()})
         if name != "default":
-            chunk_fused.SCAN_TUNING[name][knob] = value
+            pairs = zip(knob, value) if isinstance(knob, tuple) else [(knob, value)]
+            chunk_fused.SCAN_TUNING[name].update(pairs)
         try:
             ms, err = triton.testing.do_bench(step), None
         except Exception as e:  # a setting that does not fit (registers, shared memory) is recorded
             ms, err = None, f"{type(e).__name__}: {e}"[:200]
         rows.append(dict(kernel=name, knob=knob, value=value, fwdbwd_ms=ms, error=err))
-        print(f"{name:12s} {knob or '':10s} {value if value is not None else '':>4} {ms or err}")
+        print(f"{name:12s} {str(knob or ''):10s} {str(value) if value is not None else '':>4} {ms or err}")
     chunk_fused.SCAN_TUNING.update(base)
     return dict(
         **meta,

@@ -83,6 +83,45 @@ def test_state_scan_recompute_rebuilds_the_same_states(dtype):
     assert ss.abs().sum() > 0 and not torch.equal(ss[:, :, 1], ss[:, :, 2])  # states that move
 
 
+@pytest.mark.parametrize("K, dtype", [(48, torch.float32), (128, torch.float16)])
+def test_precond_scans_prefetching_give_the_same_bits(K, dtype):
+    """PREFETCH (the next chunk loaded while this one is reduced) changes when rows are read, not
+    the sums: forward and backward scans, with and without ACC and DY, equal the whole-chunk
+    (BS = C) scans bit for bit, and the buffers they add to are read at the right chunk."""
+    prec, _ = _scan_inputs(2, 2, 3, 64, K, 32)
+    y, u = (prec[n].detach().to(dtype) for n in ("y", "u"))
+    dm, p, gc, e0 = (prec[n].detach() for n in ("dm", "p", "gc", "e0"))
+    B, H, NC, C, _ = y.shape
+    launch = dict(K=K, C=C, BK=triton.next_power_of_2(K), BS=C, SQUARE=True)
+
+    def fwd(prefetch):
+        es, ef = y.new_empty(B, H, NC, K, dtype=torch.float32), e0.new_empty(B, H, K)
+        chunk_scan.precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, e0, es, ef, NC, PREFETCH=prefetch, **launch)
+        return es, ef
+
+    (es, ef), (es2, ef2) = fwd(False), fwd(True)
+    assert torch.equal(es, es2) and torch.equal(ef, ef2)
+    assert not torch.equal(es[:, :, 1], es[:, :, 2])
+    g = torch.Generator().manual_seed(3)
+    ges, gef = torch.randn(es.shape, generator=g), torch.randn(ef.shape, generator=g)
+    acc = [torch.randn(x.shape, generator=g) for x in (y, u, dm)]  # what dy, du, ddm hold before
+
+    def bwd(prefetch, ACC, DY):
+        dy, du, ddm = (a.clone() for a in acc)
+        dp, dgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(gef)
+        chunk_scan.precond_scan_bwd_kernel[(B * H,)](
+            y, u, dm, p, gc, es, ges, gef, dy, du, ddm, dp, dgc, de0, NC, ACC=ACC, DY=DY, PREFETCH=prefetch, **launch
+        )
+        return dy, du, ddm, dp, dgc, de0
+
+    for ACC, DY in ((False, True), (True, True), (True, False)):
+        ref, got = bwd(False, ACC, DY), bwd(True, ACC, DY)
+        for name, a, b in zip(("dy", "du", "ddm", "dp", "dgc", "de0"), got, ref):
+            assert torch.equal(a, b), (name, ACC, DY)
+        if ACC:
+            assert not torch.equal(ref[1], bwd(False, False, DY)[1])  # the added buffers count
+
+
 def test_forced_triton_path_runs_the_kernels(monkeypatch):
     """The switch reaches the kernels (the op tests' 'triton' runs are not the torch path again)."""
     calls = []
@@ -117,15 +156,27 @@ def _core_args(B, T, H, K, V, seed=0):
     ]
 
 
-@pytest.mark.parametrize("K, V, tile", [(48, 80, None), (128, 64, None), (256, 256, None), (48, 80, 16)])
-def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, monkeypatch):
+@pytest.mark.parametrize(
+    "K, V, tile, prefetch",
+    [
+        (48, 80, None, False),
+        (128, 64, None, False),
+        (256, 256, None, False),
+        (48, 80, 16, False),
+        (48, 80, None, True),
+        (128, 64, None, True),
+    ],
+)
+def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, monkeypatch):
     """Both phases' fused kernels (forward and hand-written backward) against the torch chunked
     path, differentiated by autograd: head dims that span several tiles (the launch table's 32-
     and 64-wide ones, or 16-wide everywhere) or leave a masked remainder, three chunks, a
-    non-trivial d0 and S0."""
+    non-trivial d0 and S0; and with the preconditioner scans loading a chunk ahead."""
     if tile is not None:
         for name, launch in chunk_fused.CHUNK_LAUNCH.items():
             monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, name, dict(launch, tile=tile))
+    for name in ("precond_fwd", "precond_bwd"):
+        monkeypatch.setitem(chunk_fused.SCAN_TUNING, name, dict(chunk_fused.SCAN_TUNING[name], prefetch=prefetch))
     args = _core_args(1, 150, 2, K, V)
     leaves = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
     inputs = [a for a in leaves if isinstance(a, torch.Tensor)]

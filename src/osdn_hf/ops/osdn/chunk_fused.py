@@ -642,8 +642,9 @@ if HAS_TRITON:
 # Launch settings of the two chunk scans (sequential over chunks, parallel over batch, head and
 # V blocks). `None` keeps `chunk_scan._block_sizes`'s choice; benchmarks/tune can override.
 SCAN_TUNING = {
-    "precond_fwd": dict(BS=None, num_warps=4, num_stages=1),
-    "precond_bwd": dict(BS=None, num_warps=4, num_stages=1),
+    # prefetch: load the next chunk while reducing this one (whole chunks, BS = C); off until timed
+    "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=False),
+    "precond_bwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=False),
     "state_fwd": dict(BV=None, BS=None, num_warps=4, num_stages=1),
     "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1),
 }
@@ -674,6 +675,8 @@ def _scan_launch(name: str, K: int, V: int, C: int) -> dict:
     out = dict(BK=BK, BS=t["BS"] or BS, num_warps=t["num_warps"], num_stages=t["num_stages"])
     if name.startswith("state"):
         out["BV"] = t["BV"] or BV
+    elif t["prefetch"]:
+        out.update(BS=C, PREFETCH=True)
     return out
 
 

@@ -31,6 +31,16 @@ except ImportError:  # the pure-torch path needs no Triton
 if HAS_TRITON:
 
     @triton.jit
+    def _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE: tl.constexpr):
+        """sum_t u_t p_t (dm_t - <y_t, e_n>) over rows of a chunk (tiles as loaded)."""
+        b_y = b_y.to(tl.float32)
+        b_u = b_u.to(tl.float32)
+        if SQUARE:
+            b_u = b_u * b_u
+        b_r = b_p * (b_dm - tl.sum(b_y * b_e[None, :], 1))  # [BS]
+        return tl.sum(b_u * b_r[:, None], 0)
+
+    @triton.jit
     def precond_scan_fwd_kernel(
         y,
         u,
@@ -46,31 +56,76 @@ if HAS_TRITON:
         BK: tl.constexpr,
         BS: tl.constexpr,
         SQUARE: tl.constexpr = False,
+        PREFETCH: tl.constexpr = False,
     ):
         """e_{n+1} = Gc_n e_n + sum_t u_t p_t (dm_t - <y_t, e_n>), one (batch, head) per program.
 
-        With SQUARE `u` holds k and u = k * k is formed on the way, so u is never stored."""
+        With SQUARE `u` holds k and u = k * k is formed on the way, so u is never stored. With
+        PREFETCH (BS == C) the next chunk's rows are loaded before this chunk is reduced, so their
+        latency overlaps the reduction instead of following it; the sums are the same."""
         i_bh = tl.program_id(0).to(tl.int64)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, BS)
         b_e = tl.load(e0 + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
-        for i_n in range(NC):
-            i_c = i_bh * NC + i_n
-            tl.store(es + i_c * K + o_k, b_e, mask=m_k)
-            b_new = b_e * tl.load(gc + i_c)
-            for i_s in tl.static_range(C // BS):
-                # the chunk is read in row slices of BS so a [BS, BK] tile fits in registers
-                o_t = i_c * C + i_s * BS + o_s  # [BS]
-                o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
-                b_y = tl.load(y + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)  # [BS, BK]
-                b_u = tl.load(u + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)  # [BS, BK]
-                if SQUARE:
-                    b_u = b_u * b_u
-                b_r = tl.load(p + o_t) * (tl.load(dm + o_t) - tl.sum(b_y * b_e[None, :], 1))  # [BS]
-                b_new += tl.sum(b_u * b_r[:, None], 0)
-            b_e = b_new
+        if PREFETCH:
+            tl.static_assert(BS == C)
+            o_t = i_bh * NC * C + o_s  # [C] the first chunk's rows
+            b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)  # [C, BK]
+            b_u = tl.load(u + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_dm, b_p, b_gc = tl.load(dm + o_t), tl.load(p + o_t), tl.load(gc + i_bh * NC)
+            for i_n in range(NC):
+                i_c = i_bh * NC + i_n
+                tl.store(es + i_c * K + o_k, b_e, mask=m_k)
+                i_x = tl.minimum(i_c + 1, i_bh * NC + NC - 1)  # the next chunk (the last one again at the end)
+                o_t = i_x * C + o_s
+                n_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+                n_u = tl.load(u + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+                n_dm, n_p, n_gc = tl.load(dm + o_t), tl.load(p + o_t), tl.load(gc + i_x)
+                b_e = b_e * b_gc + _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE)
+                b_y, b_u, b_dm, b_p, b_gc = n_y, n_u, n_dm, n_p, n_gc
+        else:
+            for i_n in range(NC):
+                i_c = i_bh * NC + i_n
+                tl.store(es + i_c * K + o_k, b_e, mask=m_k)
+                b_new = b_e * tl.load(gc + i_c)
+                for i_s in tl.static_range(C // BS):
+                    # the chunk is read in row slices of BS so a [BS, BK] tile fits in registers
+                    o_t = i_c * C + i_s * BS + o_s  # [BS]
+                    o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
+                    b_y = tl.load(y + o_tk, mask=m_k[None, :], other=0.0)
+                    b_u = tl.load(u + o_tk, mask=m_k[None, :], other=0.0)
+                    b_new += _precond_fwd_rows(b_y, b_u, tl.load(p + o_t), tl.load(dm + o_t), b_e, SQUARE)
+                b_e = b_new
         tl.store(ef + i_bh * K + o_k, b_e, mask=m_k)
+
+    @triton.jit
+    def _precond_bwd_rows(
+        b_y, b_u, b_p, b_dm, b_e, b_de, b_ddm, b_du, b_dy, o_t, o_tk, m_k, ddm, dp, dy, du,
+        ACC: tl.constexpr, DY: tl.constexpr, SQUARE: tl.constexpr,
+    ):  # fmt: skip
+        """Rows of a chunk in `precond_scan_bwd_kernel`: writes their d(dm), dp, dU (and dY),
+        adding to `b_ddm`, `b_du`, `b_dy` (what the buffers held) with ACC; returns Y^T (p q)."""
+        b_y = b_y.to(tl.float32)
+        b_u = b_u.to(tl.float32)
+        if SQUARE:
+            b_u = b_u * b_u
+        b_q = tl.sum(b_u * b_de[None, :], 1)  # [BS] <u_t, de>
+        b_res = b_dm - tl.sum(b_y * b_e[None, :], 1)  # [BS]
+        b_pq = b_p * b_q
+        if ACC:
+            tl.store(ddm + o_t, b_pq + b_ddm)
+            tl.store(du + o_tk, (b_p * b_res)[:, None] * b_de[None, :] + b_du, mask=m_k[None, :])
+        else:
+            tl.store(ddm + o_t, b_pq)
+            tl.store(du + o_tk, (b_p * b_res)[:, None] * b_de[None, :], mask=m_k[None, :])
+        tl.store(dp + o_t, b_res * b_q)
+        if DY:
+            if ACC:
+                tl.store(dy + o_tk, b_dy - b_pq[:, None] * b_e[None, :], mask=m_k[None, :])
+            else:
+                tl.store(dy + o_tk, -b_pq[:, None] * b_e[None, :], mask=m_k[None, :])
+        return tl.sum(b_y * b_pq[:, None], 0)
 
     @triton.jit
     def precond_scan_bwd_kernel(
@@ -96,48 +151,85 @@ if HAS_TRITON:
         ACC: tl.constexpr = False,
         DY: tl.constexpr = True,
         SQUARE: tl.constexpr = False,
+        PREFETCH: tl.constexpr = False,
     ):
         """Reverse of `precond_scan_fwd_kernel`; `de` is the gradient of e_{n+1}. With ACC the
         gradients of y, u and dm are added to what those buffers hold; without DY dy is not
-        written (it is `-ddm e_n^T`, which a caller can rebuild). SQUARE as in the forward; `du`
-        is still the gradient of u."""
+        written (it is `-ddm e_n^T`, which a caller can rebuild). SQUARE and PREFETCH as in the
+        forward (with PREFETCH the chunk before is loaded while this one is reduced); `du` is
+        still the gradient of u."""
         i_bh = tl.program_id(0).to(tl.int64)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, BS)
         b_de = tl.load(gef + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
-        for j in range(NC):
-            i_c = i_bh * NC + NC - 1 - j
+        if PREFETCH:
+            tl.static_assert(BS == C)
+            i_c = i_bh * NC + NC - 1
+            o_t = i_c * C + o_s  # [C] the last chunk's rows
+            o_tk = o_t[:, None] * K + o_k[None, :]
+            b_y = tl.load(y + o_tk, mask=m_k[None, :], other=0.0)  # [C, BK]
+            b_u = tl.load(u + o_tk, mask=m_k[None, :], other=0.0)
+            b_dm, b_p = tl.load(dm + o_t), tl.load(p + o_t)
             b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)  # [BK] e_n
+            b_ges = tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0)
             b_gc = tl.load(gc + i_c)
-            tl.store(dgc + i_c, tl.sum(b_e * b_de, 0))
-            b_acc = b_gc * b_de + tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0)
-            for i_s in tl.static_range(C // BS):
-                o_t = i_c * C + i_s * BS + o_s  # [BS]
-                o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
-                b_y = tl.load(y + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)  # [BS, BK]
-                b_u = tl.load(u + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)  # [BS, BK]
-                if SQUARE:
-                    b_u = b_u * b_u
-                b_p = tl.load(p + o_t)  # [BS]
-                b_q = tl.sum(b_u * b_de[None, :], 1)  # [BS] <u_t, de>
-                b_res = tl.load(dm + o_t) - tl.sum(b_y * b_e[None, :], 1)  # [BS]
-                b_pq = b_p * b_q
-                b_ddm = b_pq
-                b_dy = -b_pq[:, None] * b_e[None, :]
-                b_du = (b_p * b_res)[:, None] * b_de[None, :]
-                if ACC:
-                    b_ddm += tl.load(ddm + o_t)
-                    b_du += tl.load(du + o_tk, mask=m_k[None, :], other=0.0)
-                    if DY:
-                        b_dy += tl.load(dy + o_tk, mask=m_k[None, :], other=0.0)
-                tl.store(ddm + o_t, b_ddm)
-                tl.store(dp + o_t, b_res * b_q)
+            b_ddm, b_du, b_dy = b_p, b_y, b_y  # placeholders without ACC
+            if ACC:
+                b_ddm = tl.load(ddm + o_t)
+                b_du = tl.load(du + o_tk, mask=m_k[None, :], other=0.0)
                 if DY:
-                    tl.store(dy + o_tk, b_dy, mask=m_k[None, :])
-                tl.store(du + o_tk, b_du, mask=m_k[None, :])
-                b_acc -= tl.sum(b_y * b_pq[:, None], 0)
-            b_de = b_acc
+                    b_dy = tl.load(dy + o_tk, mask=m_k[None, :], other=0.0)
+            for j in range(NC):
+                i_c = i_bh * NC + NC - 1 - j
+                o_t = i_c * C + o_s
+                o_tk = o_t[:, None] * K + o_k[None, :]
+                # the chunk before (the first one again at the end): loaded now, reduced next step
+                i_x = tl.maximum(i_c - 1, i_bh * NC)
+                o_x = i_x * C + o_s
+                o_xk = o_x[:, None] * K + o_k[None, :]
+                n_y = tl.load(y + o_xk, mask=m_k[None, :], other=0.0)
+                n_u = tl.load(u + o_xk, mask=m_k[None, :], other=0.0)
+                n_dm, n_p, n_gc = tl.load(dm + o_x), tl.load(p + o_x), tl.load(gc + i_x)
+                n_e = tl.load(es + i_x * K + o_k, mask=m_k, other=0.0)
+                n_ges = tl.load(ges + i_x * K + o_k, mask=m_k, other=0.0)
+                n_ddm, n_du, n_dy = n_p, n_y, n_y
+                if ACC:  # read before this step writes: the chunk before is not written yet
+                    n_ddm = tl.load(ddm + o_x)
+                    n_du = tl.load(du + o_xk, mask=m_k[None, :], other=0.0)
+                    if DY:
+                        n_dy = tl.load(dy + o_xk, mask=m_k[None, :], other=0.0)
+                tl.store(dgc + i_c, tl.sum(b_e * b_de, 0))
+                b_acc = b_gc * b_de + b_ges
+                b_acc -= _precond_bwd_rows(
+                    b_y, b_u, b_p, b_dm, b_e, b_de, b_ddm, b_du, b_dy, o_t, o_tk, m_k, ddm, dp, dy, du, ACC, DY, SQUARE
+                )
+                b_de = b_acc
+                b_y, b_u, b_dm, b_p, b_e, b_ges, b_gc = n_y, n_u, n_dm, n_p, n_e, n_ges, n_gc
+                b_ddm, b_du, b_dy = n_ddm, n_du, n_dy
+        else:
+            for j in range(NC):
+                i_c = i_bh * NC + NC - 1 - j
+                b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)  # [BK] e_n
+                tl.store(dgc + i_c, tl.sum(b_e * b_de, 0))
+                b_acc = tl.load(gc + i_c) * b_de + tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0)
+                for i_s in tl.static_range(C // BS):
+                    o_t = i_c * C + i_s * BS + o_s  # [BS]
+                    o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
+                    b_y = tl.load(y + o_tk, mask=m_k[None, :], other=0.0)
+                    b_u = tl.load(u + o_tk, mask=m_k[None, :], other=0.0)
+                    b_p = tl.load(p + o_t)
+                    b_ddm, b_du, b_dy = b_p, b_y, b_y  # placeholders without ACC
+                    if ACC:
+                        b_ddm = tl.load(ddm + o_t)
+                        b_du = tl.load(du + o_tk, mask=m_k[None, :], other=0.0)
+                        if DY:
+                            b_dy = tl.load(dy + o_tk, mask=m_k[None, :], other=0.0)
+                    b_acc -= _precond_bwd_rows(
+                        b_y, b_u, b_p, tl.load(dm + o_t), b_e, b_de, b_ddm, b_du, b_dy, o_t, o_tk, m_k,
+                        ddm, dp, dy, du, ACC, DY, SQUARE,
+                    )  # fmt: skip
+                b_de = b_acc
         tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
 
     @triton.jit
