@@ -106,9 +106,15 @@ def main(argv=None):
     p.add_argument("--max-head-dim", type=int, default=256, help="skip cases with K or V above this (a share)")
     p.add_argument("--shard", default="0/1", help="I/N: every N-th case from the I-th (a share)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="join the shards' files into --out, run nothing")
+    p.add_argument("--prefetch", action="store_true", help="the preconditioner scans load a chunk ahead")
     args = p.parse_args(argv)
     if args.merge:
         sys.exit(merge(args.merge, args.out, argv))
+    if args.prefetch:
+        from osdn_hf.ops.osdn import chunk_fused
+
+        for name in ("precond_fwd", "precond_bwd"):
+            chunk_fused.SCAN_TUNING[name]["prefetch"] = True
     try:
         shard, shards = (int(x) for x in args.shard.split("/"))
         if not 0 <= shard < shards:
