@@ -63,10 +63,10 @@ def peer(step, args, meta: dict) -> dict:
 
 # What each kernel does, by name: (group, substrings of the kernels in it), first match wins.
 GROUPS = (
-    ("phase 1: preconditioner", ("pre_intra", "pre_out", "precond_scan")),
+    ("phase 1: preconditioner", ("pre_intra", "pre_out", "pre_y", "precond_scan")),
     (
         "delta rule: WY/UT, states, outputs",
-        ("wy_", "out_", "state_", "chunk_", "recompute_w_u", "prepare_wy", "merge_16x16", "solve_tril"),
+        ("wy_", "kb_kernel", "out_", "state_", "chunk_", "recompute_w_u", "prepare_wy", "merge_16x16", "solve_tril"),
     ),
     ("relayout, L2 norm of q and k", ("to_chunks", "from_chunks", "l2norm")),
     ("float32 to bf16 casts", ("bfloat16_copy",)),

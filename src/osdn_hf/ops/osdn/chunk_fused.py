@@ -655,9 +655,9 @@ SCAN_TUNING = {
 CHUNK_LAUNCH = {
     "pre_intra_fwd": dict(num_warps=4, tile=64),
     "pre_out_fwd": dict(num_warps=4, tile=32),
-    "pre_y": dict(num_warps=4, tile=64),  # not in the grid: pre_intra_fwd's settings for the same loop
+    "pre_y": dict(num_warps=4, tile=64),  # pre_intra_fwd's settings for the same loop (not yet in a measured grid)
     "wy_fwd": dict(num_warps=4, tile=64),
-    "kb": dict(num_warps=4, tile=64),  # not in the grid: wy_fwd's settings for the same loop
+    "kb": dict(num_warps=4, tile=64),  # wy_fwd's settings for the same loop (not yet in a measured grid)
     "out_fwd": dict(num_warps=4, tile=64),
     "out_bwd": dict(num_warps=4, tile=64),
     "state_grads": dict(num_warps=4, tile=64),
