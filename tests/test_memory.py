@@ -68,3 +68,26 @@ def test_op_memory_within_its_budget(monkeypatch):
     assert held / x < 7.7, held / x
     assert mem.peak / x < 20.7, mem.peak / x
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the script runs the kernels through the interpreter (conftest.py enables it without a GPU)",
+)
+def test_op_memory_script_extrapolates_consistently(tmp_path):
+    """scripts/op_memory.py assumes every buffer grows linearly with T (chunked tensors) or not at
+    all (states): two pairs of lengths must then give the same figure at the benchmark's shape."""
+    import json
+    import subprocess
+    import sys
+
+    figures = []
+    for lengths in (("64", "128"), ("128", "256")):
+        out = tmp_path / f"mem_{lengths[0]}.json"
+        cmd = [sys.executable, "scripts/op_memory.py", "--out", str(out), "--lengths", *lengths]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "TRITON_INTERPRET": "1"})
+        figures.append(json.loads(out.read_text())["at_bench_mib"])
+    for key in ("after_forward", "peak", "grads"):
+        assert abs(figures[0][key] - figures[1][key]) < 1.0, (key, figures)
+    assert figures[1]["grads"] == pytest.approx(3 * 64 + 3 * 0.5, abs=0.1)  # q, k, v (64 MiB each), the 3 gates
+    assert figures[1]["after_forward"] < figures[1]["peak"]
