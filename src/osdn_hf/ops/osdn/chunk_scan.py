@@ -31,6 +31,14 @@ except ImportError:  # the pure-torch path needs no Triton
 if HAS_TRITON:
 
     @triton.jit
+    def _precond_rows(y, u, dm, p, o_t, o_k, m_k, K: tl.constexpr):
+        """Rows `o_t` of y and u (`[len(o_t), BK]`, as stored), dm and p: what both scans read."""
+        o_tk = o_t[:, None] * K + o_k[None, :]
+        b_y = tl.load(y + o_tk, mask=m_k[None, :], other=0.0)
+        b_u = tl.load(u + o_tk, mask=m_k[None, :], other=0.0)
+        return b_y, b_u, tl.load(dm + o_t), tl.load(p + o_t)
+
+    @triton.jit
     def _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE: tl.constexpr):
         """sum_t u_t p_t (dm_t - <y_t, e_n>) over rows of a chunk (tiles as loaded)."""
         b_y = b_y.to(tl.float32)
@@ -70,18 +78,14 @@ if HAS_TRITON:
         b_e = tl.load(e0 + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
         if PREFETCH:
             tl.static_assert(BS == C)
-            o_t = i_bh * NC * C + o_s  # [C] the first chunk's rows
-            b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)  # [C, BK]
-            b_u = tl.load(u + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-            b_dm, b_p, b_gc = tl.load(dm + o_t), tl.load(p + o_t), tl.load(gc + i_bh * NC)
+            b_y, b_u, b_dm, b_p = _precond_rows(y, u, dm, p, i_bh * NC * C + o_s, o_k, m_k, K)  # the first chunk
+            b_gc = tl.load(gc + i_bh * NC)
             for i_n in range(NC):
                 i_c = i_bh * NC + i_n
                 tl.store(es + i_c * K + o_k, b_e, mask=m_k)
                 i_x = tl.minimum(i_c + 1, i_bh * NC + NC - 1)  # the next chunk (the last one again at the end)
-                o_t = i_x * C + o_s
-                n_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-                n_u = tl.load(u + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-                n_dm, n_p, n_gc = tl.load(dm + o_t), tl.load(p + o_t), tl.load(gc + i_x)
+                n_y, n_u, n_dm, n_p = _precond_rows(y, u, dm, p, i_x * C + o_s, o_k, m_k, K)
+                n_gc = tl.load(gc + i_x)
                 b_e = b_e * b_gc + _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE)
                 b_y, b_u, b_dm, b_p, b_gc = n_y, n_u, n_dm, n_p, n_gc
         else:
@@ -91,13 +95,32 @@ if HAS_TRITON:
                 b_new = b_e * tl.load(gc + i_c)
                 for i_s in tl.static_range(C // BS):
                     # the chunk is read in row slices of BS so a [BS, BK] tile fits in registers
-                    o_t = i_c * C + i_s * BS + o_s  # [BS]
-                    o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
-                    b_y = tl.load(y + o_tk, mask=m_k[None, :], other=0.0)
-                    b_u = tl.load(u + o_tk, mask=m_k[None, :], other=0.0)
-                    b_new += _precond_fwd_rows(b_y, b_u, tl.load(p + o_t), tl.load(dm + o_t), b_e, SQUARE)
+                    b_y, b_u, b_dm, b_p = _precond_rows(y, u, dm, p, i_c * C + i_s * BS + o_s, o_k, m_k, K)
+                    b_new += _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE)
                 b_e = b_new
         tl.store(ef + i_bh * K + o_k, b_e, mask=m_k)
+
+    @triton.jit
+    def _precond_bwd_loads(
+        y, u, dm, p, ddm, du, dy, o_t, o_k, m_k, K: tl.constexpr, ACC: tl.constexpr, DY: tl.constexpr
+    ):
+        """What `precond_scan_bwd_kernel` reads for rows `o_t`: y, u, dm, p, and what ddm, du and
+        dy hold with ACC (placeholders without)."""
+        b_y, b_u, b_dm, b_p = _precond_rows(y, u, dm, p, o_t, o_k, m_k, K)
+        b_ddm, b_du, b_dy = b_p, b_y, b_y  # placeholders without ACC
+        if ACC:
+            o_tk = o_t[:, None] * K + o_k[None, :]
+            b_ddm = tl.load(ddm + o_t)
+            b_du = tl.load(du + o_tk, mask=m_k[None, :], other=0.0)
+            if DY:
+                b_dy = tl.load(dy + o_tk, mask=m_k[None, :], other=0.0)
+        return b_y, b_u, b_dm, b_p, b_ddm, b_du, b_dy
+
+    @triton.jit
+    def _precond_bwd_chunk(es, ges, gc, i_c, o_k, m_k, K: tl.constexpr):
+        """Chunk `i_c`'s e_n, the gradient of e_n from outside the scan, and Gc."""
+        b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)  # [BK]
+        return b_e, tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0), tl.load(gc + i_c)
 
     @triton.jit
     def _precond_bwd_rows(
@@ -165,40 +188,22 @@ if HAS_TRITON:
         b_de = tl.load(gef + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
         if PREFETCH:
             tl.static_assert(BS == C)
-            i_c = i_bh * NC + NC - 1
-            o_t = i_c * C + o_s  # [C] the last chunk's rows
-            o_tk = o_t[:, None] * K + o_k[None, :]
-            b_y = tl.load(y + o_tk, mask=m_k[None, :], other=0.0)  # [C, BK]
-            b_u = tl.load(u + o_tk, mask=m_k[None, :], other=0.0)
-            b_dm, b_p = tl.load(dm + o_t), tl.load(p + o_t)
-            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)  # [BK] e_n
-            b_ges = tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0)
-            b_gc = tl.load(gc + i_c)
-            b_ddm, b_du, b_dy = b_p, b_y, b_y  # placeholders without ACC
-            if ACC:
-                b_ddm = tl.load(ddm + o_t)
-                b_du = tl.load(du + o_tk, mask=m_k[None, :], other=0.0)
-                if DY:
-                    b_dy = tl.load(dy + o_tk, mask=m_k[None, :], other=0.0)
+            i_c = i_bh * NC + NC - 1  # the last chunk
+            b_y, b_u, b_dm, b_p, b_ddm, b_du, b_dy = _precond_bwd_loads(
+                y, u, dm, p, ddm, du, dy, i_c * C + o_s, o_k, m_k, K, ACC, DY
+            )
+            b_e, b_ges, b_gc = _precond_bwd_chunk(es, ges, gc, i_c, o_k, m_k, K)
             for j in range(NC):
                 i_c = i_bh * NC + NC - 1 - j
                 o_t = i_c * C + o_s
                 o_tk = o_t[:, None] * K + o_k[None, :]
-                # the chunk before (the first one again at the end): loaded now, reduced next step
+                # the chunk before (the first one again at the end): loaded now, reduced next step;
+                # read before this step writes, and this step does not write the chunk before
                 i_x = tl.maximum(i_c - 1, i_bh * NC)
-                o_x = i_x * C + o_s
-                o_xk = o_x[:, None] * K + o_k[None, :]
-                n_y = tl.load(y + o_xk, mask=m_k[None, :], other=0.0)
-                n_u = tl.load(u + o_xk, mask=m_k[None, :], other=0.0)
-                n_dm, n_p, n_gc = tl.load(dm + o_x), tl.load(p + o_x), tl.load(gc + i_x)
-                n_e = tl.load(es + i_x * K + o_k, mask=m_k, other=0.0)
-                n_ges = tl.load(ges + i_x * K + o_k, mask=m_k, other=0.0)
-                n_ddm, n_du, n_dy = n_p, n_y, n_y
-                if ACC:  # read before this step writes: the chunk before is not written yet
-                    n_ddm = tl.load(ddm + o_x)
-                    n_du = tl.load(du + o_xk, mask=m_k[None, :], other=0.0)
-                    if DY:
-                        n_dy = tl.load(dy + o_xk, mask=m_k[None, :], other=0.0)
+                n_y, n_u, n_dm, n_p, n_ddm, n_du, n_dy = _precond_bwd_loads(
+                    y, u, dm, p, ddm, du, dy, i_x * C + o_s, o_k, m_k, K, ACC, DY
+                )
+                n_e, n_ges, n_gc = _precond_bwd_chunk(es, ges, gc, i_x, o_k, m_k, K)
                 tl.store(dgc + i_c, tl.sum(b_e * b_de, 0))
                 b_acc = b_gc * b_de + b_ges
                 b_acc -= _precond_bwd_rows(
@@ -210,23 +215,16 @@ if HAS_TRITON:
         else:
             for j in range(NC):
                 i_c = i_bh * NC + NC - 1 - j
-                b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)  # [BK] e_n
+                b_e, b_ges, b_gc = _precond_bwd_chunk(es, ges, gc, i_c, o_k, m_k, K)
                 tl.store(dgc + i_c, tl.sum(b_e * b_de, 0))
-                b_acc = tl.load(gc + i_c) * b_de + tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0)
+                b_acc = b_gc * b_de + b_ges
                 for i_s in tl.static_range(C // BS):
                     o_t = i_c * C + i_s * BS + o_s  # [BS]
-                    o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
-                    b_y = tl.load(y + o_tk, mask=m_k[None, :], other=0.0)
-                    b_u = tl.load(u + o_tk, mask=m_k[None, :], other=0.0)
-                    b_p = tl.load(p + o_t)
-                    b_ddm, b_du, b_dy = b_p, b_y, b_y  # placeholders without ACC
-                    if ACC:
-                        b_ddm = tl.load(ddm + o_t)
-                        b_du = tl.load(du + o_tk, mask=m_k[None, :], other=0.0)
-                        if DY:
-                            b_dy = tl.load(dy + o_tk, mask=m_k[None, :], other=0.0)
+                    b_y, b_u, b_dm, b_p, b_ddm, b_du, b_dy = _precond_bwd_loads(
+                        y, u, dm, p, ddm, du, dy, o_t, o_k, m_k, K, ACC, DY
+                    )
                     b_acc -= _precond_bwd_rows(
-                        b_y, b_u, b_p, tl.load(dm + o_t), b_e, b_de, b_ddm, b_du, b_dy, o_t, o_tk, m_k,
+                        b_y, b_u, b_p, b_dm, b_e, b_de, b_ddm, b_du, b_dy, o_t, o_t[:, None] * K + o_k[None, :], m_k,
                         ddm, dp, dy, du, ACC, DY, SQUARE,
                     )  # fmt: skip
                 b_de = b_acc
