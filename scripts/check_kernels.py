@@ -106,15 +106,17 @@ def main(argv=None):
     p.add_argument("--max-head-dim", type=int, default=256, help="skip cases with K or V above this (a share)")
     p.add_argument("--shard", default="0/1", help="I/N: every N-th case from the I-th (a share)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="join the shards' files into --out, run nothing")
-    p.add_argument("--prefetch", action="store_true", help="the preconditioner scans load a chunk ahead")
+    p.add_argument(
+        "--prefetch", choices=("all", "none"), help="all four scans load a chunk ahead, or none (default: as tuned)"
+    )
     args = p.parse_args(argv)
     if args.merge:
         sys.exit(merge(args.merge, args.out, argv))
     if args.prefetch:
         from osdn_hf.ops.osdn import chunk_fused
 
-        for name in ("precond_fwd", "precond_bwd"):
-            chunk_fused.SCAN_TUNING[name]["prefetch"] = True
+        for tuning in chunk_fused.SCAN_TUNING.values():
+            tuning["prefetch"] = args.prefetch == "all"
     try:
         shard, shards = (int(x) for x in args.shard.split("/"))
         if not 0 <= shard < shards:

@@ -19,6 +19,7 @@ Nothing is changed in place.
 """
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -124,9 +125,9 @@ def tune(step, args, meta: dict) -> dict:
         knobs = dict(num_warps=(2, 4, 8), num_stages=(1, 2, 3), BS=(16, 32, 64))
         if name.startswith("state"):
             knobs["BV"] = (16, 32, 64)
-        else:  # whole chunks with the next one loaded ahead, at 4 and at 8 warps
-            knobs["prefetch"] = (True,)
-            knobs[("prefetch", "num_warps")] = ((True, 8),)
+        # whole chunks with the next one loaded ahead, or not, at 4 and at 8 warps
+        default = (base[name]["prefetch"], base[name]["num_warps"])
+        knobs[("prefetch", "num_warps")] = tuple(x for x in itertools.product((False, True), (4, 8)) if x != default)
         for knob, values in knobs.items():
             trials += [(name, knob, value) for value in values]
     if args.only:

@@ -122,6 +122,49 @@ def test_precond_scans_prefetching_give_the_same_bits(K, dtype):
             assert not torch.equal(ref[1], bwd(False, False, DY)[1])  # the added buffers count
 
 
+@pytest.mark.parametrize("K, V, dtype", [(48, 80, torch.float32), (128, 64, torch.float16)])
+def test_state_scans_prefetching_give_the_same_bits(K, V, dtype):
+    """PREFETCH in phase 2's scans: forward (writing U, and rebuilding the states from it), and
+    backward with the gradient of the states read from and written to one buffer, as the fused
+    backward calls it, equal the whole-chunk (BS = C) scans bit for bit."""
+    _, state = _scan_inputs(2, 2, 3, 64, K, V)
+    kb, w, ub = (state[n].detach().to(dtype) for n in ("kb", "w", "ub"))
+    s0 = state["s0"].detach()
+    B, H, NC, C, _ = kb.shape
+    BV = min(32, triton.next_power_of_2(V))
+    launch = dict(K=K, V=V, C=C, BK=triton.next_power_of_2(K), BV=BV, BS=C, PRECISION="ieee")
+    grid = (B * H, triton.cdiv(V, BV))
+
+    def fwd(prefetch, uo=None):
+        recompute = uo is not None
+        uo = torch.empty_like(ub) if uo is None else uo
+        ss, sf = kb.new_empty(B, H, NC, K, V), s0.new_empty(B, H, K, V)
+        chunk_scan.state_scan_fwd_kernel[grid](
+            kb, w, ub, s0, uo, ss, sf, NC, RECOMPUTE=recompute, PREFETCH=prefetch, **launch
+        )
+        return uo, ss, sf
+
+    ref, got = fwd(False), fwd(True)
+    for name, a, b in zip(("u", "ss", "sf"), got, ref):
+        assert torch.equal(a, b), name
+    assert not torch.equal(ref[1][:, :, 1], ref[1][:, :, 2])
+    rebuilt = fwd(True, uo=ref[0].clone())
+    assert torch.equal(rebuilt[1], ref[1]) and torch.equal(rebuilt[2], ref[2])
+    g = torch.Generator().manual_seed(4)
+    gu, gss = torch.randn(ub.shape, generator=g).to(dtype), torch.randn(ref[1].shape, generator=g).to(dtype)
+    gsf = torch.randn(ref[2].shape, generator=g)
+
+    def bwd(prefetch):
+        dub, dss, ds0 = torch.empty_like(ub), gss.clone(), torch.empty_like(gsf)  # dss overwrites gss
+        chunk_scan.state_scan_bwd_kernel[grid](kb, w, gu, dss, gsf, dub, dss, ds0, NC, PREFETCH=prefetch, **launch)
+        return dub, dss, ds0
+
+    ref, got = bwd(False), bwd(True)
+    for name, a, b in zip(("dub", "dss", "ds0"), got, ref):
+        assert torch.equal(a, b), name
+    assert not torch.equal(ref[1], gss)  # the buffer was overwritten with the states' gradients
+
+
 def test_forced_triton_path_runs_the_kernels(monkeypatch):
     """The switch reaches the kernels (the op tests' 'triton' runs are not the torch path again)."""
     calls = []
@@ -171,12 +214,12 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, monkey
     """Both phases' fused kernels (forward and hand-written backward) against the torch chunked
     path, differentiated by autograd: head dims that span several tiles (the launch table's 32-
     and 64-wide ones, or 16-wide everywhere) or leave a masked remainder, three chunks, a
-    non-trivial d0 and S0; and with the preconditioner scans loading a chunk ahead."""
+    non-trivial d0 and S0; and with all four scans loading a chunk ahead, or none."""
     if tile is not None:
         for name, launch in chunk_fused.CHUNK_LAUNCH.items():
             monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, name, dict(launch, tile=tile))
-    for name in ("precond_fwd", "precond_bwd"):
-        monkeypatch.setitem(chunk_fused.SCAN_TUNING, name, dict(chunk_fused.SCAN_TUNING[name], prefetch=prefetch))
+    for name, tuning in chunk_fused.SCAN_TUNING.items():
+        monkeypatch.setitem(chunk_fused.SCAN_TUNING, name, dict(tuning, prefetch=prefetch))
     args = _core_args(1, 150, 2, K, V)
     leaves = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
     inputs = [a for a in leaves if isinstance(a, torch.Tensor)]

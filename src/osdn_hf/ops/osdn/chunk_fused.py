@@ -642,11 +642,15 @@ if HAS_TRITON:
 # Launch settings of the two chunk scans (sequential over chunks, parallel over batch, head and
 # V blocks). `None` keeps `chunk_scan._block_sizes`'s choice; benchmarks/tune can override.
 SCAN_TUNING = {
-    # prefetch: load the next chunk while reducing this one (whole chunks, BS = C); off until timed
-    "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=False),
-    "precond_bwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=False),
-    "state_fwd": dict(BV=None, BS=None, num_warps=4, num_stages=1),
-    "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1),
+    # prefetch: load the next chunk while reducing this one (whole chunks, BS = C; heads up to 128
+    # wide, as wider chunks do not fit in registers). For the preconditioner scans the defaults are
+    # what `profile_kernels.py --tune` measured fastest (H200, 1 x 16384: forward 7.95 -> 7.24 ms,
+    # backward at 8 warps 7.95 -> 7.49 ms; benchmarks/results/kernels_tune_precond_1x16384.json);
+    # the state scans' prefetch is off until timed.
+    "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True),
+    "precond_bwd": dict(BS=None, num_warps=8, num_stages=1, prefetch=True),
+    "state_fwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=False),
+    "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=False),
 }
 # Launch settings of the per-chunk kernels: num_warps, and the widest K or V block a kernel walks
 # (16, 32 or 64; narrower blocks hold fewer registers). The fastest of each kernel measured by
@@ -675,7 +679,7 @@ def _scan_launch(name: str, K: int, V: int, C: int) -> dict:
     out = dict(BK=BK, BS=t["BS"] or BS, num_warps=t["num_warps"], num_stages=t["num_stages"])
     if name.startswith("state"):
         out["BV"] = t["BV"] or BV
-    elif t["prefetch"]:
+    if t["prefetch"] and BK <= 128:
         out.update(BS=C, PREFETCH=True)
     return out
 

@@ -231,6 +231,36 @@ if HAS_TRITON:
         tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
 
     @triton.jit
+    def _state_fwd_rows(
+        kb, w, ub, uo, o_t, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, RECOMPUTE: tl.constexpr
+    ):
+        """Rows `o_t` of W, Kb and Ub, as stored; with RECOMPUTE, of W and of the U written before
+        (in Ub's place; Kb's place holds W again, unread)."""
+        o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
+        o_tv = o_t[:, None] * V + o_v[None, :]  # [BS, BV]
+        b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0)
+        if RECOMPUTE:
+            b_kb = b_w
+            b_ub = tl.load(uo + o_tv, mask=m_v[None, :], other=0.0)
+        else:
+            b_kb = tl.load(kb + o_tk, mask=m_k[None, :], other=0.0)
+            b_ub = tl.load(ub + o_tv, mask=m_v[None, :], other=0.0)
+        return b_w, b_kb, b_ub
+
+    @triton.jit
+    def _state_fwd_step(
+        b_w, b_kb, b_ub, b_s, uo, o_t, o_v, m_v, V: tl.constexpr, PRECISION: tl.constexpr, RECOMPUTE: tl.constexpr
+    ):
+        """These rows' U = Ub - Kb S (written to `uo`; as loaded with RECOMPUTE) and their share
+        W^T U of S_{n+1} - S_n."""
+        if RECOMPUTE:
+            b_u = b_ub
+        else:
+            b_u = (b_ub.to(tl.float32) - tl.dot(b_kb, b_s.to(b_kb.dtype), input_precision=PRECISION)).to(b_w.dtype)
+            tl.store(uo + o_t[:, None] * V + o_v[None, :], b_u, mask=m_v[None, :])
+        return tl.dot(tl.trans(b_w), b_u, input_precision=PRECISION)
+
+    @triton.jit
     def state_scan_fwd_kernel(
         kb,
         w,
@@ -248,13 +278,16 @@ if HAS_TRITON:
         BS: tl.constexpr,
         PRECISION: tl.constexpr,
         RECOMPUTE: tl.constexpr = False,
+        PREFETCH: tl.constexpr = False,
     ):
         """U_n = Ub_n - Kb_n S_n, S_{n+1} = S_n + W_n^T U_n; one (batch, head, V block) per program.
 
         The products run in the dtype Kb and W are stored in: S and U are rounded to it for them
         (as fla does; no-ops for float32 storage), and S is carried in float32. With RECOMPUTE,
         `uo` holds the U this scan wrote before and only the per-chunk states are rebuilt from it
-        (Kb and Ub are not read): the same `ss` and `sf`, bit for bit, for half the work."""
+        (Kb and Ub are not read): the same `ss` and `sf`, bit for bit, for half the work. With
+        PREFETCH (BS == C) the next chunk's rows are loaded before this chunk's products, as in
+        the preconditioner scans."""
         i_bh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
@@ -264,25 +297,43 @@ if HAS_TRITON:
         m_kv = m_k[:, None] & m_v[None, :]
         o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
         b_s = tl.load(s0 + i_bh * K * V + o_kv, mask=m_kv, other=0.0)  # [BK, BV] stays in registers
-        for i_n in range(NC):
-            i_c = i_bh * NC + i_n
-            tl.store(ss + i_c * K * V + o_kv, b_s, mask=m_kv)
-            b_ds = tl.zeros([BK, BV], dtype=tl.float32)
-            for i_s in tl.static_range(C // BS):
-                o_t = i_c * C + i_s * BS + o_s  # [BS]
-                o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
-                o_tv = o_t[:, None] * V + o_v[None, :]  # [BS, BV]
-                b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
-                if RECOMPUTE:
-                    b_u = tl.load(uo + o_tv, mask=m_v[None, :], other=0.0)  # [BS, BV]
-                else:
-                    b_kb = tl.load(kb + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
-                    b_ub = tl.load(ub + o_tv, mask=m_v[None, :], other=0.0).to(tl.float32)  # [BS, BV]
-                    b_u = (b_ub - tl.dot(b_kb, b_s.to(b_kb.dtype), input_precision=PRECISION)).to(b_w.dtype)
-                    tl.store(uo + o_tv, b_u, mask=m_v[None, :])
-                b_ds += tl.dot(tl.trans(b_w), b_u, input_precision=PRECISION)
-            b_s += b_ds
+        if PREFETCH:
+            tl.static_assert(BS == C)
+            b_w, b_kb, b_ub = _state_fwd_rows(kb, w, ub, uo, i_bh * NC * C + o_s, o_k, m_k, o_v, m_v, K, V, RECOMPUTE)
+            for i_n in range(NC):
+                i_c = i_bh * NC + i_n
+                tl.store(ss + i_c * K * V + o_kv, b_s, mask=m_kv)
+                i_x = tl.minimum(i_c + 1, i_bh * NC + NC - 1)  # the next chunk (the last one again at the end)
+                n_w, n_kb, n_ub = _state_fwd_rows(kb, w, ub, uo, i_x * C + o_s, o_k, m_k, o_v, m_v, K, V, RECOMPUTE)
+                b_s += _state_fwd_step(b_w, b_kb, b_ub, b_s, uo, i_c * C + o_s, o_v, m_v, V, PRECISION, RECOMPUTE)
+                b_w, b_kb, b_ub = n_w, n_kb, n_ub
+        else:
+            for i_n in range(NC):
+                i_c = i_bh * NC + i_n
+                tl.store(ss + i_c * K * V + o_kv, b_s, mask=m_kv)
+                b_ds = tl.zeros([BK, BV], dtype=tl.float32)
+                for i_s in tl.static_range(C // BS):
+                    o_t = i_c * C + i_s * BS + o_s  # [BS]
+                    b_w, b_kb, b_ub = _state_fwd_rows(kb, w, ub, uo, o_t, o_k, m_k, o_v, m_v, K, V, RECOMPUTE)
+                    b_ds += _state_fwd_step(b_w, b_kb, b_ub, b_s, uo, o_t, o_v, m_v, V, PRECISION, RECOMPUTE)
+                b_s += b_ds
         tl.store(sf + i_bh * K * V + o_kv, b_s, mask=m_kv)
+
+    @triton.jit
+    def _state_bwd_rows(kb, w, gu, o_t, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr):
+        """Rows `o_t` of Kb, W and the gradient of U from outside the scan."""
+        o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
+        b_kb = tl.load(kb + o_tk, mask=m_k[None, :], other=0.0)
+        b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0)
+        return b_kb, b_w, tl.load(gu + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
+
+    @triton.jit
+    def _state_bwd_step(b_kb, b_w, b_gu, b_ds, dub, o_t, o_v, m_v, V: tl.constexpr, PRECISION: tl.constexpr):
+        """These rows' dUb = dU + W dS_{n+1} (written to `dub`) and their share Kb^T dUb of what
+        dS_n loses."""
+        b_du = (b_gu.to(tl.float32) + tl.dot(b_w, b_ds.to(b_w.dtype), input_precision=PRECISION)).to(b_kb.dtype)
+        tl.store(dub + o_t[:, None] * V + o_v[None, :], b_du, mask=m_v[None, :])
+        return tl.dot(tl.trans(b_kb), b_du, input_precision=PRECISION)
 
     @triton.jit
     def state_scan_bwd_kernel(
@@ -302,11 +353,13 @@ if HAS_TRITON:
         BV: tl.constexpr,
         BS: tl.constexpr,
         PRECISION: tl.constexpr,
+        PREFETCH: tl.constexpr = False,
     ):
         """Reverse of `state_scan_fwd_kernel`; `ds` is the gradient of S_{n+1}.
 
         Writes dUb and, per chunk, the gradient of the state after it (`dss`), from which
-        dKb = -dUb S_n^T and dW = U dS_{n+1}^T follow chunk by chunk outside the scan.
+        dKb = -dUb S_n^T and dW = U dS_{n+1}^T follow chunk by chunk outside the scan. With
+        PREFETCH (BS == C) the chunk before is loaded while this one is reduced.
         """
         i_bh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         o_k = tl.arange(0, BK)
@@ -317,23 +370,33 @@ if HAS_TRITON:
         m_kv = m_k[:, None] & m_v[None, :]
         o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
         b_ds = tl.load(gsf + i_bh * K * V + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
-        for j in range(NC):
-            i_c = i_bh * NC + NC - 1 - j
-            b_acc = b_ds + tl.load(gss + i_c * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
-            tl.store(dss + i_c * K * V + o_kv, b_ds, mask=m_kv)  # after the load: dss may be gss
-            for i_s in tl.static_range(C // BS):
-                o_t = i_c * C + i_s * BS + o_s  # [BS]
-                o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
-                o_tv = o_t[:, None] * V + o_v[None, :]  # [BS, BV]
-                b_kb = tl.load(kb + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
-                b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
-                b_du = tl.load(gu + o_tv, mask=m_v[None, :], other=0.0).to(tl.float32) + tl.dot(
-                    b_w, b_ds.to(b_w.dtype), input_precision=PRECISION
-                )
-                b_du = b_du.to(b_kb.dtype)
-                tl.store(dub + o_tv, b_du, mask=m_v[None, :])
-                b_acc -= tl.dot(tl.trans(b_kb), b_du, input_precision=PRECISION)
-            b_ds = b_acc
+        if PREFETCH:
+            tl.static_assert(BS == C)
+            i_c = i_bh * NC + NC - 1  # the last chunk
+            b_kb, b_w, b_gu = _state_bwd_rows(kb, w, gu, i_c * C + o_s, o_k, m_k, o_v, m_v, K, V)
+            b_gss = tl.load(gss + i_c * K * V + o_kv, mask=m_kv, other=0.0)
+            for j in range(NC):
+                i_c = i_bh * NC + NC - 1 - j
+                # the chunk before (the first one again at the end, then unused): its gss is read a
+                # step before this scan writes its dss there (dss may be gss)
+                i_x = tl.maximum(i_c - 1, i_bh * NC)
+                n_kb, n_w, n_gu = _state_bwd_rows(kb, w, gu, i_x * C + o_s, o_k, m_k, o_v, m_v, K, V)
+                n_gss = tl.load(gss + i_x * K * V + o_kv, mask=m_kv, other=0.0)
+                b_acc = b_ds + b_gss.to(tl.float32)
+                tl.store(dss + i_c * K * V + o_kv, b_ds, mask=m_kv)
+                b_acc -= _state_bwd_step(b_kb, b_w, b_gu, b_ds, dub, i_c * C + o_s, o_v, m_v, V, PRECISION)
+                b_ds = b_acc
+                b_kb, b_w, b_gu, b_gss = n_kb, n_w, n_gu, n_gss
+        else:
+            for j in range(NC):
+                i_c = i_bh * NC + NC - 1 - j
+                b_acc = b_ds + tl.load(gss + i_c * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+                tl.store(dss + i_c * K * V + o_kv, b_ds, mask=m_kv)  # after the load: dss may be gss
+                for i_s in tl.static_range(C // BS):
+                    o_t = i_c * C + i_s * BS + o_s  # [BS]
+                    b_kb, b_w, b_gu = _state_bwd_rows(kb, w, gu, o_t, o_k, m_k, o_v, m_v, K, V)
+                    b_acc -= _state_bwd_step(b_kb, b_w, b_gu, b_ds, dub, o_t, o_v, m_v, V, PRECISION)
+                b_ds = b_acc
         tl.store(ds0 + i_bh * K * V + o_kv, b_ds, mask=m_kv)
 
 
