@@ -643,14 +643,16 @@ if HAS_TRITON:
 # V blocks). `None` keeps `chunk_scan._block_sizes`'s choice; benchmarks/tune can override.
 SCAN_TUNING = {
     # prefetch: load the next chunk while reducing this one (whole chunks, BS = C; heads up to 128
-    # wide, as wider chunks do not fit in registers). For the preconditioner scans the defaults are
-    # what `profile_kernels.py --tune` measured fastest (H200, 1 x 16384: forward 7.95 -> 7.24 ms,
-    # backward at 8 warps 7.95 -> 7.49 ms; benchmarks/results/kernels_tune_precond_1x16384.json);
-    # the state scans' prefetch is off until timed.
+    # wide, as wider chunks do not fit in registers). The defaults are what `profile_kernels.py
+    # --tune` measured fastest, forward+backward at 1 x 16384 and 4 x 4096 (H200, bf16, H=16,
+    # K=V=128; benchmarks/results/kernels_tune_*): preconditioner prefetch 7.95 -> 6.88 ms at
+    # 1 x 16384 and 4.60 -> 4.40 ms at 4 x 4096 (its backward at 8 warps); from there the state
+    # scans' prefetch takes forward 6.88 -> 6.51 and 4.40 -> 4.29 ms, backward 6.88 -> 6.20 and
+    # 4.40 -> 4.24 ms, each measured alone.
     "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True),
     "precond_bwd": dict(BS=None, num_warps=8, num_stages=1, prefetch=True),
-    "state_fwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=False),
-    "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=False),
+    "state_fwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
+    "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
 }
 # Launch settings of the per-chunk kernels: num_warps, and the widest K or V block a kernel walks
 # (16, 32 or 64; narrower blocks hold fewer registers). The fastest of each kernel measured by
