@@ -109,6 +109,7 @@ def main(argv=None):
     p.add_argument(
         "--prefetch", choices=("all", "none"), help="all four scans load a chunk ahead, or none (default: as tuned)"
     )
+    p.add_argument("--split", action="store_true", help="phase 1's backward scan split from its rows' gradients")
     args = p.parse_args(argv)
     if args.merge:
         sys.exit(merge(args.merge, args.out, argv))
@@ -117,6 +118,10 @@ def main(argv=None):
 
         for tuning in chunk_fused.SCAN_TUNING.values():
             tuning["prefetch"] = args.prefetch == "all"
+    if args.split:
+        from osdn_hf.ops.osdn import chunk_fused
+
+        chunk_fused.SCAN_TUNING["precond_bwd"]["split"] = True
     try:
         shard, shards = (int(x) for x in args.shard.split("/"))
         if not 0 <= shard < shards:

@@ -128,6 +128,8 @@ def tune(step, args, meta: dict) -> dict:
         # whole chunks with the next one loaded ahead, or not, at 4 and at 8 warps
         default = (base[name]["prefetch"], base[name]["num_warps"])
         knobs[("prefetch", "num_warps")] = tuple(x for x in itertools.product((False, True), (4, 8)) if x != default)
+        if name == "precond_bwd":  # the scan split from the rows' gradients, at 4 and at 8 warps
+            knobs[("split", "num_warps")] = ((not base[name]["split"], 4), (not base[name]["split"], 8))
         for knob, values in knobs.items():
             trials += [(name, knob, value) for value in values]
     if args.only:

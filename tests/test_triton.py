@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from helpers import assert_close, make_inputs
@@ -122,6 +124,47 @@ def test_precond_scans_prefetching_give_the_same_bits(K, dtype):
             assert not torch.equal(ref[1], bwd(False, False, DY)[1])  # the added buffers count
 
 
+@pytest.mark.parametrize("K, dtype", [(48, torch.float32), (128, torch.float16)])
+def test_split_precond_backward_gives_the_same_bits(K, dtype):
+    """The backward scan split in two (the sequential scan of e's gradient alone, then every
+    chunk's rows in parallel from it) writes what the one-kernel backward writes, bit for bit:
+    with and without ACC and DY, with and without prefetching, in row slices or whole chunks."""
+    prec, _ = _scan_inputs(2, 2, 3, 64, K, 32)
+    y, u = (prec[n].detach().to(dtype) for n in ("y", "u"))
+    dm, p, gc, e0 = (prec[n].detach() for n in ("dm", "p", "gc", "e0"))
+    B, H, NC, C, _ = y.shape
+    BK = triton.next_power_of_2(K)
+    es, ef = y.new_empty(B, H, NC, K, dtype=torch.float32), e0.new_empty(B, H, K)
+    chunk_scan.precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, e0, es, ef, NC, K=K, C=C, BK=BK, BS=C, SQUARE=True)
+    g = torch.Generator().manual_seed(5)
+    ges, gef = torch.randn(es.shape, generator=g), torch.randn(ef.shape, generator=g)
+    acc = [torch.randn(x.shape, generator=g) for x in (y, u, dm)]  # what dy, du, ddm hold before
+
+    def outputs():
+        return [a.clone() for a in acc] + [torch.empty_like(p), torch.empty_like(gc), torch.empty_like(gef)]
+
+    for (ACC, DY), (prefetch, BS) in itertools.product(
+        ((False, True), (True, True), (True, False)), ((False, 32), (True, C))
+    ):
+        dy, du, ddm, dp, dgc, de0 = ref = outputs()
+        chunk_scan.precond_scan_bwd_kernel[(B * H,)](
+            y, u, dm, p, gc, es, ges, gef, dy, du, ddm, dp, dgc, de0, NC, K=K, C=C, BK=BK, BS=BS, ACC=ACC, DY=DY,
+            SQUARE=True,
+        )  # fmt: skip
+        # the split kernels, the scan in the same row slices (the rows kernel's slices do not matter)
+        dy, du, ddm, dp, dgc, de0 = got = outputs()
+        des = torch.full_like(es, float("nan"))
+        chunk_scan.precond_scan_bwd_de_kernel[(B * H,)](
+            y, u, p, gc, ges, gef, des, de0, NC, K=K, C=C, BK=BK, BS=BS, SQUARE=True, PREFETCH=prefetch
+        )
+        chunk_scan.precond_rows_bwd_kernel[(B * H * NC,)](
+            y, u, dm, p, es, des, dy, du, ddm, dp, dgc, K=K, C=C, BK=BK, BS=16, ACC=ACC, DY=DY, SQUARE=True
+        )
+        for name, a, b in zip(("dy", "du", "ddm", "dp", "dgc", "de0"), got, ref):
+            assert torch.equal(a, b), (name, ACC, DY, prefetch)
+    assert not torch.equal(des[:, :, 0], des[:, :, 1]) and torch.equal(des[:, :, -1], gef)
+
+
 @pytest.mark.parametrize("K, V, dtype", [(48, 80, torch.float32), (128, 64, torch.float16)])
 def test_state_scans_prefetching_give_the_same_bits(K, V, dtype):
     """PREFETCH in phase 2's scans: forward (writing U, and rebuilding the states from it), and
@@ -200,26 +243,31 @@ def _core_args(B, T, H, K, V, seed=0):
 
 
 @pytest.mark.parametrize(
-    "K, V, tile, prefetch",
+    "K, V, tile, prefetch, split",
     [
-        (48, 80, None, False),
-        (128, 64, None, False),
-        (256, 256, None, False),
-        (48, 80, 16, False),
-        (48, 80, None, True),
-        (128, 64, None, True),
+        (48, 80, None, False, False),
+        (128, 64, None, False, False),
+        (256, 256, None, False, False),
+        (48, 80, 16, False, False),
+        (48, 80, None, True, False),
+        (128, 64, None, True, True),
+        (256, 256, None, False, True),
     ],
 )
-def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, monkeypatch):
+def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, monkeypatch):
     """Both phases' fused kernels (forward and hand-written backward) against the torch chunked
     path, differentiated by autograd: head dims that span several tiles (the launch table's 32-
     and 64-wide ones, or 16-wide everywhere) or leave a masked remainder, three chunks, a
-    non-trivial d0 and S0; and with all four scans loading a chunk ahead, or none."""
+    non-trivial d0 and S0; with all four scans loading a chunk ahead, or none; and with phase 1's
+    backward scan split from its rows' gradients."""
     if tile is not None:
         for name, launch in chunk_fused.CHUNK_LAUNCH.items():
             monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, name, dict(launch, tile=tile))
     for name, tuning in chunk_fused.SCAN_TUNING.items():
         monkeypatch.setitem(chunk_fused.SCAN_TUNING, name, dict(tuning, prefetch=prefetch))
+    monkeypatch.setitem(
+        chunk_fused.SCAN_TUNING, "precond_bwd", dict(chunk_fused.SCAN_TUNING["precond_bwd"], split=split)
+    )
     args = _core_args(1, 150, 2, K, V)
     leaves = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
     inputs = [a for a in leaves if isinstance(a, torch.Tensor)]

@@ -37,6 +37,8 @@ if HAS_TRITON:  # the kernels exist only with Triton; without it chunk.py never 
     import triton.language as tl
 
     from .chunk_scan import (
+        precond_rows_bwd_kernel,
+        precond_scan_bwd_de_kernel,
         precond_scan_bwd_kernel,
         precond_scan_fwd_kernel,
         state_scan_bwd_kernel,
@@ -650,7 +652,9 @@ SCAN_TUNING = {
     # scans' prefetch takes forward 6.88 -> 6.51 and 4.40 -> 4.29 ms, backward 6.88 -> 6.20 and
     # 4.40 -> 4.24 ms, each measured alone.
     "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True),
-    "precond_bwd": dict(BS=None, num_warps=8, num_stages=1, prefetch=True),
+    # split: the backward scan carries only e's gradient and a parallel kernel writes the rows'
+    # gradients from it (`precond_rows_bwd_kernel`); off until timed
+    "precond_bwd": dict(BS=None, num_warps=8, num_stages=1, prefetch=True, split=False),
     "state_fwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
     "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
 }
@@ -783,10 +787,20 @@ class Precondition(torch.autograd.Function):
         )  # fmt: skip
         # the scan adds its gradients of u and dm to the output step's (dy: see pre_out_bwd_kernel)
         sdp, sdgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(dd)
-        precond_scan_bwd_kernel[(B * H,)](
-            y, k, dm, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC, K=K, C=C, ACC=True, DY=False, SQUARE=True,
-            **_scan_launch("precond_bwd", K, K, C),
-        )  # fmt: skip
+        launch = _scan_launch("precond_bwd", K, K, C)
+        if SCAN_TUNING["precond_bwd"]["split"]:  # the scan carries only e's gradient; rows follow in parallel
+            des = torch.empty_like(es)
+            precond_scan_bwd_de_kernel[(B * H,)](y, k, p, gc, ges, dd, des, de0, NC, K=K, C=C, SQUARE=True, **launch)
+            BK, _, BS = _block_sizes(K, K, C)
+            precond_rows_bwd_kernel[grid](
+                y, k, dm, p, es, des, None, du, ddm, sdp, sdgc, K=K, C=C, BK=BK, BS=BS, ACC=True, DY=False, SQUARE=True
+            )
+            del des
+        else:
+            precond_scan_bwd_kernel[(B * H,)](
+                y, k, dm, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC,
+                K=K, C=C, ACC=True, DY=False, SQUARE=True, **launch,
+            )  # fmt: skip
         del y
         dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
         dk_out = _in_dtype_of(dk, k)

@@ -231,6 +231,109 @@ if HAS_TRITON:
         tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
 
     @triton.jit
+    def _precond_de_rows(b_y, b_u, b_p, b_de, SQUARE: tl.constexpr):
+        """Y^T (p q), q_t = <u_t, de>, over rows of a chunk: what e_n's gradient loses to them."""
+        b_u = b_u.to(tl.float32)
+        if SQUARE:
+            b_u = b_u * b_u
+        b_pq = b_p * tl.sum(b_u * b_de[None, :], 1)  # [BS]
+        return tl.sum(b_y.to(tl.float32) * b_pq[:, None], 0)
+
+    @triton.jit
+    def precond_scan_bwd_de_kernel(
+        y,
+        u,
+        p,
+        gc,
+        ges,
+        gef,
+        des,
+        de0,
+        NC,
+        K: tl.constexpr,
+        C: tl.constexpr,
+        BK: tl.constexpr,
+        BS: tl.constexpr,
+        SQUARE: tl.constexpr = False,
+        PREFETCH: tl.constexpr = False,
+    ):
+        """The sequential half of `precond_scan_bwd_kernel`: only the gradient of e, written per
+        chunk (`des[n]`, the gradient of e_{n+1}) for `precond_rows_bwd_kernel`, which does the
+        rest in parallel over chunks. It reads y, u and p, not dm or e, and writes no rows, so each
+        step of the scan is shorter. SQUARE and PREFETCH as in the other scans."""
+        i_bh = tl.program_id(0).to(tl.int64)
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        o_s = tl.arange(0, BS)
+        b_de = tl.load(gef + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
+        if PREFETCH:
+            tl.static_assert(BS == C)
+            i_c = i_bh * NC + NC - 1  # the last chunk
+            b_y, b_u, _, b_p = _precond_rows(y, u, p, p, i_c * C + o_s, o_k, m_k, K)
+            b_ges, b_gc = tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0), tl.load(gc + i_c)
+            for j in range(NC):
+                i_c = i_bh * NC + NC - 1 - j
+                tl.store(des + i_c * K + o_k, b_de, mask=m_k)
+                i_x = tl.maximum(i_c - 1, i_bh * NC)  # the chunk before (the first one again at the end)
+                n_y, n_u, _, n_p = _precond_rows(y, u, p, p, i_x * C + o_s, o_k, m_k, K)
+                n_ges, n_gc = tl.load(ges + i_x * K + o_k, mask=m_k, other=0.0), tl.load(gc + i_x)
+                b_acc = b_gc * b_de + b_ges
+                b_acc -= _precond_de_rows(b_y, b_u, b_p, b_de, SQUARE)
+                b_de = b_acc
+                b_y, b_u, b_p, b_ges, b_gc = n_y, n_u, n_p, n_ges, n_gc
+        else:
+            for j in range(NC):
+                i_c = i_bh * NC + NC - 1 - j
+                tl.store(des + i_c * K + o_k, b_de, mask=m_k)
+                b_acc = tl.load(gc + i_c) * b_de + tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0)
+                for i_s in tl.static_range(C // BS):
+                    b_y, b_u, _, b_p = _precond_rows(y, u, p, p, i_c * C + i_s * BS + o_s, o_k, m_k, K)
+                    b_acc -= _precond_de_rows(b_y, b_u, b_p, b_de, SQUARE)
+                b_de = b_acc
+        tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
+
+    @triton.jit
+    def precond_rows_bwd_kernel(
+        y,
+        u,
+        dm,
+        p,
+        es,
+        des,
+        dy,
+        du,
+        ddm,
+        dp,
+        dgc,
+        K: tl.constexpr,
+        C: tl.constexpr,
+        BK: tl.constexpr,
+        BS: tl.constexpr,
+        ACC: tl.constexpr = False,
+        DY: tl.constexpr = True,
+        SQUARE: tl.constexpr = False,
+    ):
+        """The parallel half of `precond_scan_bwd_kernel`, one chunk per program: from e_n and the
+        gradient of e_{n+1} (`des`), the chunk's d(dm), dp, dU (and dY), and dGc; ACC, DY and
+        SQUARE as there. The same values, bit for bit."""
+        i_c = tl.program_id(0).to(tl.int64)
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        o_s = tl.arange(0, BS)
+        b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
+        b_de = tl.load(des + i_c * K + o_k, mask=m_k, other=0.0)
+        tl.store(dgc + i_c, tl.sum(b_e * b_de, 0))
+        for i_s in tl.static_range(C // BS):
+            o_t = i_c * C + i_s * BS + o_s  # [BS]
+            b_y, b_u, b_dm, b_p, b_ddm, b_du, b_dy = _precond_bwd_loads(
+                y, u, dm, p, ddm, du, dy, o_t, o_k, m_k, K, ACC, DY
+            )
+            _precond_bwd_rows(
+                b_y, b_u, b_p, b_dm, b_e, b_de, b_ddm, b_du, b_dy, o_t, o_t[:, None] * K + o_k[None, :], m_k,
+                ddm, dp, dy, du, ACC, DY, SQUARE,
+            )  # fmt: skip
+
+    @triton.jit
     def _state_fwd_rows(
         kb, w, ub, uo, o_t, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, RECOMPUTE: tl.constexpr
     ):
