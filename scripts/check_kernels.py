@@ -110,6 +110,7 @@ def main(argv=None):
         "--prefetch", choices=("all", "none"), help="all four scans load a chunk ahead, or none (default: as tuned)"
     )
     p.add_argument("--split", action="store_true", help="phase 1's backward scan split from its rows' gradients")
+    p.add_argument("--programs", type=int, default=0, help="phase 1's scans in groups of chunks (with --split)")
     args = p.parse_args(argv)
     if args.merge:
         sys.exit(merge(args.merge, args.out, argv))
@@ -122,6 +123,11 @@ def main(argv=None):
         from osdn_hf.ops.osdn import chunk_fused
 
         chunk_fused.SCAN_TUNING["precond_bwd"]["split"] = True
+    if args.programs:
+        from osdn_hf.ops.osdn import chunk_fused
+
+        for name in ("precond_fwd", "precond_bwd"):
+            chunk_fused.SCAN_TUNING[name]["programs"] = args.programs
     try:
         shard, shards = (int(x) for x in args.shard.split("/"))
         if not 0 <= shard < shards:

@@ -130,10 +130,18 @@ def tune(step, args, meta: dict) -> dict:
         knobs[("prefetch", "num_warps")] = tuple(x for x in itertools.product((False, True), (4, 8)) if x != default)
         if name == "precond_bwd":  # the scan split from the rows' gradients, at 4 and at 8 warps
             knobs[("split", "num_warps")] = ((not base[name]["split"], 4), (not base[name]["split"], 8))
+        if name.startswith("precond"):  # in groups of chunks, about this many programs (needs split backward)
+            knobs[("programs", "split")] = tuple((n, True) for n in (128, 256, 512))
         for knob, values in knobs.items():
             trials += [(name, knob, value) for value in values]
     if args.only:
         trials = [t for t in trials if t[0] in ("default", *args.only)]
+    if args.knobs:  # knob names as written in --knobs: "num_warps", "split,num_warps"
+        trials = [
+            t
+            for t in trials
+            if t[0] == "default" or ",".join(t[1] if isinstance(t[1], tuple) else [t[1]]) in args.knobs
+        ]
     rows = []
     for name, knob, value in tqdm(trials, desc="launch settings"):
         chunk_fused.SCAN_TUNING.update({n: dict(t) for n, t in base.items()})
@@ -220,6 +228,7 @@ def main(argv=None):
     p.add_argument(
         "--only", nargs="+", help="with --tune: only these scans (precond_fwd precond_bwd state_fwd state_bwd)"
     )
+    p.add_argument("--knobs", nargs="+", help="with --tune: only these knobs (a pair as 'split,num_warps')")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--plot-only", metavar="JSON", help="only draw the PNG of an existing --peer result")
     args = p.parse_args(argv)
