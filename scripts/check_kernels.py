@@ -109,8 +109,12 @@ def main(argv=None):
     p.add_argument(
         "--prefetch", choices=("all", "none"), help="all four scans load a chunk ahead, or none (default: as tuned)"
     )
-    p.add_argument("--split", action="store_true", help="phase 1's backward scan split from its rows' gradients")
-    p.add_argument("--programs", type=int, default=0, help="phase 1's scans in groups of chunks (with --split)")
+    p.add_argument(
+        "--split", action="store_true", help="phase 1's backward scan split from its rows' gradients at every size"
+    )
+    p.add_argument(
+        "--programs", type=int, default=0, help="phase 1's scans in groups of chunks (the backward's with --split)"
+    )
     args = p.parse_args(argv)
     if args.merge:
         sys.exit(merge(args.merge, args.out, argv))
@@ -122,7 +126,7 @@ def main(argv=None):
     if args.split:
         from osdn_hf.ops.osdn import chunk_fused
 
-        chunk_fused.SCAN_TUNING["precond_bwd"]["split"] = True
+        chunk_fused.SCAN_TUNING["precond_bwd"]["split_below"] = 1 << 30
     if args.programs:
         from osdn_hf.ops.osdn import chunk_fused
 

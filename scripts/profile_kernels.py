@@ -129,9 +129,10 @@ def tune(step, args, meta: dict) -> dict:
         default = (base[name]["prefetch"], base[name]["num_warps"])
         knobs[("prefetch", "num_warps")] = tuple(x for x in itertools.product((False, True), (4, 8)) if x != default)
         if name == "precond_bwd":  # the scan split from the rows' gradients, at 4 and at 8 warps
-            knobs[("split", "num_warps")] = ((not base[name]["split"], 4), (not base[name]["split"], 8))
+            split = args.B * args.H < base[name]["split_below"]  # as the default has it at this size
+            knobs[("split_below", "split_num_warps")] = ((0, 4),) if split else ((1 << 30, 4), (1 << 30, 8))
         if name.startswith("precond"):  # in groups of chunks, about this many programs (needs split backward)
-            knobs[("programs", "split")] = tuple((n, True) for n in (128, 256, 512))
+            knobs[("programs", "split_below")] = tuple((n, 1 << 30) for n in (128, 256, 512))
         for knob, values in knobs.items():
             trials += [(name, knob, value) for value in values]
     if args.only:
@@ -228,7 +229,7 @@ def main(argv=None):
     p.add_argument(
         "--only", nargs="+", help="with --tune: only these scans (precond_fwd precond_bwd state_fwd state_bwd)"
     )
-    p.add_argument("--knobs", nargs="+", help="with --tune: only these knobs (a pair as 'split,num_warps')")
+    p.add_argument("--knobs", nargs="+", help="with --tune: only these knobs (a pair as 'prefetch,num_warps')")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--plot-only", metavar="JSON", help="only draw the PNG of an existing --peer result")
     args = p.parse_args(argv)

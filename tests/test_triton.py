@@ -295,7 +295,9 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split,
     for name, tuning in chunk_fused.SCAN_TUNING.items():
         monkeypatch.setitem(chunk_fused.SCAN_TUNING, name, dict(tuning, prefetch=prefetch))
     monkeypatch.setitem(
-        chunk_fused.SCAN_TUNING, "precond_bwd", dict(chunk_fused.SCAN_TUNING["precond_bwd"], split=split)
+        chunk_fused.SCAN_TUNING,
+        "precond_bwd",
+        dict(chunk_fused.SCAN_TUNING["precond_bwd"], split_below=1 << 30 if split else 0),
     )
     for name in ("precond_fwd", "precond_bwd"):  # in groups of chunks where programs > B * H
         monkeypatch.setitem(chunk_fused.SCAN_TUNING, name, dict(chunk_fused.SCAN_TUNING[name], programs=programs))

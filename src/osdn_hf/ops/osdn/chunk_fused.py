@@ -653,12 +653,18 @@ SCAN_TUNING = {
     # 1 x 16384 and 4.60 -> 4.40 ms at 4 x 4096 (its backward at 8 warps); from there the state
     # scans' prefetch takes forward 6.88 -> 6.51 and 4.40 -> 4.29 ms, backward 6.88 -> 6.20 and
     # 4.40 -> 4.24 ms, each measured alone.
+    # split_below: with fewer than this many (batch, head) scans, the backward scan carries only
+    # e's gradient (at split_num_warps) and a kernel parallel over chunks writes the rows' gradients
+    # from it (`precond_rows_bwd_kernel`). Measured (kernels_tune_split_groups_*.json): 5.87 -> 5.59
+    # ms at 1 x 16384 (16 scans, 4 warps), 4.08 -> 4.13 ms at 8 x 2048 (128 scans); 32 and 64
+    # scans are not measured, so the line is drawn between them and 128.
     # programs: where B * H is fewer, the scan runs in groups of chunks (`_precond_scan`) so that
-    # about this many programs share it; 0 (off) until timed. In the backward it needs split.
+    # about this many programs share it (the backward only when split). Off: it measured no faster
+    # (1 x 16384: 5.87 -> 5.86 ms forward at 128 programs; backward 5.65 -> 5.65 ms, 256: 5.68).
     "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True, programs=0),
-    # split: the backward scan carries only e's gradient and a parallel kernel writes the rows'
-    # gradients from it (`precond_rows_bwd_kernel`); off until timed
-    "precond_bwd": dict(BS=None, num_warps=8, num_stages=1, prefetch=True, split=False, programs=0),
+    "precond_bwd": dict(
+        BS=None, num_warps=8, num_stages=1, prefetch=True, split_below=128, split_num_warps=4, programs=0
+    ),
     "state_fwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
     "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
 }
@@ -774,6 +780,8 @@ def _precond_scan(y, k, p, gc, e0, precision, dm=None, ges=None):
     name = "precond_bwd" if reverse else "precond_fwd"
     G, L = _precond_groups(B, H, NC, name)
     launch = _scan_launch(name, K, K, C)
+    if reverse:
+        launch["num_warps"] = SCAN_TUNING[name]["split_num_warps"]
     out = e0.new_empty(B, H, NC, K)
 
     def scan(start, grid, ends):
@@ -843,7 +851,7 @@ class Precondition(torch.autograd.Function):
         )  # fmt: skip
         # the scan adds its gradients of u and dm to the output step's (dy: see pre_out_bwd_kernel)
         sdp, sdgc = torch.empty_like(p), torch.empty_like(gc)
-        if SCAN_TUNING["precond_bwd"]["split"]:  # the scan carries only e's gradient; rows follow in parallel
+        if B * H < SCAN_TUNING["precond_bwd"]["split_below"]:  # the scan carries e's gradient; rows follow
             des, de0 = _precond_scan(y, k, p, gc, dd, ctx.precision, ges=ges)
             BK, _, BS = _block_sizes(K, K, C)
             precond_rows_bwd_kernel[grid](
