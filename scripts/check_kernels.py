@@ -112,9 +112,6 @@ def main(argv=None):
     p.add_argument(
         "--split", action="store_true", help="phase 1's backward scan split from its rows' gradients at every size"
     )
-    p.add_argument(
-        "--programs", type=int, default=0, help="phase 1's scans in groups of chunks (the backward's with --split)"
-    )
     args = p.parse_args(argv)
     if args.merge:
         sys.exit(merge(args.merge, args.out, argv))
@@ -127,11 +124,6 @@ def main(argv=None):
         from osdn_hf.ops.osdn import chunk_fused
 
         chunk_fused.SCAN_TUNING["precond_bwd"]["split_below"] = 1 << 30
-    if args.programs:
-        from osdn_hf.ops.osdn import chunk_fused
-
-        for name in ("precond_fwd", "precond_bwd"):
-            chunk_fused.SCAN_TUNING[name]["programs"] = args.programs
     try:
         shard, shards = (int(x) for x in args.shard.split("/"))
         if not 0 <= shard < shards:

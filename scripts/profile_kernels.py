@@ -64,7 +64,7 @@ def peer(step, args, meta: dict) -> dict:
 
 # What each kernel does, by name: (group, substrings of the kernels in it), first match wins.
 GROUPS = (
-    ("phase 1: preconditioner", ("pre_intra", "pre_out", "pre_y", "precond_scan")),
+    ("phase 1: preconditioner", ("pre_intra", "pre_out", "pre_y", "precond_scan", "precond_rows")),
     (
         "delta rule: WY/UT, states, outputs",
         ("wy_", "kb_kernel", "out_", "state_", "chunk_", "recompute_w_u", "prepare_wy", "merge_16x16", "solve_tril"),
@@ -131,13 +131,11 @@ def tune(step, args, meta: dict) -> dict:
         if name == "precond_bwd":  # the scan split from the rows' gradients, at 4 and at 8 warps
             split = args.B * args.H < base[name]["split_below"]  # as the default has it at this size
             knobs[("split_below", "split_num_warps")] = ((0, 4),) if split else ((1 << 30, 4), (1 << 30, 8))
-        if name.startswith("precond"):  # in groups of chunks, about this many programs (needs split backward)
-            knobs[("programs", "split_below")] = tuple((n, 1 << 30) for n in (128, 256, 512))
         for knob, values in knobs.items():
             trials += [(name, knob, value) for value in values]
     if args.only:
         trials = [t for t in trials if t[0] in ("default", *args.only)]
-    if args.knobs:  # knob names as written in --knobs: "num_warps", "split,num_warps"
+    if args.knobs:  # knob names as written in --knobs: "num_warps", "prefetch,num_warps"
         trials = [
             t
             for t in trials

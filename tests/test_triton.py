@@ -98,7 +98,7 @@ def test_precond_scans_prefetching_give_the_same_bits(K, dtype):
 
     def fwd(prefetch):
         es, ef = y.new_empty(B, H, NC, K, dtype=torch.float32), e0.new_empty(B, H, K)
-        chunk_scan.precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, e0, es, ef, NC, NC, PREFETCH=prefetch, **launch)
+        chunk_scan.precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, e0, es, ef, NC, PREFETCH=prefetch, **launch)
         return es, ef
 
     (es, ef), (es2, ef2) = fwd(False), fwd(True)
@@ -135,9 +135,7 @@ def test_split_precond_backward_gives_the_same_bits(K, dtype):
     B, H, NC, C, _ = y.shape
     BK = triton.next_power_of_2(K)
     es, ef = y.new_empty(B, H, NC, K, dtype=torch.float32), e0.new_empty(B, H, K)
-    chunk_scan.precond_scan_fwd_kernel[(B * H,)](
-        y, u, dm, p, gc, e0, es, ef, NC, NC, K=K, C=C, BK=BK, BS=C, SQUARE=True
-    )
+    chunk_scan.precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, e0, es, ef, NC, K=K, C=C, BK=BK, BS=C, SQUARE=True)
     g = torch.Generator().manual_seed(5)
     ges, gef = torch.randn(es.shape, generator=g), torch.randn(ef.shape, generator=g)
     acc = [torch.randn(x.shape, generator=g) for x in (y, u, dm)]  # what dy, du, ddm hold before
@@ -157,7 +155,7 @@ def test_split_precond_backward_gives_the_same_bits(K, dtype):
         dy, du, ddm, dp, dgc, de0 = got = outputs()
         des = torch.full_like(es, float("nan"))
         chunk_scan.precond_scan_bwd_de_kernel[(B * H,)](
-            y, u, p, gc, ges, gef, des, de0, NC, NC, K=K, C=C, BK=BK, BS=BS, SQUARE=True, PREFETCH=prefetch
+            y, u, p, gc, ges, gef, des, de0, NC, K=K, C=C, BK=BK, BS=BS, SQUARE=True, PREFETCH=prefetch
         )
         chunk_scan.precond_rows_bwd_kernel[(B * H * NC,)](
             y, u, dm, p, es, des, dy, du, ddm, dp, dgc, K=K, C=C, BK=BK, BS=16, ACC=ACC, DY=DY, SQUARE=True
@@ -165,32 +163,6 @@ def test_split_precond_backward_gives_the_same_bits(K, dtype):
         for name, a, b in zip(("dy", "du", "ddm", "dp", "dgc", "de0"), got, ref):
             assert torch.equal(a, b), (name, ACC, DY, prefetch)
     assert not torch.equal(des[:, :, 0], des[:, :, 1]) and torch.equal(des[:, :, -1], gef)
-
-
-@pytest.mark.parametrize("K, NC, programs", [(48, 7, 12), (128, 6, 8), (256, 5, 99)])
-def test_grouped_precond_scans_match_the_sequential_ones(K, NC, programs, monkeypatch):
-    """Phase 1's scans in groups of chunks (offsets, the groups' K x K maps, their combination, a
-    second pass): the same values as one sequential scan, forward and backward, with groups of 2
-    or 3 chunks and a shorter last one (and, at 99 programs, as many groups as the rule allows)."""
-    B, H, C = 2, 2, 64
-    prec, _ = _scan_inputs(B, H, NC, C, K, 32)
-    y, u, dm, p, gc, e0 = (prec[n].detach() for n in ("y", "u", "dm", "p", "gc", "e0"))
-    g = torch.Generator().manual_seed(6)
-    ges, gef = torch.randn(B, H, NC, K, generator=g), torch.randn(B, H, K, generator=g)
-    runs = {}
-    for target in (0, programs):
-        for name in ("precond_fwd", "precond_bwd"):
-            monkeypatch.setitem(chunk_fused.SCAN_TUNING, name, dict(chunk_fused.SCAN_TUNING[name], programs=target))
-        runs[target] = (
-            chunk_fused._precond_scan(y, u, p, gc, e0, "ieee", dm=dm),
-            chunk_fused._precond_scan(y, u, p, gc, gef, "ieee", ges=ges),
-        )
-    G, L = chunk_fused._precond_groups(B, H, NC, "precond_fwd")
-    assert G > 1 and L * (G - 1) < NC < L * G or NC == L * G  # several groups, the last maybe shorter
-    (ref_fwd, ref_bwd), (got_fwd, got_bwd) = runs[0], runs[programs]
-    for name, a, b in zip(("es", "ef", "des", "de0"), (*got_fwd, *got_bwd), (*ref_fwd, *ref_bwd)):
-        assert_close(name, a, b)
-    assert not torch.equal(ref_fwd[0][:, :, 2], ref_fwd[0][:, :, 3])
 
 
 @pytest.mark.parametrize("K, V, dtype", [(48, 80, torch.float32), (128, 64, torch.float16)])
@@ -271,24 +243,23 @@ def _core_args(B, T, H, K, V, seed=0):
 
 
 @pytest.mark.parametrize(
-    "K, V, tile, prefetch, split, programs",
+    "K, V, tile, prefetch, split",
     [
-        (48, 80, None, False, False, 0),
-        (128, 64, None, False, False, 0),
-        (256, 256, None, False, False, 0),
-        (48, 80, 16, False, False, 0),
-        (48, 80, None, True, False, 0),
-        (128, 64, None, True, True, 0),
-        (256, 256, None, False, True, 0),
-        (128, 64, None, True, True, 8),
+        (48, 80, None, False, False),
+        (128, 64, None, False, False),
+        (256, 256, None, False, False),
+        (48, 80, 16, False, False),
+        (48, 80, None, True, False),
+        (128, 64, None, True, True),
+        (256, 256, None, False, True),
     ],
 )
-def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, programs, monkeypatch):
+def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, monkeypatch):
     """Both phases' fused kernels (forward and hand-written backward) against the torch chunked
     path, differentiated by autograd: head dims that span several tiles (the launch table's 32-
     and 64-wide ones, or 16-wide everywhere) or leave a masked remainder, three chunks, a
     non-trivial d0 and S0; with all four scans loading a chunk ahead, or none; with phase 1's
-    backward scan split from its rows' gradients; and with phase 1's scans in groups of chunks."""
+    backward scan split from its rows' gradients."""
     if tile is not None:
         for name, launch in chunk_fused.CHUNK_LAUNCH.items():
             monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, name, dict(launch, tile=tile))
@@ -299,11 +270,7 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split,
         "precond_bwd",
         dict(chunk_fused.SCAN_TUNING["precond_bwd"], split_below=1 << 30 if split else 0),
     )
-    for name in ("precond_fwd", "precond_bwd"):  # in groups of chunks where programs > B * H
-        monkeypatch.setitem(chunk_fused.SCAN_TUNING, name, dict(chunk_fused.SCAN_TUNING[name], programs=programs))
-    args = _core_args(1, 300 if programs else 150, 2, K, V)
-    if programs:  # five chunks: two groups
-        assert chunk_fused._precond_groups(1, 2, 5, "precond_fwd") == (2, 3)
+    args = _core_args(1, 150, 2, K, V)
     leaves = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
     inputs = [a for a in leaves if isinstance(a, torch.Tensor)]
     names = ("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond")

@@ -37,8 +37,6 @@ if HAS_TRITON:  # the kernels exist only with Triton; without it chunk.py never 
     import triton.language as tl
 
     from .chunk_scan import (
-        precond_group_combine_kernel,
-        precond_group_map_kernel,
         precond_rows_bwd_kernel,
         precond_scan_bwd_de_kernel,
         precond_scan_bwd_kernel,
@@ -658,13 +656,10 @@ SCAN_TUNING = {
     # from it (`precond_rows_bwd_kernel`). Measured (kernels_tune_split_groups_*.json): 5.87 -> 5.59
     # ms at 1 x 16384 (16 scans, 4 warps), 4.08 -> 4.13 ms at 8 x 2048 (128 scans); 32 and 64
     # scans are not measured, so the line is drawn between them and 128.
-    # programs: where B * H is fewer, the scan runs in groups of chunks (`_precond_scan`) so that
-    # about this many programs share it (the backward only when split). Off: it measured no faster
-    # (1 x 16384: 5.87 -> 5.86 ms forward at 128 programs; backward 5.65 -> 5.65 ms, 256: 5.68).
-    "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True, programs=0),
-    "precond_bwd": dict(
-        BS=None, num_warps=8, num_stages=1, prefetch=True, split_below=128, split_num_warps=4, programs=0
-    ),
+    # Grouping phase 1's scans (chunks in parallel groups, each group's K x K map, a short scan over
+    # groups) measured no faster and was taken out (953acd4; README.md).
+    "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True),
+    "precond_bwd": dict(BS=None, num_warps=8, num_stages=1, prefetch=True, split_below=128, split_num_warps=4),
     "state_fwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
     "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
 }
@@ -752,61 +747,22 @@ class ToChunks(torch.autograd.Function):
         return gx, None, None, None
 
 
-def _precond_groups(B: int, H: int, NC: int, name: str) -> tuple[int, int]:
-    """(G, L): the preconditioner scan `name` in G groups of L chunks (the last may be shorter)
-    when `SCAN_TUNING[name]["programs"]` asks for more programs than the B * H scans; (1, NC) else."""
-    target = SCAN_TUNING[name]["programs"]
-    G = min(triton.cdiv(target, B * H), NC // 2) if target > B * H else 1
-    if G <= 1:
-        return 1, NC
-    L = triton.cdiv(NC, G)
-    return triton.cdiv(NC, L), L
-
-
-def _precond_scan(y, k, p, gc, e0, precision, dm=None, ges=None):
-    """Phase 1's scan: forward (with `dm`) `(es, ef)`, the value at every chunk start and the last;
-    backward (with `ges`, `e0` the gradient of the last value) `(des, de0)`, the gradient of every
-    chunk's end and of the first value. Either runs as one sequential scan per batch element and
-    head or, where `_precond_groups` says, in three passes over groups of chunks:
-    1. each group scanned from zero in parallel: its affine map's offset c_g (its `es`/`des` are
-       overwritten by pass 3);
-    2. each group's linear part, the product of its chunks' `K x K` maps (`precond_group_map_kernel`,
-       parallel over groups), and then the short sequential combination `e <- M_g e + c_g`, which
-       gives every group's entering value (`precond_group_combine_kernel`);
-    3. each group scanned again in parallel from its entering value.
-    The sequential part is G + L steps instead of G * L; the price is the maps' products."""
+def _precond_scan(y, k, p, gc, e0, dm=None, ges=None):
+    """Phase 1's scan, one sequential scan per batch element and head: forward (with `dm`)
+    `(es, ef)`, the value at every chunk start and the last; backward (with `ges`, `e0` the
+    gradient of the last value) `(des, de0)`, the gradient of every chunk's end and of the first
+    value, for `precond_rows_bwd_kernel`."""
     B, H, NC, C, K = y.shape
-    reverse = ges is not None
-    name = "precond_bwd" if reverse else "precond_fwd"
-    G, L = _precond_groups(B, H, NC, name)
-    launch = _scan_launch(name, K, K, C)
-    if reverse:
-        launch["num_warps"] = SCAN_TUNING[name]["split_num_warps"]
-    out = e0.new_empty(B, H, NC, K)
-
-    def scan(start, grid, ends):
-        if reverse:
-            precond_scan_bwd_de_kernel[grid](y, k, p, gc, ges, start, out, ends, NC, L, K=K, C=C, SQUARE=True, **launch)
-        else:
-            precond_scan_fwd_kernel[grid](y, k, dm, p, gc, start, out, ends, NC, L, K=K, C=C, SQUARE=True, **launch)
-        return ends
-
-    if G == 1:
-        return out, scan(e0.contiguous(), (B * H,), torch.empty_like(e0))
-    cg = scan(e0.new_zeros(B, H, G, K), (B * H, G), e0.new_empty(B, H, G, K))
-    mg = e0.new_empty(B, H, G, K, K)
-    BK, _, BS = _block_sizes(K, K, C)
-    BJ = min(BK, 32)
-    precond_group_map_kernel[(B * H * G, triton.cdiv(K, BJ))](
-        k if reverse else y, y if reverse else k, p, gc, mg, NC, L, K=K, C=C, BK=BK, BJ=BJ, BS=BS,
-        PRECISION=precision, SQUARE_A=reverse, SQUARE_B=not reverse, REVERSE=reverse,
-    )  # fmt: skip
-    eg = e0.new_empty(B, H, G + 1, K)
-    precond_group_combine_kernel[(B * H,)](mg, cg, e0.contiguous(), eg, G, K=K, BK=BK, RB=min(BK, 32), REVERSE=reverse)
-    del mg
-    starts = eg[:, :, 1:] if reverse else eg[:, :, :G]
-    scan(starts.contiguous(), (B * H, G), cg)
-    return out, eg[:, :, 0 if reverse else G].contiguous()
+    out, last = e0.new_empty(B, H, NC, K), torch.empty_like(e0)
+    if ges is None:
+        launch = _scan_launch("precond_fwd", K, K, C)
+        precond_scan_fwd_kernel[(B * H,)](
+            y, k, dm, p, gc, e0.contiguous(), out, last, NC, K=K, C=C, SQUARE=True, **launch
+        )
+    else:
+        launch = dict(_scan_launch("precond_bwd", K, K, C), num_warps=SCAN_TUNING["precond_bwd"]["split_num_warps"])
+        precond_scan_bwd_de_kernel[(B * H,)](y, k, p, gc, ges, e0, out, last, NC, K=K, C=C, SQUARE=True, **launch)
+    return out, last
 
 
 class Precondition(torch.autograd.Function):
@@ -824,7 +780,7 @@ class Precondition(torch.autograd.Function):
         pre_intra_fwd_kernel[grid](
             k, beta, eta, lam, y, dm, p, gc, tinv, K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_fwd", K)
         )
-        es, ef = _precond_scan(y, k, p, gc, d0 - 1, precision, dm=dm)
+        es, ef = _precond_scan(y, k, p, gc, d0 - 1, dm=dm)
         w = torch.empty_like(k)
         pre_out_fwd_kernel[grid](k, lam, y, dm, es, w, K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K))
         # Y is rebuilt from the inverse in the backward: 1X less held between forward and backward
@@ -852,7 +808,7 @@ class Precondition(torch.autograd.Function):
         # the scan adds its gradients of u and dm to the output step's (dy: see pre_out_bwd_kernel)
         sdp, sdgc = torch.empty_like(p), torch.empty_like(gc)
         if B * H < SCAN_TUNING["precond_bwd"]["split_below"]:  # the scan carries e's gradient; rows follow
-            des, de0 = _precond_scan(y, k, p, gc, dd, ctx.precision, ges=ges)
+            des, de0 = _precond_scan(y, k, p, gc, dd, ges=ges)
             BK, _, BS = _block_sizes(K, K, C)
             precond_rows_bwd_kernel[grid](
                 y, k, dm, p, es, des, None, du, ddm, sdp, sdgc, K=K, C=C, BK=BK, BS=BS, ACC=True, DY=False, SQUARE=True

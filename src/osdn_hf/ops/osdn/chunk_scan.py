@@ -59,7 +59,6 @@ if HAS_TRITON:
         es,
         ef,
         NC,
-        L,
         K: tl.constexpr,
         C: tl.constexpr,
         BK: tl.constexpr,
@@ -67,36 +66,30 @@ if HAS_TRITON:
         SQUARE: tl.constexpr = False,
         PREFETCH: tl.constexpr = False,
     ):
-        """e_{n+1} = Gc_n e_n + sum_t u_t p_t (dm_t - <y_t, e_n>), one (batch, head) per program,
-        or one (batch, head, group of L chunks) with a second grid axis of G groups: then e0 and ef
-        are `[B, H, G, K]`, each group's start and end (`precond_scan_fwd_grouped`).
+        """e_{n+1} = Gc_n e_n + sum_t u_t p_t (dm_t - <y_t, e_n>), one (batch, head) per program.
 
         With SQUARE `u` holds k and u = k * k is formed on the way, so u is never stored. With
         PREFETCH (BS == C) the next chunk's rows are loaded before this chunk is reduced, so their
         latency overlaps the reduction instead of following it; the sums are the same."""
-        i_bh, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1)
-        i_eg = i_bh * tl.num_programs(1) + i_g  # this program's start and end in e0 and ef
-        n0 = i_g * L
-        n1 = tl.minimum(n0 + L, NC)
+        i_bh = tl.program_id(0).to(tl.int64)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, BS)
-        b_e = tl.load(e0 + i_eg * K + o_k, mask=m_k, other=0.0)  # [BK]
+        b_e = tl.load(e0 + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
         if PREFETCH:
             tl.static_assert(BS == C)
-            i_c = i_bh * NC + n0  # the first chunk
-            b_y, b_u, b_dm, b_p = _precond_rows(y, u, dm, p, i_c * C + o_s, o_k, m_k, K)
-            b_gc = tl.load(gc + i_c)
-            for i_n in range(n0, n1):
+            b_y, b_u, b_dm, b_p = _precond_rows(y, u, dm, p, i_bh * NC * C + o_s, o_k, m_k, K)  # the first chunk
+            b_gc = tl.load(gc + i_bh * NC)
+            for i_n in range(NC):
                 i_c = i_bh * NC + i_n
                 tl.store(es + i_c * K + o_k, b_e, mask=m_k)
-                i_x = tl.minimum(i_c + 1, i_bh * NC + n1 - 1)  # the next chunk (the last one again at the end)
+                i_x = tl.minimum(i_c + 1, i_bh * NC + NC - 1)  # the next chunk (the last one again at the end)
                 n_y, n_u, n_dm, n_p = _precond_rows(y, u, dm, p, i_x * C + o_s, o_k, m_k, K)
                 n_gc = tl.load(gc + i_x)
                 b_e = b_e * b_gc + _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE)
                 b_y, b_u, b_dm, b_p, b_gc = n_y, n_u, n_dm, n_p, n_gc
         else:
-            for i_n in range(n0, n1):
+            for i_n in range(NC):
                 i_c = i_bh * NC + i_n
                 tl.store(es + i_c * K + o_k, b_e, mask=m_k)
                 b_new = b_e * tl.load(gc + i_c)
@@ -105,7 +98,7 @@ if HAS_TRITON:
                     b_y, b_u, b_dm, b_p = _precond_rows(y, u, dm, p, i_c * C + i_s * BS + o_s, o_k, m_k, K)
                     b_new += _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE)
                 b_e = b_new
-        tl.store(ef + i_eg * K + o_k, b_e, mask=m_k)
+        tl.store(ef + i_bh * K + o_k, b_e, mask=m_k)
 
     @triton.jit
     def _precond_bwd_loads(
@@ -257,7 +250,6 @@ if HAS_TRITON:
         des,
         de0,
         NC,
-        L,
         K: tl.constexpr,
         C: tl.constexpr,
         BK: tl.constexpr,
@@ -268,25 +260,21 @@ if HAS_TRITON:
         """The sequential half of `precond_scan_bwd_kernel`: only the gradient of e, written per
         chunk (`des[n]`, the gradient of e_{n+1}) for `precond_rows_bwd_kernel`, which does the
         rest in parallel over chunks. It reads y, u and p, not dm or e, and writes no rows, so each
-        step of the scan is shorter. SQUARE, PREFETCH and groups of L chunks as in the forward scan
-        (gef and de0 then hold each group's end and start)."""
-        i_bh, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1)
-        i_eg = i_bh * tl.num_programs(1) + i_g
-        n0 = i_g * L
-        n1 = tl.minimum(n0 + L, NC)
+        step of the scan is shorter. SQUARE and PREFETCH as in the other scans."""
+        i_bh = tl.program_id(0).to(tl.int64)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, BS)
-        b_de = tl.load(gef + i_eg * K + o_k, mask=m_k, other=0.0)  # [BK]
+        b_de = tl.load(gef + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
         if PREFETCH:
             tl.static_assert(BS == C)
-            i_c = i_bh * NC + n1 - 1  # the last chunk
+            i_c = i_bh * NC + NC - 1  # the last chunk
             b_y, b_u, _, b_p = _precond_rows(y, u, p, p, i_c * C + o_s, o_k, m_k, K)
             b_ges, b_gc = tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0), tl.load(gc + i_c)
-            for j in range(n1 - n0):
-                i_c = i_bh * NC + n1 - 1 - j
+            for j in range(NC):
+                i_c = i_bh * NC + NC - 1 - j
                 tl.store(des + i_c * K + o_k, b_de, mask=m_k)
-                i_x = tl.maximum(i_c - 1, i_bh * NC + n0)  # the chunk before (the first one again at the end)
+                i_x = tl.maximum(i_c - 1, i_bh * NC)  # the chunk before (the first one again at the end)
                 n_y, n_u, _, n_p = _precond_rows(y, u, p, p, i_x * C + o_s, o_k, m_k, K)
                 n_ges, n_gc = tl.load(ges + i_x * K + o_k, mask=m_k, other=0.0), tl.load(gc + i_x)
                 b_acc = b_gc * b_de + b_ges
@@ -294,15 +282,15 @@ if HAS_TRITON:
                 b_de = b_acc
                 b_y, b_u, b_p, b_ges, b_gc = n_y, n_u, n_p, n_ges, n_gc
         else:
-            for j in range(n1 - n0):
-                i_c = i_bh * NC + n1 - 1 - j
+            for j in range(NC):
+                i_c = i_bh * NC + NC - 1 - j
                 tl.store(des + i_c * K + o_k, b_de, mask=m_k)
                 b_acc = tl.load(gc + i_c) * b_de + tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0)
                 for i_s in tl.static_range(C // BS):
                     b_y, b_u, _, b_p = _precond_rows(y, u, p, p, i_c * C + i_s * BS + o_s, o_k, m_k, K)
                     b_acc -= _precond_de_rows(b_y, b_u, b_p, b_de, SQUARE)
                 b_de = b_acc
-        tl.store(de0 + i_eg * K + o_k, b_de, mask=m_k)
+        tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
 
     @triton.jit
     def precond_rows_bwd_kernel(
@@ -344,94 +332,6 @@ if HAS_TRITON:
                 b_y, b_u, b_p, b_dm, b_e, b_de, b_ddm, b_du, b_dy, o_t, o_t[:, None] * K + o_k[None, :], m_k,
                 ddm, dp, dy, du, ACC, DY, SQUARE,
             )  # fmt: skip
-
-    @triton.jit
-    def precond_group_map_kernel(
-        a,
-        b,
-        p,
-        gc,
-        mg,
-        NC,
-        L,
-        K: tl.constexpr,
-        C: tl.constexpr,
-        BK: tl.constexpr,
-        BJ: tl.constexpr,
-        BS: tl.constexpr,
-        PRECISION: tl.constexpr,
-        SQUARE_A: tl.constexpr = False,
-        SQUARE_B: tl.constexpr = False,
-        REVERSE: tl.constexpr = False,
-    ):
-        """Columns [j0, j0 + BJ) of a group's linear map, one (batch, head, group, column block)
-        per program: X <- Gc_n X - B_n^T diag(p_n) A_n X over the group's L chunks from X = I.
-
-        With A = Y and B = U (the forward scan's e_{n+1} = Gc_n e_n - U_n^T p_n Y_n e_n + ...) this
-        is the product M_g of the group's maps; with REVERSE, A = U and B = Y from the last chunk
-        to the first, M_g^T, the map of the backward scan. Written to `mg` `[B, H, G, K, K]`."""
-        i_bhg, i_j = tl.program_id(0).to(tl.int64), tl.program_id(1)
-        G = tl.cdiv(NC, L)
-        i_bh, i_g = i_bhg // G, i_bhg % G
-        n0 = i_g * L
-        n1 = tl.minimum(n0 + L, NC)
-        o_k = tl.arange(0, BK)
-        m_k = o_k < K
-        o_j = i_j * BJ + tl.arange(0, BJ)
-        o_s = tl.arange(0, BS)
-        b_x = (o_k[:, None] == o_j[None, :]).to(tl.float32)  # [BK, BJ]
-        for j in range(n1 - n0):
-            if REVERSE:
-                i_c = i_bh * NC + n1 - 1 - j
-            else:
-                i_c = i_bh * NC + n0 + j
-            b_dx = tl.zeros([BK, BJ], dtype=tl.float32)
-            for i_s in tl.static_range(C // BS):
-                o_t = i_c * C + i_s * BS + o_s
-                o_tk = o_t[:, None] * K + o_k[None, :]
-                b_a = tl.load(a + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)  # [BS, BK]
-                b_b = tl.load(b + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32)
-                if SQUARE_A:
-                    b_a = b_a * b_a
-                if SQUARE_B:
-                    b_b = b_b * b_b
-                b_t = tl.dot(b_a, b_x, input_precision=PRECISION) * tl.load(p + o_t)[:, None]  # [BS, BJ]
-                b_dx += tl.dot(tl.trans(b_b), b_t, input_precision=PRECISION)
-            b_x = b_x * tl.load(gc + i_c) - b_dx
-        m_kj = m_k[:, None] & (o_j < K)[None, :]
-        tl.store(mg + i_bhg * K * K + o_k[:, None] * K + o_j[None, :], b_x, mask=m_kj)
-
-    @triton.jit
-    def precond_group_combine_kernel(
-        mg, cg, e0, eg, G, K: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr, REVERSE: tl.constexpr = False
-    ):
-        """e <- M_g e + c_g from group to group, one (batch, head) per program, in rows of RB.
-
-        `eg` `[B, H, G + 1, K]` gets the value entering each group: forward, e0 at 0, the start of
-        group g at g, the end at G; with REVERSE (the backward scan's gradients, M_g^T in `mg`),
-        e0 at G, the end of group g at g + 1, the result at 0."""
-        i_bh = tl.program_id(0).to(tl.int64)
-        o_k = tl.arange(0, BK)
-        m_k = o_k < K
-        o_r = tl.arange(0, RB)
-        b_e = tl.load(e0 + i_bh * K + o_k, mask=m_k, other=0.0)
-        tl.store(eg + (i_bh * (G + 1) + (G if REVERSE else 0)) * K + o_k, b_e, mask=m_k)
-        for j in range(G):
-            if REVERSE:
-                i_g = G - 1 - j
-                i_out = i_g
-            else:
-                i_g = j
-                i_out = j + 1
-            for i_r in tl.static_range(BK // RB):
-                o_i = i_r * RB + o_r
-                m_i = o_i < K
-                o_m = ((i_bh * G + i_g) * K + o_i)[:, None] * K + o_k[None, :]
-                b_m = tl.load(mg + o_m, mask=m_i[:, None] & m_k[None, :], other=0.0)  # [RB, BK]
-                b_c = tl.load(cg + (i_bh * G + i_g) * K + o_i, mask=m_i, other=0.0)
-                tl.store(eg + (i_bh * (G + 1) + i_out) * K + o_i, tl.sum(b_m * b_e[None, :], 1) + b_c, mask=m_i)
-            tl.debug_barrier()  # every row written before any is read back
-            b_e = tl.load(eg + (i_bh * (G + 1) + i_out) * K + o_k, mask=m_k, other=0.0)
 
     @triton.jit
     def _state_fwd_rows(
@@ -623,7 +523,7 @@ class PrecondScan(torch.autograd.Function):
         es = y.new_empty(B, H, NC, K)
         ef = y.new_empty(B, H, K)
         BK, _, BS = _block_sizes(K, K, C)
-        precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, e0, es, ef, NC, NC, K=K, C=C, BK=BK, BS=BS, num_stages=1)
+        precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, e0, es, ef, NC, K=K, C=C, BK=BK, BS=BS, num_stages=1)
         ctx.save_for_backward(y, u, dm, p, gc, es)
         return es, ef
 
