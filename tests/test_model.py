@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from osdn_hf import OSDNCache, OSDNConfig, OSDNForCausalLM, OSDNModel
 from osdn_hf.layers.modules import ShortConvolution
+from osdn_hf.modeling_osdn import output_cache
 
 REPO = Path(__file__).resolve().parents[1]
 # SPEC section 7: cached decoding equals one full forward within float32 1e-4.
@@ -261,6 +262,26 @@ def test_bad_model_inputs_raise_value_error():
         model(ids, attention_mask=torch.ones(2, 1, 5, 5))
     with pytest.raises(ValueError, match="OSDNCache"):
         model(ids, past_key_values=((torch.zeros(1),),), use_cache=True)
+    cache = output_cache(model(ids, use_cache=True))
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, cache=cache, past_key_values=cache)
+
+
+def test_cache_under_either_name():
+    """The cache goes in as `cache` (transformers >= 5.24, what generate passes there) or as
+    `past_key_values` (before), and comes back under the installed version's output field."""
+    model = tiny_model()
+    ids = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits[:, -1]
+        steps = {}
+        for name in ("cache", "past_key_values"):
+            cache = output_cache(model(ids[:, :8], use_cache=True))
+            assert isinstance(cache, OSDNCache) and cache.get_seq_length() == 8
+            steps[name] = model(ids[:, 8:], use_cache=True, **{name: cache}).logits[:, -1]
+            assert cache.get_seq_length() == 9
+    for name, logits in steps.items():
+        torch.testing.assert_close(logits, full, atol=LOGITS_ATOL, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("name, fla_millions", [("osdn-340m", 374.4), ("osdn-1.3b", 1365.7)])

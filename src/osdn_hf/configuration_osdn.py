@@ -78,7 +78,7 @@ class OSDNConfig(PretrainedConfig):
     """
 
     model_type = "osdn"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

@@ -7,6 +7,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .modeling_osdn import output_cache
+
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, block_size: int = 2048, carry_state: bool = True) -> dict:
@@ -37,7 +39,7 @@ def perplexity(model, tokenizer, text: str, block_size: int = 2048, carry_state:
         nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
         scored += targets.numel()
         if carry_state:
-            cache, prev_logit = out.past_key_values, out.logits[:, -1:].float()
+            cache, prev_logit = output_cache(out), out.logits[:, -1:].float()
     return {
         "tokens": int(ids.shape[1]),
         "scored_tokens": scored,

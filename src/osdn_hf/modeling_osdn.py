@@ -21,6 +21,24 @@ from .layers.loss import causal_lm_loss
 from .layers.modules import RMSNorm, ShortConvolution, SwiGLUMLP
 from .layers.osdn_attention import OSDNAttention
 
+# transformers 5.24 renamed the cache, as a forward argument and as an output field, from
+# `past_key_values` to `cache`. The forwards take either name; outputs carry it under the installed
+# version's (`output_cache` reads it without the deprecation warning).
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def output_cache(outputs) -> OSDNCache | None:
+    """The cache a forward returned, under whichever name this transformers gives it."""
+    return getattr(outputs, CACHE_FIELD)
+
+
+def _one_cache(past_key_values, cache):
+    if past_key_values is not None and cache is not None:
+        raise ValueError(
+            "pass the cache as `cache` or as `past_key_values` (its name before transformers 5.24), not both"
+        )
+    return cache if cache is not None else past_key_values
+
 
 class OSDNLayerCache:
     """One layer's decoding state (SPEC section 7), constant in context length.
@@ -68,7 +86,7 @@ class OSDNCache(Cache):
     """Recurrent cache of an OSDN model: one `OSDNLayerCache` per layer plus a token count.
 
     Memory per sequence does not grow with context. `generate` builds one on its first
-    forward; pass it back as `past_key_values` to continue from where it stopped.
+    forward; pass it back as `cache` (or `past_key_values`) to continue from where it stopped.
     """
 
     def __init__(self, num_hidden_layers: int):
@@ -162,7 +180,7 @@ class OSDNPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["OSDNBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _is_stateful = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -237,16 +255,20 @@ class OSDNModel(OSDNPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cu_seqlens: torch.LongTensor | None = None,
+        cache: OSDNCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """Args beyond the usual ones:
         cu_seqlens (`torch.LongTensor` of shape `[N + 1]`, *optional*): offsets of packed
             sequences in a batch of one row; the state resets at each boundary.
+        cache (`OSDNCache`, *optional*): `past_key_values` under its name since transformers
+            5.24; pass one or the other.
         **kwargs: accepted for API compatibility (for example `position_ids`, which OSDN
             does not use) and ignored.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
+        past_key_values = _one_cache(past_key_values, cache)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training and use_cache:
@@ -284,8 +306,8 @@ class OSDNModel(OSDNPreTrainedModel):
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
         )
         return output if return_dict else output.to_tuple()
 
@@ -331,6 +353,7 @@ class OSDNForCausalLM(OSDNPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         cu_seqlens: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: OSDNCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Args beyond `OSDNModel.forward`'s:
@@ -338,6 +361,7 @@ class OSDNForCausalLM(OSDNPreTrainedModel, GenerationMixin):
             -100 marks positions left out of the loss.
         logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0): compute logits
             only for the last `logits_to_keep` positions (0: all), or for the given indices.
+        cache (`OSDNCache`, *optional*): as in `OSDNModel.forward`.
         **kwargs: loss arguments such as `num_items_in_batch` (passed by `Trainer`); others
             are ignored.
         """
@@ -347,7 +371,7 @@ class OSDNForCausalLM(OSDNPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values,
+            past_key_values=_one_cache(past_key_values, cache),
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -372,8 +396,8 @@ class OSDNForCausalLM(OSDNPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **{CACHE_FIELD: output_cache(outputs)},
         )
         return output if return_dict else output.to_tuple()
 
