@@ -33,6 +33,7 @@ import osdn_hf  # noqa: F401  registers the Auto classes
 from osdn_hf.data import pack_blocks, shakespeare_texts, train_bpe_tokenizer
 from osdn_hf.run_info import run_metadata
 from osdn_hf.throughput import alternate, measure_alone, training_step
+from osdn_hf.training import CHECKPOINTING_ARG
 
 
 def model_checks(config, tokenizer, blocks, args, device, result, stage, save):
@@ -65,7 +66,7 @@ def model_checks(config, tokenizer, blocks, args, device, result, stage, save):
             warmup_steps=max(args.steps // 10, 1),
             lr_scheduler_type="cosine",
             bf16=device == "cuda",
-            gradient_checkpointing=True,
+            **{CHECKPOINTING_ARG: True},
             logging_steps=max(args.steps // 20, 1),
             save_strategy="no",
             report_to=[],

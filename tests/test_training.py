@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainingArguments
 
-from osdn_hf.training import VarlenCollator, main, pack_fixed, pack_varlen
+from osdn_hf.training import CHECKPOINTING_ARG, VarlenCollator, main, pack_fixed, pack_varlen
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,6 +122,15 @@ def test_fine_tune_from_checkpoint_with_gradient_checkpointing(tmp_path, corpus)
         ]
     )
     assert again["eval_loss"] < first["eval_loss"]
+
+
+def test_checkpointing_flag_under_this_transformers_name(tmp_path):
+    """`--gradient-checkpointing` reaches the Trainer under the name this transformers knows
+    (`activation_checkpointing` since 5.23, `gradient_checkpointing` before), without a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = TrainingArguments(output_dir=str(tmp_path), report_to=[], **{CHECKPOINTING_ARG: True})
+    assert args.gradient_checkpointing is True  # 5.23 onwards mirrors the new name into the old
 
 
 def test_lora_adapter_trains_saves_and_reloads(tmp_path):

@@ -33,6 +33,15 @@ from .data import shakespeare_texts, train_bpe_tokenizer
 _FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
+# transformers 5.23 renamed TrainingArguments' `gradient_checkpointing` to `activation_checkpointing`
+# (the old name still works, with a FutureWarning); 5.17 knows only the old name.
+CHECKPOINTING_ARG = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
+
+
 def load_texts(files: list[str] | None, text_column: str = "text") -> list[str]:
     """Documents from local files (one format per call), or the Shakespeare plays if none."""
     if not files:
@@ -203,8 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         warmup_steps=args.warmup_steps,
         weight_decay=0.01,
         bf16=args.bf16,
-        # transformers 5.23 renamed this flag (activation_checkpointing); 5.17 knows only the old name
-        **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),
+        **({CHECKPOINTING_ARG: True} if args.gradient_checkpointing else {}),
         logging_steps=args.logging_steps,
         eval_strategy="steps",
         eval_steps=args.save_steps,
