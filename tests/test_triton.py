@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -343,3 +348,17 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(monkeypatch):
         assert_close(name, a, b, torch.float16)
     for name, a, b in zip(names, got_grads, ref_grads):
         assert_close(f"d{name}", a, b, torch.float16)
+
+
+def test_compile_times_script_compiles_the_ops_kernels_for_hopper(tmp_path):
+    """scripts/compile_times.py records the op's launches through the interpreter and compiles
+    them for sm_90 with the wheel's own ptxas (no GPU): a kernel's row says how long it took."""
+    out = tmp_path / "compile.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script's child sets it
+    script = Path(__file__).parents[1] / "scripts" / "compile_times.py"
+    cmd = [sys.executable, str(script), "--dtype", "float32", "--head-dim", "32", "--only", "kb_kernel", "--out", out]
+    subprocess.run([str(c) for c in cmd], env=env, check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["target"] == "sm_90" and [r["kernel"] for r in result["rows"]] == ["kb_kernel"]
+    row = result["rows"][0]
+    assert row["seconds"] > 0 and row["constexprs"]["PRECISION"] == "ieee" and row["constexprs"]["K"] == 32
