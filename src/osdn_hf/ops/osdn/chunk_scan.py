@@ -123,6 +123,15 @@ if HAS_TRITON:
         return b_e, tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0), tl.load(gc + i_c)
 
     @triton.jit
+    def _precond_pq(b_u, b_p, b_de, SQUARE: tl.constexpr):
+        """u (formed from k with SQUARE), q_t = <u_t, de> and p_t q_t, for rows of a chunk."""
+        b_u = b_u.to(tl.float32)
+        if SQUARE:
+            b_u = b_u * b_u
+        b_q = tl.sum(b_u * b_de[None, :], 1)  # [BS]
+        return b_u, b_q, b_p * b_q
+
+    @triton.jit
     def _precond_bwd_rows(
         b_y, b_u, b_p, b_dm, b_e, b_de, b_ddm, b_du, b_dy, o_t, o_tk, m_k, ddm, dp, dy, du,
         ACC: tl.constexpr, DY: tl.constexpr, SQUARE: tl.constexpr,
@@ -130,12 +139,8 @@ if HAS_TRITON:
         """Rows of a chunk in `precond_scan_bwd_kernel`: writes their d(dm), dp, dU (and dY),
         adding to `b_ddm`, `b_du`, `b_dy` (what the buffers held) with ACC; returns Y^T (p q)."""
         b_y = b_y.to(tl.float32)
-        b_u = b_u.to(tl.float32)
-        if SQUARE:
-            b_u = b_u * b_u
-        b_q = tl.sum(b_u * b_de[None, :], 1)  # [BS] <u_t, de>
+        b_u, b_q, b_pq = _precond_pq(b_u, b_p, b_de, SQUARE)
         b_res = b_dm - tl.sum(b_y * b_e[None, :], 1)  # [BS]
-        b_pq = b_p * b_q
         if ACC:
             tl.store(ddm + o_t, b_pq + b_ddm)
             tl.store(du + o_tk, (b_p * b_res)[:, None] * b_de[None, :] + b_du, mask=m_k[None, :])
@@ -233,10 +238,7 @@ if HAS_TRITON:
     @triton.jit
     def _precond_de_rows(b_y, b_u, b_p, b_de, SQUARE: tl.constexpr):
         """Y^T (p q), q_t = <u_t, de>, over rows of a chunk: what e_n's gradient loses to them."""
-        b_u = b_u.to(tl.float32)
-        if SQUARE:
-            b_u = b_u * b_u
-        b_pq = b_p * tl.sum(b_u * b_de[None, :], 1)  # [BS]
+        _, _, b_pq = _precond_pq(b_u, b_p, b_de, SQUARE)
         return tl.sum(b_y.to(tl.float32) * b_pq[:, None], 0)
 
     @triton.jit
