@@ -209,6 +209,7 @@ def main(argv=None):
     from tqdm import tqdm
     from triton.testing import do_bench as _do_bench
 
+    from osdn_hf.ops.osdn.chunk_fused import launch_settings
     from osdn_hf.run_info import run_metadata
 
     do_bench = lambda fn: _do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
@@ -217,6 +218,7 @@ def main(argv=None):
         **run_metadata(args.commit, "scripts/bench_kernels.py", argv),
         fla=__import__("fla").__version__,
         dtype="bfloat16",
+        launch=launch_settings(),
         rows=rows,
         decode=bench_decode(do_bench),
     )

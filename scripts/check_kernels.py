@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from osdn_hf.ops import chunk_osdn, fused_recurrent_osdn, naive_recurrent_osdn
+from osdn_hf.ops.osdn.chunk_fused import launch_settings
 from osdn_hf.run_info import command_line, run_metadata
 
 # Relative (norm-wise) error allowed against the float32 loop on the same inputs. float32
@@ -145,6 +146,7 @@ def main(argv=None):
     rows, failures = [], 0
     result = dict(
         **run_metadata(args.commit, "scripts/check_kernels.py", argv),
+        launch=launch_settings(),
         reference="naive_recurrent_osdn (float32 token loop) on the same inputs",
         rows=rows,
     )

@@ -237,7 +237,7 @@ def main(argv=None):
         return
     step = _step(args.B, args.T, args.H, args.D)
     if args.tune or args.grid or args.peer:
-        meta = run_metadata(args.commit, "scripts/profile_kernels.py", argv)
+        meta = dict(run_metadata(args.commit, "scripts/profile_kernels.py", argv), launch=chunk_fused.launch_settings())
         result = (tune if args.tune else grid if args.grid else peer)(step, args, meta)
         if args.out:
             with open(args.out, "w") as f:

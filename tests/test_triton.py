@@ -362,3 +362,13 @@ def test_compile_times_script_compiles_the_ops_kernels_for_hopper(tmp_path):
     assert result["target"] == "sm_90" and [r["kernel"] for r in result["rows"]] == ["kb_kernel"]
     row = result["rows"][0]
     assert row["seconds"] > 0 and row["constexprs"]["PRECISION"] == "ieee" and row["constexprs"]["K"] == 32
+
+
+def test_launch_settings_are_a_copy_that_results_can_record():
+    """What bench/check/profile write beside their figures: the scan and per-chunk tables, as a
+    JSON-able copy that later changes to the tables do not reach."""
+    settings = chunk_fused.launch_settings()
+    assert json.loads(json.dumps(settings)) == settings
+    assert settings["scans"]["precond_bwd"]["split_below"] == chunk_fused.SCAN_TUNING["precond_bwd"]["split_below"]
+    settings["scans"]["state_fwd"]["prefetch"] = not settings["scans"]["state_fwd"]["prefetch"]
+    assert settings["scans"]["state_fwd"]["prefetch"] != chunk_fused.SCAN_TUNING["state_fwd"]["prefetch"]

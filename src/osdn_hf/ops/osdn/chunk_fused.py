@@ -682,6 +682,14 @@ CHUNK_LAUNCH = {
 }
 
 
+def launch_settings() -> dict:
+    """A copy of the kernels' launch tables as they stand, for results to record what they ran."""
+    return {
+        "scans": {n: dict(t) for n, t in SCAN_TUNING.items()},
+        "chunk": {n: dict(t) for n, t in CHUNK_LAUNCH.items()},
+    }
+
+
 def _scan_launch(name: str, K: int, V: int, C: int) -> dict:
     BK, BV, BS = _block_sizes(K, V, C)
     if name == "state_bwd":
