@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from osdn_hf import OSDNCache, OSDNConfig, OSDNForCausalLM, OSDNModel
 from osdn_hf.layers.modules import ShortConvolution
-from osdn_hf.modeling_osdn import output_cache
+from osdn_hf.modeling_osdn import CACHE_FIELD, output_cache
 
 REPO = Path(__file__).resolve().parents[1]
 # SPEC section 7: cached decoding equals one full forward within float32 1e-4.
@@ -251,6 +251,20 @@ def test_config_rejects_invalid_values(field, value, message):
 def test_config_rejects_head_dim_beyond_kernels():
     with pytest.raises(ValueError, match="head_k_dim = 512"):
         OSDNConfig(hidden_size=1024, num_heads=2)
+
+
+def test_generate_continues_from_its_own_cache():
+    """A second turn: generate again on the first turn's output plus new tokens, handing back the
+    cache the first generate returned (under this transformers' name); the tokens equal a fresh
+    generate over the whole text, which the cache spares re-reading."""
+    model = tiny_model()
+    ids = torch.randint(1, 97, (1, 6))
+    first = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    cache = output_cache(first)
+    assert isinstance(cache, OSDNCache) and cache.get_seq_length() == first.sequences.shape[1] - 1
+    more = torch.cat([first.sequences, torch.randint(1, 97, (1, 3))], 1)
+    continued = model.generate(more, max_new_tokens=4, do_sample=False, pad_token_id=0, **{CACHE_FIELD: cache})
+    assert torch.equal(continued, model.generate(more, max_new_tokens=4, do_sample=False, pad_token_id=0))
 
 
 def test_bad_model_inputs_raise_value_error():
