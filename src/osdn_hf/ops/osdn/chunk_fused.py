@@ -647,10 +647,11 @@ SCAN_TUNING = {
     # prefetch: load the next chunk while reducing this one (whole chunks, BS = C; heads up to 128
     # wide, as wider chunks do not fit in registers). The defaults are what `profile_kernels.py
     # --tune` measured fastest, forward+backward at 1 x 16384 and 4 x 4096 (H200, bf16, H=16,
-    # K=V=128; benchmarks/results/kernels_tune_*): preconditioner prefetch 7.95 -> 6.88 ms at
-    # 1 x 16384 and 4.60 -> 4.40 ms at 4 x 4096 (its backward at 8 warps); from there the state
-    # scans' prefetch takes forward 6.88 -> 6.51 and 4.40 -> 4.29 ms, backward 6.88 -> 6.20 and
-    # 4.40 -> 4.24 ms, each measured alone.
+    # K=V=128; benchmarks/results/kernels_tune_*): the preconditioner scans' prefetch took 7.95 ->
+    # 6.88 ms at 1 x 16384 (both scans, the backward at 8 warps); at 4 x 4096, turning off either
+    # scan's costs 0.15-0.21 ms (4.40 -> 4.55-4.61). From there the state scans' prefetch takes
+    # forward 6.88 -> 6.51 and 4.40 -> 4.29 ms, backward 6.88 -> 6.20 and 4.40 -> 4.24 ms, each
+    # measured alone.
     # split_below: with fewer than this many (batch, head) scans, the backward scan carries only
     # e's gradient (at split_num_warps) and a kernel parallel over chunks writes the rows' gradients
     # from it (`precond_rows_bwd_kernel`). Measured (kernels_tune_split_groups_*.json): 5.87 -> 5.59
