@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -213,12 +214,15 @@ def main(argv=None):
     from osdn_hf.run_info import run_metadata
 
     do_bench = lambda fn: _do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
+    # Other work on the host (compiles beside the run) moved fla's times once: the load is kept
+    load_before = os.getloadavg()[0]
     rows = [bench_row(B, T, do_bench, args.rounds) for B, T in tqdm(SHAPES, desc="kernel benchmark")]
     result = dict(
         **run_metadata(args.commit, "scripts/bench_kernels.py", argv),
         fla=__import__("fla").__version__,
         dtype="bfloat16",
         launch=launch_settings(),
+        host_load_1min=dict(before=load_before, after=os.getloadavg()[0], cpus=os.cpu_count()),
         rows=rows,
         decode=bench_decode(do_bench),
     )
