@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from osdn_hf.ops import chunk_osdn, fused_recurrent_osdn, naive_recurrent_osdn
-from osdn_hf.ops.osdn.chunk_fused import launch_settings
+from osdn_hf.ops.osdn import chunk_fused
 from osdn_hf.run_info import command_line, run_metadata
 
 # Relative (norm-wise) error allowed against the float32 loop on the same inputs. float32
@@ -117,13 +117,9 @@ def main(argv=None):
     if args.merge:
         sys.exit(merge(args.merge, args.out, argv))
     if args.prefetch:
-        from osdn_hf.ops.osdn import chunk_fused
-
         for tuning in chunk_fused.SCAN_TUNING.values():
             tuning["prefetch"] = args.prefetch == "all"
     if args.split:
-        from osdn_hf.ops.osdn import chunk_fused
-
         chunk_fused.SCAN_TUNING["precond_bwd"]["split_below"] = 1 << 30
     try:
         shard, shards = (int(x) for x in args.shard.split("/"))
@@ -146,7 +142,7 @@ def main(argv=None):
     rows, failures = [], 0
     result = dict(
         **run_metadata(args.commit, "scripts/check_kernels.py", argv),
-        launch=launch_settings(),
+        launch=chunk_fused.launch_settings(),
         reference="naive_recurrent_osdn (float32 token loop) on the same inputs",
         rows=rows,
     )

@@ -756,24 +756,6 @@ class ToChunks(torch.autograd.Function):
         return gx, None, None, None
 
 
-def _precond_scan(y, k, p, gc, e0, dm=None, ges=None):
-    """Phase 1's scan, one sequential scan per batch element and head: forward (with `dm`)
-    `(es, ef)`, the value at every chunk start and the last; backward (with `ges`, `e0` the
-    gradient of the last value) `(des, de0)`, the gradient of every chunk's end and of the first
-    value, for `precond_rows_bwd_kernel`."""
-    B, H, NC, C, K = y.shape
-    out, last = e0.new_empty(B, H, NC, K), torch.empty_like(e0)
-    if ges is None:
-        launch = _scan_launch("precond_fwd", K, K, C)
-        precond_scan_fwd_kernel[(B * H,)](
-            y, k, dm, p, gc, e0.contiguous(), out, last, NC, K=K, C=C, SQUARE=True, **launch
-        )
-    else:
-        launch = dict(_scan_launch("precond_bwd", K, K, C), num_warps=SCAN_TUNING["precond_bwd"]["split_num_warps"])
-        precond_scan_bwd_de_kernel[(B * H,)](y, k, p, gc, ges, e0, out, last, NC, K=K, C=C, SQUARE=True, **launch)
-    return out, last
-
-
 class Precondition(torch.autograd.Function):
     """Phase 1: `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`; chunked tensors, `k` and `W` in
     the storage dtype, the rest float32."""
@@ -789,7 +771,10 @@ class Precondition(torch.autograd.Function):
         pre_intra_fwd_kernel[grid](
             k, beta, eta, lam, y, dm, p, gc, tinv, K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_fwd", K)
         )
-        es, ef = _precond_scan(y, k, p, gc, d0 - 1, dm=dm)
+        es, ef = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
+        precond_scan_fwd_kernel[(B * H,)](
+            y, k, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, SQUARE=True, **_scan_launch("precond_fwd", K, K, C)
+        )
         w = torch.empty_like(k)
         pre_out_fwd_kernel[grid](k, lam, y, dm, es, w, K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K))
         # Y is rebuilt from the inverse in the backward: 1X less held between forward and backward
@@ -817,7 +802,10 @@ class Precondition(torch.autograd.Function):
         # the scan adds its gradients of u and dm to the output step's (dy: see pre_out_bwd_kernel)
         sdp, sdgc = torch.empty_like(p), torch.empty_like(gc)
         if B * H < SCAN_TUNING["precond_bwd"]["split_below"]:  # the scan carries e's gradient; rows follow
-            des, de0 = _precond_scan(y, k, p, gc, dd, ges=ges)
+            des, de0 = torch.empty_like(es), torch.empty_like(dd)
+            launch = _scan_launch("precond_bwd", K, K, C)
+            launch["num_warps"] = SCAN_TUNING["precond_bwd"]["split_num_warps"]
+            precond_scan_bwd_de_kernel[(B * H,)](y, k, p, gc, ges, dd, des, de0, NC, K=K, C=C, SQUARE=True, **launch)
             BK, _, BS = _block_sizes(K, K, C)
             precond_rows_bwd_kernel[grid](
                 y, k, dm, p, es, des, None, du, ddm, sdp, sdgc, K=K, C=C, BK=BK, BS=BS, ACC=True, DY=False, SQUARE=True

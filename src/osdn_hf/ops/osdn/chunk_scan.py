@@ -31,11 +31,15 @@ except ImportError:  # the pure-torch path needs no Triton
 if HAS_TRITON:
 
     @triton.jit
-    def _precond_rows(y, u, dm, p, o_t, o_k, m_k, K: tl.constexpr):
-        """Rows `o_t` of y and u (`[len(o_t), BK]`, as stored), dm and p: what both scans read."""
+    def _precond_yu(y, u, o_t, o_k, m_k, K: tl.constexpr):
+        """Rows `o_t` of y and u, `[len(o_t), BK]`, as stored."""
         o_tk = o_t[:, None] * K + o_k[None, :]
-        b_y = tl.load(y + o_tk, mask=m_k[None, :], other=0.0)
-        b_u = tl.load(u + o_tk, mask=m_k[None, :], other=0.0)
+        return tl.load(y + o_tk, mask=m_k[None, :], other=0.0), tl.load(u + o_tk, mask=m_k[None, :], other=0.0)
+
+    @triton.jit
+    def _precond_rows(y, u, dm, p, o_t, o_k, m_k, K: tl.constexpr):
+        """Rows `o_t` of y and u (as stored), dm and p: what both scans read."""
+        b_y, b_u = _precond_yu(y, u, o_t, o_k, m_k, K)
         return b_y, b_u, tl.load(dm + o_t), tl.load(p + o_t)
 
     @triton.jit
@@ -271,13 +275,15 @@ if HAS_TRITON:
         if PREFETCH:
             tl.static_assert(BS == C)
             i_c = i_bh * NC + NC - 1  # the last chunk
-            b_y, b_u, _, b_p = _precond_rows(y, u, p, p, i_c * C + o_s, o_k, m_k, K)
+            b_y, b_u = _precond_yu(y, u, i_c * C + o_s, o_k, m_k, K)
+            b_p = tl.load(p + i_c * C + o_s)
             b_ges, b_gc = tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0), tl.load(gc + i_c)
             for j in range(NC):
                 i_c = i_bh * NC + NC - 1 - j
                 tl.store(des + i_c * K + o_k, b_de, mask=m_k)
                 i_x = tl.maximum(i_c - 1, i_bh * NC)  # the chunk before (the first one again at the end)
-                n_y, n_u, _, n_p = _precond_rows(y, u, p, p, i_x * C + o_s, o_k, m_k, K)
+                n_y, n_u = _precond_yu(y, u, i_x * C + o_s, o_k, m_k, K)
+                n_p = tl.load(p + i_x * C + o_s)
                 n_ges, n_gc = tl.load(ges + i_x * K + o_k, mask=m_k, other=0.0), tl.load(gc + i_x)
                 b_acc = b_gc * b_de + b_ges
                 b_acc -= _precond_de_rows(b_y, b_u, b_p, b_de, SQUARE)
@@ -289,7 +295,9 @@ if HAS_TRITON:
                 tl.store(des + i_c * K + o_k, b_de, mask=m_k)
                 b_acc = tl.load(gc + i_c) * b_de + tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0)
                 for i_s in tl.static_range(C // BS):
-                    b_y, b_u, _, b_p = _precond_rows(y, u, p, p, i_c * C + i_s * BS + o_s, o_k, m_k, K)
+                    o_t = i_c * C + i_s * BS + o_s  # [BS]
+                    b_y, b_u = _precond_yu(y, u, o_t, o_k, m_k, K)
+                    b_p = tl.load(p + o_t)
                     b_acc -= _precond_de_rows(b_y, b_u, b_p, b_de, SQUARE)
                 b_de = b_acc
         tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
