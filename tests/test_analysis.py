@@ -9,12 +9,14 @@ import torch
 
 from osdn_hf.analysis import recall_residual
 from osdn_hf.mqar import (
+    _plan_checkpoint,
     answer_loss,
     at_defaults,
     build_model,
     main,
     mqar_batch,
     mqar_mixture_batch,
+    parse_args,
     row_settings,
     settings_of,
     train_one,
@@ -123,6 +125,47 @@ def test_train_one_runs_and_reports():
     )
     assert 0.0 <= row["accuracy"] <= 1.0 and row["recall_residual"] >= 0 and len(row["curve"]) == 2
     assert [r["layer"] for r in row["residuals_per_layer"]] == [0, 1]
+
+
+def test_a_run_stopped_by_the_deadline_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """With a resume directory, a run cut short saves its state, and the next call finishes it with
+    the same curve and residuals as a run never stopped; the checkpoint is then deleted."""
+    run = dict(d_model=32, seq_len=64, num_pairs=8, lr=3e-3, steps=6, batch_size=8, vocab_size=64, num_heads=2)
+    run |= dict(seed=0, eval_every=2, device="cpu", progress=False)
+    whole = train_one("osdn", **run)
+    clock = iter(range(10**6))  # one tick per reading: the deadline falls before the fourth step
+    monkeypatch.setattr("osdn_hf.mqar.time.time", lambda: float(next(clock)))
+    assert train_one("osdn", **run, deadline=3.0, resume_dir=tmp_path) is None
+    (ckpt,) = tmp_path.glob("*.pt")
+    assert torch.load(ckpt, weights_only=False)["step"] == 3
+    resumed = train_one("osdn", **run, resume_dir=tmp_path)
+    assert resumed["pieces"] == 2 and whole["pieces"] == 1
+    assert resumed["curve"] == whole["curve"] and [c["step"] for c in whole["curve"]] == [2, 4, 6]
+    assert resumed["residuals_per_layer"] == whole["residuals_per_layer"]
+    assert not list(tmp_path.glob("*.pt"))
+    # a checkpoint is only ever continued by the run it belongs to
+    train_one("osdn", **run, deadline=0.0, resume_dir=tmp_path)
+    (ckpt,) = tmp_path.glob("*.pt")
+    state = torch.load(ckpt, weights_only=False)
+    state["run"]["lr"] = 1e-2
+    torch.save(state, ckpt)
+    with pytest.raises(ValueError, match="is of another run"):
+        train_one("osdn", **run, resume_dir=tmp_path)
+
+
+def test_sweep_continues_runs_saved_at_the_deadline(tmp_path):
+    """`--resume-dir`: the sweep's deadline saves the run in progress; the next sweep continues it."""
+    out, saved = tmp_path / "mqar.json", tmp_path / "resume"
+    args = ["--out", str(out), "--models", "deltanet", "--d-models", "32", "--settings", "64:8", "--lrs", "3e-3"]
+    args += ["--steps", "4", "--batch-size", "4", "--vocab-size", "64", "--eval-every", "2", "--resume-dir", str(saved)]
+    main([*args, "--deadline", "0"])
+    (ckpt,) = saved.glob("*.pt")
+    assert not out.exists()
+    # the name the sweep looks for, to put started runs first, is the one the run saved under
+    assert ckpt.name == _plan_checkpoint(parse_args(args), (64, 8, 32, 3e-3, "deltanet", {}))
+    main(args)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["pieces"] == 2 and row["device"] == "cpu" and not list(saved.glob("*.pt"))
 
 
 def test_sweep_writes_rows_and_plot_and_resumes(tmp_path):

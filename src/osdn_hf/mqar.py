@@ -9,6 +9,7 @@ the value right after each queried key.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -158,6 +159,7 @@ def train_one(
     deadline: float | None = None,
     train_mix: int = 1,
     config_overrides: dict | None = None,
+    resume_dir: Path | None = None,
 ) -> dict | None:
     """Train one model on fresh MQAR batches; return its final accuracy, curve and residuals.
 
@@ -165,7 +167,10 @@ def train_one(
 
     Training batches mix `train_pairs(num_pairs, train_mix)` pair counts; evaluation uses
     `num_pairs` only. Returns None, recording nothing, if the clock passes `deadline` (a
-    `time.time()` value) before the run ends: an unfinished run is not a result.
+    `time.time()` value) before the run ends: an unfinished run is not a result. With
+    `resume_dir`, such a run first saves its whole training state there (model, optimizer,
+    schedule, random generators, curve, seconds spent), and a later call with the same run
+    continues from it, as if never stopped; the finished run's checkpoint is deleted.
     """
     pairs = train_pairs(num_pairs, train_mix)
     gen = torch.Generator(device).manual_seed(seed)
@@ -183,11 +188,43 @@ def train_one(
         if device.startswith("cuda")
         else torch.autocast("cpu", enabled=False)
     )
-    curve, start = [], time.time()
-    bar = tqdm(range(1, steps + 1), desc=f"{name} d={d_model} L={seq_len} lr={lr:g}", disable=not progress, leave=False)
+    settings = {k: getattr(model.config, k) for k in OVERRIDES}
+    ckpt = None
+    if resume_dir is not None:
+        run = run_identity(name, d_model, seq_len, num_pairs, lr, steps, batch_size, vocab_size, num_heads, seed,
+                           eval_every, pairs, settings)  # fmt: skip
+        ckpt = Path(resume_dir) / checkpoint_name(run)
+    curve, first, spent, pieces = [], 1, 0.0, 1
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        if state["run"] != run:
+            raise ValueError(f"MQAR checkpoint {ckpt} is of another run: {state['run']}, not {run}")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        gen.set_state(state["generator"].to(gen.get_state().device))
+        curve, first, spent, pieces = state["curve"], state["step"] + 1, state["seconds"], state["pieces"] + 1
+    start = time.time()
+    bar = tqdm(
+        range(first, steps + 1),
+        desc=f"{name} d={d_model} L={seq_len} lr={lr:g}",
+        initial=first - 1,
+        total=steps,
+        disable=not progress,
+        leave=False,
+    )
     for step in bar:
         if deadline is not None and time.time() > deadline:
             bar.close()
+            if ckpt is not None:
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
+                state = dict(
+                    run=run, step=step - 1, curve=curve, seconds=spent + time.time() - start, pieces=pieces,
+                    model=model.state_dict(), optimizer=opt.state_dict(), schedule=sched.state_dict(),
+                    generator=gen.get_state(),
+                )  # fmt: skip
+                torch.save(state, ckpt.with_suffix(".tmp"))
+                ckpt.with_suffix(".tmp").replace(ckpt)  # never a half-written checkpoint under the real name
             return None
         input_ids, labels, _ = mqar_mixture_batch(batch_size, seq_len, pairs, vocab_size, gen)
         with autocast:
@@ -204,7 +241,7 @@ def train_one(
             bar.set_postfix(acc=f"{acc:.3f}", loss=f"{loss.item():.3f}")
     input_ids, _, context = eval_batches[0]
     residuals = recall_residual(model.float(), input_ids[:16], positions=context[:16])
-    return {
+    row = {
         "model": name,
         "d_model": d_model,
         "seq_len": seq_len,
@@ -222,9 +259,39 @@ def train_one(
         "num_heads": num_heads,
         "seed": seed,
         "config_overrides": config_overrides,
-        "preconditioner_config": {k: getattr(model.config, k) for k in OVERRIDES},
-        "seconds": round(time.time() - start, 1),
+        "preconditioner_config": settings,
+        "seconds": round(spent + time.time() - start, 1),
+        "pieces": pieces,
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
     }
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)
+    return row
+
+
+def run_identity(name, d_model, seq_len, num_pairs, lr, steps, batch_size, vocab_size, num_heads, seed,
+                 eval_every, pairs, settings) -> dict:  # fmt: skip
+    """Everything that defines a training run, as saved with (and checked against) its checkpoint."""
+    return dict(
+        model=name, d_model=d_model, seq_len=seq_len, num_pairs=num_pairs, lr=lr, steps=steps,
+        batch_size=batch_size, vocab_size=vocab_size, num_heads=num_heads, seed=seed, eval_every=eval_every,
+        train_pairs=list(pairs), preconditioner_config=dict(settings),
+    )  # fmt: skip
+
+
+def _plan_checkpoint(args, job: tuple) -> str:
+    """`checkpoint_name` of a planned run `(seq_len, num_pairs, d_model, lr, model, overrides)`."""
+    L, P, d, lr, m, ov = job
+    config = OSDNConfig(**MODELS[m], **ov)
+    settings = {k: getattr(config, k) for k in OVERRIDES}
+    ident = run_identity(m, d, L, P, lr, args.steps, args.batch_size, args.vocab_size, args.num_heads, args.seed,
+                         args.eval_every, train_pairs(P, args.train_mix), settings)  # fmt: skip
+    return checkpoint_name(ident)
+
+
+def checkpoint_name(run: dict) -> str:
+    """The file a run's training state is saved under: a digest of everything that defines the run."""
+    return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:20] + ".pt"
 
 
 def plot_settings(result: dict, png: Path) -> None:
@@ -346,6 +413,12 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float, default=None, help="stop starting new runs after this many seconds")
     p.add_argument(
         "--deadline", type=float, default=None, help="abandon (do not record) a run still going after this many seconds"
+    )
+    p.add_argument(
+        "--resume-dir",
+        default=None,
+        help="a run stopped by --deadline saves its training state here, and the next sweep with the same "
+        "--resume-dir continues it (those runs first) instead of starting over",
     )
     p.add_argument(
         "--workers", type=int, default=1, help="training processes, spread round-robin over the visible GPUs"
@@ -505,6 +578,9 @@ def main(argv=None) -> dict:
         )
         not in done
     ]  # fmt: skip
+    if args.resume_dir:  # runs with a saved state first, so that workers take one each
+        started = {p.name for p in Path(args.resume_dir).glob("*.pt")}
+        plan.sort(key=lambda job: _plan_checkpoint(args, job) not in started)
     if args.shard:
         i, n = (int(x) for x in args.shard.split("/"))
         plan = plan[i::n]
@@ -531,9 +607,11 @@ def main(argv=None) -> dict:
             deadline=deadline,
             train_mix=args.train_mix,
             config_overrides=ov,
+            resume_dir=args.resume_dir,
         )
         if row is None:
-            print(f"deadline reached during {m} d={d} L={L} lr={lr:g}: not recorded; rerun to continue")
+            kept = f"its state is in {args.resume_dir}" if args.resume_dir else "not recorded"
+            print(f"deadline reached during {m} d={d} L={L} lr={lr:g}: {kept}; rerun to continue")
             break
         result["rows"].append({**row, "commit": args.commit})  # the top-level commit is the last run's
         out.write_text(json.dumps(result, indent=1))  # partial results survive an interrupted sweep
