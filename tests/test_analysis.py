@@ -151,6 +151,10 @@ def test_a_run_stopped_by_the_deadline_resumes_where_it_stopped(tmp_path, monkey
     torch.save(state, ckpt)
     with pytest.raises(ValueError, match="is of another run"):
         train_one("osdn", **run, resume_dir=tmp_path)
+    state["run"]["lr"], state["device_type"] = 3e-3, "cuda"  # as if saved on a GPU
+    torch.save(state, ckpt)
+    with pytest.raises(ValueError, match="was saved on cuda, not cpu"):
+        train_one("osdn", **run, resume_dir=tmp_path)
 
 
 def test_sweep_continues_runs_saved_at_the_deadline(tmp_path):

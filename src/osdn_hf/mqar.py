@@ -199,6 +199,8 @@ def train_one(
         state = torch.load(ckpt, map_location=device, weights_only=False)
         if state["run"] != run:
             raise ValueError(f"MQAR checkpoint {ckpt} is of another run: {state['run']}, not {run}")
+        if state["device_type"] != gen.device.type:  # a CUDA generator's state does not fit a CPU one
+            raise ValueError(f"MQAR checkpoint {ckpt} was saved on {state['device_type']}, not {gen.device.type}")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])
@@ -221,7 +223,7 @@ def train_one(
                 state = dict(
                     run=run, step=step - 1, curve=curve, seconds=spent + time.time() - start, pieces=pieces,
                     model=model.state_dict(), optimizer=opt.state_dict(), schedule=sched.state_dict(),
-                    generator=gen.get_state(),
+                    generator=gen.get_state(), device_type=gen.device.type,
                 )  # fmt: skip
                 torch.save(state, ckpt.with_suffix(".tmp"))
                 ckpt.with_suffix(".tmp").replace(ckpt)  # never a half-written checkpoint under the real name
