@@ -8,8 +8,10 @@ records every kernel launch (its argument types, constexprs and launch options),
 launches are exactly the ones the op makes for that dtype and head dim. Each distinct launch is
 then compiled for `--arch` (default sm_90, Hopper) with Triton's own compiler and `ptxas`, which
 ship with the `triton` wheel, into an empty cache, and timed. `--precision` overrides the kernels' `PRECISION`
-(float32 runs "ieee" products, 16-bit inputs "tf32") to see what another choice would cost.
-Writes one JSON row per launch (seconds and shared memory) and prints them as they finish. The
+(float32 runs "ieee" products, 16-bit inputs "tf32") to see what another choice would cost, and
+`--num-warps` the launches' warps.
+Writes one JSON row per launch (seconds, shared memory, and from `cuobjdump -res-usage` the
+registers and stack bytes a thread: stack is where registers spill) and prints them as they finish. The
 compile is the launch's, except for the specialisations Triton adds at run time (integers that
 equal 1 or divide by 16), which change little of the code.
 """
@@ -20,6 +22,7 @@ import argparse
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -73,8 +76,9 @@ def capture(dtype_name: str, head_dim: int, out: str) -> None:
         json.dump(launches, f)
 
 
-def compile_launch(launch: dict, arch: int, precision: str | None) -> dict:
-    """Compile one recorded launch for `arch` and time it."""
+def compile_launch(launch: dict, arch: int, precision: str | None, num_warps: int | None = None) -> dict:
+    """Compile one recorded launch for `arch` and time it; `precision` and `num_warps` override
+    the launch's own."""
     import importlib
 
     import triton
@@ -86,7 +90,9 @@ def compile_launch(launch: dict, arch: int, precision: str | None) -> dict:
     if precision and "PRECISION" in constexprs:
         constexprs["PRECISION"] = precision
     source = ASTSource(fn=fn, signature=launch["signature"], constexprs=constexprs)
-    options = dict(num_warps=launch["options"].get("num_warps", 4), num_stages=launch["options"].get("num_stages", 3))
+    options = dict(
+        num_warps=num_warps or launch["options"].get("num_warps", 4), num_stages=launch["options"].get("num_stages", 3)
+    )
     start = time.perf_counter()
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 64 if arch < 100 else 32), options=options)
     seconds = time.perf_counter() - start
@@ -96,6 +102,26 @@ def compile_launch(launch: dict, arch: int, precision: str | None) -> dict:
         options=options,
         seconds=seconds,
         shared_bytes=kernel.metadata.shared,
+        **resource_usage(kernel.asm["cubin"]),
+    )
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers a thread and stack bytes a thread (where registers spill) of a compiled kernel,
+    from `cuobjdump -res-usage` (shipped with the triton wheel)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        report = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", report))
+    if "REG" not in found:
+        raise ValueError(f"no register count in cuobjdump's report: {report!r}")
+    return dict(
+        registers=int(found["REG"]), stack_bytes=int(found.get("STACK", 0)), local_bytes=int(found.get("LOCAL", 0))
     )
 
 
@@ -105,6 +131,9 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=128, help="K = V")
     p.add_argument("--arch", type=int, default=90, help="compute capability as one number (90: Hopper)")
     p.add_argument("--precision", help="override the kernels' PRECISION constexpr (ieee, tf32, tf32x3)")
+    p.add_argument(
+        "--num-warps", type=int, help="override every launch's num_warps (registers a thread fall with more)"
+    )
     p.add_argument("--only", nargs="+", help="only these kernels (by function name)")
     p.add_argument("--out", help="write the rows here (JSON)")
     p.add_argument("--commit", default="unknown")
@@ -125,14 +154,19 @@ def main(argv=None):
             launches = [launch for launch in launches if launch["name"] in args.only]
         rows = []
         for launch in tqdm(launches, desc="compiling"):
-            rows.append(compile_launch(launch, args.arch, args.precision))
-            tqdm.write(f"{rows[-1]['kernel']:28s} {rows[-1]['seconds']:7.1f} s  shared {rows[-1]['shared_bytes']} B")
+            rows.append(compile_launch(launch, args.arch, args.precision, args.num_warps))
+            r = rows[-1]
+            tqdm.write(
+                f"{r['kernel']:28s} {r['seconds']:7.1f} s  shared {r['shared_bytes']} B  "
+                f"{r['registers']} registers, stack {r['stack_bytes']} B"
+            )
     result = dict(
         **run_metadata(args.commit, "scripts/compile_times.py", argv),
         target=f"sm_{args.arch}",
         dtype=args.dtype,
         head_dim=args.head_dim,
         precision=args.precision,
+        num_warps=args.num_warps,
         total_seconds=sum(r["seconds"] for r in rows),
         rows=rows,
     )

@@ -357,11 +357,13 @@ def test_compile_times_script_compiles_the_ops_kernels_for_hopper(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script's child sets it
     script = Path(__file__).parents[1] / "scripts" / "compile_times.py"
     cmd = [sys.executable, str(script), "--dtype", "float32", "--head-dim", "32", "--only", "kb_kernel", "--out", out]
-    subprocess.run([str(c) for c in cmd], env=env, check=True, capture_output=True)
+    subprocess.run([str(c) for c in [*cmd, "--num-warps", "8"]], env=env, check=True, capture_output=True)
     result = json.loads(out.read_text())
     assert result["target"] == "sm_90" and [r["kernel"] for r in result["rows"]] == ["kb_kernel"]
     row = result["rows"][0]
     assert row["seconds"] > 0 and row["constexprs"]["PRECISION"] == "ieee" and row["constexprs"]["K"] == 32
+    assert 0 < row["registers"] <= 255 and row["stack_bytes"] >= 0  # cuobjdump's report, parsed
+    assert row["options"]["num_warps"] == 8 and result["num_warps"] == 8  # the override, not the launch's 4
 
 
 def test_launch_settings_are_a_copy_that_results_can_record():
