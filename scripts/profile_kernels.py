@@ -10,17 +10,22 @@
 launch settings (`chunk_fused.SCAN_TUNING`), one knob at a time from the defaults, and prints
 and writes the times; `--only state_fwd ...` limits it to those scans. `--grid` profiles one
 forward+backward at every (num_warps, tile) setting of the per-chunk kernels
-(`chunk_fused.CHUNK_LAUNCH`, all kernels alike in each profile) and reports each kernel's CUDA
-time per setting and its fastest. `--peer` profiles one forward+backward of ours and of fla's
-`chunk_delta_rule` on the same inputs in the same process and lists both sets of kernels with
-their CUDA times (each kernel's total over its calls), to show where the difference lies,
-and draws them grouped by what they do (`peer.png` beside `peer.json`).
+(`chunk_fused.CHUNK_LAUNCH`, all kernels alike in each profile), each setting in a fresh process
+so that one that faults costs only itself (its error, naming the failed launch, is recorded),
+and reports each kernel's CUDA time per setting and its fastest. `--peer` profiles one
+forward+backward of ours and of fla's `chunk_delta_rule` on the same inputs in the same
+process and lists both sets of kernels with their CUDA times (each kernel's total over its
+calls), to show where the difference lies, and draws them grouped by what they do (`peer.png`
+beside `peer.json`).
 Nothing is changed in place.
 """
 
 import argparse
 import itertools
 import json
+import os
+import subprocess
+import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -178,27 +183,42 @@ def kernel_times(step) -> dict:
     return {e.key: e.self_device_time_total for e in _profiled(step).key_averages() if e.self_device_time_total > 0}
 
 
-def grid(step, args, meta: dict) -> dict:
-    """Each per-chunk kernel's CUDA time at every (num_warps, tile) setting, and its fastest."""
-    base = {name: dict(t) for name, t in chunk_fused.CHUNK_LAUNCH.items()}
+GRID = [(w, t) for w in (4, 8) for t in (16, 32, 64)]  # per-chunk (num_warps, tile) settings timed by --grid
+GRID_MARK = "GRID_TIMES "  # the line a --grid-one child prints its kernel times on
+
+
+def grid_setting(setting: tuple, args) -> tuple[dict, str | None]:
+    """CUDA time (us) of every kernel of one forward+backward with all per-chunk kernels at
+    `setting` = (num_warps, tile), profiled in a fresh process, so that a setting that faults
+    (an illegal memory access leaves the process's CUDA context unusable) costs only itself.
+    On a failure, the setting runs once more with CUDA_LAUNCH_BLOCKING=1, whose error names the
+    launch that failed; the error's last lines are returned instead of times."""
+    cmd = [sys.executable, __file__, "--grid-one", "{},{}".format(*setting)]
+    cmd += ["--B", str(args.B), "--T", str(args.T), "--H", str(args.H), "--D", str(args.D)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode == 0:
+        line = next(x for x in run.stdout.splitlines()[::-1] if x.startswith(GRID_MARK))
+        return json.loads(line[len(GRID_MARK) :]), None
+    again = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, CUDA_LAUNCH_BLOCKING="1"))
+    tail = (again.stderr or run.stderr).strip().splitlines()[-12:]
+    return {}, f"exit {run.returncode}: " + "\n".join(tail)[-1500:]
+
+
+def grid(args, meta: dict, measure=grid_setting) -> dict:
+    """Each per-chunk kernel's CUDA time at every `GRID` setting (all kernels alike in each
+    profile, one process per setting: `measure`), and its fastest."""
+    names = list(chunk_fused.CHUNK_LAUNCH)
     rows = []
-    for warps, tile in tqdm([(w, t) for w in (4, 8) for t in (16, 32, 64)], desc="per-chunk settings"):
-        for launch in chunk_fused.CHUNK_LAUNCH.values():
-            launch.update(num_warps=warps, tile=tile)
-        try:
-            times, err = kernel_times(step), None
-        except Exception as e:  # a setting that does not fit (registers, shared memory) is recorded
-            times, err = {}, f"{type(e).__name__}: {e}"[:200]
-        for name in base:
+    for warps, tile in tqdm(GRID, desc="per-chunk settings"):
+        times, err = measure((warps, tile), args)
+        for name in names:
             rows.append(dict(kernel=name, num_warps=warps, tile=tile, us=times.get(f"{name}_kernel"), error=err))
         print(f"warps {warps} tile {tile}: total {sum(times.values()):.0f} us", err or "", flush=True)
         if args.out:  # as it goes: a run cut short keeps the settings it reached
             with open(args.out, "w") as f:
                 json.dump(dict(**meta, rows=rows), f)
-    for name, launch in base.items():
-        chunk_fused.CHUNK_LAUNCH[name] = launch
     best = {}
-    for name in base:
+    for name in names:
         timed = [r for r in rows if r["kernel"] == name and r["us"] is not None]
         if timed:
             b = min(timed, key=lambda r: r["us"])
@@ -207,7 +227,7 @@ def grid(step, args, meta: dict) -> dict:
     return dict(
         **meta,
         shape=dict(B=args.B, T=args.T, H=args.H, K=args.D, V=args.D, dtype="bfloat16"),
-        defaults=base,
+        defaults={name: dict(t) for name, t in chunk_fused.CHUNK_LAUNCH.items()},
         rows=rows,
         fastest=best,
     )
@@ -230,21 +250,31 @@ def main(argv=None):
     p.add_argument("--knobs", nargs="+", help="with --tune: only these knobs (a pair as 'prefetch,num_warps')")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--plot-only", metavar="JSON", help="only draw the PNG of an existing --peer result")
+    p.add_argument("--grid-one", help=argparse.SUPPRESS)  # "warps,tile": a --grid child's one setting
     args = p.parse_args(argv)
     if args.plot_only:
         with open(args.plot_only) as f:
             plot_peer(json.load(f), args.plot_only.removesuffix(".json") + ".png")
         return
-    step = _step(args.B, args.T, args.H, args.D)
+    if args.grid_one:
+        warps, tile = (int(x) for x in args.grid_one.split(","))
+        for launch in chunk_fused.CHUNK_LAUNCH.values():
+            launch.update(num_warps=warps, tile=tile)
+        print(GRID_MARK + json.dumps(kernel_times(_step(args.B, args.T, args.H, args.D))), flush=True)
+        return
     if args.tune or args.grid or args.peer:
         meta = dict(run_metadata(args.commit, "scripts/profile_kernels.py", argv), launch=chunk_fused.launch_settings())
-        result = (tune if args.tune else grid if args.grid else peer)(step, args, meta)
+        if args.grid:
+            result = grid(args, meta)
+        else:
+            result = (tune if args.tune else peer)(_step(args.B, args.T, args.H, args.D), args, meta)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
             if args.peer:
                 plot_peer(result, args.out.removesuffix(".json") + ".png")
         return
+    step = _step(args.B, args.T, args.H, args.D)
     print(
         _profiled(step).key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
     )

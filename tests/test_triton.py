@@ -374,3 +374,30 @@ def test_launch_settings_are_a_copy_that_results_can_record():
     assert settings["scans"]["precond_bwd"]["split_below"] == chunk_fused.SCAN_TUNING["precond_bwd"]["split_below"]
     settings["scans"]["state_fwd"]["prefetch"] = not settings["scans"]["state_fwd"]["prefetch"]
     assert settings["scans"]["state_fwd"]["prefetch"] != chunk_fused.SCAN_TUNING["state_fwd"]["prefetch"]
+
+
+def test_grid_profile_runs_each_setting_alone_and_records_a_fault(tmp_path):
+    """`profile_kernels.py --grid` profiles every (warps, tile) setting in its own process: one that
+    fails is recorded with its error (here the real child, which finds no GPU), the others keep
+    their times, and the fastest setting of each kernel comes from the ones that ran."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import argparse
+
+    import profile_kernels
+
+    args = argparse.Namespace(B=1, T=64, H=1, D=32, out=str(tmp_path / "grid.json"))
+    times, err = profile_kernels.grid_setting((8, 16), args)  # a real child process, on a machine without CUDA
+    assert times == {} and err.startswith("exit ") and "CUDA" in err
+
+    def fake(setting, args):  # 8 warps at 16-wide tiles faults; elsewhere wider tiles are faster
+        warps, tile = setting
+        if setting == (8, 16):
+            return {}, "exit 1: illegal memory access"
+        return {f"{name}_kernel": 1000.0 / tile + warps for name in chunk_fused.CHUNK_LAUNCH}, None
+
+    result = profile_kernels.grid(args, {"commit": "abc"}, measure=fake)
+    failed = [r for r in result["rows"] if r["error"]]
+    assert {(r["num_warps"], r["tile"]) for r in failed} == {(8, 16)} and all(r["us"] is None for r in failed)
+    assert len(result["rows"]) == len(profile_kernels.GRID) * len(chunk_fused.CHUNK_LAUNCH)
+    assert result["fastest"]["wy_fwd"] == dict(num_warps=4, tile=64, us=1000.0 / 64 + 4)
+    assert json.loads((tmp_path / "grid.json").read_text())["rows"] == result["rows"]  # written as it went

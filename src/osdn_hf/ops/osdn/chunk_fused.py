@@ -667,7 +667,10 @@ SCAN_TUNING = {
 # Launch settings of the per-chunk kernels: num_warps, and the widest K or V block a kernel walks
 # (16, 32 or 64; narrower blocks hold fewer registers). The fastest of each kernel measured by
 # `scripts/profile_kernels.py --grid` (H100, bf16, K = V = 128; benchmarks/results/kernels_grid.json).
-# Eight warps are not used: that profile hit an illegal memory access at 8 warps with 16-wide tiles.
+# Eight warps are not used: that profile hit an illegal memory access at 8 warps with 16-wide tiles,
+# and as it ran every setting in one process, 8 warps at 32- and 64-wide tiles were never timed. Compiled
+# offline, 8 warps remove most register spills (benchmarks/results/compile_resources_bf16_k128*.json);
+# `--grid` now runs each setting in a process of its own, naming the launch that faults.
 CHUNK_LAUNCH = {
     "pre_intra_fwd": dict(num_warps=4, tile=64),
     "pre_out_fwd": dict(num_warps=4, tile=32),
