@@ -401,3 +401,12 @@ def test_grid_profile_runs_each_setting_alone_and_records_a_fault(tmp_path):
     assert len(result["rows"]) == len(profile_kernels.GRID) * len(chunk_fused.CHUNK_LAUNCH)
     assert result["fastest"]["wy_fwd"] == dict(num_warps=4, tile=64, us=1000.0 / 64 + 4)
     assert json.loads((tmp_path / "grid.json").read_text())["rows"] == result["rows"]  # written as it went
+
+
+def test_relayout_warps_come_from_the_launch_table(monkeypatch):
+    """The relayouts' warps: by size unless `CHUNK_LAUNCH` names them (as `--grid` does)."""
+    assert chunk_fused._relayout_launch("from_chunks", 128, 64)["num_warps"] == 4  # 8192 elements a chunk
+    assert chunk_fused._relayout_launch("from_chunks", 256, 64)["num_warps"] == 8
+    monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, "from_chunks", dict(num_warps=8, tile=None))
+    assert chunk_fused._relayout_launch("from_chunks", 128, 64)["num_warps"] == 8
+    assert chunk_fused._relayout_launch("to_chunks", 128, 64)["num_warps"] == 4
