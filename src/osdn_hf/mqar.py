@@ -188,7 +188,7 @@ def train_one(
         if device.startswith("cuda")
         else torch.autocast("cpu", enabled=False)
     )
-    settings = {k: getattr(model.config, k) for k in OVERRIDES}
+    settings = preconditioner_config(model.config)
     ckpt = None
     if resume_dir is not None:
         run = run_identity(name, d_model, seq_len, num_pairs, lr, steps, batch_size, vocab_size, num_heads, seed,
@@ -284,8 +284,7 @@ def run_identity(name, d_model, seq_len, num_pairs, lr, steps, batch_size, vocab
 def _plan_checkpoint(args, job: tuple) -> str:
     """`checkpoint_name` of a planned run `(seq_len, num_pairs, d_model, lr, model, overrides)`."""
     L, P, d, lr, m, ov = job
-    config = OSDNConfig(**MODELS[m], **ov)
-    settings = {k: getattr(config, k) for k in OVERRIDES}
+    settings = preconditioner_config(OSDNConfig(**MODELS[m], **ov))
     ident = run_identity(m, d, L, P, lr, args.steps, args.batch_size, args.vocab_size, args.num_heads, args.seed,
                          args.eval_every, train_pairs(P, args.train_mix), settings)  # fmt: skip
     return checkpoint_name(ident)
@@ -494,11 +493,16 @@ def best_runs(rows: list[dict]) -> list[dict]:
     return list(best.values())
 
 
+def preconditioner_config(config: OSDNConfig) -> dict:
+    """All of `OVERRIDES` as `config` has them: what a row records and a checkpoint is named by."""
+    return {k: getattr(config, k) for k in OVERRIDES}
+
+
 def settings_of(model: str, overrides: dict | None = None) -> dict:
     """The preconditioner settings (`OVERRIDES`) that affect `model` when built with `overrides`:
     OSDNConfig's current defaults updated by them; DeltaNet has none."""
-    config = OSDNConfig(**MODELS[model], **(overrides or {}))
-    return {k: getattr(config, k) for k in OVERRIDES if k in RELEVANT[model]}
+    settings = preconditioner_config(OSDNConfig(**MODELS[model], **(overrides or {})))
+    return {k: v for k, v in settings.items() if k in RELEVANT[model]}
 
 
 def row_settings(row: dict) -> dict:

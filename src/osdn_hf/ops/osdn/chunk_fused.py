@@ -807,9 +807,9 @@ class Precondition(torch.autograd.Function):
             K=K, C=C, PRECISION=ctx.precision, **_chunk_launch("pre_out_bwd", K),
         )  # fmt: skip
         # the scan adds its gradients of u and dm to the output step's (dy: see pre_out_bwd_kernel)
-        sdp, sdgc = torch.empty_like(p), torch.empty_like(gc)
+        sdp, sdgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(dd)
         if B * H < SCAN_TUNING["precond_bwd"]["split_below"]:  # the scan carries e's gradient; rows follow
-            des, de0 = torch.empty_like(es), torch.empty_like(dd)
+            des = torch.empty_like(es)
             launch = _scan_launch("precond_bwd", K, K, C)
             launch["num_warps"] = SCAN_TUNING["precond_bwd"]["split_num_warps"]
             precond_scan_bwd_de_kernel[(B * H,)](y, k, p, gc, ges, dd, des, de0, NC, K=K, C=C, SQUARE=True, **launch)
@@ -819,7 +819,6 @@ class Precondition(torch.autograd.Function):
             )
             del des
         else:
-            de0 = torch.empty_like(dd)
             precond_scan_bwd_kernel[(B * H,)](
                 y, k, dm, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC,
                 K=K, C=C, ACC=True, DY=False, SQUARE=True, **_scan_launch("precond_bwd", K, K, C),
