@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from osdn_hf.analysis import recall_residual
+from osdn_hf.data import shakespeare_texts, train_bpe_tokenizer
 from osdn_hf.mqar import (
     _plan_checkpoint,
     answer_loss,
@@ -300,3 +301,30 @@ def test_runs_are_told_apart_by_the_settings_they_ran_with(tmp_path):
     del rows[0]["preconditioner_config"]
     with pytest.raises(ValueError, match="without 'preconditioner_config'"):
         at_defaults(rows)
+
+
+def test_recall_residual_on_text_trains_both_models_and_measures_checkpoints(tmp_path):
+    """`scripts/recall_text.py`: OSDN and DeltaNet trained alike on Shakespeare, then measured
+    per layer on held-out blocks (JSON and PNG); a saved checkpoint is measured as it is."""
+    from osdn_hf.recall_text import main as recall_text
+
+    out = tmp_path / "r.json"
+    small = ["--max-chars", "40000", "--eval-blocks", "2", "--eval-block-size", "64", "--block-size", "32"]
+    result = recall_text([*small, "--steps", "2", "--batch-size", "2", "--out", str(out)])
+    assert [(r["model"], r["layer"]) for r in result["rows"]] == [
+        ("osdn", 0),
+        ("osdn", 1),
+        ("deltanet", 0),
+        ("deltanet", 1),
+    ]
+    assert all(r["recall_residual"] >= 0 and r["write_residual"] >= 0 for r in result["rows"])
+    assert json.loads(out.read_text())["rows"] == result["rows"] and out.with_suffix(".png").stat().st_size > 0
+
+    tok = train_bpe_tokenizer(shakespeare_texts(40000), vocab_size=300)
+    model = build_model("deltanet", 32, len(tok), 2, seed=0)
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    again = recall_text([*small, "--models", str(tmp_path / "ckpt"), "--out", str(tmp_path / "c.json")])
+    assert {r["model"] for r in again["rows"]} == {str(tmp_path / "ckpt")} and again["steps"] is None
+    with pytest.raises(ValueError, match="held-out blocks"):
+        recall_text([*small, "--eval-blocks", "1000", "--out", str(tmp_path / "x.json")])
