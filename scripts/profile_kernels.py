@@ -187,36 +187,61 @@ GRID = [(w, t) for w in (4, 8) for t in (16, 32, 64)]  # per-chunk (num_warps, t
 GRID_MARK = "GRID_TIMES "  # the line a --grid-one child prints its kernel times on
 
 
-def grid_setting(setting: tuple, args) -> tuple[dict, str | None]:
+def grid_setting(setting: tuple, args, gpu: int | None = None) -> tuple[dict, str | None]:
     """CUDA time (us) of every kernel of one forward+backward with all per-chunk kernels at
-    `setting` = (num_warps, tile), profiled in a fresh process, so that a setting that faults
-    (an illegal memory access leaves the process's CUDA context unusable) costs only itself.
-    On a failure, the setting runs once more with CUDA_LAUNCH_BLOCKING=1, whose error names the
-    launch that failed; the error's last lines are returned instead of times."""
+    `setting` = (num_warps, tile), profiled in a fresh process (on GPU `gpu` where given), so
+    that a setting that faults (an illegal memory access leaves the process's CUDA context
+    unusable) costs only itself. On a failure, the setting runs once more with
+    CUDA_LAUNCH_BLOCKING=1, whose error names the launch that failed; the error's last lines are
+    returned instead of times."""
     cmd = [sys.executable, __file__, "--grid-one", "{},{}".format(*setting)]
     cmd += ["--B", str(args.B), "--T", str(args.T), "--H", str(args.H), "--D", str(args.D)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if gpu is not None:  # the gpu-th of the GPUs this process sees
+        visible = [x for x in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[gpu] if visible else str(gpu)
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if run.returncode == 0:
         line = next(x for x in run.stdout.splitlines()[::-1] if x.startswith(GRID_MARK))
         return json.loads(line[len(GRID_MARK) :]), None
-    again = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, CUDA_LAUNCH_BLOCKING="1"))
+    again = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, CUDA_LAUNCH_BLOCKING="1"))
     tail = (again.stderr or run.stderr).strip().splitlines()[-12:]
     return {}, f"exit {run.returncode}: " + "\n".join(tail)[-1500:]
 
 
 def grid(args, meta: dict, measure=grid_setting) -> dict:
     """Each per-chunk kernel's CUDA time at every `GRID` setting (all kernels alike in each
-    profile, one process per setting: `measure`), and its fastest."""
+    profile, one process per setting: `measure`), and its fastest. With `args.gpus` = N > 1 the
+    settings run N at a time, one process per GPU (the compiling, most of each setting's time,
+    is CPU work), and are recorded in `GRID`'s order."""
+    from concurrent.futures import ThreadPoolExecutor
+    from queue import Queue
+
     names = list(chunk_fused.CHUNK_LAUNCH)
+    n = max(1, getattr(args, "gpus", 1) or 1)
+    free = Queue()
+    for gpu in range(n):
+        free.put(gpu)
+
+    def on_a_free_gpu(setting):
+        if n == 1:
+            return measure(setting, args)
+        gpu = free.get()
+        try:
+            return measure(setting, args, gpu)
+        finally:
+            free.put(gpu)
+
     rows = []
-    for warps, tile in tqdm(GRID, desc="per-chunk settings"):
-        times, err = measure((warps, tile), args)
-        for name in names:
-            rows.append(dict(kernel=name, num_warps=warps, tile=tile, us=times.get(f"{name}_kernel"), error=err))
-        print(f"warps {warps} tile {tile}: total {sum(times.values()):.0f} us", err or "", flush=True)
-        if args.out:  # as it goes: a run cut short keeps the settings it reached
-            with open(args.out, "w") as f:
-                json.dump(dict(**meta, rows=rows), f)
+    with ThreadPoolExecutor(n) as pool:
+        results = pool.map(on_a_free_gpu, GRID)
+        for (warps, tile), (times, err) in tqdm(zip(GRID, results), total=len(GRID), desc="per-chunk settings"):
+            for name in names:
+                rows.append(dict(kernel=name, num_warps=warps, tile=tile, us=times.get(f"{name}_kernel"), error=err))
+            print(f"warps {warps} tile {tile}: total {sum(times.values()):.0f} us", err or "", flush=True)
+            if args.out:  # as it goes: a run cut short keeps the settings it reached
+                with open(args.out, "w") as f:
+                    json.dump(dict(**meta, rows=rows), f)
     best = {}
     for name in names:
         timed = [r for r in rows if r["kernel"] == name and r["us"] is not None]
@@ -250,6 +275,7 @@ def main(argv=None):
     p.add_argument("--knobs", nargs="+", help="with --tune: only these knobs (a pair as 'prefetch,num_warps')")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--plot-only", metavar="JSON", help="only draw the PNG of an existing --peer result")
+    p.add_argument("--gpus", type=int, default=1, help="with --grid: run the settings this many at a time, one a GPU")
     p.add_argument("--grid-one", help=argparse.SUPPRESS)  # "warps,tile": a --grid child's one setting
     args = p.parse_args(argv)
     if args.plot_only:

@@ -402,6 +402,24 @@ def test_grid_profile_runs_each_setting_alone_and_records_a_fault(tmp_path):
     assert result["fastest"]["wy_fwd"] == dict(num_warps=4, tile=64, us=1000.0 / 64 + 4)
     assert json.loads((tmp_path / "grid.json").read_text())["rows"] == result["rows"]  # written as it went
 
+    # --gpus 2: two settings at a time, each on a GPU no other setting holds meanwhile; same rows
+    import threading
+    import time
+
+    held, lock = set(), threading.Lock()
+
+    def fake_on(setting, args, gpu):
+        with lock:
+            assert gpu in (0, 1) and gpu not in held
+            held.add(gpu)
+        time.sleep(0.01)
+        with lock:
+            held.discard(gpu)
+        return fake(setting, args)
+
+    args.gpus = 2
+    assert profile_kernels.grid(args, {"commit": "abc"}, measure=fake_on)["rows"] == result["rows"]
+
 
 def test_relayout_warps_come_from_the_launch_table(monkeypatch):
     """The relayouts' warps: by size unless `CHUNK_LAUNCH` names them (as `--grid` does)."""
