@@ -5,6 +5,9 @@
     python scripts/profile_kernels.py --grid --out grid.json    # per-chunk kernels: warps x tile
     python scripts/profile_kernels.py --peer --out peer.json    # ours and fla's DeltaNet, kernel by kernel
     python scripts/profile_kernels.py --plot-only peer.json     # its PNG (peer.png)
+    ncu --profile-from-start off --csv --page details --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section WarpStateStats python scripts/profile_kernels.py --ncu-step > ncu.csv
+    python scripts/profile_kernels.py --ncu-json ncu.csv --out ncu.json   # per kernel: its metrics
 
 `--tune` times forward+backward (`triton.testing.do_bench`, median) while it varies the scans'
 launch settings (`chunk_fused.SCAN_TUNING`), one knob at a time from the defaults, and prints
@@ -258,6 +261,36 @@ def grid(args, meta: dict, measure=grid_setting) -> dict:
     )
 
 
+def ncu_step(args) -> None:
+    """One forward+backward of ours, then one of fla's DeltaNet, each after an unprofiled call,
+    between cudaProfilerStart and Stop: what `ncu --profile-from-start off` profiles."""
+    for peer in (False, True):
+        step = _step(args.B, args.T, args.H, args.D, peer=peer)
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+
+
+def ncu_json(csv_path: str, meta: dict) -> dict:
+    """`ncu --csv --page details` output as JSON: one entry per profiled launch, in launch order,
+    with its name, block and grid, and every metric as {section: {metric: [value, unit]}}."""
+    import csv
+
+    with open(csv_path) as f:
+        lines = f.read().splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith('"ID"'))  # ncu's own lines come first
+    launches = {}
+    for r in csv.DictReader(lines[start:]):
+        launch = launches.setdefault(
+            r["ID"], dict(kernel=r["Kernel Name"], block=r["Block Size"], grid=r["Grid Size"], sections={})
+        )
+        launch["sections"].setdefault(r["Section Name"], {})[r["Metric Name"]] = [r["Metric Value"], r["Metric Unit"]]
+    return dict(**meta, launches=list(launches.values()))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--B", type=int, default=4)
@@ -276,11 +309,22 @@ def main(argv=None):
     p.add_argument("--commit", default="unknown")
     p.add_argument("--plot-only", metavar="JSON", help="only draw the PNG of an existing --peer result")
     p.add_argument("--gpus", type=int, default=1, help="with --grid: run the settings this many at a time, one a GPU")
+    p.add_argument("--ncu-step", action="store_true", help="the step to run under ncu (see above)")
+    p.add_argument("--ncu-json", metavar="CSV", help="turn ncu's CSV (see above) into JSON at --out")
     p.add_argument("--grid-one", help=argparse.SUPPRESS)  # "warps,tile": a --grid child's one setting
     args = p.parse_args(argv)
     if args.plot_only:
         with open(args.plot_only) as f:
             plot_peer(json.load(f), args.plot_only.removesuffix(".json") + ".png")
+        return
+    if args.ncu_step:
+        ncu_step(args)
+        return
+    if args.ncu_json:
+        meta = run_metadata(args.commit, "scripts/profile_kernels.py", argv)
+        meta.update(shape=dict(B=args.B, T=args.T, H=args.H, K=args.D, V=args.D, dtype="bfloat16"))
+        with open(args.out, "w") as f:
+            json.dump(ncu_json(args.ncu_json, meta), f, indent=1)
         return
     if args.grid_one:
         warps, tile = (int(x) for x in args.grid_one.split(","))

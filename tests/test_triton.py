@@ -423,8 +423,30 @@ def test_grid_profile_runs_each_setting_alone_and_records_a_fault(tmp_path):
 
 def test_relayout_warps_come_from_the_launch_table(monkeypatch):
     """The relayouts' warps: by size unless `CHUNK_LAUNCH` names them (as `--grid` does)."""
-    assert chunk_fused._relayout_launch("from_chunks", 128, 64)["num_warps"] == 4  # 8192 elements a chunk
-    assert chunk_fused._relayout_launch("from_chunks", 256, 64)["num_warps"] == 8
-    monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, "from_chunks", dict(num_warps=8, tile=None))
-    assert chunk_fused._relayout_launch("from_chunks", 128, 64)["num_warps"] == 8
-    assert chunk_fused._relayout_launch("to_chunks", 128, 64)["num_warps"] == 4
+    assert chunk_fused._relayout_launch("from_chunks", 64, 64)["num_warps"] == 4  # 4096 elements a chunk
+    assert chunk_fused._relayout_launch("from_chunks", 128, 64)["num_warps"] == 8  # 8192
+    monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, "from_chunks", dict(num_warps=4, tile=None))
+    assert chunk_fused._relayout_launch("from_chunks", 128, 64)["num_warps"] == 4
+    assert chunk_fused._relayout_launch("to_chunks", 128, 64)["num_warps"] == 8
+
+
+def test_ncu_csv_becomes_json_per_launch(tmp_path):
+    """`profile_kernels.py --ncu-json`: ncu's details CSV (after its own '==PROF==' lines) as one
+    entry per launch, in launch order, each metric under its section with its unit."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import profile_kernels
+
+    head = '"ID","Kernel Name","Block Size","Grid Size","Section Name","Metric Name","Metric Unit","Metric Value"'
+    rows = [
+        '"0","wy_fwd_kernel","(128, 1, 1)","(4096, 1, 1)","GPU Speed Of Light Throughput","Duration","us","378.5"',
+        '"0","wy_fwd_kernel","(128, 1, 1)","(4096, 1, 1)","Launch Statistics","Registers Per Thread","reg","255"',
+        '"1","out_fwd_kernel","(128, 1, 1)","(2, 4096, 1)","GPU Speed Of Light Throughput","Duration","us","110.2"',
+    ]
+    path = tmp_path / "ncu.csv"
+    path.write_text("\n".join(["==PROF== Connected to process 1", head, *rows]) + "\n")
+    result = profile_kernels.ncu_json(str(path), {"commit": "abc"})
+    assert [x["kernel"] for x in result["launches"]] == ["wy_fwd_kernel", "out_fwd_kernel"]
+    wy = result["launches"][0]
+    assert wy["sections"]["Launch Statistics"]["Registers Per Thread"] == ["255", "reg"]
+    assert wy["sections"]["GPU Speed Of Light Throughput"]["Duration"] == ["378.5", "us"]
+    assert wy["grid"] == "(4096, 1, 1)" and result["commit"] == "abc"

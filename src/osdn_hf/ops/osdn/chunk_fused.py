@@ -666,25 +666,26 @@ SCAN_TUNING = {
 }
 # Launch settings of the per-chunk kernels: num_warps, and the widest K or V block a kernel walks
 # (16, 32 or 64; narrower blocks hold fewer registers). The fastest of each kernel measured by
-# `scripts/profile_kernels.py --grid` (H100, bf16, K = V = 128; benchmarks/results/kernels_grid.json).
-# Eight warps are not used: that profile hit an illegal memory access at 8 warps with 16-wide tiles,
-# and as it ran every setting in one process, 8 warps at 32- and 64-wide tiles were never timed. Compiled
-# offline, 8 warps remove most register spills (benchmarks/results/compile_resources_bf16_k128*.json);
-# `--grid` now runs each setting in a process of its own, naming the launch that faults.
+# `scripts/profile_kernels.py --grid`, every setting in a process of its own (H200, bf16,
+# K = V = 128, 4 x 4096 and 1 x 16384 alike; benchmarks/results/kernels_grid_{4x4096,1x16384}.json).
+# Eight warps are slower for every per-chunk kernel (1.1-3x at 32- and 64-wide tiles), although
+# compiled offline they spill fewer registers (benchmarks/results/compile_resources_bf16_k128*.json);
+# at 16-wide tiles they fault (`pre_intra_bwd_kernel` reads shared memory out of bounds, by
+# compute-sanitizer: benchmarks/results/sanitizer_8x16.log), so that setting must not be used.
 CHUNK_LAUNCH = {
     "pre_intra_fwd": dict(num_warps=4, tile=64),
     "pre_out_fwd": dict(num_warps=4, tile=32),
-    "pre_y": dict(num_warps=4, tile=64),  # pre_intra_fwd's settings for the same loop (not yet in a measured grid)
+    "pre_y": dict(num_warps=4, tile=32),
     "wy_fwd": dict(num_warps=4, tile=64),
-    "kb": dict(num_warps=4, tile=64),  # wy_fwd's settings for the same loop (not yet in a measured grid)
+    "kb": dict(num_warps=4, tile=64),
     "out_fwd": dict(num_warps=4, tile=64),
     "out_bwd": dict(num_warps=4, tile=64),
     "state_grads": dict(num_warps=4, tile=64),
     "wy_bwd": dict(num_warps=4, tile=64),
     "pre_out_bwd": dict(num_warps=4, tile=32),
-    "pre_intra_bwd": dict(num_warps=4, tile=32),
-    # The relayouts read whole rows (no tile); num_warps None: 8 above 8192 elements a chunk, else 4.
-    # Offline, from_chunks at K = 128 spills at 4 warps and not at 8 (not yet timed).
+    "pre_intra_bwd": dict(num_warps=4, tile=64),
+    # The relayouts read whole rows (no tile); num_warps None: 8 from 8192 elements a chunk, else 4
+    # (from_chunks at K = 128: 104 us at 8 warps, 116-120 at 4; to_chunks the same at both).
     "to_chunks": dict(num_warps=None, tile=None),
     "from_chunks": dict(num_warps=None, tile=None),
 }
@@ -726,7 +727,7 @@ def _chunk_launch(name: str, K: int, V: int | None = None) -> dict:
 
 def _relayout_launch(name: str, D: int, C: int) -> dict:
     BD = max(triton.next_power_of_2(D), 16)
-    return dict(D=D, C=C, BD=BD, num_warps=CHUNK_LAUNCH[name]["num_warps"] or (8 if BD * C > 8192 else 4))
+    return dict(D=D, C=C, BD=BD, num_warps=CHUNK_LAUNCH[name]["num_warps"] or (8 if BD * C >= 8192 else 4))
 
 
 def _in_dtype_of(acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
