@@ -12,6 +12,9 @@ median over the rounds, the per-round values and ratios are kept), since fla's t
 half between separate runs and a drift of the machine should fall on both alike; peak memory of
 each forward+backward; and one decoding step (B=1) of `fused_recurrent_osdn` (out of place and
 in place) against fla's `fused_recurrent_delta_rule`, as whole-call time and as GPU time.
+Ours and fla's DeltaNet are also given as GPU time (`*_gpu_ms`: the kernels one call launches,
+without the host's time between them), since fla's calls can take longer on the host than on
+the GPU, and then its `do_bench` times follow the host.
 Writes the JSON (schema in the kernels issue) and a PNG beside it.
 """
 
@@ -86,6 +89,10 @@ def bench_row(B, T, do_bench, rounds=3):
         fwd_ratio=ratio_summary(ms["osdn_fwd"], ms["fla_delta_fwd"], "osdn / fla_delta"),
         fwdbwd_ratio=ratio_summary(ms["osdn_fwdbwd"], ms["fla_delta_fwdbwd"], "osdn / fla_delta"),
     )
+    # GPU time of what one call launches, without host time: fla's calls take longer on the host
+    # than on the GPU at these sizes, so its do_bench times follow the host's speed and load
+    for name, step in steps.items():
+        row[f"{name}_gpu_ms"] = _gpu_us(step, calls=5) / 1e3
     row["osdn_peak_mib"] = _peak_mib(steps["osdn_fwdbwd"], (q, k, v, beta, eta, lam))
     row["fla_delta_peak_mib"] = _peak_mib(steps["fla_delta_fwdbwd"], (q, k, v, beta, eta, lam))
 
@@ -229,7 +236,8 @@ def main(argv=None):
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(
         f"{'B x T':>10} {'osdn fwd':>9} {'fla fwd':>8} {'ratio':>6} "
-        f"{'osdn f+b':>9} {'fla f+b':>8} {'ratio':>6} {'mem ratio':>9}  f+b ratio per round"
+        f"{'osdn f+b':>9} {'fla f+b':>8} {'ratio':>6} {'mem ratio':>9} {'GPU-time ratio f, f+b':>22}"
+        "  f+b ratio per round"
     )
     for r in rows:
         print(
@@ -237,7 +245,9 @@ def main(argv=None):
             f"{r['osdn_fwd_ms'] / r['fla_delta_fwd_ms']:6.2f} "
             f"{r['osdn_fwdbwd_ms']:9.3f} {r['fla_delta_fwdbwd_ms']:8.3f} "
             f"{r['osdn_fwdbwd_ms'] / r['fla_delta_fwdbwd_ms']:6.2f} "
-            f"{r['osdn_peak_mib'] / r['fla_delta_peak_mib']:9.2f}  "
+            f"{r['osdn_peak_mib'] / r['fla_delta_peak_mib']:9.2f} "
+            f"{r['osdn_fwd_gpu_ms'] / r['fla_delta_fwd_gpu_ms']:16.2f} "
+            f"{r['osdn_fwdbwd_gpu_ms'] / r['fla_delta_fwdbwd_gpu_ms']:5.2f}  "
             + " ".join(f"{x:.2f}" for x in r["rounds"]["fwdbwd_ratio"]["per_round"])
         )
     print("decode:", result["decode"])

@@ -39,13 +39,15 @@ from osdn_hf.ops.osdn import chunk_fused
 from osdn_hf.run_info import run_metadata
 
 
-def _step(B, T, H, D, peer=False):
+def _step(B, T, H, D, peer=False, V=None):
     """One forward+backward of `chunk_osdn` on random bf16 inputs, as a closure; with `peer`, of
-    fla's DeltaNet (`chunk_delta_rule`, the peer of `scripts/bench_kernels.py`) on the same kind."""
-    dt = torch.bfloat16
-    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
+    fla's DeltaNet (`chunk_delta_rule`, the peer of `scripts/bench_kernels.py`) on the same kind.
+    Values are `V` wide (default D)."""
+    dt, V = torch.bfloat16, V or D
+    q, k = (torch.randn(B, T, H, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(2))
+    v = torch.randn(B, T, H, V, device="cuda", dtype=dt, requires_grad=True)
     beta, eta, lam = (torch.rand(B, T, H, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
-    do = torch.randn(B, T, H, D, device="cuda", dtype=dt)
+    do = torch.randn(B, T, H, V, device="cuda", dtype=dt)
     if peer:
         from fla.ops.delta_rule import chunk_delta_rule
 
@@ -54,13 +56,35 @@ def _step(B, T, H, D, peer=False):
 
 
 def peer(step, args, meta: dict) -> dict:
-    """Per-kernel CUDA time (us) of one forward+backward of ours and of fla's DeltaNet."""
+    """Per-kernel CUDA time (us) of one forward+backward of ours and of fla's DeltaNet; with
+    `args.narrow_v`, also of fla's DeltaNet with values that wide: phase 1 is a delta rule on a
+    `K x 1` state, so a narrow-valued DeltaNet in fla's kernels is what phase 1 would cost at
+    least if it were written as well as they are (it also needs its decay and its output W)."""
     ours, theirs = kernel_times(step), kernel_times(_step(args.B, args.T, args.H, args.D, peer=True))
-    for name, times in (("chunk_osdn", ours), ("fla chunk_delta_rule", theirs)):
+    runs = [("chunk_osdn", ours), ("fla chunk_delta_rule", theirs)]
+    narrow = {}
+    for width in getattr(args, "narrow_v", None) or ():
+        try:
+            narrow[width] = kernel_times(_step(args.B, args.T, args.H, args.D, peer=True, V=width))
+        except Exception as err:  # a width fla's kernels refuse is recorded, the others still run
+            narrow[width] = f"{type(err).__name__}: {err}"[:300]
+            print(f"fla chunk_delta_rule, V={width}: {narrow[width]}")
+            continue
+        runs.append((f"fla chunk_delta_rule, V={width}", narrow[width]))
+    for name, times in runs:
         print(f"{name}: {sum(times.values()):.0f} us in all")
         for kernel, us in sorted(times.items(), key=lambda kv: -kv[1]):
             print(f"  {us:8.1f}  {kernel[:90]}")
+    extra = {}
+    if narrow:
+        extra = dict(
+            fla_delta_narrow_v_us={str(w): t for w, t in narrow.items()},
+            fla_delta_narrow_v_total_us={
+                str(w): sum(t.values()) if isinstance(t, dict) else None for w, t in narrow.items()
+            },
+        )
     return dict(
+        **extra,
         **meta,
         shape=dict(B=args.B, T=args.T, H=args.H, K=args.D, V=args.D, dtype="bfloat16"),
         osdn_us=ours,
@@ -309,6 +333,7 @@ def main(argv=None):
     p.add_argument("--commit", default="unknown")
     p.add_argument("--plot-only", metavar="JSON", help="only draw the PNG of an existing --peer result")
     p.add_argument("--gpus", type=int, default=1, help="with --grid: run the settings this many at a time, one a GPU")
+    p.add_argument("--narrow-v", type=int, nargs="+", help="with --peer: also fla's DeltaNet with values this wide")
     p.add_argument("--ncu-step", action="store_true", help="the step to run under ncu (see above)")
     p.add_argument("--ncu-json", metavar="CSV", help="turn ncu's CSV (see above) into JSON at --out")
     p.add_argument("--grid-one", help=argparse.SUPPRESS)  # "warps,tile": a --grid child's one setting
