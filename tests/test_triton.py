@@ -71,7 +71,8 @@ def test_scans_match_torch_twins(K, V):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_state_scan_recompute_rebuilds_the_same_states(dtype):
     """RECOMPUTE (the phase-2 backward's rebuild of the per-chunk states from W and the scan's own
-    U) gives the forward scan's per-chunk and final states bit for bit, without reading Kb or Ub."""
+    U) gives the forward scan's per-chunk states bit for bit, without reading Kb or Ub, and does
+    not write a final state (the backward has no use for it)."""
     _, state = _scan_inputs(2, 2, 3, 64, 48, 80)
     kb, w, ub = (state[n].detach().to(dtype) for n in ("kb", "w", "ub"))
     s0 = state["s0"].detach()
@@ -86,7 +87,7 @@ def test_state_scan_recompute_rebuilds_the_same_states(dtype):
     chunk_scan.state_scan_fwd_kernel[grid](
         nan, w, nan, s0, uo, ss2, sf2, NC, K=K, V=V, C=C, PRECISION="ieee", RECOMPUTE=True, **launch
     )
-    assert torch.equal(ss2, ss) and torch.equal(sf2, sf)
+    assert torch.equal(ss2, ss) and sf2.isnan().all() and not sf.isnan().any()
     assert ss.abs().sum() > 0 and not torch.equal(ss[:, :, 1], ss[:, :, 2])  # states that move
 
 
@@ -197,7 +198,7 @@ def test_state_scans_prefetching_give_the_same_bits(K, V, dtype):
         assert torch.equal(a, b), name
     assert not torch.equal(ref[1][:, :, 1], ref[1][:, :, 2])
     rebuilt = fwd(True, uo=ref[0].clone())
-    assert torch.equal(rebuilt[1], ref[1]) and torch.equal(rebuilt[2], ref[2])
+    assert torch.equal(rebuilt[1], ref[1])  # the rebuild writes no final state (tested above)
     g = torch.Generator().manual_seed(4)
     gu, gss = torch.randn(ub.shape, generator=g).to(dtype), torch.randn(ref[1].shape, generator=g).to(dtype)
     gsf = torch.randn(ref[2].shape, generator=g)

@@ -837,11 +837,12 @@ class Precondition(torch.autograd.Function):
 def _state_scan(kb, w, ub, s0, uo, precision):
     """Phase 2's state scan: the per-chunk states `[B, H, NC, K, V]` (storage dtype) and the final
     state (float32). With `kb` and `ub` it writes U to `uo`; with `kb=ub=None` it rebuilds the
-    states from the U already in `uo` (RECOMPUTE)."""
+    per-chunk states from the U already in `uo` (RECOMPUTE), and returns no final state."""
     B, H, NC, C, K = w.shape
     V = uo.shape[-1]
     launch = _scan_launch("state_fwd", K, V, C)
-    ss, sf = w.new_empty(B, H, NC, K, V), s0.new_empty(B, H, K, V)
+    ss = w.new_empty(B, H, NC, K, V)
+    sf = None if ub is None else s0.new_empty(B, H, K, V)
     state_scan_fwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
         w if kb is None else kb, w, uo if ub is None else ub, s0, uo, ss, sf, NC,
         K=K, V=V, C=C, PRECISION=precision, RECOMPUTE=ub is None, **launch,
@@ -884,7 +885,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         B, H, NC, C, K = k.shape
         T, V = v.shape[1], v.shape[-1]
         scale, precision = ctx.scale, ctx.precision
-        ss, _ = _state_scan(None, w, None, s0, uo, precision)
+        ss, _ = _state_scan(None, w, None, s0, uo, precision)  # the final state is not rebuilt
         do = torch.zeros_like(v) if do is None else do.contiguous()
         ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
         dq, gu, gss = torch.empty_like(q), torch.empty_like(uo), torch.empty_like(ss)

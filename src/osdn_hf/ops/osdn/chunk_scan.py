@@ -398,7 +398,8 @@ if HAS_TRITON:
         The products run in the dtype Kb and W are stored in: S and U are rounded to it for them
         (as fla does; no-ops for float32 storage), and S is carried in float32. With RECOMPUTE,
         `uo` holds the U this scan wrote before and only the per-chunk states are rebuilt from it
-        (Kb and Ub are not read): the same `ss` and `sf`, bit for bit, for half the work. With
+        (Kb and Ub are not read): the same `ss`, bit for bit, for half the work, and no final
+        state (`sf` is not written; the backward that rebuilds has it already). With
         PREFETCH (BS == C) the next chunk's rows are loaded before this chunk's products, as in
         the preconditioner scans."""
         i_bh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
@@ -430,7 +431,8 @@ if HAS_TRITON:
                     b_w, b_kb, b_ub = _state_fwd_rows(kb, w, ub, uo, o_t, o_k, m_k, o_v, m_v, K, V, RECOMPUTE)
                     b_ds += _state_fwd_step(b_w, b_kb, b_ub, b_s, uo, o_t, o_v, m_v, V, PRECISION, RECOMPUTE)
                 b_s += b_ds
-        tl.store(sf + i_bh * K * V + o_kv, b_s, mask=m_kv)
+        if not RECOMPUTE:
+            tl.store(sf + i_bh * K * V + o_kv, b_s, mask=m_kv)
 
     @triton.jit
     def _state_bwd_rows(kb, w, gu, o_t, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr):
