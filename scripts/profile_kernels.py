@@ -4,7 +4,7 @@
     python scripts/profile_kernels.py --tune --out tune.json    # scan launch settings, one knob at a time
     python scripts/profile_kernels.py --grid --out grid.json    # per-chunk kernels: warps x tile
     python scripts/profile_kernels.py --peer --out peer.json    # ours and fla's DeltaNet, kernel by kernel
-    python scripts/profile_kernels.py --plot-only peer.json     # its PNG (peer.png)
+    python scripts/profile_kernels.py --plot-only peer.json     # its PNG (peer.png; a --grid JSON too)
     ncu --profile-from-start off --csv --page details --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats python scripts/profile_kernels.py --ncu-step > ncu.csv
     python scripts/profile_kernels.py --ncu-json ncu.csv --out ncu.json   # per kernel: its metrics
@@ -143,6 +143,47 @@ def plot_peer(result: dict, png: str) -> None:
     )
     ax.legend(fontsize=7, loc="lower right", ncol=2)
     ax.set_xlim(0, max(sum(g.values()) for g in bars.values()) * 1.15)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
+
+
+def plot_grid(result: dict, png: str) -> None:
+    """A `--grid` result as a heat map: each kernel's CUDA time at every setting, relative to its
+    time at its own `CHUNK_LAUNCH` setting (settings that faulted are marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    settings = list(dict.fromkeys((r["num_warps"], r["tile"]) for r in result["rows"]))
+    kernels = list(dict.fromkeys(r["kernel"] for r in result["rows"]))
+    us = {(r["kernel"], r["num_warps"], r["tile"]): r["us"] for r in result["rows"]}
+    rel = np.full((len(kernels), len(settings)), np.nan)
+    for i, name in enumerate(kernels):
+        own = result["defaults"][name]
+        base = next(
+            (us.get((name, w, t)) for w, t in settings if (w, t) == (own["num_warps"] or 4, own["tile"] or 16)), None
+        )
+        for j, (w, t) in enumerate(settings):
+            if base and us.get((name, w, t)) is not None:
+                rel[i, j] = us[(name, w, t)] / base
+    fig, ax = plt.subplots(figsize=(1.3 * len(settings) + 3, 0.38 * len(kernels) + 1.6))
+    im = ax.imshow(np.log2(rel), cmap="RdYlGn_r", vmin=-1, vmax=1, aspect="auto")
+    for i, name in enumerate(kernels):
+        for j, (w, t) in enumerate(settings):
+            x = us.get((name, w, t))
+            ax.text(j, i, "fault" if x is None else f"{x:.0f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(settings)), [f"{w} warps\ntile {t}" for w, t in settings], fontsize=8)
+    ax.set_yticks(range(len(kernels)), kernels, fontsize=8)
+    shape = result["shape"]
+    ax.set_title(
+        f"CUDA us per kernel (colour: vs its own setting, log2); B={shape['B']} T={shape['T']} "
+        f"K=V={shape['K']} {shape['dtype']}; {result['device']}, {result['commit'][:10]}",
+        fontsize=8,
+    )
+    fig.colorbar(im, ax=ax, label="log2(time / time at own setting)")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     print(f"wrote {png}")
@@ -331,7 +372,7 @@ def main(argv=None):
     )
     p.add_argument("--knobs", nargs="+", help="with --tune: only these knobs (a pair as 'prefetch,num_warps')")
     p.add_argument("--commit", default="unknown")
-    p.add_argument("--plot-only", metavar="JSON", help="only draw the PNG of an existing --peer result")
+    p.add_argument("--plot-only", metavar="JSON", help="only draw the PNG of an existing --peer or --grid result")
     p.add_argument("--gpus", type=int, default=1, help="with --grid: run the settings this many at a time, one a GPU")
     p.add_argument("--narrow-v", type=int, nargs="+", help="with --peer: also fla's DeltaNet with values this wide")
     p.add_argument("--ncu-step", action="store_true", help="the step to run under ncu (see above)")
@@ -340,7 +381,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.plot_only:
         with open(args.plot_only) as f:
-            plot_peer(json.load(f), args.plot_only.removesuffix(".json") + ".png")
+            result = json.load(f)
+        (plot_grid if "fastest" in result else plot_peer)(result, args.plot_only.removesuffix(".json") + ".png")
         return
     if args.ncu_step:
         ncu_step(args)
@@ -366,8 +408,8 @@ def main(argv=None):
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
-            if args.peer:
-                plot_peer(result, args.out.removesuffix(".json") + ".png")
+            if args.peer or args.grid:
+                (plot_peer if args.peer else plot_grid)(result, args.out.removesuffix(".json") + ".png")
         return
     step = _step(args.B, args.T, args.H, args.D)
     print(

@@ -421,6 +421,11 @@ def test_grid_profile_runs_each_setting_alone_and_records_a_fault(tmp_path):
     args.gpus = 2
     assert profile_kernels.grid(args, {"commit": "abc"}, measure=fake_on)["rows"] == result["rows"]
 
+    # its heat map: drawn from the rows, the faulted setting marked
+    png = tmp_path / "grid.png"
+    profile_kernels.plot_grid(dict(result, device="test"), str(png))
+    assert png.stat().st_size > 10_000
+
 
 def test_relayout_warps_come_from_the_launch_table(monkeypatch):
     """The relayouts' warps: by size unless `CHUNK_LAUNCH` names them (as `--grid` does)."""
