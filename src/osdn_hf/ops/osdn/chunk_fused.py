@@ -655,8 +655,9 @@ SCAN_TUNING = {
     # split_below: with fewer than this many (batch, head) scans, the backward scan carries only
     # e's gradient (at split_num_warps) and a kernel parallel over chunks writes the rows' gradients
     # from it (`precond_rows_bwd_kernel`). Measured (kernels_tune_split_groups_*.json): 5.87 -> 5.59
-    # ms at 1 x 16384 (16 scans, 4 warps), 4.08 -> 4.13 ms at 8 x 2048 (128 scans); 32 and 64
-    # scans are not measured, so the line is drawn between them and 128.
+    # ms at 1 x 16384 (16 scans, 4 warps), 4.08 -> 4.13 ms at 8 x 2048 (128 scans); at 2 x 8192
+    # (32 scans) 4.63 -> 4.56 ms, at 4 x 4096 (64 scans) 4.13 -> 4.15 ms, level
+    # (kernels_tune_split_{2x8192,4x4096}.json), so the line stays at 128.
     # Grouping phase 1's scans (chunks in parallel groups, each group's K x K map, a short scan over
     # groups) measured no faster and was taken out (953acd4; README.md).
     "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True),
