@@ -669,7 +669,7 @@ SCAN_TUNING = {
 # (16, 32 or 64; narrower blocks hold fewer registers). The fastest of each kernel measured by
 # `scripts/profile_kernels.py --grid`, every setting in a process of its own (H200, bf16,
 # K = V = 128, 4 x 4096 and 1 x 16384 alike; benchmarks/results/kernels_grid_{4x4096,1x16384}.json).
-# Eight warps: 1.12-2.5x slower than 4 for the kernels holding C x C matrices, level for pre_y and kb,
+# Eight warps: 1.12-2.5x slower than 4 for nine of these kernels, level for pre_y and kb,
 # faster only for from_chunks (0.87-0.90x), although compiled offline they spill fewer registers (benchmarks/results/compile_resources_bf16_k128*.json);
 # at 16-wide tiles they fault (`pre_intra_bwd_kernel` reads shared memory out of bounds, by
 # compute-sanitizer: benchmarks/results/sanitizer_8x16.log), so that setting must not be used.
