@@ -265,7 +265,8 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split,
     path, differentiated by autograd: head dims that span several tiles (the launch table's 32-
     and 64-wide ones, or 16-wide everywhere) or leave a masked remainder, three chunks, a
     non-trivial d0 and S0; with all four scans loading a chunk ahead, or none; with phase 1's
-    backward scan split from its rows' gradients."""
+    backward scan split from its rows' gradients. At (256, 256) in float32 the kernels' loops over
+    blocks stay loops (`chunk_fused._unrolled`)."""
     if tile is not None:
         for name, launch in chunk_fused.CHUNK_LAUNCH.items():
             monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, name, dict(launch, tile=tile))
@@ -456,3 +457,12 @@ def test_ncu_csv_becomes_json_per_launch(tmp_path):
     assert wy["sections"]["Launch Statistics"]["Registers Per Thread"] == ["255", "reg"]
     assert wy["sections"]["GPU Speed Of Light Throughput"]["Duration"] == ["378.5", "us"]
     assert wy["grid"] == "(4096, 1, 1)" and result["commit"] == "abc"
+
+
+def test_loops_stay_rolled_only_for_float32_above_head_dim_128():
+    """`UNROLL` off (loops over K and V blocks kept as loops in the compiled code) only where
+    unrolled code took many minutes to compile: float32 ("ieee") products at head dims above 128.
+    The (256, 256) float32 case of `test_fused_chunk_kernels_match_torch_chunk_path` runs that way."""
+    assert not chunk_fused._unrolled("ieee", 256, 256) and not chunk_fused._unrolled("ieee", 64, 160)
+    assert chunk_fused._unrolled("ieee", 128, 128) and chunk_fused._unrolled("ieee", 128)
+    assert chunk_fused._unrolled("tf32", 256, 256)  # 16-bit inputs keep their measured code

@@ -260,14 +260,43 @@ if HAS_TRITON:
     # ---------------------------------------------------------------- phase 2 backward
 
     @triton.jit
+    def _out_bwd_block(
+        q, w, ss, do, dq, dw, gss, scale, b_dm, b_m, i_k, i_c, o_t, r_o, m_r,
+        K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """`out_bwd_kernel`'s work on the K block at `i_k`: its dQ, dW and `gss` columns; returns
+        M's sum with this block's share added."""
+        o_k = i_k + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+        b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+        b_m += tl.dot(b_q, tl.trans(b_w), input_precision=PRECISION)
+        b_dw = tl.dot(tl.trans(b_dm).to(b_q.dtype), b_q, input_precision=PRECISION)
+        tl.store(dw + o_t[:, None] * K + o_k[None, :], b_dw, mask=m_k[None, :])
+        b_dq = tl.dot(b_dm.to(b_w.dtype), b_w, input_precision=PRECISION)
+        for i_v in tl.static_range(0, V, BV):
+            o_v = i_v + tl.arange(0, BV)
+            m_v = o_v < V
+            b_do = tl.load(do + r_o[:, None] * V + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
+            m_kv = m_k[:, None] & m_v[None, :]
+            b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+            b_dq += scale * tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION)
+            b_gs = scale * tl.dot(tl.trans(b_q), b_do, input_precision=PRECISION)
+            tl.store(gss + i_c * K * V + o_k[:, None] * V + o_v[None, :], b_gs, mask=m_kv)
+        tl.store(dq + o_t[:, None] * K + o_k[None, :], b_dq, mask=m_k[None, :])
+        return b_m
+
+    @triton.jit
     def out_bwd_kernel(
         q, w, u, ss, do, dq, dw, du, gss, scale, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, UNROLL: tl.constexpr = True,
     ):  # fmt: skip
         """Through O = scale (Q S_n + M U), M = tril(Q W^T): dQ, the output's share of dW, and
         dU = scale M^T dO, and the gradient of the chunk-start state S_n, scale Q^T dO (`gss`).
-        dO is `[B, T, H, V]`."""
+        dO is `[B, T, H, V]`. With UNROLL off the loop over K blocks stays a loop in the compiled
+        code (`_unrolled`: float32 at head dims above 128, whose unrolled code took 16 minutes to
+        compile)."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -282,25 +311,16 @@ if HAS_TRITON:
             b_dm += tl.dot(b_do, tl.trans(b_u), input_precision=PRECISION)
         b_dm = tl.where(incl, b_dm * scale, 0.0)
         b_m = tl.zeros([C, C], dtype=tl.float32)  # scale tril(Q W^T)
-        for i_k in tl.static_range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m_k = o_k < K
-            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-            b_m += tl.dot(b_q, tl.trans(b_w), input_precision=PRECISION)
-            b_dw = tl.dot(tl.trans(b_dm).to(b_q.dtype), b_q, input_precision=PRECISION)
-            tl.store(dw + o_t[:, None] * K + o_k[None, :], b_dw, mask=m_k[None, :])
-            b_dq = tl.dot(b_dm.to(b_w.dtype), b_w, input_precision=PRECISION)
-            for i_v in tl.static_range(0, V, BV):
-                o_v = i_v + tl.arange(0, BV)
-                m_v = o_v < V
-                b_do = tl.load(do + r_o[:, None] * V + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
-                m_kv = m_k[:, None] & m_v[None, :]
-                b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
-                b_dq += scale * tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION)
-                b_gs = scale * tl.dot(tl.trans(b_q), b_do, input_precision=PRECISION)
-                tl.store(gss + i_c * K * V + o_k[:, None] * V + o_v[None, :], b_gs, mask=m_kv)
-            tl.store(dq + o_t[:, None] * K + o_k[None, :], b_dq, mask=m_k[None, :])
+        if UNROLL:
+            for i_k in tl.static_range(0, K, BK):
+                b_m = _out_bwd_block(
+                    q, w, ss, do, dq, dw, gss, scale, b_dm, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION
+                )
+        else:  # not pipelined either: buffering its loads ahead would take 340 KB of shared memory
+            for i_k in tl.range(0, K, BK, num_stages=1):
+                b_m = _out_bwd_block(
+                    q, w, ss, do, dq, dw, gss, scale, b_dm, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION
+                )
         b_m = tl.where(incl, b_m * scale, 0.0)
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
@@ -341,14 +361,66 @@ if HAS_TRITON:
         tl.store(dw + o_tk, tl.load(dw + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32) + b_dws, mask=m_k[None, :])
 
     @triton.jit
+    def _wy_bwd_v_block(
+        v, dub, dv, b_t, b_b, b_dt, b_db, i_v, o_t, r_v, m_r, V: tl.constexpr, BV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """`wy_bwd_kernel` on the V block at `i_v`: dV's columns; dT's and db's sums with them."""
+        o_v = i_v + tl.arange(0, BV)
+        m = o_v[None, :] < V
+        b_v = tl.load(v + r_v[:, None] * V + o_v[None, :], mask=m_r[:, None] & m, other=0.0)
+        b_dub = tl.load(dub + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
+        b_dt += tl.dot(b_dub, tl.trans((b_v * b_b[:, None]).to(b_v.dtype)), input_precision=PRECISION)
+        b_dvb = tl.dot(tl.trans(b_t), b_dub, input_precision=PRECISION)  # d(diag(b) V)
+        tl.store(dv + r_v[:, None] * V + o_v[None, :], b_dvb * b_b[:, None], mask=m_r[:, None] & m)
+        b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
+        return b_dt, b_db
+
+    @triton.jit
+    def _wy_bwd_kw_block(
+        k, w, dk, b_b, b_dt, b_kw, i_k, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr
+    ):
+        """`wy_bwd_kernel` on the K block at `i_k`, first pass: dT's and K W^T's sums with it."""
+        o_k = i_k + tl.arange(0, BK)
+        m = o_k[None, :] < K
+        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+        b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+        b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+        b_dt += tl.dot(b_dkb, tl.trans(b_k.to(tl.float32) * b_b[:, None]), input_precision=PRECISION)
+        b_kw += tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
+        return b_dt, b_kw
+
+    @triton.jit
+    def _wy_bwd_k_block(
+        k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t,
+        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """`wy_bwd_kernel` on the K block at `i_k`, second pass: dK's and dW's columns; db's sum."""
+        o_k = i_k + tl.arange(0, BK)
+        m = o_k[None, :] < K
+        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+        b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+        b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+        tl.debug_barrier()  # every warp has read this block of dKb before dK may overwrite it
+        b_dkbb = tl.dot(tl.trans(b_t), b_dkb, input_precision=PRECISION)  # d(diag(b) K)
+        b_db += tl.sum(b_dkbb * b_k.to(tl.float32), 1)
+        b_dk = b_dkbb * b_b[:, None] + tl.dot(b_dab.to(b_w.dtype), b_w, input_precision=PRECISION)
+        tl.store(dk_out + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
+        b_dw = tl.dot(tl.trans(b_dab).to(b_k.dtype), b_k, input_precision=PRECISION)
+        b_dw += tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(dw_out + o_t[:, None] * K + o_k[None, :], b_dw, mask=m)
+        return b_db
+
+    @triton.jit
     def wy_bwd_kernel(
         k, w, v, beta, tinv, dub, dk, dw, dk_out, dw_out, dv, dbeta, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, UNROLL: tl.constexpr = True,
     ):  # fmt: skip
         """Through Ub = T diag(b) V, Kb = T diag(b) K, T = (I + A)^{-1}, A = tril(diag(b) K W^T, -1),
         `dk` holds dKb and `dw` the other shares of dW (float32); dK and all of dW go to `dk_out`
-        and `dw_out` (k's dtype; they may be `dk` and `dw`). v and dv are `[B, T, H, V]`."""
+        and `dw_out` (k's dtype; they may be `dk` and `dw`). v and dv are `[B, T, H, V]`. With
+        UNROLL off the loops over blocks stay loops, not pipelined (`_unrolled`)."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -357,24 +429,19 @@ if HAS_TRITON:
         b_t = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])  # the storage dtype
         b_dt = tl.zeros([C, C], dtype=tl.float32)
         b_db = tl.zeros([C], dtype=tl.float32)
-        for i_v in tl.static_range(0, V, BV):
-            o_v = i_v + tl.arange(0, BV)
-            m = o_v[None, :] < V
-            b_v = tl.load(v + r_v[:, None] * V + o_v[None, :], mask=m_r[:, None] & m, other=0.0)
-            b_dub = tl.load(dub + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
-            b_dt += tl.dot(b_dub, tl.trans((b_v * b_b[:, None]).to(b_v.dtype)), input_precision=PRECISION)
-            b_dvb = tl.dot(tl.trans(b_t), b_dub, input_precision=PRECISION)  # d(diag(b) V)
-            tl.store(dv + r_v[:, None] * V + o_v[None, :], b_dvb * b_b[:, None], mask=m_r[:, None] & m)
-            b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
+        if UNROLL:
+            for i_v in tl.static_range(0, V, BV):
+                b_dt, b_db = _wy_bwd_v_block(v, dub, dv, b_t, b_b, b_dt, b_db, i_v, o_t, r_v, m_r, V, BV, PRECISION)
+        else:
+            for i_v in tl.range(0, V, BV, num_stages=1):
+                b_dt, b_db = _wy_bwd_v_block(v, dub, dv, b_t, b_b, b_dt, b_db, i_v, o_t, r_v, m_r, V, BV, PRECISION)
         b_kw = tl.zeros([C, C], dtype=tl.float32)
-        for i_k in tl.static_range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_dt += tl.dot(b_dkb, tl.trans(b_k.to(tl.float32) * b_b[:, None]), input_precision=PRECISION)
-            b_kw += tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
+        if UNROLL:
+            for i_k in tl.static_range(0, K, BK):
+                b_dt, b_kw = _wy_bwd_kw_block(k, w, dk, b_b, b_dt, b_kw, i_k, o_t, K, BK, PRECISION)
+        else:
+            for i_k in tl.range(0, K, BK, num_stages=1):
+                b_dt, b_kw = _wy_bwd_kw_block(k, w, dk, b_b, b_dt, b_kw, i_k, o_t, K, BK, PRECISION)
         # dA = -T^T dT T^T on the strictly lower part
         b_t = b_t.to(tl.float32)
         b_da = tl.dot(tl.trans(b_t), b_dt, input_precision=PRECISION)
@@ -382,20 +449,12 @@ if HAS_TRITON:
         b_da = tl.where(o_c[:, None] > o_c[None, :], b_da, 0.0)
         b_db += tl.sum(b_da * b_kw, 1)
         b_dab = b_da * b_b[:, None]
-        for i_k in tl.static_range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            tl.debug_barrier()  # every warp has read this block of dKb before dK may overwrite it
-            b_dkbb = tl.dot(tl.trans(b_t), b_dkb, input_precision=PRECISION)  # d(diag(b) K)
-            b_db += tl.sum(b_dkbb * b_k.to(tl.float32), 1)
-            b_dk = b_dkbb * b_b[:, None] + tl.dot(b_dab.to(b_w.dtype), b_w, input_precision=PRECISION)
-            tl.store(dk_out + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
-            b_dw = tl.dot(tl.trans(b_dab).to(b_k.dtype), b_k, input_precision=PRECISION)
-            b_dw += tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-            tl.store(dw_out + o_t[:, None] * K + o_k[None, :], b_dw, mask=m)
+        if UNROLL:
+            for i_k in tl.static_range(0, K, BK):
+                b_db = _wy_bwd_k_block(k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t, K, BK, PRECISION)
+        else:
+            for i_k in tl.range(0, K, BK, num_stages=1):
+                b_db = _wy_bwd_k_block(k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t, K, BK, PRECISION)
         tl.store(dbeta + o_t, b_db)
 
     # ---------------------------------------------------------------- phase 1 forward
@@ -506,9 +565,33 @@ if HAS_TRITON:
     # ---------------------------------------------------------------- phase 1 backward
 
     @triton.jit
+    def _pre_out_bwd_block(
+        k, es, dw, dk, du, b_p, b_eg, b_delta, b_dp, b_ddelta, b_dg, i_k, i_c, o_t,
+        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """`pre_out_bwd_kernel` on the K block at `i_k`: dK's direct part and dU's columns; the sums
+        of dP, d(delta) and dg with them."""
+        o_k = i_k + tl.arange(0, BK)
+        m_k = o_k < K
+        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+        b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
+        b_dw = tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+        b_u = b_k * b_k
+        b_du_ = b_u * b_delta[:, None]
+        b_ee = b_eg[:, None] * b_e[None, :] + tl.dot(b_p, b_du_, input_precision=PRECISION)
+        b_de = b_dw * b_k  # dE
+        tl.store(dk + o_t[:, None] * K + o_k[None, :], b_dw * (1 + b_ee), mask=m_k[None, :])
+        b_dp += tl.dot(b_de, tl.trans(b_du_), input_precision=PRECISION)
+        b_dg += b_eg * tl.sum(b_de * b_e[None, :], 1)
+        b_pde = tl.dot(tl.trans(b_p), b_de, input_precision=PRECISION)  # d(delta * U)
+        b_ddelta += tl.sum(b_pde * b_u, 1)
+        tl.store(du + o_t[:, None] * K + o_k[None, :], b_pde * b_delta[:, None], mask=m_k[None, :])
+        return b_dp, b_ddelta, b_dg
+
+    @triton.jit
     def pre_out_bwd_kernel(
         k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
-        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr = True,
     ):  # fmt: skip
         """Through W = (1 + E) * K, E = G e_n^T + P (delta * U), delta = dm - Y e_n.
 
@@ -524,22 +607,16 @@ if HAS_TRITON:
         b_dp = tl.zeros([C, C], dtype=tl.float32)  # dE (delta * U)^T
         b_ddelta = tl.zeros([C], dtype=tl.float32)
         b_dg = tl.zeros([C], dtype=tl.float32)
-        for i_k in tl.static_range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m_k = o_k < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
-            b_dw = tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-            b_u = b_k * b_k
-            b_du_ = b_u * b_delta[:, None]
-            b_ee = b_eg[:, None] * b_e[None, :] + tl.dot(b_p, b_du_, input_precision=PRECISION)
-            b_de = b_dw * b_k  # dE
-            tl.store(dk + o_t[:, None] * K + o_k[None, :], b_dw * (1 + b_ee), mask=m_k[None, :])
-            b_dp += tl.dot(b_de, tl.trans(b_du_), input_precision=PRECISION)
-            b_dg += b_eg * tl.sum(b_de * b_e[None, :], 1)
-            b_pde = tl.dot(tl.trans(b_p), b_de, input_precision=PRECISION)  # d(delta * U)
-            b_ddelta += tl.sum(b_pde * b_u, 1)
-            tl.store(du + o_t[:, None] * K + o_k[None, :], b_pde * b_delta[:, None], mask=m_k[None, :])
+        if UNROLL:
+            for i_k in tl.static_range(0, K, BK):
+                b_dp, b_ddelta, b_dg = _pre_out_bwd_block(
+                    k, es, dw, dk, du, b_p, b_eg, b_delta, b_dp, b_ddelta, b_dg, i_k, i_c, o_t, K, BK, PRECISION
+                )
+        else:  # `_unrolled`
+            for i_k in tl.range(0, K, BK, num_stages=1):
+                b_dp, b_ddelta, b_dg = _pre_out_bwd_block(
+                    k, es, dw, dk, du, b_p, b_eg, b_delta, b_dp, b_ddelta, b_dg, i_k, i_c, o_t, K, BK, PRECISION
+                )
         b_dpp = tl.where(incl, b_dp * b_p, 0.0)  # dP * P: d(g_t - gp_s)
         tl.store(dg + o_t, b_dg + tl.sum(b_dpp, 1))
         tl.store(dgp + o_t, -tl.sum(b_dpp, 0))
@@ -548,16 +625,49 @@ if HAS_TRITON:
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
             b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
             b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
             b_de = tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32) * b_k
             b_ges = tl.sum(b_de * b_eg[:, None], 0) - tl.sum(b_y * b_ddelta[:, None], 0)
             tl.store(ges + i_c * K + o_k, b_ges, mask=m_k)
 
     @triton.jit
+    def _pre_intra_bwd_l_block(
+        k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_da, b_dgp, i_k, i_c, o_t,
+        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """`pre_intra_bwd_kernel` on the K block at `i_k`, first pass: the sums of dL, da and dgp."""
+        o_k = i_k + tl.arange(0, BK)
+        m = o_k[None, :] < K
+        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        b_u = b_k * b_k
+        b_y = tl.dot(b_ti, b_u * b_r[:, None], input_precision=PRECISION)
+        b_dr = -b_dr0[:, None] * tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
+        b_dl -= tl.dot(b_dr, tl.trans(b_y), input_precision=PRECISION)
+        b_dru = tl.sum(b_dr * b_u, 1)  # <dR_t, u_t>
+        b_da += b_egp * b_dru
+        b_dgp += b_r * b_dru
+        return b_dl, b_da, b_dgp
+
+    @triton.jit
+    def _pre_intra_bwd_k_block(
+        k, es, du, dk, dk_out, b_r, b_dr0, b_duu, b_dsu, i_k, i_c, o_t,
+        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """`pre_intra_bwd_kernel` on the K block at `i_k`, second pass: dK's columns."""
+        o_k = i_k + tl.arange(0, BK)
+        m = o_k[None, :] < K
+        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        b_u = b_k * b_k
+        b_dr = -b_dr0[:, None] * tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
+        b_du = tl.load(du + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + b_dr * b_r[:, None]
+        b_du += tl.dot(b_duu, b_u, input_precision=PRECISION) + b_dsu[:, None]
+        b_dk = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + 2 * b_k * b_du
+        tl.store(dk_out + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
+
+    @triton.jit
     def pre_intra_bwd_kernel(
         k, beta, eta, lam, tinv, es, ddm, du, dp, dgc, dg, dgp, dk, dk_out, dbeta, deta, dlam,
-        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr = True,
     ):  # fmt: skip
         """Through `pre_intra_fwd_kernel`: [dm, Y] = (I + L)^{-1} R, p, Gc, back to k, beta, eta, lam.
 
@@ -596,17 +706,16 @@ if HAS_TRITON:
         b_dl = -b_dr0[:, None] * b_x0[None, :]
         b_dgp = tl.load(dgp + o_t)
         b_da = tl.zeros([C], dtype=tl.float32)
-        for i_k in tl.static_range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-            b_u = b_k * b_k
-            b_y = tl.dot(b_ti, b_u * b_r[:, None], input_precision=PRECISION)
-            b_dr = -b_dr0[:, None] * tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
-            b_dl -= tl.dot(b_dr, tl.trans(b_y), input_precision=PRECISION)
-            b_dru = tl.sum(b_dr * b_u, 1)  # <dR_t, u_t>
-            b_da += b_egp * b_dru
-            b_dgp += b_r * b_dru
+        if UNROLL:
+            for i_k in tl.static_range(0, K, BK):
+                b_dl, b_da, b_dgp = _pre_intra_bwd_l_block(
+                    k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_da, b_dgp, i_k, i_c, o_t, K, BK, PRECISION
+                )
+        else:  # `_unrolled`
+            for i_k in tl.range(0, K, BK, num_stages=1):
+                b_dl, b_da, b_dgp = _pre_intra_bwd_l_block(
+                    k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_da, b_dgp, i_k, i_c, o_t, K, BK, PRECISION
+                )
         b_dl = tl.where(strict, b_dl, 0.0)
         # L = diag(a) F * UU^T
         b_dlf = b_dl * b_f
@@ -625,16 +734,12 @@ if HAS_TRITON:
         b_dsu = -b_dm * b_eta * b_b * b_b
         tl.store(deta + o_t, b_dm * b_b * (1 - b_b * b_su) + b_da * b_b * b_b)
         tl.store(dbeta + o_t, b_dm * b_eta * (1 - 2 * b_b * b_su) + 2 * b_da * b_eta * b_b)
-        for i_k in tl.static_range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-            b_u = b_k * b_k
-            b_dr = -b_dr0[:, None] * tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
-            b_du = tl.load(du + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + b_dr * b_r[:, None]
-            b_du += tl.dot(b_duu, b_u, input_precision=PRECISION) + b_dsu[:, None]
-            b_dk = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + 2 * b_k * b_du
-            tl.store(dk_out + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
+        if UNROLL:
+            for i_k in tl.static_range(0, K, BK):
+                _pre_intra_bwd_k_block(k, es, du, dk, dk_out, b_r, b_dr0, b_duu, b_dsu, i_k, i_c, o_t, K, BK, PRECISION)
+        else:
+            for i_k in tl.range(0, K, BK, num_stages=1):
+                _pre_intra_bwd_k_block(k, es, du, dk, dk_out, b_r, b_dr0, b_duu, b_dsu, i_k, i_c, o_t, K, BK, PRECISION)
         # g = cumsum(l), gp = g - l, gend = g_{C-1}: dl_t = sum_{t' >= t} (dg + dgp)_{t'} - dgp_t + dgend
         b_dgt = tl.load(dg + o_t) + b_dgp
         b_dl_log = tl.sum(tl.where(o_c[None, :] >= o_c[:, None], b_dgt[None, :], 0.0), 1) - b_dgp + b_dgend
@@ -669,10 +774,11 @@ SCAN_TUNING = {
 # (16, 32 or 64; narrower blocks hold fewer registers). The fastest of each kernel measured by
 # `scripts/profile_kernels.py --grid`, every setting in a process of its own (H200, bf16,
 # K = V = 128, 4 x 4096 and 1 x 16384 alike; benchmarks/results/kernels_grid_{4x4096,1x16384}.json).
-# Eight warps: 1.12-2.5x slower than 4 for nine of these kernels, level for pre_y and kb,
-# faster only for from_chunks (0.87-0.90x), although compiled offline they spill fewer registers (benchmarks/results/compile_resources_bf16_k128*.json);
-# at 16-wide tiles they fault (`pre_intra_bwd_kernel` reads shared memory out of bounds, by
-# compute-sanitizer: benchmarks/results/sanitizer_8x16.log), so that setting must not be used.
+# Eight warps: 1.12-2.5x slower than 4 for nine of these kernels, level for pre_y and kb, faster
+# only for from_chunks (0.87-0.90x), although compiled offline they spill fewer registers
+# (benchmarks/results/compile_resources_bf16_k128*.json). At 16-wide tiles they fault
+# (`pre_intra_bwd_kernel` reads shared memory out of bounds, by compute-sanitizer:
+# benchmarks/results/sanitizer_8x16.log), so that setting must not be used.
 CHUNK_LAUNCH = {
     "pre_intra_fwd": dict(num_warps=4, tile=64),
     "pre_out_fwd": dict(num_warps=4, tile=32),
@@ -724,6 +830,14 @@ def _chunk_launch(name: str, K: int, V: int | None = None) -> dict:
     if V is not None:
         out["BV"] = block(V)
     return out
+
+
+def _unrolled(precision: str, K: int, V: int | None = None) -> bool:
+    """Whether a kernel's loops over K and V blocks are unrolled when compiled (`UNROLL`): always,
+    except for float32 products ("ieee") at head dims above 128. Unrolled, float32's kernels at
+    head dim 256 took up to 16 minutes each to compile for sm_90 (`out_bwd_kernel`: 949 s;
+    benchmarks/results/compile_times_cpu.json), too long for any first call."""
+    return precision != "ieee" or max(K, V or 0) <= 128
 
 
 def _relayout_launch(name: str, D: int, C: int) -> dict:
@@ -806,7 +920,7 @@ class Precondition(torch.autograd.Function):
         dg, dgp, ges = torch.empty_like(dm), torch.empty_like(dm), torch.empty_like(es)
         pre_out_bwd_kernel[grid](
             k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
-            K=K, C=C, PRECISION=ctx.precision, **_chunk_launch("pre_out_bwd", K),
+            K=K, C=C, PRECISION=ctx.precision, UNROLL=_unrolled(ctx.precision, K), **_chunk_launch("pre_out_bwd", K),
         )  # fmt: skip
         # the scan adds its gradients of u and dm to the output step's (dy: see pre_out_bwd_kernel)
         sdp, sdgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(dd)
@@ -830,7 +944,7 @@ class Precondition(torch.autograd.Function):
         dk_out = _in_dtype_of(dk, k)
         pre_intra_bwd_kernel[grid](
             k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, dg, dgp, dk, dk_out, dbeta, deta, dlam,
-            K=K, C=C, PRECISION=ctx.precision, **_chunk_launch("pre_intra_bwd", K),
+            K=K, C=C, PRECISION=ctx.precision, UNROLL=_unrolled(ctx.precision, K), **_chunk_launch("pre_intra_bwd", K),
         )  # fmt: skip
         return dk_out, dbeta, deta, dlam, de0, None
 
@@ -893,7 +1007,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         dw_o = torch.empty_like(w, dtype=torch.float32)  # added to by two more kernels
         out_bwd_kernel[(B * H * NC,)](
             q, w, uo, ss, do, dq, dw_o, gu, gss, scale, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("out_bwd", K, V),
+            K=K, V=V, C=C, PRECISION=precision, UNROLL=_unrolled(precision, K, V), **_chunk_launch("out_bwd", K, V),
         )  # fmt: skip
         kb = torch.empty_like(k)
         kb_kernel[(B * H * NC,)](k, beta, tinv, kb, K=K, C=C, PRECISION=precision, **_chunk_launch("kb", K))
@@ -913,7 +1027,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         dk_out, dw_out = _in_dtype_of(dk, k), _in_dtype_of(dw, w)
         wy_bwd_kernel[(B * H * NC,)](
             k, w, v, beta, tinv, dub, dk, dw, dk_out, dw_out, dv, dbeta, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_bwd", K, V),
+            K=K, V=V, C=C, PRECISION=precision, UNROLL=_unrolled(precision, K, V), **_chunk_launch("wy_bwd", K, V),
         )  # fmt: skip
         return dq, dk_out, dw_out, dv, dbeta, ds0, None, None, None
 
