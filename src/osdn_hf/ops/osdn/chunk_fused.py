@@ -631,17 +631,23 @@ if HAS_TRITON:
             tl.store(ges + i_c * K + o_k, b_ges, mask=m_k)
 
     @triton.jit
+    def _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K: tl.constexpr, BK: tl.constexpr):
+        """What both passes of `pre_intra_bwd_kernel` read of the K block at `i_k`: its offsets and
+        mask, k, U = k * k, and the Y columns of dR, -(T^T ddm) e_n^T."""
+        o_k = i_k + tl.arange(0, BK)
+        m = o_k[None, :] < K
+        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        b_dr = -b_dr0[:, None] * tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
+        return o_k, m, b_k, b_k * b_k, b_dr
+
+    @triton.jit
     def _pre_intra_bwd_l_block(
         k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_da, b_dgp, i_k, i_c, o_t,
         K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """`pre_intra_bwd_kernel` on the K block at `i_k`, first pass: the sums of dL, da and dgp."""
-        o_k = i_k + tl.arange(0, BK)
-        m = o_k[None, :] < K
-        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-        b_u = b_k * b_k
+        o_k, m, b_k, b_u, b_dr = _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K, BK)
         b_y = tl.dot(b_ti, b_u * b_r[:, None], input_precision=PRECISION)
-        b_dr = -b_dr0[:, None] * tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
         b_dl -= tl.dot(b_dr, tl.trans(b_y), input_precision=PRECISION)
         b_dru = tl.sum(b_dr * b_u, 1)  # <dR_t, u_t>
         b_da += b_egp * b_dru
@@ -654,11 +660,7 @@ if HAS_TRITON:
         K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """`pre_intra_bwd_kernel` on the K block at `i_k`, second pass: dK's columns."""
-        o_k = i_k + tl.arange(0, BK)
-        m = o_k[None, :] < K
-        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-        b_u = b_k * b_k
-        b_dr = -b_dr0[:, None] * tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
+        o_k, m, b_k, b_u, b_dr = _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K, BK)
         b_du = tl.load(du + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + b_dr * b_r[:, None]
         b_du += tl.dot(b_duu, b_u, input_precision=PRECISION) + b_dsu[:, None]
         b_dk = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + 2 * b_k * b_du
