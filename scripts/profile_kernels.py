@@ -57,9 +57,9 @@ def _step(B, T, H, D, peer=False, V=None):
 
 def peer(step, args, meta: dict) -> dict:
     """Per-kernel CUDA time (us) of one forward+backward of ours and of fla's DeltaNet; with
-    `args.narrow_v`, also of fla's DeltaNet with values that wide: phase 1 is a delta rule on a
-    `K x 1` state, so a narrow-valued DeltaNet in fla's kernels is what phase 1 would cost at
-    least if it were written as well as they are (it also needs its decay and its output W)."""
+    `args.narrow_v`, also of fla's DeltaNet with values that wide. Phase 1 is a delta rule on a
+    `K x 1` state, so how a delta rule's cost falls with its values' width estimates what phase 1
+    would cost in kernels as good as fla's (phase 1 also has its decay and its output W)."""
     ours, theirs = kernel_times(step), kernel_times(_step(args.B, args.T, args.H, args.D, peer=True))
     runs = [("chunk_osdn", ours), ("fla chunk_delta_rule", theirs)]
     narrow = {}
@@ -286,7 +286,7 @@ def grid(args, meta: dict, measure=grid_setting) -> dict:
     from queue import Queue
 
     names = list(chunk_fused.CHUNK_LAUNCH)
-    n = max(1, getattr(args, "gpus", 1) or 1)
+    n = getattr(args, "gpus", 1)
     free = Queue()
     for gpu in range(n):
         free.put(gpu)
@@ -379,6 +379,10 @@ def main(argv=None):
     p.add_argument("--ncu-json", metavar="CSV", help="turn ncu's CSV (see above) into JSON at --out")
     p.add_argument("--grid-one", help=argparse.SUPPRESS)  # "warps,tile": a --grid child's one setting
     args = p.parse_args(argv)
+    if args.gpus < 1:
+        p.error(f"--gpus must be >= 1, got {args.gpus}")
+    if any(w < 1 for w in args.narrow_v or ()):
+        p.error(f"--narrow-v widths must be >= 1, got {args.narrow_v}")
     if args.plot_only:
         with open(args.plot_only) as f:
             result = json.load(f)

@@ -378,7 +378,7 @@ def test_launch_settings_are_a_copy_that_results_can_record():
     assert settings["scans"]["state_fwd"]["prefetch"] != chunk_fused.SCAN_TUNING["state_fwd"]["prefetch"]
 
 
-def test_grid_profile_runs_each_setting_alone_and_records_a_fault(tmp_path):
+def test_grid_profile_runs_each_setting_alone_and_records_a_fault(tmp_path, capsys):
     """`profile_kernels.py --grid` profiles every (warps, tile) setting in its own process: one that
     fails is recorded with its error (here the real child, which finds no GPU), the others keep
     their times, and the fastest setting of each kernel comes from the ones that ran."""
@@ -421,6 +421,11 @@ def test_grid_profile_runs_each_setting_alone_and_records_a_fault(tmp_path):
 
     args.gpus = 2
     assert profile_kernels.grid(args, {"commit": "abc"}, measure=fake_on)["rows"] == result["rows"]
+
+    for bad, name in ((["--grid", "--gpus", "0"], "--gpus"), (["--peer", "--narrow-v", "64", "0"], "--narrow-v")):
+        with pytest.raises(SystemExit):
+            profile_kernels.main(bad)
+        assert f"{name} must be >= 1" in capsys.readouterr().err  # refused, naming what was wrong
 
     # its heat map: drawn from the rows, the faulted setting marked
     png = tmp_path / "grid.png"
