@@ -646,7 +646,7 @@ if HAS_TRITON:
         K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """`pre_intra_bwd_kernel` on the K block at `i_k`, first pass: the sums of dL, da and dgp."""
-        o_k, m, b_k, b_u, b_dr = _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K, BK)
+        _, _, _, b_u, b_dr = _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K, BK)
         b_y = tl.dot(b_ti, b_u * b_r[:, None], input_precision=PRECISION)
         b_dl -= tl.dot(b_dr, tl.trans(b_y), input_precision=PRECISION)
         b_dru = tl.sum(b_dr * b_u, 1)  # <dR_t, u_t>
