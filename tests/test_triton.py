@@ -352,6 +352,24 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(monkeypatch):
         assert_close(f"d{name}", a, b, torch.float16)
 
 
+def test_phase_two_gradient_of_k_is_added_inside_phase_one(monkeypatch):
+    """Both phases read the chunked k. Phase 1 passes k on to phase 2, so phase 2's gradient of
+    it reaches phase 1's backward, which adds it in a kernel: autograd adds no [B, H, NC, C, *]
+    gradients (the per-token gates' [B, H, NC, C] ones are all it sums)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv(FORCE_TRITON_ENV, "1")
+    inputs = make_inputs(1, 150, 2, 32, 48, dtype=torch.float16)
+    o = chunk_osdn(**inputs, use_qk_l2norm_in_kernel=True)[0]
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        o.backward(torch.ones_like(o))
+    adds = [
+        e.input_shapes for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::add", "aten::add_")
+    ]
+    assert adds, "the profiler recorded no adds at all, so it saw nothing"  # beta's, at least
+    assert not [s for s in adds if any(len(shape) == 5 for shape in s)], adds
+
+
 def test_compile_times_script_compiles_the_ops_kernels_for_hopper(tmp_path):
     """scripts/compile_times.py records the op's launches through the interpreter and compiles
     them for sm_90 with the wheel's own ptxas (no GPU): a kernel's row says how long it took."""

@@ -566,11 +566,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _pre_out_bwd_block(
-        k, es, dw, dk, du, b_p, b_eg, b_delta, b_dp, b_ddelta, b_dg, i_k, i_c, o_t,
+        k, es, dw, dk, du, ges, b_p, b_eg, b_delta, b_dp, b_ddelta, b_dg, i_k, i_c, o_t,
         K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """`pre_out_bwd_kernel` on the K block at `i_k`: dK's direct part and dU's columns; the sums
-        of dP, d(delta) and dg with them."""
+        """`pre_out_bwd_kernel` on the K block at `i_k`: dK's direct part, dU's columns and e_n's
+        gradient through G (into `ges`); the sums of dP, d(delta) and dg with them."""
         o_k = i_k + tl.arange(0, BK)
         m_k = o_k < K
         b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
@@ -583,6 +583,7 @@ if HAS_TRITON:
         tl.store(dk + o_t[:, None] * K + o_k[None, :], b_dw * (1 + b_ee), mask=m_k[None, :])
         b_dp += tl.dot(b_de, tl.trans(b_du_), input_precision=PRECISION)
         b_dg += b_eg * tl.sum(b_de * b_e[None, :], 1)
+        tl.store(ges + i_c * K + o_k, tl.sum(b_de * b_eg[:, None], 0), mask=m_k)
         b_pde = tl.dot(tl.trans(b_p), b_de, input_precision=PRECISION)  # d(delta * U)
         b_ddelta += tl.sum(b_pde * b_u, 1)
         tl.store(du + o_t[:, None] * K + o_k[None, :], b_pde * b_delta[:, None], mask=m_k[None, :])
@@ -597,8 +598,9 @@ if HAS_TRITON:
 
         Writes dK (the direct part), d(dm), dU (the part through E), the gradients of the log
         gates `g` and `gp` through G and P, and the gradient of e_n (`ges`). dY is not written:
-        it is `-d(dm) e_n^T` here and in the scan alike, so the next kernels rebuild it. Nothing a
-        program writes is read back by it."""
+        it is `-d(dm) e_n^T` here and in the scan alike, so the next kernels rebuild it. `ges` is
+        written in two steps (through G in the loop over K blocks, then through delta, once d(delta)
+        is summed over all of them), so k and dW are read once."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -610,24 +612,23 @@ if HAS_TRITON:
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
                 b_dp, b_ddelta, b_dg = _pre_out_bwd_block(
-                    k, es, dw, dk, du, b_p, b_eg, b_delta, b_dp, b_ddelta, b_dg, i_k, i_c, o_t, K, BK, PRECISION
+                    k, es, dw, dk, du, ges, b_p, b_eg, b_delta, b_dp, b_ddelta, b_dg, i_k, i_c, o_t, K, BK, PRECISION
                 )
         else:  # `_unrolled`
             for i_k in tl.range(0, K, BK, num_stages=1):
                 b_dp, b_ddelta, b_dg = _pre_out_bwd_block(
-                    k, es, dw, dk, du, b_p, b_eg, b_delta, b_dp, b_ddelta, b_dg, i_k, i_c, o_t, K, BK, PRECISION
+                    k, es, dw, dk, du, ges, b_p, b_eg, b_delta, b_dp, b_ddelta, b_dg, i_k, i_c, o_t, K, BK, PRECISION
                 )
         b_dpp = tl.where(incl, b_dp * b_p, 0.0)  # dP * P: d(g_t - gp_s)
         tl.store(dg + o_t, b_dg + tl.sum(b_dpp, 1))
         tl.store(dgp + o_t, -tl.sum(b_dpp, 0))
         tl.store(ddm + o_t, b_ddelta)
-        for i_k in tl.static_range(0, K, BK):
+        tl.debug_barrier()  # e_n's gradient through G, stored above by any thread, is read below
+        for i_k in tl.static_range(0, K, BK):  # and the part through delta = dm - Y e_n added
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
             b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-            b_de = tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32) * b_k
-            b_ges = tl.sum(b_de * b_eg[:, None], 0) - tl.sum(b_y * b_ddelta[:, None], 0)
+            b_ges = tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0) - tl.sum(b_y * b_ddelta[:, None], 0)
             tl.store(ges + i_c * K + o_k, b_ges, mask=m_k)
 
     @triton.jit
@@ -656,19 +657,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _pre_intra_bwd_k_block(
-        k, es, du, dk, dk_out, b_r, b_dr0, b_duu, b_dsu, i_k, i_c, o_t,
+        k, es, du, dk, dk2, dk_out, b_r, b_dr0, b_duu, b_dsu, i_k, i_c, o_t,
         K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """`pre_intra_bwd_kernel` on the K block at `i_k`, second pass: dK's columns."""
+        """`pre_intra_bwd_kernel` on the K block at `i_k`, second pass: dK's columns (plus `dk2`,
+        phase 2's gradient of k, unless it is None)."""
         o_k, m, b_k, b_u, b_dr = _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K, BK)
         b_du = tl.load(du + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + b_dr * b_r[:, None]
         b_du += tl.dot(b_duu, b_u, input_precision=PRECISION) + b_dsu[:, None]
         b_dk = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + 2 * b_k * b_du
+        if dk2 is not None:
+            b_dk += tl.load(dk2 + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
         tl.store(dk_out + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
 
     @triton.jit
     def pre_intra_bwd_kernel(
-        k, beta, eta, lam, tinv, es, ddm, du, dp, dgc, dg, dgp, dk, dk_out, dbeta, deta, dlam,
+        k, beta, eta, lam, tinv, es, ddm, du, dp, dgc, dg, dgp, dk, dk2, dk_out, dbeta, deta, dlam,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr = True,
     ):  # fmt: skip
         """Through `pre_intra_fwd_kernel`: [dm, Y] = (I + L)^{-1} R, p, Gc, back to k, beta, eta, lam.
@@ -676,7 +680,8 @@ if HAS_TRITON:
         `ddm`, `du` hold the summed gradients of dm and U (that of Y is `-ddm e_n^T`, `es` holding
         the chunk-start `e_n`); `dg`, `dgp` those of the log
         gates from the output step. `dk` holds the direct part of dK (written by the previous
-        kernel, float32); dK, that plus the rest, goes to `dk_out` (k's dtype; it may be `dk`)."""
+        kernel, float32), `dk2` phase 2's gradient of k (or None); dK, their sum plus the rest, goes
+        to `dk_out` (k's dtype; it may be `dk`)."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -738,10 +743,14 @@ if HAS_TRITON:
         tl.store(dbeta + o_t, b_dm * b_eta * (1 - 2 * b_b * b_su) + 2 * b_da * b_eta * b_b)
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
-                _pre_intra_bwd_k_block(k, es, du, dk, dk_out, b_r, b_dr0, b_duu, b_dsu, i_k, i_c, o_t, K, BK, PRECISION)
+                _pre_intra_bwd_k_block(
+                    k, es, du, dk, dk2, dk_out, b_r, b_dr0, b_duu, b_dsu, i_k, i_c, o_t, K, BK, PRECISION
+                )
         else:
             for i_k in tl.range(0, K, BK, num_stages=1):
-                _pre_intra_bwd_k_block(k, es, du, dk, dk_out, b_r, b_dr0, b_duu, b_dsu, i_k, i_c, o_t, K, BK, PRECISION)
+                _pre_intra_bwd_k_block(
+                    k, es, du, dk, dk2, dk_out, b_r, b_dr0, b_duu, b_dsu, i_k, i_c, o_t, K, BK, PRECISION
+                )
         # g = cumsum(l), gp = g - l, gend = g_{C-1}: dl_t = sum_{t' >= t} (dg + dgp)_{t'} - dgp_t + dgend
         b_dgt = tl.load(dg + o_t) + b_dgp
         b_dl_log = tl.sum(tl.where(o_c[None, :] >= o_c[:, None], b_dgt[None, :], 0.0), 1) - b_dgp + b_dgend
@@ -882,8 +891,13 @@ class ToChunks(torch.autograd.Function):
 
 
 class Precondition(torch.autograd.Function):
-    """Phase 1: `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`; chunked tensors, `k` and `W` in
-    the storage dtype, the rest float32."""
+    """Phase 1: `(k, beta, eta, lam, d0) -> (W = D * K, d_final, k)`; chunked tensors, `k` and `W`
+    in the storage dtype, the rest float32.
+
+    k comes out again (a view) for phase 2 to read: phase 2's gradient of k then reaches this
+    backward, whose last kernel adds it to phase 1's own in float32, instead of autograd adding
+    the two in an extra pass over a [B, H, NC, C, K] tensor (185 us of 4.0 ms at 4 x 4096 x 16 heads
+    of 128 on an H200, benchmarks/results/kernels_peer_4x4096.json)."""
 
     @staticmethod
     def forward(ctx, k, beta, eta, lam, d0, precision):
@@ -905,10 +919,10 @@ class Precondition(torch.autograd.Function):
         # Y is rebuilt from the inverse in the backward: 1X less held between forward and backward
         ctx.save_for_backward(k, beta, eta, lam, dm, p, gc, es, tinv)
         ctx.precision = precision
-        return w, 1 + ef
+        return w, 1 + ef, k
 
     @staticmethod
-    def backward(ctx, dw, dd):
+    def backward(ctx, dw, dd, dk2):
         k, beta, eta, lam, dm, p, gc, es, tinv = ctx.saved_tensors
         B, H, NC, C, K = k.shape
         grid = (B * H * NC,)
@@ -945,7 +959,8 @@ class Precondition(torch.autograd.Function):
         dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
         dk_out = _in_dtype_of(dk, k)
         pre_intra_bwd_kernel[grid](
-            k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, dg, dgp, dk, dk_out, dbeta, deta, dlam,
+            k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, dg, dgp, dk, None if dk2 is None else dk2.contiguous(),
+            dk_out, dbeta, deta, dlam,
             K=K, C=C, PRECISION=ctx.precision, UNROLL=_unrolled(ctx.precision, K), **_chunk_launch("pre_intra_bwd", K),
         )  # fmt: skip
         return dk_out, dbeta, deta, dlam, de0, None
@@ -1039,6 +1054,6 @@ def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype)
     the rest float32), v `[B, T, H, V]` in the storage dtype: `(O, S_final, d_final)`, O
     `[B, T, H, V]` in `out_dtype`."""
     qc, kc, v, bc, ec, lc = (x.contiguous() for x in (qc, kc, v, bc, ec, lc))
-    w, d = Precondition.apply(kc, bc, ec, lc, d0.contiguous(), precision)
+    w, d, kc = Precondition.apply(kc, bc, ec, lc, d0.contiguous(), precision)  # kc: see Precondition
     o, S = DeltaRuleAsym.apply(qc, kc, w, v, bc, S0.contiguous(), scale, precision, out_dtype)
     return o, S, d
