@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from osdn_hf.throughput import alternating_rounds, ratio_summary
+from osdn_hf.throughput import alternating_rounds, gpu_time_us, ratio_summary
 
 SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384))
 H, K, V = 16, 128, 128
@@ -92,7 +92,7 @@ def bench_row(B, T, do_bench, rounds=3):
     # GPU time of what one call launches, without host time: fla's calls take longer on the host
     # than on the GPU at these sizes, so its do_bench times follow the host's speed and load
     for name, step in steps.items():
-        row[f"{name}_gpu_ms"] = _gpu_us(step, calls=5) / 1e3
+        row[f"{name}_gpu_ms"] = gpu_time_us(step, calls=5) / 1e3
     row["osdn_peak_mib"] = _peak_mib(steps["osdn_fwdbwd"], (q, k, v, beta, eta, lam))
     row["fla_delta_peak_mib"] = _peak_mib(steps["fla_delta_fwdbwd"], (q, k, v, beta, eta, lam))
 
@@ -118,19 +118,6 @@ def bench_row(B, T, do_bench, rounds=3):
     row["sdpa_fwd_ms"] = do_bench(sdpa)
     row["sdpa_fwdbwd_ms"] = do_bench(_fwd_bwd(sdpa, (qs, ks, vs), do.transpose(1, 2).contiguous()))
     return row
-
-
-def _gpu_us(fn, calls: int = 50) -> float:
-    """GPU time per call of everything `fn` launches (torch.profiler), without host overhead."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / calls
 
 
 def bench_decode(do_bench):
@@ -163,7 +150,7 @@ def bench_decode(do_bench):
     with torch.no_grad():
         for name, fn in calls.items():
             out[f"{name}_us"] = 1e3 * do_bench(fn)
-            out[f"{name}_gpu_us"] = _gpu_us(fn)
+            out[f"{name}_gpu_us"] = gpu_time_us(fn)
     return out
 
 

@@ -113,6 +113,11 @@ def main(argv=None):
     p.add_argument(
         "--split", action="store_true", help="phase 1's backward scan split from its rows' gradients at every size"
     )
+    p.add_argument(
+        "--inverse",
+        choices=("substitution", "doubling"),
+        help="how the 64 x 64 inverses' diagonal blocks are inverted (default: chunk_fused.INVERSE)",
+    )
     args = p.parse_args(argv)
     if args.merge:
         sys.exit(merge(args.merge, args.out, argv))
@@ -121,6 +126,8 @@ def main(argv=None):
             tuning["prefetch"] = args.prefetch == "all"
     if args.split:
         chunk_fused.SCAN_TUNING["precond_bwd"]["split_below"] = 1 << 30
+    if args.inverse:
+        chunk_fused.INVERSE["doubling"] = args.inverse == "doubling"
     try:
         shard, shards = (int(x) for x in args.shard.split("/"))
         if not 0 <= shard < shards:

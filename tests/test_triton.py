@@ -258,6 +258,7 @@ def _core_args(B, T, H, K, V, seed=0):
         (48, 80, None, True, False),
         (128, 64, None, True, True),
         (256, 256, None, False, True),
+        (48, 80, None, "doubling", False),
     ],
 )
 def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, monkeypatch):
@@ -265,8 +266,12 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split,
     path, differentiated by autograd: head dims that span several tiles (the launch table's 32-
     and 64-wide ones, or 16-wide everywhere) or leave a masked remainder, three chunks, a
     non-trivial d0 and S0; with all four scans loading a chunk ahead, or none; with phase 1's
-    backward scan split from its rows' gradients. At (256, 256) in float32 the kernels' loops over
-    blocks stay loops (`chunk_fused._unrolled`)."""
+    backward scan split from its rows' gradients; with the inverses' diagonal blocks inverted by
+    the doubling product. At (256, 256) in float32 the kernels' loops over blocks stay loops
+    (`chunk_fused._unrolled`)."""
+    if prefetch == "doubling":
+        monkeypatch.setitem(chunk_fused.INVERSE, "doubling", True)
+        prefetch = False
     if tile is not None:
         for name, launch in chunk_fused.CHUNK_LAUNCH.items():
             monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, name, dict(launch, tile=tile))
@@ -350,6 +355,34 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(monkeypatch):
         assert_close(name, a, b, torch.float16)
     for name, a, b in zip(names, got_grads, ref_grads):
         assert_close(f"d{name}", a, b, torch.float16)
+
+
+@pytest.mark.parametrize("doubling", [False, True])
+def test_unit_lower_inverse_matches_float64(doubling):
+    """`_invert` (64 x 64, in 16 x 16 blocks), by either way of inverting the diagonal blocks,
+    against float64, on matrices like phase 2's: random keys, and keys correlated within a chunk
+    (larger entries, so the inverse's entries are far from the identity's)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    try:
+        from bench_inverse import invert, make_a, worst_error
+    finally:
+        sys.path.pop(0)
+    for correlated in (False, True):
+        a = make_a(3, correlated, "cpu", seed=int(correlated))
+        assert a.abs().max() > (0.3 if correlated else 0.05)  # the matrices are not near zero
+        assert worst_error(invert(a, doubling), a) < 2e-6, correlated
+
+
+def test_bench_inverse_script_checks_on_cpu(tmp_path):
+    """scripts/bench_inverse.py under the interpreter: both methods' errors, no timings."""
+    out = tmp_path / "inverse.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    script = Path(__file__).parents[1] / "scripts" / "bench_inverse.py"
+    subprocess.run([sys.executable, str(script), "--chunks", "2", "--out", str(out)], env=env, check=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["keys"] for r in rows] == ["random", "correlated"]
+    assert all(r["substitution_rel_err"] < 2e-6 and r["doubling_rel_err"] < 2e-6 for r in rows), rows
+    assert not any("_us" in key for r in rows for key in r), rows  # no timings off a GPU
 
 
 def test_phase_two_gradient_of_k_is_added_inside_phase_one(monkeypatch):

@@ -1,7 +1,7 @@
 """Training throughput of two models measured side by side (what `scripts/gpu_model_evidence.py` reports).
 
 The alternating rounds (`alternating_rounds`, `ratio_summary`) also time the kernels against
-fla's in `scripts/bench_kernels.py`.
+fla's in `scripts/bench_kernels.py`, beside their GPU time (`gpu_time_us`).
 
 A single timed block per model is at the mercy of whatever the GPU does meanwhile (clocks,
 other tenants, a kernel autotuned in the first steps). So each model is first measured alone
@@ -117,3 +117,17 @@ def alternate(
     if len(names) >= 2:
         result["ratio"] = ratio_summary(per_round[names[0]], per_round[names[1]], f"{names[0]} / {names[1]}")
     return result
+
+
+def gpu_time_us(fn: Callable[[], object], calls: int = 50) -> float:
+    """GPU time (us) per call of everything `fn` launches (torch.profiler), without the host's
+    time between launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / calls

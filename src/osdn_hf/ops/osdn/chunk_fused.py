@@ -70,7 +70,7 @@ if HAS_TRITON:
         return buf + (r * 16 + o16)[:, None] * 64 + (c * 16 + o16)[None, :]
 
     @triton.jit
-    def _unit_lower_inverse_64(buf):
+    def _unit_lower_inverse_64(buf, DOUBLING: tl.constexpr = False):
         """Overwrite the strictly lower [64, 64] `A` in `buf` (this program's own, row-major)
         with `T = (I + A)^{-1}`, in 16 x 16 blocks.
 
@@ -83,13 +83,23 @@ if HAS_TRITON:
         o4 = tl.arange(0, 4)
         o_d = (o4[:, None, None] * 16 + o16[None, :, None]) * 64 + o4[:, None, None] * 16 + o16[None, None, :]
         tl.debug_barrier()
-        b_t = -tl.load(buf + o_d)  # [4, 16, 16]: the diagonal blocks of -A
-        for i in range(1, 16):
-            m_i = (o16 == i)[None, :, None]
-            b_r = tl.sum(tl.where(m_i, b_t, 0.0), 1)  # [4, 16] row i of each block, so far -A_i
-            b_r = b_r + tl.sum(b_r[:, :, None] * b_t, 1) * (o16 < i)[None, :]
-            b_t = tl.where(m_i, b_r[:, None, :], b_t)
-        b_t = b_t + (o16[:, None] == o16[None, :]).to(tl.float32)[None, :, :]
+        eye = (o16[:, None] == o16[None, :]).to(tl.float32)[None, :, :]
+        if DOUBLING:
+            # N nilpotent (N^16 = 0): (I + N)^{-1} = (I - N)(I + N^2)(I + N^4)(I + N^8), six
+            # batched products on the [4, 16, 16] tile instead of 15 dependent row steps
+            b_n = tl.load(buf + o_d)
+            b_t = eye - b_n
+            for _ in tl.static_range(3):
+                b_n = tl.dot(b_n, b_n, input_precision="ieee")
+                b_t += tl.dot(b_t, b_n, input_precision="ieee")
+        else:
+            b_t = -tl.load(buf + o_d)  # [4, 16, 16]: the diagonal blocks of -A
+            for i in range(1, 16):
+                m_i = (o16 == i)[None, :, None]
+                b_r = tl.sum(tl.where(m_i, b_t, 0.0), 1)  # [4, 16] row i of each block, so far -A_i
+                b_r = b_r + tl.sum(b_r[:, :, None] * b_t, 1) * (o16 < i)[None, :]
+                b_t = tl.where(m_i, b_r[:, None, :], b_t)
+            b_t = b_t + eye
         # blocks below the diagonal, [16, 16] each
         a21, a31, a41 = tl.load(_blk(buf, 1, 0, o16)), tl.load(_blk(buf, 2, 0, o16)), tl.load(_blk(buf, 3, 0, o16))
         a32, a42, a43 = tl.load(_blk(buf, 2, 1, o16)), tl.load(_blk(buf, 3, 1, o16)), tl.load(_blk(buf, 3, 2, o16))
@@ -116,18 +126,27 @@ if HAS_TRITON:
         tl.debug_barrier()
 
     @triton.jit
-    def _invert(b_a, buf, o_c, C: tl.constexpr):
+    def _invert(b_a, buf, o_c, C: tl.constexpr, DOUBLING: tl.constexpr = False):
         """T = (I + A)^{-1} of the strictly lower [C, C] `b_a`, also left in `buf` (the program's
         own [C, C] slot of the saved inverse)."""
         o_cc = o_c[:, None] * C + o_c[None, :]
         if C == 64:
             tl.store(buf + o_cc, b_a)
-            _unit_lower_inverse_64(buf)
+            _unit_lower_inverse_64(buf, DOUBLING)
             b_t = tl.load(buf + o_cc)
         else:
             b_t = _unit_lower_inverse(b_a, o_c, C)
             tl.store(buf + o_cc, b_t)
         return b_t
+
+    @triton.jit
+    def inverse_kernel(a, t, C: tl.constexpr, DOUBLING: tl.constexpr):
+        """`_invert` alone on [C, C] blocks (`scripts/bench_inverse.py` times it): t = (I + A)^{-1},
+        A the strictly lower part of a's block; t is also the scratch."""
+        i_c = tl.program_id(0).to(tl.int64)
+        o_c = tl.arange(0, C)
+        b_a = tl.load(a + i_c * C * C + o_c[:, None] * C + o_c[None, :])
+        _invert(tl.where(o_c[:, None] > o_c[None, :], b_a, 0.0), t + i_c * C * C, o_c, C, DOUBLING)
 
     # ---------------------------------------------------------------- layout
 
@@ -179,7 +198,7 @@ if HAS_TRITON:
     def wy_fwd_kernel(
         k, w, v, beta, scratch, tinv, ub, kb, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False,
     ):  # fmt: skip
         """T = (I + tril(diag(b) K W^T, -1))^{-1}, Ub = T diag(b) V, Kb = T diag(b) K; one chunk per program.
 
@@ -198,7 +217,7 @@ if HAS_TRITON:
             b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
             b_a += tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
         b_a = tl.where(o_c[:, None] > o_c[None, :], b_a * b_b[:, None], 0.0)
-        b_t = _invert(b_a, scratch + i_c * C * C, o_c, C).to(tinv.dtype.element_ty)
+        b_t = _invert(b_a, scratch + i_c * C * C, o_c, C, DOUBLING).to(tinv.dtype.element_ty)
         tl.store(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :], b_t)
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
@@ -472,7 +491,7 @@ if HAS_TRITON:
     @triton.jit
     def pre_intra_fwd_kernel(
         k, beta, eta, lam, y, dm, p, gc, tinv,
-        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False,
     ):  # fmt: skip
         """Per chunk: L[t, s] = a_t G_{t-1} / G_{s-1} <u_t, u_s> (s < t), [dm, Y] = (I + L)^{-1}
         [m, diag(a G_{t-1}) U], p_s = G_C / G_{s-1}, Gc = G_C; u = k * k is formed where needed
@@ -496,7 +515,7 @@ if HAS_TRITON:
         b_m = b_eta * b_b * (1 - b_b * b_su)
         strict = o_c[:, None] > o_c[None, :]
         b_l = tl.where(strict, b_a[:, None] * tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)) * b_uu, 0.0)
-        b_ti = _invert(b_l, tinv + i_c * C * C, o_c, C)
+        b_ti = _invert(b_l, tinv + i_c * C * C, o_c, C, DOUBLING)
         tl.store(dm + o_t, tl.sum(b_ti * b_m[None, :], 1))
         _store_y(k, y, b_ti, b_a * tl.exp(b_gp), o_t, K, BK, PRECISION)
         tl.store(p + o_t, tl.exp(b_gend - b_gp))
@@ -809,11 +828,19 @@ CHUNK_LAUNCH = {
 }
 
 
+# How `_unit_lower_inverse_64` inverts the four diagonal 16 x 16 blocks of the 64 x 64 inverses
+# (`wy_fwd_kernel`, `pre_intra_fwd_kernel`): by forward substitution (15 dependent row steps), or,
+# with `doubling`, as the product (I - N)(I + N^2)(I + N^4)(I + N^8) (six batched products).
+# `scripts/bench_inverse.py` times and checks both.
+INVERSE = dict(doubling=False)
+
+
 def launch_settings() -> dict:
     """A copy of the kernels' launch tables as they stand, for results to record what they ran."""
     return {
         "scans": {n: dict(t) for n, t in SCAN_TUNING.items()},
         "chunk": {n: dict(t) for n, t in CHUNK_LAUNCH.items()},
+        "inverse": dict(INVERSE),
     }
 
 
@@ -908,7 +935,20 @@ class Precondition(torch.autograd.Function):
         gc = beta.new_empty(B, H, NC)
         tinv = beta.new_empty(B, H, NC, C, C)
         pre_intra_fwd_kernel[grid](
-            k, beta, eta, lam, y, dm, p, gc, tinv, K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_fwd", K)
+            k,
+            beta,
+            eta,
+            lam,
+            y,
+            dm,
+            p,
+            gc,
+            tinv,
+            K=K,
+            C=C,
+            PRECISION=precision,
+            DOUBLING=INVERSE["doubling"],
+            **_chunk_launch("pre_intra_fwd", K),
         )
         es, ef = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
         precond_scan_fwd_kernel[(B * H,)](
@@ -994,7 +1034,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         ub, kb = k.new_empty(B, H, NC, C, V), torch.empty_like(k)
         wy_fwd_kernel[(B * H * NC,)](
             k, w, v, beta, scratch, tinv, ub, kb, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_fwd", K, V),
+            K=K, V=V, C=C, PRECISION=precision, DOUBLING=INVERSE["doubling"], **_chunk_launch("wy_fwd", K, V),
         )  # fmt: skip
         del scratch  # before the scan allocates the per-chunk states
         uo = torch.empty_like(ub)

@@ -1,0 +1,128 @@
+"""Time and check the kernels' unit lower-triangular inverse, by either way of inverting the
+diagonal 16 x 16 blocks (forward substitution, or the doubling product).
+
+    python scripts/bench_inverse.py --out benchmarks/results/inverse.json --commit SHA
+
+`chunk_fused._invert` (64 x 64, in 16 x 16 blocks) runs alone in `inverse_kernel`, one chunk
+per program, on `--chunks` matrices shaped like phase 2's `A = tril(diag(b) K W^T, -1)` (unit-norm
+keys, b in (0, 1)): random keys, and keys correlated within a chunk (larger entries, a larger
+inverse). Each method's error is taken against the float64 inverse, norm-wise per chunk (the
+worst chunk); its time is `do_bench`'s median and the GPU time of one launch. On CPU (Triton's
+interpreter) it only checks, on a few chunks. On a GPU it also records both kernels that invert,
+and the op's whole forward+backward, by each method (`in_op`, GPU time at 4 x 4096 x 16 heads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+C, K = 64, 128
+METHODS = {"substitution": False, "doubling": True}
+
+
+def make_a(n: int, correlated: bool, device: str, seed: int = 0) -> torch.Tensor:
+    """`n` matrices `tril(diag(b) K W^T, -1)` [n, C, C] float32, K and W unit-norm rows."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    k = torch.randn(n, C, K, generator=g, device=device)
+    if correlated:  # rows share a direction: <k_i, k_j> near 0.8
+        k = 2 * torch.randn(n, 1, K, generator=g, device=device) + k
+    k = torch.nn.functional.normalize(k, dim=-1)
+    w = torch.nn.functional.normalize(k * (0.5 + torch.rand(n, C, K, generator=g, device=device)), dim=-1)
+    b = torch.rand(n, C, 1, generator=g, device=device)
+    return (b * k @ w.transpose(-1, -2)).tril(-1).contiguous()
+
+
+def invert(a: torch.Tensor, doubling: bool) -> torch.Tensor:
+    from osdn_hf.ops.osdn.chunk_fused import inverse_kernel
+
+    t = torch.empty_like(a)
+    inverse_kernel[(a.shape[0],)](a, t, C=C, DOUBLING=doubling, num_warps=4)
+    return t
+
+
+def worst_error(t: torch.Tensor, a: torch.Tensor) -> float:
+    """Largest per-chunk ||T - (I + A)^{-1}|| / ||(I + A)^{-1}|| against float64."""
+    eye = torch.eye(C, dtype=torch.float64, device=a.device)
+    ref = torch.linalg.solve_triangular(eye + a.double(), eye.expand_as(a.double()), upper=False)
+    err = (t.double() - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
+    return err.max().item()
+
+
+def in_op(B: int = 4, T: int = 4096, H: int = 16) -> dict:
+    """GPU time (us) of the two kernels that invert (`wy_fwd_kernel`, `pre_intra_fwd_kernel`) and
+    of one whole forward+backward of `chunk_osdn` (bf16, K = V = 128), by each method."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from osdn_hf.ops import chunk_osdn
+    from osdn_hf.ops.osdn import chunk_fused
+
+    dt = torch.bfloat16
+    q, k, v = (torch.randn(B, T, H, K, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
+    beta, eta, lam = (torch.rand(B, T, H, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
+    do = torch.randn(B, T, H, K, device="cuda", dtype=dt)
+    out, before = dict(B=B, T=T, H=H, K=K, V=K), dict(chunk_fused.INVERSE)
+    for name, doubling in METHODS.items():
+        chunk_fused.INVERSE["doubling"] = doubling
+        times = {}
+        for _ in range(2):  # compile, then measure
+            for x in (q, k, v, beta, eta, lam):
+                x.grad = None
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                chunk_osdn(q, k, v, beta, eta, lam, use_qk_l2norm_in_kernel=True)[0].backward(do)
+                torch.cuda.synchronize()
+            times = {e.key: e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0}
+        out[name] = dict(
+            wy_fwd_us=times.get("wy_fwd_kernel"),
+            pre_intra_fwd_us=times.get("pre_intra_fwd_kernel"),
+            fwdbwd_us=sum(times.values()),
+        )
+    chunk_fused.INVERSE.update(before)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="benchmarks/results/inverse.json")
+    p.add_argument("--commit", default="unknown")
+    p.add_argument("--chunks", type=int, default=4096, help="matrices per launch (4 x 4096 x 16 heads: 4096)")
+    args = p.parse_args(argv)
+    if args.chunks < 1:
+        p.error(f"--chunks must be at least 1, got {args.chunks}")
+    from osdn_hf.run_info import run_metadata
+
+    cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("bench_inverse.py needs a CUDA GPU, or TRITON_INTERPRET=1 to check on CPU")
+    device = "cuda" if cuda else "cpu"
+    n = args.chunks if cuda else min(args.chunks, 4)
+    rows = []
+    for correlated in (False, True):
+        a = make_a(n, correlated, device)
+        row = dict(keys="correlated" if correlated else "random", chunks=n)
+        row["inverse_max_abs"] = invert(a, False).abs().max().item()
+        for name, doubling in METHODS.items():
+            row[f"{name}_rel_err"] = worst_error(invert(a, doubling), a)
+            if cuda:
+                from triton.testing import do_bench
+
+                from osdn_hf.throughput import gpu_time_us
+
+                row[f"{name}_us"] = 1e3 * do_bench(lambda: invert(a, doubling), warmup=25, rep=100)
+                row[f"{name}_gpu_us"] = gpu_time_us(lambda: invert(a, doubling))
+        rows.append(row)
+        print(json.dumps(row))
+    result = dict(**run_metadata(args.commit, "scripts/bench_inverse.py", argv), rows=rows)
+    if cuda:
+        result["in_op"] = in_op()
+        print(json.dumps(result["in_op"]))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
