@@ -5,8 +5,8 @@ diagonal 16 x 16 blocks (forward substitution, or the doubling product).
 
 `chunk_fused._invert` (64 x 64, in 16 x 16 blocks) runs alone in `inverse_kernel`, one chunk
 per program, on `--chunks` matrices shaped like phase 2's `A = tril(diag(b) K W^T, -1)` (unit-norm
-keys, b in (0, 1)): random keys, and keys correlated within a chunk (larger entries, a larger
-inverse). Each method's error is taken against the float64 inverse, norm-wise per chunk (the
+keys, b in (0, 1)): random keys, keys correlated within a chunk, and one key repeated
+(`make_a`). Each method's error is taken against the float64 inverse, norm-wise per chunk (the
 worst chunk); its time is `do_bench`'s median and the GPU time of one launch. On CPU (Triton's
 interpreter) it only checks, on a few chunks. On a GPU it also records both kernels that invert,
 and the op's whole forward+backward, by each method (`in_op`, GPU time at 4 x 4096 x 16 heads).
@@ -24,17 +24,25 @@ import torch
 
 C, K = 64, 128
 METHODS = {"substitution": False, "doubling": True}
+KEYS = ("random", "correlated", "repeated")
 
 
-def make_a(n: int, correlated: bool, device: str, seed: int = 0) -> torch.Tensor:
-    """`n` matrices `tril(diag(b) K W^T, -1)` [n, C, C] float32, K and W unit-norm rows."""
+def make_a(n: int, keys: str, device: str, seed: int = 0) -> torch.Tensor:
+    """`n` matrices `tril(diag(b) K W^T, -1)` [n, C, C] float32, K and W unit-norm rows. `keys`:
+    "random"; "correlated" (rows share a direction, <k_i, k_j> near 0.8); "repeated" (one key
+    repeated with 10% noise and b near 1, as a run of one token gives: entries near 1, where the
+    doubling product's powers of A grow to thousands before they cancel)."""
+    if keys not in KEYS:
+        raise ValueError(f"keys must be one of {KEYS}, got {keys!r}")
     g = torch.Generator(device=device).manual_seed(seed)
     k = torch.randn(n, C, K, generator=g, device=device)
-    if correlated:  # rows share a direction: <k_i, k_j> near 0.8
-        k = 2 * torch.randn(n, 1, K, generator=g, device=device) + k
+    if keys != "random":
+        k = {"correlated": 2, "repeated": 10}[keys] * torch.randn(n, 1, K, generator=g, device=device) + k
     k = torch.nn.functional.normalize(k, dim=-1)
     w = torch.nn.functional.normalize(k * (0.5 + torch.rand(n, C, K, generator=g, device=device)), dim=-1)
     b = torch.rand(n, C, 1, generator=g, device=device)
+    if keys == "repeated":
+        b = 0.95 + 0.05 * b
     return (b * k @ w.transpose(-1, -2)).tril(-1).contiguous()
 
 
@@ -102,9 +110,9 @@ def main(argv=None):
     device = "cuda" if cuda else "cpu"
     n = args.chunks if cuda else min(args.chunks, 4)
     rows = []
-    for correlated in (False, True):
-        a = make_a(n, correlated, device)
-        row = dict(keys="correlated" if correlated else "random", chunks=n)
+    for keys in KEYS:
+        a = make_a(n, keys, device)
+        row = dict(keys=keys, chunks=n)
         row["inverse_max_abs"] = invert(a, False).abs().max().item()
         for name, doubling in METHODS.items():
             row[f"{name}_rel_err"] = worst_error(invert(a, doubling), a)

@@ -830,9 +830,21 @@ CHUNK_LAUNCH = {
 
 # How `_unit_lower_inverse_64` inverts the four diagonal 16 x 16 blocks of the 64 x 64 inverses
 # (`wy_fwd_kernel`, `pre_intra_fwd_kernel`): by forward substitution (15 dependent row steps), or,
-# with `doubling`, as the product (I - N)(I + N^2)(I + N^4)(I + N^8) (six batched products).
-# `scripts/bench_inverse.py` times and checks both.
-INVERSE = dict(doubling=False)
+# with `doubling`, as the product (I - N)(I + N^2)(I + N^4)(I + N^8) (six batched products), for
+# 16-bit inputs only (`_doubling`). Measured on an H200 (benchmarks/results/inverse.json, 4096
+# chunks): the inverse alone 236 -> 113 us; in the op at 4 x 4096 x 16 heads of 128, bf16,
+# wy_fwd 376 -> 245 us, pre_intra_fwd 385 -> 250 us, forward+backward 3755 -> 3501 us. Its error
+# against float64 stays near float32's rounding (4e-8) for random keys but reaches ~6e-5 where one
+# key repeats with b near 1 (entries near 1: the powers of N grow to thousands before they
+# cancel); substitution stays at 1e-7. That is under the tf32 and 16-bit roundings (5e-4 and
+# coarser) of every product that uses the inverse when the inputs are 16-bit, but not under
+# float32's, so float32 inputs ("ieee") always substitute.
+INVERSE = dict(doubling=True)
+
+
+def _doubling(precision: str) -> bool:
+    """Whether the inverses' diagonal blocks are inverted by the doubling product (`INVERSE`)."""
+    return INVERSE["doubling"] and precision != "ieee"
 
 
 def launch_settings() -> dict:
@@ -935,21 +947,9 @@ class Precondition(torch.autograd.Function):
         gc = beta.new_empty(B, H, NC)
         tinv = beta.new_empty(B, H, NC, C, C)
         pre_intra_fwd_kernel[grid](
-            k,
-            beta,
-            eta,
-            lam,
-            y,
-            dm,
-            p,
-            gc,
-            tinv,
-            K=K,
-            C=C,
-            PRECISION=precision,
-            DOUBLING=INVERSE["doubling"],
-            **_chunk_launch("pre_intra_fwd", K),
-        )
+            k, beta, eta, lam, y, dm, p, gc, tinv,
+            K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **_chunk_launch("pre_intra_fwd", K),
+        )  # fmt: skip
         es, ef = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
         precond_scan_fwd_kernel[(B * H,)](
             y, k, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, SQUARE=True, **_scan_launch("precond_fwd", K, K, C)
@@ -1034,7 +1034,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         ub, kb = k.new_empty(B, H, NC, C, V), torch.empty_like(k)
         wy_fwd_kernel[(B * H * NC,)](
             k, w, v, beta, scratch, tinv, ub, kb, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, DOUBLING=INVERSE["doubling"], **_chunk_launch("wy_fwd", K, V),
+            K=K, V=V, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **_chunk_launch("wy_fwd", K, V),
         )  # fmt: skip
         del scratch  # before the scan allocates the per-chunk states
         uo = torch.empty_like(ub)
