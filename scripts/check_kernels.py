@@ -74,8 +74,10 @@ def rel_err(a, b):
 
 
 def merge(paths, out, argv):
-    """Join shard files into one result: rows in shard order, failures summed, the commands kept."""
-    rows, commands, missing = [], [], []
+    """Join shard files into one result: rows in shard order, failures summed, the commands kept;
+    shards that wrote no file (`missing_shards`) or fewer rows than they planned, cut short by a
+    time limit (`unfinished_shards`), are named."""
+    rows, commands, missing, unfinished = [], [], [], []
     result = None
     for path in paths:
         try:
@@ -84,19 +86,24 @@ def merge(paths, out, argv):
         except (OSError, json.JSONDecodeError) as err:
             missing.append(f"{path}: {type(err).__name__}")
             continue
-        result = result or {k: v for k, v in part.items() if k not in ("rows", "failures", "command")}
+        result = result or {k: v for k, v in part.items() if k not in ("rows", "failures", "command", "planned")}
         commands.append(part.get("command"))
+        if len(part["rows"]) < part.get("planned", 0):
+            unfinished.append(f"{path}: {len(part['rows'])} of {part['planned']} cases")
         rows += [dict(r, shard=part.get("command")) for r in part["rows"]]
     if result is None:
         print(f"no shard file could be read: {missing}")
         return 1
     failures = sum(not r["ok"] for r in rows)
     result.update(command=command_line("scripts/check_kernels.py", argv), shards=commands)
-    result.update(missing_shards=missing, rows=rows, failures=failures)
+    result.update(missing_shards=missing, unfinished_shards=unfinished, rows=rows, failures=failures)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"{len(rows) - failures}/{len(rows)} cases within tolerance in {len(commands)} shards; missing: {missing}")
-    return 1 if failures or missing else 0
+    print(
+        f"{len(rows) - failures}/{len(rows)} cases within tolerance in {len(commands)} shards; "
+        f"missing: {missing}; unfinished: {unfinished}"
+    )
+    return 1 if failures or missing or unfinished else 0
 
 
 def main(argv=None):
@@ -154,6 +161,7 @@ def main(argv=None):
         rows=rows,
     )
     work = [(c, name, op) for c in cases for name in args.dtypes for op in ("chunk", "fused_recurrent")]
+    result["planned"] = len(work)  # rows this shard means to write (--merge names a shard cut short)
     refs = {}  # the float32 loop once per case and dtype, shared by both ops
     for case, dname, op in tqdm(work, desc="kernel checks"):
         dtype = DTYPES[dname]

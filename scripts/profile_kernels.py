@@ -111,7 +111,7 @@ GROUPS = (
     ),
     ("relayout, L2 norm of q and k", ("to_chunks", "from_chunks", "l2norm")),
     ("float32 to bf16 casts", ("bfloat16_copy",)),
-    ("gradient accumulation into .grad", ("CUDAFunctor_add<c10::BFloat16>",)),
+    ("bf16 adds (fla: inside its op)", ("CUDAFunctor_add<c10::BFloat16>",)),
 )
 
 

@@ -833,10 +833,10 @@ CHUNK_LAUNCH = {
 # with `doubling`, as the product (I - N)(I + N^2)(I + N^4)(I + N^8) (six batched products), for
 # 16-bit inputs only (`_doubling`). Measured on an H200 (benchmarks/results/inverse.json, 4096
 # chunks): the inverse alone 236 -> 113 us; in the op at 4 x 4096 x 16 heads of 128, bf16,
-# wy_fwd 376 -> 245 us, pre_intra_fwd 385 -> 250 us, forward+backward 3755 -> 3501 us. Its error
-# against float64 stays near float32's rounding (4e-8) for random keys but reaches ~6e-5 where one
+# wy_fwd 380 -> 246 us, pre_intra_fwd 385 -> 253 us, forward+backward 3774 -> 3502 us. Its error
+# against float64 stays near float32's rounding (4e-8) for random keys but reaches 1.4e-4 where one
 # key repeats with b near 1 (entries near 1: the powers of N grow to thousands before they
-# cancel); substitution stays at 1e-7. That is under the tf32 and 16-bit roundings (5e-4 and
+# cancel); substitution stays at 1.5e-7. That is under the tf32 and 16-bit roundings (5e-4 and
 # coarser) of every product that uses the inverse when the inputs are 16-bit, but not under
 # float32's, so float32 inputs ("ieee") always substitute.
 INVERSE = dict(doubling=True)
@@ -935,8 +935,9 @@ class Precondition(torch.autograd.Function):
 
     k comes out again (a view) for phase 2 to read: phase 2's gradient of k then reaches this
     backward, whose last kernel adds it to phase 1's own in float32, instead of autograd adding
-    the two in an extra pass over a [B, H, NC, C, K] tensor (185 us of 4.0 ms at 4 x 4096 x 16 heads
-    of 128 on an H200, benchmarks/results/kernels_peer_4x4096.json)."""
+    the two in an extra pass over a [B, H, NC, C, K] tensor (about 44 us of 4.0 ms at 4 x 4096 x 16
+    heads of 128 on an H200: profile_kernels.py's adds went 185 -> 141 us with it, the rest being
+    its own accumulation into the inputs' .grad, which it no longer does)."""
 
     @staticmethod
     def forward(ctx, k, beta, eta, lam, d0, precision):
