@@ -74,8 +74,9 @@ if HAS_TRITON:
         """Overwrite the strictly lower [64, 64] `A` in `buf` (this program's own, row-major)
         with `T = (I + A)^{-1}`, in 16 x 16 blocks.
 
-        The four diagonal blocks are inverted together by forward substitution (15 steps on a
-        [4, 16, 16] tile, not 63 on [64, 64]); the blocks below follow from
+        The four diagonal blocks are inverted together, on a [4, 16, 16] tile: by forward
+        substitution (15 steps, not 63 on [64, 64]) or with DOUBLING by six batched products
+        (`INVERSE`); the blocks below follow from
         `T_ij = -T_ii sum_{j <= k < i} A_ik T_kj` as 16 x 16 products. The caller stores `A`
         before and loads `T` after; the barriers order those accesses between warps.
         """
