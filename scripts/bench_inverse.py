@@ -64,27 +64,17 @@ def worst_error(t: torch.Tensor, a: torch.Tensor) -> float:
 
 def in_op(B: int = 4, T: int = 4096, H: int = 16) -> dict:
     """GPU time (us) of the two kernels that invert (`wy_fwd_kernel`, `pre_intra_fwd_kernel`) and
-    of one whole forward+backward of `chunk_osdn` (bf16, K = V = 128), by each method."""
-    from torch.profiler import ProfilerActivity, profile
+    of one whole forward+backward of `chunk_osdn` (bf16, K = V = 128), by each method: the step
+    and per-kernel profile of `profile_kernels.py` (beside this script)."""
+    from profile_kernels import _step, kernel_times
 
-    from osdn_hf.ops import chunk_osdn
     from osdn_hf.ops.osdn import chunk_fused
 
-    dt = torch.bfloat16
-    q, k, v = (torch.randn(B, T, H, K, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
-    beta, eta, lam = (torch.rand(B, T, H, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
-    do = torch.randn(B, T, H, K, device="cuda", dtype=dt)
+    step = _step(B, T, H, K)
     out, before = dict(B=B, T=T, H=H, K=K, V=K), dict(chunk_fused.INVERSE)
     for name, doubling in METHODS.items():
         chunk_fused.INVERSE["doubling"] = doubling
-        times = {}
-        for _ in range(2):  # compile, then measure
-            for x in (q, k, v, beta, eta, lam):
-                x.grad = None
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                chunk_osdn(q, k, v, beta, eta, lam, use_qk_l2norm_in_kernel=True)[0].backward(do)
-                torch.cuda.synchronize()
-            times = {e.key: e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0}
+        times = kernel_times(step)  # after three untimed calls (the first compiles)
         out[name] = dict(
             wy_fwd_us=times.get("wy_fwd_kernel"),
             pre_intra_fwd_us=times.get("pre_intra_fwd_kernel"),
@@ -113,9 +103,11 @@ def main(argv=None):
     for keys in KEYS:
         a = make_a(n, keys, device)
         row = dict(keys=keys, chunks=n)
-        row["inverse_max_abs"] = invert(a, False).abs().max().item()
         for name, doubling in METHODS.items():
-            row[f"{name}_rel_err"] = worst_error(invert(a, doubling), a)
+            t = invert(a, doubling)
+            if not doubling:
+                row["inverse_max_abs"] = t.abs().max().item()
+            row[f"{name}_rel_err"] = worst_error(t, a)
             if cuda:
                 from triton.testing import do_bench
 
