@@ -397,34 +397,36 @@ if HAS_TRITON:
         return b_dt, b_db
 
     @triton.jit
-    def _wy_bwd_dt_block(k, dk, b_b, b_dt, i_k, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-        """`wy_bwd_kernel` on the K block at `i_k`, first pass: dT's sum with it."""
+    def _wy_bwd_kw_block(
+        k, w, dk, b_b, b_dt, b_kw, i_k, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr
+    ):
+        """`wy_bwd_kernel` on the K block at `i_k`, first pass: dT's and K W^T's sums with it."""
         o_k = i_k + tl.arange(0, BK)
         m = o_k[None, :] < K
         b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+        b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
         b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-        return b_dt + tl.dot(b_dkb, tl.trans(b_k.to(tl.float32) * b_b[:, None]), input_precision=PRECISION)
+        b_dt += tl.dot(b_dkb, tl.trans(b_k.to(tl.float32) * b_b[:, None]), input_precision=PRECISION)
+        b_kw += tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
+        return b_dt, b_kw
 
     @triton.jit
     def _wy_bwd_k_block(
-        k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_da, b_dab, b_db, i_k, o_t,
+        k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t,
         K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """`wy_bwd_kernel` on the K block at `i_k`, second pass: dK's and dW's columns; db's sum.
-
-        `b_da` is dA, `b_dab` diag(b) dA, both in the storage dtype. Through A = diag(b) K W^T,
-        d(diag(b) K) gains dA W, whose row sums with K are also A's share of db."""
+        """`wy_bwd_kernel` on the K block at `i_k`, second pass: dK's and dW's columns; db's sum."""
         o_k = i_k + tl.arange(0, BK)
         m = o_k[None, :] < K
         b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
         b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
         b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
         tl.debug_barrier()  # every warp has read this block of dKb before dK may overwrite it
-        b_dkbb = tl.dot(tl.trans(b_t), b_dkb, input_precision=PRECISION)  # d(diag(b) K) through Kb
-        b_dkbb += tl.dot(b_da, b_w, input_precision=PRECISION)  # and through A
+        b_dkbb = tl.dot(tl.trans(b_t), b_dkb, input_precision=PRECISION)  # d(diag(b) K)
         b_db += tl.sum(b_dkbb * b_k.to(tl.float32), 1)
-        tl.store(dk_out + o_t[:, None] * K + o_k[None, :], b_dkbb * b_b[:, None], mask=m)
-        b_dw = tl.dot(tl.trans(b_dab), b_k, input_precision=PRECISION)
+        b_dk = b_dkbb * b_b[:, None] + tl.dot(b_dab.to(b_w.dtype), b_w, input_precision=PRECISION)
+        tl.store(dk_out + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
+        b_dw = tl.dot(tl.trans(b_dab).to(b_k.dtype), b_k, input_precision=PRECISION)
         b_dw += tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
         tl.store(dw_out + o_t[:, None] * K + o_k[None, :], b_dw, mask=m)
         return b_db
@@ -453,29 +455,26 @@ if HAS_TRITON:
         else:
             for i_v in tl.range(0, V, BV, num_stages=1):
                 b_dt, b_db = _wy_bwd_v_block(v, dub, dv, b_t, b_b, b_dt, b_db, i_v, o_t, r_v, m_r, V, BV, PRECISION)
+        b_kw = tl.zeros([C, C], dtype=tl.float32)
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
-                b_dt = _wy_bwd_dt_block(k, dk, b_b, b_dt, i_k, o_t, K, BK, PRECISION)
+                b_dt, b_kw = _wy_bwd_kw_block(k, w, dk, b_b, b_dt, b_kw, i_k, o_t, K, BK, PRECISION)
         else:
             for i_k in tl.range(0, K, BK, num_stages=1):
-                b_dt = _wy_bwd_dt_block(k, dk, b_b, b_dt, i_k, o_t, K, BK, PRECISION)
+                b_dt, b_kw = _wy_bwd_kw_block(k, w, dk, b_b, b_dt, b_kw, i_k, o_t, K, BK, PRECISION)
         # dA = -T^T dT T^T on the strictly lower part
         b_t = b_t.to(tl.float32)
         b_da = tl.dot(tl.trans(b_t), b_dt, input_precision=PRECISION)
         b_da = -tl.dot(b_da, tl.trans(b_t), input_precision=PRECISION)
         b_da = tl.where(o_c[:, None] > o_c[None, :], b_da, 0.0)
-        b_dab = (b_da * b_b[:, None]).to(k.dtype.element_ty)
-        b_da = b_da.to(w.dtype.element_ty)
+        b_db += tl.sum(b_da * b_kw, 1)
+        b_dab = b_da * b_b[:, None]
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
-                b_db = _wy_bwd_k_block(
-                    k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_da, b_dab, b_db, i_k, o_t, K, BK, PRECISION
-                )
+                b_db = _wy_bwd_k_block(k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t, K, BK, PRECISION)
         else:
             for i_k in tl.range(0, K, BK, num_stages=1):
-                b_db = _wy_bwd_k_block(
-                    k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_da, b_dab, b_db, i_k, o_t, K, BK, PRECISION
-                )
+                b_db = _wy_bwd_k_block(k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t, K, BK, PRECISION)
         tl.store(dbeta + o_t, b_db)
 
     # ---------------------------------------------------------------- phase 1 forward
@@ -651,18 +650,28 @@ if HAS_TRITON:
             tl.store(ges + i_c * K + o_k, b_ges, mask=m_k)
 
     @triton.jit
-    def _pre_intra_bwd_sums(
-        k, es, b_uu, b_su, b_ue, i_k, i_c, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr
-    ):  # fmt: skip
-        """`pre_intra_bwd_kernel` on the K block at `i_k`, first pass: the sums of U U^T, U's rows
-        and U e_n with it."""
+    def _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K: tl.constexpr, BK: tl.constexpr):
+        """What both passes of `pre_intra_bwd_kernel` read of the K block at `i_k`: its offsets and
+        mask, k, U = k * k, and the Y columns of dR, -(T^T ddm) e_n^T."""
         o_k = i_k + tl.arange(0, BK)
-        m_k = o_k < K
-        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-        b_u = b_k * b_k
-        b_uu += tl.dot(b_u, tl.trans(b_u), input_precision=PRECISION)
-        b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
-        return b_uu, b_su + tl.sum(b_u, 1), b_ue + tl.sum(b_u * b_e[None, :], 1)
+        m = o_k[None, :] < K
+        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        b_dr = -b_dr0[:, None] * tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
+        return o_k, m, b_k, b_k * b_k, b_dr
+
+    @triton.jit
+    def _pre_intra_bwd_l_block(
+        k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_da, b_dgp, i_k, i_c, o_t,
+        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """`pre_intra_bwd_kernel` on the K block at `i_k`, first pass: the sums of dL, da and dgp."""
+        _, _, _, b_u, b_dr = _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K, BK)
+        b_y = tl.dot(b_ti, b_u * b_r[:, None], input_precision=PRECISION)
+        b_dl -= tl.dot(b_dr, tl.trans(b_y), input_precision=PRECISION)
+        b_dru = tl.sum(b_dr * b_u, 1)  # <dR_t, u_t>
+        b_da += b_egp * b_dru
+        b_dgp += b_r * b_dru
+        return b_dl, b_da, b_dgp
 
     @triton.jit
     def _pre_intra_bwd_k_block(
@@ -671,14 +680,9 @@ if HAS_TRITON:
     ):  # fmt: skip
         """`pre_intra_bwd_kernel` on the K block at `i_k`, second pass: dK's columns (plus `dk2`,
         phase 2's gradient of k, unless it is None)."""
-        o_k = i_k + tl.arange(0, BK)
-        m = o_k[None, :] < K
-        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-        b_e = tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)
-        # dU: the output step's and the scan's, R's Y columns' (-(T^T ddm) e_n^T scaled by r), L's, m's
-        b_du = tl.load(du + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-        b_du -= (b_dr0 * b_r)[:, None] * b_e[None, :]
-        b_du += tl.dot(b_duu, b_k * b_k, input_precision=PRECISION) + b_dsu[:, None]
+        o_k, m, b_k, b_u, b_dr = _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K, BK)
+        b_du = tl.load(du + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + b_dr * b_r[:, None]
+        b_du += tl.dot(b_duu, b_u, input_precision=PRECISION) + b_dsu[:, None]
         b_dk = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + 2 * b_k * b_du
         if dk2 is not None:
             b_dk += tl.load(dk2 + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
@@ -706,29 +710,39 @@ if HAS_TRITON:
         strict = o_c[:, None] > o_c[None, :]
         b_uu = tl.zeros([C, C], dtype=tl.float32)
         b_su = tl.zeros([C], dtype=tl.float32)
-        b_ue = tl.zeros([C], dtype=tl.float32)  # U e_n
-        if UNROLL:
-            for i_k in tl.static_range(0, K, BK):
-                b_uu, b_su, b_ue = _pre_intra_bwd_sums(k, es, b_uu, b_su, b_ue, i_k, i_c, o_t, K, BK, PRECISION)
-        else:  # `_unrolled`
-            for i_k in tl.range(0, K, BK, num_stages=1):
-                b_uu, b_su, b_ue = _pre_intra_bwd_sums(k, es, b_uu, b_su, b_ue, i_k, i_c, o_t, K, BK, PRECISION)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m = o_k[None, :] < K
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+            b_u = b_k * b_k
+            b_uu += tl.dot(b_u, tl.trans(b_u), input_precision=PRECISION)
+            b_su += tl.sum(b_u, 1)
         b_a = b_eta * b_b * b_b
         b_m = b_eta * b_b * (1 - b_b * b_su)
+        b_f = tl.where(strict, tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)), 0.0)  # G_{t-1}/G_{s-1}
+        b_ti = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])  # (I + L)^{-1}
         b_egp = tl.exp(b_gp)
         b_r = b_a * b_egp
-        b_ti = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])  # (I + L)^{-1}
-        # X = [dm, Y] = T R with R = [m, diag(r) U]: dR = T^T dX and dL = -dR X^T. dY = -ddm e_n^T
-        # makes every Y column of dR a multiple of dr0 = T^T ddm, so dL is rank one:
-        # dL = dr0 (Y e_n - dm)^T with Y e_n = T (r * U e_n), and <dR_t, u_t> = -dr0_t (U e_n)_t.
-        b_dr0 = tl.sum(b_ti * tl.load(ddm + o_t)[:, None], 0)
-        b_x = tl.sum(b_ti * (b_r * b_ue - b_m)[None, :], 1)  # Y e_n - dm
-        b_dl = tl.where(strict, b_dr0[:, None] * b_x[None, :], 0.0)
-        b_dru = -b_dr0 * b_ue
-        b_da = b_egp * b_dru
-        b_dgp = tl.load(dgp + o_t) + b_r * b_dru
+        # dR = T^T dX and dL = -dR X^T, X = [dm, Y] = T R, column by column over K; with
+        # dY = -ddm e_n^T, the Y columns of dR are -(T^T ddm) e_n^T
+        b_dx0 = tl.load(ddm + o_t)
+        b_x0 = tl.sum(b_ti * b_m[None, :], 1)
+        b_dr0 = tl.sum(b_ti * b_dx0[:, None], 0)  # T^T ddm
+        b_dl = -b_dr0[:, None] * b_x0[None, :]
+        b_dgp = tl.load(dgp + o_t)
+        b_da = tl.zeros([C], dtype=tl.float32)
+        if UNROLL:
+            for i_k in tl.static_range(0, K, BK):
+                b_dl, b_da, b_dgp = _pre_intra_bwd_l_block(
+                    k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_da, b_dgp, i_k, i_c, o_t, K, BK, PRECISION
+                )
+        else:  # `_unrolled`
+            for i_k in tl.range(0, K, BK, num_stages=1):
+                b_dl, b_da, b_dgp = _pre_intra_bwd_l_block(
+                    k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_da, b_dgp, i_k, i_c, o_t, K, BK, PRECISION
+                )
+        b_dl = tl.where(strict, b_dl, 0.0)
         # L = diag(a) F * UU^T
-        b_f = tl.where(strict, tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)), 0.0)  # G_{t-1}/G_{s-1}
         b_dlf = b_dl * b_f
         b_da += tl.sum(b_dlf * b_uu, 1)
         b_z = b_dlf * b_uu * b_a[:, None]  # dL * L: d(gp_t - gp_s)
