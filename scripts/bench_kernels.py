@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from osdn_hf.throughput import alternating_rounds, gpu_time_us, ratio_summary
+from osdn_hf.throughput import alternating_rounds, fwd_bwd_step, gpu_time_us, ratio_summary
 
 SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384))
 H, K, V = 16, 128, 128
@@ -51,15 +51,6 @@ def _peak_mib(fn, leaves) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _fwd_bwd(fwd, leaves, do):
-    def step():
-        for t in leaves:
-            t.grad = None
-        fwd().backward(do)
-
-    return step
-
-
 def bench_row(B, T, do_bench, rounds=3):
     from fla.ops.delta_rule import chunk_delta_rule
 
@@ -78,8 +69,8 @@ def bench_row(B, T, do_bench, rounds=3):
     steps = {
         "osdn_fwd": osdn,
         "fla_delta_fwd": fla,
-        "osdn_fwdbwd": _fwd_bwd(osdn, (q, k, v, beta, eta, lam), do),
-        "fla_delta_fwdbwd": _fwd_bwd(fla, (q, k, v, beta), do),
+        "osdn_fwdbwd": fwd_bwd_step(osdn, (q, k, v, beta, eta, lam), do),
+        "fla_delta_fwdbwd": fwd_bwd_step(fla, (q, k, v, beta), do),
     }
     ms, orders = alternating_rounds(steps, do_bench, rounds)
     row.update({f"{name}_ms": statistics.median(values) for name, values in ms.items()})
@@ -106,7 +97,7 @@ def bench_row(B, T, do_bench, rounds=3):
         row["fla_precond_fwd_ms"], row["fla_precond_fwd_error"] = None, f"{type(err).__name__}: {err}"[:300]
     try:
         row["fla_precond_fwdbwd_ms"] = (
-            do_bench(_fwd_bwd(pre, (q, k, v, beta), do)) if row["fla_precond_fwd_ms"] else None
+            do_bench(fwd_bwd_step(pre, (q, k, v, beta), do)) if row["fla_precond_fwd_ms"] else None
         )
         if row["fla_precond_fwdbwd_ms"] is None:
             row["fla_precond_fwdbwd_error"] = "forward did not run"
@@ -116,7 +107,7 @@ def bench_row(B, T, do_bench, rounds=3):
     qs, ks, vs = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))  # (B, H, T, D)
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)  # noqa: E731
     row["sdpa_fwd_ms"] = do_bench(sdpa)
-    row["sdpa_fwdbwd_ms"] = do_bench(_fwd_bwd(sdpa, (qs, ks, vs), do.transpose(1, 2).contiguous()))
+    row["sdpa_fwdbwd_ms"] = do_bench(fwd_bwd_step(sdpa, (qs, ks, vs), do.transpose(1, 2).contiguous()))
     return row
 
 

@@ -31,12 +31,12 @@ import subprocess
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
 from osdn_hf.ops import chunk_osdn
 from osdn_hf.ops.osdn import chunk_fused
 from osdn_hf.run_info import run_metadata
+from osdn_hf.throughput import cuda_profile, fwd_bwd_step
 
 
 def _step(B, T, H, D, peer=False, V=None):
@@ -55,12 +55,7 @@ def _step(B, T, H, D, peer=False, V=None):
     else:
         fwd = lambda: chunk_osdn(q, k, v, beta, eta, lam, use_qk_l2norm_in_kernel=True)[0]  # noqa: E731
 
-    def step():
-        for x in (q, k, v, beta, eta, lam):  # as bench_kernels.py: no accumulating into .grad (an add)
-            x.grad = None
-        fwd().backward(do)
-
-    return step
+    return fwd_bwd_step(fwd, (q, k, v, beta, eta, lam), do)
 
 
 def peer(step, args, meta: dict) -> dict:
@@ -241,20 +236,13 @@ def tune(step, args, meta: dict) -> dict:
     )
 
 
-def _profiled(step):
-    """The CUDA profile of one call of `step`, after three untimed calls."""
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    return prof
-
-
 def kernel_times(step) -> dict:
-    """CUDA time (us) of every kernel in one call of `step`."""
-    return {e.key: e.self_device_time_total for e in _profiled(step).key_averages() if e.self_device_time_total > 0}
+    """CUDA time (us) of every kernel in one call of `step`, after three untimed calls."""
+    return {
+        e.key: e.self_device_time_total
+        for e in cuda_profile(step, warmup=3).key_averages()
+        if e.self_device_time_total > 0
+    }
 
 
 GRID = [(w, t) for w in (4, 8) for t in (16, 32, 64)]  # per-chunk (num_warps, tile) settings timed by --grid
@@ -423,7 +411,9 @@ def main(argv=None):
         return
     step = _step(args.B, args.T, args.H, args.D)
     print(
-        _profiled(step).key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
+        cuda_profile(step, warmup=3)
+        .key_averages()
+        .table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
     )
 
 

@@ -119,15 +119,34 @@ def alternate(
     return result
 
 
-def gpu_time_us(fn: Callable[[], object], calls: int = 50) -> float:
-    """GPU time (us) per call of everything `fn` launches (torch.profiler), without the host's
-    time between launches."""
+def fwd_bwd_step(fwd: Callable[[], torch.Tensor], leaves, do: torch.Tensor) -> Callable[[], None]:
+    """One forward+backward of `fwd` (its output's gradient `do`) as a closure. The leaves'
+    gradients are dropped first, so no call adds into `.grad` (an add the timed op does not do)."""
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        fwd().backward(do)
+
+    return step
+
+
+def cuda_profile(fn: Callable[[], object], calls: int = 1, warmup: int = 1):
+    """The torch.profiler CUDA profile of `calls` calls of `fn`, after `warmup` untimed ones."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn()
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
+    return prof
+
+
+def gpu_time_us(fn: Callable[[], object], calls: int = 50) -> float:
+    """GPU time (us) per call of everything `fn` launches (torch.profiler), without the host's
+    time between launches."""
+    prof = cuda_profile(fn, calls)
     return sum(e.self_device_time_total for e in prof.key_averages()) / calls

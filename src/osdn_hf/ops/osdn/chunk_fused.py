@@ -549,8 +549,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
-        """The chunk's log gates g, gp, `delta = dm - Y e_n`, `P[t, s] = G_t / G_{s-1}` (s <= t)
-        and `G_t`: what the output step and its backward both start from."""
+        """The chunk's `delta = dm - Y e_n`, `P[t, s] = G_t / G_{s-1}` (s <= t) and `G_t`: what the
+        output step and its backward both start from."""
         b_g, b_gp, _ = _log_gates(lam, o_t, o_c, C)
         b_delta = tl.load(dm + o_t)
         for i_k in tl.static_range(0, K, BK):
@@ -561,7 +561,7 @@ if HAS_TRITON:
             b_delta -= tl.sum(b_y * b_e[None, :], 1)
         incl = o_c[:, None] >= o_c[None, :]
         b_p = tl.where(incl, tl.exp(tl.where(incl, b_g[:, None] - b_gp[None, :], 0.0)), 0.0)
-        return b_g, b_gp, b_delta, b_p, tl.exp(b_g)
+        return b_delta, b_p, tl.exp(b_g)
 
     @triton.jit
     def pre_out_fwd_kernel(
@@ -573,7 +573,7 @@ if HAS_TRITON:
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
-        b_g, b_gp, b_delta, b_p, b_eg = _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K, C, BK)
+        b_delta, b_p, b_eg = _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K, C, BK)
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
@@ -625,7 +625,7 @@ if HAS_TRITON:
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
-        b_g, b_gp, b_delta, b_p, b_eg = _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K, C, BK)
+        b_delta, b_p, b_eg = _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K, C, BK)
         b_ddelta = tl.zeros([C], dtype=tl.float32)
         b_dg = tl.zeros([C], dtype=tl.float32)
         if UNROLL:
