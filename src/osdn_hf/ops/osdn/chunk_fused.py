@@ -22,8 +22,8 @@ Phase 1 (`Precondition`): `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`
     backward: `pre_out_bwd` -> precond scan backward -> `pre_intra_bwd`
 Phase 2 (`DeltaRuleAsym`): `(q, k, w, v, beta, S0) -> (O, S_final)`
     forward:  `wy_fwd` (A, T = A^{-1}, Ub, Kb) -> state scan -> `out_fwd` (O)
-    backward: `out_bwd` (dQ, dW, dU, dS_n) -> state scan backward (dUb, dS_{n+1}) ->
-              `state_grads` (dKb, the scan's share of dW) -> `wy_bwd`
+    backward: `out_bwd` (dU, dS_n from O) -> state scan backward (dUb, dS_{n+1}) ->
+              `state_grads` (dQ, dKb, dW: all that reads a state) -> `wy_bwd`
 """
 
 from __future__ import annotations
@@ -281,67 +281,48 @@ if HAS_TRITON:
 
     @triton.jit
     def _out_bwd_block(
-        q, w, ss, do, dq, dw, gss, scale, b_dm, b_m, i_k, i_c, o_t, r_o, m_r,
+        q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r,
         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """`out_bwd_kernel`'s work on the K block at `i_k`: its dQ, dW and `gss` columns; returns
-        M's sum with this block's share added."""
+        """`out_bwd_kernel`'s work on the K block at `i_k`: its `gss` rows; returns M's sum with
+        this block's share added."""
         o_k = i_k + tl.arange(0, BK)
         m_k = o_k < K
         b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
         b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
         b_m += tl.dot(b_q, tl.trans(b_w), input_precision=PRECISION)
-        b_dw = tl.dot(tl.trans(b_dm).to(b_q.dtype), b_q, input_precision=PRECISION)
-        tl.store(dw + o_t[:, None] * K + o_k[None, :], b_dw, mask=m_k[None, :])
-        b_dq = tl.dot(b_dm.to(b_w.dtype), b_w, input_precision=PRECISION)
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
             m_v = o_v < V
             b_do = tl.load(do + r_o[:, None] * V + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
-            m_kv = m_k[:, None] & m_v[None, :]
-            b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
-            b_dq += scale * tl.dot(b_do, tl.trans(b_s), input_precision=PRECISION)
             b_gs = scale * tl.dot(tl.trans(b_q), b_do, input_precision=PRECISION)
-            tl.store(gss + i_c * K * V + o_k[:, None] * V + o_v[None, :], b_gs, mask=m_kv)
-        tl.store(dq + o_t[:, None] * K + o_k[None, :], b_dq, mask=m_k[None, :])
+            tl.store(gss + i_c * K * V + o_k[:, None] * V + o_v[None, :], b_gs, mask=m_k[:, None] & m_v[None, :])
         return b_m
 
     @triton.jit
     def out_bwd_kernel(
-        q, w, u, ss, do, dq, dw, du, gss, scale, T, H, NC,
+        q, w, do, du, gss, scale, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         PRECISION: tl.constexpr, UNROLL: tl.constexpr = True,
     ):  # fmt: skip
-        """Through O = scale (Q S_n + M U), M = tril(Q W^T): dQ, the output's share of dW, and
-        dU = scale M^T dO, and the gradient of the chunk-start state S_n, scale Q^T dO (`gss`).
-        dO is `[B, T, H, V]`. With UNROLL off the loop over K blocks stays a loop in the compiled
-        code (`_unrolled`: float32 at head dims above 128, whose unrolled code took 16 minutes to
-        compile)."""
+        """What the reverse state scan needs from O = scale (Q S_n + M U), M = tril(Q W^T): the
+        output's dU = scale M^T dO, and its share of the gradient of the chunk-start state S_n,
+        scale Q^T dO (`gss`). It reads no state: dQ and the output's share of dW, which do, come
+        after the scan (`state_grads_kernel`). dO is `[B, T, H, V]`. With UNROLL off the loop over
+        K blocks stays a loop in the compiled code (`_unrolled`: float32 at head dims above 128,
+        whose unrolled code took 16 minutes to compile)."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         r_o, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
-        incl = o_c[:, None] >= o_c[None, :]
-        b_dm = tl.zeros([C, C], dtype=tl.float32)  # scale tril(dO U^T)
-        for i_v in tl.static_range(0, V, BV):
-            o_v = i_v + tl.arange(0, BV)
-            m = o_v[None, :] < V
-            b_do = tl.load(do + r_o[:, None] * V + o_v[None, :], mask=m_r[:, None] & m, other=0.0)
-            b_u = tl.load(u + o_t[:, None] * V + o_v[None, :], mask=m, other=0.0)
-            b_dm += tl.dot(b_do, tl.trans(b_u), input_precision=PRECISION)
-        b_dm = tl.where(incl, b_dm * scale, 0.0)
         b_m = tl.zeros([C, C], dtype=tl.float32)  # scale tril(Q W^T)
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
-                b_m = _out_bwd_block(
-                    q, w, ss, do, dq, dw, gss, scale, b_dm, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION
-                )
-        else:  # not pipelined either: buffering its loads ahead would take 340 KB of shared memory
+                b_m = _out_bwd_block(q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION)
+        else:  # not pipelined either: buffering its loads ahead would overflow shared memory
             for i_k in tl.range(0, K, BK, num_stages=1):
-                b_m = _out_bwd_block(
-                    q, w, ss, do, dq, dw, gss, scale, b_dm, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION
-                )
-        b_m = tl.where(incl, b_m * scale, 0.0)
+                b_m = _out_bwd_block(q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION)
+        b_m = tl.where(o_c[:, None] >= o_c[None, :], b_m * scale, 0.0)
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
             m = o_v[None, :] < V
@@ -350,35 +331,105 @@ if HAS_TRITON:
             tl.store(du + o_t[:, None] * V + o_v[None, :], b_du, mask=m)
 
     @triton.jit
-    def state_grads_kernel(
-        dub, uo, ss, dss, dkb, dw,
-        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        PRECISION: tl.constexpr,
+    def _state_grads_v_block(
+        uo, ss, do, dub, dss, b_dm, b_dq, b_dkb, b_dws, i_v, i_c, o_t, o_k, m_k, r_o, m_r,
+        K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """The state scan's gradients of its per-chunk inputs: dKb = -dUb S_n^T, and its share of
-        dW, U dS_{n+1}^T, added to `dw`. One (K block, chunk) per program."""
+        """`state_grads_kernel` on the V block at `i_v`: the four sums with its share added."""
+        o_v = i_v + tl.arange(0, BV)
+        m_v = o_v < V
+        o_vk = i_c * K * V + o_k[None, :] * V + o_v[:, None]  # [BV, BK]: S^T
+        m_vk = m_v[:, None] & m_k[None, :]
+        o_tv = o_t[:, None] * V + o_v[None, :]  # [C, BV]
+        b_do = tl.load(do + r_o[:, None] * V + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
+        b_u = tl.load(uo + o_tv, mask=m_v[None, :], other=0.0)  # [C, BV]
+        b_st = tl.load(ss + o_vk, mask=m_vk, other=0.0)  # [BV, BK] S_n^T
+        b_dm += tl.dot(b_do, tl.trans(b_u), input_precision=PRECISION)
+        b_dq += tl.dot(b_do, b_st, input_precision=PRECISION)
+        b_du = tl.load(dub + o_tv, mask=m_v[None, :], other=0.0)  # [C, BV]
+        b_dkb -= tl.dot(b_du, b_st, input_precision=PRECISION)
+        b_dst = tl.load(dss + o_vk, mask=m_vk, other=0.0)  # [BV, BK] dS_{n+1}^T
+        b_dws += tl.dot(b_u, b_dst, input_precision=PRECISION)
+        return b_dm, b_dq, b_dkb, b_dws
+
+    @triton.jit
+    def state_grads_kernel(
+        q, w, uo, ss, do, dub, dss, dq, dkb, dw, scale, T, H, NC,
+        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        PRECISION: tl.constexpr, UNROLL: tl.constexpr = True,
+    ):  # fmt: skip
+        """After the reverse state scan, every gradient that reads a per-chunk state, one (K block,
+        chunk) per program: dQ = scale dO S_n^T + dM W with dM = scale tril(dO U^T) (from the
+        output); dKb = -dUb S_n^T (from the scan); and dW = dM^T Q + U dS_{n+1}^T (output and
+        scan), written to `dw` in float32 for `wy_bwd_kernel` to add to. dO is `[B, T, H, V]`.
+        With UNROLL off the loop over V blocks stays a loop in the compiled code (`_unrolled`)."""
         i_k, i_c = tl.program_id(0), tl.program_id(1).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
+        r_o, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
+        b_dm = tl.zeros([C, C], dtype=tl.float32)
+        b_dq = tl.zeros([C, BK], dtype=tl.float32)
         b_dkb = tl.zeros([C, BK], dtype=tl.float32)
         b_dws = tl.zeros([C, BK], dtype=tl.float32)
-        for i_v in tl.static_range(0, V, BV):
-            o_v = i_v + tl.arange(0, BV)
-            m_v = o_v < V
-            o_vk = i_c * K * V + o_k[None, :] * V + o_v[:, None]  # [BV, BK]: S^T
-            m_vk = m_v[:, None] & m_k[None, :]
-            o_tv = o_t[:, None] * V + o_v[None, :]  # [C, BV]
-            b_du = tl.load(dub + o_tv, mask=m_v[None, :], other=0.0)  # [C, BV]
-            b_st = tl.load(ss + o_vk, mask=m_vk, other=0.0)  # [BV, BK] S_n^T
-            b_dkb -= tl.dot(b_du, b_st, input_precision=PRECISION)
-            b_u = tl.load(uo + o_tv, mask=m_v[None, :], other=0.0)  # [C, BV]
-            b_dst = tl.load(dss + o_vk, mask=m_vk, other=0.0)  # [BV, BK] dS_{n+1}^T
-            b_dws += tl.dot(b_u, b_dst, input_precision=PRECISION)
+        if UNROLL:
+            for i_v in tl.static_range(0, V, BV):
+                b_dm, b_dq, b_dkb, b_dws = _state_grads_v_block(
+                    uo,
+                    ss,
+                    do,
+                    dub,
+                    dss,
+                    b_dm,
+                    b_dq,
+                    b_dkb,
+                    b_dws,
+                    i_v,
+                    i_c,
+                    o_t,
+                    o_k,
+                    m_k,
+                    r_o,
+                    m_r,
+                    K,
+                    V,
+                    BV,
+                    PRECISION,
+                )
+        else:  # not pipelined either, as in out_bwd_kernel
+            for i_v in tl.range(0, V, BV, num_stages=1):
+                b_dm, b_dq, b_dkb, b_dws = _state_grads_v_block(
+                    uo,
+                    ss,
+                    do,
+                    dub,
+                    dss,
+                    b_dm,
+                    b_dq,
+                    b_dkb,
+                    b_dws,
+                    i_v,
+                    i_c,
+                    o_t,
+                    o_k,
+                    m_k,
+                    r_o,
+                    m_r,
+                    K,
+                    V,
+                    BV,
+                    PRECISION,
+                )
+        b_dm = tl.where(o_c[:, None] >= o_c[None, :], b_dm * scale, 0.0)
         o_tk = o_t[:, None] * K + o_k[None, :]
+        b_q = tl.load(q + o_tk, mask=m_k[None, :], other=0.0)
+        b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0)
+        b_dq = scale * b_dq + tl.dot(b_dm.to(b_w.dtype), b_w, input_precision=PRECISION)
+        tl.store(dq + o_tk, b_dq, mask=m_k[None, :])
         tl.store(dkb + o_tk, b_dkb, mask=m_k[None, :])
-        tl.store(dw + o_tk, tl.load(dw + o_tk, mask=m_k[None, :], other=0.0).to(tl.float32) + b_dws, mask=m_k[None, :])
+        b_dws += tl.dot(tl.trans(b_dm).to(b_q.dtype), b_q, input_precision=PRECISION)
+        tl.store(dw + o_tk, b_dws, mask=m_k[None, :])
 
     @triton.jit
     def _wy_bwd_v_block(
@@ -1060,11 +1111,11 @@ class DeltaRuleAsym(torch.autograd.Function):
         ss, _ = _state_scan(None, w, None, s0, uo, precision)  # the final state is not rebuilt
         do = torch.zeros_like(v) if do is None else do.contiguous()
         ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
-        dq, gu, gss = torch.empty_like(q), torch.empty_like(uo), torch.empty_like(ss)
-        dw_o = torch.empty_like(w, dtype=torch.float32)  # added to by two more kernels
+        gu, gss = torch.empty_like(uo), torch.empty_like(ss)
+        unroll = _unrolled(precision, K, V)
         out_bwd_kernel[(B * H * NC,)](
-            q, w, uo, ss, do, dq, dw_o, gu, gss, scale, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, UNROLL=_unrolled(precision, K, V), **_chunk_launch("out_bwd", K, V),
+            q, w, do, gu, gss, scale, T, H, NC, K=K, V=V, C=C, PRECISION=precision, UNROLL=unroll,
+            **_chunk_launch("out_bwd", K, V),
         )  # fmt: skip
         kb = torch.empty_like(k)
         kb_kernel[(B * H * NC,)](k, beta, tinv, kb, K=K, C=C, PRECISION=precision, **_chunk_launch("kb", K))
@@ -1073,18 +1124,23 @@ class DeltaRuleAsym(torch.autograd.Function):
         state_scan_bwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
             kb, w, gu, gss, ds, dub, dss, ds0, NC, K=K, V=V, C=C, PRECISION=precision, **launch
         )
-        del do, gu, gss, kb  # no later kernel reads these: freed before dK is allocated
-        dk, dw = torch.empty_like(k, dtype=torch.float32), dw_o
+        del gu, gss, kb  # no later kernel reads these: freed before dK is allocated
+        dq, dk, dw = (
+            torch.empty_like(q),
+            torch.empty_like(k, dtype=torch.float32),
+            torch.empty_like(w, dtype=torch.float32),
+        )
         launch = _chunk_launch("state_grads", K, V)
         state_grads_kernel[(triton.cdiv(K, launch["BK"]), B * H * NC)](
-            dub, uo, ss, dss, dk, dw, K=K, V=V, C=C, PRECISION=precision, **launch
-        )
-        del ss, dss  # the states and their gradients (4X) go before the last kernel's outputs come
+            q, w, uo, ss, do, dub, dss, dq, dk, dw, scale, T, H, NC,
+            K=K, V=V, C=C, PRECISION=precision, UNROLL=unroll, **launch,
+        )  # fmt: skip
+        del do, ss, dss  # the states and their gradients (4X) go before the last kernel's outputs come
         dv, dbeta = torch.empty_like(v), torch.empty_like(beta)
         dk_out, dw_out = _in_dtype_of(dk, k), _in_dtype_of(dw, w)
         wy_bwd_kernel[(B * H * NC,)](
             k, w, v, beta, tinv, dub, dk, dw, dk_out, dw_out, dv, dbeta, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, UNROLL=_unrolled(precision, K, V), **_chunk_launch("wy_bwd", K, V),
+            K=K, V=V, C=C, PRECISION=precision, UNROLL=unroll, **_chunk_launch("wy_bwd", K, V),
         )  # fmt: skip
         return dq, dk_out, dw_out, dv, dbeta, ds0, None, None, None
 
