@@ -869,7 +869,7 @@ CHUNK_LAUNCH = {
     "out_bwd": dict(num_warps=4, tile=64),
     "state_grads": dict(num_warps=4, tile=64),
     "wy_bwd": dict(num_warps=4, tile=64),
-    "pre_out_bwd": dict(num_warps=4, tile=32),
+    "pre_out_bwd": dict(num_warps=4, tile=64),
     "pre_intra_bwd": dict(num_warps=4, tile=64),
     # The relayouts read whole rows (no tile); num_warps None: 8 from 8192 elements a chunk, else 4
     # (from_chunks at K = 128: 104 us at 8 warps, 116-120 at 4; to_chunks the same at both).
