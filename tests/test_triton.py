@@ -549,10 +549,23 @@ def test_ncu_csv_becomes_json_per_launch(tmp_path):
     assert wy["grid"] == "(4096, 1, 1)" and result["commit"] == "abc"
 
 
-def test_loops_stay_rolled_only_for_float32_above_head_dim_128():
-    """`UNROLL` off (loops over K and V blocks kept as loops in the compiled code) only where
-    unrolled code took many minutes to compile: float32 ("ieee") products at head dims above 128.
-    The (256, 256) float32 case of `test_fused_chunk_kernels_match_torch_chunk_path` runs that way."""
+def test_loops_stay_plain_loops_for_float32_above_head_dim_128(monkeypatch):
+    """`UNROLL` off, not pipelined (STAGES 1), wherever unrolled code took many minutes to compile:
+    float32 ("ieee") products at head dims above 128. Elsewhere a backward kernel walks its blocks
+    as the launch table says: unrolled (`stages` None) or as a loop pipelined `stages` deep. The
+    (256, 256) float32 case of `test_fused_chunk_kernels_match_torch_chunk_path` runs plain loops;
+    its other cases run the table's."""
     assert not chunk_fused._unrolled("ieee", 256, 256) and not chunk_fused._unrolled("ieee", 64, 160)
     assert chunk_fused._unrolled("ieee", 128, 128) and chunk_fused._unrolled("ieee", 128)
-    assert chunk_fused._unrolled("tf32", 256, 256)  # 16-bit inputs keep their measured code
+    assert chunk_fused._unrolled("tf32", 256, 256)
+    monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, "wy_bwd", dict(num_warps=4, tile=64, stages=3))
+    assert chunk_fused._chunk_launch("wy_bwd", 256, 256, "ieee") == dict(
+        BK=64, BV=64, num_warps=4, UNROLL=False, STAGES=1
+    )
+    for precision in ("ieee", "tf32"):
+        launch = chunk_fused._chunk_launch("wy_bwd", 128, 128, precision)
+        assert (launch["UNROLL"], launch["STAGES"]) == (False, 3)
+    monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, "wy_bwd", dict(num_warps=4, tile=64, stages=None))
+    launch = chunk_fused._chunk_launch("wy_bwd", 256, 256, "tf32")
+    assert (launch["UNROLL"], launch["STAGES"]) == (True, 1)
+    assert "UNROLL" not in chunk_fused._chunk_launch("wy_fwd", 128, 128, "tf32")  # no loop switch

@@ -303,14 +303,13 @@ if HAS_TRITON:
     def out_bwd_kernel(
         q, w, do, du, gss, scale, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        PRECISION: tl.constexpr, UNROLL: tl.constexpr = True,
+        PRECISION: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """What the reverse state scan needs from O = scale (Q S_n + M U), M = tril(Q W^T): the
         output's dU = scale M^T dO, and its share of the gradient of the chunk-start state S_n,
         scale Q^T dO (`gss`). It reads no state: dQ and the output's share of dW, which do, come
         after the scan (`state_grads_kernel`). dO is `[B, T, H, V]`. With UNROLL off the loop over
-        K blocks stays a loop in the compiled code (`_unrolled`: float32 at head dims above 128,
-        whose unrolled code took 16 minutes to compile)."""
+        K blocks stays a loop in the compiled code, pipelined STAGES deep (`_chunk_launch`)."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -319,8 +318,8 @@ if HAS_TRITON:
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
                 b_m = _out_bwd_block(q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION)
-        else:  # not pipelined either: buffering its loads ahead would overflow shared memory
-            for i_k in tl.range(0, K, BK, num_stages=1):
+        else:
+            for i_k in tl.range(0, K, BK, num_stages=STAGES):
                 b_m = _out_bwd_block(q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION)
         b_m = tl.where(o_c[:, None] >= o_c[None, :], b_m * scale, 0.0)
         for i_v in tl.static_range(0, V, BV):
@@ -356,13 +355,13 @@ if HAS_TRITON:
     def state_grads_kernel(
         q, w, uo, ss, do, dub, dss, dq, dkb, dw, scale, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        PRECISION: tl.constexpr, UNROLL: tl.constexpr = True,
+        PRECISION: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """After the reverse state scan, every gradient that reads a per-chunk state, one (K block,
         chunk) per program: dQ = scale dO S_n^T + dM W with dM = scale tril(dO U^T) (from the
         output); dKb = -dUb S_n^T (from the scan); and dW = dM^T Q + U dS_{n+1}^T (output and
         scan), written to `dw` in float32 for `wy_bwd_kernel` to add to. dO is `[B, T, H, V]`.
-        With UNROLL off the loop over V blocks stays a loop in the compiled code (`_unrolled`)."""
+        With UNROLL off the loop over V blocks stays a loop, pipelined STAGES deep."""
         i_k, i_c = tl.program_id(0), tl.program_id(1).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -397,8 +396,8 @@ if HAS_TRITON:
                     BV,
                     PRECISION,
                 )
-        else:  # not pipelined either, as in out_bwd_kernel
-            for i_v in tl.range(0, V, BV, num_stages=1):
+        else:
+            for i_v in tl.range(0, V, BV, num_stages=STAGES):
                 b_dm, b_dq, b_dkb, b_dws = _state_grads_v_block(
                     uo,
                     ss,
@@ -486,12 +485,12 @@ if HAS_TRITON:
     def wy_bwd_kernel(
         k, w, v, beta, tinv, dub, dk, dw, dk_out, dw_out, dv, dbeta, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        PRECISION: tl.constexpr, UNROLL: tl.constexpr = True,
+        PRECISION: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """Through Ub = T diag(b) V, Kb = T diag(b) K, T = (I + A)^{-1}, A = tril(diag(b) K W^T, -1),
         `dk` holds dKb and `dw` the other shares of dW (float32); dK and all of dW go to `dk_out`
         and `dw_out` (k's dtype; they may be `dk` and `dw`). v and dv are `[B, T, H, V]`. With
-        UNROLL off the loops over blocks stay loops, not pipelined (`_unrolled`)."""
+        UNROLL off the loops over blocks stay loops, pipelined STAGES deep (`_chunk_launch`)."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -504,14 +503,14 @@ if HAS_TRITON:
             for i_v in tl.static_range(0, V, BV):
                 b_dt, b_db = _wy_bwd_v_block(v, dub, dv, b_t, b_b, b_dt, b_db, i_v, o_t, r_v, m_r, V, BV, PRECISION)
         else:
-            for i_v in tl.range(0, V, BV, num_stages=1):
+            for i_v in tl.range(0, V, BV, num_stages=STAGES):
                 b_dt, b_db = _wy_bwd_v_block(v, dub, dv, b_t, b_b, b_dt, b_db, i_v, o_t, r_v, m_r, V, BV, PRECISION)
         b_kw = tl.zeros([C, C], dtype=tl.float32)
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
                 b_dt, b_kw = _wy_bwd_kw_block(k, w, dk, b_b, b_dt, b_kw, i_k, o_t, K, BK, PRECISION)
         else:
-            for i_k in tl.range(0, K, BK, num_stages=1):
+            for i_k in tl.range(0, K, BK, num_stages=STAGES):
                 b_dt, b_kw = _wy_bwd_kw_block(k, w, dk, b_b, b_dt, b_kw, i_k, o_t, K, BK, PRECISION)
         # dA = -T^T dT T^T on the strictly lower part
         b_t = b_t.to(tl.float32)
@@ -524,7 +523,7 @@ if HAS_TRITON:
             for i_k in tl.static_range(0, K, BK):
                 b_db = _wy_bwd_k_block(k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t, K, BK, PRECISION)
         else:
-            for i_k in tl.range(0, K, BK, num_stages=1):
+            for i_k in tl.range(0, K, BK, num_stages=STAGES):
                 b_db = _wy_bwd_k_block(k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t, K, BK, PRECISION)
         tl.store(dbeta + o_t, b_db)
 
@@ -662,7 +661,8 @@ if HAS_TRITON:
     @triton.jit
     def pre_out_bwd_kernel(
         k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
-        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr = True,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+        UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """Through W = (1 + E) * K, E = G e_n^T + P (delta * U), delta = dm - Y e_n.
 
@@ -684,8 +684,8 @@ if HAS_TRITON:
                 b_ddelta, b_dg = _pre_out_bwd_block(
                     k, es, dw, dk, du, ges, b_p, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_t, K, BK, PRECISION
                 )
-        else:  # `_unrolled`
-            for i_k in tl.range(0, K, BK, num_stages=1):
+        else:  # `_chunk_launch`
+            for i_k in tl.range(0, K, BK, num_stages=STAGES):
                 b_ddelta, b_dg = _pre_out_bwd_block(
                     k, es, dw, dk, du, ges, b_p, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_t, K, BK, PRECISION
                 )
@@ -742,7 +742,8 @@ if HAS_TRITON:
     @triton.jit
     def pre_intra_bwd_kernel(
         k, beta, eta, lam, tinv, es, ddm, du, dp, dgc, dg, dgp, dk, dk2, dk_out, dbeta, deta, dlam,
-        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr = True,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+        UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """Through `pre_intra_fwd_kernel`: [dm, Y] = (I + L)^{-1} R, p, Gc, back to k, beta, eta, lam.
 
@@ -787,8 +788,8 @@ if HAS_TRITON:
                 b_dl, b_da, b_dgp = _pre_intra_bwd_l_block(
                     k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_da, b_dgp, i_k, i_c, o_t, K, BK, PRECISION
                 )
-        else:  # `_unrolled`
-            for i_k in tl.range(0, K, BK, num_stages=1):
+        else:  # `_chunk_launch`
+            for i_k in tl.range(0, K, BK, num_stages=STAGES):
                 b_dl, b_da, b_dgp = _pre_intra_bwd_l_block(
                     k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_da, b_dgp, i_k, i_c, o_t, K, BK, PRECISION
                 )
@@ -816,7 +817,7 @@ if HAS_TRITON:
                     k, es, du, dk, dk2, dk_out, b_r, b_dr0, b_duu, b_dsu, i_k, i_c, o_t, K, BK, PRECISION
                 )
         else:
-            for i_k in tl.range(0, K, BK, num_stages=1):
+            for i_k in tl.range(0, K, BK, num_stages=STAGES):
                 _pre_intra_bwd_k_block(
                     k, es, du, dk, dk2, dk_out, b_r, b_dr0, b_duu, b_dsu, i_k, i_c, o_t, K, BK, PRECISION
                 )
@@ -866,11 +867,16 @@ CHUNK_LAUNCH = {
     "wy_fwd": dict(num_warps=4, tile=64),
     "kb": dict(num_warps=4, tile=64),
     "out_fwd": dict(num_warps=4, tile=64),
-    "out_bwd": dict(num_warps=4, tile=64),
-    "state_grads": dict(num_warps=4, tile=64),
-    "wy_bwd": dict(num_warps=4, tile=64),
-    "pre_out_bwd": dict(num_warps=4, tile=64),
-    "pre_intra_bwd": dict(num_warps=4, tile=64),
+    # The backward kernels that walk blocks with UNROLL off can keep those walks as loops that
+    # Triton software-pipelines (`stages`, its num_stages; None: unrolled). Alone at 4 x 4096 x 16
+    # heads of 128 in bf16 on an H200 (benchmarks/results/kernels_loops_7cc8d1f.json), against
+    # unrolled at the same tile: state_grads 337 -> 277 us, out_bwd 134 -> 117, wy_bwd 355 -> 317,
+    # pre_out_bwd 303 (tile 64) -> 265, pre_intra_bwd 396 -> 363 (tile 32: 417 unrolled).
+    "out_bwd": dict(num_warps=4, tile=64, stages=2),
+    "state_grads": dict(num_warps=4, tile=64, stages=2),
+    "wy_bwd": dict(num_warps=4, tile=64, stages=1),
+    "pre_out_bwd": dict(num_warps=4, tile=32, stages=3),
+    "pre_intra_bwd": dict(num_warps=4, tile=32, stages=3),
     # The relayouts read whole rows (no tile); num_warps None: 8 from 8192 elements a chunk, else 4
     # (from_chunks at K = 128: 104 us at 8 warps, 116-120 at 4; to_chunks the same at both).
     "to_chunks": dict(num_warps=None, tile=None),
@@ -919,8 +925,11 @@ def _scan_launch(name: str, K: int, V: int, C: int) -> dict:
     return out
 
 
-def _chunk_launch(name: str, K: int, V: int | None = None) -> dict:
-    """BK (and BV where the kernel walks V) and num_warps of per-chunk kernel `name`."""
+def _chunk_launch(name: str, K: int, V: int | None = None, precision: str | None = None) -> dict:
+    """BK (and BV where the kernel walks V) and num_warps of per-chunk kernel `name`; for the
+    kernels whose table entry has `stages`, given the precision, also how they walk their blocks
+    (UNROLL, STAGES): float32 above head dim 128 always as plain loops (`_unrolled`), else as the
+    table says."""
     t = CHUNK_LAUNCH[name]
 
     def block(D):
@@ -929,14 +938,20 @@ def _chunk_launch(name: str, K: int, V: int | None = None) -> dict:
     out = dict(BK=block(K), num_warps=t["num_warps"])
     if V is not None:
         out["BV"] = block(V)
+    if "stages" in t:
+        if not _unrolled(precision, K, V):
+            out.update(UNROLL=False, STAGES=1)
+        else:
+            out.update(UNROLL=t["stages"] is None, STAGES=t["stages"] or 1)
     return out
 
 
 def _unrolled(precision: str, K: int, V: int | None = None) -> bool:
-    """Whether a kernel's loops over K and V blocks are unrolled when compiled (`UNROLL`): always,
-    except for float32 products ("ieee") at head dims above 128. Unrolled, float32's kernels at
-    head dim 256 took up to 16 minutes each to compile for sm_90 (`out_bwd_kernel`: 949 s;
-    benchmarks/results/compile_times_cpu.json), too long for any first call."""
+    """Whether a kernel's loops over K and V blocks may be unrolled when compiled (`UNROLL`):
+    always, except for float32 products ("ieee") at head dims above 128, where they stay plain
+    loops, not pipelined. Unrolled, float32's kernels at head dim 256 took up to 16 minutes each
+    to compile for sm_90 (`out_bwd_kernel`: 949 s; benchmarks/results/compile_times_cpu.json),
+    too long for any first call; pipelined, their buffers would overflow shared memory."""
     return precision != "ieee" or max(K, V or 0) <= 128
 
 
@@ -1027,7 +1042,7 @@ class Precondition(torch.autograd.Function):
         dg, dgp, ges = torch.empty_like(dm), torch.empty_like(dm), torch.empty_like(es)
         pre_out_bwd_kernel[grid](
             k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
-            K=K, C=C, PRECISION=ctx.precision, UNROLL=_unrolled(ctx.precision, K), **_chunk_launch("pre_out_bwd", K),
+            K=K, C=C, PRECISION=ctx.precision, **_chunk_launch("pre_out_bwd", K, precision=ctx.precision),
         )  # fmt: skip
         # the scan adds its gradients of u and dm to the output step's (dy: see pre_out_bwd_kernel)
         sdp, sdgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(dd)
@@ -1052,7 +1067,7 @@ class Precondition(torch.autograd.Function):
         pre_intra_bwd_kernel[grid](
             k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, dg, dgp, dk, None if dk2 is None else dk2.contiguous(),
             dk_out, dbeta, deta, dlam,
-            K=K, C=C, PRECISION=ctx.precision, UNROLL=_unrolled(ctx.precision, K), **_chunk_launch("pre_intra_bwd", K),
+            K=K, C=C, PRECISION=ctx.precision, **_chunk_launch("pre_intra_bwd", K, precision=ctx.precision),
         )  # fmt: skip
         return dk_out, dbeta, deta, dlam, de0, None
 
@@ -1112,10 +1127,9 @@ class DeltaRuleAsym(torch.autograd.Function):
         do = torch.zeros_like(v) if do is None else do.contiguous()
         ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
         gu, gss = torch.empty_like(uo), torch.empty_like(ss)
-        unroll = _unrolled(precision, K, V)
         out_bwd_kernel[(B * H * NC,)](
-            q, w, do, gu, gss, scale, T, H, NC, K=K, V=V, C=C, PRECISION=precision, UNROLL=unroll,
-            **_chunk_launch("out_bwd", K, V),
+            q, w, do, gu, gss, scale, T, H, NC,
+            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("out_bwd", K, V, precision),
         )  # fmt: skip
         kb = torch.empty_like(k)
         kb_kernel[(B * H * NC,)](k, beta, tinv, kb, K=K, C=C, PRECISION=precision, **_chunk_launch("kb", K))
@@ -1130,17 +1144,17 @@ class DeltaRuleAsym(torch.autograd.Function):
             torch.empty_like(k, dtype=torch.float32),
             torch.empty_like(w, dtype=torch.float32),
         )
-        launch = _chunk_launch("state_grads", K, V)
+        launch = _chunk_launch("state_grads", K, V, precision)
         state_grads_kernel[(triton.cdiv(K, launch["BK"]), B * H * NC)](
             q, w, uo, ss, do, dub, dss, dq, dk, dw, scale, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, UNROLL=unroll, **launch,
+            K=K, V=V, C=C, PRECISION=precision, **launch,
         )  # fmt: skip
         del do, ss, dss  # the states and their gradients (4X) go before the last kernel's outputs come
         dv, dbeta = torch.empty_like(v), torch.empty_like(beta)
         dk_out, dw_out = _in_dtype_of(dk, k), _in_dtype_of(dw, w)
         wy_bwd_kernel[(B * H * NC,)](
             k, w, v, beta, tinv, dub, dk, dw, dk_out, dw_out, dv, dbeta, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, UNROLL=unroll, **_chunk_launch("wy_bwd", K, V),
+            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_bwd", K, V, precision),
         )  # fmt: skip
         return dq, dk_out, dw_out, dv, dbeta, ds0, None, None, None
 
