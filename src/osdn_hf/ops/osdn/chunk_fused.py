@@ -375,51 +375,15 @@ if HAS_TRITON:
         if UNROLL:
             for i_v in tl.static_range(0, V, BV):
                 b_dm, b_dq, b_dkb, b_dws = _state_grads_v_block(
-                    uo,
-                    ss,
-                    do,
-                    dub,
-                    dss,
-                    b_dm,
-                    b_dq,
-                    b_dkb,
-                    b_dws,
-                    i_v,
-                    i_c,
-                    o_t,
-                    o_k,
-                    m_k,
-                    r_o,
-                    m_r,
-                    K,
-                    V,
-                    BV,
-                    PRECISION,
-                )
+                    uo, ss, do, dub, dss, b_dm, b_dq, b_dkb, b_dws,
+                    i_v, i_c, o_t, o_k, m_k, r_o, m_r, K, V, BV, PRECISION,
+                )  # fmt: skip
         else:
             for i_v in tl.range(0, V, BV, num_stages=STAGES):
                 b_dm, b_dq, b_dkb, b_dws = _state_grads_v_block(
-                    uo,
-                    ss,
-                    do,
-                    dub,
-                    dss,
-                    b_dm,
-                    b_dq,
-                    b_dkb,
-                    b_dws,
-                    i_v,
-                    i_c,
-                    o_t,
-                    o_k,
-                    m_k,
-                    r_o,
-                    m_r,
-                    K,
-                    V,
-                    BV,
-                    PRECISION,
-                )
+                    uo, ss, do, dub, dss, b_dm, b_dq, b_dkb, b_dws,
+                    i_v, i_c, o_t, o_k, m_k, r_o, m_r, K, V, BV, PRECISION,
+                )  # fmt: skip
         b_dm = tl.where(o_c[:, None] >= o_c[None, :], b_dm * scale, 0.0)
         o_tk = o_t[:, None] * K + o_k[None, :]
         b_q = tl.load(q + o_tk, mask=m_k[None, :], other=0.0)
