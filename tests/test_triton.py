@@ -249,27 +249,31 @@ def _core_args(B, T, H, K, V, seed=0):
 
 
 @pytest.mark.parametrize(
-    "K, V, tile, prefetch, split",
+    "K, V, tile, prefetch, split, unrolled",
     [
-        (48, 80, None, False, False),
-        (128, 64, None, False, False),
-        (256, 256, None, False, False),
-        (48, 80, 16, False, False),
-        (48, 80, None, True, False),
-        (128, 64, None, True, True),
-        (256, 256, None, False, True),
+        (48, 80, None, False, False, False),
+        (128, 64, None, False, False, False),
+        (256, 256, None, False, False, False),
+        (48, 80, 16, False, False, False),
+        (48, 80, None, True, False, False),
+        (128, 64, None, True, True, False),
+        (256, 256, None, False, True, False),
+        (48, 80, None, False, False, True),
     ],
 )
-def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, monkeypatch):
+def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, unrolled, monkeypatch):
     """Both phases' fused kernels (forward and hand-written backward) against the torch chunked
     path, differentiated by autograd: head dims that span several tiles (the launch table's 32-
     and 64-wide ones, or 16-wide everywhere) or leave a masked remainder, three chunks, a
     non-trivial d0 and S0; with all four scans loading a chunk ahead, or none; with phase 1's
     backward scan split from its rows' gradients. At (256, 256) in float32 the kernels' loops over
-    blocks stay loops (`chunk_fused._unrolled`)."""
-    if tile is not None:
-        for name, launch in chunk_fused.CHUNK_LAUNCH.items():
-            monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, name, dict(launch, tile=tile))
+    blocks stay plain loops (`chunk_fused._unrolled`); elsewhere the backward kernels walk them as
+    the launch table says, or, with `unrolled`, unroll them all (`stages` None)."""
+    for name, launch in chunk_fused.CHUNK_LAUNCH.items():
+        if tile is not None:
+            monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, name, launch := dict(launch, tile=tile))
+        if unrolled and "stages" in launch:
+            monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, name, dict(launch, stages=None))
     for name, tuning in chunk_fused.SCAN_TUNING.items():
         monkeypatch.setitem(chunk_fused.SCAN_TUNING, name, dict(tuning, prefetch=prefetch))
     monkeypatch.setitem(
