@@ -99,6 +99,10 @@ def main(argv=None):
         sys.exit("bench_inverse.py needs a CUDA GPU, or TRITON_INTERPRET=1 to check on CPU")
     device = "cuda" if cuda else "cpu"
     n = args.chunks if cuda else min(args.chunks, 4)
+    if cuda:
+        from triton.testing import do_bench
+
+        from osdn_hf.throughput import gpu_time_us
     rows = []
     for keys in KEYS:
         a = make_a(n, keys, device)
@@ -109,10 +113,6 @@ def main(argv=None):
                 row["inverse_max_abs"] = t.abs().max().item()
             row[f"{name}_rel_err"] = worst_error(t, a)
             if cuda:
-                from triton.testing import do_bench
-
-                from osdn_hf.throughput import gpu_time_us
-
                 call = functools.partial(invert, a, doubling)
                 row[f"{name}_us"] = 1e3 * do_bench(call, warmup=25, rep=100)
                 row[f"{name}_gpu_us"] = gpu_time_us(call)
