@@ -175,7 +175,9 @@ def test_split_precond_backward_gives_the_same_bits(K, dtype):
 def test_state_scans_prefetching_give_the_same_bits(K, V, dtype):
     """PREFETCH in phase 2's scans: forward (writing U, and rebuilding the states from it), and
     backward with the gradient of the states read from and written to one buffer, as the fused
-    backward calls it, equal the whole-chunk (BS = C) scans bit for bit."""
+    backward calls it, equal the whole-chunk (BS = C) scans bit for bit; so does the backward that
+    forms the output's share of the states' gradient, scale Q^T dO, itself (QDO), which matches
+    the one given that share in gss."""
     _, state = _scan_inputs(2, 2, 3, 64, K, V)
     kb, w, ub = (state[n].detach().to(dtype) for n in ("kb", "w", "ub"))
     s0 = state["s0"].detach()
@@ -203,15 +205,30 @@ def test_state_scans_prefetching_give_the_same_bits(K, V, dtype):
     gu, gss = torch.randn(ub.shape, generator=g).to(dtype), torch.randn(ref[1].shape, generator=g).to(dtype)
     gsf = torch.randn(ref[2].shape, generator=g)
 
-    def bwd(prefetch):
+    def bwd(prefetch, gss=gss, q=None, do=None, scale=1.0, T=0):
         dub, dss, ds0 = torch.empty_like(ub), gss.clone(), torch.empty_like(gsf)  # dss overwrites gss
-        chunk_scan.state_scan_bwd_kernel[grid](kb, w, gu, dss, gsf, dub, dss, ds0, NC, PREFETCH=prefetch, **launch)
+        chunk_scan.state_scan_bwd_kernel[grid](
+            kb, w, gu, dss, q, do, scale, gsf, dub, dss, ds0, T, H, NC, PREFETCH=prefetch, QDO=q is not None, **launch
+        )
         return dub, dss, ds0
 
     ref, got = bwd(False), bwd(True)
     for name, a, b in zip(("dub", "dss", "ds0"), got, ref):
         assert torch.equal(a, b), name
     assert not torch.equal(ref[1], gss)  # the buffer was overwritten with the states' gradients
+    # QDO: q chunked, dO [B, T, H, V] with T short of the last chunk's end (rows past it are padding)
+    T, scale = NC * C - 9, K**-0.5
+    q = torch.randn(kb.shape, generator=g).to(dtype)
+    q[:, :, -1, C - 9 :] = 0  # the chunked layout's zero padding
+    do = torch.randn(B, T, H, V, generator=g).to(dtype)
+    doc = torch.nn.functional.pad(do.float(), (0, 0, 0, 0, 0, 9)).reshape(B, NC, C, H, V).permute(0, 3, 1, 2, 4)
+    given = bwd(False, gss=(scale * q.float().transpose(-1, -2) @ doc).to(dtype))  # [B, H, NC, K, V]
+    nan = torch.full_like(gss, float("nan"))  # QDO never reads gss
+    ref, got = bwd(False, nan, q, do, scale, T), bwd(True, nan, q, do, scale, T)
+    for name, a, b, c in zip(("dub", "dss", "ds0"), got, ref, given):
+        assert torch.equal(a, b), name
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(a.float(), c.float(), **tol)
 
 
 def test_forced_triton_path_runs_the_kernels(monkeypatch):
@@ -555,7 +572,7 @@ def test_ncu_csv_becomes_json_per_launch(tmp_path):
 
 def test_loops_stay_plain_loops_for_float32_above_head_dim_128(monkeypatch):
     """`UNROLL` off, not pipelined (STAGES 1), wherever unrolled code took many minutes to compile:
-    float32 ("ieee") products at head dims above 128. Elsewhere a backward kernel walks its blocks
+    float32 ("ieee") products at head dims above 128. Elsewhere a kernel with the switch walks its blocks
     as the launch table says: unrolled (`stages` None) or as a loop pipelined `stages` deep. The
     (256, 256) float32 case of `test_fused_chunk_kernels_match_torch_chunk_path` runs plain loops;
     its other cases run the table's."""
@@ -572,4 +589,4 @@ def test_loops_stay_plain_loops_for_float32_above_head_dim_128(monkeypatch):
     monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, "wy_bwd", dict(num_warps=4, tile=64, stages=None))
     launch = chunk_fused._chunk_launch("wy_bwd", 256, 256, "tf32")
     assert (launch["UNROLL"], launch["STAGES"]) == (True, 1)
-    assert "UNROLL" not in chunk_fused._chunk_launch("wy_fwd", 128, 128, "tf32")  # no loop switch
+    assert "UNROLL" not in chunk_fused._chunk_launch("out_fwd", 128, 128, "tf32")  # no loop switch

@@ -37,6 +37,7 @@ if HAS_TRITON:  # the kernels exist only with Triton; without it chunk.py never 
     import triton.language as tl
 
     from .chunk_scan import (
+        _bthd_rows,
         precond_rows_bwd_kernel,
         precond_scan_bwd_de_kernel,
         precond_scan_bwd_kernel,
@@ -151,15 +152,6 @@ if HAS_TRITON:
 
     # ---------------------------------------------------------------- layout
 
-    @triton.jit
-    def _bthd_rows(i_c, o_c, T, H, NC, C: tl.constexpr):
-        """Rows `o_c` of chunk `i_c = (b * H + h) * NC + n` in a `[B, T, H, D]` tensor: their
-        indices (times D gives the offset) and the mask of rows before T (the rest are the chunked
-        layout's zero padding)."""
-        i_bh = i_c // NC
-        o_t = (i_c % NC) * C + o_c
-        return ((i_bh // H) * T + o_t) * H + i_bh % H, o_t < T
-
     L2_EPS = tl.constexpr(1e-6)  # as utils.l2norm
 
     @triton.jit
@@ -196,47 +188,79 @@ if HAS_TRITON:
     # ---------------------------------------------------------------- phase 2 forward
 
     @triton.jit
+    def _wy_a_block(k, w, b_a, i_k, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+        """`wy_fwd_kernel` on the K block at `i_k`: K W^T's sum with this block's share added."""
+        o_k = i_k + tl.arange(0, BK)
+        m = o_k[None, :] < K
+        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)  # [C, BK]
+        b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)  # [C, BK]
+        return b_a + tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
+
+    @triton.jit
+    def _wy_ub_block(v, ub, b_t, b_b, i_v, o_t, r_v, m_r, V: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+        """`wy_fwd_kernel` on the V block at `i_v`: those columns of Ub = T diag(b) V."""
+        o_v = i_v + tl.arange(0, BV)
+        m = o_v[None, :] < V
+        b_v = tl.load(v + r_v[:, None] * V + o_v[None, :], mask=m_r[:, None] & m, other=0.0)  # [C, BV]
+        b_ub = tl.dot(b_t, (b_v * b_b[:, None]).to(b_v.dtype), input_precision=PRECISION)
+        tl.store(ub + o_t[:, None] * V + o_v[None, :], b_ub, mask=m)
+
+    @triton.jit
     def wy_fwd_kernel(
         k, w, v, beta, scratch, tinv, ub, kb, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False,
+        PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False, UNROLL: tl.constexpr = True,
+        STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """T = (I + tril(diag(b) K W^T, -1))^{-1}, Ub = T diag(b) V, Kb = T diag(b) K; one chunk per program.
 
         T is inverted in float32 (`scratch`, the program's [C, C] slot) and saved in the storage
-        dtype (`tinv`), the dtype its products with V and K run in. v is `[B, T, H, V]`."""
+        dtype (`tinv`), the dtype its products with V and K run in. v is `[B, T, H, V]`. With
+        UNROLL off the loops over blocks stay loops, pipelined STAGES deep (`_chunk_launch`)."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         r_v, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
         b_b = tl.load(beta + o_t)
         b_a = tl.zeros([C, C], dtype=tl.float32)
-        for i_k in tl.static_range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_a += tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
+        if UNROLL:
+            for i_k in tl.static_range(0, K, BK):
+                b_a = _wy_a_block(k, w, b_a, i_k, o_t, K, BK, PRECISION)
+        else:
+            for i_k in tl.range(0, K, BK, num_stages=STAGES):
+                b_a = _wy_a_block(k, w, b_a, i_k, o_t, K, BK, PRECISION)
         b_a = tl.where(o_c[:, None] > o_c[None, :], b_a * b_b[:, None], 0.0)
         b_t = _invert(b_a, scratch + i_c * C * C, o_c, C, DOUBLING).to(tinv.dtype.element_ty)
         tl.store(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :], b_t)
-        for i_v in tl.static_range(0, V, BV):
-            o_v = i_v + tl.arange(0, BV)
-            m = o_v[None, :] < V
-            b_v = tl.load(v + r_v[:, None] * V + o_v[None, :], mask=m_r[:, None] & m, other=0.0)
-            b_ub = tl.dot(b_t, (b_v * b_b[:, None]).to(b_v.dtype), input_precision=PRECISION)
-            tl.store(ub + o_t[:, None] * V + o_v[None, :], b_ub, mask=m)
-        _store_kb(k, kb, b_t, b_b, o_t, K, BK, PRECISION)
+        if UNROLL:
+            for i_v in tl.static_range(0, V, BV):
+                _wy_ub_block(v, ub, b_t, b_b, i_v, o_t, r_v, m_r, V, BV, PRECISION)
+        else:
+            for i_v in tl.range(0, V, BV, num_stages=STAGES):
+                _wy_ub_block(v, ub, b_t, b_b, i_v, o_t, r_v, m_r, V, BV, PRECISION)
+        _store_kb(k, kb, b_t, b_b, o_t, K, BK, PRECISION, UNROLL, STAGES)
 
     @triton.jit
-    def _store_kb(k, kb, b_t, b_b, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    def _kb_block(k, kb, b_t, b_b, i_k, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+        """`_store_kb` on the K block at `i_k`."""
+        o_k = i_k + tl.arange(0, BK)
+        m = o_k[None, :] < K
+        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)  # [C, BK]
+        b_kb = tl.dot(b_t, (b_k * b_b[:, None]).to(b_k.dtype), input_precision=PRECISION)
+        tl.store(kb + o_t[:, None] * K + o_k[None, :], b_kb, mask=m)
+
+    @triton.jit
+    def _store_kb(
+        k, kb, b_t, b_b, o_t,
+        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
+    ):  # fmt: skip
         """Kb = T diag(b) K of one chunk (T `[C, C]` in the storage dtype), written to `kb`."""
-        for i_k in tl.static_range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-            b_kb = tl.dot(b_t, (b_k * b_b[:, None]).to(b_k.dtype), input_precision=PRECISION)
-            tl.store(kb + o_t[:, None] * K + o_k[None, :], b_kb, mask=m)
+        if UNROLL:
+            for i_k in tl.static_range(0, K, BK):
+                _kb_block(k, kb, b_t, b_b, i_k, o_t, K, BK, PRECISION)
+        else:
+            for i_k in tl.range(0, K, BK, num_stages=STAGES):
+                _kb_block(k, kb, b_t, b_b, i_k, o_t, K, BK, PRECISION)
 
     @triton.jit
     def kb_kernel(k, beta, tinv, kb, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
@@ -246,7 +270,7 @@ if HAS_TRITON:
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         b_t = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])
-        _store_kb(k, kb, b_t, tl.load(beta + o_t), o_t, K, BK, PRECISION)
+        _store_kb(k, kb, b_t, tl.load(beta + o_t), o_t, K, BK, PRECISION, True, 1)
 
     @triton.jit
     def out_fwd_kernel(
@@ -283,6 +307,7 @@ if HAS_TRITON:
     def _out_bwd_block(
         q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r,
         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+        GSS: tl.constexpr,
     ):  # fmt: skip
         """`out_bwd_kernel`'s work on the K block at `i_k`: its `gss` rows; returns M's sum with
         this block's share added."""
@@ -291,19 +316,20 @@ if HAS_TRITON:
         b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
         b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
         b_m += tl.dot(b_q, tl.trans(b_w), input_precision=PRECISION)
-        for i_v in tl.static_range(0, V, BV):
-            o_v = i_v + tl.arange(0, BV)
-            m_v = o_v < V
-            b_do = tl.load(do + r_o[:, None] * V + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
-            b_gs = scale * tl.dot(tl.trans(b_q), b_do, input_precision=PRECISION)
-            tl.store(gss + i_c * K * V + o_k[:, None] * V + o_v[None, :], b_gs, mask=m_k[:, None] & m_v[None, :])
+        if GSS:
+            for i_v in tl.static_range(0, V, BV):
+                o_v = i_v + tl.arange(0, BV)
+                m_v = o_v < V
+                b_do = tl.load(do + r_o[:, None] * V + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
+                b_gs = scale * tl.dot(tl.trans(b_q), b_do, input_precision=PRECISION)
+                tl.store(gss + i_c * K * V + o_k[:, None] * V + o_v[None, :], b_gs, mask=m_k[:, None] & m_v[None, :])
         return b_m
 
     @triton.jit
     def out_bwd_kernel(
         q, w, do, du, gss, scale, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        PRECISION: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
+        PRECISION: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1, GSS: tl.constexpr = True,
     ):  # fmt: skip
         """What the reverse state scan needs from O = scale (Q S_n + M U), M = tril(Q W^T): the
         output's dU = scale M^T dO, and its share of the gradient of the chunk-start state S_n,
@@ -317,10 +343,10 @@ if HAS_TRITON:
         b_m = tl.zeros([C, C], dtype=tl.float32)  # scale tril(Q W^T)
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
-                b_m = _out_bwd_block(q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION)
+                b_m = _out_bwd_block(q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION, GSS)
         else:
             for i_k in tl.range(0, K, BK, num_stages=STAGES):
-                b_m = _out_bwd_block(q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION)
+                b_m = _out_bwd_block(q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION, GSS)
         b_m = tl.where(o_c[:, None] >= o_c[None, :], b_m * scale, 0.0)
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
@@ -532,34 +558,48 @@ if HAS_TRITON:
         b_l = tl.where(strict, b_a[:, None] * tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)) * b_uu, 0.0)
         b_ti = _invert(b_l, tinv + i_c * C * C, o_c, C, DOUBLING)
         tl.store(dm + o_t, tl.sum(b_ti * b_m[None, :], 1))
-        _store_y(k, y, b_ti, b_a * tl.exp(b_gp), o_t, K, BK, PRECISION)
+        _store_y(k, y, b_ti, b_a * tl.exp(b_gp), o_t, K, BK, PRECISION, True, 1)
         tl.store(p + o_t, tl.exp(b_gend - b_gp))
         tl.store(gc + i_c, tl.exp(b_gend))
 
     @triton.jit
-    def _store_y(k, y, b_ti, b_r, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    def _y_block(k, y, b_ti, b_r, i_k, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+        """`_store_y` on the K block at `i_k`."""
+        o_k = i_k + tl.arange(0, BK)
+        m = o_k[None, :] < K
+        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)  # [C, BK]
+        b_y = tl.dot(b_ti, b_k * b_k * b_r[:, None], input_precision=PRECISION)
+        tl.store(y + o_t[:, None] * K + o_k[None, :], b_y, mask=m)
+
+    @triton.jit
+    def _store_y(
+        k, y, b_ti, b_r, o_t,
+        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
+    ):  # fmt: skip
         """Y = (I + L)^{-1} diag(a G_{t-1}) U of one chunk (`b_r` = a G_{t-1}), written to `y`."""
-        for i_k in tl.static_range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-            b_y = tl.dot(b_ti, b_k * b_k * b_r[:, None], input_precision=PRECISION)
-            tl.store(y + o_t[:, None] * K + o_k[None, :], b_y, mask=m)
+        if UNROLL:
+            for i_k in tl.static_range(0, K, BK):
+                _y_block(k, y, b_ti, b_r, i_k, o_t, K, BK, PRECISION)
+        else:
+            for i_k in tl.range(0, K, BK, num_stages=STAGES):
+                _y_block(k, y, b_ti, b_r, i_k, o_t, K, BK, PRECISION)
 
     @triton.jit
     def pre_y_kernel(
         k, beta, eta, lam, tinv, y,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+        UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """Y again from the saved (I + L)^{-1}, as `pre_intra_fwd_kernel` made it: the backward
-        reads it, and the forward does not keep it. One chunk per program."""
+        reads it, and the forward does not keep it. One chunk per program; with UNROLL off the
+        loop over K blocks stays a loop, pipelined STAGES deep."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         b_b = tl.load(beta + o_t)
         _, b_gp, _ = _log_gates(lam, o_t, o_c, C)
         b_ti = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])
-        _store_y(k, y, b_ti, tl.load(eta + o_t) * b_b * b_b * tl.exp(b_gp), o_t, K, BK, PRECISION)
+        _store_y(k, y, b_ti, tl.load(eta + o_t) * b_b * b_b * tl.exp(b_gp), o_t, K, BK, PRECISION, UNROLL, STAGES)
 
     @triton.jit
     def _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
@@ -813,7 +853,7 @@ SCAN_TUNING = {
     "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True),
     "precond_bwd": dict(BS=None, num_warps=8, num_stages=1, prefetch=True, split_below=128, split_num_warps=4),
     "state_fwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
-    "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
+    "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True, qdo=True),
 }
 # Launch settings of the per-chunk kernels: num_warps, and the widest K or V block a kernel walks
 # (16, 32 or 64; narrower blocks hold fewer registers). The fastest of each kernel measured by
@@ -827,8 +867,10 @@ SCAN_TUNING = {
 CHUNK_LAUNCH = {
     "pre_intra_fwd": dict(num_warps=4, tile=64),
     "pre_out_fwd": dict(num_warps=4, tile=32),
-    "pre_y": dict(num_warps=4, tile=32),
-    "wy_fwd": dict(num_warps=4, tile=64),
+    # `stages` as below (benchmarks/results/kernels_loops_fwd_adb30a7.json, alone): wy_fwd 250 -> 222 us,
+    # pre_y 83 -> 76; kept as loops, the other forward kernels were level or slower.
+    "pre_y": dict(num_warps=4, tile=32, stages=3),
+    "wy_fwd": dict(num_warps=4, tile=64, stages=3),
     "kb": dict(num_warps=4, tile=64),
     "out_fwd": dict(num_warps=4, tile=64),
     # The backward kernels that walk blocks with UNROLL off can keep those walks as loops that
@@ -997,7 +1039,10 @@ class Precondition(torch.autograd.Function):
         B, H, NC, C, K = k.shape
         grid = (B * H * NC,)
         y = torch.empty_like(k)
-        pre_y_kernel[grid](k, beta, eta, lam, tinv, y, K=K, C=C, PRECISION=ctx.precision, **_chunk_launch("pre_y", K))
+        pre_y_kernel[grid](
+            k, beta, eta, lam, tinv, y, K=K, C=C, PRECISION=ctx.precision,
+            **_chunk_launch("pre_y", K, precision=ctx.precision),
+        )  # fmt: skip
         dw = torch.zeros_like(k) if dw is None else dw.contiguous()
         dd = beta.new_zeros(B, H, K) if dd is None else dd.contiguous()
         # gradients that several kernels add to stay float32 whatever k's storage
@@ -1064,7 +1109,8 @@ class DeltaRuleAsym(torch.autograd.Function):
         ub, kb = k.new_empty(B, H, NC, C, V), torch.empty_like(k)
         wy_fwd_kernel[(B * H * NC,)](
             k, w, v, beta, scratch, tinv, ub, kb, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **_chunk_launch("wy_fwd", K, V),
+            K=K, V=V, C=C, PRECISION=precision, DOUBLING=_doubling(precision),
+            **_chunk_launch("wy_fwd", K, V, precision),
         )  # fmt: skip
         del scratch  # before the scan allocates the per-chunk states
         uo = torch.empty_like(ub)
@@ -1090,18 +1136,20 @@ class DeltaRuleAsym(torch.autograd.Function):
         ss, _ = _state_scan(None, w, None, s0, uo, precision)  # the final state is not rebuilt
         do = torch.zeros_like(v) if do is None else do.contiguous()
         ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
+        qdo = SCAN_TUNING["state_bwd"]["qdo"]
         gu, gss = torch.empty_like(uo), torch.empty_like(ss)
         out_bwd_kernel[(B * H * NC,)](
             q, w, do, gu, gss, scale, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("out_bwd", K, V, precision),
+            K=K, V=V, C=C, PRECISION=precision, GSS=not qdo, **_chunk_launch("out_bwd", K, V, precision),
         )  # fmt: skip
         kb = torch.empty_like(k)
         kb_kernel[(B * H * NC,)](k, beta, tinv, kb, K=K, C=C, PRECISION=precision, **_chunk_launch("kb", K))
         launch = _scan_launch("state_bwd", K, V, C)
         dub, dss, ds0 = torch.empty_like(uo), gss, beta.new_empty(B, H, K, V)  # dss overwrites gss as it goes
         state_scan_bwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
-            kb, w, gu, gss, ds, dub, dss, ds0, NC, K=K, V=V, C=C, PRECISION=precision, **launch
-        )
+            kb, w, gu, gss, q, do, scale, ds, dub, dss, ds0, T, H, NC,
+            K=K, V=V, C=C, PRECISION=precision, QDO=qdo, **launch,
+        )  # fmt: skip
         del gu, gss, kb  # no later kernel reads these: freed before dK is allocated
         dq, dk, dw = (
             torch.empty_like(q),
