@@ -37,7 +37,6 @@ if HAS_TRITON:  # the kernels exist only with Triton; without it chunk.py never 
     import triton.language as tl
 
     from .chunk_scan import (
-        _bthd_rows,
         precond_rows_bwd_kernel,
         precond_scan_bwd_de_kernel,
         precond_scan_bwd_kernel,
@@ -151,6 +150,15 @@ if HAS_TRITON:
         _invert(tl.where(o_c[:, None] > o_c[None, :], b_a, 0.0), t + i_c * C * C, o_c, C, DOUBLING)
 
     # ---------------------------------------------------------------- layout
+
+    @triton.jit
+    def _bthd_rows(i_c, o_c, T, H, NC, C: tl.constexpr):
+        """Rows `o_c` of chunk `i_c = (b * H + h) * NC + n` in a `[B, T, H, D]` tensor: their
+        indices (times D gives the offset) and the mask of rows before T (the rest are the chunked
+        layout's zero padding)."""
+        i_bh = i_c // NC
+        o_t = (i_c % NC) * C + o_c
+        return ((i_bh // H) * T + o_t) * H + i_bh % H, o_t < T
 
     L2_EPS = tl.constexpr(1e-6)  # as utils.l2norm
 
@@ -307,7 +315,6 @@ if HAS_TRITON:
     def _out_bwd_block(
         q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r,
         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-        GSS: tl.constexpr,
     ):  # fmt: skip
         """`out_bwd_kernel`'s work on the K block at `i_k`: its `gss` rows; returns M's sum with
         this block's share added."""
@@ -316,20 +323,19 @@ if HAS_TRITON:
         b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
         b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
         b_m += tl.dot(b_q, tl.trans(b_w), input_precision=PRECISION)
-        if GSS:
-            for i_v in tl.static_range(0, V, BV):
-                o_v = i_v + tl.arange(0, BV)
-                m_v = o_v < V
-                b_do = tl.load(do + r_o[:, None] * V + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
-                b_gs = scale * tl.dot(tl.trans(b_q), b_do, input_precision=PRECISION)
-                tl.store(gss + i_c * K * V + o_k[:, None] * V + o_v[None, :], b_gs, mask=m_k[:, None] & m_v[None, :])
+        for i_v in tl.static_range(0, V, BV):
+            o_v = i_v + tl.arange(0, BV)
+            m_v = o_v < V
+            b_do = tl.load(do + r_o[:, None] * V + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
+            b_gs = scale * tl.dot(tl.trans(b_q), b_do, input_precision=PRECISION)
+            tl.store(gss + i_c * K * V + o_k[:, None] * V + o_v[None, :], b_gs, mask=m_k[:, None] & m_v[None, :])
         return b_m
 
     @triton.jit
     def out_bwd_kernel(
         q, w, do, du, gss, scale, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        PRECISION: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1, GSS: tl.constexpr = True,
+        PRECISION: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """What the reverse state scan needs from O = scale (Q S_n + M U), M = tril(Q W^T): the
         output's dU = scale M^T dO, and its share of the gradient of the chunk-start state S_n,
@@ -343,10 +349,10 @@ if HAS_TRITON:
         b_m = tl.zeros([C, C], dtype=tl.float32)  # scale tril(Q W^T)
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
-                b_m = _out_bwd_block(q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION, GSS)
+                b_m = _out_bwd_block(q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION)
         else:
             for i_k in tl.range(0, K, BK, num_stages=STAGES):
-                b_m = _out_bwd_block(q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION, GSS)
+                b_m = _out_bwd_block(q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION)
         b_m = tl.where(o_c[:, None] >= o_c[None, :], b_m * scale, 0.0)
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
@@ -853,8 +859,14 @@ SCAN_TUNING = {
     "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True),
     "precond_bwd": dict(BS=None, num_warps=8, num_stages=1, prefetch=True, split_below=128, split_num_warps=4),
     "state_fwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
-    "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True, qdo=True),
+    "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
 }
+# The reverse state scan forming the output's share of the states' gradient, scale Q^T dO, itself
+# (as fla's dhu kernel does; out_bwd would then write no K x V per chunk) was slower in every
+# setting tried (e39d748, taken out; benchmarks/results/kernels_qdo_fwdloops_e39d748.json): out_bwd
+# and the scan together 333 -> 357 us at best at 4 x 4096 (BS 32, Triton pipelining the chunk loop
+# 2 deep), 613 -> 650 at 1 x 16384 (BS 64, 3 deep), where the scan alone ran 2.2-2.6x longer with
+# the next chunk's q and dO loaded ahead as well.
 # Launch settings of the per-chunk kernels: num_warps, and the widest K or V block a kernel walks
 # (16, 32 or 64; narrower blocks hold fewer registers). The fastest of each kernel measured by
 # `scripts/profile_kernels.py --grid`, every setting in a process of its own (H200, bf16,
@@ -867,8 +879,10 @@ SCAN_TUNING = {
 CHUNK_LAUNCH = {
     "pre_intra_fwd": dict(num_warps=4, tile=64),
     "pre_out_fwd": dict(num_warps=4, tile=32),
-    # `stages` as below (benchmarks/results/kernels_loops_fwd_adb30a7.json, alone): wy_fwd 250 -> 222 us,
-    # pre_y 83 -> 76; kept as loops, the other forward kernels were level or slower.
+    # Two forward kernels keep their block loops as loops too (`stages`, below). In the whole
+    # forward+backward at 4 x 4096 (benchmarks/results/kernels_qdo_fwdloops_e39d748.json): wy_fwd
+    # 249 -> 219 us, pre_y 76 -> 70, the step 3174 -> 3136; the other forward kernels, kept as
+    # loops, were level or slower alone (kernels_loops_fwd_adb30a7.json).
     "pre_y": dict(num_warps=4, tile=32, stages=3),
     "wy_fwd": dict(num_warps=4, tile=64, stages=3),
     "kb": dict(num_warps=4, tile=64),
@@ -1136,20 +1150,18 @@ class DeltaRuleAsym(torch.autograd.Function):
         ss, _ = _state_scan(None, w, None, s0, uo, precision)  # the final state is not rebuilt
         do = torch.zeros_like(v) if do is None else do.contiguous()
         ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
-        qdo = SCAN_TUNING["state_bwd"]["qdo"]
         gu, gss = torch.empty_like(uo), torch.empty_like(ss)
         out_bwd_kernel[(B * H * NC,)](
             q, w, do, gu, gss, scale, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, GSS=not qdo, **_chunk_launch("out_bwd", K, V, precision),
+            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("out_bwd", K, V, precision),
         )  # fmt: skip
         kb = torch.empty_like(k)
         kb_kernel[(B * H * NC,)](k, beta, tinv, kb, K=K, C=C, PRECISION=precision, **_chunk_launch("kb", K))
         launch = _scan_launch("state_bwd", K, V, C)
         dub, dss, ds0 = torch.empty_like(uo), gss, beta.new_empty(B, H, K, V)  # dss overwrites gss as it goes
         state_scan_bwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
-            kb, w, gu, gss, q, do, scale, ds, dub, dss, ds0, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, QDO=qdo, **launch,
-        )  # fmt: skip
+            kb, w, gu, gss, ds, dub, dss, ds0, NC, K=K, V=V, C=C, PRECISION=precision, **launch
+        )
         del gu, gss, kb  # no later kernel reads these: freed before dK is allocated
         dq, dk, dw = (
             torch.empty_like(q),

@@ -31,15 +31,6 @@ except ImportError:  # the pure-torch path needs no Triton
 if HAS_TRITON:
 
     @triton.jit
-    def _bthd_rows(i_c, o_c, T, H, NC, C: tl.constexpr):
-        """Rows `o_c` of chunk `i_c = (b * H + h) * NC + n` in a `[B, T, H, D]` tensor: their
-        indices (times D gives the offset) and the mask of rows before T (the rest are the chunked
-        layout's zero padding)."""
-        i_bh = i_c // NC
-        o_t = (i_c % NC) * C + o_c
-        return ((i_bh // H) * T + o_t) * H + i_bh % H, o_t < T
-
-    @triton.jit
     def _precond_yu(y, u, o_t, o_k, m_k, K: tl.constexpr):
         """Rows `o_t` of y and u, `[len(o_t), BK]`, as stored."""
         o_tk = o_t[:, None] * K + o_k[None, :]
@@ -444,53 +435,46 @@ if HAS_TRITON:
             tl.store(sf + i_bh * K * V + o_kv, b_s, mask=m_kv)
 
     @triton.jit
-    def _state_bwd_rows(
-        kb, w, gu, q, do, i_c, o_c, o_k, m_k, o_v, m_v, T, H, NC,
-        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, QDO: tl.constexpr,
-    ):  # fmt: skip
-        """Rows `o_c` of chunk `i_c` of Kb, W and the gradient of U from outside the scan; with QDO
-        also of Q and dO (`[B, T, H, V]`), else Kb and dU again in their places (unread)."""
-        o_t = i_c * C + o_c
+    def _state_bwd_rows(kb, w, gu, o_t, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr):
+        """Rows `o_t` of Kb, W and the gradient of U from outside the scan."""
         o_tk = o_t[:, None] * K + o_k[None, :]  # [BS, BK]
         b_kb = tl.load(kb + o_tk, mask=m_k[None, :], other=0.0)
         b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0)
-        b_gu = tl.load(gu + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)  # [BS, BV]
-        if QDO:
-            b_q = tl.load(q + o_tk, mask=m_k[None, :], other=0.0)  # [BS, BK]
-            r_o, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
-            b_x = tl.load(do + r_o[:, None] * V + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)  # [BS, BV]
-        else:
-            b_q, b_x = b_kb, b_gu
-        return b_kb, b_w, b_gu, b_q, b_x
+        return b_kb, b_w, tl.load(gu + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
 
     @triton.jit
-    def _state_bwd_step(
-        b_kb, b_w, b_gu, b_q, b_x, b_ds, dub, scale, o_t, o_v, m_v,
-        V: tl.constexpr, PRECISION: tl.constexpr, QDO: tl.constexpr,
-    ):  # fmt: skip
-        """These rows' dUb = dU + W dS_{n+1} (written to `dub`) and their share of what dS_n adds
-        to dS_{n+1}: scale Q^T dO - Kb^T dUb with QDO, else - Kb^T dUb (gss is added whole)."""
+    def _state_bwd_step(b_kb, b_w, b_gu, b_ds, dub, o_t, o_v, m_v, V: tl.constexpr, PRECISION: tl.constexpr):
+        """These rows' dUb = dU + W dS_{n+1} (written to `dub`) and their share Kb^T dUb of what
+        dS_n loses."""
         b_du = (b_gu.to(tl.float32) + tl.dot(b_w, b_ds.to(b_w.dtype), input_precision=PRECISION)).to(b_kb.dtype)
         tl.store(dub + o_t[:, None] * V + o_v[None, :], b_du, mask=m_v[None, :])
-        b_add = -tl.dot(tl.trans(b_kb), b_du, input_precision=PRECISION)
-        if QDO:
-            b_add += scale * tl.dot(tl.trans(b_q), b_x, input_precision=PRECISION)
-        return b_add
+        return tl.dot(tl.trans(b_kb), b_du, input_precision=PRECISION)
 
     @triton.jit
     def state_scan_bwd_kernel(
-        kb, w, gu, gss, q, do, scale, gsf, dub, dss, ds0, T, H, NC,
-        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr,
-        PRECISION: tl.constexpr, PREFETCH: tl.constexpr = False, QDO: tl.constexpr = False,
-    ):  # fmt: skip
+        kb,
+        w,
+        gu,
+        gss,
+        gsf,
+        dub,
+        dss,
+        ds0,
+        NC,
+        K: tl.constexpr,
+        V: tl.constexpr,
+        C: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        BS: tl.constexpr,
+        PRECISION: tl.constexpr,
+        PREFETCH: tl.constexpr = False,
+    ):
         """Reverse of `state_scan_fwd_kernel`; `ds` is the gradient of S_{n+1}.
 
         Writes dUb and, per chunk, the gradient of the state after it (`dss`), from which
-        dKb = -dUb S_n^T and dW = U dS_{n+1}^T follow chunk by chunk outside the scan. The
-        gradient of each chunk-start state from outside the scan is `gss`, or with QDO the
-        output's, scale Q^T dO, formed here from q (chunked) and dO (`[B, T, H, V]`; gss unread),
-        so no K x V per chunk is written for it. With PREFETCH (BS == C) the chunk before is loaded
-        while this one is reduced.
+        dKb = -dUb S_n^T and dW = U dS_{n+1}^T follow chunk by chunk outside the scan. With
+        PREFETCH (BS == C) the chunk before is loaded while this one is reduced.
         """
         i_bh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         o_k = tl.arange(0, BK)
@@ -504,48 +488,29 @@ if HAS_TRITON:
         if PREFETCH:
             tl.static_assert(BS == C)
             i_c = i_bh * NC + NC - 1  # the last chunk
-            b_kb, b_w, b_gu, b_q, b_x = _state_bwd_rows(
-                kb, w, gu, q, do, i_c, o_s, o_k, m_k, o_v, m_v, T, H, NC, K, V, C, QDO
-            )
-            if not QDO:
-                b_gss = tl.load(gss + i_c * K * V + o_kv, mask=m_kv, other=0.0)
+            b_kb, b_w, b_gu = _state_bwd_rows(kb, w, gu, i_c * C + o_s, o_k, m_k, o_v, m_v, K, V)
+            b_gss = tl.load(gss + i_c * K * V + o_kv, mask=m_kv, other=0.0)
             for j in range(NC):
                 i_c = i_bh * NC + NC - 1 - j
                 # the chunk before (the first one again at the end, then unused): its gss is read a
                 # step before this scan writes its dss there (dss may be gss)
                 i_x = tl.maximum(i_c - 1, i_bh * NC)
-                n_kb, n_w, n_gu, n_q, n_x = _state_bwd_rows(
-                    kb, w, gu, q, do, i_x, o_s, o_k, m_k, o_v, m_v, T, H, NC, K, V, C, QDO
-                )
-                if QDO:
-                    b_acc = b_ds
-                else:
-                    n_gss = tl.load(gss + i_x * K * V + o_kv, mask=m_kv, other=0.0)
-                    b_acc = b_ds + b_gss.to(tl.float32)
+                n_kb, n_w, n_gu = _state_bwd_rows(kb, w, gu, i_x * C + o_s, o_k, m_k, o_v, m_v, K, V)
+                n_gss = tl.load(gss + i_x * K * V + o_kv, mask=m_kv, other=0.0)
+                b_acc = b_ds + b_gss.to(tl.float32)
                 tl.store(dss + i_c * K * V + o_kv, b_ds, mask=m_kv)
-                b_acc += _state_bwd_step(
-                    b_kb, b_w, b_gu, b_q, b_x, b_ds, dub, scale, i_c * C + o_s, o_v, m_v, V, PRECISION, QDO
-                )
+                b_acc -= _state_bwd_step(b_kb, b_w, b_gu, b_ds, dub, i_c * C + o_s, o_v, m_v, V, PRECISION)
                 b_ds = b_acc
-                b_kb, b_w, b_gu, b_q, b_x = n_kb, n_w, n_gu, n_q, n_x
-                if not QDO:
-                    b_gss = n_gss
+                b_kb, b_w, b_gu, b_gss = n_kb, n_w, n_gu, n_gss
         else:
             for j in range(NC):
                 i_c = i_bh * NC + NC - 1 - j
-                if QDO:
-                    b_acc = b_ds
-                else:
-                    b_acc = b_ds + tl.load(gss + i_c * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+                b_acc = b_ds + tl.load(gss + i_c * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
                 tl.store(dss + i_c * K * V + o_kv, b_ds, mask=m_kv)  # after the load: dss may be gss
                 for i_s in tl.static_range(C // BS):
-                    b_kb, b_w, b_gu, b_q, b_x = _state_bwd_rows(
-                        kb, w, gu, q, do, i_c, i_s * BS + o_s, o_k, m_k, o_v, m_v, T, H, NC, K, V, C, QDO,
-                    )  # fmt: skip
-                    b_acc += _state_bwd_step(
-                        b_kb, b_w, b_gu, b_q, b_x, b_ds, dub, scale, i_c * C + i_s * BS + o_s, o_v, m_v, V,
-                        PRECISION, QDO,
-                    )  # fmt: skip
+                    o_t = i_c * C + i_s * BS + o_s  # [BS]
+                    b_kb, b_w, b_gu = _state_bwd_rows(kb, w, gu, o_t, o_k, m_k, o_v, m_v, K, V)
+                    b_acc -= _state_bwd_step(b_kb, b_w, b_gu, b_ds, dub, o_t, o_v, m_v, V, PRECISION)
                 b_ds = b_acc
         tl.store(ds0 + i_bh * K * V + o_kv, b_ds, mask=m_kv)
 
@@ -617,8 +582,7 @@ class StateScan(torch.autograd.Function):
         gsf = kb.new_zeros(B, H, K, V) if gsf is None else gsf.contiguous()
         dub, dss, ds0 = torch.empty_like(uo), torch.empty_like(ss), kb.new_empty(B, H, K, V)
         state_scan_bwd_kernel[(B * H, triton.cdiv(V, BV))](
-            kb, w, gu, gss, None, None, 1.0, gsf, dub, dss, ds0, 0, 0, NC,
-            K=K, V=V, C=C, BK=BK, BV=BV, BS=max(BS // 2, 16),
+            kb, w, gu, gss, gsf, dub, dss, ds0, NC, K=K, V=V, C=C, BK=BK, BV=BV, BS=max(BS // 2, 16),
             PRECISION=ctx.precision, num_stages=1,
         )  # fmt: skip
         return -dub @ ss.transpose(-1, -2), uo @ dss.transpose(-1, -2), dub, ds0, None
