@@ -858,6 +858,16 @@ SCAN_TUNING = {
     # groups) measured no faster and was taken out (953acd4; README.md).
     "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True),
     "precond_bwd": dict(BS=None, num_warps=8, num_stages=1, prefetch=True, split_below=128, split_num_warps=4),
+    # Fitting the state scans to the SMs measured faster but faulted on the GPU, so it was taken out
+    # (f53a9cc, reverted): BV halved while the programs left SMs idle, and the forward scan
+    # pipelined by Triton (no hand prefetch, BS * BV = 1024, 3 deep) with at most two programs per
+    # SM. Forward scan, both calls, whole forward+backward (benchmarks/results/
+    # kernels_scan_stages{,2}_3f6d0ac.json): 771 -> 358 us at 1 x 16384 (the step 4499 -> 4081),
+    # 281 -> 239 at 4 x 4096; its benchmark, kernels_f53a9cc.json: forward+backward at 1 x 16384
+    # 1.60x fla's GPU time against 1.83x. But at T = 1 (one chunk) it read out of bounds
+    # (kernels_scan_launch_faults_f53a9cc.json): the pipelined forward scan at K = 128, and a scan
+    # prefetching at BV 16 at K = 64; at 4 x 4096, 8 x 2048 and 1 x 1000 its results matched the
+    # float32 loop (kernels_check_scan_regimes_f53a9cc.json).
     "state_fwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
     "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
 }
