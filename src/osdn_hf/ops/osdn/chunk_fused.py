@@ -864,7 +864,7 @@ SCAN_TUNING = {
     # SM. Forward scan, both calls, whole forward+backward (benchmarks/results/
     # kernels_scan_stages{,2}_3f6d0ac.json): 771 -> 358 us at 1 x 16384 (the step 4499 -> 4081),
     # 281 -> 239 at 4 x 4096; its benchmark, kernels_f53a9cc.json: forward+backward at 1 x 16384
-    # 1.60x fla's GPU time against 1.83x. But at T = 1 (one chunk) it read out of bounds
+    # 1.60x fla's GPU time against 1.83x. But at T = 1 (one chunk) it faulted (illegal memory access)
     # (kernels_scan_launch_faults_f53a9cc.json): the pipelined forward scan at K = 128, and a scan
     # prefetching at BV 16 at K = 64; at 4 x 4096, 8 x 2048 and 1 x 1000 its results matched the
     # float32 loop (kernels_check_scan_regimes_f53a9cc.json).
