@@ -246,29 +246,31 @@ if HAS_TRITON:
         else:
             for i_v in tl.range(0, V, BV, num_stages=STAGES):
                 _wy_ub_block(v, ub, b_t, b_b, i_v, o_t, r_v, m_r, V, BV, PRECISION)
-        _store_kb(k, kb, b_t, b_b, o_t, K, BK, PRECISION, UNROLL, STAGES)
+        _walk_k_blocks(_kb_block, k, kb, b_t, b_b, o_t, K, BK, PRECISION, UNROLL, STAGES)
+
+    @triton.jit
+    def _walk_k_blocks(
+        BLOCK: tl.constexpr, k, out, b_mat, b_vec, o_t,
+        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
+    ):  # fmt: skip
+        """`BLOCK(k, out, b_mat, b_vec, i_k, o_t, K, BK, PRECISION)` on every K block of one chunk
+        (`_kb_block`, `_y_block`): unrolled, or with UNROLL off as a loop pipelined STAGES deep."""
+        if UNROLL:
+            for i_k in tl.static_range(0, K, BK):
+                BLOCK(k, out, b_mat, b_vec, i_k, o_t, K, BK, PRECISION)
+        else:
+            for i_k in tl.range(0, K, BK, num_stages=STAGES):
+                BLOCK(k, out, b_mat, b_vec, i_k, o_t, K, BK, PRECISION)
 
     @triton.jit
     def _kb_block(k, kb, b_t, b_b, i_k, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-        """`_store_kb` on the K block at `i_k`."""
+        """Kb = T diag(b) K of one chunk (T `[C, C]` in the storage dtype) on the K block at `i_k`,
+        written to `kb`."""
         o_k = i_k + tl.arange(0, BK)
         m = o_k[None, :] < K
         b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)  # [C, BK]
         b_kb = tl.dot(b_t, (b_k * b_b[:, None]).to(b_k.dtype), input_precision=PRECISION)
         tl.store(kb + o_t[:, None] * K + o_k[None, :], b_kb, mask=m)
-
-    @triton.jit
-    def _store_kb(
-        k, kb, b_t, b_b, o_t,
-        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
-    ):  # fmt: skip
-        """Kb = T diag(b) K of one chunk (T `[C, C]` in the storage dtype), written to `kb`."""
-        if UNROLL:
-            for i_k in tl.static_range(0, K, BK):
-                _kb_block(k, kb, b_t, b_b, i_k, o_t, K, BK, PRECISION)
-        else:
-            for i_k in tl.range(0, K, BK, num_stages=STAGES):
-                _kb_block(k, kb, b_t, b_b, i_k, o_t, K, BK, PRECISION)
 
     @triton.jit
     def kb_kernel(k, beta, tinv, kb, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
@@ -278,7 +280,7 @@ if HAS_TRITON:
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         b_t = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])
-        _store_kb(k, kb, b_t, tl.load(beta + o_t), o_t, K, BK, PRECISION, True, 1)
+        _walk_k_blocks(_kb_block, k, kb, b_t, tl.load(beta + o_t), o_t, K, BK, PRECISION, True, 1)
 
     @triton.jit
     def out_fwd_kernel(
@@ -564,31 +566,19 @@ if HAS_TRITON:
         b_l = tl.where(strict, b_a[:, None] * tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)) * b_uu, 0.0)
         b_ti = _invert(b_l, tinv + i_c * C * C, o_c, C, DOUBLING)
         tl.store(dm + o_t, tl.sum(b_ti * b_m[None, :], 1))
-        _store_y(k, y, b_ti, b_a * tl.exp(b_gp), o_t, K, BK, PRECISION, True, 1)
+        _walk_k_blocks(_y_block, k, y, b_ti, b_a * tl.exp(b_gp), o_t, K, BK, PRECISION, True, 1)
         tl.store(p + o_t, tl.exp(b_gend - b_gp))
         tl.store(gc + i_c, tl.exp(b_gend))
 
     @triton.jit
     def _y_block(k, y, b_ti, b_r, i_k, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-        """`_store_y` on the K block at `i_k`."""
+        """Y = (I + L)^{-1} diag(a G_{t-1}) U of one chunk (`b_r` = a G_{t-1}) on the K block at
+        `i_k`, written to `y`."""
         o_k = i_k + tl.arange(0, BK)
         m = o_k[None, :] < K
         b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)  # [C, BK]
         b_y = tl.dot(b_ti, b_k * b_k * b_r[:, None], input_precision=PRECISION)
         tl.store(y + o_t[:, None] * K + o_k[None, :], b_y, mask=m)
-
-    @triton.jit
-    def _store_y(
-        k, y, b_ti, b_r, o_t,
-        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
-    ):  # fmt: skip
-        """Y = (I + L)^{-1} diag(a G_{t-1}) U of one chunk (`b_r` = a G_{t-1}), written to `y`."""
-        if UNROLL:
-            for i_k in tl.static_range(0, K, BK):
-                _y_block(k, y, b_ti, b_r, i_k, o_t, K, BK, PRECISION)
-        else:
-            for i_k in tl.range(0, K, BK, num_stages=STAGES):
-                _y_block(k, y, b_ti, b_r, i_k, o_t, K, BK, PRECISION)
 
     @triton.jit
     def pre_y_kernel(
@@ -605,7 +595,8 @@ if HAS_TRITON:
         b_b = tl.load(beta + o_t)
         _, b_gp, _ = _log_gates(lam, o_t, o_c, C)
         b_ti = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])
-        _store_y(k, y, b_ti, tl.load(eta + o_t) * b_b * b_b * tl.exp(b_gp), o_t, K, BK, PRECISION, UNROLL, STAGES)
+        b_r = tl.load(eta + o_t) * b_b * b_b * tl.exp(b_gp)
+        _walk_k_blocks(_y_block, k, y, b_ti, b_r, o_t, K, BK, PRECISION, UNROLL, STAGES)
 
     @triton.jit
     def _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
