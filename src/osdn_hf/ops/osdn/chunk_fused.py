@@ -538,6 +538,23 @@ if HAS_TRITON:
         return b_g, b_g - b_l, b_gend
 
     @triton.jit
+    def _pre_intra_sums(
+        k, b_b, b_eta, o_t, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr
+    ):
+        """What phase 1's per-chunk step and its backward both build from one chunk's keys: U U^T
+        (u = k * k), U's row sums, the strengths a = eta b^2 and m = eta b (1 - b sum(u))."""
+        b_uu = tl.zeros([C, C], dtype=tl.float32)
+        b_su = tl.zeros([C], dtype=tl.float32)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m = o_k[None, :] < K
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)  # [C, BK]
+            b_u = b_k * b_k
+            b_uu += tl.dot(b_u, tl.trans(b_u), input_precision=PRECISION)
+            b_su += tl.sum(b_u, 1)
+        return b_uu, b_su, b_eta * b_b * b_b, b_eta * b_b * (1 - b_b * b_su)
+
+    @triton.jit
     def pre_intra_fwd_kernel(
         k, beta, eta, lam, y, dm, p, gc, tinv,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False,
@@ -551,17 +568,7 @@ if HAS_TRITON:
         b_b = tl.load(beta + o_t)
         b_eta = tl.load(eta + o_t)
         b_g, b_gp, b_gend = _log_gates(lam, o_t, o_c, C)
-        b_uu = tl.zeros([C, C], dtype=tl.float32)
-        b_su = tl.zeros([C], dtype=tl.float32)
-        for i_k in tl.static_range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-            b_u = b_k * b_k
-            b_uu += tl.dot(b_u, tl.trans(b_u), input_precision=PRECISION)
-            b_su += tl.sum(b_u, 1)
-        b_a = b_eta * b_b * b_b
-        b_m = b_eta * b_b * (1 - b_b * b_su)
+        b_uu, b_su, b_a, b_m = _pre_intra_sums(k, b_b, b_eta, o_t, K, C, BK, PRECISION)
         strict = o_c[:, None] > o_c[None, :]
         b_l = tl.where(strict, b_a[:, None] * tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)) * b_uu, 0.0)
         b_ti = _invert(b_l, tinv + i_c * C * C, o_c, C, DOUBLING)
@@ -761,17 +768,7 @@ if HAS_TRITON:
         b_lam = tl.load(lam + o_t)
         b_g, b_gp, b_gend = _log_gates(lam, o_t, o_c, C)
         strict = o_c[:, None] > o_c[None, :]
-        b_uu = tl.zeros([C, C], dtype=tl.float32)
-        b_su = tl.zeros([C], dtype=tl.float32)
-        for i_k in tl.static_range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m = o_k[None, :] < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-            b_u = b_k * b_k
-            b_uu += tl.dot(b_u, tl.trans(b_u), input_precision=PRECISION)
-            b_su += tl.sum(b_u, 1)
-        b_a = b_eta * b_b * b_b
-        b_m = b_eta * b_b * (1 - b_b * b_su)
+        b_uu, b_su, b_a, b_m = _pre_intra_sums(k, b_b, b_eta, o_t, K, C, BK, PRECISION)
         b_f = tl.where(strict, tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)), 0.0)  # G_{t-1}/G_{s-1}
         b_ti = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])  # (I + L)^{-1}
         b_egp = tl.exp(b_gp)
