@@ -29,6 +29,12 @@ except ImportError:  # the pure-torch path needs no Triton
 
 
 if HAS_TRITON:
+    # The scans take the chunk count NC as a plain runtime integer. Triton would otherwise compile
+    # NC == 1 (T <= 64) as a constant, unroll the one pass through the loop over chunks, and
+    # Triton 3.6 got that straight-line code wrong on an H200 in 16-bit at some tile shapes: the
+    # final state (and the initial state's gradient) came out wrong while every per-chunk value
+    # was right, e.g. K = V = 128 (BV 32, BS 64; benchmarks/results/kernels_scan_nc1.json).
+    _scan_jit = triton.jit(do_not_specialize=["NC"])
 
     @triton.jit
     def _precond_yu(y, u, o_t, o_k, m_k, K: tl.constexpr):
@@ -52,7 +58,7 @@ if HAS_TRITON:
         b_r = b_p * (b_dm - tl.sum(b_y * b_e[None, :], 1))  # [BS]
         return tl.sum(b_u * b_r[:, None], 0)
 
-    @triton.jit
+    @_scan_jit
     def precond_scan_fwd_kernel(
         y,
         u,
@@ -159,7 +165,7 @@ if HAS_TRITON:
                 tl.store(dy + o_tk, -b_pq[:, None] * b_e[None, :], mask=m_k[None, :])
         return tl.sum(b_y * b_pq[:, None], 0)
 
-    @triton.jit
+    @_scan_jit
     def precond_scan_bwd_kernel(
         y,
         u,
@@ -245,7 +251,7 @@ if HAS_TRITON:
         _, _, b_pq = _precond_pq(b_u, b_p, b_de, SQUARE)
         return tl.sum(b_y.to(tl.float32) * b_pq[:, None], 0)
 
-    @triton.jit
+    @_scan_jit
     def precond_scan_bwd_de_kernel(
         y,
         u,
@@ -373,7 +379,7 @@ if HAS_TRITON:
             tl.store(uo + o_t[:, None] * V + o_v[None, :], b_u, mask=m_v[None, :])
         return tl.dot(tl.trans(b_w), b_u, input_precision=PRECISION)
 
-    @triton.jit
+    @_scan_jit
     def state_scan_fwd_kernel(
         kb,
         w,
@@ -450,7 +456,7 @@ if HAS_TRITON:
         tl.store(dub + o_t[:, None] * V + o_v[None, :], b_du, mask=m_v[None, :])
         return tl.dot(tl.trans(b_kb), b_du, input_precision=PRECISION)
 
-    @triton.jit
+    @_scan_jit
     def state_scan_bwd_kernel(
         kb,
         w,
