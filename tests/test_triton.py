@@ -68,6 +68,24 @@ def test_scans_match_torch_twins(K, V):
         assert_close(f"d{name}", a, b)
 
 
+def test_scans_take_the_chunk_count_unspecialized():
+    """On a GPU, Triton would compile NC == 1 (T <= 64) as a constant and unroll the loop over
+    chunks, and Triton 3.6 got that code wrong in 16-bit (benchmarks/results/kernels_scan_nc1.json).
+    Every kernel that loops over chunks takes NC as a runtime integer. Checked on the compiled
+    kernel objects (not the interpreter's, which keep no such flag), which need no GPU to define."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).parents[1] / "src")
+    code = (
+        "import json; from osdn_hf.ops.osdn import chunk_scan as cs; print(json.dumps({n: [p.name for p in f.params"
+        " if p.do_not_specialize] for n, f in vars(cs).items() if n.endswith('_kernel') and 'NC' in f.arg_names}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
+    got = json.loads(out)
+    scans = ("precond_scan_fwd", "precond_scan_bwd", "precond_scan_bwd_de", "state_scan_fwd", "state_scan_bwd")
+    assert set(got) == {f"{n}_kernel" for n in scans}, got
+    assert all(names == ["NC"] for names in got.values()), got
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_state_scan_recompute_rebuilds_the_same_states(dtype):
     """RECOMPUTE (the phase-2 backward's rebuild of the per-chunk states from W and the scan's own
