@@ -151,8 +151,8 @@ def main(argv=None):
     cases.append(dict(B=1, T=None, K=KV, V=KV, varlen=[1, 63, 64, 100, 1000, 0, 37]))
     for K, V in ((32, 32), (128, 128), (256, 256), (100, 48)):
         cases.append(dict(B=2, T=100, K=K, V=V, varlen=None))
-    for K in (128, 256):  # one chunk (NC = 1) at the model's head dim and the widest (kernels_scan_nc1.json)
-        cases.append(dict(B=2, T=64, K=K, V=K, varlen=None))
+    for K, V in ((128, 128), (256, 256), (32, 32), (100, 48)):  # one chunk (NC = 1; kernels_scan_nc1.json)
+        cases.append(dict(B=2, T=64, K=K, V=V, varlen=None))
 
     cases = [c for c in cases if max(c["K"], c["V"]) <= args.max_head_dim][shard::shards]
     rows, failures = [], 0
