@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -427,6 +428,48 @@ def test_doubling_inverse_serves_16bit_inputs_only(monkeypatch):
     (ref, ref_grads), (got, got_grads) = results[False], results[True]
     for name, a, b in zip(("o", "S", "d", *(f"g{i}" for i in range(8))), (*got, *got_grads), (*ref, *ref_grads)):
         assert (a.float() - b.float()).norm() <= 2e-3 * b.float().norm(), name
+
+
+def _check_scans():
+    spec = importlib.util.spec_from_file_location(
+        "check_scans", Path(__file__).parents[1] / "scripts" / "check_scans.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_check_scans_script_checks_launches_on_cpu(tmp_path):
+    """scripts/check_scans.py under the interpreter: the package's launch and a given tile, at one
+    and two chunks, in float32 and float16, every case within tolerance with the rebuilt states
+    the same bits; a tile that cannot run on the pair (prefetching part of a chunk) is skipped."""
+    out = tmp_path / "scans.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script's children set it
+    env["PYTHONPATH"] = str(Path(__file__).parents[1] / "src")
+    tile, unfit = {"BV": 16, "BS": 32, "PREFETCH": False}, {"BS": 32, "PREFETCH": True}
+    script = Path(__file__).parents[1] / "scripts" / "check_scans.py"
+    cmd = [sys.executable, str(script), "--pairs", "32x32", "--chunks", "1", "2", "--dtypes", "float32", "float16"]
+    cmd += ["--tile", json.dumps(tile), "--tile", json.dumps(unfit), "--jobs", "2", "--out", str(out)]
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["failures"] == 0 and len(rows) == 8, rows  # 2 dtypes x (package, tile) x 2 chunk counts
+    assert all(r["ok"] and r["rebuilt_same_bits"] for r in rows), rows
+    assert [r["tile"] for r in rows if r["dtype"] == "float16"] == [None, None, tile, tile]
+    assert {r["launches"]["state_fwd"]["BV"] for r in rows if r["tile"]} == {16}
+    assert result["device"] and result["commit"] == "unknown" and "state_fwd" in result["launch"]["scans"]
+
+
+def test_check_scans_finds_a_wrong_gradient(monkeypatch):
+    """The scan check can fail: a reverse scan 2% off in dUb is caught, beyond float16's tolerance."""
+    check_scans = _check_scans()
+    launches = check_scans.launches_for(32, 32, None)
+    good = check_scans.check_case(32, 32, 2, torch.float16, launches, heads=2, device="cpu")
+    assert max(good["errors"].values()) <= check_scans.RTOL["float16"] and good["rebuilt_same_bits"], good
+    scan_bwd = chunk_fused._state_scan_bwd
+    monkeypatch.setattr(chunk_fused, "_state_scan_bwd", lambda *a: (lambda d: (d[0] * 1.02, *d[1:]))(scan_bwd(*a)))
+    bad = check_scans.check_case(32, 32, 2, torch.float16, launches, heads=2, device="cpu")
+    assert bad["errors"]["dUb"] > check_scans.RTOL["float16"], bad
 
 
 def test_bench_inverse_script_checks_on_cpu(tmp_path):

@@ -853,9 +853,12 @@ SCAN_TUNING = {
     # kernels_scan_stages{,2}_3f6d0ac.json): 771 -> 358 us at 1 x 16384 (the step 4499 -> 4081),
     # 281 -> 239 at 4 x 4096; its benchmark, kernels_f53a9cc.json: forward+backward at 1 x 16384
     # 1.60x fla's GPU time against 1.83x. But at T = 1 (one chunk) it faulted (illegal memory access)
-    # (kernels_scan_launch_faults_f53a9cc.json): the pipelined forward scan at K = 128, and a scan
-    # prefetching at BV 16 at K = 64; at 4 x 4096, 8 x 2048 and 1 x 1000 its results matched the
-    # float32 loop (kernels_check_scan_regimes_f53a9cc.json).
+    # (kernels_scan_launch_faults_f53a9cc.json); at 4 x 4096, 8 x 2048 and 1 x 1000 its results
+    # matched the float32 loop (kernels_check_scan_regimes_f53a9cc.json). The scans alone later
+    # showed Triton 3.6 miscompiling the NC == 1 specialization (fixed for every launch: chunk_scan's
+    # _scan_jit) and the tile BV 16, BS 64 without prefetch at num_stages 1 at any NC
+    # (kernels_scan_nc1.json); under compute-sanitizer its T = 1 cases ran clean. Before it comes
+    # back: scripts/check_scans.py with its tiles, then the op's GPU checks.
     "state_fwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
     "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
 }
@@ -1093,13 +1096,14 @@ class Precondition(torch.autograd.Function):
         return dk_out, dbeta, deta, dlam, de0, None
 
 
-def _state_scan(kb, w, ub, s0, uo, precision):
+def _state_scan(kb, w, ub, s0, uo, precision, launch=None):
     """Phase 2's state scan: the per-chunk states `[B, H, NC, K, V]` (storage dtype) and the final
     state (float32). With `kb` and `ub` it writes U to `uo`; with `kb=ub=None` it rebuilds the
-    per-chunk states from the U already in `uo` (RECOMPUTE), and returns no final state."""
+    per-chunk states from the U already in `uo` (RECOMPUTE), and returns no final state. `launch`
+    (tiles, warps, stages) defaults to `_scan_launch`'s; scripts/check_scans.py passes others."""
     B, H, NC, C, K = w.shape
     V = uo.shape[-1]
-    launch = _scan_launch("state_fwd", K, V, C)
+    launch = launch or _scan_launch("state_fwd", K, V, C)
     ss = w.new_empty(B, H, NC, K, V)
     sf = None if ub is None else s0.new_empty(B, H, K, V)
     state_scan_fwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
@@ -1107,6 +1111,20 @@ def _state_scan(kb, w, ub, s0, uo, precision):
         K=K, V=V, C=C, PRECISION=precision, RECOMPUTE=ub is None, **launch,
     )  # fmt: skip
     return ss, sf
+
+
+def _state_scan_bwd(kb, w, gu, gss, ds, precision, launch=None):
+    """The reverse state scan, from the gradients of U (`gu`), of each chunk's start state (`gss`,
+    overwritten) and of the final state (`ds`, float32): dUb, the gradient of the state after each
+    chunk (in `gss`'s place) and of the initial state (float32). `launch` as in `_state_scan`."""
+    B, H, NC, C, K = kb.shape
+    V = gu.shape[-1]
+    launch = launch or _scan_launch("state_bwd", K, V, C)
+    dub, dss, ds0 = torch.empty_like(gu), gss, ds.new_empty(B, H, K, V)  # dss overwrites gss as it goes
+    state_scan_bwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
+        kb, w, gu, gss, ds, dub, dss, ds0, NC, K=K, V=V, C=C, PRECISION=precision, **launch
+    )
+    return dub, dss, ds0
 
 
 class DeltaRuleAsym(torch.autograd.Function):
@@ -1155,11 +1173,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         )  # fmt: skip
         kb = torch.empty_like(k)
         kb_kernel[(B * H * NC,)](k, beta, tinv, kb, K=K, C=C, PRECISION=precision, **_chunk_launch("kb", K))
-        launch = _scan_launch("state_bwd", K, V, C)
-        dub, dss, ds0 = torch.empty_like(uo), gss, beta.new_empty(B, H, K, V)  # dss overwrites gss as it goes
-        state_scan_bwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
-            kb, w, gu, gss, ds, dub, dss, ds0, NC, K=K, V=V, C=C, PRECISION=precision, **launch
-        )
+        dub, dss, ds0 = _state_scan_bwd(kb, w, gu, gss, ds, precision)
         del gu, gss, kb  # no later kernel reads these: freed before dK is allocated
         dq, dk, dw = (
             torch.empty_like(q),
