@@ -51,7 +51,7 @@ def make_scan_inputs(N: int, NC: int, K: int, V: int, dtype: torch.dtype, device
 
 
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
