@@ -133,7 +133,7 @@ def spawn(pair: str, dtype_name: str, argv: list[str]) -> list[dict]:
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    cmd = [sys.executable, __file__, *argv, "--dtypes", dtype_name, "--group", pair, dtype_name]
+    cmd = [sys.executable, __file__, *argv, "--group", pair, dtype_name]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     rows = [json.loads(line[5:]) for line in p.stdout.splitlines() if line.startswith("ROW: ")]
     if p.returncode and not any("error" in r for r in rows):
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--pairs: head dims must be positive; got {pair!r}")
     if any(n < 1 for n in args.chunks):
         p.error(f"--chunks must be at least 1; got {args.chunks}")
-    if args.device == "cpu" and "bfloat16" in args.dtypes:
+    if args.device == "cpu" and "bfloat16" in args.dtypes and not args.group:  # a group: its parent checked
         p.error("bfloat16 needs a GPU: Triton's interpreter computes it wrongly")
     if args.group:
         for row in run_group(*args.group, args):
