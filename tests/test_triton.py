@@ -268,26 +268,31 @@ def _core_args(B, T, H, K, V, seed=0):
 
 
 @pytest.mark.parametrize(
-    "K, V, tile, prefetch, split, unrolled",
+    "K, V, tile, prefetch, split, unrolled, sms",
     [
-        (48, 80, None, False, False, False),
-        (128, 64, None, False, False, False),
-        (256, 256, None, False, False, False),
-        (48, 80, 16, False, False, False),
-        (48, 80, None, True, False, False),
-        (128, 64, None, True, True, False),
-        (256, 256, None, False, True, False),
-        (48, 80, None, False, False, True),
+        (48, 80, None, False, False, False, None),
+        (128, 64, None, False, False, False, None),
+        (256, 256, None, False, False, False, None),
+        (48, 80, 16, False, False, False, None),
+        (48, 80, None, True, False, False, None),
+        (128, 64, None, True, True, False, None),
+        (256, 256, None, False, True, False, None),
+        (48, 80, None, False, False, True, None),
+        (48, 80, None, True, False, False, 8),  # state scans at BV 16 (5 V blocks), the forward's pipelined
+        (128, 64, None, True, False, False, 3),  # at BV 32, the forward's in 32-row slices
     ],
 )
-def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, unrolled, monkeypatch):
+def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, unrolled, sms, monkeypatch):
     """Both phases' fused kernels (forward and hand-written backward) against the torch chunked
     path, differentiated by autograd: head dims that span several tiles (the launch table's 32-
     and 64-wide ones, or 16-wide everywhere) or leave a masked remainder, three chunks, a
     non-trivial d0 and S0; with all four scans loading a chunk ahead, or none; with phase 1's
     backward scan split from its rows' gradients. At (256, 256) in float32 the kernels' loops over
-    blocks stay plain loops (`chunk_fused._unrolled`); elsewhere the backward kernels walk them as
-    the launch table says, or, with `unrolled`, unroll them all (`stages` None)."""
+    blocks stay plain loops (`chunk_fused._unrolled`); elsewhere the kernels with a loop switch walk
+    them as the launch table says, or, with `unrolled`, unroll them all (`stages` None). With `sms`
+    the state scans launch as on a GPU with that many SMs (`chunk_fused._scan_launch`)."""
+    if sms is not None:
+        monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: sms)
     for name, launch in chunk_fused.CHUNK_LAUNCH.items():
         if tile is not None:
             monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, name, launch := dict(launch, tile=tile))
@@ -313,6 +318,32 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split,
         assert_close(name, a, b)
     for name, a, b in zip(names, got_grads, ref_grads):
         assert_close(f"d{name}", a, b)
+
+
+def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
+    """Without a CUDA device the table's settings; on one, BV halves while the state scans' programs
+    leave SMs idle, and the forward scan is pipelined by Triton instead of prefetching by hand while
+    its programs are at most two per SM. Heads wider than 128 keep the table's settings."""
+    table = chunk_fused._scan_launch("state_fwd", 128, 128, 64)
+    assert table == chunk_fused._scan_launch("state_fwd", 128, 128, 64, 16, torch.device("cpu"))
+    assert table["PREFETCH"] and table["BV"] == 32 and table["num_stages"] == 1
+    monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)  # an H100's or H200's
+    cases = {  # B * H: (forward (BV, BS, num_stages, PREFETCH), backward (BV, BS, PREFETCH))
+        16: ((16, 64, 3, False), (16, 64, True)),  # 64 programs at BV 32
+        32: ((16, 64, 3, False), (16, 64, True)),  # 128
+        64: ((32, 32, 3, False), (32, 64, True)),  # 256
+        128: ((32, 64, 1, True), (32, 64, True)),  # 512
+    }
+    for heads, (fwd, bwd) in cases.items():
+        f = chunk_fused._scan_launch("state_fwd", 128, 128, 64, heads, "cuda")
+        b = chunk_fused._scan_launch("state_bwd", 128, 128, 64, heads, "cuda")
+        assert (f["BV"], f["BS"], f["num_stages"], f.get("PREFETCH", False)) == fwd, heads
+        assert (b["BV"], b["BS"], b.get("PREFETCH", False)) == bwd, heads
+    wide = chunk_fused._scan_launch("state_fwd", 256, 256, 64, 16, "cuda")
+    assert wide == chunk_fused._scan_launch("state_fwd", 256, 256, 64)
+    assert chunk_fused._scan_launch("precond_fwd", 128, 128, 64, 16, "cuda") == chunk_fused._scan_launch(
+        "precond_fwd", 128, 128, 64
+    )
 
 
 def test_fused_kernels_store_16bit_inputs_in_16_bits(monkeypatch):
@@ -463,7 +494,7 @@ def test_check_scans_script_checks_launches_on_cpu(tmp_path):
 def test_check_scans_finds_a_wrong_gradient(monkeypatch):
     """The scan check can fail: a reverse scan 2% off in dUb is caught, beyond float16's tolerance."""
     check_scans = _check_scans()
-    launches = check_scans.launches_for(32, 32, None)
+    launches = check_scans.launches_for(32, 32, None, heads=2, device="cpu")
     good = check_scans.check_case(32, 32, 2, torch.float16, launches, heads=2, device="cpu")
     assert max(good["errors"].values()) <= check_scans.RTOL["float16"] and good["rebuilt_same_bits"], good
     scan_bwd = chunk_fused._state_scan_bwd

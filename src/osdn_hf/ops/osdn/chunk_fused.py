@@ -846,21 +846,36 @@ SCAN_TUNING = {
     # groups) measured no faster and was taken out (953acd4; README.md).
     "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True),
     "precond_bwd": dict(BS=None, num_warps=8, num_stages=1, prefetch=True, split_below=128, split_num_warps=4),
-    # Fitting the state scans to the SMs measured faster but faulted on the GPU, so it was taken out
-    # (f53a9cc, reverted): BV halved while the programs left SMs idle, and the forward scan
-    # pipelined by Triton (no hand prefetch, BS * BV = 1024, 3 deep) with at most two programs per
-    # SM. Forward scan, both calls, whole forward+backward (benchmarks/results/
-    # kernels_scan_stages{,2}_3f6d0ac.json): 771 -> 358 us at 1 x 16384 (the step 4499 -> 4081),
-    # 281 -> 239 at 4 x 4096; its benchmark, kernels_f53a9cc.json: forward+backward at 1 x 16384
-    # 1.60x fla's GPU time against 1.83x. But at T = 1 (one chunk) it faulted (illegal memory access)
-    # (kernels_scan_launch_faults_f53a9cc.json); at 4 x 4096, 8 x 2048 and 1 x 1000 its results
-    # matched the float32 loop (kernels_check_scan_regimes_f53a9cc.json). The scans alone later
-    # showed Triton 3.6 miscompiling the NC == 1 specialization (fixed for every launch: chunk_scan's
-    # _scan_jit) and the tile BV 16, BS 64 without prefetch at num_stages 1 at any NC
-    # (kernels_scan_nc1.json); under compute-sanitizer its T = 1 cases ran clean. Before it comes
-    # back: scripts/check_scans.py with its tiles, then the op's GPU checks.
-    "state_fwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
-    "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True),
+    # The state scans run one program per (batch, head, V block): at heads up to 128 wide, with
+    # fewer programs than the GPU has SMs, BV halves (down to 16) until they fill them. Then the
+    # forward scan, with at most `pipeline_waves` programs per SM, keeps no hand prefetch but lets
+    # Triton pipeline its loop over chunks `pipeline["num_stages"]` deep, BS rows at a time with
+    # BS * BV = `pipeline["slice"]` (BV up to `pipeline["max_BV"]`, the widths measured). Measured
+    # in the whole forward+backward (H200, bf16, H=16, K=V=128;
+    # benchmarks/results/kernels_scan_stages{,2}_3f6d0ac.json), the forward scan's two calls:
+    #   1 x 16384 (64 programs at BV 32): 771 -> 358 us (BV 16, BS 64, 3 deep; the step 4499 -> 4081)
+    #   4 x 4096 (256 programs): 281 -> 239 us (BV 32, BS 32, 3 deep)
+    #   8 x 2048 (512 programs): prefetching stays fastest (330 us; 349 pipelined)
+    # The backward scan only narrows: 481 -> 439 us at 1 x 16384 (BV 16); pipelining its loop was
+    # slower at every size (212 -> 278 us at 4 x 4096, 481 -> 657 at 1 x 16384), and so were the
+    # preconditioner scans' (one program per (batch, head), 102 -> 292 us and more).
+    # First landed in f53a9cc, it was reverted when it faulted at T = 1 (one chunk;
+    # kernels_scan_launch_faults_f53a9cc.json): the scans were then compiled with NC == 1 as a
+    # constant, which Triton 3.6 miscompiles (kernels_scan_nc1.json; fixed by chunk_scan's
+    # _scan_jit). It came back after scripts/check_scans.py passed on the GPU at every regime's
+    # launch and tile, NC 1-3 (kernels_scan_launches_*.json). The tile BV 16, BS 64 without
+    # prefetch at num_stages 1 is miscompiled at any NC (kernels_scan_nc1.json); no regime uses it.
+    "state_fwd": dict(
+        BV=None,
+        BS=None,
+        num_warps=4,
+        num_stages=1,
+        prefetch=True,
+        fill_sms=True,
+        pipeline_waves=2,
+        pipeline=dict(num_stages=3, slice=1024, max_BV=32),
+    ),  # fmt: skip
+    "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True, fill_sms=True),
 }
 # The reverse state scan forming the output's share of the states' gradient, scale Q^T dO, itself
 # (as fla's dhu kernel does; out_bwd would then write no K x V per chunk) was slower in every
@@ -933,7 +948,10 @@ def launch_settings() -> dict:
     }
 
 
-def _scan_launch(name: str, K: int, V: int, C: int) -> dict:
+def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, device=None) -> dict:
+    """Launch settings of scan `name` (`SCAN_TUNING`); for the state scans, given `heads` (B * H)
+    and a CUDA `device`, fitted to how many programs its SMs take (without them, as the table's
+    first settings say)."""
     BK, BV, BS = _block_sizes(K, V, C)
     if name == "state_bwd":
         BS = max(BS // 2, 16)
@@ -943,7 +961,23 @@ def _scan_launch(name: str, K: int, V: int, C: int) -> dict:
         out["BV"] = t["BV"] or BV
     if t["prefetch"] and BK <= 128:
         out.update(BS=C, PREFETCH=True)
+    sms = _sm_count(device)
+    if not name.startswith("state") or heads is None or sms is None or BK > 128:
+        return out
+    if t["fill_sms"]:
+        while out["BV"] > 16 and heads * triton.cdiv(V, out["BV"]) < sms:
+            out["BV"] //= 2
+    pipe = t.get("pipeline")
+    if pipe and heads * triton.cdiv(V, out["BV"]) <= t["pipeline_waves"] * sms and out["BV"] <= pipe["max_BV"]:
+        out.update(BS=min(pipe["slice"] // out["BV"], C), num_stages=pipe["num_stages"], PREFETCH=False)
     return out
+
+
+def _sm_count(device) -> int | None:
+    """How many SMs CUDA `device` has (None for any other device, or none given)."""
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _chunk_launch(name: str, K: int, V: int | None = None, precision: str | None = None) -> dict:
@@ -1103,7 +1137,7 @@ def _state_scan(kb, w, ub, s0, uo, precision, launch=None):
     (tiles, warps, stages) defaults to `_scan_launch`'s; scripts/check_scans.py passes others."""
     B, H, NC, C, K = w.shape
     V = uo.shape[-1]
-    launch = launch or _scan_launch("state_fwd", K, V, C)
+    launch = launch or _scan_launch("state_fwd", K, V, C, B * H, w.device)
     ss = w.new_empty(B, H, NC, K, V)
     sf = None if ub is None else s0.new_empty(B, H, K, V)
     state_scan_fwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
@@ -1119,7 +1153,7 @@ def _state_scan_bwd(kb, w, gu, gss, ds, precision, launch=None):
     chunk (in `gss`'s place) and of the initial state (float32). `launch` as in `_state_scan`."""
     B, H, NC, C, K = kb.shape
     V = gu.shape[-1]
-    launch = launch or _scan_launch("state_bwd", K, V, C)
+    launch = launch or _scan_launch("state_bwd", K, V, C, B * H, kb.device)
     dub, dss, ds0 = torch.empty_like(gu), gss, ds.new_empty(B, H, K, V)  # dss overwrites gss as it goes
     state_scan_bwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
         kb, w, gu, gss, ds, dub, dss, ds0, NC, K=K, V=V, C=C, PRECISION=precision, **launch
