@@ -121,9 +121,6 @@ def main(argv=None):
         "--split", action="store_true", help="phase 1's backward scan split from its rows' gradients at every size"
     )
     p.add_argument(
-        "--ahead", type=int, help="every scan asks its rows into L2 this many chunks ahead (SCAN_TUNING's ahead)"
-    )
-    p.add_argument(
         "--inverse",
         choices=("substitution", "doubling"),
         help="how the 64 x 64 inverses' diagonal blocks are inverted (default: chunk_fused.INVERSE)",
@@ -136,9 +133,6 @@ def main(argv=None):
             tuning["prefetch"] = args.prefetch == "all"
     if args.split:
         chunk_fused.SCAN_TUNING["precond_bwd"]["split_below"] = 1 << 30
-    if args.ahead is not None:
-        for tuning in chunk_fused.SCAN_TUNING.values():
-            tuning["ahead"] = args.ahead
     if args.inverse:
         chunk_fused.INVERSE["doubling"] = args.inverse == "doubling"
     try:

@@ -199,10 +199,6 @@ def tune(step, args, meta: dict) -> dict:
         knobs = dict(num_warps=(2, 4, 8), num_stages=(1, 2, 3), BS=(16, 32, 64))
         if name.startswith("state"):
             knobs["BV"] = (16, 32, 64)
-        # rows asked into L2 this many chunks ahead (CUDA only), with the next chunk in registers
-        # (prefetch), or without it, in slices of 32 rows (fewer registers)
-        knobs["ahead"] = (2, 4, 8)
-        knobs[("prefetch", "BS", "ahead")] = ((False, 32, 2), (False, 32, 4), (False, 32, 8))
         # whole chunks with the next one loaded ahead, or not, at 4 and at 8 warps
         default = (base[name]["prefetch"], base[name]["num_warps"])
         knobs[("prefetch", "num_warps")] = tuple(x for x in itertools.product((False, True), (4, 8)) if x != default)

@@ -844,8 +844,8 @@ SCAN_TUNING = {
     # (kernels_tune_split_{2x8192,4x4096}.json), so the line stays at 128.
     # Grouping phase 1's scans (chunks in parallel groups, each group's K x K map, a short scan over
     # groups) measured no faster and was taken out (953acd4; README.md).
-    "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True, ahead=0),
-    "precond_bwd": dict(BS=None, num_warps=8, num_stages=1, prefetch=True, ahead=0, split_below=128, split_num_warps=4),
+    "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True),
+    "precond_bwd": dict(BS=None, num_warps=8, num_stages=1, prefetch=True, split_below=128, split_num_warps=4),
     # The state scans run one program per (batch, head, V block): at heads up to 128 wide, with
     # fewer programs than the GPU has SMs, BV halves (down to 16) until they fill them. Then the
     # forward scan, with at most `pipeline_waves` programs per SM, keeps no hand prefetch but lets
@@ -871,12 +871,11 @@ SCAN_TUNING = {
         num_warps=4,
         num_stages=1,
         prefetch=True,
-        ahead=0,
         fill_sms=True,
         pipeline_waves=2,
         pipeline=dict(num_stages=3, slice=1024, max_BV=32),
     ),  # fmt: skip
-    "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True, ahead=0, fill_sms=True),
+    "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True, fill_sms=True),
 }
 # The reverse state scan forming the output's share of the states' gradient, scale Q^T dO, itself
 # (as fla's dhu kernel does; out_bwd would then write no K x V per chunk) was slower in every
@@ -963,17 +962,14 @@ def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, de
     if t["prefetch"] and BK <= 128:
         out.update(BS=C, PREFETCH=True)
     sms = _sm_count(device)
-    if sms is None:  # no CUDA device: no SMs to fit, and the interpreter cannot prefetch into L2
+    if not name.startswith("state") or heads is None or sms is None or BK > 128:
         return out
-    if name.startswith("state") and heads is not None and BK <= 128:
-        if t["fill_sms"]:
-            while out["BV"] > 16 and heads * triton.cdiv(V, out["BV"]) < sms:
-                out["BV"] //= 2
-        pipe = t.get("pipeline")
-        if pipe and heads * triton.cdiv(V, out["BV"]) <= t["pipeline_waves"] * sms and out["BV"] <= pipe["max_BV"]:
-            out.update(BS=min(pipe["slice"] // out["BV"], C), num_stages=pipe["num_stages"], PREFETCH=False)
-    if t["ahead"]:
-        out["AHEAD"] = t["ahead"]
+    if t["fill_sms"]:
+        while out["BV"] > 16 and heads * triton.cdiv(V, out["BV"]) < sms:
+            out["BV"] //= 2
+    pipe = t.get("pipeline")
+    if pipe and heads * triton.cdiv(V, out["BV"]) <= t["pipeline_waves"] * sms and out["BV"] <= pipe["max_BV"]:
+        out.update(BS=min(pipe["slice"] // out["BV"], C), num_stages=pipe["num_stages"], PREFETCH=False)
     return out
 
 
@@ -1077,19 +1073,7 @@ class Precondition(torch.autograd.Function):
         )  # fmt: skip
         es, ef = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
         precond_scan_fwd_kernel[(B * H,)](
-            y,
-            k,
-            dm,
-            p,
-            gc,
-            d0 - 1,
-            es,
-            ef,
-            NC,
-            K=K,
-            C=C,
-            SQUARE=True,
-            **_scan_launch("precond_fwd", K, K, C, device=k.device),
+            y, k, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, SQUARE=True, **_scan_launch("precond_fwd", K, K, C)
         )
         w = torch.empty_like(k)
         pre_out_fwd_kernel[grid](k, lam, y, dm, es, w, K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K))
@@ -1122,7 +1106,7 @@ class Precondition(torch.autograd.Function):
         sdp, sdgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(dd)
         if B * H < SCAN_TUNING["precond_bwd"]["split_below"]:  # the scan carries e's gradient; rows follow
             des = torch.empty_like(es)
-            launch = _scan_launch("precond_bwd", K, K, C, device=k.device)
+            launch = _scan_launch("precond_bwd", K, K, C)
             launch["num_warps"] = SCAN_TUNING["precond_bwd"]["split_num_warps"]
             precond_scan_bwd_de_kernel[(B * H,)](y, k, p, gc, ges, dd, des, de0, NC, K=K, C=C, SQUARE=True, **launch)
             BK, _, BS = _block_sizes(K, K, C)
@@ -1133,7 +1117,7 @@ class Precondition(torch.autograd.Function):
         else:
             precond_scan_bwd_kernel[(B * H,)](
                 y, k, dm, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC,
-                K=K, C=C, ACC=True, DY=False, SQUARE=True, **_scan_launch("precond_bwd", K, K, C, device=k.device),
+                K=K, C=C, ACC=True, DY=False, SQUARE=True, **_scan_launch("precond_bwd", K, K, C),
             )  # fmt: skip
         del y
         dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)

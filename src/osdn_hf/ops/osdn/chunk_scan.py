@@ -37,22 +37,6 @@ if HAS_TRITON:
     _scan_jit = triton.jit(do_not_specialize=["NC"])
 
     @triton.jit
-    def _prefetch_l2(ptrs):
-        """Asks for the lines at `ptrs` (a tensor of pointers) to be brought into L2, waiting for
-        nothing (PTX `prefetch.global.L2`, one per element). CUDA only: the interpreter cannot run
-        it, so the scans' AHEAD is 0 there."""
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-        )
-
-    @triton.jit
-    def _prefetch_span(x, start, N: tl.constexpr, BN: tl.constexpr):
-        """`_prefetch_l2` of every 128-byte line of x[start : start + N] (BN: a power of 2 >= N)."""
-        LINE: tl.constexpr = 1024 // x.dtype.element_ty.primitive_bitwidth
-        NL: tl.constexpr = (BN + LINE - 1) // LINE
-        _prefetch_l2(x + start + tl.minimum(tl.arange(0, NL) * LINE, N - 1))
-
-    @triton.jit
     def _precond_yu(y, u, o_t, o_k, m_k, K: tl.constexpr):
         """Rows `o_t` of y and u, `[len(o_t), BK]`, as stored."""
         o_tk = o_t[:, None] * K + o_k[None, :]
@@ -63,37 +47,6 @@ if HAS_TRITON:
         """Rows `o_t` of y and u (as stored), dm and p: what both scans read."""
         b_y, b_u = _precond_yu(y, u, o_t, o_k, m_k, K)
         return b_y, b_u, tl.load(dm + o_t), tl.load(p + o_t)
-
-    @triton.jit
-    def _precond_prefetch(y, u, dm, p, i_c, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
-        """`_prefetch_l2` of chunk `i_c`'s rows of y, u, dm and p."""
-        _prefetch_span(y, i_c * C * K, C * K, C * BK)
-        _prefetch_span(u, i_c * C * K, C * K, C * BK)
-        _prefetch_span(dm, i_c * C, C, C)
-        _prefetch_span(p, i_c * C, C, C)
-
-    @triton.jit
-    def _precond_bwd_prefetch(
-        y, u, dm, p, es, ges, ddm, du, dy, i_c, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-        ACC: tl.constexpr, DY: tl.constexpr,
-    ):  # fmt: skip
-        """`_prefetch_l2` of what `precond_scan_bwd_kernel` reads of chunk `i_c`."""
-        _precond_prefetch(y, u, dm, p, i_c, K, C, BK)
-        _prefetch_span(es, i_c * K, K, BK)
-        _prefetch_span(ges, i_c * K, K, BK)
-        if ACC:
-            _prefetch_span(ddm, i_c * C, C, C)
-            _prefetch_span(du, i_c * C * K, C * K, C * BK)
-            if DY:
-                _prefetch_span(dy, i_c * C * K, C * K, C * BK)
-
-    @triton.jit
-    def _precond_de_prefetch(y, u, p, ges, i_c, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
-        """`_prefetch_l2` of what `precond_scan_bwd_de_kernel` reads of chunk `i_c`."""
-        _prefetch_span(y, i_c * C * K, C * K, C * BK)
-        _prefetch_span(u, i_c * C * K, C * K, C * BK)
-        _prefetch_span(p, i_c * C, C, C)
-        _prefetch_span(ges, i_c * K, K, BK)
 
     @triton.jit
     def _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE: tl.constexpr):
@@ -122,15 +75,12 @@ if HAS_TRITON:
         BS: tl.constexpr,
         SQUARE: tl.constexpr = False,
         PREFETCH: tl.constexpr = False,
-        AHEAD: tl.constexpr = 0,
     ):
         """e_{n+1} = Gc_n e_n + sum_t u_t p_t (dm_t - <y_t, e_n>), one (batch, head) per program.
 
         With SQUARE `u` holds k and u = k * k is formed on the way, so u is never stored. With
         PREFETCH (BS == C) the next chunk's rows are loaded before this chunk is reduced, so their
-        latency overlaps the reduction instead of following it; the sums are the same. With AHEAD
-        as well, the rows AHEAD chunks on are asked into L2 (`_prefetch_l2`), so that the loads of
-        a chunk wait on L2 rather than on memory (the sums are the same)."""
+        latency overlaps the reduction instead of following it; the sums are the same."""
         i_bh = tl.program_id(0).to(tl.int64)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
@@ -146,15 +96,11 @@ if HAS_TRITON:
                 i_x = tl.minimum(i_c + 1, i_bh * NC + NC - 1)  # the next chunk (the last one again at the end)
                 n_y, n_u, n_dm, n_p = _precond_rows(y, u, dm, p, i_x * C + o_s, o_k, m_k, K)
                 n_gc = tl.load(gc + i_x)
-                if AHEAD > 0:
-                    _precond_prefetch(y, u, dm, p, tl.minimum(i_c + AHEAD, i_bh * NC + NC - 1), K, C, BK)
                 b_e = b_e * b_gc + _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE)
                 b_y, b_u, b_dm, b_p, b_gc = n_y, n_u, n_dm, n_p, n_gc
         else:
             for i_n in range(NC):
                 i_c = i_bh * NC + i_n
-                if AHEAD > 0:
-                    _precond_prefetch(y, u, dm, p, tl.minimum(i_c + AHEAD, i_bh * NC + NC - 1), K, C, BK)
                 tl.store(es + i_c * K + o_k, b_e, mask=m_k)
                 b_new = b_e * tl.load(gc + i_c)
                 for i_s in tl.static_range(C // BS):
@@ -244,13 +190,12 @@ if HAS_TRITON:
         DY: tl.constexpr = True,
         SQUARE: tl.constexpr = False,
         PREFETCH: tl.constexpr = False,
-        AHEAD: tl.constexpr = 0,
     ):
         """Reverse of `precond_scan_fwd_kernel`; `de` is the gradient of e_{n+1}. With ACC the
         gradients of y, u and dm are added to what those buffers hold; without DY dy is not
-        written (it is `-ddm e_n^T`, which a caller can rebuild). SQUARE, PREFETCH and AHEAD as in
-        the forward (with PREFETCH the chunk before is loaded while this one is reduced, with
-        AHEAD the rows AHEAD chunks back are asked into L2); `du` is still the gradient of u."""
+        written (it is `-ddm e_n^T`, which a caller can rebuild). SQUARE and PREFETCH as in the
+        forward (with PREFETCH the chunk before is loaded while this one is reduced); `du` is
+        still the gradient of u."""
         i_bh = tl.program_id(0).to(tl.int64)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
@@ -274,9 +219,6 @@ if HAS_TRITON:
                     y, u, dm, p, ddm, du, dy, i_x * C + o_s, o_k, m_k, K, ACC, DY
                 )
                 n_e, n_ges, n_gc = _precond_bwd_chunk(es, ges, gc, i_x, o_k, m_k, K)
-                if AHEAD > 0:
-                    i_a = tl.maximum(i_c - AHEAD, i_bh * NC)
-                    _precond_bwd_prefetch(y, u, dm, p, es, ges, ddm, du, dy, i_a, K, C, BK, ACC, DY)
                 tl.store(dgc + i_c, tl.sum(b_e * b_de, 0))
                 b_acc = b_gc * b_de + b_ges
                 b_acc -= _precond_bwd_rows(
@@ -288,9 +230,6 @@ if HAS_TRITON:
         else:
             for j in range(NC):
                 i_c = i_bh * NC + NC - 1 - j
-                if AHEAD > 0:
-                    i_a = tl.maximum(i_c - AHEAD, i_bh * NC)
-                    _precond_bwd_prefetch(y, u, dm, p, es, ges, ddm, du, dy, i_a, K, C, BK, ACC, DY)
                 b_e, b_ges, b_gc = _precond_bwd_chunk(es, ges, gc, i_c, o_k, m_k, K)
                 tl.store(dgc + i_c, tl.sum(b_e * b_de, 0))
                 b_acc = b_gc * b_de + b_ges
@@ -329,12 +268,11 @@ if HAS_TRITON:
         BS: tl.constexpr,
         SQUARE: tl.constexpr = False,
         PREFETCH: tl.constexpr = False,
-        AHEAD: tl.constexpr = 0,
     ):
         """The sequential half of `precond_scan_bwd_kernel`: only the gradient of e, written per
         chunk (`des[n]`, the gradient of e_{n+1}) for `precond_rows_bwd_kernel`, which does the
         rest in parallel over chunks. It reads y, u and p, not dm or e, and writes no rows, so each
-        step of the scan is shorter. SQUARE, PREFETCH and AHEAD as in the other scans."""
+        step of the scan is shorter. SQUARE and PREFETCH as in the other scans."""
         i_bh = tl.program_id(0).to(tl.int64)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
@@ -353,8 +291,6 @@ if HAS_TRITON:
                 n_y, n_u = _precond_yu(y, u, i_x * C + o_s, o_k, m_k, K)
                 n_p = tl.load(p + i_x * C + o_s)
                 n_ges, n_gc = tl.load(ges + i_x * K + o_k, mask=m_k, other=0.0), tl.load(gc + i_x)
-                if AHEAD > 0:
-                    _precond_de_prefetch(y, u, p, ges, tl.maximum(i_c - AHEAD, i_bh * NC), K, C, BK)
                 b_acc = b_gc * b_de + b_ges
                 b_acc -= _precond_de_rows(b_y, b_u, b_p, b_de, SQUARE)
                 b_de = b_acc
@@ -362,8 +298,6 @@ if HAS_TRITON:
         else:
             for j in range(NC):
                 i_c = i_bh * NC + NC - 1 - j
-                if AHEAD > 0:
-                    _precond_de_prefetch(y, u, p, ges, tl.maximum(i_c - AHEAD, i_bh * NC), K, C, BK)
                 tl.store(des + i_c * K + o_k, b_de, mask=m_k)
                 b_acc = tl.load(gc + i_c) * b_de + tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0)
                 for i_s in tl.static_range(C // BS):
@@ -445,18 +379,6 @@ if HAS_TRITON:
             tl.store(uo + o_t[:, None] * V + o_v[None, :], b_u, mask=m_v[None, :])
         return tl.dot(tl.trans(b_w), b_u, input_precision=PRECISION)
 
-    @triton.jit
-    def _state_fwd_prefetch(
-        kb, w, ub, uo, i_c, i_v, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-        BV: tl.constexpr, RECOMPUTE: tl.constexpr,
-    ):  # fmt: skip
-        """`_prefetch_l2` of what `state_scan_fwd_kernel` reads of chunk `i_c`: W's (and Kb's) rows
-        whole (the V blocks share them), and V block `i_v` of Ub's (or, with RECOMPUTE, U's)."""
-        _prefetch_span(w, i_c * C * K, C * K, C * BK)
-        if not RECOMPUTE:
-            _prefetch_span(kb, i_c * C * K, C * K, C * BK)
-        _prefetch_l2((uo if RECOMPUTE else ub) + (i_c * C + tl.arange(0, C)) * V + i_v * BV)
-
     @_scan_jit
     def state_scan_fwd_kernel(
         kb,
@@ -476,7 +398,6 @@ if HAS_TRITON:
         PRECISION: tl.constexpr,
         RECOMPUTE: tl.constexpr = False,
         PREFETCH: tl.constexpr = False,
-        AHEAD: tl.constexpr = 0,
     ):
         """U_n = Ub_n - Kb_n S_n, S_{n+1} = S_n + W_n^T U_n; one (batch, head, V block) per program.
 
@@ -485,8 +406,8 @@ if HAS_TRITON:
         `uo` holds the U this scan wrote before and only the per-chunk states are rebuilt from it
         (Kb and Ub are not read): the same `ss`, bit for bit, for half the work, and no final
         state (`sf` is not written; the backward that rebuilds has it already). With
-        PREFETCH (BS == C) the next chunk's rows are loaded before this chunk's products, and with
-        AHEAD the rows AHEAD chunks on are asked into L2, as in the preconditioner scans."""
+        PREFETCH (BS == C) the next chunk's rows are loaded before this chunk's products, as in
+        the preconditioner scans."""
         i_bh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
@@ -504,17 +425,11 @@ if HAS_TRITON:
                 tl.store(ss + i_c * K * V + o_kv, b_s, mask=m_kv)
                 i_x = tl.minimum(i_c + 1, i_bh * NC + NC - 1)  # the next chunk (the last one again at the end)
                 n_w, n_kb, n_ub = _state_fwd_rows(kb, w, ub, uo, i_x * C + o_s, o_k, m_k, o_v, m_v, K, V, RECOMPUTE)
-                if AHEAD > 0:
-                    i_a = tl.minimum(i_c + AHEAD, i_bh * NC + NC - 1)
-                    _state_fwd_prefetch(kb, w, ub, uo, i_a, i_v, K, V, C, BK, BV, RECOMPUTE)
                 b_s += _state_fwd_step(b_w, b_kb, b_ub, b_s, uo, i_c * C + o_s, o_v, m_v, V, PRECISION, RECOMPUTE)
                 b_w, b_kb, b_ub = n_w, n_kb, n_ub
         else:
             for i_n in range(NC):
                 i_c = i_bh * NC + i_n
-                if AHEAD > 0:
-                    i_a = tl.minimum(i_c + AHEAD, i_bh * NC + NC - 1)
-                    _state_fwd_prefetch(kb, w, ub, uo, i_a, i_v, K, V, C, BK, BV, RECOMPUTE)
                 tl.store(ss + i_c * K * V + o_kv, b_s, mask=m_kv)
                 b_ds = tl.zeros([BK, BV], dtype=tl.float32)
                 for i_s in tl.static_range(C // BS):
@@ -541,18 +456,6 @@ if HAS_TRITON:
         tl.store(dub + o_t[:, None] * V + o_v[None, :], b_du, mask=m_v[None, :])
         return tl.dot(tl.trans(b_kb), b_du, input_precision=PRECISION)
 
-    @triton.jit
-    def _state_bwd_prefetch(
-        kb, w, gu, gss, i_c, i_v, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-        BV: tl.constexpr,
-    ):  # fmt: skip
-        """`_prefetch_l2` of what `state_scan_bwd_kernel` reads of chunk `i_c`: Kb's and W's rows
-        whole (the V blocks share them), and V block `i_v` of dU's rows and of the state's gradient."""
-        _prefetch_span(kb, i_c * C * K, C * K, C * BK)
-        _prefetch_span(w, i_c * C * K, C * K, C * BK)
-        _prefetch_l2(gu + (i_c * C + tl.arange(0, C)) * V + i_v * BV)
-        _prefetch_l2(gss + (i_c * K + tl.minimum(tl.arange(0, BK), K - 1)) * V + i_v * BV)
-
     @_scan_jit
     def state_scan_bwd_kernel(
         kb,
@@ -572,14 +475,12 @@ if HAS_TRITON:
         BS: tl.constexpr,
         PRECISION: tl.constexpr,
         PREFETCH: tl.constexpr = False,
-        AHEAD: tl.constexpr = 0,
     ):
         """Reverse of `state_scan_fwd_kernel`; `ds` is the gradient of S_{n+1}.
 
         Writes dUb and, per chunk, the gradient of the state after it (`dss`), from which
         dKb = -dUb S_n^T and dW = U dS_{n+1}^T follow chunk by chunk outside the scan. With
-        PREFETCH (BS == C) the chunk before is loaded while this one is reduced, and with AHEAD
-        the rows AHEAD chunks back are asked into L2, as in the preconditioner scans.
+        PREFETCH (BS == C) the chunk before is loaded while this one is reduced.
         """
         i_bh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         o_k = tl.arange(0, BK)
@@ -602,8 +503,6 @@ if HAS_TRITON:
                 i_x = tl.maximum(i_c - 1, i_bh * NC)
                 n_kb, n_w, n_gu = _state_bwd_rows(kb, w, gu, i_x * C + o_s, o_k, m_k, o_v, m_v, K, V)
                 n_gss = tl.load(gss + i_x * K * V + o_kv, mask=m_kv, other=0.0)
-                if AHEAD > 0:
-                    _state_bwd_prefetch(kb, w, gu, gss, tl.maximum(i_c - AHEAD, i_bh * NC), i_v, K, V, C, BK, BV)
                 b_acc = b_ds + b_gss.to(tl.float32)
                 tl.store(dss + i_c * K * V + o_kv, b_ds, mask=m_kv)
                 b_acc -= _state_bwd_step(b_kb, b_w, b_gu, b_ds, dub, i_c * C + o_s, o_v, m_v, V, PRECISION)
@@ -612,8 +511,6 @@ if HAS_TRITON:
         else:
             for j in range(NC):
                 i_c = i_bh * NC + NC - 1 - j
-                if AHEAD > 0:
-                    _state_bwd_prefetch(kb, w, gu, gss, tl.maximum(i_c - AHEAD, i_bh * NC), i_v, K, V, C, BK, BV)
                 b_acc = b_ds + tl.load(gss + i_c * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
                 tl.store(dss + i_c * K * V + o_kv, b_ds, mask=m_kv)  # after the load: dss may be gss
                 for i_s in tl.static_range(C // BS):
