@@ -3,9 +3,9 @@
     python scripts/check_kernels.py --out benchmarks/results/kernels_check.json --commit SHA
 
 Runs `chunk_osdn` and `fused_recurrent_osdn` on CUDA tensors (the Triton path) at
-T in {1, 63, 64, 100, 1000, 4096}, with initial states and with packed `cu_seqlens`, in
-float32, float16 and bfloat16, and compares each with the float32 token loop on the same
-inputs. Writes one JSON row per case and exits non-zero if any case is out of tolerance.
+T in {1, 63, 64, 100, 1000, 4096}, with initial states and with packed `cu_seqlens`, at 1 to
+128 (batch, head) pairs, in float32, float16 and bfloat16, and compares each with the float32
+token loop on the same inputs. Writes one JSON row per case and exits non-zero if any case is out of tolerance.
 `--shard I/N` runs every N-th case from the I-th (0-based), so N processes side by side share
 a run whose compiling would not fit one call (float32 compiles its ieee products for about a
 minute per shape); `--merge A.json B.json ... --out ALL.json` joins their rows into one file
@@ -144,7 +144,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("check_kernels.py needs a CUDA GPU (on CPU, tests/test_triton.py runs the kernels interpreted)")
     device = "cuda"
-    H, KV = 2, 64
+    KV = 64
     cases = []
     for T in (1, 63, 64, 100, 1000, 4096):
         cases.append(dict(B=2, T=T, K=KV, V=KV, varlen=None))
@@ -153,6 +153,11 @@ def main(argv=None):
         cases.append(dict(B=2, T=100, K=K, V=V, varlen=None))
     for K, V in ((128, 128), (256, 256), (32, 32), (100, 48)):  # one chunk (NC = 1; kernels_scan_nc1.json)
         cases.append(dict(B=2, T=64, K=K, V=V, varlen=None))
+    # more (batch, head) pairs: the state scans' other launches (chunk_fused._scan_launch fits them
+    # to the SMs: at K = V = 128 on an H100 or H200, 64 pairs run BV 32 pipelined, 128 prefetch), and
+    # one head alone (H = 1, which Triton specializes as a constant)
+    for B, heads, T in ((1, 1, 100), (4, 16, 200), (8, 16, 100)):
+        cases.append(dict(B=B, H=heads, T=T, K=128, V=128, varlen=None))
 
     cases = [c for c in cases if max(c["K"], c["V"]) <= args.max_head_dim][shard::shards]
     rows, failures = [], 0
@@ -168,7 +173,7 @@ def main(argv=None):
     for case, dname, op in tqdm(work, desc="kernel checks"):
         dtype = DTYPES[dname]
         cu = None
-        T, B = case["T"], case["B"]
+        T, B, H = case["T"], case["B"], case.get("H", 2)
         if case["varlen"] is not None:
             cu = torch.tensor([0, *torch.tensor(case["varlen"]).cumsum(0).tolist()], device=device)
             T = int(cu[-1])
