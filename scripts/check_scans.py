@@ -1,16 +1,17 @@
 """Check phase 2's state scans alone, launch by launch, against the float32 torch loop at few chunks.
 
-    python scripts/check_scans.py --out benchmarks/results/scans_check.json --commit SHA
+    python scripts/check_scans.py --heads 16 --out benchmarks/results/scans_check.json --commit SHA
     python scripts/check_scans.py --tile '{"BV": 16, "BS": 64, "num_stages": 3, "PREFETCH": false}'
 
 The op's checks (`check_kernels.py`) see a scan only through the launch the package picks for the
 shapes they run. This runs `chunk_fused._state_scan` (writing U, then rebuilding the per-chunk
 states from it) and `chunk_fused._state_scan_bwd` on random inputs, for every head-dim pair, chunk
-count NC and dtype, at the launch the package gives the pair and at each `--tile` (launch keys
-over it; a tile that does not fit a pair's K is skipped). It compares U, the per-chunk states,
-the final state, and the gradients of Kb, W, Ub and the initial state with
-`chunk_scan.state_scan_torch` and its autograd gradients in float32 on the same rounded inputs,
-by max |a - b| / max |b|. The rebuilt states must equal the first ones bit for bit.
+count NC and dtype, at the launch the package gives the pair for `--heads` scans on this device
+(on a GPU it depends on that count: `chunk_fused._scan_launch` fits it to the SMs, so run it at
+several) and at each `--tile` (launch keys over it; a tile that does not fit a pair's K is
+skipped). It compares U, the per-chunk states, the final state, and the gradients of Kb, W, Ub
+and the initial state with `chunk_scan.state_scan_torch` and its autograd gradients in float32
+on the same rounded inputs, by max |a - b| / max |b|. The rebuilt states must equal the first ones bit for bit.
 
 Each (pair, dtype) runs in a process of its own, `--jobs` at once: a launch that faults the GPU
 ends only its own group (recorded with the error). On CPU it runs through Triton's interpreter
