@@ -5,7 +5,8 @@
 Runs `chunk_osdn` and `fused_recurrent_osdn` on CUDA tensors (the Triton path) at
 T in {1, 63, 64, 100, 1000, 4096}, with initial states and with packed `cu_seqlens`, at 1 to
 128 (batch, head) pairs, in float32, float16 and bfloat16, and compares each with the float32
-token loop on the same inputs. Writes one JSON row per case and exits non-zero if any case is out of tolerance.
+token loop on the same inputs. Writes one JSON row per case and exits non-zero if any case is
+out of tolerance.
 `--shard I/N` runs every N-th case from the I-th (0-based), so N processes side by side share
 a run whose compiling would not fit one call (float32 compiles its ieee products for about a
 minute per shape); `--merge A.json B.json ... --out ALL.json` joins their rows into one file

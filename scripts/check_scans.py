@@ -11,7 +11,8 @@ count NC and dtype, at the launch the package gives the pair for `--heads` scans
 several) and at each `--tile` (launch keys over it; a tile that does not fit a pair's K is
 skipped). It compares U, the per-chunk states, the final state, and the gradients of Kb, W, Ub
 and the initial state with `chunk_scan.state_scan_torch` and its autograd gradients in float32
-on the same rounded inputs, by max |a - b| / max |b|. The rebuilt states must equal the first ones bit for bit.
+on the same rounded inputs, by max |a - b| / max |b|. The rebuilt states must equal the first
+ones bit for bit.
 
 Each (pair, dtype) runs in a process of its own, `--jobs` at once: a launch that faults the GPU
 ends only its own group (recorded with the error). On CPU it runs through Triton's interpreter
