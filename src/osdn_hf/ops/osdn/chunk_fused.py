@@ -964,11 +964,12 @@ def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, de
     sms = _sm_count(device)
     if not name.startswith("state") or heads is None or sms is None or BK > 128:
         return out
+    programs = lambda: heads * triton.cdiv(V, out["BV"])  # noqa: E731  (one per (batch, head, V block))
     if t["fill_sms"]:
-        while out["BV"] > 16 and heads * triton.cdiv(V, out["BV"]) < sms:
+        while out["BV"] > 16 and programs() < sms:
             out["BV"] //= 2
     pipe = t.get("pipeline")
-    if pipe and heads * triton.cdiv(V, out["BV"]) <= t["pipeline_waves"] * sms and out["BV"] <= pipe["max_BV"]:
+    if pipe and programs() <= t["pipeline_waves"] * sms and out["BV"] <= pipe["max_BV"]:
         out.update(BS=min(pipe["slice"] // out["BV"], C), num_stages=pipe["num_stages"], PREFETCH=False)
     return out
 
