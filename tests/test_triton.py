@@ -236,7 +236,7 @@ def test_state_scans_prefetching_give_the_same_bits(K, V, dtype):
 def test_forced_triton_path_runs_the_kernels(monkeypatch):
     """The switch reaches the kernels (the op tests' 'triton' runs are not the torch path again)."""
     calls = []
-    for name in ("ChunkOSDN", "FusedRecurrentOSDNFunction"):
+    for name in ("Precondition", "DeltaRuleAsym", "FusedRecurrentOSDNFunction"):
         module = chunk_fused if name != "FusedRecurrentOSDNFunction" else fused_recurrent
         cls = getattr(module, name)
         monkeypatch.setattr(cls, "apply", (lambda f, n: lambda *a: calls.append(n) or f(*a))(cls.apply, name))
@@ -247,7 +247,7 @@ def test_forced_triton_path_runs_the_kernels(monkeypatch):
     monkeypatch.setenv(FORCE_TRITON_ENV, "1")
     chunk_osdn(**inputs)
     fused_recurrent_osdn(**inputs)
-    assert calls == ["ChunkOSDN", "FusedRecurrentOSDNFunction"]
+    assert calls == ["Precondition", "DeltaRuleAsym", "FusedRecurrentOSDNFunction"]
 
 
 def _core_args(B, T, H, K, V, seed=0):
@@ -352,7 +352,7 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(monkeypatch):
     gradient in its input's dtype (so autograd casts none), and its outputs and all gradients
     still match the torch chunked path run on the same values in float32."""
     handed = []  # (function, input dtypes, gradient dtypes) of each hand-written backward
-    for cls in (chunk_fused.ChunkOSDN,):
+    for cls in (chunk_fused.Precondition, chunk_fused.DeltaRuleAsym):
         forward, backward = cls.forward, cls.backward
 
         def fwd(ctx, *a, _f=forward):
@@ -384,13 +384,13 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(monkeypatch):
 
     (ref, ref_grads, _), (got, got_grads, saved) = run(False), run(True)
     assert got[0].dtype == torch.float16 and got[1].dtype == got[2].dtype == torch.float32
-    assert [n for n, _, _ in handed] == ["ChunkOSDN"], handed
+    assert sorted(n for n, _, _ in handed) == ["DeltaRuleAsym", "Precondition"], handed
     assert all(ins == grads for _, ins, grads in handed), handed
     assert all(torch.float16 in ins for _, ins, _ in handed), handed
     # [B, H, NC, C, K or V] and the per-chunk states [B, H, NC, K, V]; not the [.., C, C] inverses
     chunked = [(s, dt) for s, dt in saved if len(s) == 5 and s[-1] in (K, V) and s[-2] in (64, K)]
-    # q, k, w, U; Y and Kb are rebuilt in the backward
-    assert len(chunked) == 4, saved
+    # q, k (twice: the op's input and phase 1's), w, U; Y and Kb are rebuilt in the backward
+    assert len(chunked) == 5, saved
     # the per-chunk states [B, H, NC, K, V] are rebuilt in the backward, not kept
     assert not [s for s, _ in chunked if s[-2:] == (K, V)], chunked
     assert all(dt == torch.float16 for _, dt in chunked), chunked
@@ -516,9 +516,9 @@ def test_bench_inverse_script_checks_on_cpu(tmp_path):
 
 
 def test_phase_two_gradient_of_k_is_added_inside_phase_one(monkeypatch):
-    """Both phases read the chunked k. Phase 2's gradient of it goes to phase 1's backward, which
-    adds it in a kernel: autograd adds no [B, H, NC, C, *] gradients (the per-token gates'
-    [B, H, NC, C] ones are all it sums)."""
+    """Both phases read the chunked k. Phase 1 passes k on to phase 2, so phase 2's gradient of
+    it reaches phase 1's backward, which adds it in a kernel: autograd adds no [B, H, NC, C, *]
+    gradients (the per-token gates' [B, H, NC, C] ones are all it sums)."""
     from torch.profiler import ProfilerActivity, profile
 
     monkeypatch.setenv(FORCE_TRITON_ENV, "1")

@@ -17,13 +17,13 @@ operand to float32 (`.to(tl.float32)`, tf32 or ieee). The state scans round the 
 to the storage dtype for their products, as fla does, and carry it in float32. Inverses, per-token vectors,
 states passed in or out, and gradients that several kernels add to are float32.
 
-One autograd function (`ChunkOSDN`) runs both phases:
-    forward:  phase 1's `pre_intra_fwd` (L, (I + L)^{-1}, Y, dm, p, Gc) -> precond scan (e_n) ->
-              `wy_fwd`, which forms phase 1's output W = (1 + E) * K as it forms phase 2's
-              A = K W^T, then T = A^{-1}, Ub, Kb -> state scan -> `out_fwd` (O)
-    backward: phase 2's `out_bwd` (dU, dS_n from O) -> state scan backward (dUb, dS_{n+1}) ->
-              `state_grads` (dQ, dKb, dW: all that reads a state) -> `wy_bwd`; then phase 1's
-              `pre_out_bwd` (rebuilding Y) -> precond scan backward -> `pre_intra_bwd`
+Phase 1 (`Precondition`): `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`
+    forward:  `pre_intra_fwd` (L, (I + L)^{-1}, Y, dm, p, Gc) -> precond scan -> `pre_out_fwd` (E, W)
+    backward: `pre_out_bwd` -> precond scan backward -> `pre_intra_bwd`
+Phase 2 (`DeltaRuleAsym`): `(q, k, w, v, beta, S0) -> (O, S_final)`
+    forward:  `wy_fwd` (A, T = A^{-1}, Ub, Kb) -> state scan -> `out_fwd` (O)
+    backward: `out_bwd` (dU, dS_n from O) -> state scan backward (dUb, dS_{n+1}) ->
+              `state_grads` (dQ, dKb, dW: all that reads a state) -> `wy_bwd`
 """
 
 from __future__ import annotations
@@ -196,20 +196,12 @@ if HAS_TRITON:
     # ---------------------------------------------------------------- phase 2 forward
 
     @triton.jit
-    def _wy_a_block(
-        k, es, w, b_a, b_p, b_eg, b_delta, i_k, i_c, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr
-    ):  # fmt: skip
-        """`wy_fwd_kernel` on the K block at `i_k`: those columns of W = (1 + E) * K, with
-        E = G e_n^T + P (delta * U) (written to `w` in its dtype), and K W^T's sum with this block's
-        share added."""
+    def _wy_a_block(k, w, b_a, i_k, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+        """`wy_fwd_kernel` on the K block at `i_k`: K W^T's sum with this block's share added."""
         o_k = i_k + tl.arange(0, BK)
         m = o_k[None, :] < K
         b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)  # [C, BK]
-        b_e = tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)
-        b_kf = b_k.to(tl.float32)
-        b_ee = b_eg[:, None] * b_e[None, :] + tl.dot(b_p, b_kf * b_kf * b_delta[:, None], input_precision=PRECISION)
-        b_w = ((1 + b_ee) * b_kf).to(b_k.dtype)
-        tl.store(w + o_t[:, None] * K + o_k[None, :], b_w, mask=m)
+        b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)  # [C, BK]
         return b_a + tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
 
     @triton.jit
@@ -223,15 +215,12 @@ if HAS_TRITON:
 
     @triton.jit
     def wy_fwd_kernel(
-        k, lam, y, dm, es, w, v, beta, scratch, tinv, ub, kb, T, H, NC,
+        k, w, v, beta, scratch, tinv, ub, kb, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False, UNROLL: tl.constexpr = True,
         STAGES: tl.constexpr = 1,
     ):  # fmt: skip
-        """Phase 1's output step and phase 2's WY transform, one chunk per program: W = (1 + E) * K
-        with E = G e_n^T + P (delta * U), delta = dm - Y e_n, P[t, s] = G_t / G_{s-1} (s <= t),
-        written to `w` as it is formed; then T = (I + tril(diag(b) K W^T, -1))^{-1},
-        Ub = T diag(b) V, Kb = T diag(b) K.
+        """T = (I + tril(diag(b) K W^T, -1))^{-1}, Ub = T diag(b) V, Kb = T diag(b) K; one chunk per program.
 
         T is inverted in float32 (`scratch`, the program's [C, C] slot) and saved in the storage
         dtype (`tinv`), the dtype its products with V and K run in. v is `[B, T, H, V]`. With
@@ -240,17 +229,14 @@ if HAS_TRITON:
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         r_v, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
-        b_delta, b_p, b_eg = _chunk_delta(
-            k, None, None, lam, None, y, dm, es, i_c, o_t, o_c, K, C, BK, PRECISION, False
-        )
         b_b = tl.load(beta + o_t)
         b_a = tl.zeros([C, C], dtype=tl.float32)
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
-                b_a = _wy_a_block(k, es, w, b_a, b_p, b_eg, b_delta, i_k, i_c, o_t, K, BK, PRECISION)
+                b_a = _wy_a_block(k, w, b_a, i_k, o_t, K, BK, PRECISION)
         else:
             for i_k in tl.range(0, K, BK, num_stages=STAGES):
-                b_a = _wy_a_block(k, es, w, b_a, b_p, b_eg, b_delta, i_k, i_c, o_t, K, BK, PRECISION)
+                b_a = _wy_a_block(k, w, b_a, i_k, o_t, K, BK, PRECISION)
         b_a = tl.where(o_c[:, None] > o_c[None, :], b_a * b_b[:, None], 0.0)
         b_t = _invert(b_a, scratch + i_c * C * C, o_c, C, DOUBLING).to(tinv.dtype.element_ty)
         tl.store(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :], b_t)
@@ -602,46 +588,57 @@ if HAS_TRITON:
         tl.store(y + o_t[:, None] * K + o_k[None, :], b_y, mask=m)
 
     @triton.jit
-    def _y_delta_block(
-        k, y, es, b_ti, b_r, b_delta, i_k, i_c, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr
+    def pre_y_kernel(
+        k, beta, eta, lam, tinv, y,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+        UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
-        """`_y_block` on the K block at `i_k` (Y written to `y`, rounded to its dtype), returning
-        `b_delta` less that block's share of Y e_n, from the rounded Y as the scan reads it."""
-        o_k = i_k + tl.arange(0, BK)
-        m = o_k[None, :] < K
-        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)  # [C, BK]
-        b_y = tl.dot(b_ti, b_k * b_k * b_r[:, None], input_precision=PRECISION).to(y.dtype.element_ty)
-        tl.store(y + o_t[:, None] * K + o_k[None, :], b_y, mask=m)
-        b_e = tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)
-        return b_delta - tl.sum(b_y.to(tl.float32) * b_e[None, :], 1)
+        """Y again from the saved (I + L)^{-1}, as `pre_intra_fwd_kernel` made it: the backward
+        reads it, and the forward does not keep it. One chunk per program; with UNROLL off the
+        loop over K blocks stays a loop, pipelined STAGES deep."""
+        i_c = tl.program_id(0).to(tl.int64)
+        o_c = tl.arange(0, C)
+        o_t = i_c * C + o_c
+        b_b = tl.load(beta + o_t)
+        _, b_gp, _ = _log_gates(lam, o_t, o_c, C)
+        b_ti = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])
+        b_r = tl.load(eta + o_t) * b_b * b_b * tl.exp(b_gp)
+        _walk_k_blocks(_y_block, k, y, b_ti, b_r, o_t, K, BK, PRECISION, UNROLL, STAGES)
 
     @triton.jit
-    def _chunk_delta(
-        k, beta, eta, lam, tinv, y, dm, es, i_c, o_t, o_c,
-        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, BUILD_Y: tl.constexpr,
-    ):  # fmt: skip
+    def _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
         """The chunk's `delta = dm - Y e_n`, `P[t, s] = G_t / G_{s-1}` (s <= t) and `G_t`: what the
-        output step and its backward both start from. With BUILD_Y, Y is rebuilt from the saved
-        (I + L)^{-1} (`tinv`), as `pre_intra_fwd_kernel` made it, and written to `y` on the way;
-        without, it is read from `y` (and beta, eta, tinv are not read)."""
+        output step and its backward both start from."""
         b_g, b_gp, _ = _log_gates(lam, o_t, o_c, C)
         b_delta = tl.load(dm + o_t)
-        if BUILD_Y:
-            b_b = tl.load(beta + o_t)
-            b_r = tl.load(eta + o_t) * b_b * b_b * tl.exp(b_gp)
-            b_ti = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])
-            for i_k in tl.static_range(0, K, BK):
-                b_delta = _y_delta_block(k, y, es, b_ti, b_r, b_delta, i_k, i_c, o_t, K, BK, PRECISION)
-        else:
-            for i_k in tl.static_range(0, K, BK):
-                o_k = i_k + tl.arange(0, BK)
-                m_k = o_k < K
-                b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-                b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
-                b_delta -= tl.sum(b_y * b_e[None, :], 1)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m_k = o_k < K
+            b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
+            b_delta -= tl.sum(b_y * b_e[None, :], 1)
         incl = o_c[:, None] >= o_c[None, :]
         b_p = tl.where(incl, tl.exp(tl.where(incl, b_g[:, None] - b_gp[None, :], 0.0)), 0.0)
         return b_delta, b_p, tl.exp(b_g)
+
+    @triton.jit
+    def pre_out_fwd_kernel(
+        k, lam, y, dm, es, w,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """delta = dm - Y e_n, E = G e_n^T + P (delta * U) with P[t, s] = G_t / G_{s-1} (s <= t),
+        W = (1 + E) * K."""
+        i_c = tl.program_id(0).to(tl.int64)
+        o_c = tl.arange(0, C)
+        o_t = i_c * C + o_c
+        b_delta, b_p, b_eg = _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K, C, BK)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m_k = o_k < K
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
+            b_ee = b_eg[:, None] * b_e[None, :] + tl.dot(b_p, b_k * b_k * b_delta[:, None], input_precision=PRECISION)
+            tl.store(w + o_t[:, None] * K + o_k[None, :], (1 + b_ee) * b_k, mask=m_k[None, :])
 
     # ---------------------------------------------------------------- phase 1 backward
 
@@ -671,14 +668,11 @@ if HAS_TRITON:
 
     @triton.jit
     def pre_out_bwd_kernel(
-        k, beta, eta, lam, tinv, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
+        k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
         UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """Through W = (1 + E) * K, E = G e_n^T + P (delta * U), delta = dm - Y e_n.
-
-        Y, which the forward does not keep, is rebuilt here from the saved (I + L)^{-1} and
-        written to `y` for the scan that follows (`_chunk_delta`).
 
         Writes dK (the direct part), d(dm), dU (the part through E), the gradients of the log
         gates `g` and `gp` through G and P, and the gradient of e_n (`ges`). dY is not written:
@@ -690,7 +684,7 @@ if HAS_TRITON:
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
-        b_delta, b_p, b_eg = _chunk_delta(k, beta, eta, lam, tinv, y, dm, es, i_c, o_t, o_c, K, C, BK, PRECISION, True)
+        b_delta, b_p, b_eg = _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K, C, BK)
         b_ddelta = tl.zeros([C], dtype=tl.float32)
         b_dg = tl.zeros([C], dtype=tl.float32)
         if UNROLL:
@@ -893,17 +887,19 @@ SCAN_TUNING = {
 # (16, 32 or 64; narrower blocks hold fewer registers). The fastest of each kernel measured by
 # `scripts/profile_kernels.py --grid`, every setting in a process of its own (H200, bf16,
 # K = V = 128, 4 x 4096 and 1 x 16384 alike; benchmarks/results/kernels_grid_{4x4096,1x16384}.json).
-# Eight warps: 1.12-2.5x slower than 4 for nine of these kernels, level for kb (and the former pre_y), faster
+# Eight warps: 1.12-2.5x slower than 4 for nine of these kernels, level for pre_y and kb, faster
 # only for from_chunks (0.87-0.90x), although compiled offline they spill fewer registers
 # (benchmarks/results/compile_resources_bf16_k128*.json). At 16-wide tiles they fault
 # (`pre_intra_bwd_kernel` reads shared memory out of bounds, by compute-sanitizer:
 # benchmarks/results/sanitizer_8x16.log), so that setting must not be used.
 CHUNK_LAUNCH = {
     "pre_intra_fwd": dict(num_warps=4, tile=64),
-    # wy_fwd keeps its block loops as loops too (`stages`, below). In the whole forward+backward at
-    # 4 x 4096 (benchmarks/results/kernels_qdo_fwdloops_e39d748.json), before it formed W: 249 ->
-    # 219 us, the step 3174 -> 3136; the other forward kernels, kept as loops, were level or slower
-    # alone (kernels_loops_fwd_adb30a7.json).
+    "pre_out_fwd": dict(num_warps=4, tile=32),
+    # Two forward kernels keep their block loops as loops too (`stages`, below). In the whole
+    # forward+backward at 4 x 4096 (benchmarks/results/kernels_qdo_fwdloops_e39d748.json): wy_fwd
+    # 249 -> 219 us, pre_y 76 -> 70, the step 3174 -> 3136; the other forward kernels, kept as
+    # loops, were level or slower alone (kernels_loops_fwd_adb30a7.json).
+    "pre_y": dict(num_warps=4, tile=32, stages=3),
     "wy_fwd": dict(num_warps=4, tile=64, stages=3),
     "kb": dict(num_warps=4, tile=64),
     "out_fwd": dict(num_warps=4, tile=64),
@@ -1054,66 +1050,85 @@ class ToChunks(torch.autograd.Function):
         return gx, None, None, None
 
 
-def _precondition_fwd(k, beta, eta, lam, d0, precision):
-    """Phase 1 up to its output step: the intra-chunk step, then the scan. Returns Y, dm, p, Gc,
-    each chunk's start `e_n` (`es`), the final `d - 1` and (I + L)^{-1}; `wy_fwd_kernel` forms W
-    from them."""
-    B, H, NC, C, K = k.shape
-    grid = (B * H * NC,)
-    y = torch.empty_like(k)
-    dm, p = torch.empty_like(beta), torch.empty_like(beta)
-    gc = beta.new_empty(B, H, NC)
-    tinv = beta.new_empty(B, H, NC, C, C)
-    pre_intra_fwd_kernel[grid](
-        k, beta, eta, lam, y, dm, p, gc, tinv,
-        K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **_chunk_launch("pre_intra_fwd", K),
-    )  # fmt: skip
-    es, ef = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
-    precond_scan_fwd_kernel[(B * H,)](
-        y, k, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, SQUARE=True, **_scan_launch("precond_fwd", K, K, C)
-    )
-    return y, dm, p, gc, es, ef, tinv
+class Precondition(torch.autograd.Function):
+    """Phase 1: `(k, beta, eta, lam, d0) -> (W = D * K, d_final, k)`; chunked tensors, `k` and `W`
+    in the storage dtype, the rest float32.
 
+    k comes out again (a view) for phase 2 to read: phase 2's gradient of k then reaches this
+    backward, whose last kernel adds it to phase 1's own in float32, instead of autograd adding
+    the two in an extra pass over a [B, H, NC, C, K] tensor (about 44 us of 4.0 ms at 4 x 4096 x 16
+    heads of 128 on an H200: profile_kernels.py's adds went 185 -> 141 us with it, the rest being
+    its own accumulation into the inputs' .grad, which it no longer does)."""
 
-def _precondition_bwd(k, beta, eta, lam, dm, p, gc, es, tinv, dw, dd, dk2, precision):
-    """Phase 1's backward, from the gradients of W (`dw`, float32), of the final d (`dd`) and
-    phase 2's of k (`dk2`, added inside the last kernel): dk (k's dtype), dbeta, deta, dlam, de0."""
-    B, H, NC, C, K = k.shape
-    grid = (B * H * NC,)
-    y = torch.empty_like(k)  # rebuilt by pre_out_bwd_kernel
-    # gradients that several kernels add to stay float32 whatever k's storage
-    dk, du = torch.empty_like(k, dtype=torch.float32), torch.empty_like(k, dtype=torch.float32)
-    ddm = torch.empty_like(dm)
-    dg, dgp, ges = torch.empty_like(dm), torch.empty_like(dm), torch.empty_like(es)
-    pre_out_bwd_kernel[grid](
-        k, beta, eta, lam, tinv, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
-        K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_bwd", K, precision=precision),
-    )  # fmt: skip
-    # the scan adds its gradients of u and dm to the output step's (dy: see pre_out_bwd_kernel)
-    sdp, sdgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(dd)
-    if B * H < SCAN_TUNING["precond_bwd"]["split_below"]:  # the scan carries e's gradient; rows follow
-        des = torch.empty_like(es)
-        launch = _scan_launch("precond_bwd", K, K, C)
-        launch["num_warps"] = SCAN_TUNING["precond_bwd"]["split_num_warps"]
-        precond_scan_bwd_de_kernel[(B * H,)](y, k, p, gc, ges, dd, des, de0, NC, K=K, C=C, SQUARE=True, **launch)
-        BK, _, BS = _block_sizes(K, K, C)
-        precond_rows_bwd_kernel[grid](
-            y, k, dm, p, es, des, None, du, ddm, sdp, sdgc, K=K, C=C, BK=BK, BS=BS, ACC=True, DY=False, SQUARE=True
-        )
-        del des
-    else:
-        precond_scan_bwd_kernel[(B * H,)](
-            y, k, dm, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC,
-            K=K, C=C, ACC=True, DY=False, SQUARE=True, **_scan_launch("precond_bwd", K, K, C),
+    @staticmethod
+    def forward(ctx, k, beta, eta, lam, d0, precision):
+        B, H, NC, C, K = k.shape
+        grid = (B * H * NC,)
+        y = torch.empty_like(k)
+        dm, p = torch.empty_like(beta), torch.empty_like(beta)
+        gc = beta.new_empty(B, H, NC)
+        tinv = beta.new_empty(B, H, NC, C, C)
+        pre_intra_fwd_kernel[grid](
+            k, beta, eta, lam, y, dm, p, gc, tinv,
+            K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **_chunk_launch("pre_intra_fwd", K),
         )  # fmt: skip
-    del y
-    dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
-    dk_out = _in_dtype_of(dk, k)
-    pre_intra_bwd_kernel[grid](
-        k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, dg, dgp, dk, dk2, dk_out, dbeta, deta, dlam,
-        K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_bwd", K, precision=precision),
-    )  # fmt: skip
-    return dk_out, dbeta, deta, dlam, de0
+        es, ef = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
+        precond_scan_fwd_kernel[(B * H,)](
+            y, k, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, SQUARE=True, **_scan_launch("precond_fwd", K, K, C)
+        )
+        w = torch.empty_like(k)
+        pre_out_fwd_kernel[grid](k, lam, y, dm, es, w, K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K))
+        # Y is rebuilt from the inverse in the backward: 1X less held between forward and backward
+        ctx.save_for_backward(k, beta, eta, lam, dm, p, gc, es, tinv)
+        ctx.precision = precision
+        return w, 1 + ef, k
+
+    @staticmethod
+    def backward(ctx, dw, dd, dk2):
+        k, beta, eta, lam, dm, p, gc, es, tinv = ctx.saved_tensors
+        B, H, NC, C, K = k.shape
+        grid = (B * H * NC,)
+        y = torch.empty_like(k)
+        pre_y_kernel[grid](
+            k, beta, eta, lam, tinv, y, K=K, C=C, PRECISION=ctx.precision,
+            **_chunk_launch("pre_y", K, precision=ctx.precision),
+        )  # fmt: skip
+        dw = torch.zeros_like(k) if dw is None else dw.contiguous()
+        dd = beta.new_zeros(B, H, K) if dd is None else dd.contiguous()
+        # gradients that several kernels add to stay float32 whatever k's storage
+        dk, du = torch.empty_like(k, dtype=torch.float32), torch.empty_like(k, dtype=torch.float32)
+        ddm = torch.empty_like(dm)
+        dg, dgp, ges = torch.empty_like(dm), torch.empty_like(dm), torch.empty_like(es)
+        pre_out_bwd_kernel[grid](
+            k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
+            K=K, C=C, PRECISION=ctx.precision, **_chunk_launch("pre_out_bwd", K, precision=ctx.precision),
+        )  # fmt: skip
+        # the scan adds its gradients of u and dm to the output step's (dy: see pre_out_bwd_kernel)
+        sdp, sdgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(dd)
+        if B * H < SCAN_TUNING["precond_bwd"]["split_below"]:  # the scan carries e's gradient; rows follow
+            des = torch.empty_like(es)
+            launch = _scan_launch("precond_bwd", K, K, C)
+            launch["num_warps"] = SCAN_TUNING["precond_bwd"]["split_num_warps"]
+            precond_scan_bwd_de_kernel[(B * H,)](y, k, p, gc, ges, dd, des, de0, NC, K=K, C=C, SQUARE=True, **launch)
+            BK, _, BS = _block_sizes(K, K, C)
+            precond_rows_bwd_kernel[grid](
+                y, k, dm, p, es, des, None, du, ddm, sdp, sdgc, K=K, C=C, BK=BK, BS=BS, ACC=True, DY=False, SQUARE=True
+            )
+            del des
+        else:
+            precond_scan_bwd_kernel[(B * H,)](
+                y, k, dm, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC,
+                K=K, C=C, ACC=True, DY=False, SQUARE=True, **_scan_launch("precond_bwd", K, K, C),
+            )  # fmt: skip
+        del y
+        dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
+        dk_out = _in_dtype_of(dk, k)
+        pre_intra_bwd_kernel[grid](
+            k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, dg, dgp, dk, None if dk2 is None else dk2.contiguous(),
+            dk_out, dbeta, deta, dlam,
+            K=K, C=C, PRECISION=ctx.precision, **_chunk_launch("pre_intra_bwd", K, precision=ctx.precision),
+        )  # fmt: skip
+        return dk_out, dbeta, deta, dlam, de0, None
 
 
 def _state_scan(kb, w, ub, s0, uo, precision, launch=None):
@@ -1147,29 +1162,22 @@ def _state_scan_bwd(kb, w, gu, gss, ds, precision, launch=None):
     return dub, dss, ds0
 
 
-class ChunkOSDN(torch.autograd.Function):
-    """Both phases: `(q, k, v, beta, eta, lam, S0, d0) -> (O, S_final, d_final)`; q, k, beta, eta,
-    lam chunked `[B, H, NC, C, *]` (q, k in the storage dtype, the rest float32), v `[B, T, H, V]`
-    in the storage dtype, O `[B, T, H, V]` in `out_dtype`, states float32.
-
-    One function for both, so that phase 1's output step runs inside phase 2's first kernel
-    (`wy_fwd_kernel` forms W as it forms K W^T), and phase 2's gradient of k goes straight to
-    phase 1's last kernel, which adds it in float32 (autograd sums no [B, H, NC, C, K] tensors)."""
+class DeltaRuleAsym(torch.autograd.Function):
+    """Phase 2: `(q, k, w, v, beta, S0) -> (O, S_final)`; q, k, w chunked in the storage dtype, v
+    `[B, T, H, V]` in it too, O `[B, T, H, V]` in `out_dtype`, beta and the states float32."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, eta, lam, s0, d0, scale, precision, out_dtype):
+    def forward(ctx, q, k, w, v, beta, s0, scale, precision, out_dtype):
         B, H, NC, C, K = k.shape
         T, V = v.shape[1], v.shape[-1]
-        y, dm, p, gc, es, ef, tinv_p = _precondition_fwd(k, beta, eta, lam, d0, precision)
-        w = torch.empty_like(k)
         scratch, tinv = beta.new_empty(B, H, NC, C, C), k.new_empty(B, H, NC, C, C)
         ub, kb = k.new_empty(B, H, NC, C, V), torch.empty_like(k)
         wy_fwd_kernel[(B * H * NC,)](
-            k, lam, y, dm, es, w, v, beta, scratch, tinv, ub, kb, T, H, NC,
+            k, w, v, beta, scratch, tinv, ub, kb, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, DOUBLING=_doubling(precision),
             **_chunk_launch("wy_fwd", K, V, precision),
         )  # fmt: skip
-        del scratch, y  # before the scan allocates the per-chunk states; Y is rebuilt in the backward
+        del scratch  # before the scan allocates the per-chunk states
         uo = torch.empty_like(ub)
         ss, sf = _state_scan(kb, w, ub, s0, uo, precision)
         del ub, kb  # Kb is rebuilt from T in the backward, for 1X less saved
@@ -1178,23 +1186,21 @@ class ChunkOSDN(torch.autograd.Function):
         out_fwd_kernel[(triton.cdiv(V, launch["BV"]), B * H * NC)](
             q, w, uo, ss, o, scale, T, H, NC, K=K, V=V, C=C, PRECISION=precision, **launch
         )
-        # The per-chunk states (twice the size of U), Kb and Y are not kept for the backward,
-        # which rebuilds them from W and U, and the inverses: a model holds every layer's saved
-        # tensors at once.
-        ctx.save_for_backward(q, k, w, v, beta, eta, lam, dm, p, gc, es, tinv_p, tinv, uo, s0)
+        # The per-chunk states (twice the size of U) and Kb are not kept for the backward, which
+        # rebuilds them from W and U, and T: a model holds every layer's saved tensors at once.
+        ctx.save_for_backward(q, k, w, v, beta, tinv, uo, s0)
         ctx.scale, ctx.precision = scale, precision
-        return o, sf, 1 + ef
+        return o, sf
 
     @staticmethod
-    def backward(ctx, do, ds, dd):
-        q, k, w, v, beta, eta, lam, dm, p, gc, es, tinv_p, tinv, uo, s0 = ctx.saved_tensors
+    def backward(ctx, do, ds):
+        q, k, w, v, beta, tinv, uo, s0 = ctx.saved_tensors
         B, H, NC, C, K = k.shape
         T, V = v.shape[1], v.shape[-1]
         scale, precision = ctx.scale, ctx.precision
         ss, _ = _state_scan(None, w, None, s0, uo, precision)  # the final state is not rebuilt
         do = torch.zeros_like(v) if do is None else do.contiguous()
         ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
-        dd = beta.new_zeros(B, H, K) if dd is None else dd.contiguous()
         gu, gss = torch.empty_like(uo), torch.empty_like(ss)
         out_bwd_kernel[(B * H * NC,)](
             q, w, do, gu, gss, scale, T, H, NC,
@@ -1204,8 +1210,11 @@ class ChunkOSDN(torch.autograd.Function):
         kb_kernel[(B * H * NC,)](k, beta, tinv, kb, K=K, C=C, PRECISION=precision, **_chunk_launch("kb", K))
         dub, dss, ds0 = _state_scan_bwd(kb, w, gu, gss, ds, precision)
         del gu, gss, kb  # no later kernel reads these: freed before dK is allocated
-        dq = torch.empty_like(q)
-        dk, dw = torch.empty_like(k, dtype=torch.float32), torch.empty_like(w, dtype=torch.float32)
+        dq, dk, dw = (
+            torch.empty_like(q),
+            torch.empty_like(k, dtype=torch.float32),
+            torch.empty_like(w, dtype=torch.float32),
+        )
         launch = _chunk_launch("state_grads", K, V, precision)
         state_grads_kernel[(triton.cdiv(K, launch["BK"]), B * H * NC)](
             q, w, uo, ss, do, dub, dss, dq, dk, dw, scale, T, H, NC,
@@ -1213,16 +1222,12 @@ class ChunkOSDN(torch.autograd.Function):
         )  # fmt: skip
         del do, ss, dss  # the states and their gradients (4X) go before the last kernel's outputs come
         dv, dbeta = torch.empty_like(v), torch.empty_like(beta)
-        dk2, dw_out = _in_dtype_of(dk, k), _in_dtype_of(dw, w)  # phase 2's dK is added in phase 1's last kernel
+        dk_out, dw_out = _in_dtype_of(dk, k), _in_dtype_of(dw, w)
         wy_bwd_kernel[(B * H * NC,)](
-            k, w, v, beta, tinv, dub, dk, dw, dk2, dw_out, dv, dbeta, T, H, NC,
+            k, w, v, beta, tinv, dub, dk, dw, dk_out, dw_out, dv, dbeta, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_bwd", K, V, precision),
         )  # fmt: skip
-        del dub, dk, dw
-        dk, dbeta_p, deta, dlam, dd0 = _precondition_bwd(
-            k, beta, eta, lam, dm, p, gc, es, tinv_p, dw_out, dd, dk2, precision
-        )  # fmt: skip
-        return dq, dk, dv, dbeta + dbeta_p, deta, dlam, ds0, dd0, None, None, None
+        return dq, dk_out, dw_out, dv, dbeta, ds0, None, None, None
 
 
 def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype):
@@ -1230,4 +1235,6 @@ def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype)
     the rest float32), v `[B, T, H, V]` in the storage dtype: `(O, S_final, d_final)`, O
     `[B, T, H, V]` in `out_dtype`."""
     qc, kc, v, bc, ec, lc = (x.contiguous() for x in (qc, kc, v, bc, ec, lc))
-    return ChunkOSDN.apply(qc, kc, v, bc, ec, lc, S0.contiguous(), d0.contiguous(), scale, precision, out_dtype)
+    w, d, kc = Precondition.apply(kc, bc, ec, lc, d0.contiguous(), precision)  # kc: see Precondition
+    o, S = DeltaRuleAsym.apply(qc, kc, w, v, bc, S0.contiguous(), scale, precision, out_dtype)
+    return o, S, d
