@@ -280,6 +280,7 @@ def _core_args(B, T, H, K, V, seed=0):
         (48, 80, None, False, False, True, None),
         (48, 80, None, True, False, False, 8),  # state scans at BV 16 (5 V blocks), the forward's pipelined
         (128, 64, None, True, False, False, 3),  # at BV 32, the forward's in 32-row slices
+        (48, 80, None, True, False, False, 16),  # phase 1's forward scans beside 14 workers
     ],
 )
 def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, unrolled, sms, monkeypatch):
@@ -290,7 +291,8 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split,
     backward scan split from its rows' gradients. At (256, 256) in float32 the kernels' loops over
     blocks stay plain loops (`chunk_fused._unrolled`); elsewhere the kernels with a loop switch walk
     them as the launch table says, or, with `unrolled`, unroll them all (`stages` None). With `sms`
-    the state scans launch as on a GPU with that many SMs (`chunk_fused._scan_launch`)."""
+    the state scans launch as on a GPU with that many SMs (`chunk_fused._scan_launch`), and with 16
+    phase 1's forward scans run beside the workers making their chunks (`_overlap_workers`)."""
     if sms is not None:
         monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: sms)
     for name, launch in chunk_fused.CHUNK_LAUNCH.items():
@@ -344,6 +346,63 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
     assert chunk_fused._scan_launch("precond_fwd", 128, 128, 64, 16, "cuda") == chunk_fused._scan_launch(
         "precond_fwd", 128, 128, 64
     )
+
+
+@pytest.mark.parametrize("K, dtype, NC", [(48, torch.float32, 3), (128, torch.float16, 3), (48, torch.float32, 1)])
+def test_overlapped_precond_forward_gives_the_same_bits(K, dtype, NC):
+    """Phase 1's forward scans run beside the workers that make their chunks, in one launch
+    (`precond_fwd_overlap_kernel`): every output equals the two kernels run one after the other,
+    bit for bit, with one worker or several, and the flags end raised, the tickets all taken."""
+    B, H, C = 2, 2, 64
+    g = torch.Generator().manual_seed(0)
+    k = torch.nn.functional.normalize(torch.randn(B, H, NC, C, K, generator=g), dim=-1).to(dtype)
+    beta, eta, lam = (0.5 + 0.5 * torch.rand(B, H, NC, C, generator=g) for _ in range(3))
+    e0 = 0.1 * torch.randn(B, H, K, generator=g)
+    prec = "ieee"
+    BK = triton.next_power_of_2(K)
+
+    def outputs():
+        return [
+            torch.empty_like(k), *(torch.empty_like(beta) for _ in range(2)), beta.new_empty(B, H, NC),
+            beta.new_empty(B, H, NC, C, C), beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K),
+        ]  # fmt: skip
+
+    ref = outputs()
+    y, dm, p, gc, tinv, es, ef = ref
+    chunk_fused.pre_intra_fwd_kernel[(B * H * NC,)](
+        k, beta, eta, lam, y, dm, p, gc, tinv, K=K, C=C, BK=32, PRECISION=prec
+    )
+    chunk_scan.precond_scan_fwd_kernel[(B * H,)](
+        y, k, dm, p, gc, e0, es, ef, NC, K=K, C=C, BK=BK, BS=C, SQUARE=True, PREFETCH=True
+    )
+    assert not torch.equal(ef, e0)  # the scan moved
+    for workers in (1, 3):
+        got = outputs()
+        y, dm, p, gc, tinv, es, ef = got
+        ready = torch.zeros(B * H * NC + 1, dtype=torch.int32)
+        chunk_fused.precond_fwd_overlap_kernel[(workers + B * H,)](
+            k, beta, eta, lam, y, dm, p, gc, tinv, e0, es, ef, ready, NC, B * H, workers,
+            K=K, C=C, BK=32, SBK=BK, PRECISION=prec,
+        )  # fmt: skip
+        for name, a, b in zip(("y", "dm", "p", "gc", "tinv", "es", "ef"), got, ref):
+            assert torch.equal(a, b), (name, workers)
+        assert ready[:-1].eq(1).all() and ready[-1] == workers + B * H
+
+
+def test_overlap_runs_with_few_scans_per_sm(monkeypatch):
+    """`_overlap_workers`: a worker on every SM the scans leave, where the scans take at most one
+    SM in `overlap_share`; none off CUDA, with more scans, or with the setting off."""
+    monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)
+    assert chunk_fused.SCAN_TUNING["precond_fwd"]["overlap_share"] == 8
+    assert chunk_fused._overlap_workers(16, "cuda") == 116
+    assert chunk_fused._overlap_workers(1, "cuda") == 131
+    assert chunk_fused._overlap_workers(17, "cuda") is None
+    monkeypatch.setitem(
+        chunk_fused.SCAN_TUNING, "precond_fwd", dict(chunk_fused.SCAN_TUNING["precond_fwd"], overlap_share=None)
+    )
+    assert chunk_fused._overlap_workers(16, "cuda") is None
+    monkeypatch.undo()
+    assert chunk_fused._overlap_workers(1, "cpu") is None
 
 
 def test_fused_kernels_store_16bit_inputs_in_16_bits(monkeypatch):

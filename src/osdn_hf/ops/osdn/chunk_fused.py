@@ -37,6 +37,7 @@ if HAS_TRITON:  # the kernels exist only with Triton; without it chunk.py never 
     import triton.language as tl
 
     from .chunk_scan import (
+        _precond_scan_fwd_prefetching,
         precond_rows_bwd_kernel,
         precond_scan_bwd_de_kernel,
         precond_scan_bwd_kernel,
@@ -555,14 +556,11 @@ if HAS_TRITON:
         return b_uu, b_su, b_eta * b_b * b_b, b_eta * b_b * (1 - b_b * b_su)
 
     @triton.jit
-    def pre_intra_fwd_kernel(
-        k, beta, eta, lam, y, dm, p, gc, tinv,
-        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False,
+    def _pre_intra_chunk(
+        i_c, k, beta, eta, lam, y, dm, p, gc, tinv,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr,
     ):  # fmt: skip
-        """Per chunk: L[t, s] = a_t G_{t-1} / G_{s-1} <u_t, u_s> (s < t), [dm, Y] = (I + L)^{-1}
-        [m, diag(a G_{t-1}) U], p_s = G_C / G_{s-1}, Gc = G_C; u = k * k is formed where needed
-        (here, in the scan and in the backward) and never stored."""
-        i_c = tl.program_id(0).to(tl.int64)
+        """`pre_intra_fwd_kernel`'s work on chunk `i_c`."""
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         b_b = tl.load(beta + o_t)
@@ -576,6 +574,46 @@ if HAS_TRITON:
         _walk_k_blocks(_y_block, k, y, b_ti, b_a * tl.exp(b_gp), o_t, K, BK, PRECISION, True, 1)
         tl.store(p + o_t, tl.exp(b_gend - b_gp))
         tl.store(gc + i_c, tl.exp(b_gend))
+
+    @triton.jit
+    def pre_intra_fwd_kernel(
+        k, beta, eta, lam, y, dm, p, gc, tinv,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False,
+    ):  # fmt: skip
+        """Per chunk: L[t, s] = a_t G_{t-1} / G_{s-1} <u_t, u_s> (s < t), [dm, Y] = (I + L)^{-1}
+        [m, diag(a G_{t-1}) U], p_s = G_C / G_{s-1}, Gc = G_C; u = k * k is formed where needed
+        (here, in the scan and in the backward) and never stored."""
+        i_c = tl.program_id(0).to(tl.int64)
+        _pre_intra_chunk(i_c, k, beta, eta, lam, y, dm, p, gc, tinv, K, C, BK, PRECISION, DOUBLING)
+
+    @triton.jit(do_not_specialize=["NC", "BH", "NW"])
+    def precond_fwd_overlap_kernel(
+        k, beta, eta, lam, y, dm, p, gc, tinv, e0, es, ef, ready, NC, BH, NW,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, SBK: tl.constexpr, PRECISION: tl.constexpr,
+        DOUBLING: tl.constexpr = False,
+    ):  # fmt: skip
+        """`pre_intra_fwd_kernel` and the preconditioner's forward scan (`precond_scan_fwd_kernel`
+        with PREFETCH) in one launch of NW + BH programs, so that the scans, BH programs alone, run
+        while the chunks they read are still being made instead of after.
+
+        `ready` holds a flag per chunk and, after them, a ticket counter, all zero. Each program
+        takes a ticket as it starts: the first NW are workers, which make the chunks in chunk-index
+        order (chunk 0 of every (batch, head), then chunk 1, ...; a worker takes every NW-th) and
+        raise each one's flag once it is written; the last BH run the scans (SBK wide), which wait
+        for each chunk's flag before reading it. Workers never wait, and every worker started
+        before any scan did, so the scans cannot hold the GPU while a chunk they need is not being
+        made; even run one program at a time (Triton's interpreter) the launch finishes. NC, BH
+        and NW are not specialized (the scans' NC == 1 miscompile, chunk_scan._scan_jit)."""
+        ticket = tl.atomic_add(ready + BH * NC, 1)
+        if ticket < NW:
+            for j in range(ticket, NC * BH, NW):
+                i_c = ((j % BH) * NC + j // BH).to(tl.int64)
+                _pre_intra_chunk(i_c, k, beta, eta, lam, y, dm, p, gc, tinv, K, C, BK, PRECISION, DOUBLING)
+                tl.debug_barrier()  # every thread's stores precede the flag
+                tl.atomic_xchg(ready + i_c, 1, sem="release")
+        else:
+            i_bh = (ticket - NW).to(tl.int64)
+            _precond_scan_fwd_prefetching(y, k, dm, p, gc, e0, es, ef, ready, i_bh, NC, K, C, SBK, True)
 
     @triton.jit
     def _y_block(k, y, b_ti, b_r, i_k, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
@@ -844,7 +882,15 @@ SCAN_TUNING = {
     # (kernels_tune_split_{2x8192,4x4096}.json), so the line stays at 128.
     # Grouping phase 1's scans (chunks in parallel groups, each group's K x K map, a short scan over
     # groups) measured no faster and was taken out (953acd4; README.md).
-    "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True),
+    # overlap_share: with at most one (batch, head) scan per this many SMs, phase 1's forward scans
+    # run beside the chunks' making, in one launch with a worker on each other SM
+    # (`precond_fwd_overlap_kernel`, `_overlap_workers`; prefetching scans only). Measured alone,
+    # pre_intra_fwd and the scan (H200, bf16, H = 16, K = 128; benchmarks/results/kernels_overlap_*):
+    # 1 x 16384 (16 scans) 639 -> 542-558 us. Two workers on an SM that also runs a scan slow the
+    # scan: 720-740 us at 1 x 16384. At 2 x 8192 (32 scans) only two workers a free SM beat the
+    # two kernels (455 -> 380-389 us; 494 at one), and at 4 x 4096 (64 scans) none did (360 -> 430
+    # at best), so the line stays at 8 (16 scans on 132 SMs).
+    "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True, overlap_share=8),
     "precond_bwd": dict(BS=None, num_warps=8, num_stages=1, prefetch=True, split_below=128, split_num_warps=4),
     # The state scans run one program per (batch, head, V block): at heads up to 128 wide, with
     # fewer programs than the GPU has SMs, BV halves (down to 16) until they fill them. Then the
@@ -974,6 +1020,16 @@ def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, de
     return out
 
 
+def _overlap_workers(heads: int, device) -> int | None:
+    """How many workers `precond_fwd_overlap_kernel` runs beside `heads` scans on CUDA `device`:
+    one on each SM the scans leave, where they take at most one SM in `overlap_share`
+    (`SCAN_TUNING["precond_fwd"]`); else None, and the forward scan follows its chunks' kernel."""
+    share, sms = SCAN_TUNING["precond_fwd"].get("overlap_share"), _sm_count(device)
+    if not share or sms is None or heads * share > sms:
+        return None
+    return sms - heads
+
+
 def _sm_count(device) -> int | None:
     """How many SMs CUDA `device` has (None for any other device, or none given)."""
     if device is None or torch.device(device).type != "cuda":
@@ -1068,14 +1124,22 @@ class Precondition(torch.autograd.Function):
         dm, p = torch.empty_like(beta), torch.empty_like(beta)
         gc = beta.new_empty(B, H, NC)
         tinv = beta.new_empty(B, H, NC, C, C)
-        pre_intra_fwd_kernel[grid](
-            k, beta, eta, lam, y, dm, p, gc, tinv,
-            K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **_chunk_launch("pre_intra_fwd", K),
-        )  # fmt: skip
         es, ef = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
-        precond_scan_fwd_kernel[(B * H,)](
-            y, k, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, SQUARE=True, **_scan_launch("precond_fwd", K, K, C)
-        )
+        intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision))
+        scan = _scan_launch("precond_fwd", K, K, C)
+        workers = _overlap_workers(B * H, k.device) if scan.get("PREFETCH") else None
+        if workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
+            ready = torch.zeros(B * H * NC + 1, dtype=torch.int32, device=k.device)
+            launch = _chunk_launch("pre_intra_fwd", K)
+            precond_fwd_overlap_kernel[(workers + B * H,)](
+                k, beta, eta, lam, y, dm, p, gc, tinv, d0 - 1, es, ef, ready, NC, B * H, workers,
+                BK=launch["BK"], SBK=scan["BK"], num_warps=launch["num_warps"], **intra,
+            )  # fmt: skip
+        else:
+            pre_intra_fwd_kernel[grid](
+                k, beta, eta, lam, y, dm, p, gc, tinv, **intra, **_chunk_launch("pre_intra_fwd", K)
+            )
+            precond_scan_fwd_kernel[(B * H,)](y, k, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, SQUARE=True, **scan)
         w = torch.empty_like(k)
         pre_out_fwd_kernel[grid](k, lam, y, dm, es, w, K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K))
         # Y is rebuilt from the inverse in the backward: 1X less held between forward and backward

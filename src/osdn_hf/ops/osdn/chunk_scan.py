@@ -58,6 +58,42 @@ if HAS_TRITON:
         b_r = b_p * (b_dm - tl.sum(b_y * b_e[None, :], 1))  # [BS]
         return tl.sum(b_u * b_r[:, None], 0)
 
+    @triton.jit
+    def _wait_for(flag):
+        """Spin until another program raises `flag` (int32, set to 1 with release semantics): what
+        it wrote before is then visible to this program's loads."""
+        while tl.atomic_add(flag, 0, sem="acquire") == 0:
+            pass
+
+    @triton.jit
+    def _precond_scan_fwd_prefetching(
+        y, u, dm, p, gc, e0, es, ef, ready, i_bh, NC, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+        SQUARE: tl.constexpr,
+    ):  # fmt: skip
+        """`precond_scan_fwd_kernel` with PREFETCH for (batch, head) `i_bh`: the next chunk's rows
+        are loaded before this chunk is reduced. With `ready` (not None), each chunk's rows are
+        read only once its flag `ready[i_c]` is raised: another program is still writing them
+        (`chunk_fused.precond_fwd_overlap_kernel`)."""
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        o_s = tl.arange(0, C)
+        b_e = tl.load(e0 + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
+        if ready is not None:
+            _wait_for(ready + i_bh * NC)
+        b_y, b_u, b_dm, b_p = _precond_rows(y, u, dm, p, i_bh * NC * C + o_s, o_k, m_k, K)  # the first chunk
+        b_gc = tl.load(gc + i_bh * NC)
+        for i_n in range(NC):
+            i_c = i_bh * NC + i_n
+            tl.store(es + i_c * K + o_k, b_e, mask=m_k)
+            i_x = tl.minimum(i_c + 1, i_bh * NC + NC - 1)  # the next chunk (the last one again at the end)
+            if ready is not None:
+                _wait_for(ready + i_x)
+            n_y, n_u, n_dm, n_p = _precond_rows(y, u, dm, p, i_x * C + o_s, o_k, m_k, K)
+            n_gc = tl.load(gc + i_x)
+            b_e = b_e * b_gc + _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE)
+            b_y, b_u, b_dm, b_p, b_gc = n_y, n_u, n_dm, n_p, n_gc
+        tl.store(ef + i_bh * K + o_k, b_e, mask=m_k)
+
     @_scan_jit
     def precond_scan_fwd_kernel(
         y,
@@ -85,20 +121,11 @@ if HAS_TRITON:
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, BS)
-        b_e = tl.load(e0 + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
         if PREFETCH:
             tl.static_assert(BS == C)
-            b_y, b_u, b_dm, b_p = _precond_rows(y, u, dm, p, i_bh * NC * C + o_s, o_k, m_k, K)  # the first chunk
-            b_gc = tl.load(gc + i_bh * NC)
-            for i_n in range(NC):
-                i_c = i_bh * NC + i_n
-                tl.store(es + i_c * K + o_k, b_e, mask=m_k)
-                i_x = tl.minimum(i_c + 1, i_bh * NC + NC - 1)  # the next chunk (the last one again at the end)
-                n_y, n_u, n_dm, n_p = _precond_rows(y, u, dm, p, i_x * C + o_s, o_k, m_k, K)
-                n_gc = tl.load(gc + i_x)
-                b_e = b_e * b_gc + _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE)
-                b_y, b_u, b_dm, b_p, b_gc = n_y, n_u, n_dm, n_p, n_gc
+            _precond_scan_fwd_prefetching(y, u, dm, p, gc, e0, es, ef, None, i_bh, NC, K, C, BK, SQUARE)
         else:
+            b_e = tl.load(e0 + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
             for i_n in range(NC):
                 i_c = i_bh * NC + i_n
                 tl.store(es + i_c * K + o_k, b_e, mask=m_k)
@@ -108,7 +135,7 @@ if HAS_TRITON:
                     b_y, b_u, b_dm, b_p = _precond_rows(y, u, dm, p, i_c * C + i_s * BS + o_s, o_k, m_k, K)
                     b_new += _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE)
                 b_e = b_new
-        tl.store(ef + i_bh * K + o_k, b_e, mask=m_k)
+            tl.store(ef + i_bh * K + o_k, b_e, mask=m_k)
 
     @triton.jit
     def _precond_bwd_loads(
