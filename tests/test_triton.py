@@ -278,9 +278,11 @@ def _core_args(B, T, H, K, V, seed=0):
         (128, 64, None, True, True, False, None),
         (256, 256, None, False, True, False, None),
         (48, 80, None, False, False, True, None),
-        (48, 80, None, True, False, False, 8),  # state scans at BV 16 (5 V blocks), the forward's pipelined
+        # state scans at BV 16 (5 V blocks), the forward's pipelined; phase 1's forward scans beside
+        # 12 workers, two on each SM they leave
+        (48, 80, None, True, False, False, 8),
         (128, 64, None, True, False, False, 3),  # at BV 32, the forward's in 32-row slices
-        (48, 80, None, True, False, False, 16),  # phase 1's forward scans beside 14 workers
+        (48, 80, None, True, False, False, 16),  # phase 1's forward scans beside 14 workers, one an SM
     ],
 )
 def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, unrolled, sms, monkeypatch):
@@ -291,8 +293,8 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split,
     backward scan split from its rows' gradients. At (256, 256) in float32 the kernels' loops over
     blocks stay plain loops (`chunk_fused._unrolled`); elsewhere the kernels with a loop switch walk
     them as the launch table says, or, with `unrolled`, unroll them all (`stages` None). With `sms`
-    the state scans launch as on a GPU with that many SMs (`chunk_fused._scan_launch`), and with 16
-    phase 1's forward scans run beside the workers making their chunks (`_overlap_workers`)."""
+    the state scans launch as on a GPU with that many SMs (`chunk_fused._scan_launch`), and with 8
+    and 16 phase 1's forward scans run beside the workers making their chunks (`_overlap_workers`)."""
     if sms is not None:
         monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: sms)
     for name, launch in chunk_fused.CHUNK_LAUNCH.items():
@@ -390,16 +392,20 @@ def test_overlapped_precond_forward_gives_the_same_bits(K, dtype, NC):
 
 
 def test_overlap_runs_with_few_scans_per_sm(monkeypatch):
-    """`_overlap_workers`: a worker on every SM the scans leave, where the scans take at most one
-    SM in `overlap_share`; none off CUDA, with more scans, or with the setting off."""
+    """`_overlap_workers`: a worker on every SM the scans leave where they take at most one SM in
+    `overlap_alone`, two where at most one in `overlap_shared`; none off CUDA, with more scans, or
+    with the settings off."""
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)
-    assert chunk_fused.SCAN_TUNING["precond_fwd"]["overlap_share"] == 8
-    assert chunk_fused._overlap_workers(16, "cuda") == 116
+    tuning = chunk_fused.SCAN_TUNING["precond_fwd"]
+    assert (tuning["overlap_alone"], tuning["overlap_shared"]) == (8, 4)
     assert chunk_fused._overlap_workers(1, "cuda") == 131
-    assert chunk_fused._overlap_workers(17, "cuda") is None
-    monkeypatch.setitem(
-        chunk_fused.SCAN_TUNING, "precond_fwd", dict(chunk_fused.SCAN_TUNING["precond_fwd"], overlap_share=None)
-    )
+    assert chunk_fused._overlap_workers(16, "cuda") == 116
+    assert chunk_fused._overlap_workers(17, "cuda") == 2 * 115
+    assert chunk_fused._overlap_workers(33, "cuda") == 2 * 99
+    assert chunk_fused._overlap_workers(34, "cuda") is None
+    monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_fwd", dict(tuning, overlap_alone=None))
+    assert chunk_fused._overlap_workers(16, "cuda") == 2 * 116
+    monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_fwd", dict(tuning, overlap_alone=None, overlap_shared=None))
     assert chunk_fused._overlap_workers(16, "cuda") is None
     monkeypatch.undo()
     assert chunk_fused._overlap_workers(1, "cpu") is None

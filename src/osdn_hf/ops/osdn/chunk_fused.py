@@ -882,15 +882,20 @@ SCAN_TUNING = {
     # (kernels_tune_split_{2x8192,4x4096}.json), so the line stays at 128.
     # Grouping phase 1's scans (chunks in parallel groups, each group's K x K map, a short scan over
     # groups) measured no faster and was taken out (953acd4; README.md).
-    # overlap_share: with at most one (batch, head) scan per this many SMs, phase 1's forward scans
-    # run beside the chunks' making, in one launch with a worker on each other SM
-    # (`precond_fwd_overlap_kernel`, `_overlap_workers`; prefetching scans only). Measured alone,
-    # pre_intra_fwd and the scan (H200, bf16, H = 16, K = 128; benchmarks/results/kernels_overlap_*):
-    # 1 x 16384 (16 scans) 639 -> 542-558 us. Two workers on an SM that also runs a scan slow the
-    # scan: 720-740 us at 1 x 16384. At 2 x 8192 (32 scans) only two workers a free SM beat the
-    # two kernels (455 -> 380-389 us; 494 at one), and at 4 x 4096 (64 scans) none did (360 -> 430
-    # at best), so the line stays at 8 (16 scans on 132 SMs).
-    "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True, overlap_share=8),
+    # overlap_alone / overlap_shared: with at most one (batch, head) scan per `overlap_alone` SMs,
+    # phase 1's forward scans run beside the chunks' making, in one launch with a worker on each
+    # SM they leave; with at most one per `overlap_shared`, two workers on each (the scans then
+    # share SMs with them); with more, the scans follow their chunks' kernel
+    # (`precond_fwd_overlap_kernel`, `_overlap_workers`; prefetching scans only). Why two tiers:
+    # scan and workers both take time in proportion to the chunk count, so which one bounds the
+    # launch depends on the scans' number alone. Few scans bound it, and must not be slowed by a
+    # worker beside them; more scans finish early, and the chunks are made fastest at two workers
+    # an SM. Measured alone, pre_intra_fwd and the scan against the overlapped launch (H200,
+    # bf16, H = 16, K = 128; benchmarks/results/kernels_overlap_9311f98.json):
+    #   1 x 16384 (16 scans): 639 -> 542-558 us at one worker per free SM, 720-740 at two
+    #   2 x 8192 (32 scans): 455 -> 494 at one, 380-389 at two
+    #   4 x 4096 (64 scans): 360 -> 430 at best (two), so no overlap there
+    "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True, overlap_alone=8, overlap_shared=4),
     "precond_bwd": dict(BS=None, num_warps=8, num_stages=1, prefetch=True, split_below=128, split_num_warps=4),
     # The state scans run one program per (batch, head, V block): at heads up to 128 wide, with
     # fewer programs than the GPU has SMs, BV halves (down to 16) until they fill them. Then the
@@ -1022,12 +1027,17 @@ def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, de
 
 def _overlap_workers(heads: int, device) -> int | None:
     """How many workers `precond_fwd_overlap_kernel` runs beside `heads` scans on CUDA `device`:
-    one on each SM the scans leave, where they take at most one SM in `overlap_share`
-    (`SCAN_TUNING["precond_fwd"]`); else None, and the forward scan follows its chunks' kernel."""
-    share, sms = SCAN_TUNING["precond_fwd"].get("overlap_share"), _sm_count(device)
-    if not share or sms is None or heads * share > sms:
+    one on each SM the scans leave where they take at most one SM in `overlap_alone`, two where
+    at most one in `overlap_shared` (`SCAN_TUNING["precond_fwd"]`); else None, and the forward
+    scan follows its chunks' kernel."""
+    t, sms = SCAN_TUNING["precond_fwd"], _sm_count(device)
+    if sms is None:
         return None
-    return sms - heads
+    if t.get("overlap_alone") and heads * t["overlap_alone"] <= sms:
+        return sms - heads
+    if t.get("overlap_shared") and heads * t["overlap_shared"] <= sms:
+        return 2 * (sms - heads)
+    return None
 
 
 def _sm_count(device) -> int | None:
