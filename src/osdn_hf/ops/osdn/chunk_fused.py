@@ -18,7 +18,8 @@ to the storage dtype for their products, as fla does, and carry it in float32. I
 states passed in or out, and gradients that several kernels add to are float32.
 
 Phase 1 (`Precondition`): `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`
-    forward:  `pre_intra_fwd` (L, (I + L)^{-1}, Y, dm, p, Gc) -> precond scan -> `pre_out_fwd` (E, W)
+    forward:  `pre_intra_fwd` (L, (I + L)^{-1}, Y, dm, p, Gc) -> precond scan -> `pre_out_fwd` (E, W);
+              with few scans the first two run side by side (`precond_fwd_overlap_kernel`)
     backward: `pre_out_bwd` -> precond scan backward -> `pre_intra_bwd`
 Phase 2 (`DeltaRuleAsym`): `(q, k, w, v, beta, S0) -> (O, S_final)`
     forward:  `wy_fwd` (A, T = A^{-1}, Ub, Kb) -> state scan -> `out_fwd` (O)
