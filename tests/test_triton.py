@@ -411,6 +411,18 @@ def test_overlap_runs_with_few_scans_per_sm(monkeypatch):
     assert chunk_fused._overlap_workers(1, "cpu") is None
 
 
+def test_profile_groups_every_kernel_of_the_op():
+    """`profile_kernels.py` groups each of the op's kernels by phase: none falls into 'other'."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import profile_kernels
+
+    kernels = [n for n in dir(chunk_fused) if n.endswith("_kernel") and n != "inverse_kernel"]
+    kernels += [n for n in dir(chunk_scan) if n.endswith("_kernel")]
+    assert "precond_fwd_overlap_kernel" in kernels
+    times = profile_kernels.grouped({n: 1.0 for n in kernels})
+    assert times["other"] == 0 and times["phase 1: preconditioner"] > 0, times
+
+
 def test_fused_kernels_store_16bit_inputs_in_16_bits(monkeypatch):
     """float16 q, k, v: the fused path saves its chunked intermediates and phase 2's C x C inverse
     in float16 (phase 1's inverse and the per-token vectors stay float32), hands autograd each
