@@ -155,9 +155,11 @@ def main(argv=None):
     for K, V in ((128, 128), (256, 256), (32, 32), (100, 48)):  # one chunk (NC = 1; kernels_scan_nc1.json)
         cases.append(dict(B=2, T=64, K=K, V=V, varlen=None))
     # more (batch, head) pairs: the state scans' other launches (chunk_fused._scan_launch fits them
-    # to the SMs: at K = V = 128 on an H100 or H200, 64 pairs run BV 32 pipelined, 128 prefetch), and
-    # one head alone (H = 1, which Triton specializes as a constant)
-    for B, heads, T in ((1, 1, 100), (4, 16, 200), (8, 16, 100)):
+    # to the SMs: at K = V = 128 on an H100 or H200, 64 pairs run BV 32 pipelined, 128 prefetch),
+    # one head alone (H = 1, which Triton specializes as a constant), and 32 pairs, where phase 1's
+    # forward scans share SMs with two workers each (chunk_fused._overlap_workers; up to 16 pairs
+    # they run beside one worker an SM, as in the cases above)
+    for B, heads, T in ((1, 1, 100), (4, 16, 200), (8, 16, 100), (2, 16, 300)):
         cases.append(dict(B=B, H=heads, T=T, K=128, V=128, varlen=None))
 
     cases = [c for c in cases if max(c["K"], c["V"]) <= args.max_head_dim][shard::shards]
