@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -49,3 +51,49 @@ def test_training_step_trains_and_measure_alone_counts_tokens():
     result = measure_alone(step, tokens_per_step=32, steps=2, device="cpu", warmup=1)
     assert result["steps"] == 2 and result["tokens_per_s"] > 0 and result["peak_mib"] is None
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the optimizer stepped
+
+
+def _evidence_script():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import gpu_model_evidence
+
+    return gpu_model_evidence
+
+
+def test_gpu_model_evidence_dry_run_on_cpu(tmp_path):
+    """`scripts/gpu_model_evidence.py` on the tiny config runs every stage on CPU (fla's
+    comparison needs CUDA and is left out): finite gradients, Trainer steps, 128 generated tokens,
+    and identical logits after save and reload."""
+    out = tmp_path / "evidence.json"
+    _evidence_script().main(
+        ["--config", "configs/osdn-tiny", "--out", str(out), "--steps", "2", "--batch", "2", "--seq", "64"]
+    )
+    result = json.loads(out.read_text())
+    assert result["fwd_bwd"]["grads_finite"] and result["trainer"]["steps"] == 2
+    assert result["generate"]["new_tokens"] == 128
+    assert result["save_reload"] == {"dtype": "torch.float32", "identical_logits": True}
+    assert "throughput_osdn" not in result  # CUDA only
+
+
+def test_gpu_model_evidence_checks_get_a_copy_of_the_config(tmp_path, monkeypatch):
+    """The checks save a bf16 model, and `save_pretrained` writes its dtype into the config it
+    was built from: they get a copy, so the throughput models are still built from the config as
+    loaded (float32 weights, like fla's), not in pure bf16."""
+    script = _evidence_script()
+    loaded, seen = [], []
+    load = script.AutoConfig.from_pretrained
+    monkeypatch.setattr(
+        script.AutoConfig, "from_pretrained", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1]
+    )
+
+    def checks(config, *args):  # what saving the bf16 model does to the config it gets
+        config.dtype = torch.bfloat16
+        seen.append(config)
+
+    monkeypatch.setattr(script, "model_checks", checks)
+    script.main(["--config", "configs/osdn-tiny", "--out", str(tmp_path / "e.json"), "--seq", "64"])
+    assert len(loaded) == 1 and len(seen) == 1 and seen[0] is not loaded[0]
+    assert loaded[0].dtype != torch.bfloat16 and seen[0].dtype == torch.bfloat16
