@@ -99,7 +99,7 @@ def peer(step, args, meta: dict) -> dict:
 
 # What each kernel does, by name: (group, substrings of the kernels in it), first match wins.
 GROUPS = (
-    ("phase 1: preconditioner", ("pre_intra", "pre_out", "pre_y", "precond_scan", "precond_rows", "precond_fwd")),
+    ("phase 1: preconditioner", ("pre_intra", "pre_out", "pre_y", "precond_")),
     (
         "delta rule: WY/UT, states, outputs",
         ("wy_", "kb_kernel", "out_", "state_", "chunk_", "recompute_w_u", "prepare_wy", "merge_16x16", "solve_tril"),

@@ -1136,20 +1136,17 @@ class Precondition(torch.autograd.Function):
         gc = beta.new_empty(B, H, NC)
         tinv = beta.new_empty(B, H, NC, C, C)
         es, ef = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
-        intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision))
+        intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **_chunk_launch("pre_intra_fwd", K))
         scan = _scan_launch("precond_fwd", K, K, C)
         workers = _overlap_workers(B * H, k.device) if scan.get("PREFETCH") else None
         if workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
             ready = torch.zeros(B * H * NC + 1, dtype=torch.int32, device=k.device)
-            launch = _chunk_launch("pre_intra_fwd", K)
             precond_fwd_overlap_kernel[(workers + B * H,)](
                 k, beta, eta, lam, y, dm, p, gc, tinv, d0 - 1, es, ef, ready, NC, B * H, workers,
-                BK=launch["BK"], SBK=scan["BK"], num_warps=launch["num_warps"], **intra,
+                SBK=scan["BK"], **intra,
             )  # fmt: skip
         else:
-            pre_intra_fwd_kernel[grid](
-                k, beta, eta, lam, y, dm, p, gc, tinv, **intra, **_chunk_launch("pre_intra_fwd", K)
-            )
+            pre_intra_fwd_kernel[grid](k, beta, eta, lam, y, dm, p, gc, tinv, **intra)
             precond_scan_fwd_kernel[(B * H,)](y, k, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, SQUARE=True, **scan)
         w = torch.empty_like(k)
         pre_out_fwd_kernel[grid](k, lam, y, dm, es, w, K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K))

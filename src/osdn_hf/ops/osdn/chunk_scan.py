@@ -118,13 +118,13 @@ if HAS_TRITON:
         PREFETCH (BS == C) the next chunk's rows are loaded before this chunk is reduced, so their
         latency overlaps the reduction instead of following it; the sums are the same."""
         i_bh = tl.program_id(0).to(tl.int64)
-        o_k = tl.arange(0, BK)
-        m_k = o_k < K
-        o_s = tl.arange(0, BS)
         if PREFETCH:
             tl.static_assert(BS == C)
             _precond_scan_fwd_prefetching(y, u, dm, p, gc, e0, es, ef, None, i_bh, NC, K, C, BK, SQUARE)
         else:
+            o_k = tl.arange(0, BK)
+            m_k = o_k < K
+            o_s = tl.arange(0, BS)
             b_e = tl.load(e0 + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
             for i_n in range(NC):
                 i_c = i_bh * NC + i_n
