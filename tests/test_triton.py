@@ -283,6 +283,10 @@ def _core_args(B, T, H, K, V, seed=0):
         (48, 80, None, True, False, False, 8),
         (128, 64, None, True, False, False, 3),  # at BV 32, the forward's in 32-row slices
         (48, 80, None, True, False, False, 16),  # phase 1's forward scans beside 14 workers, one an SM
+        # phase 1's backward scans (split) beside the workers making their rows too: 14, one an SM,
+        # and 12, two an SM
+        (48, 80, None, True, True, False, 16),
+        (128, 64, None, True, True, False, 8),
     ],
 )
 def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, unrolled, sms, monkeypatch):
@@ -294,7 +298,8 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split,
     blocks stay plain loops (`chunk_fused._unrolled`); elsewhere the kernels with a loop switch walk
     them as the launch table says, or, with `unrolled`, unroll them all (`stages` None). With `sms`
     the state scans launch as on a GPU with that many SMs (`chunk_fused._scan_launch`), and with 8
-    and 16 phase 1's forward scans run beside the workers making their chunks (`_overlap_workers`)."""
+    and 16 phase 1's forward scans (and, split, its backward scans) run beside the workers making
+    their chunks (`_overlap_workers`)."""
     if sms is not None:
         monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: sms)
     for name, launch in chunk_fused.CHUNK_LAUNCH.items():
@@ -391,13 +396,75 @@ def test_overlapped_precond_forward_gives_the_same_bits(K, dtype, NC):
         assert ready[:-1].eq(1).all() and ready[-1] == workers + B * H
 
 
+@pytest.mark.parametrize("K, dtype, NC", [(48, torch.float32, 3), (128, torch.float16, 3), (48, torch.float32, 1)])
+def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC):
+    """Phase 1's backward scans of e's gradient run beside the workers that make what they read
+    (Y by `pre_y`, then `pre_out_bwd`'s outputs, the last chunks first), in one launch
+    (`precond_bwd_overlap_kernel`): every output equals the three kernels run one after the other,
+    bit for bit, with one worker or several, and the flags end raised, the tickets all taken."""
+    B, H, C = 2, 2, 64
+    g = torch.Generator().manual_seed(1)
+    k = torch.nn.functional.normalize(torch.randn(B, H, NC, C, K, generator=g), dim=-1).to(dtype)
+    beta, eta, lam = (0.5 + 0.5 * torch.rand(B, H, NC, C, generator=g) for _ in range(3))
+    prec, BK = "ieee", triton.next_power_of_2(K)
+    y, dm, p, gc = torch.empty_like(k), torch.empty_like(beta), torch.empty_like(beta), beta.new_empty(B, H, NC)
+    tinv, es, ef = beta.new_empty(B, H, NC, C, C), beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
+    chunk_fused.pre_intra_fwd_kernel[(B * H * NC,)](
+        k, beta, eta, lam, y, dm, p, gc, tinv, K=K, C=C, BK=32, PRECISION=prec
+    )
+    e0 = 0.1 * torch.randn(B, H, K, generator=g)
+    chunk_scan.precond_scan_fwd_kernel[(B * H,)](
+        y, k, dm, p, gc, e0, es, ef, NC, K=K, C=C, BK=BK, BS=C, SQUARE=True, PREFETCH=True
+    )
+    dw, gef = torch.randn(B, H, NC, C, K, generator=g).to(dtype), torch.randn(B, H, K, generator=g)
+    names = ("y", "dk", "ddm", "du", "dg", "dgp", "ges", "des", "de0")
+
+    def outputs():
+        rows = lambda: torch.empty(B, H, NC, C, K)  # noqa: E731
+        return dict(
+            y=torch.empty_like(k), dk=rows(), ddm=torch.empty_like(dm), du=rows(), dg=torch.empty_like(dm),
+            dgp=torch.empty_like(dm), ges=torch.empty_like(es), des=torch.empty_like(es), de0=torch.empty_like(ef),
+        )  # fmt: skip
+
+    walk = dict(UNROLL=False, STAGES=3)  # as the launch table walks both kernels' blocks
+    ref = outputs()
+    chunk_fused.pre_y_kernel[(B * H * NC,)](k, beta, eta, lam, tinv, ref["y"], K=K, C=C, BK=32, PRECISION=prec, **walk)
+    chunk_fused.pre_out_bwd_kernel[(B * H * NC,)](
+        k, lam, ref["y"], dm, es, dw, *(ref[n] for n in names[1:7]), K=K, C=C, BK=32, PRECISION=prec, **walk
+    )
+    chunk_scan.precond_scan_bwd_de_kernel[(B * H,)](
+        ref["y"], k, p, gc, ref["ges"], gef, ref["des"], ref["de0"], NC, K=K, C=C, BK=BK, BS=C, SQUARE=True,
+        PREFETCH=True,
+    )  # fmt: skip
+    assert not torch.equal(ref["de0"], gef)  # the scan moved
+    for workers in (1, 3):
+        got = outputs()
+        ready = torch.zeros(B * H * NC + 1, dtype=torch.int32)
+        chunk_fused.precond_bwd_overlap_kernel[(workers + B * H,)](
+            k, beta, eta, lam, tinv, got["y"], dm, es, dw, *(got[n] for n in names[1:7]), p, gc, gef,
+            got["des"], got["de0"], ready, NC, B * H, workers, K=K, C=C, BK=32, SBK=BK, PRECISION=prec,
+            Y_BK=32, Y_UNROLL=False, Y_STAGES=3, **walk,
+        )  # fmt: skip
+        for name in names:
+            assert torch.equal(got[name], ref[name]), (name, workers)
+        assert ready[:-1].eq(1).all() and ready[-1] == workers + B * H
+
+
 def test_overlap_runs_with_few_scans_per_sm(monkeypatch):
     """`_overlap_workers`: a worker on every SM the scans leave where they take at most one SM in
     `overlap_alone`, two where at most one in `overlap_shared`; none off CUDA, with more scans, or
-    with the settings off."""
+    with the settings off. Phase 1's backward scans take the same tiers from their own entry."""
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)
     tuning = chunk_fused.SCAN_TUNING["precond_fwd"]
     assert (tuning["overlap_alone"], tuning["overlap_shared"]) == (8, 4)
+    bwd = chunk_fused.SCAN_TUNING["precond_bwd"]
+    assert (bwd["overlap_alone"], bwd["overlap_shared"]) == (8, 4)
+    assert chunk_fused._overlap_workers(16, "cuda", "precond_bwd") == 116
+    assert chunk_fused._overlap_workers(32, "cuda", "precond_bwd") == 2 * 100
+    assert chunk_fused._overlap_workers(64, "cuda", "precond_bwd") is None
+    monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_bwd", dict(bwd, overlap_alone=None))
+    assert chunk_fused._overlap_workers(16, "cuda", "precond_bwd") == 2 * 116
+    assert chunk_fused._overlap_workers(16, "cuda") == 116  # the forward's own tiers stand
     assert chunk_fused._overlap_workers(1, "cuda") == 131
     assert chunk_fused._overlap_workers(16, "cuda") == 116
     assert chunk_fused._overlap_workers(17, "cuda") == 2 * 115
@@ -418,7 +485,7 @@ def test_profile_groups_every_kernel_of_the_op():
 
     kernels = [n for n in dir(chunk_fused) if n.endswith("_kernel") and n != "inverse_kernel"]
     kernels += [n for n in dir(chunk_scan) if n.endswith("_kernel")]
-    assert "precond_fwd_overlap_kernel" in kernels
+    assert {"precond_fwd_overlap_kernel", "precond_bwd_overlap_kernel"} <= set(kernels)
     times = profile_kernels.grouped({n: 1.0 for n in kernels})
     assert times["other"] == 0 and times["phase 1: preconditioner"] > 0, times
 

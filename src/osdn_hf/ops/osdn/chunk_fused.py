@@ -38,6 +38,7 @@ if HAS_TRITON:  # the kernels exist only with Triton; without it chunk.py never 
     import triton.language as tl
 
     from .chunk_scan import (
+        _precond_scan_bwd_de_prefetching,
         _precond_scan_fwd_prefetching,
         precond_rows_bwd_kernel,
         precond_scan_bwd_de_kernel,
@@ -627,6 +628,21 @@ if HAS_TRITON:
         tl.store(y + o_t[:, None] * K + o_k[None, :], b_y, mask=m)
 
     @triton.jit
+    def _pre_y_chunk(
+        i_c, k, beta, eta, lam, tinv, y,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+        UNROLL: tl.constexpr, STAGES: tl.constexpr,
+    ):  # fmt: skip
+        """`pre_y_kernel`'s work on chunk `i_c`."""
+        o_c = tl.arange(0, C)
+        o_t = i_c * C + o_c
+        b_b = tl.load(beta + o_t)
+        _, b_gp, _ = _log_gates(lam, o_t, o_c, C)
+        b_ti = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])
+        b_r = tl.load(eta + o_t) * b_b * b_b * tl.exp(b_gp)
+        _walk_k_blocks(_y_block, k, y, b_ti, b_r, o_t, K, BK, PRECISION, UNROLL, STAGES)
+
+    @triton.jit
     def pre_y_kernel(
         k, beta, eta, lam, tinv, y,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
@@ -636,13 +652,7 @@ if HAS_TRITON:
         reads it, and the forward does not keep it. One chunk per program; with UNROLL off the
         loop over K blocks stays a loop, pipelined STAGES deep."""
         i_c = tl.program_id(0).to(tl.int64)
-        o_c = tl.arange(0, C)
-        o_t = i_c * C + o_c
-        b_b = tl.load(beta + o_t)
-        _, b_gp, _ = _log_gates(lam, o_t, o_c, C)
-        b_ti = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])
-        b_r = tl.load(eta + o_t) * b_b * b_b * tl.exp(b_gp)
-        _walk_k_blocks(_y_block, k, y, b_ti, b_r, o_t, K, BK, PRECISION, UNROLL, STAGES)
+        _pre_y_chunk(i_c, k, beta, eta, lam, tinv, y, K, C, BK, PRECISION, UNROLL, STAGES)
 
     @triton.jit
     def _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
@@ -706,21 +716,12 @@ if HAS_TRITON:
         return b_ddelta, b_dg
 
     @triton.jit
-    def pre_out_bwd_kernel(
-        k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
+    def _pre_out_bwd_chunk(
+        i_c, k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-        UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
+        UNROLL: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
-        """Through W = (1 + E) * K, E = G e_n^T + P (delta * U), delta = dm - Y e_n.
-
-        Writes dK (the direct part), d(dm), dU (the part through E), the gradients of the log
-        gates `g` and `gp` through G and P, and the gradient of e_n (`ges`). dY is not written:
-        it is `-d(dm) e_n^T` here and in the scan alike, so the next kernels rebuild it. `ges` is
-        written in two steps (through G in the loop over K blocks, then through delta, once d(delta)
-        is summed over all of them), so k and dW are read once. dP is never formed: the log gates
-        need only its products with P summed by rows, <dE_t, (P (delta * U))_t>, and by columns,
-        delta_s d(delta)_s."""
-        i_c = tl.program_id(0).to(tl.int64)
+        """`pre_out_bwd_kernel`'s work on chunk `i_c`."""
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         b_delta, b_p, b_eg = _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K, C, BK)
@@ -746,6 +747,52 @@ if HAS_TRITON:
             b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
             b_ges = tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0) - tl.sum(b_y * b_ddelta[:, None], 0)
             tl.store(ges + i_c * K + o_k, b_ges, mask=m_k)
+
+    @triton.jit
+    def pre_out_bwd_kernel(
+        k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+        UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
+    ):  # fmt: skip
+        """Through W = (1 + E) * K, E = G e_n^T + P (delta * U), delta = dm - Y e_n.
+
+        Writes dK (the direct part), d(dm), dU (the part through E), the gradients of the log
+        gates `g` and `gp` through G and P, and the gradient of e_n (`ges`). dY is not written:
+        it is `-d(dm) e_n^T` here and in the scan alike, so the next kernels rebuild it. `ges` is
+        written in two steps (through G in the loop over K blocks, then through delta, once d(delta)
+        is summed over all of them), so k and dW are read once. dP is never formed: the log gates
+        need only its products with P summed by rows, <dE_t, (P (delta * U))_t>, and by columns,
+        delta_s d(delta)_s."""
+        i_c = tl.program_id(0).to(tl.int64)
+        _pre_out_bwd_chunk(i_c, k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges, K, C, BK, PRECISION, UNROLL, STAGES)
+
+    @triton.jit(do_not_specialize=["NC", "BH", "NW"])
+    def precond_bwd_overlap_kernel(
+        k, beta, eta, lam, tinv, y, dm, es, dw, dk, ddm, du, dg, dgp, ges, p, gc, gef, des, de0, ready, NC, BH, NW,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, SBK: tl.constexpr, PRECISION: tl.constexpr,
+        Y_BK: tl.constexpr, Y_UNROLL: tl.constexpr, Y_STAGES: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
+    ):  # fmt: skip
+        """`pre_y_kernel`, `pre_out_bwd_kernel` and the reverse scan of e's gradient
+        (`precond_scan_bwd_de_kernel` with PREFETCH) in one launch of NW + BH programs: the
+        backward's counterpart of `precond_fwd_overlap_kernel`, with the same tickets and flags.
+        Workers make each chunk's y and `ges` (and the rest of pre_out_bwd's outputs), the last
+        chunks first since the scans run backwards (chunk NC - 1 of every (batch, head), then
+        NC - 2, ...), and raise the chunk's flag; the scans wait for it. Y_BK, Y_UNROLL and Y_STAGES
+        walk pre_y's K blocks, BK, UNROLL and STAGES pre_out_bwd's, as `_chunk_launch` says for each."""
+        ticket = tl.atomic_add(ready + BH * NC, 1)
+        if ticket < NW:
+            for j in range(ticket, NC * BH, NW):
+                i_c = ((j % BH) * NC + NC - 1 - j // BH).to(tl.int64)
+                _pre_y_chunk(i_c, k, beta, eta, lam, tinv, y, K, C, Y_BK, PRECISION, Y_UNROLL, Y_STAGES)
+                tl.debug_barrier()  # y, stored by every thread, is read back by pre_out_bwd's
+                _pre_out_bwd_chunk(
+                    i_c, k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges, K, C, BK, PRECISION, UNROLL, STAGES
+                )
+                tl.debug_barrier()  # every thread's stores precede the flag
+                tl.atomic_xchg(ready + i_c, 1, sem="release")
+        else:
+            i_bh = (ticket - NW).to(tl.int64)
+            _precond_scan_bwd_de_prefetching(y, k, p, gc, ges, gef, des, de0, ready, i_bh, NC, K, C, SBK, True)
 
     @triton.jit
     def _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K: tl.constexpr, BK: tl.constexpr):
@@ -897,7 +944,16 @@ SCAN_TUNING = {
     #   2 x 8192 (32 scans): 455 -> 494 at one, 380-389 at two
     #   4 x 4096 (64 scans): 360 -> 430 at best (two), so no overlap there
     "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True, overlap_alone=8, overlap_shared=4),
-    "precond_bwd": dict(BS=None, num_warps=8, num_stages=1, prefetch=True, split_below=128, split_num_warps=4),
+    "precond_bwd": dict(
+        BS=None,
+        num_warps=8,
+        num_stages=1,
+        prefetch=True,
+        split_below=128,
+        split_num_warps=4,
+        overlap_alone=8,
+        overlap_shared=4,
+    ),  # fmt: skip
     # The state scans run one program per (batch, head, V block): at heads up to 128 wide, with
     # fewer programs than the GPU has SMs, BV halves (down to 16) until they fill them. Then the
     # forward scan, with at most `pipeline_waves` programs per SM, keeps no hand prefetch but lets
@@ -1026,12 +1082,13 @@ def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, de
     return out
 
 
-def _overlap_workers(heads: int, device) -> int | None:
-    """How many workers `precond_fwd_overlap_kernel` runs beside `heads` scans on CUDA `device`:
-    one on each SM the scans leave where they take at most one SM in `overlap_alone`, two where
-    at most one in `overlap_shared` (`SCAN_TUNING["precond_fwd"]`); else None, and the forward
-    scan follows its chunks' kernel."""
-    t, sms = SCAN_TUNING["precond_fwd"], _sm_count(device)
+def _overlap_workers(heads: int, device, scan: str = "precond_fwd") -> int | None:
+    """How many workers phase 1's overlapped launch for `scan` ("precond_fwd":
+    `precond_fwd_overlap_kernel`; "precond_bwd": `precond_bwd_overlap_kernel`) runs beside
+    `heads` scans on CUDA `device`: one on each SM the scans leave where they take at most one SM
+    in `overlap_alone`, two where at most one in `overlap_shared` (`SCAN_TUNING[scan]`); else
+    None, and the scans follow the kernels that make their chunks."""
+    t, sms = SCAN_TUNING[scan], _sm_count(device)
     if sms is None:
         return None
     if t.get("overlap_alone") and heads * t["overlap_alone"] <= sms:
@@ -1160,28 +1217,42 @@ class Precondition(torch.autograd.Function):
         k, beta, eta, lam, dm, p, gc, es, tinv = ctx.saved_tensors
         B, H, NC, C, K = k.shape
         grid = (B * H * NC,)
+        precision = ctx.precision
         y = torch.empty_like(k)
-        pre_y_kernel[grid](
-            k, beta, eta, lam, tinv, y, K=K, C=C, PRECISION=ctx.precision,
-            **_chunk_launch("pre_y", K, precision=ctx.precision),
-        )  # fmt: skip
         dw = torch.zeros_like(k) if dw is None else dw.contiguous()
         dd = beta.new_zeros(B, H, K) if dd is None else dd.contiguous()
         # gradients that several kernels add to stay float32 whatever k's storage
         dk, du = torch.empty_like(k, dtype=torch.float32), torch.empty_like(k, dtype=torch.float32)
         ddm = torch.empty_like(dm)
         dg, dgp, ges = torch.empty_like(dm), torch.empty_like(dm), torch.empty_like(es)
-        pre_out_bwd_kernel[grid](
-            k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
-            K=K, C=C, PRECISION=ctx.precision, **_chunk_launch("pre_out_bwd", K, precision=ctx.precision),
-        )  # fmt: skip
+        y_launch = _chunk_launch("pre_y", K, precision=precision)
+        out_launch = _chunk_launch("pre_out_bwd", K, precision=precision)
+        out_args = (k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges)
         # the scan adds its gradients of u and dm to the output step's (dy: see pre_out_bwd_kernel)
         sdp, sdgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(dd)
-        if B * H < SCAN_TUNING["precond_bwd"]["split_below"]:  # the scan carries e's gradient; rows follow
+        launch = _scan_launch("precond_bwd", K, K, C)
+        # with few scans, the scan carries e's gradient alone and a kernel over chunks writes the rows'
+        split = B * H < SCAN_TUNING["precond_bwd"]["split_below"]
+        if split:
             des = torch.empty_like(es)
-            launch = _scan_launch("precond_bwd", K, K, C)
             launch["num_warps"] = SCAN_TUNING["precond_bwd"]["split_num_warps"]
-            precond_scan_bwd_de_kernel[(B * H,)](y, k, p, gc, ges, dd, des, de0, NC, K=K, C=C, SQUARE=True, **launch)
+        workers = _overlap_workers(B * H, k.device, "precond_bwd") if split and launch.get("PREFETCH") else None
+        if workers:  # e's scans run beside the making of Y and of what they read from pre_out_bwd
+            ready = torch.zeros(B * H * NC + 1, dtype=torch.int32, device=k.device)
+            precond_bwd_overlap_kernel[(workers + B * H,)](
+                k, beta, eta, lam, tinv, *out_args[2:], p, gc, dd, des, de0, ready, NC, B * H, workers,
+                K=K, C=C, BK=out_launch["BK"], SBK=launch["BK"], PRECISION=precision, Y_BK=y_launch["BK"],
+                Y_UNROLL=y_launch["UNROLL"], Y_STAGES=y_launch["STAGES"], UNROLL=out_launch["UNROLL"],
+                STAGES=out_launch["STAGES"], num_warps=launch["num_warps"],
+            )  # fmt: skip
+        else:
+            pre_y_kernel[grid](k, beta, eta, lam, tinv, y, K=K, C=C, PRECISION=precision, **y_launch)
+            pre_out_bwd_kernel[grid](*out_args, K=K, C=C, PRECISION=precision, **out_launch)
+        if split:
+            if not workers:
+                precond_scan_bwd_de_kernel[(B * H,)](
+                    y, k, p, gc, ges, dd, des, de0, NC, K=K, C=C, SQUARE=True, **launch
+                )  # fmt: skip
             BK, _, BS = _block_sizes(K, K, C)
             precond_rows_bwd_kernel[grid](
                 y, k, dm, p, es, des, None, du, ddm, sdp, sdgc, K=K, C=C, BK=BK, BS=BS, ACC=True, DY=False, SQUARE=True
@@ -1190,7 +1261,7 @@ class Precondition(torch.autograd.Function):
         else:
             precond_scan_bwd_kernel[(B * H,)](
                 y, k, dm, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC,
-                K=K, C=C, ACC=True, DY=False, SQUARE=True, **_scan_launch("precond_bwd", K, K, C),
+                K=K, C=C, ACC=True, DY=False, SQUARE=True, **launch,
             )  # fmt: skip
         del y
         dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
@@ -1198,7 +1269,7 @@ class Precondition(torch.autograd.Function):
         pre_intra_bwd_kernel[grid](
             k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, dg, dgp, dk, None if dk2 is None else dk2.contiguous(),
             dk_out, dbeta, deta, dlam,
-            K=K, C=C, PRECISION=ctx.precision, **_chunk_launch("pre_intra_bwd", K, precision=ctx.precision),
+            K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_bwd", K, precision=precision),
         )  # fmt: skip
         return dk_out, dbeta, deta, dlam, de0, None
 

@@ -278,6 +278,40 @@ if HAS_TRITON:
         _, _, b_pq = _precond_pq(b_u, b_p, b_de, SQUARE)
         return tl.sum(b_y.to(tl.float32) * b_pq[:, None], 0)
 
+    @triton.jit
+    def _precond_scan_bwd_de_prefetching(
+        y, u, p, gc, ges, gef, des, de0, ready, i_bh, NC, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+        SQUARE: tl.constexpr,
+    ):  # fmt: skip
+        """`precond_scan_bwd_de_kernel` with PREFETCH for (batch, head) `i_bh`: the chunk before is
+        loaded while this one is reduced. With `ready` (not None), each chunk's rows are read only
+        once its flag `ready[i_c]` is raised: other programs are still writing its y and `ges`
+        (`chunk_fused.precond_bwd_overlap_kernel`)."""
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        o_s = tl.arange(0, C)
+        b_de = tl.load(gef + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
+        i_c = i_bh * NC + NC - 1  # the last chunk
+        if ready is not None:
+            _wait_for(ready + i_c)
+        b_y, b_u = _precond_yu(y, u, i_c * C + o_s, o_k, m_k, K)
+        b_p = tl.load(p + i_c * C + o_s)
+        b_ges, b_gc = tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0), tl.load(gc + i_c)
+        for j in range(NC):
+            i_c = i_bh * NC + NC - 1 - j
+            tl.store(des + i_c * K + o_k, b_de, mask=m_k)
+            i_x = tl.maximum(i_c - 1, i_bh * NC)  # the chunk before (the first one again at the end)
+            if ready is not None:
+                _wait_for(ready + i_x)
+            n_y, n_u = _precond_yu(y, u, i_x * C + o_s, o_k, m_k, K)
+            n_p = tl.load(p + i_x * C + o_s)
+            n_ges, n_gc = tl.load(ges + i_x * K + o_k, mask=m_k, other=0.0), tl.load(gc + i_x)
+            b_acc = b_gc * b_de + b_ges
+            b_acc -= _precond_de_rows(b_y, b_u, b_p, b_de, SQUARE)
+            b_de = b_acc
+            b_y, b_u, b_p, b_ges, b_gc = n_y, n_u, n_p, n_ges, n_gc
+        tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
+
     @_scan_jit
     def precond_scan_bwd_de_kernel(
         y,
@@ -301,28 +335,14 @@ if HAS_TRITON:
         rest in parallel over chunks. It reads y, u and p, not dm or e, and writes no rows, so each
         step of the scan is shorter. SQUARE and PREFETCH as in the other scans."""
         i_bh = tl.program_id(0).to(tl.int64)
-        o_k = tl.arange(0, BK)
-        m_k = o_k < K
-        o_s = tl.arange(0, BS)
-        b_de = tl.load(gef + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
         if PREFETCH:
             tl.static_assert(BS == C)
-            i_c = i_bh * NC + NC - 1  # the last chunk
-            b_y, b_u = _precond_yu(y, u, i_c * C + o_s, o_k, m_k, K)
-            b_p = tl.load(p + i_c * C + o_s)
-            b_ges, b_gc = tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0), tl.load(gc + i_c)
-            for j in range(NC):
-                i_c = i_bh * NC + NC - 1 - j
-                tl.store(des + i_c * K + o_k, b_de, mask=m_k)
-                i_x = tl.maximum(i_c - 1, i_bh * NC)  # the chunk before (the first one again at the end)
-                n_y, n_u = _precond_yu(y, u, i_x * C + o_s, o_k, m_k, K)
-                n_p = tl.load(p + i_x * C + o_s)
-                n_ges, n_gc = tl.load(ges + i_x * K + o_k, mask=m_k, other=0.0), tl.load(gc + i_x)
-                b_acc = b_gc * b_de + b_ges
-                b_acc -= _precond_de_rows(b_y, b_u, b_p, b_de, SQUARE)
-                b_de = b_acc
-                b_y, b_u, b_p, b_ges, b_gc = n_y, n_u, n_p, n_ges, n_gc
+            _precond_scan_bwd_de_prefetching(y, u, p, gc, ges, gef, des, de0, None, i_bh, NC, K, C, BK, SQUARE)
         else:
+            o_k = tl.arange(0, BK)
+            m_k = o_k < K
+            o_s = tl.arange(0, BS)
+            b_de = tl.load(gef + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
             for j in range(NC):
                 i_c = i_bh * NC + NC - 1 - j
                 tl.store(des + i_c * K + o_k, b_de, mask=m_k)
@@ -333,7 +353,7 @@ if HAS_TRITON:
                     b_p = tl.load(p + o_t)
                     b_acc -= _precond_de_rows(b_y, b_u, b_p, b_de, SQUARE)
                 b_de = b_acc
-        tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
+            tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
 
     @triton.jit
     def precond_rows_bwd_kernel(
