@@ -165,14 +165,21 @@ def plot(result: dict, png: Path) -> None:
             ("fla precond", "fla_precond"),
             ("SDPA", "sdpa"),
         ):
-            ys = [r.get(f"{key}_{kind}_ms") for r in rows]
-            if any(y is not None for y in ys):
-                ax.plot(labels, [float("nan") if y is None else y for y in ys], marker="o", label=name)
+            # solid: do_bench's median; dashed, the same colour: GPU time, where the run has it
+            color = None
+            for suffix, style, what in (("ms", "-", "do_bench"), ("gpu_ms", "--", "GPU time")):
+                ys = [r.get(f"{key}_{kind}_{suffix}") for r in rows]
+                if any(y is not None for y in ys):
+                    (line,) = ax.plot(
+                        labels, [float("nan") if y is None else y for y in ys], style, marker="o",
+                        color=color, label=f"{name} ({what})",
+                    )  # fmt: skip
+                    color = line.get_color()
         ax.set_title(f"{'forward' if kind == 'fwd' else 'forward + backward'} (bf16, H={H}, K=V={K})")
         ax.set_xlabel("B x T (16K tokens per batch)")
-        ax.set_ylabel("ms (median)")
+        ax.set_ylabel("ms")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.suptitle(
         f"{result['device']}, torch {result['torch']}, triton {result['triton']}, commit {result['commit'][:10]}",
         fontsize=9,

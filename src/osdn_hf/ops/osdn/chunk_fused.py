@@ -20,7 +20,8 @@ states passed in or out, and gradients that several kernels add to are float32.
 Phase 1 (`Precondition`): `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`
     forward:  `pre_intra_fwd` (L, (I + L)^{-1}, Y, dm, p, Gc) -> precond scan -> `pre_out_fwd` (E, W);
               with few scans the first two run side by side (`precond_fwd_overlap_kernel`)
-    backward: `pre_out_bwd` -> precond scan backward -> `pre_intra_bwd`
+    backward: `pre_y` (Y again) -> `pre_out_bwd` -> precond scan backward -> `pre_intra_bwd`;
+              with few scans the first three run side by side (`precond_bwd_overlap_kernel`)
 Phase 2 (`DeltaRuleAsym`): `(q, k, w, v, beta, S0) -> (O, S_final)`
     forward:  `wy_fwd` (A, T = A^{-1}, Ub, Kb) -> state scan -> `out_fwd` (O)
     backward: `out_bwd` (dU, dS_n from O) -> state scan backward (dUb, dS_{n+1}) ->
@@ -943,6 +944,12 @@ SCAN_TUNING = {
     #   1 x 16384 (16 scans): 639 -> 542-558 us at one worker per free SM, 720-740 at two
     #   2 x 8192 (32 scans): 455 -> 494 at one, 380-389 at two
     #   4 x 4096 (64 scans): 360 -> 430 at best (two), so no overlap there
+    # The backward's entry holds the same two for its split scan, run beside pre_y and pre_out_bwd
+    # (`precond_bwd_overlap_kernel`). Those three kernels against the launch, in the op's
+    # forward+backward (kernels_overlap_bwd_a669cb2.json for the prototype, kt2_9c0adce.json):
+    #   1 x 16384: 71 + 261 + 458 -> 631 us (one worker per free SM; 691 at two, prototype)
+    #   2 x 8192: 71 + 261 + 234 -> 506 us (two; 774 at one, prototype)
+    #   4 x 4096: 540 -> 748 at best (two, prototype), so no overlap there either
     "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True, overlap_alone=8, overlap_shared=4),
     "precond_bwd": dict(
         BS=None,
