@@ -355,41 +355,39 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
     )
 
 
+def _precond_forward(B, H, NC, C, K, dtype, g):
+    """Phase 1's forward on random chunked inputs, by its two kernels one after the other: k
+    (unit rows, in `dtype`), beta, eta, lam, e0, and the kernels' outputs [y, dm, p, gc, tinv, es,
+    ef]."""
+    k = torch.nn.functional.normalize(torch.randn(B, H, NC, C, K, generator=g), dim=-1).to(dtype)
+    beta, eta, lam = (0.5 + 0.5 * torch.rand(B, H, NC, C, generator=g) for _ in range(3))
+    e0 = 0.1 * torch.randn(B, H, K, generator=g)
+    y, dm, p, gc = torch.empty_like(k), torch.empty_like(beta), torch.empty_like(beta), beta.new_empty(B, H, NC)
+    tinv, es, ef = beta.new_empty(B, H, NC, C, C), beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
+    chunk_fused.pre_intra_fwd_kernel[(B * H * NC,)](
+        k, beta, eta, lam, y, dm, p, gc, tinv, K=K, C=C, BK=32, PRECISION="ieee"
+    )
+    chunk_scan.precond_scan_fwd_kernel[(B * H,)](
+        y, k, dm, p, gc, e0, es, ef, NC, K=K, C=C, BK=triton.next_power_of_2(K), BS=C, SQUARE=True, PREFETCH=True
+    )
+    assert not torch.equal(ef, e0)  # the scan moved
+    return k, beta, eta, lam, e0, [y, dm, p, gc, tinv, es, ef]
+
+
 @pytest.mark.parametrize("K, dtype, NC", [(48, torch.float32, 3), (128, torch.float16, 3), (48, torch.float32, 1)])
 def test_overlapped_precond_forward_gives_the_same_bits(K, dtype, NC):
     """Phase 1's forward scans run beside the workers that make their chunks, in one launch
     (`precond_fwd_overlap_kernel`): every output equals the two kernels run one after the other,
     bit for bit, with one worker or several, and the flags end raised, the tickets all taken."""
     B, H, C = 2, 2, 64
-    g = torch.Generator().manual_seed(0)
-    k = torch.nn.functional.normalize(torch.randn(B, H, NC, C, K, generator=g), dim=-1).to(dtype)
-    beta, eta, lam = (0.5 + 0.5 * torch.rand(B, H, NC, C, generator=g) for _ in range(3))
-    e0 = 0.1 * torch.randn(B, H, K, generator=g)
-    prec = "ieee"
-    BK = triton.next_power_of_2(K)
-
-    def outputs():
-        return [
-            torch.empty_like(k), *(torch.empty_like(beta) for _ in range(2)), beta.new_empty(B, H, NC),
-            beta.new_empty(B, H, NC, C, C), beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K),
-        ]  # fmt: skip
-
-    ref = outputs()
-    y, dm, p, gc, tinv, es, ef = ref
-    chunk_fused.pre_intra_fwd_kernel[(B * H * NC,)](
-        k, beta, eta, lam, y, dm, p, gc, tinv, K=K, C=C, BK=32, PRECISION=prec
-    )
-    chunk_scan.precond_scan_fwd_kernel[(B * H,)](
-        y, k, dm, p, gc, e0, es, ef, NC, K=K, C=C, BK=BK, BS=C, SQUARE=True, PREFETCH=True
-    )
-    assert not torch.equal(ef, e0)  # the scan moved
+    k, beta, eta, lam, e0, ref = _precond_forward(B, H, NC, C, K, dtype, torch.Generator().manual_seed(0))
     for workers in (1, 3):
-        got = outputs()
+        got = [torch.empty_like(x) for x in ref]
         y, dm, p, gc, tinv, es, ef = got
         ready = torch.zeros(B * H * NC + 1, dtype=torch.int32)
         chunk_fused.precond_fwd_overlap_kernel[(workers + B * H,)](
             k, beta, eta, lam, y, dm, p, gc, tinv, e0, es, ef, ready, NC, B * H, workers,
-            K=K, C=C, BK=32, SBK=BK, PRECISION=prec,
+            K=K, C=C, BK=32, SBK=triton.next_power_of_2(K), PRECISION="ieee",
         )  # fmt: skip
         for name, a, b in zip(("y", "dm", "p", "gc", "tinv", "es", "ef"), got, ref):
             assert torch.equal(a, b), (name, workers)
@@ -404,18 +402,8 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC):
     bit for bit, with one worker or several, and the flags end raised, the tickets all taken."""
     B, H, C = 2, 2, 64
     g = torch.Generator().manual_seed(1)
-    k = torch.nn.functional.normalize(torch.randn(B, H, NC, C, K, generator=g), dim=-1).to(dtype)
-    beta, eta, lam = (0.5 + 0.5 * torch.rand(B, H, NC, C, generator=g) for _ in range(3))
+    k, beta, eta, lam, _, (_, dm, p, gc, tinv, es, ef) = _precond_forward(B, H, NC, C, K, dtype, g)
     prec, BK = "ieee", triton.next_power_of_2(K)
-    y, dm, p, gc = torch.empty_like(k), torch.empty_like(beta), torch.empty_like(beta), beta.new_empty(B, H, NC)
-    tinv, es, ef = beta.new_empty(B, H, NC, C, C), beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
-    chunk_fused.pre_intra_fwd_kernel[(B * H * NC,)](
-        k, beta, eta, lam, y, dm, p, gc, tinv, K=K, C=C, BK=32, PRECISION=prec
-    )
-    e0 = 0.1 * torch.randn(B, H, K, generator=g)
-    chunk_scan.precond_scan_fwd_kernel[(B * H,)](
-        y, k, dm, p, gc, e0, es, ef, NC, K=K, C=C, BK=BK, BS=C, SQUARE=True, PREFETCH=True
-    )
     dw, gef = torch.randn(B, H, NC, C, K, generator=g).to(dtype), torch.randn(B, H, K, generator=g)
     names = ("y", "dk", "ddm", "du", "dg", "dgp", "ges", "des", "de0")
 
