@@ -398,32 +398,26 @@ def test_overlapped_precond_forward_gives_the_same_bits(K, dtype, NC):
 def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC):
     """Phase 1's backward scans of e's gradient run beside the workers that make what they read
     (Y by `pre_y`, then `pre_out_bwd`'s outputs, the last chunks first), in one launch
-    (`precond_bwd_overlap_kernel`); with FOLLOW, more programs follow the scans through the rows'
-    gradients and `pre_intra_bwd`. Every output equals the five kernels run one after the other,
-    bit for bit, with one worker or several, one follower or several, and the flags end raised
-    (to 2 where followers wait for them), the tickets all taken."""
+    (`precond_bwd_overlap_kernel`): every output equals the three kernels run one after the other,
+    bit for bit, with one worker or several, and the flags end raised, the tickets all taken."""
     B, H, C = 2, 2, 64
     g = torch.Generator().manual_seed(1)
     k, beta, eta, lam, _, (_, dm, p, gc, tinv, es, ef) = _precond_forward(B, H, NC, C, K, dtype, g)
     prec, BK = "ieee", triton.next_power_of_2(K)
     dw, gef = torch.randn(B, H, NC, C, K, generator=g).to(dtype), torch.randn(B, H, K, generator=g)
-    dk2 = torch.randn(B, H, NC, C, K, generator=g).to(dtype)
-    names = ("y", "dk", "ddm", "du", "dg", "dgp", "ges", "des", "de0", "sdp", "sdgc", "dk_out", "dbeta", "deta", "dlam")
+    names = ("y", "dk", "ddm", "du", "dg", "dgp", "ges", "des", "de0")
 
     def outputs():
-        rows, per_token = (lambda: torch.empty(B, H, NC, C, K)), (lambda: torch.empty_like(dm))  # noqa: E731
+        rows = lambda: torch.empty(B, H, NC, C, K)  # noqa: E731
         return dict(
-            y=torch.empty_like(k), dk=rows(), ddm=per_token(), du=rows(), dg=per_token(), dgp=per_token(),
-            ges=torch.empty_like(es), des=torch.empty_like(es), de0=torch.empty_like(ef), sdp=per_token(),
-            sdgc=torch.empty_like(gc), dk_out=torch.empty_like(k), dbeta=per_token(), deta=per_token(),
-            dlam=per_token(),
+            y=torch.empty_like(k), dk=rows(), ddm=torch.empty_like(dm), du=rows(), dg=torch.empty_like(dm),
+            dgp=torch.empty_like(dm), ges=torch.empty_like(es), des=torch.empty_like(es), de0=torch.empty_like(ef),
         )  # fmt: skip
 
-    walk = dict(UNROLL=False, STAGES=3)  # as the launch table walks the kernels' blocks
-    grid = (B * H * NC,)
+    walk = dict(UNROLL=False, STAGES=3)  # as the launch table walks both kernels' blocks
     ref = outputs()
-    chunk_fused.pre_y_kernel[grid](k, beta, eta, lam, tinv, ref["y"], K=K, C=C, BK=32, PRECISION=prec, **walk)
-    chunk_fused.pre_out_bwd_kernel[grid](
+    chunk_fused.pre_y_kernel[(B * H * NC,)](k, beta, eta, lam, tinv, ref["y"], K=K, C=C, BK=32, PRECISION=prec, **walk)
+    chunk_fused.pre_out_bwd_kernel[(B * H * NC,)](
         k, lam, ref["y"], dm, es, dw, *(ref[n] for n in names[1:7]), K=K, C=C, BK=32, PRECISION=prec, **walk
     )
     chunk_scan.precond_scan_bwd_de_kernel[(B * H,)](
@@ -431,28 +425,17 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC):
         PREFETCH=True,
     )  # fmt: skip
     assert not torch.equal(ref["de0"], gef)  # the scan moved
-    before_rows = {n: ref[n].clone() for n in names[:9]}  # what a launch without followers leaves
-    chunk_scan.precond_rows_bwd_kernel[grid](
-        ref["y"], k, dm, p, es, ref["des"], None, ref["du"], ref["ddm"], ref["sdp"], ref["sdgc"], K=K, C=C, BK=BK,
-        BS=C, ACC=True, DY=False, SQUARE=True,
-    )  # fmt: skip
-    intra_in = ("ddm", "du", "sdp", "sdgc", "dg", "dgp", "dk")
-    chunk_fused.pre_intra_bwd_kernel[grid](
-        k, beta, eta, lam, tinv, es, *(ref[n] for n in intra_in), dk2, *(ref[n] for n in names[11:]),
-        K=K, C=C, BK=32, PRECISION=prec, **walk,
-    )  # fmt: skip
-    for workers, followers in ((1, 0), (3, 0), (1, 1), (3, 2)):
+    for workers in (1, 3):
         got = outputs()
         ready = torch.zeros(B * H * NC + 1, dtype=torch.int32)
-        chunk_fused.precond_bwd_overlap_kernel[(workers + B * H + followers,)](
+        chunk_fused.precond_bwd_overlap_kernel[(workers + B * H,)](
             k, beta, eta, lam, tinv, got["y"], dm, es, dw, *(got[n] for n in names[1:7]), p, gc, gef,
-            *(got[n] for n in ("des", "de0", "sdp", "sdgc")), dk2, *(got[n] for n in names[11:]), ready, NC,
-            B * H, workers, followers, K=K, C=C, BK=32, SBK=BK, PRECISION=prec, Y_BK=32, Y_UNROLL=False,
-            Y_STAGES=3, **walk, FOLLOW=followers > 0, R_BK=BK, R_BS=C, I_BK=32, I_UNROLL=False, I_STAGES=3,
+            got["des"], got["de0"], ready, NC, B * H, workers, K=K, C=C, BK=32, SBK=BK, PRECISION=prec,
+            Y_BK=32, Y_UNROLL=False, Y_STAGES=3, **walk,
         )  # fmt: skip
-        for name, want in (ref if followers else before_rows).items():
-            assert torch.equal(got[name], want), (name, workers, followers)
-        assert ready[:-1].eq(2 if followers else 1).all() and ready[-1] == workers + B * H + followers
+        for name in names:
+            assert torch.equal(got[name], ref[name]), (name, workers)
+        assert ready[:-1].eq(1).all() and ready[-1] == workers + B * H
 
 
 def test_overlap_runs_with_few_scans_per_sm(monkeypatch):

@@ -39,10 +39,8 @@ if HAS_TRITON:  # the kernels exist only with Triton; without it chunk.py never 
     import triton.language as tl
 
     from .chunk_scan import (
-        _precond_rows_bwd_chunk,
         _precond_scan_bwd_de_prefetching,
         _precond_scan_fwd_prefetching,
-        _wait_for,
         precond_rows_bwd_kernel,
         precond_scan_bwd_de_kernel,
         precond_scan_bwd_kernel,
@@ -769,30 +767,19 @@ if HAS_TRITON:
         i_c = tl.program_id(0).to(tl.int64)
         _pre_out_bwd_chunk(i_c, k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges, K, C, BK, PRECISION, UNROLL, STAGES)
 
-    @triton.jit(do_not_specialize=["NC", "BH", "NW", "NF"])
+    @triton.jit(do_not_specialize=["NC", "BH", "NW"])
     def precond_bwd_overlap_kernel(
-        k, beta, eta, lam, tinv, y, dm, es, dw, dk, ddm, du, dg, dgp, ges, p, gc, gef, des, de0,
-        sdp, sdgc, dk2, dk_out, dbeta, deta, dlam, ready, NC, BH, NW, NF,
+        k, beta, eta, lam, tinv, y, dm, es, dw, dk, ddm, du, dg, dgp, ges, p, gc, gef, des, de0, ready, NC, BH, NW,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, SBK: tl.constexpr, PRECISION: tl.constexpr,
-        Y_BK: tl.constexpr, Y_UNROLL: tl.constexpr, Y_STAGES: tl.constexpr, UNROLL: tl.constexpr,
-        STAGES: tl.constexpr, FOLLOW: tl.constexpr = False, R_BK: tl.constexpr = 128, R_BS: tl.constexpr = 64,
-        I_BK: tl.constexpr = 32, I_UNROLL: tl.constexpr = True, I_STAGES: tl.constexpr = 1,
+        Y_BK: tl.constexpr, Y_UNROLL: tl.constexpr, Y_STAGES: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         """`pre_y_kernel`, `pre_out_bwd_kernel` and the reverse scan of e's gradient
-        (`precond_scan_bwd_de_kernel` with PREFETCH) in one launch of NW + BH (+ NF) programs: the
+        (`precond_scan_bwd_de_kernel` with PREFETCH) in one launch of NW + BH programs: the
         backward's counterpart of `precond_fwd_overlap_kernel`, with the same tickets and flags.
         Workers make each chunk's y and `ges` (and the rest of pre_out_bwd's outputs), the last
         chunks first since the scans run backwards (chunk NC - 1 of every (batch, head), then
-        NC - 2, ...), and raise the chunk's flag to 1; the scans wait for it. Y_BK, Y_UNROLL and
-        Y_STAGES walk pre_y's K blocks, BK, UNROLL and STAGES pre_out_bwd's, as `_chunk_launch`
-        says for each.
-
-        With FOLLOW, NF more programs (the last tickets) follow the scans: once a scan has written
-        a chunk's `des` and raised its flag to 2, one of them does that chunk's
-        `precond_rows_bwd_kernel` (R_BK, R_BS; ACC, no DY) and then `pre_intra_bwd_kernel` (I_BK,
-        I_UNROLL, I_STAGES), in the workers' order. They wait on the scans, which every one of
-        them started after, as the scans wait on the workers, so the launch still cannot
-        deadlock."""
+        NC - 2, ...), and raise the chunk's flag; the scans wait for it. Y_BK, Y_UNROLL and Y_STAGES
+        walk pre_y's K blocks, BK, UNROLL and STAGES pre_out_bwd's, as `_chunk_launch` says for each."""
         ticket = tl.atomic_add(ready + BH * NC, 1)
         if ticket < NW:
             for j in range(ticket, NC * BH, NW):
@@ -804,21 +791,9 @@ if HAS_TRITON:
                 )
                 tl.debug_barrier()  # every thread's stores precede the flag
                 tl.atomic_xchg(ready + i_c, 1, sem="release")
-        elif ticket < NW + BH:
+        else:
             i_bh = (ticket - NW).to(tl.int64)
-            _precond_scan_bwd_de_prefetching(y, k, p, gc, ges, gef, des, de0, ready, i_bh, NC, K, C, SBK, True, FOLLOW)
-        elif FOLLOW:
-            for j in range(ticket - NW - BH, NC * BH, NF):
-                i_c = ((j % BH) * NC + NC - 1 - j // BH).to(tl.int64)
-                _wait_for(ready + i_c, 2)
-                _precond_rows_bwd_chunk(
-                    i_c, y, k, dm, p, es, des, None, du, ddm, sdp, sdgc, K, C, R_BK, R_BS, True, False, True
-                )
-                tl.debug_barrier()  # the rows' gradients, added by every thread, are read below
-                _pre_intra_bwd_chunk(
-                    i_c, k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, dg, dgp, dk, dk2, dk_out, dbeta, deta, dlam,
-                    K, C, I_BK, PRECISION, I_UNROLL, I_STAGES,
-                )  # fmt: skip
+            _precond_scan_bwd_de_prefetching(y, k, p, gc, ges, gef, des, de0, ready, i_bh, NC, K, C, SBK, True)
 
     @triton.jit
     def _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K: tl.constexpr, BK: tl.constexpr):
@@ -860,12 +835,19 @@ if HAS_TRITON:
         tl.store(dk_out + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
 
     @triton.jit
-    def _pre_intra_bwd_chunk(
-        i_c, k, beta, eta, lam, tinv, es, ddm, du, dp, dgc, dg, dgp, dk, dk2, dk_out, dbeta, deta, dlam,
+    def pre_intra_bwd_kernel(
+        k, beta, eta, lam, tinv, es, ddm, du, dp, dgc, dg, dgp, dk, dk2, dk_out, dbeta, deta, dlam,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-        UNROLL: tl.constexpr, STAGES: tl.constexpr,
+        UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
-        """`pre_intra_bwd_kernel`'s work on chunk `i_c`."""
+        """Through `pre_intra_fwd_kernel`: [dm, Y] = (I + L)^{-1} R, p, Gc, back to k, beta, eta, lam.
+
+        `ddm`, `du` hold the summed gradients of dm and U (that of Y is `-ddm e_n^T`, `es` holding
+        the chunk-start `e_n`); `dg`, `dgp` those of the log
+        gates from the output step. `dk` holds the direct part of dK (written by the previous
+        kernel, float32), `dk2` phase 2's gradient of k (or None); dK, their sum plus the rest, goes
+        to `dk_out` (k's dtype; it may be `dk`)."""
+        i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         b_b = tl.load(beta + o_t)
@@ -929,25 +911,6 @@ if HAS_TRITON:
         b_dl_log = tl.sum(tl.where(o_c[None, :] >= o_c[:, None], b_dgt[None, :], 0.0), 1) - b_dgp + b_dgend
         tl.store(dlam + o_t, tl.where(b_lam > LAM_MIN_C, b_dl_log / tl.maximum(b_lam, LAM_MIN_C), 0.0))
 
-    @triton.jit
-    def pre_intra_bwd_kernel(
-        k, beta, eta, lam, tinv, es, ddm, du, dp, dgc, dg, dgp, dk, dk2, dk_out, dbeta, deta, dlam,
-        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-        UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
-    ):  # fmt: skip
-        """Through `pre_intra_fwd_kernel`: [dm, Y] = (I + L)^{-1} R, p, Gc, back to k, beta, eta, lam.
-
-        `ddm`, `du` hold the summed gradients of dm and U (that of Y is `-ddm e_n^T`, `es` holding
-        the chunk-start `e_n`); `dg`, `dgp` those of the log
-        gates from the output step. `dk` holds the direct part of dK (written by the previous
-        kernel, float32), `dk2` phase 2's gradient of k (or None); dK, their sum plus the rest, goes
-        to `dk_out` (k's dtype; it may be `dk`)."""
-        i_c = tl.program_id(0).to(tl.int64)
-        _pre_intra_bwd_chunk(
-            i_c, k, beta, eta, lam, tinv, es, ddm, du, dp, dgc, dg, dgp, dk, dk2, dk_out, dbeta, deta, dlam,
-            K, C, BK, PRECISION, UNROLL, STAGES,
-        )  # fmt: skip
-
 
 # Launch settings of the two chunk scans (sequential over chunks, parallel over batch, head and
 # V blocks). `None` keeps `chunk_scan._block_sizes`'s choice; benchmarks/tune can override.
@@ -997,8 +960,7 @@ SCAN_TUNING = {
         split_num_warps=4,
         overlap_alone=8,
         overlap_shared=4,
-        follow=True,
-    ),
+    ),  # fmt: skip
     # The state scans run one program per (batch, head, V block): at heads up to 128 wide, with
     # fewer programs than the GPU has SMs, BV halves (down to 16) until they fill them. Then the
     # forward scan, with at most `pipeline_waves` programs per SM, keeps no hand prefetch but lets
@@ -1276,55 +1238,46 @@ class Precondition(torch.autograd.Function):
         # the scan adds its gradients of u and dm to the output step's (dy: see pre_out_bwd_kernel)
         sdp, sdgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(dd)
         launch = _scan_launch("precond_bwd", K, K, C)
-        dk2 = None if dk2 is None else dk2.contiguous()
-        intra = dict(K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_bwd", K, precision=precision))
-
-        def input_grads():  # allocated as late as they can be: after y is freed, unless followers need them
-            return _in_dtype_of(dk, k), torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
-
-        BK, _, BS = _block_sizes(K, K, C)
         # with few scans, the scan carries e's gradient alone and a kernel over chunks writes the rows'
-        tuning = SCAN_TUNING["precond_bwd"]
-        split = B * H < tuning["split_below"]
+        split = B * H < SCAN_TUNING["precond_bwd"]["split_below"]
         if split:
             des = torch.empty_like(es)
-            launch["num_warps"] = tuning["split_num_warps"]
+            launch["num_warps"] = SCAN_TUNING["precond_bwd"]["split_num_warps"]
         workers = _overlap_workers(B * H, k.device, "precond_bwd") if split and launch.get("PREFETCH") else None
-        follow = bool(workers and tuning.get("follow"))
         if workers:  # e's scans run beside the making of Y and of what they read from pre_out_bwd
             ready = torch.zeros(B * H * NC + 1, dtype=torch.int32, device=k.device)
-            followers = workers if follow else 0
-            dk_out, dbeta, deta, dlam = input_grads() if follow else (None,) * 4
-            precond_bwd_overlap_kernel[(workers + B * H + followers,)](
-                k, beta, eta, lam, tinv, *out_args[2:], p, gc, dd, des, de0, sdp, sdgc, dk2, dk_out, dbeta, deta,
-                dlam, ready, NC, B * H, workers, followers,
+            precond_bwd_overlap_kernel[(workers + B * H,)](
+                k, beta, eta, lam, tinv, *out_args[2:], p, gc, dd, des, de0, ready, NC, B * H, workers,
                 K=K, C=C, BK=out_launch["BK"], SBK=launch["BK"], PRECISION=precision, Y_BK=y_launch["BK"],
                 Y_UNROLL=y_launch["UNROLL"], Y_STAGES=y_launch["STAGES"], UNROLL=out_launch["UNROLL"],
-                STAGES=out_launch["STAGES"], FOLLOW=follow, R_BK=BK, R_BS=BS, I_BK=intra["BK"],
-                I_UNROLL=intra["UNROLL"], I_STAGES=intra["STAGES"], num_warps=launch["num_warps"],
+                STAGES=out_launch["STAGES"], num_warps=launch["num_warps"],
             )  # fmt: skip
         else:
             pre_y_kernel[grid](k, beta, eta, lam, tinv, y, K=K, C=C, PRECISION=precision, **y_launch)
             pre_out_bwd_kernel[grid](*out_args, K=K, C=C, PRECISION=precision, **out_launch)
-        if split and not workers:
-            precond_scan_bwd_de_kernel[(B * H,)](y, k, p, gc, ges, dd, des, de0, NC, K=K, C=C, SQUARE=True, **launch)
-        if split and not follow:
+        if split:
+            if not workers:
+                precond_scan_bwd_de_kernel[(B * H,)](
+                    y, k, p, gc, ges, dd, des, de0, NC, K=K, C=C, SQUARE=True, **launch
+                )  # fmt: skip
+            BK, _, BS = _block_sizes(K, K, C)
             precond_rows_bwd_kernel[grid](
                 y, k, dm, p, es, des, None, du, ddm, sdp, sdgc, K=K, C=C, BK=BK, BS=BS, ACC=True, DY=False, SQUARE=True
             )
-        if not split:
+            del des
+        else:
             precond_scan_bwd_kernel[(B * H,)](
                 y, k, dm, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC,
                 K=K, C=C, ACC=True, DY=False, SQUARE=True, **launch,
             )  # fmt: skip
-        if not follow:
-            del y
-            if split:
-                del des
-            dk_out, dbeta, deta, dlam = input_grads()
-            pre_intra_bwd_kernel[grid](
-                k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, dg, dgp, dk, dk2, dk_out, dbeta, deta, dlam, **intra
-            )
+        del y
+        dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
+        dk_out = _in_dtype_of(dk, k)
+        pre_intra_bwd_kernel[grid](
+            k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, dg, dgp, dk, None if dk2 is None else dk2.contiguous(),
+            dk_out, dbeta, deta, dlam,
+            K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_bwd", K, precision=precision),
+        )  # fmt: skip
         return dk_out, dbeta, deta, dlam, de0, None
 
 

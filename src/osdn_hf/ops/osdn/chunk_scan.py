@@ -59,10 +59,10 @@ if HAS_TRITON:
         return tl.sum(b_u * b_r[:, None], 0)
 
     @triton.jit
-    def _wait_for(flag, value: tl.constexpr = 1):
-        """Spin until another program raises `flag` (int32, set with release semantics) to `value`
-        or above: what it wrote before is then visible to this program's loads."""
-        while tl.atomic_add(flag, 0, sem="acquire") < value:
+    def _wait_for(flag):
+        """Spin until another program raises `flag` (int32, set to 1 with release semantics): what
+        it wrote before is then visible to this program's loads."""
+        while tl.atomic_add(flag, 0, sem="acquire") == 0:
             pass
 
     @triton.jit
@@ -281,13 +281,12 @@ if HAS_TRITON:
     @triton.jit
     def _precond_scan_bwd_de_prefetching(
         y, u, p, gc, ges, gef, des, de0, ready, i_bh, NC, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-        SQUARE: tl.constexpr, FOLLOW: tl.constexpr = False,
+        SQUARE: tl.constexpr,
     ):  # fmt: skip
         """`precond_scan_bwd_de_kernel` with PREFETCH for (batch, head) `i_bh`: the chunk before is
         loaded while this one is reduced. With `ready` (not None), each chunk's rows are read only
         once its flag `ready[i_c]` is raised: other programs are still writing its y and `ges`
-        (`chunk_fused.precond_bwd_overlap_kernel`). With FOLLOW, once `des[i_c]` is written the
-        flag goes to 2, for the programs that follow the scan."""
+        (`chunk_fused.precond_bwd_overlap_kernel`)."""
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, C)
@@ -301,9 +300,6 @@ if HAS_TRITON:
         for j in range(NC):
             i_c = i_bh * NC + NC - 1 - j
             tl.store(des + i_c * K + o_k, b_de, mask=m_k)
-            if FOLLOW:
-                tl.debug_barrier()  # every thread's store precedes the flag
-                tl.atomic_xchg(ready + i_c, 2, sem="release")
             i_x = tl.maximum(i_c - 1, i_bh * NC)  # the chunk before (the first one again at the end)
             if ready is not None:
                 _wait_for(ready + i_x)
@@ -360,29 +356,6 @@ if HAS_TRITON:
             tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
 
     @triton.jit
-    def _precond_rows_bwd_chunk(
-        i_c, y, u, dm, p, es, des, dy, du, ddm, dp, dgc,
-        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
-        ACC: tl.constexpr, DY: tl.constexpr, SQUARE: tl.constexpr,
-    ):  # fmt: skip
-        """`precond_rows_bwd_kernel`'s work on chunk `i_c`."""
-        o_k = tl.arange(0, BK)
-        m_k = o_k < K
-        o_s = tl.arange(0, BS)
-        b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
-        b_de = tl.load(des + i_c * K + o_k, mask=m_k, other=0.0)
-        tl.store(dgc + i_c, tl.sum(b_e * b_de, 0))
-        for i_s in tl.static_range(C // BS):
-            o_t = i_c * C + i_s * BS + o_s  # [BS]
-            b_y, b_u, b_dm, b_p, b_ddm, b_du, b_dy = _precond_bwd_loads(
-                y, u, dm, p, ddm, du, dy, o_t, o_k, m_k, K, ACC, DY
-            )
-            _precond_bwd_rows(
-                b_y, b_u, b_p, b_dm, b_e, b_de, b_ddm, b_du, b_dy, o_t, o_t[:, None] * K + o_k[None, :], m_k,
-                ddm, dp, dy, du, ACC, DY, SQUARE,
-            )  # fmt: skip
-
-    @triton.jit
     def precond_rows_bwd_kernel(
         y,
         u,
@@ -407,7 +380,21 @@ if HAS_TRITON:
         gradient of e_{n+1} (`des`), the chunk's d(dm), dp, dU (and dY), and dGc; ACC, DY and
         SQUARE as there. The same values, bit for bit."""
         i_c = tl.program_id(0).to(tl.int64)
-        _precond_rows_bwd_chunk(i_c, y, u, dm, p, es, des, dy, du, ddm, dp, dgc, K, C, BK, BS, ACC, DY, SQUARE)
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        o_s = tl.arange(0, BS)
+        b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
+        b_de = tl.load(des + i_c * K + o_k, mask=m_k, other=0.0)
+        tl.store(dgc + i_c, tl.sum(b_e * b_de, 0))
+        for i_s in tl.static_range(C // BS):
+            o_t = i_c * C + i_s * BS + o_s  # [BS]
+            b_y, b_u, b_dm, b_p, b_ddm, b_du, b_dy = _precond_bwd_loads(
+                y, u, dm, p, ddm, du, dy, o_t, o_k, m_k, K, ACC, DY
+            )
+            _precond_bwd_rows(
+                b_y, b_u, b_p, b_dm, b_e, b_de, b_ddm, b_du, b_dy, o_t, o_t[:, None] * K + o_k[None, :], m_k,
+                ddm, dp, dy, du, ACC, DY, SQUARE,
+            )  # fmt: skip
 
     @triton.jit
     def _state_fwd_rows(
