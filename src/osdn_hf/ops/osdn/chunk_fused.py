@@ -960,7 +960,7 @@ SCAN_TUNING = {
         split_num_warps=4,
         overlap_alone=8,
         overlap_shared=4,
-    ),  # fmt: skip
+    ),
     # The state scans run one program per (batch, head, V block): at heads up to 128 wide, with
     # fewer programs than the GPU has SMs, BV halves (down to 16) until they fill them. Then the
     # forward scan, with at most `pipeline_waves` programs per SM, keeps no hand prefetch but lets
@@ -1259,7 +1259,7 @@ class Precondition(torch.autograd.Function):
             if not workers:
                 precond_scan_bwd_de_kernel[(B * H,)](
                     y, k, p, gc, ges, dd, des, de0, NC, K=K, C=C, SQUARE=True, **launch
-                )  # fmt: skip
+                )
             BK, _, BS = _block_sizes(K, K, C)
             precond_rows_bwd_kernel[grid](
                 y, k, dm, p, es, des, None, du, ddm, sdp, sdgc, K=K, C=C, BK=BK, BS=BS, ACC=True, DY=False, SQUARE=True
