@@ -41,6 +41,7 @@ if HAS_TRITON:  # the kernels exist only with Triton; without it chunk.py never 
     from .chunk_scan import (
         _precond_scan_bwd_de_prefetching,
         _precond_scan_fwd_prefetching,
+        _raise_flag,
         precond_rows_bwd_kernel,
         precond_scan_bwd_de_kernel,
         precond_scan_bwd_kernel,
@@ -589,6 +590,15 @@ if HAS_TRITON:
         i_c = tl.program_id(0).to(tl.int64)
         _pre_intra_chunk(i_c, k, beta, eta, lam, y, dm, p, gc, tinv, K, C, BK, PRECISION, DOUBLING)
 
+    @triton.jit
+    def _worker_chunk(j, BH, NC, LAST_FIRST: tl.constexpr):
+        """The chunk an overlapped launch's workers make `j`-th: in the order its scans read them,
+        one chunk of every (batch, head) in turn, from the first chunks or, LAST_FIRST, the last."""
+        n = j // BH
+        if LAST_FIRST:
+            n = NC - 1 - n
+        return ((j % BH) * NC + n).to(tl.int64)
+
     @triton.jit(do_not_specialize=["NC", "BH", "NW"])
     def precond_fwd_overlap_kernel(
         k, beta, eta, lam, y, dm, p, gc, tinv, e0, es, ef, ready, NC, BH, NW,
@@ -610,10 +620,9 @@ if HAS_TRITON:
         ticket = tl.atomic_add(ready + BH * NC, 1)
         if ticket < NW:
             for j in range(ticket, NC * BH, NW):
-                i_c = ((j % BH) * NC + j // BH).to(tl.int64)
+                i_c = _worker_chunk(j, BH, NC, False)
                 _pre_intra_chunk(i_c, k, beta, eta, lam, y, dm, p, gc, tinv, K, C, BK, PRECISION, DOUBLING)
-                tl.debug_barrier()  # every thread's stores precede the flag
-                tl.atomic_xchg(ready + i_c, 1, sem="release")
+                _raise_flag(ready + i_c)
         else:
             i_bh = (ticket - NW).to(tl.int64)
             _precond_scan_fwd_prefetching(y, k, dm, p, gc, e0, es, ef, ready, i_bh, NC, K, C, SBK, True)
@@ -783,14 +792,13 @@ if HAS_TRITON:
         ticket = tl.atomic_add(ready + BH * NC, 1)
         if ticket < NW:
             for j in range(ticket, NC * BH, NW):
-                i_c = ((j % BH) * NC + NC - 1 - j // BH).to(tl.int64)
+                i_c = _worker_chunk(j, BH, NC, True)
                 _pre_y_chunk(i_c, k, beta, eta, lam, tinv, y, K, C, Y_BK, PRECISION, Y_UNROLL, Y_STAGES)
                 tl.debug_barrier()  # y, stored by every thread, is read back by pre_out_bwd's
                 _pre_out_bwd_chunk(
                     i_c, k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges, K, C, BK, PRECISION, UNROLL, STAGES
                 )
-                tl.debug_barrier()  # every thread's stores precede the flag
-                tl.atomic_xchg(ready + i_c, 1, sem="release")
+                _raise_flag(ready + i_c)
         else:
             i_bh = (ticket - NW).to(tl.int64)
             _precond_scan_bwd_de_prefetching(y, k, p, gc, ges, gef, des, de0, ready, i_bh, NC, K, C, SBK, True)
@@ -1105,6 +1113,17 @@ def _overlap_workers(heads: int, device, scan: str = "precond_fwd") -> int | Non
     return None
 
 
+def _overlap_launch(scan: str, launch: dict, heads: int, chunks: int, device):
+    """Whether phase 1's `scan` runs overlapped with the kernels that make its chunks, given its
+    `launch` (`_scan_launch`; only prefetching scans wait on flags), `heads` scans and `chunks`
+    chunks in all: (workers, flags), the flags one per chunk and the ticket counter after them,
+    all zero; or (None, None)."""
+    workers = _overlap_workers(heads, device, scan) if launch.get("PREFETCH") else None
+    if not workers:
+        return None, None
+    return workers, torch.zeros(chunks + 1, dtype=torch.int32, device=device)
+
+
 def _sm_count(device) -> int | None:
     """How many SMs CUDA `device` has (None for any other device, or none given)."""
     if device is None or torch.device(device).type != "cuda":
@@ -1202,9 +1221,8 @@ class Precondition(torch.autograd.Function):
         es, ef = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
         intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **_chunk_launch("pre_intra_fwd", K))
         scan = _scan_launch("precond_fwd", K, K, C)
-        workers = _overlap_workers(B * H, k.device) if scan.get("PREFETCH") else None
+        workers, ready = _overlap_launch("precond_fwd", scan, B * H, B * H * NC, k.device)
         if workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
-            ready = torch.zeros(B * H * NC + 1, dtype=torch.int32, device=k.device)
             precond_fwd_overlap_kernel[(workers + B * H,)](
                 k, beta, eta, lam, y, dm, p, gc, tinv, d0 - 1, es, ef, ready, NC, B * H, workers,
                 SBK=scan["BK"], **intra,
@@ -1243,9 +1261,8 @@ class Precondition(torch.autograd.Function):
         if split:
             des = torch.empty_like(es)
             launch["num_warps"] = SCAN_TUNING["precond_bwd"]["split_num_warps"]
-        workers = _overlap_workers(B * H, k.device, "precond_bwd") if split and launch.get("PREFETCH") else None
+        workers, ready = _overlap_launch("precond_bwd", launch, B * H, B * H * NC, k.device) if split else (None, None)
         if workers:  # e's scans run beside the making of Y and of what they read from pre_out_bwd
-            ready = torch.zeros(B * H * NC + 1, dtype=torch.int32, device=k.device)
             precond_bwd_overlap_kernel[(workers + B * H,)](
                 k, beta, eta, lam, tinv, *out_args[2:], p, gc, dd, des, de0, ready, NC, B * H, workers,
                 K=K, C=C, BK=out_launch["BK"], SBK=launch["BK"], PRECISION=precision, Y_BK=y_launch["BK"],

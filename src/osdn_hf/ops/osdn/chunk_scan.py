@@ -60,10 +60,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _wait_for(flag):
-        """Spin until another program raises `flag` (int32, set to 1 with release semantics): what
-        it wrote before is then visible to this program's loads."""
+        """Spin until another program raises `flag` (`_raise_flag`): what it wrote before is then
+        visible to this program's loads."""
         while tl.atomic_add(flag, 0, sem="acquire") == 0:
             pass
+
+    @triton.jit
+    def _raise_flag(flag):
+        """Set `flag` (int32) to 1 once every thread of this program has stored what it guards
+        (release): a program in `_wait_for(flag)` then sees those stores."""
+        tl.debug_barrier()
+        tl.atomic_xchg(flag, 1, sem="release")
 
     @triton.jit
     def _precond_scan_fwd_prefetching(
