@@ -26,10 +26,6 @@ def test_carried_state_perplexity_equals_one_full_pass(tokenizer):  # noqa: F811
 
 
 def test_eval_perplexity_script(tmp_path, tokenizer):  # noqa: F811
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import eval_perplexity
 
     model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)

@@ -54,10 +54,6 @@ def test_training_step_trains_and_measure_alone_counts_tokens():
 
 
 def _evidence_script():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
     import gpu_model_evidence
 
     return gpu_model_evidence

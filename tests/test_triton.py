@@ -468,7 +468,6 @@ def test_overlap_runs_with_few_scans_per_sm(monkeypatch):
 
 def test_profile_groups_every_kernel_of_the_op():
     """`profile_kernels.py` groups each of the op's kernels by phase: none falls into 'other'."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
     import profile_kernels
 
     kernels = [n for n in dir(chunk_fused) if n.endswith("_kernel") and n != "inverse_kernel"]
@@ -545,11 +544,8 @@ def test_unit_lower_inverse_matches_float64(doubling):
     float32's rounding everywhere; the doubling product too, except where one key repeats (entries
     near 1), where it loses up to ~1e-4: still under the tf32 and 16-bit roundings of the products
     that use the inverse when the inputs are 16-bit, the only case it is used for (`INVERSE`)."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-    try:
-        from bench_inverse import KEYS, invert, make_a, worst_error
-    finally:
-        sys.path.pop(0)
+    from bench_inverse import KEYS, invert, make_a, worst_error
+
     for seed, keys in enumerate(KEYS):
         a = make_a(3, keys, "cpu", seed=seed)
         assert a.abs().max() > {"random": 0.05, "correlated": 0.3, "repeated": 0.9}[keys]  # not near zero
@@ -695,7 +691,6 @@ def test_grid_profile_runs_each_setting_alone_and_records_a_fault(tmp_path, caps
     """`profile_kernels.py --grid` profiles every (warps, tile) setting in its own process: one that
     fails is recorded with its error (here the real child, which finds no GPU), the others keep
     their times, and the fastest setting of each kernel comes from the ones that ran."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
     import argparse
 
     import profile_kernels
@@ -758,7 +753,6 @@ def test_relayout_warps_come_from_the_launch_table(monkeypatch):
 def test_ncu_csv_becomes_json_per_launch(tmp_path):
     """`profile_kernels.py --ncu-json`: ncu's details CSV (after its own '==PROF==' lines) as one
     entry per launch, in launch order, each metric under its section with its unit."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
     import profile_kernels
 
     head = '"ID","Kernel Name","Block Size","Grid Size","Section Name","Metric Name","Metric Unit","Metric Value"'
