@@ -477,11 +477,22 @@ def test_profile_groups_every_kernel_of_the_op():
     assert times["other"] == 0 and times["phase 1: preconditioner"] > 0, times
 
 
-def test_fused_kernels_store_16bit_inputs_in_16_bits(monkeypatch):
+@pytest.mark.parametrize("grad_storage", ["storage", "float32"])
+def test_fused_kernels_store_16bit_inputs_in_16_bits(grad_storage, monkeypatch):
     """float16 q, k, v: the fused path saves its chunked intermediates and phase 2's C x C inverse
-    in float16 (phase 1's inverse and the per-token vectors stay float32), hands autograd each
-    gradient in its input's dtype (so autograd casts none), and its outputs and all gradients
+    in float16 (phase 1's inverse and the per-token vectors stay float32), passes the backward's
+    gradient pieces between kernels in float16 or float32 as `GRAD_STORAGE` says, hands autograd
+    each gradient in its input's dtype (so autograd casts none), and its outputs and all gradients
     still match the torch chunked path run on the same values in float32."""
+    monkeypatch.setattr(chunk_fused, "GRAD_STORAGE", dict(phase1=grad_storage, phase2=grad_storage))
+    pieces = []  # (phase, dtype) of each gradient piece the backward passes between kernels
+    grad_buffer = chunk_fused._grad_buffer
+
+    def recorded(x, phase):
+        pieces.append((phase, (g := grad_buffer(x, phase)).dtype))
+        return g
+
+    monkeypatch.setattr(chunk_fused, "_grad_buffer", recorded)
     handed = []  # (function, input dtypes, gradient dtypes) of each hand-written backward
     for cls in (chunk_fused.Precondition, chunk_fused.DeltaRuleAsym):
         forward, backward = cls.forward, cls.backward
@@ -531,6 +542,9 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(monkeypatch):
     assert (tuple(half[2].shape), torch.float16) in saved, saved
     inverses = sorted(str(dt) for s, dt in saved if s[-2:] == (64, 64))
     assert inverses == ["torch.float16", "torch.float32"], saved
+    # phase 1: dK's direct part and dU; phase 2: dKb and dW
+    piece_dtype = torch.float16 if grad_storage == "storage" else torch.float32
+    assert sorted(pieces) == [("phase1", piece_dtype)] * 2 + [("phase2", piece_dtype)] * 2, pieces
     for name, a, b in zip(("o", "S", "d"), got, ref):
         assert_close(name, a, b, torch.float16)
     for name, a, b in zip(names, got_grads, ref_grads):
@@ -685,6 +699,7 @@ def test_launch_settings_are_a_copy_that_results_can_record():
     assert settings["scans"]["precond_bwd"]["split_below"] == chunk_fused.SCAN_TUNING["precond_bwd"]["split_below"]
     settings["scans"]["state_fwd"]["prefetch"] = not settings["scans"]["state_fwd"]["prefetch"]
     assert settings["scans"]["state_fwd"]["prefetch"] != chunk_fused.SCAN_TUNING["state_fwd"]["prefetch"]
+    assert settings["grad_storage"] == chunk_fused.GRAD_STORAGE
 
 
 def test_grid_profile_runs_each_setting_alone_and_records_a_fault(tmp_path, capsys):

@@ -15,7 +15,9 @@ stored operands runs in the storage dtype (exact: a product of two 16-bit number
 and it accumulates in float32); a product with a matrix computed in the kernel widens the stored
 operand to float32 (`.to(tl.float32)`, tf32 or ieee). The state scans round the float32 state
 to the storage dtype for their products, as fla does, and carry it in float32. Inverses, per-token vectors,
-states passed in or out, and gradients that several kernels add to are float32.
+states passed in or out, and the gradients of the small per-token tensors are float32; the
+gradient pieces that pass between backward kernels are summed in float32 and stored in the
+storage dtype (`GRAD_STORAGE`).
 
 Phase 1 (`Precondition`): `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`
     forward:  `pre_intra_fwd` (L, (I + L)^{-1}, Y, dm, p, Gc) -> precond scan -> `pre_out_fwd` (E, W);
@@ -458,7 +460,7 @@ if HAS_TRITON:
         m = o_k[None, :] < K
         b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
         b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-        b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+        b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
         b_dt += tl.dot(b_dkb, tl.trans(b_k.to(tl.float32) * b_b[:, None]), input_precision=PRECISION)
         b_kw += tl.dot(b_k, tl.trans(b_w), input_precision=PRECISION)
         return b_dt, b_kw
@@ -473,7 +475,7 @@ if HAS_TRITON:
         m = o_k[None, :] < K
         b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
         b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
-        b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
+        b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
         tl.debug_barrier()  # every warp has read this block of dKb before dK may overwrite it
         b_dkbb = tl.dot(tl.trans(b_t), b_dkb, input_precision=PRECISION)  # d(diag(b) K)
         b_db += tl.sum(b_dkbb * b_k.to(tl.float32), 1)
@@ -491,7 +493,7 @@ if HAS_TRITON:
         PRECISION: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """Through Ub = T diag(b) V, Kb = T diag(b) K, T = (I + A)^{-1}, A = tril(diag(b) K W^T, -1),
-        `dk` holds dKb and `dw` the other shares of dW (float32); dK and all of dW go to `dk_out`
+        `dk` holds dKb and `dw` the other shares of dW (in `GRAD_STORAGE`'s dtype); dK and all of dW go to `dk_out`
         and `dw_out` (k's dtype; they may be `dk` and `dw`). v and dv are `[B, T, H, V]`. With
         UNROLL off the loops over blocks stay loops, pipelined STAGES deep (`_chunk_launch`)."""
         i_c = tl.program_id(0).to(tl.int64)
@@ -835,9 +837,9 @@ if HAS_TRITON:
         """`pre_intra_bwd_kernel` on the K block at `i_k`, second pass: dK's columns (plus `dk2`,
         phase 2's gradient of k, unless it is None)."""
         o_k, m, b_k, b_u, b_dr = _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K, BK)
-        b_du = tl.load(du + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + b_dr * b_r[:, None]
+        b_du = tl.load(du + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32) + b_dr * b_r[:, None]
         b_du += tl.dot(b_duu, b_u, input_precision=PRECISION) + b_dsu[:, None]
-        b_dk = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0) + 2 * b_k * b_du
+        b_dk = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32) + 2 * b_k * b_du
         if dk2 is not None:
             b_dk += tl.load(dk2 + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
         tl.store(dk_out + o_t[:, None] * K + o_k[None, :], b_dk, mask=m)
@@ -853,7 +855,7 @@ if HAS_TRITON:
         `ddm`, `du` hold the summed gradients of dm and U (that of Y is `-ddm e_n^T`, `es` holding
         the chunk-start `e_n`); `dg`, `dgp` those of the log
         gates from the output step. `dk` holds the direct part of dK (written by the previous
-        kernel, float32), `dk2` phase 2's gradient of k (or None); dK, their sum plus the rest, goes
+        kernel, in `GRAD_STORAGE`'s dtype), `dk2` phase 2's gradient of k (or None); dK, their sum plus the rest, goes
         to `dk_out` (k's dtype; it may be `dk`)."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
@@ -1068,6 +1070,7 @@ def launch_settings() -> dict:
         "scans": {n: dict(t) for n, t in SCAN_TUNING.items()},
         "chunk": {n: dict(t) for n, t in CHUNK_LAUNCH.items()},
         "inverse": dict(INVERSE),
+        "grad_storage": dict(GRAD_STORAGE),
     }
 
 
@@ -1166,9 +1169,28 @@ def _relayout_launch(name: str, D: int, C: int) -> dict:
     return dict(D=D, C=C, BD=BD, num_warps=CHUNK_LAUNCH[name]["num_warps"] or (8 if BD * C >= 8192 else 4))
 
 
+# The dtype of the `[B, H, NC, C, K]` gradient pieces that one backward kernel writes and a later
+# one reads (phase 1: dK's direct part and dU, which the scan adds to; phase 2: dKb and dW's
+# shares from the states): "storage", the chunked tensors' dtype (16 bits for 16-bit inputs, as
+# fla keeps its dk and dw between kernels), or "float32". Each piece is summed in float32 inside
+# a kernel and rounded where it is stored (dU twice: the scan adds its share to it). Measured in
+# the whole forward+backward (H200, bf16, H=16, K=V=128;
+# benchmarks/results/kernels_grad_storage_60434f8.json), float32 -> storage:
+#   1 x 16384: 3801 -> 3665 us, peak 1324 -> 1196 MiB;  2 x 8192: 3321 -> 3178, 1327 -> 1199
+#   4 x 4096: 3087 -> 2947, 1333 -> 1205;  8 x 2048: 3064 -> 2933, 1345 -> 1217
+# (phase 2's pieces alone: 72-74 us of it). For float32 inputs both settings are the same.
+GRAD_STORAGE = dict(phase1="storage", phase2="storage")
+
+
+def _grad_buffer(x: torch.Tensor, phase: str) -> torch.Tensor:
+    """A gradient piece of x's shape passed between `phase`'s backward kernels, in the dtype
+    `GRAD_STORAGE[phase]` names (x is a chunked tensor in the storage dtype)."""
+    return torch.empty_like(x, dtype=torch.float32 if GRAD_STORAGE[phase] == "float32" else x.dtype)
+
+
 def _in_dtype_of(acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Where the last kernel that adds to float32 gradient `acc` writes the gradient of `x`: in
-    x's dtype, the one autograd would cast it to (`acc` itself when that is float32)."""
+    """Where the last kernel that adds to gradient piece `acc` writes the gradient of `x`: in x's
+    dtype, the one autograd would cast it to (`acc` itself when it is in that dtype already)."""
     return acc if acc.dtype == x.dtype else torch.empty_like(x)
 
 
@@ -1246,8 +1268,8 @@ class Precondition(torch.autograd.Function):
         y = torch.empty_like(k)
         dw = torch.zeros_like(k) if dw is None else dw.contiguous()
         dd = beta.new_zeros(B, H, K) if dd is None else dd.contiguous()
-        # gradients that several kernels add to stay float32 whatever k's storage
-        dk, du = torch.empty_like(k, dtype=torch.float32), torch.empty_like(k, dtype=torch.float32)
+        # dK's direct part and dU, which the scan adds to, in the storage dtype (GRAD_STORAGE)
+        dk, du = _grad_buffer(k, "phase1"), _grad_buffer(k, "phase1")
         ddm = torch.empty_like(dm)
         dg, dgp, ges = torch.empty_like(dm), torch.empty_like(dm), torch.empty_like(es)
         y_launch = _chunk_launch("pre_y", K, precision=precision)
@@ -1379,8 +1401,8 @@ class DeltaRuleAsym(torch.autograd.Function):
         del gu, gss, kb  # no later kernel reads these: freed before dK is allocated
         dq, dk, dw = (
             torch.empty_like(q),
-            torch.empty_like(k, dtype=torch.float32),
-            torch.empty_like(w, dtype=torch.float32),
+            _grad_buffer(k, "phase2"),
+            _grad_buffer(w, "phase2"),
         )
         launch = _chunk_launch("state_grads", K, V, precision)
         state_grads_kernel[(triton.cdiv(K, launch["BK"]), B * H * NC)](
