@@ -159,22 +159,21 @@ def plot(result: dict, png: Path) -> None:
     labels = [f"{r['B']}x{r['T']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, kind in zip(axes, ("fwd", "fwdbwd")):
-        for name, key in (
-            ("OSDN", "osdn"),
-            ("fla DeltaNet", "fla_delta"),
-            ("fla precond", "fla_precond"),
-            ("SDPA", "sdpa"),
+        for name, key, color in (
+            ("OSDN", "osdn", "C0"),
+            ("fla DeltaNet", "fla_delta", "C1"),
+            ("fla precond", "fla_precond", "C2"),
+            ("SDPA", "sdpa", "C3"),
         ):
-            # solid: do_bench's median; dashed, the same colour: GPU time, where the run has it
-            color = None
+            # solid: do_bench's median; dashed: GPU time, where the run has it. One colour a kernel
+            # in both panels, also where one has no figures for it (fla precond's backward refuses)
             for suffix, style, what in (("ms", "-", "do_bench"), ("gpu_ms", "--", "GPU time")):
                 ys = [r.get(f"{key}_{kind}_{suffix}") for r in rows]
                 if any(y is not None for y in ys):
-                    (line,) = ax.plot(
+                    ax.plot(
                         labels, [float("nan") if y is None else y for y in ys], style, marker="o",
                         color=color, label=f"{name} ({what})",
                     )  # fmt: skip
-                    color = line.get_color()
         ax.set_title(f"{'forward' if kind == 'fwd' else 'forward + backward'} (bf16, H={H}, K=V={K})")
         ax.set_xlabel("B x T (16K tokens per batch)")
         ax.set_ylabel("ms")
