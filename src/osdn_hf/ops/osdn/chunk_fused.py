@@ -1032,7 +1032,10 @@ CHUNK_LAUNCH = {
     # Triton software-pipelines (`stages`, its num_stages; None: unrolled). Alone at 4 x 4096 x 16
     # heads of 128 in bf16 on an H200 (benchmarks/results/kernels_loops_7cc8d1f.json), against
     # unrolled at the same tile: state_grads 337 -> 277 us, out_bwd 134 -> 117, wy_bwd 355 -> 317,
-    # pre_out_bwd 303 (tile 64) -> 265, pre_intra_bwd 396 -> 363 (tile 32: 417 unrolled).
+    # pre_out_bwd 303 (tile 64) -> 265, pre_intra_bwd 396 -> 363 (tile 32: 417 unrolled). With the
+    # gradient pieces in 16 bits (GRAD_STORAGE), the depths one above and one below (wy_bwd: 2, 3)
+    # were level or slower for wy_bwd, state_grads, pre_out_bwd and pre_intra_bwd
+    # (benchmarks/results/kernels_stages_bwd_0605d62.json).
     "out_bwd": dict(num_warps=4, tile=64, stages=2),
     "state_grads": dict(num_warps=4, tile=64, stages=2),
     "wy_bwd": dict(num_warps=4, tile=64, stages=1),
