@@ -551,6 +551,18 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(grad_storage, monkeypatch):
         assert_close(f"d{name}", a, b, torch.float16)
 
 
+def test_grad_storage_names_a_dtype_or_is_refused(monkeypatch):
+    """`GRAD_STORAGE` takes "storage" or "float32"; anything else is refused by name, not read as
+    one of them."""
+    x = torch.zeros(1, 1, 1, 64, 8, dtype=torch.float16)
+    monkeypatch.setattr(chunk_fused, "GRAD_STORAGE", dict(phase1="float32", phase2="bfloat16"))
+    assert chunk_fused._grad_buffer(x, "phase1").dtype == torch.float32
+    with pytest.raises(
+        ValueError, match=r"GRAD_STORAGE\['phase2'\] must be one of \['float32', 'storage'\], got 'bfloat16'"
+    ):
+        chunk_fused._grad_buffer(x, "phase2")
+
+
 @pytest.mark.parametrize("doubling", [False, True])
 def test_unit_lower_inverse_matches_float64(doubling):
     """`_invert` (64 x 64, in 16 x 16 blocks), by either way of inverting the diagonal blocks,

@@ -493,9 +493,10 @@ if HAS_TRITON:
         PRECISION: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """Through Ub = T diag(b) V, Kb = T diag(b) K, T = (I + A)^{-1}, A = tril(diag(b) K W^T, -1),
-        `dk` holds dKb and `dw` the other shares of dW (in `GRAD_STORAGE`'s dtype); dK and all of dW go to `dk_out`
-        and `dw_out` (k's dtype; they may be `dk` and `dw`). v and dv are `[B, T, H, V]`. With
-        UNROLL off the loops over blocks stay loops, pipelined STAGES deep (`_chunk_launch`)."""
+        `dk` holds dKb and `dw` the other shares of dW (in `GRAD_STORAGE`'s dtype); dK and all of
+        dW go to `dk_out` and `dw_out` (k's dtype; they may be `dk` and `dw`). v and dv are
+        `[B, T, H, V]`. With UNROLL off the loops over blocks stay loops, pipelined STAGES deep
+        (`_chunk_launch`)."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -855,8 +856,8 @@ if HAS_TRITON:
         `ddm`, `du` hold the summed gradients of dm and U (that of Y is `-ddm e_n^T`, `es` holding
         the chunk-start `e_n`); `dg`, `dgp` those of the log
         gates from the output step. `dk` holds the direct part of dK (written by the previous
-        kernel, in `GRAD_STORAGE`'s dtype), `dk2` phase 2's gradient of k (or None); dK, their sum plus the rest, goes
-        to `dk_out` (k's dtype; it may be `dk`)."""
+        kernel, in `GRAD_STORAGE`'s dtype), `dk2` phase 2's gradient of k (or None); dK, their
+        sum plus the rest, goes to `dk_out` (k's dtype; it may be `dk`)."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -1188,7 +1189,10 @@ GRAD_STORAGE = dict(phase1="storage", phase2="storage")
 def _grad_buffer(x: torch.Tensor, phase: str) -> torch.Tensor:
     """A gradient piece of x's shape passed between `phase`'s backward kernels, in the dtype
     `GRAD_STORAGE[phase]` names (x is a chunked tensor in the storage dtype)."""
-    return torch.empty_like(x, dtype=torch.float32 if GRAD_STORAGE[phase] == "float32" else x.dtype)
+    dtypes = {"storage": x.dtype, "float32": torch.float32}
+    if GRAD_STORAGE[phase] not in dtypes:
+        raise ValueError(f"GRAD_STORAGE[{phase!r}] must be one of {sorted(dtypes)}, got {GRAD_STORAGE[phase]!r}")
+    return torch.empty_like(x, dtype=dtypes[GRAD_STORAGE[phase]])
 
 
 def _in_dtype_of(acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
