@@ -33,8 +33,8 @@ from osdn_hf.run_info import command_line, run_metadata
 # bits, dlam at T = 63 (one partial chunk, a small gradient) reaches 6.4e-3 (4.5e-3 before),
 # every other float16 case stays under 2.2e-3 (benchmarks/results/kernels_check_float16.json).
 # Since 0bc0098 the backward's gradient pieces pass between kernels in 16 bits too
-# (chunk_fused.GRAD_STORAGE): the worst case, dlam in one chunk (T = 63, 64), went 1.39e-2 -> 1.66e-2 in bf16 and
-# 3.9e-3 -> 4.8e-3 in float16 (kernels_check_16bit_{60434f8,0bc0098}.json).
+# (chunk_fused.GRAD_STORAGE): the worst case, dlam in one chunk (T = 63, 64), went 1.39e-2 ->
+# 1.66e-2 in bf16 and 3.9e-3 -> 4.8e-3 in float16 (kernels_check_16bit_{60434f8,0bc0098}.json).
 RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GRADS = ("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond")

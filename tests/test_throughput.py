@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import gpu_model_evidence  # scripts/, on the path through conftest.py
 import pytest
 import torch
 
@@ -53,18 +54,12 @@ def test_training_step_trains_and_measure_alone_counts_tokens():
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the optimizer stepped
 
 
-def _evidence_script():
-    import gpu_model_evidence
-
-    return gpu_model_evidence
-
-
 def test_gpu_model_evidence_dry_run_on_cpu(tmp_path):
     """`scripts/gpu_model_evidence.py` on the tiny config runs every stage on CPU (fla's
     comparison needs CUDA and is left out): finite gradients, Trainer steps, 128 generated tokens,
     and identical logits after save and reload."""
     out = tmp_path / "evidence.json"
-    _evidence_script().main(
+    gpu_model_evidence.main(
         ["--config", "configs/osdn-tiny", "--out", str(out), "--steps", "2", "--batch", "2", "--seq", "64"]
     )
     result = json.loads(out.read_text())
@@ -78,7 +73,7 @@ def test_gpu_model_evidence_checks_get_a_copy_of_the_config(tmp_path, monkeypatc
     """The checks save a bf16 model, and `save_pretrained` writes its dtype into the config it
     was built from: they get a copy, so the throughput models are still built from the config as
     loaded (float32 weights, like fla's), not in pure bf16."""
-    script = _evidence_script()
+    script = gpu_model_evidence
     loaded, seen = [], []
     load = script.AutoConfig.from_pretrained
     monkeypatch.setattr(

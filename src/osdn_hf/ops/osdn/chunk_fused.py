@@ -1189,10 +1189,10 @@ GRAD_STORAGE = dict(phase1="storage", phase2="storage")
 def _grad_buffer(x: torch.Tensor, phase: str) -> torch.Tensor:
     """A gradient piece of x's shape passed between `phase`'s backward kernels, in the dtype
     `GRAD_STORAGE[phase]` names (x is a chunked tensor in the storage dtype)."""
-    dtypes = {"storage": x.dtype, "float32": torch.float32}
-    if GRAD_STORAGE[phase] not in dtypes:
-        raise ValueError(f"GRAD_STORAGE[{phase!r}] must be one of {sorted(dtypes)}, got {GRAD_STORAGE[phase]!r}")
-    return torch.empty_like(x, dtype=dtypes[GRAD_STORAGE[phase]])
+    dtypes, name = {"storage": x.dtype, "float32": torch.float32}, GRAD_STORAGE[phase]
+    if name not in dtypes:
+        raise ValueError(f"GRAD_STORAGE[{phase!r}] must be one of {sorted(dtypes)}, got {name!r}")
+    return torch.empty_like(x, dtype=dtypes[name])
 
 
 def _in_dtype_of(acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
