@@ -23,7 +23,14 @@ import sys
 import torch
 
 C, K = 64, 128
-METHODS = {"substitution": False, "doubling": True}
+# name: (doubling, precision of the diagonal blocks' doubling products, of the block products below)
+METHODS = {
+    "substitution": (False, "ieee", "ieee"),
+    "doubling": (True, "ieee", "ieee"),
+    "substitution_below_tf32x3": (False, "ieee", "tf32x3"),
+    "doubling_below_tf32x3": (True, "ieee", "tf32x3"),
+    "doubling_tf32x3": (True, "tf32x3", "tf32x3"),
+}
 KEYS = ("random", "correlated", "repeated")
 
 
@@ -46,11 +53,13 @@ def make_a(n: int, keys: str, device: str, seed: int = 0) -> torch.Tensor:
     return (b * k @ w.transpose(-1, -2)).tril(-1).contiguous()
 
 
-def invert(a: torch.Tensor, doubling: bool) -> torch.Tensor:
+def invert(a: torch.Tensor, doubling: bool, diagonal: str = "ieee", below: str = "ieee") -> torch.Tensor:
+    """`_invert` of each of `a`'s matrices: by doubling or substitution, with the precisions of
+    the diagonal blocks' doubling products and of the block products below (`chunk_fused.INVERSE`)."""
     from osdn_hf.ops.osdn.chunk_fused import inverse_kernel
 
     t = torch.empty_like(a)
-    inverse_kernel[(a.shape[0],)](a, t, C=C, DOUBLING=doubling, num_warps=4)
+    inverse_kernel[(a.shape[0],)](a, t, C=C, DOUBLING=doubling, INV_DIAG=diagonal, INV_BELOW=below, num_warps=4)
     return t
 
 
@@ -72,8 +81,8 @@ def in_op(B: int = 4, T: int = 4096, H: int = 16) -> dict:
 
     step = _step(B, T, H, K)
     out, before = dict(B=B, T=T, H=H, K=K, V=K), dict(chunk_fused.INVERSE)
-    for name, doubling in METHODS.items():
-        chunk_fused.INVERSE["doubling"] = doubling
+    for name, (doubling, diagonal, below) in METHODS.items():
+        chunk_fused.INVERSE.update(doubling=doubling, diagonal=diagonal, below=below)
         times = kernel_times(step)  # after three untimed calls (the first compiles)
         out[name] = dict(
             wy_fwd_us=times.get("wy_fwd_kernel"),
@@ -107,13 +116,13 @@ def main(argv=None):
     for keys in KEYS:
         a = make_a(n, keys, device)
         row = dict(keys=keys, chunks=n)
-        for name, doubling in METHODS.items():
-            t = invert(a, doubling)
-            if not doubling:
+        for name, method in METHODS.items():
+            t = invert(a, *method)
+            if name == "substitution":
                 row["inverse_max_abs"] = t.abs().max().item()
             row[f"{name}_rel_err"] = worst_error(t, a)
             if cuda:
-                call = functools.partial(invert, a, doubling)
+                call = functools.partial(invert, a, *method)
                 row[f"{name}_us"] = 1e3 * do_bench(call, warmup=25, rep=100)
                 row[f"{name}_gpu_us"] = gpu_time_us(call)
         rows.append(row)
