@@ -129,14 +129,6 @@ def main(argv=None):
         choices=("substitution", "doubling"),
         help="how the 64 x 64 inverses' diagonal blocks are inverted (default: chunk_fused.INVERSE)",
     )
-    p.add_argument(
-        "--inverse-precision",
-        nargs=2,
-        metavar=("DIAGONAL", "BELOW"),
-        choices=chunk_fused.INVERSE_PRECISIONS,
-        help="for 16-bit inputs, the precision of the inverses' diagonal-block and below-diagonal products "
-        "(default: chunk_fused.INVERSE)",
-    )
     args = p.parse_args(argv)
     if args.merge:
         sys.exit(merge(args.merge, args.out, argv))
@@ -147,8 +139,6 @@ def main(argv=None):
         chunk_fused.SCAN_TUNING["precond_bwd"]["split_below"] = 1 << 30
     if args.inverse:
         chunk_fused.INVERSE["doubling"] = args.inverse == "doubling"
-    if args.inverse_precision:
-        chunk_fused.INVERSE.update(zip(("diagonal", "below"), args.inverse_precision))
     try:
         shard, shards = (int(x) for x in args.shard.split("/"))
         if not 0 <= shard < shards:

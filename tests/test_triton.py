@@ -615,23 +615,6 @@ def test_doubling_inverse_serves_16bit_inputs_only(monkeypatch):
         assert (a.float() - b.float()).norm() <= 2e-3 * b.float().norm(), name
 
 
-def test_inverse_precision_follows_the_table_for_16bit_inputs_only(monkeypatch):
-    """The inverses' product precisions (`INVERSE["diagonal"]`, `["below"]`) reach the kernels for
-    16-bit inputs (tf32 products); float32 inputs ("ieee") always invert in float32, and a value
-    the kernels do not take is refused by name. (The interpreter runs every precision as float32,
-    so what tf32x3 costs in accuracy is measured on the GPU: scripts/bench_inverse.py.)"""
-    assert chunk_fused._inverse_args("tf32") == dict(DOUBLING=True, INV_DIAG="ieee", INV_BELOW="ieee")
-    monkeypatch.setitem(chunk_fused.INVERSE, "below", "tf32x3")
-    assert chunk_fused._inverse_args("tf32") == dict(DOUBLING=True, INV_DIAG="ieee", INV_BELOW="tf32x3")
-    monkeypatch.setitem(chunk_fused.INVERSE, "diagonal", "tf32x3")
-    assert chunk_fused._inverse_args("tf32") == dict(DOUBLING=True, INV_DIAG="tf32x3", INV_BELOW="tf32x3")
-    assert chunk_fused._inverse_args("ieee") == dict(DOUBLING=False, INV_DIAG="ieee", INV_BELOW="ieee")
-    assert chunk_fused.launch_settings()["inverse"] == dict(doubling=True, diagonal="tf32x3", below="tf32x3")
-    monkeypatch.setitem(chunk_fused.INVERSE, "below", "tf32")
-    with pytest.raises(ValueError, match=r"INVERSE\['below'\] must be one of \['ieee', 'tf32x3'\], got 'tf32'"):
-        chunk_fused._inverse_args("tf32")
-
-
 def _check_scans():
     spec = importlib.util.spec_from_file_location(
         "check_scans", Path(__file__).parents[1] / "scripts" / "check_scans.py"

@@ -77,9 +77,7 @@ if HAS_TRITON:
         return buf + (r * 16 + o16)[:, None] * 64 + (c * 16 + o16)[None, :]
 
     @triton.jit
-    def _unit_lower_inverse_64(
-        buf, DOUBLING: tl.constexpr = False, DIAG: tl.constexpr = "ieee", BELOW: tl.constexpr = "ieee"
-    ):
+    def _unit_lower_inverse_64(buf, DOUBLING: tl.constexpr = False):
         """Overwrite the strictly lower [64, 64] `A` in `buf` (this program's own, row-major)
         with `T = (I + A)^{-1}`, in 16 x 16 blocks.
 
@@ -100,8 +98,8 @@ if HAS_TRITON:
             b_n = tl.load(buf + o_d)
             b_t = eye - b_n
             for _ in tl.static_range(3):
-                b_n = tl.dot(b_n, b_n, input_precision=DIAG)
-                b_t += tl.dot(b_t, b_n, input_precision=DIAG)
+                b_n = tl.dot(b_n, b_n, input_precision="ieee")
+                b_t += tl.dot(b_t, b_n, input_precision="ieee")
         else:
             b_t = -tl.load(buf + o_d)  # [4, 16, 16]: the diagonal blocks of -A
             for i in range(1, 16):
@@ -118,15 +116,15 @@ if HAS_TRITON:
         tl.debug_barrier()
         t11, t22 = tl.load(_blk(buf, 0, 0, o16)), tl.load(_blk(buf, 1, 1, o16))
         t33, t44 = tl.load(_blk(buf, 2, 2, o16)), tl.load(_blk(buf, 3, 3, o16))
-        t21 = -tl.dot(tl.dot(t22, a21, input_precision=BELOW), t11, input_precision=BELOW)
-        t32 = -tl.dot(tl.dot(t33, a32, input_precision=BELOW), t22, input_precision=BELOW)
-        t43 = -tl.dot(tl.dot(t44, a43, input_precision=BELOW), t33, input_precision=BELOW)
-        b_x = tl.dot(a31, t11, input_precision=BELOW) + tl.dot(a32, t21, input_precision=BELOW)
-        t31 = -tl.dot(t33, b_x, input_precision=BELOW)
-        b_x = tl.dot(a42, t22, input_precision=BELOW) + tl.dot(a43, t32, input_precision=BELOW)
-        t42 = -tl.dot(t44, b_x, input_precision=BELOW)
-        b_x = tl.dot(a41, t11, input_precision=BELOW) + tl.dot(a42, t21, input_precision=BELOW)
-        t41 = -tl.dot(t44, b_x + tl.dot(a43, t31, input_precision=BELOW), input_precision=BELOW)
+        t21 = -tl.dot(tl.dot(t22, a21, input_precision="ieee"), t11, input_precision="ieee")
+        t32 = -tl.dot(tl.dot(t33, a32, input_precision="ieee"), t22, input_precision="ieee")
+        t43 = -tl.dot(tl.dot(t44, a43, input_precision="ieee"), t33, input_precision="ieee")
+        b_x = tl.dot(a31, t11, input_precision="ieee") + tl.dot(a32, t21, input_precision="ieee")
+        t31 = -tl.dot(t33, b_x, input_precision="ieee")
+        b_x = tl.dot(a42, t22, input_precision="ieee") + tl.dot(a43, t32, input_precision="ieee")
+        t42 = -tl.dot(t44, b_x, input_precision="ieee")
+        b_x = tl.dot(a41, t11, input_precision="ieee") + tl.dot(a42, t21, input_precision="ieee")
+        t41 = -tl.dot(t44, b_x + tl.dot(a43, t31, input_precision="ieee"), input_precision="ieee")
         tl.store(_blk(buf, 1, 0, o16), t21)
         tl.store(_blk(buf, 2, 1, o16), t32)
         tl.store(_blk(buf, 3, 2, o16), t43)
@@ -136,16 +134,13 @@ if HAS_TRITON:
         tl.debug_barrier()
 
     @triton.jit
-    def _invert(
-        b_a, buf, o_c, C: tl.constexpr, DOUBLING: tl.constexpr = False, DIAG: tl.constexpr = "ieee",
-        BELOW: tl.constexpr = "ieee",
-    ):  # fmt: skip
+    def _invert(b_a, buf, o_c, C: tl.constexpr, DOUBLING: tl.constexpr = False):
         """T = (I + A)^{-1} of the strictly lower [C, C] `b_a`, also left in `buf` (the program's
         own [C, C] slot of the saved inverse)."""
         o_cc = o_c[:, None] * C + o_c[None, :]
         if C == 64:
             tl.store(buf + o_cc, b_a)
-            _unit_lower_inverse_64(buf, DOUBLING, DIAG, BELOW)
+            _unit_lower_inverse_64(buf, DOUBLING)
             b_t = tl.load(buf + o_cc)
         else:
             b_t = _unit_lower_inverse(b_a, o_c, C)
@@ -153,16 +148,13 @@ if HAS_TRITON:
         return b_t
 
     @triton.jit
-    def inverse_kernel(
-        a, t, C: tl.constexpr, DOUBLING: tl.constexpr, INV_DIAG: tl.constexpr = "ieee", INV_BELOW: tl.constexpr = "ieee"
-    ):
+    def inverse_kernel(a, t, C: tl.constexpr, DOUBLING: tl.constexpr):
         """`_invert` alone on [C, C] blocks (`scripts/bench_inverse.py` times it): t = (I + A)^{-1},
         A the strictly lower part of a's block; t is also the scratch."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         b_a = tl.load(a + i_c * C * C + o_c[:, None] * C + o_c[None, :])
-        b_a = tl.where(o_c[:, None] > o_c[None, :], b_a, 0.0)
-        _invert(b_a, t + i_c * C * C, o_c, C, DOUBLING, INV_DIAG, INV_BELOW)
+        _invert(tl.where(o_c[:, None] > o_c[None, :], b_a, 0.0), t + i_c * C * C, o_c, C, DOUBLING)
 
     # ---------------------------------------------------------------- layout
 
@@ -233,7 +225,7 @@ if HAS_TRITON:
         k, w, v, beta, scratch, tinv, ub, kb, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False, UNROLL: tl.constexpr = True,
-        STAGES: tl.constexpr = 1, INV_DIAG: tl.constexpr = "ieee", INV_BELOW: tl.constexpr = "ieee",
+        STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """T = (I + tril(diag(b) K W^T, -1))^{-1}, Ub = T diag(b) V, Kb = T diag(b) K; one chunk per program.
 
@@ -253,7 +245,7 @@ if HAS_TRITON:
             for i_k in tl.range(0, K, BK, num_stages=STAGES):
                 b_a = _wy_a_block(k, w, b_a, i_k, o_t, K, BK, PRECISION)
         b_a = tl.where(o_c[:, None] > o_c[None, :], b_a * b_b[:, None], 0.0)
-        b_t = _invert(b_a, scratch + i_c * C * C, o_c, C, DOUBLING, INV_DIAG, INV_BELOW).to(tinv.dtype.element_ty)
+        b_t = _invert(b_a, scratch + i_c * C * C, o_c, C, DOUBLING).to(tinv.dtype.element_ty)
         tl.store(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :], b_t)
         if UNROLL:
             for i_v in tl.static_range(0, V, BV):
@@ -574,7 +566,6 @@ if HAS_TRITON:
     def _pre_intra_chunk(
         i_c, k, beta, eta, lam, y, dm, p, gc, tinv,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr,
-        INV_DIAG: tl.constexpr, INV_BELOW: tl.constexpr,
     ):  # fmt: skip
         """`pre_intra_fwd_kernel`'s work on chunk `i_c`."""
         o_c = tl.arange(0, C)
@@ -585,7 +576,7 @@ if HAS_TRITON:
         b_uu, b_su, b_a, b_m = _pre_intra_sums(k, b_b, b_eta, o_t, K, C, BK, PRECISION)
         strict = o_c[:, None] > o_c[None, :]
         b_l = tl.where(strict, b_a[:, None] * tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)) * b_uu, 0.0)
-        b_ti = _invert(b_l, tinv + i_c * C * C, o_c, C, DOUBLING, INV_DIAG, INV_BELOW)
+        b_ti = _invert(b_l, tinv + i_c * C * C, o_c, C, DOUBLING)
         tl.store(dm + o_t, tl.sum(b_ti * b_m[None, :], 1))
         _walk_k_blocks(_y_block, k, y, b_ti, b_a * tl.exp(b_gp), o_t, K, BK, PRECISION, True, 1)
         tl.store(p + o_t, tl.exp(b_gend - b_gp))
@@ -595,13 +586,12 @@ if HAS_TRITON:
     def pre_intra_fwd_kernel(
         k, beta, eta, lam, y, dm, p, gc, tinv,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False,
-        INV_DIAG: tl.constexpr = "ieee", INV_BELOW: tl.constexpr = "ieee",
     ):  # fmt: skip
         """Per chunk: L[t, s] = a_t G_{t-1} / G_{s-1} <u_t, u_s> (s < t), [dm, Y] = (I + L)^{-1}
         [m, diag(a G_{t-1}) U], p_s = G_C / G_{s-1}, Gc = G_C; u = k * k is formed where needed
         (here, in the scan and in the backward) and never stored."""
         i_c = tl.program_id(0).to(tl.int64)
-        _pre_intra_chunk(i_c, k, beta, eta, lam, y, dm, p, gc, tinv, K, C, BK, PRECISION, DOUBLING, INV_DIAG, INV_BELOW)
+        _pre_intra_chunk(i_c, k, beta, eta, lam, y, dm, p, gc, tinv, K, C, BK, PRECISION, DOUBLING)
 
     @triton.jit
     def _worker_chunk(j, BH, NC, LAST_FIRST: tl.constexpr):
@@ -616,7 +606,7 @@ if HAS_TRITON:
     def precond_fwd_overlap_kernel(
         k, beta, eta, lam, y, dm, p, gc, tinv, e0, es, ef, ready, NC, BH, NW,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, SBK: tl.constexpr, PRECISION: tl.constexpr,
-        DOUBLING: tl.constexpr = False, INV_DIAG: tl.constexpr = "ieee", INV_BELOW: tl.constexpr = "ieee",
+        DOUBLING: tl.constexpr = False,
     ):  # fmt: skip
         """`pre_intra_fwd_kernel` and the preconditioner's forward scan (`precond_scan_fwd_kernel`
         with PREFETCH) in one launch of NW + BH programs, so that the scans, BH programs alone, run
@@ -634,9 +624,7 @@ if HAS_TRITON:
         if ticket < NW:
             for j in range(ticket, NC * BH, NW):
                 i_c = _worker_chunk(j, BH, NC, False)
-                _pre_intra_chunk(
-                    i_c, k, beta, eta, lam, y, dm, p, gc, tinv, K, C, BK, PRECISION, DOUBLING, INV_DIAG, INV_BELOW
-                )
+                _pre_intra_chunk(i_c, k, beta, eta, lam, y, dm, p, gc, tinv, K, C, BK, PRECISION, DOUBLING)
                 _raise_flag(ready + i_c)
         else:
             i_bh = (ticket - NW).to(tl.int64)
@@ -1072,28 +1060,12 @@ CHUNK_LAUNCH = {
 # cancel); substitution stays at 1.5e-7. That is under the tf32 and 16-bit roundings (5e-4 and
 # coarser) of every product that uses the inverse when the inputs are 16-bit, but not under
 # float32's, so float32 inputs ("ieee") always substitute.
-INVERSE = dict(doubling=True, diagonal="ieee", below="ieee")
-INVERSE_PRECISIONS = ("ieee", "tf32x3")
+INVERSE = dict(doubling=True)
 
 
 def _doubling(precision: str) -> bool:
     """Whether the inverses' diagonal blocks are inverted by the doubling product (`INVERSE`)."""
     return INVERSE["doubling"] and precision != "ieee"
-
-
-def _inverse_args(precision: str) -> dict:
-    """The inverse's constexprs for a kernel whose products run at `precision`: DOUBLING, and the
-    precision of the diagonal blocks' doubling products (INV_DIAG) and of the block products below
-    the diagonal (INV_BELOW), as `INVERSE` says for 16-bit inputs; always "ieee" for float32 ones."""
-    for part in ("diagonal", "below"):
-        if INVERSE[part] not in INVERSE_PRECISIONS:
-            raise ValueError(f"INVERSE[{part!r}] must be one of {list(INVERSE_PRECISIONS)}, got {INVERSE[part]!r}")
-    fp32 = precision == "ieee"
-    return dict(
-        DOUBLING=_doubling(precision),
-        INV_DIAG="ieee" if fp32 else INVERSE["diagonal"],
-        INV_BELOW="ieee" if fp32 else INVERSE["below"],
-    )
 
 
 def launch_settings() -> dict:
@@ -1276,7 +1248,7 @@ class Precondition(torch.autograd.Function):
         gc = beta.new_empty(B, H, NC)
         tinv = beta.new_empty(B, H, NC, C, C)
         es, ef = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
-        intra = dict(K=K, C=C, PRECISION=precision, **_inverse_args(precision), **_chunk_launch("pre_intra_fwd", K))
+        intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **_chunk_launch("pre_intra_fwd", K))
         scan = _scan_launch("precond_fwd", K, K, C)
         workers, ready = _overlap_launch("precond_fwd", scan, B * H, B * H * NC, k.device)
         if workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
@@ -1398,7 +1370,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         ub, kb = k.new_empty(B, H, NC, C, V), torch.empty_like(k)
         wy_fwd_kernel[(B * H * NC,)](
             k, w, v, beta, scratch, tinv, ub, kb, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, **_inverse_args(precision),
+            K=K, V=V, C=C, PRECISION=precision, DOUBLING=_doubling(precision),
             **_chunk_launch("wy_fwd", K, V, precision),
         )  # fmt: skip
         del scratch  # before the scan allocates the per-chunk states
