@@ -1059,7 +1059,10 @@ CHUNK_LAUNCH = {
 # key repeats with b near 1 (entries near 1: the powers of N grow to thousands before they
 # cancel); substitution stays at 1.5e-7. That is under the tf32 and 16-bit roundings (5e-4 and
 # coarser) of every product that uses the inverse when the inputs are 16-bit, but not under
-# float32's, so float32 inputs ("ieee") always substitute.
+# float32's, so float32 inputs ("ieee") always substitute. Its 16 x 16 products run in float32
+# ("ieee") either way: in tf32x3 (tensor cores, near float32) the inverse alone took 123-140 us
+# instead of 113, and the step was level or slower (71d9dd2, taken out;
+# benchmarks/results/inverse_precision_71d9dd2.json): it is not bound by its multiply-adds.
 INVERSE = dict(doubling=True)
 
 
