@@ -32,6 +32,23 @@ def corpus(tmp_path_factory):
     return files
 
 
+def test_module_imports_without_datasets():
+    """`datasets` is imported where data are read or packed: the module's constants and collator
+    serve code without it (the GPU machine's model script, which has no `datasets`), and a packer
+    still needs it, saying so."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['datasets'] = None\n"  # `import datasets` now raises ImportError
+        "from osdn_hf.training import CHECKPOINTING_ARG, VarlenCollator, pack_fixed\n"
+        "print(CHECKPOINTING_ARG)\n"
+        "try:\n    pack_fixed([[5, 6, 7]], 2, eos_id=2)\nexcept ImportError as e:\n    print('needs', e.name)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [CHECKPOINTING_ARG, "needs", "datasets"]
+
+
 def test_packers_and_varlen_collator():
     docs = [[5, 6, 7], [8] * 10, [9, 9]]
     fixed = pack_fixed(docs, 4, eos_id=2)

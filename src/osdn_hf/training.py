@@ -1,7 +1,8 @@
 """Pretraining and fine-tuning with the Hugging Face `Trainer` (what `scripts/train.py` runs).
 
 Data come from local text, JSON or parquet files through `datasets` (default: the Shakespeare
-plays of the `shakespeare` package). Documents are packed either into fixed blocks
+plays of the `shakespeare` package; `datasets` is imported where data are read or packed, so
+the module's constants and collator serve code without it). Documents are packed either into fixed blocks
 (`--packing fixed`) or into variable-length packs (`--packing varlen`): whole documents
 laid end to end in one row with `cu_seqlens`, so no document reads another's state.
 """
@@ -12,10 +13,10 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import PartialState
-from datasets import Dataset, load_dataset
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -29,6 +30,9 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_osdn import OSDNConfig
 from .data import shakespeare_texts, train_bpe_tokenizer
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 _FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -51,6 +55,8 @@ def load_texts(files: list[str] | None, text_column: str = "text") -> list[str]:
     if None in formats or len(formats) != 1:
         raise ValueError(f"--data files must all be one of {sorted(_FORMATS)}, got suffixes {sorted(suffixes)}")
     fmt = formats.pop()
+    from datasets import load_dataset
+
     kwargs = {"sample_by": "document"} if fmt == "text" else {}
     dataset = load_dataset(fmt, data_files=list(files), split="train", **kwargs)
     if text_column not in dataset.column_names:
@@ -64,6 +70,8 @@ def pack_fixed(docs: list[list[int]], block_size: int, eos_id: int) -> Dataset:
     n = len(stream) // block_size
     if n == 0:
         raise ValueError(f"the data have {len(stream)} tokens, fewer than one block of {block_size}")
+    from datasets import Dataset
+
     return Dataset.from_dict({"input_ids": [stream[i * block_size : (i + 1) * block_size] for i in range(n)]})
 
 
@@ -88,6 +96,8 @@ def pack_varlen(docs: list[list[int]], block_size: int, eos_id: int) -> Dataset:
     if row:
         rows.append(row)
         lengths.append(row_lengths)
+    from datasets import Dataset
+
     return Dataset.from_dict({"input_ids": rows, "seq_lengths": lengths})
 
 
