@@ -454,7 +454,6 @@ def test_overlap_runs_with_few_scans_per_sm(monkeypatch):
     assert chunk_fused._overlap_workers(16, "cuda", "precond_bwd") == 2 * 116
     assert chunk_fused._overlap_workers(16, "cuda") == 116  # the forward's own tiers stand
     assert chunk_fused._overlap_workers(1, "cuda") == 131
-    assert chunk_fused._overlap_workers(16, "cuda") == 116
     assert chunk_fused._overlap_workers(17, "cuda") == 2 * 115
     assert chunk_fused._overlap_workers(33, "cuda") == 2 * 99
     assert chunk_fused._overlap_workers(34, "cuda") is None
