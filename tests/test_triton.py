@@ -378,19 +378,20 @@ def _precond_forward(B, H, NC, C, K, dtype, g):
 def test_overlapped_precond_forward_gives_the_same_bits(K, dtype, NC):
     """Phase 1's forward scans run beside the workers that make their chunks, in one launch
     (`precond_fwd_overlap_kernel`): every output equals the two kernels run one after the other,
-    bit for bit, with one worker or several, and the flags end raised, the tickets all taken."""
+    bit for bit, with one worker or several, the scans reading the flags one chunk at a time or a
+    run at a time (RUN), and the flags end raised, the tickets all taken."""
     B, H, C = 2, 2, 64
     k, beta, eta, lam, e0, ref = _precond_forward(B, H, NC, C, K, dtype, torch.Generator().manual_seed(0))
-    for workers in (1, 3):
+    for workers, run in ((1, 1), (3, 1), (1, 2), (3, 4)):
         got = [torch.empty_like(x) for x in ref]
         y, dm, p, gc, tinv, es, ef = got
         ready = torch.zeros(B * H * NC + 1, dtype=torch.int32)
         chunk_fused.precond_fwd_overlap_kernel[(workers + B * H,)](
             k, beta, eta, lam, y, dm, p, gc, tinv, e0, es, ef, ready, NC, B * H, workers,
-            K=K, C=C, BK=32, SBK=triton.next_power_of_2(K), PRECISION="ieee",
+            K=K, C=C, BK=32, SBK=triton.next_power_of_2(K), PRECISION="ieee", RUN=run,
         )  # fmt: skip
         for name, a, b in zip(("y", "dm", "p", "gc", "tinv", "es", "ef"), got, ref):
-            assert torch.equal(a, b), (name, workers)
+            assert torch.equal(a, b), (name, workers, run)
         assert ready[:-1].eq(1).all() and ready[-1] == workers + B * H
 
 
@@ -399,7 +400,8 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC):
     """Phase 1's backward scans of e's gradient run beside the workers that make what they read
     (Y by `pre_y`, then `pre_out_bwd`'s outputs, the last chunks first), in one launch
     (`precond_bwd_overlap_kernel`): every output equals the three kernels run one after the other,
-    bit for bit, with one worker or several, and the flags end raised, the tickets all taken."""
+    bit for bit, with one worker or several, the scans reading the flags one chunk at a time or a
+    run at a time (RUN), and the flags end raised, the tickets all taken."""
     B, H, C = 2, 2, 64
     g = torch.Generator().manual_seed(1)
     k, beta, eta, lam, _, (_, dm, p, gc, tinv, es, ef) = _precond_forward(B, H, NC, C, K, dtype, g)
@@ -425,16 +427,16 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC):
         PREFETCH=True,
     )  # fmt: skip
     assert not torch.equal(ref["de0"], gef)  # the scan moved
-    for workers in (1, 3):
+    for workers, run in ((1, 1), (3, 1), (1, 2), (3, 4)):
         got = outputs()
         ready = torch.zeros(B * H * NC + 1, dtype=torch.int32)
         chunk_fused.precond_bwd_overlap_kernel[(workers + B * H,)](
             k, beta, eta, lam, tinv, got["y"], dm, es, dw, *(got[n] for n in names[1:7]), p, gc, gef,
             got["des"], got["de0"], ready, NC, B * H, workers, K=K, C=C, BK=32, SBK=BK, PRECISION=prec,
-            Y_BK=32, Y_UNROLL=False, Y_STAGES=3, **walk,
+            Y_BK=32, Y_UNROLL=False, Y_STAGES=3, RUN=run, **walk,
         )  # fmt: skip
         for name in names:
-            assert torch.equal(got[name], ref[name]), (name, workers)
+            assert torch.equal(got[name], ref[name]), (name, workers, run)
         assert ready[:-1].eq(1).all() and ready[-1] == workers + B * H
 
 

@@ -606,7 +606,7 @@ if HAS_TRITON:
     def precond_fwd_overlap_kernel(
         k, beta, eta, lam, y, dm, p, gc, tinv, e0, es, ef, ready, NC, BH, NW,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, SBK: tl.constexpr, PRECISION: tl.constexpr,
-        DOUBLING: tl.constexpr = False,
+        DOUBLING: tl.constexpr = False, RUN: tl.constexpr = 1,
     ):  # fmt: skip
         """`pre_intra_fwd_kernel` and the preconditioner's forward scan (`precond_scan_fwd_kernel`
         with PREFETCH) in one launch of NW + BH programs, so that the scans, BH programs alone, run
@@ -619,7 +619,8 @@ if HAS_TRITON:
         for each chunk's flag before reading it. Workers never wait, and every worker started
         before any scan did, so the scans cannot hold the GPU while a chunk they need is not being
         made; even run one program at a time (Triton's interpreter) the launch finishes. NC, BH
-        and NW are not specialized (the scans' NC == 1 miscompile, chunk_scan._scan_jit)."""
+        and NW are not specialized (the scans' NC == 1 miscompile, chunk_scan._scan_jit). A scan
+        reads the flags RUN chunks at a time (`SCAN_TUNING[...]["flag_run"]`)."""
         ticket = tl.atomic_add(ready + BH * NC, 1)
         if ticket < NW:
             for j in range(ticket, NC * BH, NW):
@@ -628,7 +629,7 @@ if HAS_TRITON:
                 _raise_flag(ready + i_c)
         else:
             i_bh = (ticket - NW).to(tl.int64)
-            _precond_scan_fwd_prefetching(y, k, dm, p, gc, e0, es, ef, ready, i_bh, NC, K, C, SBK, True)
+            _precond_scan_fwd_prefetching(y, k, dm, p, gc, e0, es, ef, ready, i_bh, NC, K, C, SBK, True, RUN)
 
     @triton.jit
     def _y_block(k, y, b_ti, b_r, i_k, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
@@ -784,6 +785,7 @@ if HAS_TRITON:
         k, beta, eta, lam, tinv, y, dm, es, dw, dk, ddm, du, dg, dgp, ges, p, gc, gef, des, de0, ready, NC, BH, NW,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, SBK: tl.constexpr, PRECISION: tl.constexpr,
         Y_BK: tl.constexpr, Y_UNROLL: tl.constexpr, Y_STAGES: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
+        RUN: tl.constexpr = 1,
     ):  # fmt: skip
         """`pre_y_kernel`, `pre_out_bwd_kernel` and the reverse scan of e's gradient
         (`precond_scan_bwd_de_kernel` with PREFETCH) in one launch of NW + BH programs: the
@@ -791,7 +793,8 @@ if HAS_TRITON:
         Workers make each chunk's y and `ges` (and the rest of pre_out_bwd's outputs), the last
         chunks first since the scans run backwards (chunk NC - 1 of every (batch, head), then
         NC - 2, ...), and raise the chunk's flag; the scans wait for it. Y_BK, Y_UNROLL and Y_STAGES
-        walk pre_y's K blocks, BK, UNROLL and STAGES pre_out_bwd's, as `_chunk_launch` says for each."""
+        walk pre_y's K blocks, BK, UNROLL and STAGES pre_out_bwd's, as `_chunk_launch` says for each;
+        RUN is how many chunks' flags a scan reads at a time."""
         ticket = tl.atomic_add(ready + BH * NC, 1)
         if ticket < NW:
             for j in range(ticket, NC * BH, NW):
@@ -804,7 +807,7 @@ if HAS_TRITON:
                 _raise_flag(ready + i_c)
         else:
             i_bh = (ticket - NW).to(tl.int64)
-            _precond_scan_bwd_de_prefetching(y, k, p, gc, ges, gef, des, de0, ready, i_bh, NC, K, C, SBK, True)
+            _precond_scan_bwd_de_prefetching(y, k, p, gc, ges, gef, des, de0, ready, i_bh, NC, K, C, SBK, True, RUN)
 
     @triton.jit
     def _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K: tl.constexpr, BK: tl.constexpr):
@@ -961,7 +964,9 @@ SCAN_TUNING = {
     #   1 x 16384: 71 + 261 + 458 -> 631 us (one worker per free SM; 691 at two, prototype)
     #   2 x 8192: 71 + 261 + 234 -> 506 us (two; 774 at one, prototype)
     #   4 x 4096: 540 -> 748 at best (two, prototype), so no overlap there either
-    "precond_fwd": dict(BS=None, num_warps=4, num_stages=1, prefetch=True, overlap_alone=8, overlap_shared=4),
+    "precond_fwd": dict(
+        BS=None, num_warps=4, num_stages=1, prefetch=True, overlap_alone=8, overlap_shared=4, flag_run=1
+    ),
     "precond_bwd": dict(
         BS=None,
         num_warps=8,
@@ -971,6 +976,7 @@ SCAN_TUNING = {
         split_num_warps=4,
         overlap_alone=8,
         overlap_shared=4,
+        flag_run=1,
     ),
     # The state scans run one program per (batch, head, V block): at heads up to 128 wide, with
     # fewer programs than the GPU has SMs, BV halves (down to 16) until they fill them. Then the
@@ -1257,7 +1263,7 @@ class Precondition(torch.autograd.Function):
         if workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
             precond_fwd_overlap_kernel[(workers + B * H,)](
                 k, beta, eta, lam, y, dm, p, gc, tinv, d0 - 1, es, ef, ready, NC, B * H, workers,
-                SBK=scan["BK"], **intra,
+                SBK=scan["BK"], RUN=SCAN_TUNING["precond_fwd"]["flag_run"], **intra,
             )  # fmt: skip
         else:
             pre_intra_fwd_kernel[grid](k, beta, eta, lam, y, dm, p, gc, tinv, **intra)
@@ -1299,7 +1305,7 @@ class Precondition(torch.autograd.Function):
                 k, beta, eta, lam, tinv, *out_args[2:], p, gc, dd, des, de0, ready, NC, B * H, workers,
                 K=K, C=C, BK=out_launch["BK"], SBK=launch["BK"], PRECISION=precision, Y_BK=y_launch["BK"],
                 Y_UNROLL=y_launch["UNROLL"], Y_STAGES=y_launch["STAGES"], UNROLL=out_launch["UNROLL"],
-                STAGES=out_launch["STAGES"], num_warps=launch["num_warps"],
+                STAGES=out_launch["STAGES"], RUN=SCAN_TUNING["precond_bwd"]["flag_run"], num_warps=launch["num_warps"],
             )  # fmt: skip
         else:
             pre_y_kernel[grid](k, beta, eta, lam, tinv, y, K=K, C=C, PRECISION=precision, **y_launch)

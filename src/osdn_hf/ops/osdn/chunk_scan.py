@@ -66,6 +66,19 @@ if HAS_TRITON:
             pass
 
     @triton.jit
+    def _wait_for_run(ready, first, step, n, RUN: tl.constexpr):
+        """Spin until the flags of the `min(n, RUN)` chunks `first, first + step, ...` are all raised
+        (none if `n <= 0`; RUN a power of two): one round of acquire atomics, issued together, for a
+        run of chunks instead of one on each chunk's way (`_wait_for`). The barrier after it passes what the
+        threads that read the flags learnt to every thread of the program before any reads a chunk."""
+        o_r = tl.arange(0, RUN)
+        m_r = o_r < n
+        flags = ready + first + step * o_r
+        while tl.min(tl.where(m_r, tl.atomic_add(flags, tl.zeros_like(o_r), mask=m_r, sem="acquire"), 1), 0) == 0:
+            pass
+        tl.debug_barrier()
+
+    @triton.jit
     def _raise_flag(flag):
         """Set `flag` (int32) to 1 once every thread of this program has stored what it guards
         (release): a program in `_wait_for(flag)` then sees those stores."""
@@ -75,12 +88,13 @@ if HAS_TRITON:
     @triton.jit
     def _precond_scan_fwd_prefetching(
         y, u, dm, p, gc, e0, es, ef, ready, i_bh, NC, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-        SQUARE: tl.constexpr,
+        SQUARE: tl.constexpr, RUN: tl.constexpr = 1,
     ):  # fmt: skip
         """`precond_scan_fwd_kernel` with PREFETCH for (batch, head) `i_bh`: the next chunk's rows
         are loaded before this chunk is reduced. With `ready` (not None), each chunk's rows are
         read only once its flag `ready[i_c]` is raised: another program is still writing them
-        (`chunk_fused.precond_fwd_overlap_kernel`)."""
+        (`chunk_fused.precond_fwd_overlap_kernel`). The flags are read RUN chunks at a time
+        (`_wait_for_run`): every RUN-th step waits for the next RUN chunks."""
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, C)
@@ -94,7 +108,10 @@ if HAS_TRITON:
             tl.store(es + i_c * K + o_k, b_e, mask=m_k)
             i_x = tl.minimum(i_c + 1, i_bh * NC + NC - 1)  # the next chunk (the last one again at the end)
             if ready is not None:
-                _wait_for(ready + i_x)
+                if RUN == 1:
+                    _wait_for(ready + i_x)
+                elif i_n % RUN == 0:
+                    _wait_for_run(ready, i_c + 1, 1, NC - 1 - i_n, RUN)
             n_y, n_u, n_dm, n_p = _precond_rows(y, u, dm, p, i_x * C + o_s, o_k, m_k, K)
             n_gc = tl.load(gc + i_x)
             b_e = b_e * b_gc + _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE)
@@ -288,12 +305,12 @@ if HAS_TRITON:
     @triton.jit
     def _precond_scan_bwd_de_prefetching(
         y, u, p, gc, ges, gef, des, de0, ready, i_bh, NC, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-        SQUARE: tl.constexpr,
+        SQUARE: tl.constexpr, RUN: tl.constexpr = 1,
     ):  # fmt: skip
         """`precond_scan_bwd_de_kernel` with PREFETCH for (batch, head) `i_bh`: the chunk before is
         loaded while this one is reduced. With `ready` (not None), each chunk's rows are read only
         once its flag `ready[i_c]` is raised: other programs are still writing its y and `ges`
-        (`chunk_fused.precond_bwd_overlap_kernel`)."""
+        (`chunk_fused.precond_bwd_overlap_kernel`), RUN chunks at a time (`_wait_for_run`)."""
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, C)
@@ -309,7 +326,10 @@ if HAS_TRITON:
             tl.store(des + i_c * K + o_k, b_de, mask=m_k)
             i_x = tl.maximum(i_c - 1, i_bh * NC)  # the chunk before (the first one again at the end)
             if ready is not None:
-                _wait_for(ready + i_x)
+                if RUN == 1:
+                    _wait_for(ready + i_x)
+                elif j % RUN == 0:
+                    _wait_for_run(ready, i_c - 1, -1, NC - 1 - j, RUN)
             n_y, n_u = _precond_yu(y, u, i_x * C + o_s, o_k, m_k, K)
             n_p = tl.load(p + i_x * C + o_s)
             n_ges, n_gc = tl.load(ges + i_x * K + o_k, mask=m_k, other=0.0), tl.load(gc + i_x)
