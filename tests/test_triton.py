@@ -449,6 +449,7 @@ def test_overlap_runs_with_few_scans_per_sm(monkeypatch):
     assert (tuning["overlap_alone"], tuning["overlap_shared"]) == (8, 4)
     bwd = chunk_fused.SCAN_TUNING["precond_bwd"]
     assert (bwd["overlap_alone"], bwd["overlap_shared"]) == (8, 4)
+    assert (tuning["flag_run"], bwd["flag_run"]) == (4, 1)  # chunks' flags read a run at a time (measured)
     assert chunk_fused._overlap_workers(16, "cuda", "precond_bwd") == 116
     assert chunk_fused._overlap_workers(32, "cuda", "precond_bwd") == 2 * 100
     assert chunk_fused._overlap_workers(64, "cuda", "precond_bwd") is None

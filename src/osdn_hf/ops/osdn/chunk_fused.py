@@ -964,8 +964,17 @@ SCAN_TUNING = {
     #   1 x 16384: 71 + 261 + 458 -> 631 us (one worker per free SM; 691 at two, prototype)
     #   2 x 8192: 71 + 261 + 234 -> 506 us (two; 774 at one, prototype)
     #   4 x 4096: 540 -> 748 at best (two, prototype), so no overlap there either
+    # flag_run: how many chunks' flags an overlapped scan reads in one round of acquire atomics
+    # (`chunk_scan._wait_for_run`; 1: one atomic on each chunk's way, on the critical path of every
+    # step). Measured in the op's forward+backward, the same bits at every setting (H200, bf16,
+    # H = 16, K = 128; benchmarks/results/flag_run_{1x16384,2x8192}_cde9700.json), RUN 1/4/8/16:
+    #   forward launch: 554/513/514/533 us at 1 x 16384, 377/366/377/394 at 2 x 8192
+    #   backward launch: 608/612/617/631 us at 1 x 16384, 478/483/494/517 at 2 x 8192
+    # Alone at 1 x 16384 the forward scans take 377 us without flags and 511 us with every flag
+    # already raised (flagcost_1x16384_f134c02.json), so the atomics cost more than batching them
+    # wins back; the rest of that gap is not explained.
     "precond_fwd": dict(
-        BS=None, num_warps=4, num_stages=1, prefetch=True, overlap_alone=8, overlap_shared=4, flag_run=1
+        BS=None, num_warps=4, num_stages=1, prefetch=True, overlap_alone=8, overlap_shared=4, flag_run=4
     ),
     "precond_bwd": dict(
         BS=None,
