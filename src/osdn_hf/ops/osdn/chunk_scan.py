@@ -68,9 +68,10 @@ if HAS_TRITON:
     @triton.jit
     def _wait_for_run(ready, first, step, n, RUN: tl.constexpr):
         """Spin until the flags of the `min(n, RUN)` chunks `first, first + step, ...` are all raised
-        (none if `n <= 0`; RUN a power of two): one round of acquire atomics, issued together, for a
-        run of chunks instead of one on each chunk's way (`_wait_for`). The barrier after it passes what the
-        threads that read the flags learnt to every thread of the program before any reads a chunk."""
+        (none if `n <= 0`; RUN a power of two): one round of acquire atomics, issued together, for
+        a run of chunks instead of one on each chunk's way (`_wait_for`). The barrier after it
+        passes what the threads that read the flags learnt to every thread of the program before
+        any of them reads a chunk."""
         o_r = tl.arange(0, RUN)
         m_r = o_r < n
         flags = ready + first + step * o_r
