@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -617,15 +616,6 @@ def test_doubling_inverse_serves_16bit_inputs_only(monkeypatch):
         assert (a.float() - b.float()).norm() <= 2e-3 * b.float().norm(), name
 
 
-def _check_scans():
-    spec = importlib.util.spec_from_file_location(
-        "check_scans", Path(__file__).parents[1] / "scripts" / "check_scans.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_check_scans_script_checks_launches_on_cpu(tmp_path):
     """scripts/check_scans.py under the interpreter: the package's launch and a given tile, at one
     and two chunks, in float32 and float16, every case within tolerance with the rebuilt states
@@ -649,7 +639,8 @@ def test_check_scans_script_checks_launches_on_cpu(tmp_path):
 
 def test_check_scans_finds_a_wrong_gradient(monkeypatch):
     """The scan check can fail: a reverse scan 2% off in dUb is caught, beyond float16's tolerance."""
-    check_scans = _check_scans()
+    import check_scans  # scripts/, on the path through conftest.py
+
     launches = check_scans.launches_for(32, 32, None, heads=2, device="cpu")
     good = check_scans.check_case(32, 32, 2, torch.float16, launches, heads=2, device="cpu")
     assert max(good["errors"].values()) <= check_scans.RTOL["float16"] and good["rebuilt_same_bits"], good

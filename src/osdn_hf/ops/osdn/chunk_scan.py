@@ -80,6 +80,16 @@ if HAS_TRITON:
         tl.debug_barrier()
 
     @triton.jit
+    def _wait_for_next(ready, i_x, step, left, i_n, RUN: tl.constexpr):
+        """A scan's wait at its `i_n`-th step, before it loads chunk `i_x` (the next one, `step`
+        from this one; `left` chunks remain after this one): for chunk `i_x` alone with RUN 1,
+        else, every RUN-th step, for the next RUN chunks at once (`_wait_for_run`)."""
+        if RUN == 1:
+            _wait_for(ready + i_x)
+        elif i_n % RUN == 0:
+            _wait_for_run(ready, i_x, step, left, RUN)
+
+    @triton.jit
     def _raise_flag(flag):
         """Set `flag` (int32) to 1 once every thread of this program has stored what it guards
         (release): a program in `_wait_for(flag)` then sees those stores."""
@@ -109,10 +119,7 @@ if HAS_TRITON:
             tl.store(es + i_c * K + o_k, b_e, mask=m_k)
             i_x = tl.minimum(i_c + 1, i_bh * NC + NC - 1)  # the next chunk (the last one again at the end)
             if ready is not None:
-                if RUN == 1:
-                    _wait_for(ready + i_x)
-                elif i_n % RUN == 0:
-                    _wait_for_run(ready, i_c + 1, 1, NC - 1 - i_n, RUN)
+                _wait_for_next(ready, i_x, 1, NC - 1 - i_n, i_n, RUN)
             n_y, n_u, n_dm, n_p = _precond_rows(y, u, dm, p, i_x * C + o_s, o_k, m_k, K)
             n_gc = tl.load(gc + i_x)
             b_e = b_e * b_gc + _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE)
@@ -327,10 +334,7 @@ if HAS_TRITON:
             tl.store(des + i_c * K + o_k, b_de, mask=m_k)
             i_x = tl.maximum(i_c - 1, i_bh * NC)  # the chunk before (the first one again at the end)
             if ready is not None:
-                if RUN == 1:
-                    _wait_for(ready + i_x)
-                elif j % RUN == 0:
-                    _wait_for_run(ready, i_c - 1, -1, NC - 1 - j, RUN)
+                _wait_for_next(ready, i_x, -1, NC - 1 - j, j, RUN)
             n_y, n_u = _precond_yu(y, u, i_x * C + o_s, o_k, m_k, K)
             n_p = tl.load(p + i_x * C + o_s)
             n_ges, n_gc = tl.load(ges + i_x * K + o_k, mask=m_k, other=0.0), tl.load(gc + i_x)
