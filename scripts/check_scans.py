@@ -91,14 +91,15 @@ def check_case(K: int, V: int, NC: int, dtype: torch.dtype, launches: dict, head
     return dict(errors=errors, rebuilt_same_bits=bool(torch.equal(rebuilt, ss)))
 
 
-def launches_for(K: int, V: int, tile: dict | None, heads: int, device: str) -> dict | None:
+def launches_for(K: int, V: int, tile: dict | None, heads: int, device: str, itemsize: int = 2) -> dict | None:
     """The package's launches for the pair at `heads` scans on `device` (on a GPU, fitted to its
-    SMs: `chunk_fused._scan_launch`), or `tile`'s keys over them: over both scans', or
+    SMs and to the storage dtype's `itemsize`: `chunk_fused._scan_launch`), or `tile`'s keys over
+    them: over both scans', or
     `{"state_fwd": {...}, "state_bwd": {...}}` for each its own. None where the tile does not fit
     (PREFETCH needs BS == C and a K block of at most 128; BS must divide C)."""
     from osdn_hf.ops.osdn import chunk_fused
 
-    out = {n: chunk_fused._scan_launch(n, K, V, C, heads, device) for n in ("state_fwd", "state_bwd")}
+    out = {n: chunk_fused._scan_launch(n, K, V, C, heads, device, itemsize) for n in ("state_fwd", "state_bwd")}
     if tile is None:
         return out
     for name, launch in out.items():
@@ -115,7 +116,7 @@ def run_group(pair: str, dtype_name: str, args) -> list[dict]:
     K, V = (int(v) for v in pair.split("x"))
     rows = []
     for tile in [None, *args.tile]:
-        launches = launches_for(K, V, tile, args.heads, args.device)
+        launches = launches_for(K, V, tile, args.heads, args.device, getattr(torch, dtype_name).itemsize)
         if launches is None:
             continue
         for NC in args.chunks:

@@ -329,29 +329,59 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split,
 
 
 def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
-    """Without a CUDA device the table's settings; on one, BV halves while the state scans' programs
-    leave SMs idle, and the forward scan is pipelined by Triton instead of prefetching by hand while
-    its programs are at most two per SM. Heads wider than 128 keep the table's settings."""
+    """Without a CUDA device the table's settings. On one, with 16-bit storage and at most two
+    programs per SM: BV from 64, halved while the programs fill less than 3/4 of the SMs, whole
+    chunks, the forward pipelined by Triton (3 deep at one program per SM, 2 at two), the backward
+    prefetching (8 warps at a [128, 64] state tile) or, at two per SM, pipelined 2 deep. Otherwise
+    (float32 storage, or more programs) BV halves from 32 while the programs leave SMs idle, and the
+    forward scan is pipelined in row slices while its programs are at most two per SM. Heads wider
+    than 128 keep the table's settings."""
     table = chunk_fused._scan_launch("state_fwd", 128, 128, 64)
     assert table == chunk_fused._scan_launch("state_fwd", 128, 128, 64, 16, torch.device("cpu"))
     assert table["PREFETCH"] and table["BV"] == 32 and table["num_stages"] == 1
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)  # an H100's or H200's
-    cases = {  # B * H: (forward (BV, BS, num_stages, PREFETCH), backward (BV, BS, PREFETCH))
-        16: ((16, 64, 3, False), (16, 64, True)),  # 64 programs at BV 32
-        32: ((16, 64, 3, False), (16, 64, True)),  # 128
-        64: ((32, 32, 3, False), (32, 64, True)),  # 256
-        128: ((32, 64, 1, True), (32, 64, True)),  # 512
+    # (B * H, itemsize): (forward (BV, BS, num_stages, PREFETCH), backward (BV, BS, num_stages, PREFETCH, warps))
+    cases = {
+        (16, 2): ((16, 64, 3, False), (16, 64, 1, True, 4)),  # 128 programs at BV 16
+        (32, 2): ((32, 64, 3, False), (32, 64, 1, True, 4)),  # 128 at BV 32
+        (64, 2): ((64, 64, 3, False), (64, 64, 1, True, 8)),  # 128 at BV 64
+        (128, 2): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 256 at BV 64
+        (512, 2): ((32, 64, 1, True), (32, 64, 1, True, 4)),  # 1024 at BV 64: the table's regime
+        (16, 4): ((16, 64, 3, False), (16, 64, 1, True, 4)),  # float32 storage: the table's regime
+        (64, 4): ((32, 32, 3, False), (32, 64, 1, True, 4)),
+        (128, 4): ((32, 64, 1, True), (32, 64, 1, True, 4)),
     }
-    for heads, (fwd, bwd) in cases.items():
-        f = chunk_fused._scan_launch("state_fwd", 128, 128, 64, heads, "cuda")
-        b = chunk_fused._scan_launch("state_bwd", 128, 128, 64, heads, "cuda")
-        assert (f["BV"], f["BS"], f["num_stages"], f.get("PREFETCH", False)) == fwd, heads
-        assert (b["BV"], b["BS"], b.get("PREFETCH", False)) == bwd, heads
+    for (heads, itemsize), (fwd, bwd) in cases.items():
+        f = chunk_fused._scan_launch("state_fwd", 128, 128, 64, heads, "cuda", itemsize)
+        b = chunk_fused._scan_launch("state_bwd", 128, 128, 64, heads, "cuda", itemsize)
+        assert (f["BV"], f["BS"], f["num_stages"], f.get("PREFETCH", False)) == fwd, (heads, itemsize)
+        assert (b["BV"], b["BS"], b["num_stages"], b.get("PREFETCH", False), b["num_warps"]) == bwd, (heads, itemsize)
     wide = chunk_fused._scan_launch("state_fwd", 256, 256, 64, 16, "cuda")
     assert wide == chunk_fused._scan_launch("state_fwd", 256, 256, 64)
     assert chunk_fused._scan_launch("precond_fwd", 128, 128, 64, 16, "cuda") == chunk_fused._scan_launch(
         "precond_fwd", 128, 128, 64
     )
+
+
+@pytest.mark.parametrize(
+    "K, heads, sms",
+    [
+        (128, 2, 2),  # one program per SM at BV 64: the forward 3 deep, the backward prefetching at 8 warps
+        (64, 2, 1),  # two per SM: both pipelined 2 deep, whole chunks
+        (128, 4, 16),  # BV 32 (16 programs fill 3/4 of 16 SMs)
+    ],
+)
+def test_state_scans_at_the_fitted_launches(K, heads, sms, monkeypatch):
+    """Both state scans at the launches `_scan_launch` fits for 16-bit storage (as on a GPU with
+    `sms` SMs), float16 under the interpreter: U, the per-chunk and final states and every gradient
+    against the float32 loop (`scripts/check_scans.py`'s case), the rebuilt states the same bits."""
+    import check_scans  # scripts/, on the path through conftest.py
+
+    monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: sms)
+    launches = check_scans.launches_for(K, K, None, heads=heads, device="cpu", itemsize=2)
+    assert launches["state_fwd"]["BS"] == 64 and not launches["state_fwd"].get("PREFETCH"), launches
+    result = check_scans.check_case(K, K, 3, torch.float16, launches, heads=heads, device="cpu")
+    assert max(result["errors"].values()) <= check_scans.RTOL["float16"] and result["rebuilt_same_bits"], result
 
 
 def _precond_forward(B, H, NC, C, K, dtype, g):

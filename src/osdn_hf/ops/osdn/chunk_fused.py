@@ -1006,6 +1006,19 @@ SCAN_TUNING = {
     # _scan_jit). It came back after scripts/check_scans.py passed on the GPU at every regime's
     # launch and tile, NC 1-3 (kernels_scan_launches_*.json). The tile BV 16, BS 64 without
     # prefetch at num_stages 1 is miscompiled at any NC (kernels_scan_nc1.json); no regime uses it.
+    # fit (16-bit storage, heads up to 128 wide, at most two programs per SM; it goes first): BV
+    # starts at 64, not the table's 32, and halves (down to 16) only while the programs fill less
+    # than `fill` of the SMs; then whole chunks (BS = C), with the settings of the first entry of
+    # `waves` whose programs per SM are not exceeded. Both scans alone (H200, bf16, H = 16,
+    # K = V = 128; benchmarks/results/sscan2_2498554.json), old launch -> new, in us:
+    #                  forward      rebuild      backward
+    #   8 x 2048:      195 -> 129   143 -> 86    264 -> 180   (BV 32 -> 64; 256 programs)
+    #   4 x 4096:      158 -> 124    98 -> 85    219 -> 198   (BV 32 -> 64; 128)
+    #   2 x 8192:      191 -> 149   122 -> 107   312 -> 265   (BV 16 -> 32; 128)
+    #   1 x 16384:     213           154          433          (BV 16 as before; 128)
+    # fla's forward scan (chunk_gated_delta_rule_fwd_h) took 123 / 117 / 197 / 386 us on the same
+    # sizes. The backward's prefetching launch runs 8 warps where the state tile is [128, 64]
+    # (`big_tile_warps`; 219 -> 198 us at 4 x 4096, against 243 at 4 warps).
     "state_fwd": dict(
         BV=None,
         BS=None,
@@ -1015,8 +1028,19 @@ SCAN_TUNING = {
         fill_sms=True,
         pipeline_waves=2,
         pipeline=dict(num_stages=3, slice=1024, max_BV=32),
+        fit=dict(BV=64, fill=0.75, waves=[[1, dict(num_stages=3)], [2, dict(num_stages=2)]]),
     ),  # fmt: skip
-    "state_bwd": dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True, fill_sms=True),
+    "state_bwd": dict(
+        BV=None,
+        BS=None,
+        num_warps=4,
+        num_stages=1,
+        prefetch=True,
+        fill_sms=True,
+        fit=dict(
+            BV=64, fill=0.75, waves=[[1, dict(num_stages=1, PREFETCH=True)], [2, dict(num_stages=2)]], big_tile_warps=8
+        ),
+    ),
 }
 # The reverse state scan forming the output's share of the states' gradient, scale Q^T dO, itself
 # (as fla's dhu kernel does; out_bwd would then write no K x V per chunk) was slower in every
@@ -1096,10 +1120,10 @@ def launch_settings() -> dict:
     }
 
 
-def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, device=None) -> dict:
+def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, device=None, itemsize: int = 2) -> dict:
     """Launch settings of scan `name` (`SCAN_TUNING`); for the state scans, given `heads` (B * H)
     and a CUDA `device`, fitted to how many programs its SMs take (without them, as the table's
-    first settings say)."""
+    first settings say), and to the storage dtype's `itemsize` (bytes)."""
     BK, BV, BS = _block_sizes(K, V, C)
     if name == "state_bwd":
         BS = max(BS // 2, 16)
@@ -1113,6 +1137,17 @@ def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, de
     if not name.startswith("state") or heads is None or sms is None or BK > 128:
         return out
     programs = lambda: heads * triton.cdiv(V, out["BV"])  # noqa: E731  (one per (batch, head, V block))
+    fit = t.get("fit")
+    if fit and itemsize <= 2:
+        wide = dict(out, BV=min(fit["BV"], max(triton.next_power_of_2(V), 16)), BS=C, PREFETCH=False)
+        while wide["BV"] > 16 and heads * triton.cdiv(V, wide["BV"]) < fit["fill"] * sms:
+            wide["BV"] //= 2
+        for waves, settings in fit["waves"]:
+            if heads * triton.cdiv(V, wide["BV"]) <= waves * sms:
+                wide.update(settings)
+                if wide["PREFETCH"] and wide["BV"] * BK >= 8192 and fit.get("big_tile_warps"):
+                    wide["num_warps"] = fit["big_tile_warps"]
+                return wide
     if t["fill_sms"]:
         while out["BV"] > 16 and programs() < sms:
             out["BV"] //= 2
@@ -1352,7 +1387,7 @@ def _state_scan(kb, w, ub, s0, uo, precision, launch=None):
     (tiles, warps, stages) defaults to `_scan_launch`'s; scripts/check_scans.py passes others."""
     B, H, NC, C, K = w.shape
     V = uo.shape[-1]
-    launch = launch or _scan_launch("state_fwd", K, V, C, B * H, w.device)
+    launch = launch or _scan_launch("state_fwd", K, V, C, B * H, w.device, w.element_size())
     ss = w.new_empty(B, H, NC, K, V)
     sf = None if ub is None else s0.new_empty(B, H, K, V)
     state_scan_fwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
@@ -1368,7 +1403,7 @@ def _state_scan_bwd(kb, w, gu, gss, ds, precision, launch=None):
     chunk (in `gss`'s place) and of the initial state (float32). `launch` as in `_state_scan`."""
     B, H, NC, C, K = kb.shape
     V = gu.shape[-1]
-    launch = launch or _scan_launch("state_bwd", K, V, C, B * H, kb.device)
+    launch = launch or _scan_launch("state_bwd", K, V, C, B * H, kb.device, kb.element_size())
     dub, dss, ds0 = torch.empty_like(gu), gss, ds.new_empty(B, H, K, V)  # dss overwrites gss as it goes
     state_scan_bwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
         kb, w, gu, gss, ds, dub, dss, ds0, NC, K=K, V=V, C=C, PRECISION=precision, **launch
