@@ -1018,7 +1018,7 @@ SCAN_TUNING = {
     #   1 x 16384:     213           154          433          (BV 16 as before; 128)
     # fla's forward scan (chunk_gated_delta_rule_fwd_h) took 123 / 117 / 197 / 386 us on the same
     # sizes. The backward's prefetching launch runs 8 warps where the state tile is [128, 64]
-    # (`big_tile_warps`; 219 -> 198 us at 4 x 4096, against 243 at 4 warps).
+    # (`big_tile_warps`; at 4 x 4096 198 us, against 359 at 4 warps and 221 at the old BV 32).
     "state_fwd": dict(
         BV=None,
         BS=None,
