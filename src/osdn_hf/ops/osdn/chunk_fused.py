@@ -936,7 +936,8 @@ SCAN_TUNING = {
     # 6.88 ms at 1 x 16384 (both scans, the backward at 8 warps); at 4 x 4096, turning off either
     # scan's costs 0.15-0.21 ms (4.40 -> 4.55-4.61). From there the state scans' prefetch takes
     # forward 6.88 -> 6.51 and 4.40 -> 4.29 ms, backward 6.88 -> 6.20 and 4.40 -> 4.24 ms, each
-    # measured alone.
+    # measured alone. The preconditioner scans' warps, measured again per kernel at 4 x 4096,
+    # 8 x 2048 and 2 x 8192 (precond_warps_619e60c.json): the defaults stay fastest everywhere.
     # split_below: with fewer than this many (batch, head) scans, the backward scan carries only
     # e's gradient (at split_num_warps) and a kernel parallel over chunks writes the rows' gradients
     # from it (`precond_rows_bwd_kernel`). Measured (kernels_tune_split_groups_*.json): 5.87 -> 5.59
