@@ -1011,7 +1011,7 @@ SCAN_TUNING = {
     # starts at 64, not the table's 32, and halves (down to 16) only while the programs fill less
     # than `fill` of the SMs; then whole chunks (BS = C), with the settings of the first entry of
     # `waves` whose programs per SM are not exceeded. Both scans alone (H200, bf16, H = 16,
-    # K = V = 128; benchmarks/results/sscan2_2498554.json), old launch -> new, in us:
+    # K = V = 128; benchmarks/results/state_scan_launches_2498554.json), old launch -> new, in us:
     #                  forward      rebuild      backward
     #   8 x 2048:      195 -> 129   143 -> 86    264 -> 180   (BV 32 -> 64; 256 programs)
     #   4 x 4096:      158 -> 124    98 -> 85    219 -> 198   (BV 32 -> 64; 128)
