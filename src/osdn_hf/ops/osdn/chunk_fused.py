@@ -928,6 +928,8 @@ if HAS_TRITON:
 
 # Launch settings of the two chunk scans (sequential over chunks, parallel over batch, head and
 # V blocks). `None` keeps `chunk_scan._block_sizes`'s choice; benchmarks/tune can override.
+# What both state scans' entries of SCAN_TUNING start from.
+_STATE_SCAN = dict(BV=None, BS=None, num_warps=4, num_stages=1, prefetch=True, fill_sms=True)
 SCAN_TUNING = {
     # prefetch: load the next chunk while reducing this one (whole chunks, BS = C; heads up to 128
     # wide, as wider chunks do not fit in registers). The defaults are what `profile_kernels.py
@@ -1018,28 +1020,21 @@ SCAN_TUNING = {
     #   2 x 8192:      191 -> 149   122 -> 107   312 -> 265   (BV 16 -> 32; 128)
     #   1 x 16384:     213           154          433          (BV 16 as before; 128)
     # fla's forward scan (chunk_gated_delta_rule_fwd_h) took 123 / 117 / 197 / 386 us on the same
-    # sizes. The backward's prefetching launch runs 8 warps where the state tile is [128, 64]
-    # (`big_tile_warps`; at 4 x 4096 198 us, against 359 at 4 warps and 221 at the old BV 32).
+    # sizes. The backward's prefetching launch runs 8 warps where the state tile is [128, 64] or
+    # larger (`big_tile`; at 4 x 4096 198 us, against 359 at 4 warps and 221 at the old BV 32).
     "state_fwd": dict(
-        BV=None,
-        BS=None,
-        num_warps=4,
-        num_stages=1,
-        prefetch=True,
-        fill_sms=True,
+        _STATE_SCAN,
         pipeline_waves=2,
         pipeline=dict(num_stages=3, slice=1024, max_BV=32),
         fit=dict(BV=64, fill=0.75, waves=[[1, dict(num_stages=3)], [2, dict(num_stages=2)]]),
-    ),  # fmt: skip
+    ),
     "state_bwd": dict(
-        BV=None,
-        BS=None,
-        num_warps=4,
-        num_stages=1,
-        prefetch=True,
-        fill_sms=True,
+        _STATE_SCAN,
         fit=dict(
-            BV=64, fill=0.75, waves=[[1, dict(num_stages=1, PREFETCH=True)], [2, dict(num_stages=2)]], big_tile_warps=8
+            BV=64,
+            fill=0.75,
+            waves=[[1, dict(num_stages=1, PREFETCH=True)], [2, dict(num_stages=2)]],
+            big_tile=dict(elements=8192, num_warps=8),
         ),
     ),
 }
@@ -1137,23 +1132,24 @@ def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, de
     sms = _sm_count(device)
     if not name.startswith("state") or heads is None or sms is None or BK > 128:
         return out
-    programs = lambda: heads * triton.cdiv(V, out["BV"])  # noqa: E731  (one per (batch, head, V block))
+    programs = lambda BV: heads * triton.cdiv(V, BV)  # noqa: E731  (one per (batch, head, V block))
     fit = t.get("fit")
     if fit and itemsize <= 2:
         wide = dict(out, BV=min(fit["BV"], max(triton.next_power_of_2(V), 16)), BS=C, PREFETCH=False)
-        while wide["BV"] > 16 and heads * triton.cdiv(V, wide["BV"]) < fit["fill"] * sms:
+        while wide["BV"] > 16 and programs(wide["BV"]) < fit["fill"] * sms:
             wide["BV"] //= 2
         for waves, settings in fit["waves"]:
-            if heads * triton.cdiv(V, wide["BV"]) <= waves * sms:
+            if programs(wide["BV"]) <= waves * sms:
                 wide.update(settings)
-                if wide["PREFETCH"] and wide["BV"] * BK >= 8192 and fit.get("big_tile_warps"):
-                    wide["num_warps"] = fit["big_tile_warps"]
+                big = fit.get("big_tile")
+                if big and wide["PREFETCH"] and wide["BV"] * BK >= big["elements"]:
+                    wide["num_warps"] = big["num_warps"]
                 return wide
     if t["fill_sms"]:
-        while out["BV"] > 16 and programs() < sms:
+        while out["BV"] > 16 and programs(out["BV"]) < sms:
             out["BV"] //= 2
     pipe = t.get("pipeline")
-    if pipe and programs() <= t["pipeline_waves"] * sms and out["BV"] <= pipe["max_BV"]:
+    if pipe and programs(out["BV"]) <= t["pipeline_waves"] * sms and out["BV"] <= pipe["max_BV"]:
         out.update(BS=min(pipe["slice"] // out["BV"], C), num_stages=pipe["num_stages"], PREFETCH=False)
     return out
 
