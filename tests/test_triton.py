@@ -132,27 +132,31 @@ def test_precond_scans_prefetching_give_the_same_bits(K, dtype):
     ges, gef = torch.randn(es.shape, generator=g), torch.randn(ef.shape, generator=g)
     acc = [torch.randn(x.shape, generator=g) for x in (y, u, dm)]  # what dy, du, ddm hold before
 
-    def bwd(prefetch, ACC, DY):
+    def bwd(prefetch, ACC, DY, YDDM=False):
         dy, du, ddm = (a.clone() for a in acc)
         dp, dgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(gef)
         chunk_scan.precond_scan_bwd_kernel[(B * H,)](
-            y, u, dm, p, gc, es, ges, gef, dy, du, ddm, dp, dgc, de0, NC, ACC=ACC, DY=DY, PREFETCH=prefetch, **launch
-        )
+            y, u, dm, p, gc, es, ges, gef, dy, du, ddm, dp, dgc, de0, NC, ACC=ACC, DY=DY, PREFETCH=prefetch,
+            YDDM=YDDM, **launch,
+        )  # fmt: skip
         return dy, du, ddm, dp, dgc, de0
 
-    for ACC, DY in ((False, True), (True, True), (True, False)):
-        ref, got = bwd(False, ACC, DY), bwd(True, ACC, DY)
+    for ACC, DY, YDDM in ((False, True, False), (True, True, False), (True, False, False), (True, False, True)):
+        ref, got = bwd(False, ACC, DY, YDDM), bwd(True, ACC, DY, YDDM)
         for name, a, b in zip(("dy", "du", "ddm", "dp", "dgc", "de0"), got, ref):
-            assert torch.equal(a, b), (name, ACC, DY)
+            assert torch.equal(a, b), (name, ACC, DY, YDDM)
         if ACC:
             assert not torch.equal(ref[1], bwd(False, False, DY)[1])  # the added buffers count
+        if YDDM:  # e's gradient also lost Y^T ddm, ddm as the buffer held it
+            assert not torch.equal(ref[5], bwd(False, ACC, DY)[5])
 
 
 @pytest.mark.parametrize("K, dtype", [(48, torch.float32), (128, torch.float16)])
 def test_split_precond_backward_gives_the_same_bits(K, dtype):
     """The backward scan split in two (the sequential scan of e's gradient alone, then every
     chunk's rows in parallel from it) writes what the one-kernel backward writes, bit for bit:
-    with and without ACC and DY, with and without prefetching, in row slices or whole chunks."""
+    with and without ACC and DY, with and without prefetching, in row slices or whole chunks, and
+    with the scan of e's gradient reading ddm where the one kernel has YDDM."""
     prec, _ = _scan_inputs(2, 2, 3, 64, K, 32)
     y, u = (prec[n].detach().to(dtype) for n in ("y", "u"))
     dm, p, gc, e0 = (prec[n].detach() for n in ("dm", "p", "gc", "e0"))
@@ -167,20 +171,21 @@ def test_split_precond_backward_gives_the_same_bits(K, dtype):
     def outputs():
         return [a.clone() for a in acc] + [torch.empty_like(p), torch.empty_like(gc), torch.empty_like(gef)]
 
-    for (ACC, DY), (prefetch, BS) in itertools.product(
-        ((False, True), (True, True), (True, False)), ((False, 32), (True, C))
+    for (ACC, DY, YDDM), (prefetch, BS) in itertools.product(
+        ((False, True, False), (True, True, False), (True, False, False), (True, False, True)), ((False, 32), (True, C))
     ):
         dy, du, ddm, dp, dgc, de0 = ref = outputs()
         chunk_scan.precond_scan_bwd_kernel[(B * H,)](
             y, u, dm, p, gc, es, ges, gef, dy, du, ddm, dp, dgc, de0, NC, K=K, C=C, BK=BK, BS=BS, ACC=ACC, DY=DY,
-            SQUARE=True,
+            SQUARE=True, YDDM=YDDM,
         )  # fmt: skip
         # the split kernels, the scan in the same row slices (the rows kernel's slices do not matter)
         dy, du, ddm, dp, dgc, de0 = got = outputs()
         des = torch.full_like(es, float("nan"))
         chunk_scan.precond_scan_bwd_de_kernel[(B * H,)](
-            y, u, p, gc, ges, gef, des, de0, NC, K=K, C=C, BK=BK, BS=BS, SQUARE=True, PREFETCH=prefetch
-        )
+            y, u, p, gc, ges, ddm if YDDM else None, gef, des, de0, NC, K=K, C=C, BK=BK, BS=BS, SQUARE=True,
+            PREFETCH=prefetch,
+        )  # fmt: skip
         chunk_scan.precond_rows_bwd_kernel[(B * H * NC,)](
             y, u, dm, p, es, des, dy, du, ddm, dp, dgc, K=K, C=C, BK=BK, BS=16, ACC=ACC, DY=DY, SQUARE=True
         )
@@ -452,8 +457,8 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC):
         k, lam, ref["y"], dm, es, dw, *(ref[n] for n in names[1:7]), K=K, C=C, BK=32, PRECISION=prec, **walk
     )
     chunk_scan.precond_scan_bwd_de_kernel[(B * H,)](
-        ref["y"], k, p, gc, ref["ges"], gef, ref["des"], ref["de0"], NC, K=K, C=C, BK=BK, BS=C, SQUARE=True,
-        PREFETCH=True,
+        ref["y"], k, p, gc, ref["ges"], ref["ddm"], gef, ref["des"], ref["de0"], NC, K=K, C=C, BK=BK, BS=C,
+        SQUARE=True, PREFETCH=True,
     )  # fmt: skip
     assert not torch.equal(ref["de0"], gef)  # the scan moved
     for workers, run in ((1, 1), (3, 1), (1, 2), (3, 4)):

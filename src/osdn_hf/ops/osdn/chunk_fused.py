@@ -549,8 +549,9 @@ if HAS_TRITON:
     def _pre_intra_sums(
         k, b_b, b_eta, o_t, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr
     ):
-        """What phase 1's per-chunk step and its backward both build from one chunk's keys: U U^T
-        (u = k * k), U's row sums, the strengths a = eta b^2 and m = eta b (1 - b sum(u))."""
+        """What phase 1's per-chunk step builds from one chunk's keys before its inverse: U U^T
+        (u = k * k), U's row sums, the strengths a = eta b^2 and m = eta b (1 - b sum(u)). (The
+        backward sums the first two in its first pass over k, `_pre_intra_bwd_l_block`.)"""
         b_uu = tl.zeros([C, C], dtype=tl.float32)
         b_su = tl.zeros([C], dtype=tl.float32)
         for i_k in tl.static_range(0, K, BK):
@@ -754,13 +755,6 @@ if HAS_TRITON:
         tl.store(dg + o_t, b_dg)
         tl.store(dgp + o_t, -b_delta * b_ddelta)
         tl.store(ddm + o_t, b_ddelta)
-        tl.debug_barrier()  # e_n's gradient through G, stored above by any thread, is read below
-        for i_k in tl.static_range(0, K, BK):  # and the part through delta = dm - Y e_n added
-            o_k = i_k + tl.arange(0, BK)
-            m_k = o_k < K
-            b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-            b_ges = tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0) - tl.sum(b_y * b_ddelta[:, None], 0)
-            tl.store(ges + i_c * K + o_k, b_ges, mask=m_k)
 
     @triton.jit
     def pre_out_bwd_kernel(
@@ -771,12 +765,12 @@ if HAS_TRITON:
         """Through W = (1 + E) * K, E = G e_n^T + P (delta * U), delta = dm - Y e_n.
 
         Writes dK (the direct part), d(dm), dU (the part through E), the gradients of the log
-        gates `g` and `gp` through G and P, and the gradient of e_n (`ges`). dY is not written:
-        it is `-d(dm) e_n^T` here and in the scan alike, so the next kernels rebuild it. `ges` is
-        written in two steps (through G in the loop over K blocks, then through delta, once d(delta)
-        is summed over all of them), so k and dW are read once. dP is never formed: the log gates
-        need only its products with P summed by rows, <dE_t, (P (delta * U))_t>, and by columns,
-        delta_s d(delta)_s."""
+        gates `g` and `gp` through G and P, and the gradient of e_n through G (`ges`). dY is not
+        written: it is `-d(dm) e_n^T` here and in the scan alike, so the next kernels rebuild it.
+        e_n's gradient through delta, `-Y^T d(delta)`, is left to the scan, which reads Y anyway
+        (`ddm` with YDDM): here it would need a second pass over Y once d(delta) is summed over
+        all K blocks. dP is never formed: the log gates need only its products with P summed by
+        rows, <dE_t, (P (delta * U))_t>, and by columns, delta_s d(delta)_s."""
         i_c = tl.program_id(0).to(tl.int64)
         _pre_out_bwd_chunk(i_c, k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges, K, C, BK, PRECISION, UNROLL, STAGES)
 
@@ -807,7 +801,9 @@ if HAS_TRITON:
                 _raise_flag(ready + i_c)
         else:
             i_bh = (ticket - NW).to(tl.int64)
-            _precond_scan_bwd_de_prefetching(y, k, p, gc, ges, gef, des, de0, ready, i_bh, NC, K, C, SBK, True, RUN)
+            _precond_scan_bwd_de_prefetching(
+                y, k, p, gc, ges, ddm, gef, des, de0, ready, i_bh, NC, K, C, SBK, True, RUN
+            )
 
     @triton.jit
     def _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K: tl.constexpr, BK: tl.constexpr):
@@ -821,17 +817,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _pre_intra_bwd_l_block(
-        k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_da, b_dgp, i_k, i_c, o_t,
+        k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_uu, b_su, b_da, b_dgp, i_k, i_c, o_t,
         K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """`pre_intra_bwd_kernel` on the K block at `i_k`, first pass: the sums of dL, da and dgp."""
+        """`pre_intra_bwd_kernel` on the K block at `i_k`, first pass: the sums of dL, U U^T, U's
+        row sums, da and dgp."""
         _, _, _, b_u, b_dr = _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K, BK)
+        b_uu += tl.dot(b_u, tl.trans(b_u), input_precision=PRECISION)
+        b_su += tl.sum(b_u, 1)
         b_y = tl.dot(b_ti, b_u * b_r[:, None], input_precision=PRECISION)
         b_dl -= tl.dot(b_dr, tl.trans(b_y), input_precision=PRECISION)
         b_dru = tl.sum(b_dr * b_u, 1)  # <dR_t, u_t>
         b_da += b_egp * b_dru
         b_dgp += b_r * b_dru
-        return b_dl, b_da, b_dgp
+        return b_dl, b_uu, b_su, b_da, b_dgp
 
     @triton.jit
     def _pre_intra_bwd_k_block(
@@ -868,31 +867,35 @@ if HAS_TRITON:
         b_eta = tl.load(eta + o_t)
         b_lam = tl.load(lam + o_t)
         b_g, b_gp, b_gend = _log_gates(lam, o_t, o_c, C)
-        strict = o_c[:, None] > o_c[None, :]
-        b_uu, b_su, b_a, b_m = _pre_intra_sums(k, b_b, b_eta, o_t, K, C, BK, PRECISION)
-        b_f = tl.where(strict, tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)), 0.0)  # G_{t-1}/G_{s-1}
         b_ti = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])  # (I + L)^{-1}
         b_egp = tl.exp(b_gp)
+        b_a = b_eta * b_b * b_b
         b_r = b_a * b_egp
         # dR = T^T dX and dL = -dR X^T, X = [dm, Y] = T R, column by column over K; with
-        # dY = -ddm e_n^T, the Y columns of dR are -(T^T ddm) e_n^T
-        b_dx0 = tl.load(ddm + o_t)
-        b_x0 = tl.sum(b_ti * b_m[None, :], 1)
-        b_dr0 = tl.sum(b_ti * b_dx0[:, None], 0)  # T^T ddm
-        b_dl = -b_dr0[:, None] * b_x0[None, :]
+        # dY = -ddm e_n^T, the Y columns of dR are -(T^T ddm) e_n^T. U U^T and U's row sums (what
+        # `_pre_intra_sums` makes in the forward) are summed in the same pass over k, and dm's
+        # column of dL, which needs them, is added after it.
+        b_dr0 = tl.sum(b_ti * tl.load(ddm + o_t)[:, None], 0)  # T^T ddm
+        b_dl = tl.zeros([C, C], dtype=tl.float32)
+        b_uu = tl.zeros([C, C], dtype=tl.float32)
+        b_su = tl.zeros([C], dtype=tl.float32)
         b_dgp = tl.load(dgp + o_t)
         b_da = tl.zeros([C], dtype=tl.float32)
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
-                b_dl, b_da, b_dgp = _pre_intra_bwd_l_block(
-                    k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_da, b_dgp, i_k, i_c, o_t, K, BK, PRECISION
+                b_dl, b_uu, b_su, b_da, b_dgp = _pre_intra_bwd_l_block(
+                    k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_uu, b_su, b_da, b_dgp, i_k, i_c, o_t, K, BK, PRECISION
                 )
         else:  # `_chunk_launch`
             for i_k in tl.range(0, K, BK, num_stages=STAGES):
-                b_dl, b_da, b_dgp = _pre_intra_bwd_l_block(
-                    k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_da, b_dgp, i_k, i_c, o_t, K, BK, PRECISION
+                b_dl, b_uu, b_su, b_da, b_dgp = _pre_intra_bwd_l_block(
+                    k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_uu, b_su, b_da, b_dgp, i_k, i_c, o_t, K, BK, PRECISION
                 )
-        b_dl = tl.where(strict, b_dl, 0.0)
+        b_m = b_eta * b_b * (1 - b_b * b_su)
+        b_x0 = tl.sum(b_ti * b_m[None, :], 1)
+        strict = o_c[:, None] > o_c[None, :]
+        b_dl = tl.where(strict, b_dl - b_dr0[:, None] * b_x0[None, :], 0.0)
+        b_f = tl.where(strict, tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)), 0.0)  # G_{t-1}/G_{s-1}
         # L = diag(a) F * UU^T
         b_dlf = b_dl * b_f
         b_da += tl.sum(b_dlf * b_uu, 1)
@@ -1354,7 +1357,7 @@ class Precondition(torch.autograd.Function):
         if split:
             if not workers:
                 precond_scan_bwd_de_kernel[(B * H,)](
-                    y, k, p, gc, ges, dd, des, de0, NC, K=K, C=C, SQUARE=True, **launch
+                    y, k, p, gc, ges, ddm, dd, des, de0, NC, K=K, C=C, SQUARE=True, **launch
                 )
             BK, _, BS = _block_sizes(K, K, C)
             precond_rows_bwd_kernel[grid](
@@ -1364,7 +1367,7 @@ class Precondition(torch.autograd.Function):
         else:
             precond_scan_bwd_kernel[(B * H,)](
                 y, k, dm, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC,
-                K=K, C=C, ACC=True, DY=False, SQUARE=True, **launch,
+                K=K, C=C, ACC=True, DY=False, SQUARE=True, YDDM=True, **launch,
             )  # fmt: skip
         del y
         dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)

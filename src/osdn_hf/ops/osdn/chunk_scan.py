@@ -203,10 +203,11 @@ if HAS_TRITON:
     @triton.jit
     def _precond_bwd_rows(
         b_y, b_u, b_p, b_dm, b_e, b_de, b_ddm, b_du, b_dy, o_t, o_tk, m_k, ddm, dp, dy, du,
-        ACC: tl.constexpr, DY: tl.constexpr, SQUARE: tl.constexpr,
+        ACC: tl.constexpr, DY: tl.constexpr, SQUARE: tl.constexpr, YDDM: tl.constexpr = False,
     ):  # fmt: skip
         """Rows of a chunk in `precond_scan_bwd_kernel`: writes their d(dm), dp, dU (and dY),
-        adding to `b_ddm`, `b_du`, `b_dy` (what the buffers held) with ACC; returns Y^T (p q)."""
+        adding to `b_ddm`, `b_du`, `b_dy` (what the buffers held) with ACC; returns Y^T (p q), or
+        with YDDM (and ACC) Y^T (p q + b_ddm)."""
         b_y = b_y.to(tl.float32)
         b_u, b_q, b_pq = _precond_pq(b_u, b_p, b_de, SQUARE)
         b_res = b_dm - tl.sum(b_y * b_e[None, :], 1)  # [BS]
@@ -222,6 +223,9 @@ if HAS_TRITON:
                 tl.store(dy + o_tk, b_dy - b_pq[:, None] * b_e[None, :], mask=m_k[None, :])
             else:
                 tl.store(dy + o_tk, -b_pq[:, None] * b_e[None, :], mask=m_k[None, :])
+        if YDDM:
+            tl.static_assert(ACC)
+            b_pq += b_ddm
         return tl.sum(b_y * b_pq[:, None], 0)
 
     @_scan_jit
@@ -249,12 +253,15 @@ if HAS_TRITON:
         DY: tl.constexpr = True,
         SQUARE: tl.constexpr = False,
         PREFETCH: tl.constexpr = False,
+        YDDM: tl.constexpr = False,
     ):
         """Reverse of `precond_scan_fwd_kernel`; `de` is the gradient of e_{n+1}. With ACC the
         gradients of y, u and dm are added to what those buffers hold; without DY dy is not
         written (it is `-ddm e_n^T`, which a caller can rebuild). SQUARE and PREFETCH as in the
         forward (with PREFETCH the chunk before is loaded while this one is reduced); `du` is
-        still the gradient of u."""
+        still the gradient of u. With YDDM (and ACC) e_n's gradient also loses `Y^T ddm`, ddm as
+        the buffer held it, which `ges` then leaves out: the gradient of e_n through a
+        `dm - Y e_n` of the caller's, whose gradient it added to ddm (`pre_out_bwd_kernel`)."""
         i_bh = tl.program_id(0).to(tl.int64)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
@@ -281,8 +288,9 @@ if HAS_TRITON:
                 tl.store(dgc + i_c, tl.sum(b_e * b_de, 0))
                 b_acc = b_gc * b_de + b_ges
                 b_acc -= _precond_bwd_rows(
-                    b_y, b_u, b_p, b_dm, b_e, b_de, b_ddm, b_du, b_dy, o_t, o_tk, m_k, ddm, dp, dy, du, ACC, DY, SQUARE
-                )
+                    b_y, b_u, b_p, b_dm, b_e, b_de, b_ddm, b_du, b_dy, o_t, o_tk, m_k, ddm, dp, dy, du, ACC, DY, SQUARE,
+                    YDDM,
+                )  # fmt: skip
                 b_de = b_acc
                 b_y, b_u, b_dm, b_p, b_e, b_ges, b_gc = n_y, n_u, n_dm, n_p, n_e, n_ges, n_gc
                 b_ddm, b_du, b_dy = n_ddm, n_du, n_dy
@@ -299,26 +307,35 @@ if HAS_TRITON:
                     )
                     b_acc -= _precond_bwd_rows(
                         b_y, b_u, b_p, b_dm, b_e, b_de, b_ddm, b_du, b_dy, o_t, o_t[:, None] * K + o_k[None, :], m_k,
-                        ddm, dp, dy, du, ACC, DY, SQUARE,
+                        ddm, dp, dy, du, ACC, DY, SQUARE, YDDM,
                     )  # fmt: skip
                 b_de = b_acc
         tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
 
     @triton.jit
-    def _precond_de_rows(b_y, b_u, b_p, b_de, SQUARE: tl.constexpr):
-        """Y^T (p q), q_t = <u_t, de>, over rows of a chunk: what e_n's gradient loses to them."""
+    def _precond_de_rows(b_y, b_u, b_p, b_de, b_ddm, SQUARE: tl.constexpr):
+        """Y^T (p q + ddm), q_t = <u_t, de>, over rows of a chunk: what e_n's gradient loses to
+        them (`b_ddm` zeros where the caller's `ges` holds the part through ddm)."""
         _, _, b_pq = _precond_pq(b_u, b_p, b_de, SQUARE)
-        return tl.sum(b_y.to(tl.float32) * b_pq[:, None], 0)
+        return tl.sum(b_y.to(tl.float32) * (b_pq + b_ddm)[:, None], 0)
+
+    @triton.jit
+    def _precond_ddm(ddm, o_t, BS: tl.constexpr):
+        """What `ddm` holds for rows `o_t` (zeros where `ddm` is None)."""
+        if ddm is None:
+            return tl.zeros([BS], dtype=tl.float32)
+        else:
+            return tl.load(ddm + o_t)
 
     @triton.jit
     def _precond_scan_bwd_de_prefetching(
-        y, u, p, gc, ges, gef, des, de0, ready, i_bh, NC, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+        y, u, p, gc, ges, ddm, gef, des, de0, ready, i_bh, NC, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
         SQUARE: tl.constexpr, RUN: tl.constexpr = 1,
     ):  # fmt: skip
         """`precond_scan_bwd_de_kernel` with PREFETCH for (batch, head) `i_bh`: the chunk before is
         loaded while this one is reduced. With `ready` (not None), each chunk's rows are read only
-        once its flag `ready[i_c]` is raised: other programs are still writing its y and `ges`
-        (`chunk_fused.precond_bwd_overlap_kernel`), RUN chunks at a time (`_wait_for_run`)."""
+        once its flag `ready[i_c]` is raised: other programs are still writing its y, `ges` and
+        `ddm` (`chunk_fused.precond_bwd_overlap_kernel`), RUN chunks at a time (`_wait_for_run`)."""
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, C)
@@ -327,7 +344,7 @@ if HAS_TRITON:
         if ready is not None:
             _wait_for(ready + i_c)
         b_y, b_u = _precond_yu(y, u, i_c * C + o_s, o_k, m_k, K)
-        b_p = tl.load(p + i_c * C + o_s)
+        b_p, b_ddm = tl.load(p + i_c * C + o_s), _precond_ddm(ddm, i_c * C + o_s, C)
         b_ges, b_gc = tl.load(ges + i_c * K + o_k, mask=m_k, other=0.0), tl.load(gc + i_c)
         for j in range(NC):
             i_c = i_bh * NC + NC - 1 - j
@@ -336,12 +353,12 @@ if HAS_TRITON:
             if ready is not None:
                 _wait_for_next(ready, i_x, -1, NC - 1 - j, j, RUN)
             n_y, n_u = _precond_yu(y, u, i_x * C + o_s, o_k, m_k, K)
-            n_p = tl.load(p + i_x * C + o_s)
+            n_p, n_ddm = tl.load(p + i_x * C + o_s), _precond_ddm(ddm, i_x * C + o_s, C)
             n_ges, n_gc = tl.load(ges + i_x * K + o_k, mask=m_k, other=0.0), tl.load(gc + i_x)
             b_acc = b_gc * b_de + b_ges
-            b_acc -= _precond_de_rows(b_y, b_u, b_p, b_de, SQUARE)
+            b_acc -= _precond_de_rows(b_y, b_u, b_p, b_de, b_ddm, SQUARE)
             b_de = b_acc
-            b_y, b_u, b_p, b_ges, b_gc = n_y, n_u, n_p, n_ges, n_gc
+            b_y, b_u, b_p, b_ddm, b_ges, b_gc = n_y, n_u, n_p, n_ddm, n_ges, n_gc
         tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
 
     @_scan_jit
@@ -351,6 +368,7 @@ if HAS_TRITON:
         p,
         gc,
         ges,
+        ddm,
         gef,
         des,
         de0,
@@ -365,11 +383,12 @@ if HAS_TRITON:
         """The sequential half of `precond_scan_bwd_kernel`: only the gradient of e, written per
         chunk (`des[n]`, the gradient of e_{n+1}) for `precond_rows_bwd_kernel`, which does the
         rest in parallel over chunks. It reads y, u and p, not dm or e, and writes no rows, so each
-        step of the scan is shorter. SQUARE and PREFETCH as in the other scans."""
+        step of the scan is shorter. SQUARE and PREFETCH as in the other scans. With `ddm` (not
+        None) e_n's gradient also loses `Y^T ddm` (YDDM of `precond_scan_bwd_kernel`)."""
         i_bh = tl.program_id(0).to(tl.int64)
         if PREFETCH:
             tl.static_assert(BS == C)
-            _precond_scan_bwd_de_prefetching(y, u, p, gc, ges, gef, des, de0, None, i_bh, NC, K, C, BK, SQUARE)
+            _precond_scan_bwd_de_prefetching(y, u, p, gc, ges, ddm, gef, des, de0, None, i_bh, NC, K, C, BK, SQUARE)
         else:
             o_k = tl.arange(0, BK)
             m_k = o_k < K
@@ -383,7 +402,7 @@ if HAS_TRITON:
                     o_t = i_c * C + i_s * BS + o_s  # [BS]
                     b_y, b_u = _precond_yu(y, u, o_t, o_k, m_k, K)
                     b_p = tl.load(p + o_t)
-                    b_acc -= _precond_de_rows(b_y, b_u, b_p, b_de, SQUARE)
+                    b_acc -= _precond_de_rows(b_y, b_u, b_p, b_de, _precond_ddm(ddm, o_t, BS), SQUARE)
                 b_de = b_acc
             tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
 
