@@ -194,6 +194,53 @@ def test_split_precond_backward_gives_the_same_bits(K, dtype):
     assert not torch.equal(des[:, :, 0], des[:, :, 1]) and torch.equal(des[:, :, -1], gef)
 
 
+@pytest.mark.parametrize("K, dtype", [(48, torch.float32), (128, torch.float16)])
+def test_precond_backward_reads_the_saved_delta(K, dtype):
+    """With DELTA the backward's rows read delta = dm - Y e_n as given (the fused forward saves it)
+    instead of forming it from Y: the one-kernel scan and the split pair, as the fused backward
+    calls them (ACC, no dY, e's gradient losing Y^T ddm), agree bit for bit, match the scans that
+    form delta themselves to float32 rounding, and the rows kernel does not read y (NaN there)."""
+    prec, _ = _scan_inputs(2, 2, 3, 64, K, 32)
+    y, u = (prec[n].detach().to(dtype) for n in ("y", "u"))
+    dm, p, gc, e0 = (prec[n].detach() for n in ("dm", "p", "gc", "e0"))
+    B, H, NC, C, _ = y.shape
+    BK = triton.next_power_of_2(K)
+    es, ef = y.new_empty(B, H, NC, K, dtype=torch.float32), e0.new_empty(B, H, K)
+    chunk_scan.precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, e0, es, ef, NC, K=K, C=C, BK=BK, BS=C, SQUARE=True)
+    delta = dm - torch.einsum("bhnck,bhnk->bhnc", y.float(), es)
+    g = torch.Generator().manual_seed(7)
+    ges, gef = torch.randn(es.shape, generator=g), torch.randn(ef.shape, generator=g)
+    acc = [torch.randn(x.shape, generator=g) for x in (u, dm)]  # what du, ddm hold before
+    launch = dict(K=K, C=C, BK=BK, ACC=True, DY=False, SQUARE=True)
+
+    def run(split, DELTA):
+        du, ddm = (a.clone() for a in acc)
+        dp, dgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(gef)
+        rows = delta if DELTA else dm
+        if split:
+            des = torch.full_like(es, float("nan"))
+            chunk_scan.precond_scan_bwd_de_kernel[(B * H,)](
+                y, u, p, gc, ges, ddm, gef, des, de0, NC, K=K, C=C, BK=BK, BS=C, SQUARE=True, PREFETCH=True
+            )
+            chunk_scan.precond_rows_bwd_kernel[(B * H * NC,)](
+                torch.full_like(y, float("nan")) if DELTA else y, u, rows, p, es, des, None, du, ddm, dp, dgc,
+                BS=16, DELTA=DELTA, **launch,
+            )  # fmt: skip
+        else:
+            chunk_scan.precond_scan_bwd_kernel[(B * H,)](
+                y, u, rows, p, gc, es, ges, gef, None, du, ddm, dp, dgc, de0, NC,
+                BS=C, PREFETCH=True, YDDM=True, DELTA=DELTA, **launch,
+            )  # fmt: skip
+        return dict(du=du, ddm=ddm, dp=dp, dgc=dgc, de0=de0)
+
+    formed, one, pair = run(False, False), run(False, True), run(True, True)
+    for name in formed:
+        assert torch.equal(one[name], pair[name]), name
+        assert not one[name].isnan().any(), name
+        torch.testing.assert_close(one[name], formed[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert not torch.equal(one["de0"], gef)  # the scan moved
+
+
 @pytest.mark.parametrize("K, V, dtype", [(48, 80, torch.float32), (128, 64, torch.float16)])
 def test_state_scans_prefetching_give_the_same_bits(K, V, dtype):
     """PREFETCH in phase 2's scans: forward (writing U, and rebuilding the states from it), and
@@ -438,8 +485,12 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC):
     run at a time (RUN), and the flags end raised, the tickets all taken."""
     B, H, C = 2, 2, 64
     g = torch.Generator().manual_seed(1)
-    k, beta, eta, lam, _, (_, dm, p, gc, tinv, es, ef) = _precond_forward(B, H, NC, C, K, dtype, g)
+    k, beta, eta, lam, _, (y, dm, p, gc, tinv, es, ef) = _precond_forward(B, H, NC, C, K, dtype, g)
     prec, BK = "ieee", triton.next_power_of_2(K)
+    dl = torch.empty_like(dm)  # delta = dm - Y e_n, as the forward's last kernel saves it
+    chunk_fused.pre_out_fwd_kernel[(B * H * NC,)](
+        k, lam, y, dm, es, torch.empty_like(k), dl, K=K, C=C, BK=32, PRECISION=prec
+    )
     dw, gef = torch.randn(B, H, NC, C, K, generator=g).to(dtype), torch.randn(B, H, K, generator=g)
     names = ("y", "dk", "ddm", "du", "dg", "dgp", "ges", "des", "de0")
 
@@ -454,7 +505,7 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC):
     ref = outputs()
     chunk_fused.pre_y_kernel[(B * H * NC,)](k, beta, eta, lam, tinv, ref["y"], K=K, C=C, BK=32, PRECISION=prec, **walk)
     chunk_fused.pre_out_bwd_kernel[(B * H * NC,)](
-        k, lam, ref["y"], dm, es, dw, *(ref[n] for n in names[1:7]), K=K, C=C, BK=32, PRECISION=prec, **walk
+        k, lam, dl, es, dw, *(ref[n] for n in names[1:7]), K=K, C=C, BK=32, PRECISION=prec, **walk
     )
     chunk_scan.precond_scan_bwd_de_kernel[(B * H,)](
         ref["y"], k, p, gc, ref["ges"], ref["ddm"], gef, ref["des"], ref["de0"], NC, K=K, C=C, BK=BK, BS=C,
@@ -465,7 +516,7 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC):
         got = outputs()
         ready = torch.zeros(B * H * NC + 1, dtype=torch.int32)
         chunk_fused.precond_bwd_overlap_kernel[(workers + B * H,)](
-            k, beta, eta, lam, tinv, got["y"], dm, es, dw, *(got[n] for n in names[1:7]), p, gc, gef,
+            k, beta, eta, lam, tinv, got["y"], dl, es, dw, *(got[n] for n in names[1:7]), p, gc, gef,
             got["des"], got["de0"], ready, NC, B * H, workers, K=K, C=C, BK=32, SBK=BK, PRECISION=prec,
             Y_BK=32, Y_UNROLL=False, Y_STAGES=3, RUN=run, **walk,
         )  # fmt: skip

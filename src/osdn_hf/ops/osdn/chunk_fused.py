@@ -468,7 +468,7 @@ if HAS_TRITON:
     @triton.jit
     def _wy_bwd_k_block(
         k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t,
-        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, ALIASED: tl.constexpr,
     ):  # fmt: skip
         """`wy_bwd_kernel` on the K block at `i_k`, second pass: dK's and dW's columns; db's sum."""
         o_k = i_k + tl.arange(0, BK)
@@ -476,7 +476,8 @@ if HAS_TRITON:
         b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
         b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
         b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-        tl.debug_barrier()  # every warp has read this block of dKb before dK may overwrite it
+        if ALIASED:
+            tl.debug_barrier()  # every warp has read this block of dKb before dK may overwrite it
         b_dkbb = tl.dot(tl.trans(b_t), b_dkb, input_precision=PRECISION)  # d(diag(b) K)
         b_db += tl.sum(b_dkbb * b_k.to(tl.float32), 1)
         b_dk = b_dkbb * b_b[:, None] + tl.dot(b_dab.to(b_w.dtype), b_w, input_precision=PRECISION)
@@ -491,10 +492,12 @@ if HAS_TRITON:
         k, w, v, beta, tinv, dub, dk, dw, dk_out, dw_out, dv, dbeta, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         PRECISION: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
+        ALIASED: tl.constexpr = True,
     ):  # fmt: skip
         """Through Ub = T diag(b) V, Kb = T diag(b) K, T = (I + A)^{-1}, A = tril(diag(b) K W^T, -1),
         `dk` holds dKb and `dw` the other shares of dW (in `GRAD_STORAGE`'s dtype); dK and all of
-        dW go to `dk_out` and `dw_out` (k's dtype; they may be `dk` and `dw`). v and dv are
+        dW go to `dk_out` and `dw_out` (k's dtype; they may be `dk` and `dw`: ALIASED says whether
+        `dk_out` is `dk`, when each block's writes must wait for all its reads). v and dv are
         `[B, T, H, V]`. With UNROLL off the loops over blocks stay loops, pipelined STAGES deep
         (`_chunk_launch`)."""
         i_c = tl.program_id(0).to(tl.int64)
@@ -527,10 +530,14 @@ if HAS_TRITON:
         b_dab = b_da * b_b[:, None]
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
-                b_db = _wy_bwd_k_block(k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t, K, BK, PRECISION)
+                b_db = _wy_bwd_k_block(
+                    k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t, K, BK, PRECISION, ALIASED
+                )
         else:
             for i_k in tl.range(0, K, BK, num_stages=STAGES):
-                b_db = _wy_bwd_k_block(k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t, K, BK, PRECISION)
+                b_db = _wy_bwd_k_block(
+                    k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t, K, BK, PRECISION, ALIASED
+                )
         tl.store(dbeta + o_t, b_db)
 
     # ---------------------------------------------------------------- phase 1 forward
@@ -670,10 +677,16 @@ if HAS_TRITON:
         _pre_y_chunk(i_c, k, beta, eta, lam, tinv, y, K, C, BK, PRECISION, UNROLL, STAGES)
 
     @triton.jit
-    def _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
-        """The chunk's `delta = dm - Y e_n`, `P[t, s] = G_t / G_{s-1}` (s <= t) and `G_t`: what the
-        output step and its backward both start from."""
+    def _chunk_decays(lam, o_t, o_c, C: tl.constexpr):
+        """The chunk's `P[t, s] = G_t / G_{s-1}` (s <= t) and `G_t`."""
         b_g, b_gp, _ = _log_gates(lam, o_t, o_c, C)
+        incl = o_c[:, None] >= o_c[None, :]
+        return tl.where(incl, tl.exp(tl.where(incl, b_g[:, None] - b_gp[None, :], 0.0)), 0.0), tl.exp(b_g)
+
+    @triton.jit
+    def _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+        """The chunk's `delta = dm - Y e_n`, and P and G (`_chunk_decays`): what the output step
+        starts from."""
         b_delta = tl.load(dm + o_t)
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
@@ -681,21 +694,21 @@ if HAS_TRITON:
             b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
             b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
             b_delta -= tl.sum(b_y * b_e[None, :], 1)
-        incl = o_c[:, None] >= o_c[None, :]
-        b_p = tl.where(incl, tl.exp(tl.where(incl, b_g[:, None] - b_gp[None, :], 0.0)), 0.0)
-        return b_delta, b_p, tl.exp(b_g)
+        b_p, b_eg = _chunk_decays(lam, o_t, o_c, C)
+        return b_delta, b_p, b_eg
 
     @triton.jit
     def pre_out_fwd_kernel(
-        k, lam, y, dm, es, w,
+        k, lam, y, dm, es, w, dl,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """delta = dm - Y e_n, E = G e_n^T + P (delta * U) with P[t, s] = G_t / G_{s-1} (s <= t),
-        W = (1 + E) * K."""
+        W = (1 + E) * K; delta is written to `dl`, for the backward."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         b_delta, b_p, b_eg = _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K, C, BK)
+        tl.store(dl + o_t, b_delta)
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
@@ -732,14 +745,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _pre_out_bwd_chunk(
-        i_c, k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
+        i_c, k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
         UNROLL: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         """`pre_out_bwd_kernel`'s work on chunk `i_c`."""
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
-        b_delta, b_p, b_eg = _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K, C, BK)
+        b_delta = tl.load(dl + o_t)
+        b_p, b_eg = _chunk_decays(lam, o_t, o_c, C)
         b_ddelta = tl.zeros([C], dtype=tl.float32)
         b_dg = tl.zeros([C], dtype=tl.float32)
         if UNROLL:
@@ -758,11 +772,12 @@ if HAS_TRITON:
 
     @triton.jit
     def pre_out_bwd_kernel(
-        k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges,
+        k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
         UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
-        """Through W = (1 + E) * K, E = G e_n^T + P (delta * U), delta = dm - Y e_n.
+        """Through W = (1 + E) * K, E = G e_n^T + P (delta * U), delta = dm - Y e_n (`dl`, as
+        `pre_out_fwd_kernel` saved it: Y is not read here).
 
         Writes dK (the direct part), d(dm), dU (the part through E), the gradients of the log
         gates `g` and `gp` through G and P, and the gradient of e_n through G (`ges`). dY is not
@@ -772,11 +787,11 @@ if HAS_TRITON:
         all K blocks. dP is never formed: the log gates need only its products with P summed by
         rows, <dE_t, (P (delta * U))_t>, and by columns, delta_s d(delta)_s."""
         i_c = tl.program_id(0).to(tl.int64)
-        _pre_out_bwd_chunk(i_c, k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges, K, C, BK, PRECISION, UNROLL, STAGES)
+        _pre_out_bwd_chunk(i_c, k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges, K, C, BK, PRECISION, UNROLL, STAGES)
 
     @triton.jit(do_not_specialize=["NC", "BH", "NW"])
     def precond_bwd_overlap_kernel(
-        k, beta, eta, lam, tinv, y, dm, es, dw, dk, ddm, du, dg, dgp, ges, p, gc, gef, des, de0, ready, NC, BH, NW,
+        k, beta, eta, lam, tinv, y, dl, es, dw, dk, ddm, du, dg, dgp, ges, p, gc, gef, des, de0, ready, NC, BH, NW,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, SBK: tl.constexpr, PRECISION: tl.constexpr,
         Y_BK: tl.constexpr, Y_UNROLL: tl.constexpr, Y_STAGES: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
         RUN: tl.constexpr = 1,
@@ -794,9 +809,8 @@ if HAS_TRITON:
             for j in range(ticket, NC * BH, NW):
                 i_c = _worker_chunk(j, BH, NC, True)
                 _pre_y_chunk(i_c, k, beta, eta, lam, tinv, y, K, C, Y_BK, PRECISION, Y_UNROLL, Y_STAGES)
-                tl.debug_barrier()  # y, stored by every thread, is read back by pre_out_bwd's
                 _pre_out_bwd_chunk(
-                    i_c, k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges, K, C, BK, PRECISION, UNROLL, STAGES
+                    i_c, k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges, K, C, BK, PRECISION, UNROLL, STAGES
                 )
                 _raise_flag(ready + i_c)
         else:
@@ -1312,16 +1326,19 @@ class Precondition(torch.autograd.Function):
         else:
             pre_intra_fwd_kernel[grid](k, beta, eta, lam, y, dm, p, gc, tinv, **intra)
             precond_scan_fwd_kernel[(B * H,)](y, k, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, SQUARE=True, **scan)
-        w = torch.empty_like(k)
-        pre_out_fwd_kernel[grid](k, lam, y, dm, es, w, K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K))
-        # Y is rebuilt from the inverse in the backward: 1X less held between forward and backward
-        ctx.save_for_backward(k, beta, eta, lam, dm, p, gc, es, tinv)
+        w, dl = torch.empty_like(k), torch.empty_like(dm)
+        pre_out_fwd_kernel[grid](
+            k, lam, y, dm, es, w, dl, K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K)
+        )
+        # Y is rebuilt from the inverse in the backward: 1X less held between forward and backward.
+        # The backward reads dm only as delta = dm - Y e_n, which is kept instead.
+        ctx.save_for_backward(k, beta, eta, lam, dl, p, gc, es, tinv)
         ctx.precision = precision
         return w, 1 + ef, k
 
     @staticmethod
     def backward(ctx, dw, dd, dk2):
-        k, beta, eta, lam, dm, p, gc, es, tinv = ctx.saved_tensors
+        k, beta, eta, lam, dl, p, gc, es, tinv = ctx.saved_tensors
         B, H, NC, C, K = k.shape
         grid = (B * H * NC,)
         precision = ctx.precision
@@ -1330,11 +1347,11 @@ class Precondition(torch.autograd.Function):
         dd = beta.new_zeros(B, H, K) if dd is None else dd.contiguous()
         # dK's direct part and dU, which the scan adds to, in the storage dtype (GRAD_STORAGE)
         dk, du = _grad_buffer(k, "phase1"), _grad_buffer(k, "phase1")
-        ddm = torch.empty_like(dm)
-        dg, dgp, ges = torch.empty_like(dm), torch.empty_like(dm), torch.empty_like(es)
+        ddm = torch.empty_like(dl)
+        dg, dgp, ges = torch.empty_like(dl), torch.empty_like(dl), torch.empty_like(es)
         y_launch = _chunk_launch("pre_y", K, precision=precision)
         out_launch = _chunk_launch("pre_out_bwd", K, precision=precision)
-        out_args = (k, lam, y, dm, es, dw, dk, ddm, du, dg, dgp, ges)
+        out_args = (k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges)
         # the scan adds its gradients of u and dm to the output step's (dy: see pre_out_bwd_kernel)
         sdp, sdgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(dd)
         launch = _scan_launch("precond_bwd", K, K, C)
@@ -1346,7 +1363,7 @@ class Precondition(torch.autograd.Function):
         workers, ready = _overlap_launch("precond_bwd", launch, B * H, B * H * NC, k.device) if split else (None, None)
         if workers:  # e's scans run beside the making of Y and of what they read from pre_out_bwd
             precond_bwd_overlap_kernel[(workers + B * H,)](
-                k, beta, eta, lam, tinv, *out_args[2:], p, gc, dd, des, de0, ready, NC, B * H, workers,
+                k, beta, eta, lam, tinv, y, *out_args[2:], p, gc, dd, des, de0, ready, NC, B * H, workers,
                 K=K, C=C, BK=out_launch["BK"], SBK=launch["BK"], PRECISION=precision, Y_BK=y_launch["BK"],
                 Y_UNROLL=y_launch["UNROLL"], Y_STAGES=y_launch["STAGES"], UNROLL=out_launch["UNROLL"],
                 STAGES=out_launch["STAGES"], RUN=SCAN_TUNING["precond_bwd"]["flag_run"], num_warps=launch["num_warps"],
@@ -1361,13 +1378,14 @@ class Precondition(torch.autograd.Function):
                 )
             BK, _, BS = _block_sizes(K, K, C)
             precond_rows_bwd_kernel[grid](
-                y, k, dm, p, es, des, None, du, ddm, sdp, sdgc, K=K, C=C, BK=BK, BS=BS, ACC=True, DY=False, SQUARE=True
-            )
+                y, k, dl, p, es, des, None, du, ddm, sdp, sdgc,
+                K=K, C=C, BK=BK, BS=BS, ACC=True, DY=False, SQUARE=True, DELTA=True,
+            )  # fmt: skip
             del des
         else:
             precond_scan_bwd_kernel[(B * H,)](
-                y, k, dm, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC,
-                K=K, C=C, ACC=True, DY=False, SQUARE=True, YDDM=True, **launch,
+                y, k, dl, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC,
+                K=K, C=C, ACC=True, DY=False, SQUARE=True, YDDM=True, DELTA=True, **launch,
             )  # fmt: skip
         del y
         dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
@@ -1474,7 +1492,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         dk_out, dw_out = _in_dtype_of(dk, k), _in_dtype_of(dw, w)
         wy_bwd_kernel[(B * H * NC,)](
             k, w, v, beta, tinv, dub, dk, dw, dk_out, dw_out, dv, dbeta, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_bwd", K, V, precision),
+            K=K, V=V, C=C, PRECISION=precision, ALIASED=dk_out is dk, **_chunk_launch("wy_bwd", K, V, precision),
         )  # fmt: skip
         return dq, dk_out, dw_out, dv, dbeta, ds0, None, None, None
 

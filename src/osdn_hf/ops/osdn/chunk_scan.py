@@ -204,13 +204,17 @@ if HAS_TRITON:
     def _precond_bwd_rows(
         b_y, b_u, b_p, b_dm, b_e, b_de, b_ddm, b_du, b_dy, o_t, o_tk, m_k, ddm, dp, dy, du,
         ACC: tl.constexpr, DY: tl.constexpr, SQUARE: tl.constexpr, YDDM: tl.constexpr = False,
+        DELTA: tl.constexpr = False,
     ):  # fmt: skip
         """Rows of a chunk in `precond_scan_bwd_kernel`: writes their d(dm), dp, dU (and dY),
         adding to `b_ddm`, `b_du`, `b_dy` (what the buffers held) with ACC; returns Y^T (p q), or
-        with YDDM (and ACC) Y^T (p q + b_ddm)."""
+        with YDDM (and ACC) Y^T (p q + b_ddm). With DELTA `b_dm` is already `dm - Y e_n`."""
         b_y = b_y.to(tl.float32)
         b_u, b_q, b_pq = _precond_pq(b_u, b_p, b_de, SQUARE)
-        b_res = b_dm - tl.sum(b_y * b_e[None, :], 1)  # [BS]
+        if DELTA:
+            b_res = b_dm
+        else:
+            b_res = b_dm - tl.sum(b_y * b_e[None, :], 1)  # [BS]
         if ACC:
             tl.store(ddm + o_t, b_pq + b_ddm)
             tl.store(du + o_tk, (b_p * b_res)[:, None] * b_de[None, :] + b_du, mask=m_k[None, :])
@@ -254,6 +258,7 @@ if HAS_TRITON:
         SQUARE: tl.constexpr = False,
         PREFETCH: tl.constexpr = False,
         YDDM: tl.constexpr = False,
+        DELTA: tl.constexpr = False,
     ):
         """Reverse of `precond_scan_fwd_kernel`; `de` is the gradient of e_{n+1}. With ACC the
         gradients of y, u and dm are added to what those buffers hold; without DY dy is not
@@ -261,7 +266,8 @@ if HAS_TRITON:
         forward (with PREFETCH the chunk before is loaded while this one is reduced); `du` is
         still the gradient of u. With YDDM (and ACC) e_n's gradient also loses `Y^T ddm`, ddm as
         the buffer held it, which `ges` then leaves out: the gradient of e_n through a
-        `dm - Y e_n` of the caller's, whose gradient it added to ddm (`pre_out_bwd_kernel`)."""
+        `dm - Y e_n` of the caller's, whose gradient it added to ddm (`pre_out_bwd_kernel`). With
+        DELTA `dm` holds `dm - Y e_n` itself (as the forward's last step saved it)."""
         i_bh = tl.program_id(0).to(tl.int64)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
@@ -289,7 +295,7 @@ if HAS_TRITON:
                 b_acc = b_gc * b_de + b_ges
                 b_acc -= _precond_bwd_rows(
                     b_y, b_u, b_p, b_dm, b_e, b_de, b_ddm, b_du, b_dy, o_t, o_tk, m_k, ddm, dp, dy, du, ACC, DY, SQUARE,
-                    YDDM,
+                    YDDM, DELTA,
                 )  # fmt: skip
                 b_de = b_acc
                 b_y, b_u, b_dm, b_p, b_e, b_ges, b_gc = n_y, n_u, n_dm, n_p, n_e, n_ges, n_gc
@@ -307,7 +313,7 @@ if HAS_TRITON:
                     )
                     b_acc -= _precond_bwd_rows(
                         b_y, b_u, b_p, b_dm, b_e, b_de, b_ddm, b_du, b_dy, o_t, o_t[:, None] * K + o_k[None, :], m_k,
-                        ddm, dp, dy, du, ACC, DY, SQUARE, YDDM,
+                        ddm, dp, dy, du, ACC, DY, SQUARE, YDDM, DELTA,
                     )  # fmt: skip
                 b_de = b_acc
         tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
@@ -426,10 +432,12 @@ if HAS_TRITON:
         ACC: tl.constexpr = False,
         DY: tl.constexpr = True,
         SQUARE: tl.constexpr = False,
+        DELTA: tl.constexpr = False,
     ):
         """The parallel half of `precond_scan_bwd_kernel`, one chunk per program: from e_n and the
-        gradient of e_{n+1} (`des`), the chunk's d(dm), dp, dU (and dY), and dGc; ACC, DY and
-        SQUARE as there. The same values, bit for bit."""
+        gradient of e_{n+1} (`des`), the chunk's d(dm), dp, dU (and dY), and dGc; ACC, DY, SQUARE
+        and DELTA as there. The same values, bit for bit. With DELTA and without DY, y is not
+        used (its loads are left out when compiled)."""
         i_c = tl.program_id(0).to(tl.int64)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
@@ -444,7 +452,7 @@ if HAS_TRITON:
             )
             _precond_bwd_rows(
                 b_y, b_u, b_p, b_dm, b_e, b_de, b_ddm, b_du, b_dy, o_t, o_t[:, None] * K + o_k[None, :], m_k,
-                ddm, dp, dy, du, ACC, DY, SQUARE,
+                ddm, dp, dy, du, ACC, DY, SQUARE, False, DELTA,
             )  # fmt: skip
 
     @triton.jit
