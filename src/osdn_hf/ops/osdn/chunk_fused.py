@@ -468,7 +468,7 @@ if HAS_TRITON:
     @triton.jit
     def _wy_bwd_k_block(
         k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t,
-        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, ALIASED: tl.constexpr,
+        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """`wy_bwd_kernel` on the K block at `i_k`, second pass: dK's and dW's columns; db's sum."""
         o_k = i_k + tl.arange(0, BK)
@@ -476,8 +476,7 @@ if HAS_TRITON:
         b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
         b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0)
         b_dkb = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-        if ALIASED:
-            tl.debug_barrier()  # every warp has read this block of dKb before dK may overwrite it
+        tl.debug_barrier()  # every warp has read this block of dKb before dK may overwrite it
         b_dkbb = tl.dot(tl.trans(b_t), b_dkb, input_precision=PRECISION)  # d(diag(b) K)
         b_db += tl.sum(b_dkbb * b_k.to(tl.float32), 1)
         b_dk = b_dkbb * b_b[:, None] + tl.dot(b_dab.to(b_w.dtype), b_w, input_precision=PRECISION)
@@ -492,12 +491,10 @@ if HAS_TRITON:
         k, w, v, beta, tinv, dub, dk, dw, dk_out, dw_out, dv, dbeta, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         PRECISION: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
-        ALIASED: tl.constexpr = True,
     ):  # fmt: skip
         """Through Ub = T diag(b) V, Kb = T diag(b) K, T = (I + A)^{-1}, A = tril(diag(b) K W^T, -1),
         `dk` holds dKb and `dw` the other shares of dW (in `GRAD_STORAGE`'s dtype); dK and all of
-        dW go to `dk_out` and `dw_out` (k's dtype; they may be `dk` and `dw`: ALIASED says whether
-        `dk_out` is `dk`, when each block's writes must wait for all its reads). v and dv are
+        dW go to `dk_out` and `dw_out` (k's dtype; they may be `dk` and `dw`). v and dv are
         `[B, T, H, V]`. With UNROLL off the loops over blocks stay loops, pipelined STAGES deep
         (`_chunk_launch`)."""
         i_c = tl.program_id(0).to(tl.int64)
@@ -530,14 +527,10 @@ if HAS_TRITON:
         b_dab = b_da * b_b[:, None]
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
-                b_db = _wy_bwd_k_block(
-                    k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t, K, BK, PRECISION, ALIASED
-                )
+                b_db = _wy_bwd_k_block(k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t, K, BK, PRECISION)
         else:
             for i_k in tl.range(0, K, BK, num_stages=STAGES):
-                b_db = _wy_bwd_k_block(
-                    k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t, K, BK, PRECISION, ALIASED
-                )
+                b_db = _wy_bwd_k_block(k, w, dk, dw, dk_out, dw_out, b_t, b_b, b_dab, b_db, i_k, o_t, K, BK, PRECISION)
         tl.store(dbeta + o_t, b_db)
 
     # ---------------------------------------------------------------- phase 1 forward
@@ -558,7 +551,7 @@ if HAS_TRITON:
     ):
         """What phase 1's per-chunk step builds from one chunk's keys before its inverse: U U^T
         (u = k * k), U's row sums, the strengths a = eta b^2 and m = eta b (1 - b sum(u)). (The
-        backward sums the first two in its first pass over k, `_pre_intra_bwd_l_block`.)"""
+        backward sums the first two in its first pass over k, `_pre_intra_bwd_sums_block`.)"""
         b_uu = tl.zeros([C, C], dtype=tl.float32)
         b_su = tl.zeros([C], dtype=tl.float32)
         for i_k in tl.static_range(0, K, BK):
@@ -820,31 +813,19 @@ if HAS_TRITON:
             )
 
     @triton.jit
-    def _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K: tl.constexpr, BK: tl.constexpr):
-        """What both passes of `pre_intra_bwd_kernel` read of the K block at `i_k`: its offsets and
-        mask, k, U = k * k, and the Y columns of dR, -(T^T ddm) e_n^T."""
+    def _pre_intra_bwd_sums_block(
+        k, es, b_uu, b_su, b_ue, i_k, i_c, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr
+    ):
+        """`pre_intra_bwd_kernel` on the K block at `i_k`, first pass: the sums of U U^T, of U's
+        rows and of U e_n, with this block's share added."""
         o_k = i_k + tl.arange(0, BK)
-        m = o_k[None, :] < K
-        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-        b_dr = -b_dr0[:, None] * tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
-        return o_k, m, b_k, b_k * b_k, b_dr
-
-    @triton.jit
-    def _pre_intra_bwd_l_block(
-        k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_uu, b_su, b_da, b_dgp, i_k, i_c, o_t,
-        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        """`pre_intra_bwd_kernel` on the K block at `i_k`, first pass: the sums of dL, U U^T, U's
-        row sums, da and dgp."""
-        _, _, _, b_u, b_dr = _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K, BK)
+        m_k = o_k < K
+        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+        b_u = b_k * b_k
         b_uu += tl.dot(b_u, tl.trans(b_u), input_precision=PRECISION)
         b_su += tl.sum(b_u, 1)
-        b_y = tl.dot(b_ti, b_u * b_r[:, None], input_precision=PRECISION)
-        b_dl -= tl.dot(b_dr, tl.trans(b_y), input_precision=PRECISION)
-        b_dru = tl.sum(b_dr * b_u, 1)  # <dR_t, u_t>
-        b_da += b_egp * b_dru
-        b_dgp += b_r * b_dru
-        return b_dl, b_uu, b_su, b_da, b_dgp
+        b_ue += tl.sum(b_u * tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)[None, :], 1)
+        return b_uu, b_su, b_ue
 
     @triton.jit
     def _pre_intra_bwd_k_block(
@@ -852,8 +833,12 @@ if HAS_TRITON:
         K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """`pre_intra_bwd_kernel` on the K block at `i_k`, second pass: dK's columns (plus `dk2`,
-        phase 2's gradient of k, unless it is None)."""
-        o_k, m, b_k, b_u, b_dr = _pre_intra_bwd_rows(k, es, b_dr0, i_k, i_c, o_t, K, BK)
+        phase 2's gradient of k, unless it is None). dR's Y columns are -(T^T ddm) e_n^T."""
+        o_k = i_k + tl.arange(0, BK)
+        m = o_k[None, :] < K
+        b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        b_u = b_k * b_k
+        b_dr = -b_dr0[:, None] * tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
         b_du = tl.load(du + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32) + b_dr * b_r[:, None]
         b_du += tl.dot(b_duu, b_u, input_precision=PRECISION) + b_dsu[:, None]
         b_dk = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32) + 2 * b_k * b_du
@@ -885,30 +870,27 @@ if HAS_TRITON:
         b_egp = tl.exp(b_gp)
         b_a = b_eta * b_b * b_b
         b_r = b_a * b_egp
-        # dR = T^T dX and dL = -dR X^T, X = [dm, Y] = T R, column by column over K; with
-        # dY = -ddm e_n^T, the Y columns of dR are -(T^T ddm) e_n^T. U U^T and U's row sums (what
-        # `_pre_intra_sums` makes in the forward) are summed in the same pass over k, and dm's
-        # column of dL, which needs them, is added after it.
-        b_dr0 = tl.sum(b_ti * tl.load(ddm + o_t)[:, None], 0)  # T^T ddm
-        b_dl = tl.zeros([C, C], dtype=tl.float32)
         b_uu = tl.zeros([C, C], dtype=tl.float32)
         b_su = tl.zeros([C], dtype=tl.float32)
-        b_dgp = tl.load(dgp + o_t)
-        b_da = tl.zeros([C], dtype=tl.float32)
+        b_ue = tl.zeros([C], dtype=tl.float32)
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
-                b_dl, b_uu, b_su, b_da, b_dgp = _pre_intra_bwd_l_block(
-                    k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_uu, b_su, b_da, b_dgp, i_k, i_c, o_t, K, BK, PRECISION
-                )
+                b_uu, b_su, b_ue = _pre_intra_bwd_sums_block(k, es, b_uu, b_su, b_ue, i_k, i_c, o_t, K, BK, PRECISION)
         else:  # `_chunk_launch`
             for i_k in tl.range(0, K, BK, num_stages=STAGES):
-                b_dl, b_uu, b_su, b_da, b_dgp = _pre_intra_bwd_l_block(
-                    k, es, b_ti, b_r, b_egp, b_dr0, b_dl, b_uu, b_su, b_da, b_dgp, i_k, i_c, o_t, K, BK, PRECISION
-                )
+                b_uu, b_su, b_ue = _pre_intra_bwd_sums_block(k, es, b_uu, b_su, b_ue, i_k, i_c, o_t, K, BK, PRECISION)
         b_m = b_eta * b_b * (1 - b_b * b_su)
-        b_x0 = tl.sum(b_ti * b_m[None, :], 1)
+        # X = [dm, Y] = T R with R = [m, diag(r) U]: dR = T^T dX and dL = -dR X^T. dY = -ddm e_n^T
+        # is rank one, so dR is: [dr0, -dr0 e_n^T] with dr0 = T^T ddm, and
+        # dL = -dr0 (T m)^T + dr0 (Y e_n)^T = -dr0 delta^T, delta = T (m - r * (U e_n)), a
+        # product with a vector; dR's rows meet U's as <dR_t, u_t> = -dr0_t (U e_n)_t.
+        b_dr0 = tl.sum(b_ti * tl.load(ddm + o_t)[:, None], 0)  # T^T ddm
+        b_delta = tl.sum(b_ti * (b_m - b_r * b_ue)[None, :], 1)
         strict = o_c[:, None] > o_c[None, :]
-        b_dl = tl.where(strict, b_dl - b_dr0[:, None] * b_x0[None, :], 0.0)
+        b_dl = tl.where(strict, -b_dr0[:, None] * b_delta[None, :], 0.0)
+        b_dru = -b_dr0 * b_ue
+        b_da = b_egp * b_dru
+        b_dgp = tl.load(dgp + o_t) + b_r * b_dru
         b_f = tl.where(strict, tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)), 0.0)  # G_{t-1}/G_{s-1}
         # L = diag(a) F * UU^T
         b_dlf = b_dl * b_f
@@ -1492,7 +1474,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         dk_out, dw_out = _in_dtype_of(dk, k), _in_dtype_of(dw, w)
         wy_bwd_kernel[(B * H * NC,)](
             k, w, v, beta, tinv, dub, dk, dw, dk_out, dw_out, dv, dbeta, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, ALIASED=dk_out is dk, **_chunk_launch("wy_bwd", K, V, precision),
+            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_bwd", K, V, precision),
         )  # fmt: skip
         return dq, dk_out, dw_out, dv, dbeta, ds0, None, None, None
 
