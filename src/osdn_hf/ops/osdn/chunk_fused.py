@@ -44,7 +44,6 @@ if HAS_TRITON:  # the kernels exist only with Triton; without it chunk.py never 
         _precond_scan_bwd_de_prefetching,
         _precond_scan_fwd_prefetching,
         _raise_flag,
-        precond_rows_bwd_kernel,
         precond_scan_bwd_de_kernel,
         precond_scan_bwd_kernel,
         precond_scan_fwd_kernel,
@@ -814,32 +813,41 @@ if HAS_TRITON:
 
     @triton.jit
     def _pre_intra_bwd_sums_block(
-        k, es, b_uu, b_su, b_ue, i_k, i_c, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr
-    ):
+        k, es, des, b_uu, b_su, b_ue, b_ude, b_ede, i_k, i_c, o_t,
+        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
         """`pre_intra_bwd_kernel` on the K block at `i_k`, first pass: the sums of U U^T, of U's
-        rows and of U e_n, with this block's share added."""
+        rows and of U e_n, and with `des` (not None) of U de and e_n * de, this block's share added."""
         o_k = i_k + tl.arange(0, BK)
         m_k = o_k < K
         b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
         b_u = b_k * b_k
         b_uu += tl.dot(b_u, tl.trans(b_u), input_precision=PRECISION)
         b_su += tl.sum(b_u, 1)
-        b_ue += tl.sum(b_u * tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)[None, :], 1)
-        return b_uu, b_su, b_ue
+        b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
+        b_ue += tl.sum(b_u * b_e[None, :], 1)
+        if des is not None:
+            b_de = tl.load(des + i_c * K + o_k, mask=m_k, other=0.0)
+            b_ude += tl.sum(b_u * b_de[None, :], 1)
+            b_ede += b_e * b_de
+        return b_uu, b_su, b_ue, b_ude, b_ede
 
     @triton.jit
     def _pre_intra_bwd_k_block(
-        k, es, du, dk, dk2, dk_out, b_r, b_dr0, b_duu, b_dsu, i_k, i_c, o_t,
+        k, es, des, du, dk, dk2, dk_out, b_r, b_dr0, b_pres, b_duu, b_dsu, i_k, i_c, o_t,
         K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """`pre_intra_bwd_kernel` on the K block at `i_k`, second pass: dK's columns (plus `dk2`,
-        phase 2's gradient of k, unless it is None). dR's Y columns are -(T^T ddm) e_n^T."""
+        phase 2's gradient of k, unless it is None). dR's Y columns are -(T^T ddm) e_n^T; with
+        `des` (not None) dU also gets the scan's rows' share, `(p * delta) de^T`."""
         o_k = i_k + tl.arange(0, BK)
         m = o_k[None, :] < K
         b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
         b_u = b_k * b_k
         b_dr = -b_dr0[:, None] * tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
         b_du = tl.load(du + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32) + b_dr * b_r[:, None]
+        if des is not None:
+            b_du += b_pres[:, None] * tl.load(des + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
         b_du += tl.dot(b_duu, b_u, input_precision=PRECISION) + b_dsu[:, None]
         b_dk = tl.load(dk + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32) + 2 * b_k * b_du
         if dk2 is not None:
@@ -848,17 +856,23 @@ if HAS_TRITON:
 
     @triton.jit
     def pre_intra_bwd_kernel(
-        k, beta, eta, lam, tinv, es, ddm, du, dp, dgc, dg, dgp, dk, dk2, dk_out, dbeta, deta, dlam,
+        k, beta, eta, lam, tinv, es, ddm, du, dp, dgc, des, dl, dg, dgp, dk, dk2, dk_out, dbeta, deta, dlam,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
         UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """Through `pre_intra_fwd_kernel`: [dm, Y] = (I + L)^{-1} R, p, Gc, back to k, beta, eta, lam.
 
         `ddm`, `du` hold the summed gradients of dm and U (that of Y is `-ddm e_n^T`, `es` holding
-        the chunk-start `e_n`); `dg`, `dgp` those of the log
-        gates from the output step. `dk` holds the direct part of dK (written by the previous
-        kernel, in `GRAD_STORAGE`'s dtype), `dk2` phase 2's gradient of k (or None); dK, their
-        sum plus the rest, goes to `dk_out` (k's dtype; it may be `dk`)."""
+        the chunk-start `e_n`), and `dp`, `dgc` those of p and Gc, as the one-kernel scan of e's
+        gradient (`precond_scan_bwd_kernel`) left them. With `des` (not None), the gradient of
+        e_{n+1} per chunk from the split scan (`precond_scan_bwd_de_kernel`), `ddm` and `du` hold
+        only the output step's shares, and the scan's rows' shares are added here (what
+        `precond_scan_bwd_kernel` adds as it goes): with q = U de, ddm gets p * q, dU
+        `(p * delta) de^T` (delta = dm - Y e_n as the forward saved it, `dl`), p's gradient is
+        delta * q and Gc's `<e_n, de>`; `dp` and `dgc` are not read. `dg`, `dgp` hold the gradients
+        of the log gates from the output step. `dk` holds the direct part of dK (written by the
+        previous kernel, in `GRAD_STORAGE`'s dtype), `dk2` phase 2's gradient of k (or None); dK,
+        their sum plus the rest, goes to `dk_out` (k's dtype; it may be `dk`)."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -873,18 +887,34 @@ if HAS_TRITON:
         b_uu = tl.zeros([C, C], dtype=tl.float32)
         b_su = tl.zeros([C], dtype=tl.float32)
         b_ue = tl.zeros([C], dtype=tl.float32)
+        b_ude = tl.zeros([C], dtype=tl.float32)
+        b_ede = tl.zeros([BK], dtype=tl.float32)
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
-                b_uu, b_su, b_ue = _pre_intra_bwd_sums_block(k, es, b_uu, b_su, b_ue, i_k, i_c, o_t, K, BK, PRECISION)
+                b_uu, b_su, b_ue, b_ude, b_ede = _pre_intra_bwd_sums_block(
+                    k, es, des, b_uu, b_su, b_ue, b_ude, b_ede, i_k, i_c, o_t, K, BK, PRECISION
+                )
         else:  # `_chunk_launch`
             for i_k in tl.range(0, K, BK, num_stages=STAGES):
-                b_uu, b_su, b_ue = _pre_intra_bwd_sums_block(k, es, b_uu, b_su, b_ue, i_k, i_c, o_t, K, BK, PRECISION)
+                b_uu, b_su, b_ue, b_ude, b_ede = _pre_intra_bwd_sums_block(
+                    k, es, des, b_uu, b_su, b_ue, b_ude, b_ede, i_k, i_c, o_t, K, BK, PRECISION
+                )
+        b_pv = tl.exp(b_gend - b_gp)  # p_s = G_C / G_{s-1}
+        if des is not None:  # the split scan's rows (see above)
+            b_res = tl.load(dl + o_t)
+            b_ddm = tl.load(ddm + o_t) + b_pv * b_ude
+            b_dp = b_res * b_ude
+            b_dgc = tl.sum(b_ede, 0)
+            b_pres = b_pv * b_res
+        else:
+            b_ddm, b_dp, b_dgc = tl.load(ddm + o_t), tl.load(dp + o_t), tl.load(dgc + i_c)
+            b_pres = b_pv  # not read
         b_m = b_eta * b_b * (1 - b_b * b_su)
         # X = [dm, Y] = T R with R = [m, diag(r) U]: dR = T^T dX and dL = -dR X^T. dY = -ddm e_n^T
         # is rank one, so dR is: [dr0, -dr0 e_n^T] with dr0 = T^T ddm, and
         # dL = -dr0 (T m)^T + dr0 (Y e_n)^T = -dr0 delta^T, delta = T (m - r * (U e_n)), a
         # product with a vector; dR's rows meet U's as <dR_t, u_t> = -dr0_t (U e_n)_t.
-        b_dr0 = tl.sum(b_ti * tl.load(ddm + o_t)[:, None], 0)  # T^T ddm
+        b_dr0 = tl.sum(b_ti * b_ddm[:, None], 0)  # T^T ddm
         b_delta = tl.sum(b_ti * (b_m - b_r * b_ue)[None, :], 1)
         strict = o_c[:, None] > o_c[None, :]
         b_dl = tl.where(strict, -b_dr0[:, None] * b_delta[None, :], 0.0)
@@ -900,10 +930,9 @@ if HAS_TRITON:
         b_duu = b_dlf * b_a[:, None]
         b_duu = b_duu + tl.trans(b_duu)
         # p_s = exp(gend - gp_s), Gc = exp(gend)
-        b_pv = tl.exp(b_gend - b_gp)
-        b_dpv = tl.load(dp + o_t) * b_pv
+        b_dpv = b_dp * b_pv
         b_dgp -= b_dpv
-        b_dgend = tl.sum(b_dpv, 0) + tl.load(dgc + i_c) * tl.exp(b_gend)
+        b_dgend = tl.sum(b_dpv, 0) + b_dgc * tl.exp(b_gend)
         # m = eta b (1 - b sum(u)), a = eta b^2
         b_dm = b_dr0
         b_dsu = -b_dm * b_eta * b_b * b_b
@@ -912,12 +941,12 @@ if HAS_TRITON:
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
                 _pre_intra_bwd_k_block(
-                    k, es, du, dk, dk2, dk_out, b_r, b_dr0, b_duu, b_dsu, i_k, i_c, o_t, K, BK, PRECISION
+                    k, es, des, du, dk, dk2, dk_out, b_r, b_dr0, b_pres, b_duu, b_dsu, i_k, i_c, o_t, K, BK, PRECISION
                 )
         else:
             for i_k in tl.range(0, K, BK, num_stages=STAGES):
                 _pre_intra_bwd_k_block(
-                    k, es, du, dk, dk2, dk_out, b_r, b_dr0, b_duu, b_dsu, i_k, i_c, o_t, K, BK, PRECISION
+                    k, es, des, du, dk, dk2, dk_out, b_r, b_dr0, b_pres, b_duu, b_dsu, i_k, i_c, o_t, K, BK, PRECISION
                 )
         # g = cumsum(l), gp = g - l, gend = g_{C-1}: dl_t = sum_{t' >= t} (dg + dgp)_{t'} - dgp_t + dgend
         b_dgt = tl.load(dg + o_t) + b_dgp
@@ -941,7 +970,8 @@ SCAN_TUNING = {
     # 8 x 2048 and 2 x 8192 (precond_warps_619e60c.json): the defaults stay fastest everywhere.
     # split_below: with fewer than this many (batch, head) scans, the backward scan carries only
     # e's gradient (at split_num_warps) and a kernel parallel over chunks writes the rows' gradients
-    # from it (`precond_rows_bwd_kernel`). Measured (kernels_tune_split_groups_*.json): 5.87 -> 5.59
+    # from it (then `precond_rows_bwd_kernel`; since it, `pre_intra_bwd_kernel`, which follows
+    # anyway). Measured (kernels_tune_split_groups_*.json): 5.87 -> 5.59
     # ms at 1 x 16384 (16 scans, 4 warps), 4.08 -> 4.13 ms at 8 x 2048 (128 scans); at 2 x 8192
     # (32 scans) 4.63 -> 4.56 ms, at 4 x 4096 (64 scans) 4.13 -> 4.15 ms, level
     # (kernels_tune_split_{2x8192,4x4096}.json), so the line stays at 128.
@@ -1334,13 +1364,17 @@ class Precondition(torch.autograd.Function):
         y_launch = _chunk_launch("pre_y", K, precision=precision)
         out_launch = _chunk_launch("pre_out_bwd", K, precision=precision)
         out_args = (k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges)
-        # the scan adds its gradients of u and dm to the output step's (dy: see pre_out_bwd_kernel)
-        sdp, sdgc, de0 = torch.empty_like(p), torch.empty_like(gc), torch.empty_like(dd)
+        # the scan's gradients of u and dm are added to the output step's (dy: see pre_out_bwd_kernel)
+        de0 = torch.empty_like(dd)
         launch = _scan_launch("precond_bwd", K, K, C)
-        # with few scans, the scan carries e's gradient alone and a kernel over chunks writes the rows'
+        # with few scans, the scan carries e's gradient alone, written per chunk (des), and
+        # pre_intra_bwd, parallel over chunks, adds the rows' gradients from it; else the scan adds
+        # them as it goes and writes those of p and Gc (sdp, sdgc)
         split = B * H < SCAN_TUNING["precond_bwd"]["split_below"]
+        des, sdp, sdgc = (
+            (torch.empty_like(es), None, None) if split else (None, torch.empty_like(p), torch.empty_like(gc))
+        )
         if split:
-            des = torch.empty_like(es)
             launch["num_warps"] = SCAN_TUNING["precond_bwd"]["split_num_warps"]
         workers, ready = _overlap_launch("precond_bwd", launch, B * H, B * H * NC, k.device) if split else (None, None)
         if workers:  # e's scans run beside the making of Y and of what they read from pre_out_bwd
@@ -1358,12 +1392,6 @@ class Precondition(torch.autograd.Function):
                 precond_scan_bwd_de_kernel[(B * H,)](
                     y, k, p, gc, ges, ddm, dd, des, de0, NC, K=K, C=C, SQUARE=True, **launch
                 )
-            BK, _, BS = _block_sizes(K, K, C)
-            precond_rows_bwd_kernel[grid](
-                y, k, dl, p, es, des, None, du, ddm, sdp, sdgc,
-                K=K, C=C, BK=BK, BS=BS, ACC=True, DY=False, SQUARE=True, DELTA=True,
-            )  # fmt: skip
-            del des
         else:
             precond_scan_bwd_kernel[(B * H,)](
                 y, k, dl, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC,
@@ -1373,8 +1401,8 @@ class Precondition(torch.autograd.Function):
         dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
         dk_out = _in_dtype_of(dk, k)
         pre_intra_bwd_kernel[grid](
-            k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, dg, dgp, dk, None if dk2 is None else dk2.contiguous(),
-            dk_out, dbeta, deta, dlam,
+            k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, des, dl, dg, dgp, dk,
+            None if dk2 is None else dk2.contiguous(), dk_out, dbeta, deta, dlam,
             K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_bwd", K, precision=precision),
         )  # fmt: skip
         return dk_out, dbeta, deta, dlam, de0, None

@@ -387,8 +387,8 @@ if HAS_TRITON:
         PREFETCH: tl.constexpr = False,
     ):
         """The sequential half of `precond_scan_bwd_kernel`: only the gradient of e, written per
-        chunk (`des[n]`, the gradient of e_{n+1}) for `precond_rows_bwd_kernel`, which does the
-        rest in parallel over chunks. It reads y, u and p, not dm or e, and writes no rows, so each
+        chunk (`des[n]`, the gradient of e_{n+1}) for `chunk_fused.pre_intra_bwd_kernel`, which
+        does the rest in parallel over chunks. It reads y, u and p, not dm or e, and writes no rows, so each
         step of the scan is shorter. SQUARE and PREFETCH as in the other scans. With `ddm` (not
         None) e_n's gradient also loses `Y^T ddm` (YDDM of `precond_scan_bwd_kernel`)."""
         i_bh = tl.program_id(0).to(tl.int64)
@@ -411,49 +411,6 @@ if HAS_TRITON:
                     b_acc -= _precond_de_rows(b_y, b_u, b_p, b_de, _precond_ddm(ddm, o_t, BS), SQUARE)
                 b_de = b_acc
             tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
-
-    @triton.jit
-    def precond_rows_bwd_kernel(
-        y,
-        u,
-        dm,
-        p,
-        es,
-        des,
-        dy,
-        du,
-        ddm,
-        dp,
-        dgc,
-        K: tl.constexpr,
-        C: tl.constexpr,
-        BK: tl.constexpr,
-        BS: tl.constexpr,
-        ACC: tl.constexpr = False,
-        DY: tl.constexpr = True,
-        SQUARE: tl.constexpr = False,
-        DELTA: tl.constexpr = False,
-    ):
-        """The parallel half of `precond_scan_bwd_kernel`, one chunk per program: from e_n and the
-        gradient of e_{n+1} (`des`), the chunk's d(dm), dp, dU (and dY), and dGc; ACC, DY, SQUARE
-        and DELTA as there. The same values, bit for bit. With DELTA and without DY, y is not
-        used (its loads are left out when compiled)."""
-        i_c = tl.program_id(0).to(tl.int64)
-        o_k = tl.arange(0, BK)
-        m_k = o_k < K
-        o_s = tl.arange(0, BS)
-        b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
-        b_de = tl.load(des + i_c * K + o_k, mask=m_k, other=0.0)
-        tl.store(dgc + i_c, tl.sum(b_e * b_de, 0))
-        for i_s in tl.static_range(C // BS):
-            o_t = i_c * C + i_s * BS + o_s  # [BS]
-            b_y, b_u, b_dm, b_p, b_ddm, b_du, b_dy = _precond_bwd_loads(
-                y, u, dm, p, ddm, du, dy, o_t, o_k, m_k, K, ACC, DY
-            )
-            _precond_bwd_rows(
-                b_y, b_u, b_p, b_dm, b_e, b_de, b_ddm, b_du, b_dy, o_t, o_t[:, None] * K + o_k[None, :], m_k,
-                ddm, dp, dy, du, ACC, DY, SQUARE, False, DELTA,
-            )  # fmt: skip
 
     @triton.jit
     def _state_fwd_rows(
