@@ -760,7 +760,8 @@ def test_phase_two_gradient_of_k_is_added_inside_phase_one(monkeypatch):
 
 def test_compile_times_script_compiles_the_ops_kernels_for_hopper(tmp_path):
     """scripts/compile_times.py records the op's launches through the interpreter and compiles
-    them for sm_90 with the wheel's own ptxas (no GPU): a kernel's row says how long it took."""
+    them for sm_90 with the wheel's own ptxas (no GPU): a kernel's row says how long it took, and
+    which pointers it was compiled as 16-byte aligned (as Triton's runtime specializes them)."""
     out = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script's child sets it
     script = Path(__file__).parents[1] / "scripts" / "compile_times.py"
@@ -772,6 +773,7 @@ def test_compile_times_script_compiles_the_ops_kernels_for_hopper(tmp_path):
     assert row["seconds"] > 0 and row["constexprs"]["PRECISION"] == "ieee" and row["constexprs"]["K"] == 32
     assert 0 < row["registers"] <= 255 and row["stack_bytes"] >= 0  # cuobjdump's report, parsed
     assert row["options"]["num_warps"] == 8 and result["num_warps"] == 8  # the override, not the launch's 4
+    assert {"k", "tinv", "kb"} <= set(row["aligned"])  # fresh tensors' data
 
 
 def test_launch_settings_are_a_copy_that_results_can_record():
