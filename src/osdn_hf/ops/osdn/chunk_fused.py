@@ -1078,8 +1078,10 @@ SCAN_TUNING = {
 # `scripts/profile_kernels.py --grid`, every setting in a process of its own (H200, bf16,
 # K = V = 128, 4 x 4096 and 1 x 16384 alike; benchmarks/results/kernels_grid_{4x4096,1x16384}.json).
 # Eight warps: 1.12-2.5x slower than 4 for nine of these kernels, level for pre_y and kb, faster
-# only for from_chunks (0.87-0.90x), although compiled offline they spill fewer registers
-# (benchmarks/results/compile_resources_bf16_k128*.json). At 16-wide tiles they fault
+# only for from_chunks (0.87-0.90x), although compiled offline without the runtime's pointer
+# alignment they spill fewer registers (benchmarks/results/compile_resources_bf16_k128_8warps.json;
+# with it, at 4 warps, only pre_intra_bwd spills: compile_resources_bf16_k128_aligned_*.json).
+# At 16-wide tiles they fault
 # (`pre_intra_bwd_kernel` reads shared memory out of bounds, by compute-sanitizer:
 # benchmarks/results/sanitizer_8x16.log), so that setting must not be used.
 CHUNK_LAUNCH = {
