@@ -215,11 +215,11 @@ if HAS_TRITON:
             b_res = b_dm
         else:
             b_res = b_dm - tl.sum(b_y * b_e[None, :], 1)  # [BS]
+        b_ddm_out = b_pq + b_ddm if ACC else b_pq  # d(dm) as written (what YDDM returns Y^T of)
+        tl.store(ddm + o_t, b_ddm_out)
         if ACC:
-            tl.store(ddm + o_t, b_pq + b_ddm)
             tl.store(du + o_tk, (b_p * b_res)[:, None] * b_de[None, :] + b_du, mask=m_k[None, :])
         else:
-            tl.store(ddm + o_t, b_pq)
             tl.store(du + o_tk, (b_p * b_res)[:, None] * b_de[None, :], mask=m_k[None, :])
         tl.store(dp + o_t, b_res * b_q)
         if DY:
@@ -229,7 +229,7 @@ if HAS_TRITON:
                 tl.store(dy + o_tk, -b_pq[:, None] * b_e[None, :], mask=m_k[None, :])
         if YDDM:
             tl.static_assert(ACC)
-            b_pq += b_ddm
+            return tl.sum(b_y * b_ddm_out[:, None], 0)
         return tl.sum(b_y * b_pq[:, None], 0)
 
     @_scan_jit
