@@ -880,7 +880,11 @@ if HAS_TRITON:
         b_eta = tl.load(eta + o_t)
         b_lam = tl.load(lam + o_t)
         b_g, b_gp, b_gend = _log_gates(lam, o_t, o_c, C)
-        b_ti = tl.load(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :])  # (I + L)^{-1}
+        # T^T, T = (I + L)^{-1}, loaded transposed so that its two products with vectors reduce along
+        # the axis that leaves each in the layout it is used in (dr0 by rows, delta by columns): as
+        # T, its layout changes made the kernel spill 168 bytes a thread (bf16, K = 128, sm_90);
+        # as T^T, 224 registers and none (compile_times.py)
+        b_tt = tl.load(tinv + i_c * C * C + o_c[None, :] * C + o_c[:, None])
         b_egp = tl.exp(b_gp)
         b_a = b_eta * b_b * b_b
         b_r = b_a * b_egp
@@ -914,8 +918,8 @@ if HAS_TRITON:
         # is rank one, so dR is: [dr0, -dr0 e_n^T] with dr0 = T^T ddm, and
         # dL = -dr0 (T m)^T + dr0 (Y e_n)^T = -dr0 delta^T, delta = T (m - r * (U e_n)), a
         # product with a vector; dR's rows meet U's as <dR_t, u_t> = -dr0_t (U e_n)_t.
-        b_dr0 = tl.sum(b_ti * b_ddm[:, None], 0)  # T^T ddm
-        b_delta = tl.sum(b_ti * (b_m - b_r * b_ue)[None, :], 1)
+        b_dr0 = tl.sum(b_tt * b_ddm[None, :], 1)  # T^T ddm
+        b_delta = tl.sum(b_tt * (b_m - b_r * b_ue)[:, None], 0)
         strict = o_c[:, None] > o_c[None, :]
         b_dl = tl.where(strict, -b_dr0[:, None] * b_delta[None, :], 0.0)
         b_dru = -b_dr0 * b_ue
