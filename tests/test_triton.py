@@ -468,13 +468,16 @@ def test_overlapped_precond_forward_gives_the_same_bits(K, dtype, NC):
         assert ready[:-1].eq(1).all() and ready[-1] == workers + B * H
 
 
-@pytest.mark.parametrize("K, dtype, NC", [(48, torch.float32, 3), (128, torch.float16, 3), (48, torch.float32, 1)])
-def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC):
+@pytest.mark.parametrize(
+    "K, dtype, NC, fold", [(48, torch.float32, 3, False), (128, torch.float16, 3, True), (48, torch.float32, 1, True)]
+)
+def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC, fold):
     """Phase 1's backward scans of e's gradient run beside the workers that make what they read
     (Y by `pre_y`, then `pre_out_bwd`'s outputs, the last chunks first), in one launch
     (`precond_bwd_overlap_kernel`): every output equals the three kernels run one after the other,
     bit for bit, with one worker or several, the scans reading the flags one chunk at a time or a
-    run at a time (RUN), and the flags end raised, the tickets all taken."""
+    run at a time (RUN), and the flags end raised, the tickets all taken. With `fold` (du None, as
+    the split backward runs it) pre_out_bwd adds its dU to dK as 2 k dU instead of writing it."""
     B, H, C = 2, 2, 64
     g = torch.Generator().manual_seed(1)
     k, beta, eta, lam, _, (y, dm, p, gc, tinv, es, ef) = _precond_forward(B, H, NC, C, K, dtype, g)
@@ -486,11 +489,12 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC):
     dw, gef = torch.randn(B, H, NC, C, K, generator=g).to(dtype), torch.randn(B, H, K, generator=g)
     names = ("y", "dk", "ddm", "du", "dg", "dgp", "ges", "des", "de0")
 
-    def outputs():
+    def outputs(fold=fold):
         rows = lambda: torch.empty(B, H, NC, C, K)  # noqa: E731
         return dict(
-            y=torch.empty_like(k), dk=rows(), ddm=torch.empty_like(dm), du=rows(), dg=torch.empty_like(dm),
-            dgp=torch.empty_like(dm), ges=torch.empty_like(es), des=torch.empty_like(es), de0=torch.empty_like(ef),
+            y=torch.empty_like(k), dk=rows(), ddm=torch.empty_like(dm), du=None if fold else rows(),
+            dg=torch.empty_like(dm), dgp=torch.empty_like(dm), ges=torch.empty_like(es), des=torch.empty_like(es),
+            de0=torch.empty_like(ef),
         )  # fmt: skip
 
     walk = dict(UNROLL=False, STAGES=3)  # as the launch table walks both kernels' blocks
@@ -504,6 +508,13 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC):
         SQUARE=True, PREFETCH=True,
     )  # fmt: skip
     assert not torch.equal(ref["de0"], gef)  # the scan moved
+    if fold:  # dK as the unfolded kernel's two outputs make it
+        apart = outputs(fold=False)
+        chunk_fused.pre_out_bwd_kernel[(B * H * NC,)](
+            k, lam, dl, es, dw, *(apart[n] for n in names[1:7]), K=K, C=C, BK=32, PRECISION=prec, **walk
+        )
+        torch.testing.assert_close(ref["dk"], apart["dk"] + 2 * k.float() * apart["du"], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(ref["dk"], apart["dk"])
     for workers, run in ((1, 1), (3, 1), (1, 2), (3, 4)):
         got = outputs()
         ready = torch.zeros(B * H * NC + 1, dtype=torch.int32)
@@ -513,7 +524,7 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC):
             Y_BK=32, Y_UNROLL=False, Y_STAGES=3, RUN=run, **walk,
         )  # fmt: skip
         for name in names:
-            assert torch.equal(got[name], ref[name]), (name, workers, run)
+            assert (got[name] is None and fold) or torch.equal(got[name], ref[name]), (name, workers, run)
         assert ready[:-1].eq(1).all() and ready[-1] == workers + B * H
 
 
@@ -621,9 +632,10 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(grad_storage, monkeypatch):
     assert (tuple(half[2].shape), torch.float16) in saved, saved
     inverses = sorted(str(dt) for s, dt in saved if s[-2:] == (64, 64))
     assert inverses == ["torch.float16", "torch.float32"], saved
-    # phase 1: dK's direct part and dU; phase 2: dKb and dW
+    # phase 1: dK's direct part, with dU's share in it (2 scans, so the split backward: no dU
+    # buffer); phase 2: dKb and dW
     piece_dtype = torch.float16 if grad_storage == "storage" else torch.float32
-    assert sorted(pieces) == [("phase1", piece_dtype)] * 2 + [("phase2", piece_dtype)] * 2, pieces
+    assert sorted(pieces) == [("phase1", piece_dtype)] + [("phase2", piece_dtype)] * 2, pieces
     for name, a, b in zip(("o", "S", "d"), got, ref):
         assert_close(name, a, b, torch.float16)
     for name, a, b in zip(names, got_grads, ref_grads):

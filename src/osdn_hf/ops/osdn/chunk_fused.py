@@ -726,13 +726,17 @@ if HAS_TRITON:
         b_u = b_k * b_k
         b_ee = b_eg[:, None] * b_e[None, :] + tl.dot(b_p, b_u * b_delta[:, None], input_precision=PRECISION)
         b_de = b_dw * b_k  # dE
-        tl.store(dk + o_t[:, None] * K + o_k[None, :], b_dw * (1 + b_ee), mask=m_k[None, :])
         # g_t enters E_t = G_t e_n + sum_s G_t / G_{s-1} (delta_s u_s): its gradient is <dE_t, E_t>
         b_dg += tl.sum(b_de * b_ee, 1)
         tl.store(ges + i_c * K + o_k, tl.sum(b_de * b_eg[:, None], 0), mask=m_k)
         b_pde = tl.dot(tl.trans(b_p), b_de, input_precision=PRECISION)  # d(delta * U)
         b_ddelta += tl.sum(b_pde * b_u, 1)
-        tl.store(du + o_t[:, None] * K + o_k[None, :], b_pde * b_delta[:, None], mask=m_k[None, :])
+        b_dk = b_dw * (1 + b_ee)
+        if du is None:  # dU's share folded into dK: d(k * k) = 2 k du
+            b_dk += 2 * b_k * b_pde * b_delta[:, None]
+        else:
+            tl.store(du + o_t[:, None] * K + o_k[None, :], b_pde * b_delta[:, None], mask=m_k[None, :])
+        tl.store(dk + o_t[:, None] * K + o_k[None, :], b_dk, mask=m_k[None, :])
         return b_ddelta, b_dg
 
     @triton.jit
@@ -845,7 +849,9 @@ if HAS_TRITON:
         b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
         b_u = b_k * b_k
         b_dr = -b_dr0[:, None] * tl.load(es + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
-        b_du = tl.load(du + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32) + b_dr * b_r[:, None]
+        b_du = b_dr * b_r[:, None]
+        if du is not None:
+            b_du += tl.load(du + o_t[:, None] * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
         if des is not None:
             b_du += b_pres[:, None] * tl.load(des + i_c * K + o_k, mask=o_k < K, other=0.0)[None, :]
         b_du += tl.dot(b_duu, b_u, input_precision=PRECISION) + b_dsu[:, None]
@@ -1363,8 +1369,13 @@ class Precondition(torch.autograd.Function):
         y = torch.empty_like(k)
         dw = torch.zeros_like(k) if dw is None else dw.contiguous()
         dd = beta.new_zeros(B, H, K) if dd is None else dd.contiguous()
-        # dK's direct part and dU, which the scan adds to, in the storage dtype (GRAD_STORAGE)
-        dk, du = _grad_buffer(k, "phase1"), _grad_buffer(k, "phase1")
+        # with few scans, the scan carries e's gradient alone, written per chunk (des), and
+        # pre_intra_bwd, parallel over chunks, adds the rows' gradients from it; else the scan adds
+        # them as it goes and writes those of p and Gc (sdp, sdgc)
+        split = B * H < SCAN_TUNING["precond_bwd"]["split_below"]
+        # dK's direct part and dU, which the scan adds to, in the storage dtype (GRAD_STORAGE); with
+        # the split scan, which does not, pre_out_bwd adds its share of dU to dK itself (2 k dU)
+        dk, du = _grad_buffer(k, "phase1"), None if split else _grad_buffer(k, "phase1")
         ddm = torch.empty_like(dl)
         dg, dgp, ges = torch.empty_like(dl), torch.empty_like(dl), torch.empty_like(es)
         y_launch = _chunk_launch("pre_y", K, precision=precision)
@@ -1373,10 +1384,6 @@ class Precondition(torch.autograd.Function):
         # the scan's gradients of u and dm are added to the output step's (dy: see pre_out_bwd_kernel)
         de0 = torch.empty_like(dd)
         launch = _scan_launch("precond_bwd", K, K, C)
-        # with few scans, the scan carries e's gradient alone, written per chunk (des), and
-        # pre_intra_bwd, parallel over chunks, adds the rows' gradients from it; else the scan adds
-        # them as it goes and writes those of p and Gc (sdp, sdgc)
-        split = B * H < SCAN_TUNING["precond_bwd"]["split_below"]
         des, sdp, sdgc = (
             (torch.empty_like(es), None, None) if split else (None, torch.empty_like(p), torch.empty_like(gc))
         )
