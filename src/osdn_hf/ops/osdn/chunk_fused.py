@@ -984,7 +984,13 @@ SCAN_TUNING = {
     # anyway). Measured (kernels_tune_split_groups_*.json): 5.87 -> 5.59
     # ms at 1 x 16384 (16 scans, 4 warps), 4.08 -> 4.13 ms at 8 x 2048 (128 scans); at 2 x 8192
     # (32 scans) 4.63 -> 4.56 ms, at 4 x 4096 (64 scans) 4.13 -> 4.15 ms, level
-    # (kernels_tune_split_{2x8192,4x4096}.json), so the line stays at 128.
+    # (kernels_tune_split_{2x8192,4x4096}.json), so the line stayed at 128. Since the rows'
+    # gradients come from pre_intra_bwd (7a8f347), the split scan wins at every size measured, in
+    # the whole forward+backward (H200, bf16, H = 16, K = V = 128; split_exp_26a6d2b.json):
+    # 2601 -> 2587 us at 8 x 2048 (128 scans), 2945 -> 2913 at 16 x 1024 (256), so the line is
+    # now out of reach (1 << 30) and the one-kernel scan is what the knob can still choose. The
+    # split backward also needs no dU buffer (pre_out_bwd adds its share to dK:
+    # split_exp_07fbba5.json, launch_sweep_pre_out_bwd_*_07fbba5.json).
     # Grouping phase 1's scans (chunks in parallel groups, each group's K x K map, a short scan over
     # groups) measured no faster and was taken out (953acd4; README.md).
     # overlap_alone / overlap_shared: with at most one (batch, head) scan per `overlap_alone` SMs,
@@ -1023,7 +1029,7 @@ SCAN_TUNING = {
         num_warps=8,
         num_stages=1,
         prefetch=True,
-        split_below=128,
+        split_below=1 << 30,
         split_num_warps=4,
         overlap_alone=8,
         overlap_shared=4,
@@ -1116,7 +1122,10 @@ CHUNK_LAUNCH = {
     "out_bwd": dict(num_warps=4, tile=64, stages=2),
     "state_grads": dict(num_warps=4, tile=64, stages=2),
     "wy_bwd": dict(num_warps=4, tile=64, stages=1),
-    "pre_out_bwd": dict(num_warps=4, tile=32, stages=3),
+    # pre_out_bwd, adding dU's share to dK since 07fbba5, holds more registers (154 -> 179 at 3
+    # stages, offline): 186 -> 207 us alone at 4 x 4096 and 8 x 2048; at 2 stages (168 registers,
+    # three programs an SM again) 186-188 us (launch_sweep_pre_out_bwd_{4x4096,8x2048}_07fbba5.json).
+    "pre_out_bwd": dict(num_warps=4, tile=32, stages=2),
     "pre_intra_bwd": dict(num_warps=4, tile=32, stages=3),
     # The relayouts read whole rows (no tile); num_warps None: 8 from 8192 elements a chunk, else 4
     # (from_chunks at K = 128: 104 us at 8 warps, 116-120 at 4; to_chunks the same at both).
