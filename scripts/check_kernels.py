@@ -122,7 +122,9 @@ def main(argv=None):
         "--prefetch", choices=("all", "none"), help="all four scans load a chunk ahead, or none (default: as tuned)"
     )
     p.add_argument(
-        "--split", action="store_true", help="phase 1's backward scan split from its rows' gradients at every size"
+        "--one-kernel-scan",
+        action="store_true",
+        help="phase 1's backward scan adding its rows' gradients itself at every size (the default splits them off)",
     )
     p.add_argument(
         "--inverse",
@@ -135,8 +137,8 @@ def main(argv=None):
     if args.prefetch:
         for tuning in chunk_fused.SCAN_TUNING.values():
             tuning["prefetch"] = args.prefetch == "all"
-    if args.split:
-        chunk_fused.SCAN_TUNING["precond_bwd"]["split_below"] = 1 << 30
+    if args.one_kernel_scan:
+        chunk_fused.SCAN_TUNING["precond_bwd"]["split_below"] = 0
     if args.inverse:
         chunk_fused.INVERSE["doubling"] = args.inverse == "doubling"
     try:
