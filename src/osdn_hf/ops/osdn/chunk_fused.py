@@ -669,11 +669,24 @@ if HAS_TRITON:
         _pre_y_chunk(i_c, k, beta, eta, lam, tinv, y, K, C, BK, PRECISION, UNROLL, STAGES)
 
     @triton.jit
+    def _decay_matrix(b_g, b_gp, o_c, TRANSPOSED: tl.constexpr):
+        """`P[t, s] = G_t / G_{s-1}` (s <= t) from the log gates, or with TRANSPOSED `P^T`, formed
+        as such: as a product's operand it then needs no transpose, which in pre_out_bwd took
+        registers (179 -> 168 at 3 stages, offline) and time (186-188 -> 178 us at 4 x 4096,
+        benchmarks/results/launch_sweep_pre_out_bwd_pt_*.json)."""
+        if TRANSPOSED:
+            incl = o_c[:, None] <= o_c[None, :]
+            b_d = b_g[None, :] - b_gp[:, None]
+        else:
+            incl = o_c[:, None] >= o_c[None, :]
+            b_d = b_g[:, None] - b_gp[None, :]
+        return tl.where(incl, tl.exp(tl.where(incl, b_d, 0.0)), 0.0)
+
+    @triton.jit
     def _chunk_decays(lam, o_t, o_c, C: tl.constexpr):
         """The chunk's `P[t, s] = G_t / G_{s-1}` (s <= t) and `G_t`."""
         b_g, b_gp, _ = _log_gates(lam, o_t, o_c, C)
-        incl = o_c[:, None] >= o_c[None, :]
-        return tl.where(incl, tl.exp(tl.where(incl, b_g[:, None] - b_gp[None, :], 0.0)), 0.0), tl.exp(b_g)
+        return _decay_matrix(b_g, b_gp, o_c, False), tl.exp(b_g)
 
     @triton.jit
     def _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
@@ -713,11 +726,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _pre_out_bwd_block(
-        k, es, dw, dk, du, ges, b_p, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_t,
+        k, es, dw, dk, du, ges, b_p, b_pt, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_t,
         K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """`pre_out_bwd_kernel` on the K block at `i_k`: dK's direct part, dU's columns and e_n's
-        gradient through G (into `ges`); the sums of d(delta) and dg with them."""
+        gradient through G (into `ges`); the sums of d(delta) and dg with them. `b_pt` is P^T."""
         o_k = i_k + tl.arange(0, BK)
         m_k = o_k < K
         b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
@@ -729,7 +742,7 @@ if HAS_TRITON:
         # g_t enters E_t = G_t e_n + sum_s G_t / G_{s-1} (delta_s u_s): its gradient is <dE_t, E_t>
         b_dg += tl.sum(b_de * b_ee, 1)
         tl.store(ges + i_c * K + o_k, tl.sum(b_de * b_eg[:, None], 0), mask=m_k)
-        b_pde = tl.dot(tl.trans(b_p), b_de, input_precision=PRECISION)  # d(delta * U)
+        b_pde = tl.dot(b_pt, b_de, input_precision=PRECISION)  # d(delta * U)
         b_ddelta += tl.sum(b_pde * b_u, 1)
         b_dk = b_dw * (1 + b_ee)
         if du is None:  # dU's share folded into dK: d(k * k) = 2 k du
@@ -749,18 +762,19 @@ if HAS_TRITON:
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         b_delta = tl.load(dl + o_t)
-        b_p, b_eg = _chunk_decays(lam, o_t, o_c, C)
+        b_g, b_gp, _ = _log_gates(lam, o_t, o_c, C)
+        b_p, b_pt, b_eg = _decay_matrix(b_g, b_gp, o_c, False), _decay_matrix(b_g, b_gp, o_c, True), tl.exp(b_g)
         b_ddelta = tl.zeros([C], dtype=tl.float32)
         b_dg = tl.zeros([C], dtype=tl.float32)
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
                 b_ddelta, b_dg = _pre_out_bwd_block(
-                    k, es, dw, dk, du, ges, b_p, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_t, K, BK, PRECISION
+                    k, es, dw, dk, du, ges, b_p, b_pt, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_t, K, BK, PRECISION
                 )
         else:  # `_chunk_launch`
             for i_k in tl.range(0, K, BK, num_stages=STAGES):
                 b_ddelta, b_dg = _pre_out_bwd_block(
-                    k, es, dw, dk, du, ges, b_p, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_t, K, BK, PRECISION
+                    k, es, dw, dk, du, ges, b_p, b_pt, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_t, K, BK, PRECISION
                 )
         tl.store(dg + o_t, b_dg)
         tl.store(dgp + o_t, -b_delta * b_ddelta)
@@ -1122,10 +1136,12 @@ CHUNK_LAUNCH = {
     "out_bwd": dict(num_warps=4, tile=64, stages=2),
     "state_grads": dict(num_warps=4, tile=64, stages=2),
     "wy_bwd": dict(num_warps=4, tile=64, stages=1),
-    # pre_out_bwd, adding dU's share to dK since 07fbba5, holds more registers (154 -> 179 at 3
+    # pre_out_bwd, adding dU's share to dK since 07fbba5, held more registers (154 -> 179 at 3
     # stages, offline): 186 -> 207 us alone at 4 x 4096 and 8 x 2048; at 2 stages (168 registers,
     # three programs an SM again) 186-188 us (launch_sweep_pre_out_bwd_{4x4096,8x2048}_07fbba5.json).
-    "pre_out_bwd": dict(num_warps=4, tile=32, stages=2),
+    # With P^T formed rather than transposed (`_decay_matrix`), 168 registers at 3 stages too, and
+    # 178 us there against 191-193 at 2 (launch_sweep_pre_out_bwd_pt_{4x4096,8x2048}.json).
+    "pre_out_bwd": dict(num_warps=4, tile=32, stages=3),
     "pre_intra_bwd": dict(num_warps=4, tile=32, stages=3),
     # The relayouts read whole rows (no tile); num_warps None: 8 from 8192 elements a chunk, else 4
     # (from_chunks at K = 128: 104 us at 8 warps, 116-120 at 4; to_chunks the same at both).
