@@ -632,7 +632,7 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(grad_storage, monkeypatch):
     assert (tuple(half[2].shape), torch.float16) in saved, saved
     inverses = sorted(str(dt) for s, dt in saved if s[-2:] == (64, 64))
     assert inverses == ["torch.float16", "torch.float32"], saved
-    # phase 1: dK's direct part, with dU's share in it (2 scans, so the split backward: no dU
+    # phase 1: dK's direct part, with dU's share in it (the split backward, as tuned: no dU
     # buffer); phase 2: dKb and dW
     piece_dtype = torch.float16 if grad_storage == "storage" else torch.float32
     assert sorted(pieces) == [("phase1", piece_dtype)] + [("phase2", piece_dtype)] * 2, pieces

@@ -789,7 +789,8 @@ if HAS_TRITON:
         """Through W = (1 + E) * K, E = G e_n^T + P (delta * U), delta = dm - Y e_n (`dl`, as
         `pre_out_fwd_kernel` saved it: Y is not read here).
 
-        Writes dK (the direct part), d(dm), dU (the part through E), the gradients of the log
+        Writes dK (the direct part), d(dm), dU (the part through E; with `du` None, as the split
+        backward runs it, dU's share is added to dK instead, as `2 k dU`), the gradients of the log
         gates `g` and `gp` through G and P, and the gradient of e_n through G (`ges`). dY is not
         written: it is `-d(dm) e_n^T` here and in the scan alike, so the next kernels rebuild it.
         e_n's gradient through delta, `-Y^T d(delta)`, is left to the scan, which reads Y anyway
@@ -886,7 +887,8 @@ if HAS_TRITON:
         the chunk-start `e_n`), and `dp`, `dgc` those of p and Gc, as the one-kernel scan of e's
         gradient (`precond_scan_bwd_kernel`) left them. With `des` (not None), the gradient of
         e_{n+1} per chunk from the split scan (`precond_scan_bwd_de_kernel`), `ddm` and `du` hold
-        only the output step's shares, and the scan's rows' shares are added here (what
+        only the output step's shares (`du` may be None: pre_out_bwd then added its share of dU to
+        `dk`), and the scan's rows' shares are added here (what
         `precond_scan_bwd_kernel` adds as it goes): with q = U de, ddm gets p * q, dU
         `(p * delta) de^T` (delta = dm - Y e_n as the forward saved it, `dl`), p's gradient is
         delta * q and Gc's `<e_n, de>`; `dp` and `dgc` are not read. `dg`, `dgp` hold the gradients
@@ -1394,9 +1396,10 @@ class Precondition(torch.autograd.Function):
         y = torch.empty_like(k)
         dw = torch.zeros_like(k) if dw is None else dw.contiguous()
         dd = beta.new_zeros(B, H, K) if dd is None else dd.contiguous()
-        # with few scans, the scan carries e's gradient alone, written per chunk (des), and
-        # pre_intra_bwd, parallel over chunks, adds the rows' gradients from it; else the scan adds
-        # them as it goes and writes those of p and Gc (sdp, sdgc)
+        # below split_below scans (every size, as tuned), the scan carries e's gradient alone,
+        # written per chunk (des), and pre_intra_bwd, parallel over chunks, adds the rows'
+        # gradients from it; else the scan adds them as it goes and writes those of p and Gc
+        # (sdp, sdgc)
         split = B * H < SCAN_TUNING["precond_bwd"]["split_below"]
         # dK's direct part and dU, which the scan adds to, in the storage dtype (GRAD_STORAGE); with
         # the split scan, which does not, pre_out_bwd adds its share of dU to dK itself (2 k dU)
