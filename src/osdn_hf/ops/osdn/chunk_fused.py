@@ -1408,8 +1408,9 @@ class Precondition(torch.autograd.Function):
         dg, dgp, ges = torch.empty_like(dl), torch.empty_like(dl), torch.empty_like(es)
         y_launch = _chunk_launch("pre_y", K, precision=precision)
         out_launch = _chunk_launch("pre_out_bwd", K, precision=precision)
+        # pre_out_bwd writes the output step's shares of d(dm) and dU (dY: see pre_out_bwd_kernel);
+        # the scan's rows add theirs, or with the split scan pre_intra_bwd does
         out_args = (k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges)
-        # the scan's gradients of u and dm are added to the output step's (dy: see pre_out_bwd_kernel)
         de0 = torch.empty_like(dd)
         launch = _scan_launch("precond_bwd", K, K, C)
         des, sdp, sdgc = (
