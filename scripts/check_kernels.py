@@ -5,8 +5,9 @@
 Runs `chunk_osdn` and `fused_recurrent_osdn` on CUDA tensors (the Triton path) at
 T in {1, 63, 64, 100, 1000, 4096}, with initial states and with packed `cu_seqlens`, at 1 to
 128 (batch, head) pairs, in float32, float16 and bfloat16, and compares each with the float32
-token loop on the same inputs. Writes one JSON row per case and exits non-zero if any case is
-out of tolerance.
+token loop on the same inputs; `fused_recurrent_osdn` also in place (`inplace_final_state`,
+as cached decoding runs it), which must give the same bits. Writes one JSON row per case and
+exits non-zero if any case is out of tolerance.
 `--shard I/N` runs every N-th case from the I-th (0-based), so N processes side by side share
 a run whose compiling would not fit one call (float32 compiles its ieee products for about a
 minute per shape); `--merge A.json B.json ... --out ALL.json` joins their rows into one file
@@ -70,6 +71,22 @@ def run(fn, inputs, cot, cu_seqlens):
         "final_precond": d.detach(),
         **{f"d{n}": g for n, g in grads.items()},
     }
+
+
+def inplace_same_bits(inputs, got, cu_seqlens) -> bool:
+    """`fused_recurrent_osdn` with `inplace_final_state` (the model's cached decoding) on copies
+    of the initial states gives the out-of-place call's bits, in those same tensors."""
+    plain = {n: x.detach() for n, x in inputs.items()}
+    S0, d0 = plain["initial_state"].clone(), plain["initial_precond"].clone()
+    with torch.no_grad():
+        o, S, d = fused_recurrent_osdn(
+            **{**plain, "initial_state": S0, "initial_precond": d0},
+            cu_seqlens=cu_seqlens,
+            use_qk_l2norm_in_kernel=True,
+            inplace_final_state=True,
+        )
+    same = (torch.equal(o, got["o"]), torch.equal(S, got["final_state"]), torch.equal(d, got["final_precond"]))
+    return S is S0 and d is d0 and all(same)
 
 
 def rel_err(a, b):
@@ -214,6 +231,9 @@ def main(argv=None):
             ref = refs[key]
             row["rel_err"] = {n: rel_err(got[n], ref[n]) for n in ref}
             row["ok"] = all(e <= RTOL[dtype] for e in row["rel_err"].values())
+            if op == "fused_recurrent":
+                row["inplace_same_bits"] = inplace_same_bits(inputs, got, cu)
+                row["ok"] = row["ok"] and row["inplace_same_bits"]
         except Exception as err:  # a kernel that fails to compile or run is a failed case, not the end
             row["rel_err"], row["ok"], row["error"] = {}, False, f"{type(err).__name__}: {err}"[:300]
         failures += not row["ok"]

@@ -903,3 +903,116 @@ def test_loops_stay_plain_loops_for_float32_above_head_dim_128(monkeypatch):
     launch = chunk_fused._chunk_launch("wy_bwd", 256, 256, "tf32")
     assert (launch["UNROLL"], launch["STAGES"]) == (True, 1)
     assert "UNROLL" not in chunk_fused._chunk_launch("out_fwd", 128, 128, "tf32")  # no loop switch
+
+
+def test_launch_key_follows_what_triton_specializes_on():
+    """One key per specialization Triton would compile: dtypes, 16-byte alignment (no key for an
+    unaligned pointer), integers by 1 / multiple of 16 / width, None, floats and bools."""
+    from osdn_hf.ops.osdn.launch import launch_key
+
+    x, h = torch.zeros(8), torch.zeros(8, dtype=torch.float16)
+    base = launch_key((x, 5, 0.5, None, True))
+    assert base == launch_key((torch.ones(8), 7, 0.25, None, True))  # same specialization, other values
+    others = [
+        (h, 5, 0.5, None, True),
+        (x, 1, 0.5, None, True),
+        (x, 32, 0.5, None, True),
+        (x, 2**40, 0.5, None, True),
+        (x, 2**63, 0.5, None, True),
+        (x, 5, 1, None, True),
+        (x, 5, 0.5, x, True),
+        (x, 5, 0.5, None, False),
+    ]
+    keys = [launch_key(a) for a in others]
+    assert base not in keys and len(set(keys)) == len(keys)
+    assert launch_key((x[1:], 5)) is None  # 4 bytes past an aligned address
+    with pytest.raises(TypeError, match="str"):
+        launch_key((x, "5"))
+
+
+class _FakeCompiled:
+    """Stands for Triton's CompiledKernel: `compiled[grid](*args)` records the launch."""
+
+    packed_metadata = None
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("compiled", grid, args))
+
+
+class _FakeKernel:
+    """Stands for a JITFunction `f(a, n, C: constexpr, D: constexpr)`: `kernel[grid](...)` records
+    the launch and returns a compiled kernel, or None as Triton's interpreter does."""
+
+    arg_names = ["a", "n", "C", "D"]
+
+    def __init__(self, interpreted=False):
+        self.log, self.interpreted = [], interpreted
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.log.append(("jit", grid, args, meta))
+            return None if self.interpreted else _FakeCompiled(self.log)
+
+        return run
+
+
+def test_kernel_launcher_relaunches_the_compiled_kernel_per_key():
+    from osdn_hf.ops.osdn.launch import KernelLauncher
+
+    kernel = _FakeKernel()
+    launch = KernelLauncher(kernel)
+    x, y = torch.zeros(8), torch.ones(8)
+    meta = dict(D=2, C=3, num_warps=4)  # constexprs in any order, options too
+    launch((2,), (x, 5), meta)
+    launch((3,), (y, 7), meta)  # same key: straight to the compiled kernel, constexprs in order
+    launch((3,), (y, 16), meta)  # a multiple of 16: Triton compiles another kernel
+    launch((3,), (y, 7), dict(meta, C=4))  # another constexpr
+    launch((3,), (x[1:], 7), meta)  # unaligned: no key, Triton's own launch every time
+    launch((3,), (x[1:], 7), meta)
+    assert [e[0] for e in kernel.log] == ["jit", "compiled", "jit", "jit", "jit", "jit"]
+    assert kernel.log[1] == ("compiled", (3,), (y, 7, 3, 2))
+    assert kernel.log[2][2:] == ((y, 16), meta)
+    assert len(launch.compiled) == 3
+
+    interpreted = _FakeKernel(interpreted=True)
+    launch = KernelLauncher(interpreted)
+    for _ in range(2):
+        launch((1,), (x, 5), meta)
+    assert [e[0] for e in interpreted.log] == ["jit", "jit"] and not launch.compiled
+
+
+def test_decode_tile_keeps_one_program_per_head_up_to_the_whole_v_tile():
+    tile = fused_recurrent.decode_tile
+    assert tile(128, 128) == (128, 128, 8)
+    assert tile(64, 64) == (64, 64, 4)
+    assert tile(100, 48) == (128, 64, 4)
+    assert tile(128, 256) == (128, 64, 4)
+    assert tile(256, 256) == (256, 32, 4)
+
+
+@pytest.mark.parametrize("whole_v", [True, False])
+def test_fused_recurrent_inplace_writes_d_with_one_or_several_v_blocks(whole_v, monkeypatch):
+    """In place, the final d is written by the kernel where one program covers V, and copied in
+    after it where several V blocks each read all of d; both give the out-of-place call's bits."""
+    monkeypatch.setenv(FORCE_TRITON_ENV, "1")
+    if not whole_v:
+        monkeypatch.setattr(fused_recurrent, "WHOLE_V_TILE", 16 * 16)
+    K, V = 16, 128  # several blocks: two of 64 columns
+    assert (fused_recurrent.decode_tile(K, V)[1] == V) == whole_v
+    inputs = make_inputs(2, 5, 2, K, V, with_states=True)
+    inputs = {n: (x.detach() if x is not None else None) for n, x in inputs.items()}
+    ref = fused_recurrent_osdn(**inputs, output_final_state=True)
+    S0, d0 = inputs["initial_state"].clone(), inputs["initial_precond"].clone()
+    copied, copy_ = [], torch.Tensor.copy_
+    monkeypatch.setattr(
+        torch.Tensor, "copy_", lambda self, *a, **kw: copied.append(self is d0) or copy_(self, *a, **kw)
+    )
+    with torch.no_grad():
+        got = fused_recurrent_osdn(**{**inputs, "initial_state": S0, "initial_precond": d0}, inplace_final_state=True)
+    assert got[1] is S0 and got[2] is d0
+    assert copied == ([] if whole_v else [True])
+    for name, a, b in zip(("o", "S", "d"), got, ref):
+        assert torch.equal(a, b), name

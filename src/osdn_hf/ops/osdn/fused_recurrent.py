@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .chunk_scan import HAS_TRITON
+from .launch import KernelLauncher
 from .utils import check_inputs, run_padded, use_triton
 
 if HAS_TRITON:
@@ -97,6 +98,26 @@ if HAS_TRITON:
                 tl.store(df + i_s * K + o_k, b_d, mask=m_k)
 
 
+# The decoding kernel's tile: all of V in one program where the K x V state tile has at most
+# WHOLE_V_TILE elements, so that the one program that computes a head's d also writes it (in
+# place, no copy after the kernel); wider states in V blocks of 64 columns (K <= 128) or 32,
+# each block recomputing d. 4 warps up to 128 x 64 elements, 8 above: at most 64 registers a
+# thread for the tile.
+WHOLE_V_TILE = 128 * 128
+
+
+def decode_tile(K: int, V: int) -> tuple[int, int, int]:
+    """`(BK, BV, num_warps)` of the decoding kernel for head dims K and V."""
+    BK, BV = max(triton.next_power_of_2(K), 16), max(triton.next_power_of_2(V), 16)
+    if BK * BV > WHOLE_V_TILE:
+        BV = min(BV, 64 if BK <= 128 else 32)
+    return BK, BV, 8 if BK * BV > 128 * 64 else 4
+
+
+if HAS_TRITON:
+    _launch_fwd = KernelLauncher(fused_recurrent_osdn_fwd_kernel)
+
+
 def fused_recurrent_osdn_fwd(
     q,
     k,
@@ -116,53 +137,37 @@ def fused_recurrent_osdn_fwd(
     """Launch the decoding kernel on `[B, T, H, *]` inputs (packed when `cu_seqlens` is given).
 
     With `inplace_final_state` the final `S` is written over `initial_state` (each program
-    reads its own tile first and writes it last) and the final `d` into `initial_precond`
-    after the kernel (every V block reads all of `d`, so it cannot be overwritten while they run).
+    reads its own tile first and writes it last), and so is the final `d` where one program
+    covers all of V (`decode_tile`); with several V blocks, each of which reads all of `d`, it
+    goes into `initial_precond` after the kernel, since it cannot be overwritten while they run.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BK = max(triton.next_power_of_2(K), 16)
-    BV = min(max(triton.next_power_of_2(V), 16), 64 if BK <= 128 else 32)
+    BK, BV, num_warps = decode_tile(K, V)
+    NV = triton.cdiv(V, BV)
     q, k, v, beta, eta, lam = (x.contiguous() for x in (q, k, v, beta, eta, lam))
     o = torch.empty_like(v)
     if inplace_final_state:
-        sf = initial_state
+        sf, df = initial_state, initial_precond if NV == 1 else q.new_empty(N, H, K, dtype=torch.float32)
+    elif output_final_state:
+        sf, df = q.new_empty(N, H, K, V, dtype=torch.float32), q.new_empty(N, H, K, dtype=torch.float32)
     else:
-        sf = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    df = q.new_empty(N, H, K, dtype=torch.float32) if output_final_state else None
+        sf = df = None
     s0 = initial_state.float().contiguous() if initial_state is not None else None
     d0 = initial_precond.float().contiguous() if initial_precond is not None else None
     if (s0 is None) != (d0 is None):  # the kernel reads both or neither
         s0 = q.new_zeros(N, H, K, V, dtype=torch.float32) if s0 is None else s0
         d0 = q.new_ones(N, H, K, dtype=torch.float32) if d0 is None else d0
-    grid = (triton.cdiv(V, BV), N * H)
-    fused_recurrent_osdn_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        beta,
-        eta,
-        lam,
-        s0,
-        d0,
-        o,
-        sf,
-        df,
-        cu_seqlens,
-        scale,
-        T,
-        H=H,
-        K=K,
-        V=V,
-        BK=BK,
-        BV=BV,
-        USE_INITIAL_STATE=s0 is not None,
-        STORE_FINAL_STATE=output_final_state,
-        IS_VARLEN=cu_seqlens is not None,
-        USE_QK_L2NORM=use_qk_l2norm_in_kernel,
-    )
+    _launch_fwd(
+        (NV, N * H),
+        (q, k, v, beta, eta, lam, s0, d0, o, sf, df, cu_seqlens, scale, T),
+        dict(
+            H=H, K=K, V=V, BK=BK, BV=BV, USE_INITIAL_STATE=s0 is not None, STORE_FINAL_STATE=output_final_state,
+            IS_VARLEN=cu_seqlens is not None, USE_QK_L2NORM=use_qk_l2norm_in_kernel, num_warps=num_warps,
+        ),
+    )  # fmt: skip
     if inplace_final_state:
-        return o, initial_state, initial_precond.copy_(df)
+        return o, initial_state, initial_precond if df is initial_precond else initial_precond.copy_(df)
     return o, sf, df
 
 
@@ -301,7 +306,7 @@ def fused_recurrent_osdn(
         output_final_state = True
     if use_triton(q):
         N = check_inputs(q, k, v, beta, eta, lam, scale, initial_state, initial_precond, cu_seqlens)
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)  # one kernel for int and float scales
         if inplace_final_state:  # outside autograd (checked above), so no Function is needed
             return fused_recurrent_osdn_fwd(
                 q, k, v, beta, eta, lam, scale, initial_state, initial_precond, True, cu_seqlens,

@@ -37,6 +37,7 @@ def check_inputs(
 
     Raises `ValueError` naming the offending argument and the shapes involved.
     """
+    # (written to be cheap: a decoding step runs these checks once a layer and token)
     for name, x, rank in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("beta", beta, 3), ("eta", eta, 3), ("lam", lam, 3)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
@@ -44,24 +45,26 @@ def check_inputs(
             raise ValueError(f"`{name}` must have {rank} dimensions, got shape {_shape(x)}")
         if not x.is_floating_point():
             raise ValueError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    if k.shape != q.shape:
+    shape, v_shape = q.shape, v.shape
+    B, T, H, K = shape
+    BTH, V = shape[:3], v_shape[3]
+    if k.shape != shape:
         raise ValueError(f"`k` must have the shape of `q` [B, T, H, K] = {_shape(q)}, got {_shape(k)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"`v` must be [B, T, H, V] with B, T, H = {tuple(q.shape[:3])}, got {_shape(v)}")
+    if v_shape[:3] != BTH:
+        raise ValueError(f"`v` must be [B, T, H, V] with B, T, H = {tuple(BTH)}, got {_shape(v)}")
     for name, x in (("beta", beta), ("eta", eta), ("lam", lam)):
-        if x.shape != q.shape[:3]:
-            raise ValueError(f"`{name}` must be [B, T, H] = {tuple(q.shape[:3])}, got {_shape(x)}")
+        if x.shape != BTH:
+            raise ValueError(f"`{name}` must be [B, T, H] = {tuple(BTH)}, got {_shape(x)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"`q`, `k`, `v` must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM or K < 1 or V < 1:
         raise ValueError(
             f"head dims must be in [1, {MAX_HEAD_DIM}], got K={K} (q {_shape(q)}) and V={V} (v {_shape(v)})"
         )
+    device = q.device
     for name, x in (("k", k), ("v", v), ("beta", beta), ("eta", eta), ("lam", lam)):
-        if x.device != q.device:
-            raise ValueError(f"`{name}` is on {x.device} but `q` is on {q.device}")
+        if x.device != device:
+            raise ValueError(f"`{name}` is on {x.device} but `q` is on {device}")
     if scale is not None and not scale > 0:
         raise ValueError(f"`scale` must be positive, got {scale}")
 
@@ -78,14 +81,14 @@ def check_inputs(
         if offsets[0] != 0 or offsets[-1] != T or any(b < a for a, b in zip(offsets, offsets[1:])):
             raise ValueError(f"`cu_seqlens` must rise from 0 to T = {T}, got {offsets}")
         N = len(offsets) - 1
-    for name, x, shape in (
+    for name, x, want in (
         ("initial_state", initial_state, (N, H, K, V)),
         ("initial_precond", initial_precond, (N, H, K)),
     ):
         if x is None:
             continue
-        if tuple(x.shape) != shape:
-            raise ValueError(f"`{name}` must be [N, H, ...] = {shape}, got {_shape(x)}")
+        if x.shape != want:
+            raise ValueError(f"`{name}` must be [N, H, ...] = {want}, got {_shape(x)}")
         if not x.is_floating_point():
             raise ValueError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}")
     return N
