@@ -939,6 +939,7 @@ class _FakeCompiled:
         self.log = log
 
     def __getitem__(self, grid):
+        assert len(grid) == 3, "a compiled kernel's runner reads grid[0], grid[1] and grid[2]"
         return lambda *args: self.log.append(("compiled", grid, args))
 
 
@@ -973,7 +974,7 @@ def test_kernel_launcher_relaunches_the_compiled_kernel_per_key():
     launch((3,), (x[1:], 7), meta)  # unaligned: no key, Triton's own launch every time
     launch((3,), (x[1:], 7), meta)
     assert [e[0] for e in kernel.log] == ["jit", "compiled", "jit", "jit", "jit", "jit"]
-    assert kernel.log[1] == ("compiled", (3,), (y, 7, 3, 2))
+    assert kernel.log[1] == ("compiled", (3, 1, 1), (y, 7, 3, 2))
     assert kernel.log[2][2:] == ((y, 16), meta)
     assert len(launch.compiled) == 3
 

@@ -47,8 +47,8 @@ class KernelLauncher:
     `args` are the kernel's runtime arguments in order and `meta` names every constexpr after
     them and any launch options (`num_warps`). The first call for a key (`launch_key(args)` and
     `meta`) launches through Triton, compiling if it must, and keeps the compiled kernel; later
-    calls with that key launch it directly, with the constexprs after `args` in the signature's
-    order, as Triton passes them itself. Calls without a key (a pointer not 16-byte aligned) and
+    calls with that key launch it directly, on the grid padded to three dimensions and with the
+    constexprs after `args` in the signature's order, as Triton passes them itself. Calls without a key (a pointer not 16-byte aligned) and
     calls under Triton's interpreter, which compiles nothing to keep, always go through
     `kernel[grid]`.
     """
@@ -63,7 +63,7 @@ class KernelLauncher:
         hit = self.compiled.get(key) if key is not None else None
         if hit is not None:
             compiled, constexprs = hit
-            return compiled[grid](*args, *constexprs)
+            return compiled[(*grid, 1, 1)[:3]](*args, *constexprs)  # a compiled kernel takes all three
         compiled = self.kernel[grid](*args, **meta)
         names = self.kernel.arg_names[len(args) :]
         if key is not None and hasattr(compiled, "packed_metadata") and all(n in meta for n in names):
