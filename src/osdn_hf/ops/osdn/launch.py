@@ -48,9 +48,9 @@ class KernelLauncher:
     them and any launch options (`num_warps`). The first call for a key (`launch_key(args)` and
     `meta`) launches through Triton, compiling if it must, and keeps the compiled kernel; later
     calls with that key launch it directly, on the grid padded to three dimensions and with the
-    constexprs after `args` in the signature's order, as Triton passes them itself. Calls without a key (a pointer not 16-byte aligned) and
-    calls under Triton's interpreter, which compiles nothing to keep, always go through
-    `kernel[grid]`.
+    constexprs after `args` in the signature's order, as Triton passes them itself. Calls
+    without a key (a pointer not 16-byte aligned) and calls under Triton's interpreter, which
+    compiles nothing to keep, always go through `kernel[grid]`.
     """
 
     def __init__(self, kernel):
