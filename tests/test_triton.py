@@ -985,35 +985,37 @@ def test_kernel_launcher_relaunches_the_compiled_kernel_per_key():
     assert [e[0] for e in interpreted.log] == ["jit", "jit"] and not launch.compiled
 
 
-def test_decode_tile_keeps_one_program_per_head_up_to_the_whole_v_tile():
+def test_decode_tile_is_32_columns_wide_at_most():
     tile = fused_recurrent.decode_tile
-    assert tile(128, 128) == (128, 128, 8)
-    assert tile(64, 64) == (64, 64, 4)
-    assert tile(100, 48) == (128, 64, 4)
-    assert tile(128, 256) == (128, 64, 4)
+    assert tile(128, 128) == (128, 32, 4)
+    assert tile(100, 48) == (128, 32, 4)
     assert tile(256, 256) == (256, 32, 4)
+    assert tile(16, 8) == (16, 16, 4)
 
 
-@pytest.mark.parametrize("whole_v", [True, False])
-def test_fused_recurrent_inplace_writes_d_with_one_or_several_v_blocks(whole_v, monkeypatch):
-    """In place, the final d is written by the kernel where one program covers V, and copied in
-    after it where several V blocks each read all of d; both give the out-of-place call's bits."""
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_fused_recurrent_inplace_writes_d_from_one_or_several_v_blocks(blocks, monkeypatch):
+    """In place, the final d goes into the initial one from the kernel, written by the head's
+    one program or by the last of its V blocks (counted in the stream's ticket buffer, which
+    the kernel leaves zero); no copy after it, and the out-of-place call's bits."""
     monkeypatch.setenv(FORCE_TRITON_ENV, "1")
-    if not whole_v:
-        monkeypatch.setattr(fused_recurrent, "WHOLE_V_TILE", 16 * 16)
-    K, V = 16, 128  # several blocks: two of 64 columns
-    assert (fused_recurrent.decode_tile(K, V)[1] == V) == whole_v
-    inputs = make_inputs(2, 5, 2, K, V, with_states=True)
+    K, V = 16, 128
+    monkeypatch.setattr(fused_recurrent, "DECODE_BV", V // blocks)
+    monkeypatch.setattr(fused_recurrent, "_tickets", {})
+    inputs = make_inputs(1, 5, 3, K, V, with_states=True, N=3)
     inputs = {n: (x.detach() if x is not None else None) for n, x in inputs.items()}
-    ref = fused_recurrent_osdn(**inputs, output_final_state=True)
+    cu = torch.tensor([0, 2, 2, 5])  # one sequence empty: its blocks still count themselves
+    ref = fused_recurrent_osdn(**inputs, output_final_state=True, cu_seqlens=cu)
     S0, d0 = inputs["initial_state"].clone(), inputs["initial_precond"].clone()
     copied, copy_ = [], torch.Tensor.copy_
-    monkeypatch.setattr(
-        torch.Tensor, "copy_", lambda self, *a, **kw: copied.append(self is d0) or copy_(self, *a, **kw)
-    )
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, *a, **kw: copied.append(1) or copy_(self, *a, **kw))
     with torch.no_grad():
-        got = fused_recurrent_osdn(**{**inputs, "initial_state": S0, "initial_precond": d0}, inplace_final_state=True)
-    assert got[1] is S0 and got[2] is d0
-    assert copied == ([] if whole_v else [True])
+        got = fused_recurrent_osdn(
+            **{**inputs, "initial_state": S0, "initial_precond": d0}, cu_seqlens=cu, inplace_final_state=True
+        )
+    assert got[1] is S0 and got[2] is d0 and copied == []
     for name, a, b in zip(("o", "S", "d"), got, ref):
         assert torch.equal(a, b), name
+    assert torch.equal(d0[1], inputs["initial_precond"][1])
+    tickets = list(fused_recurrent._tickets.values())
+    assert (len(tickets) == 1) == (blocks > 1) and all(not t.any() for t in tickets)

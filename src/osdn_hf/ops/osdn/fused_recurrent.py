@@ -26,6 +26,7 @@ if HAS_TRITON:
         sf,
         df,
         cu_seqlens,
+        ticket,
         scale,
         T,
         H: tl.constexpr,
@@ -37,11 +38,15 @@ if HAS_TRITON:
         STORE_FINAL_STATE: tl.constexpr,
         IS_VARLEN: tl.constexpr,
         USE_QK_L2NORM: tl.constexpr,
+        D_IN_PLACE: tl.constexpr = False,
     ):
         """SPEC section 2 token by token; one (sequence, head, V block) per program.
 
         The state tile S[:, V block] and the whole preconditioner d stay in registers for the
         whole sequence; every V block recomputes d (K values per token, cheaper than sharing).
+        With D_IN_PLACE, `df` is `d0` and the head's V blocks share it: each counts itself done
+        in `ticket` (one int32 a head, zero before and after the kernel), and the last one writes
+        d, when every block of the head has read d0 and used it.
         """
         i_v, i_nh = tl.program_id(0), tl.program_id(1)
         i_n, i_h = i_nh // H, i_nh % H
@@ -94,24 +99,39 @@ if HAS_TRITON:
             p_g += H
         if STORE_FINAL_STATE:
             tl.store(sf + i_s * K * V + o_kv, b_s, mask=m_kv)
-            if i_v == 0:
+            if D_IN_PLACE:
+                # acq_rel: the d0 reads of the blocks counted before come before this write
+                if tl.atomic_add(ticket + i_s, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+                    tl.store(df + i_s * K + o_k, b_d, mask=m_k)
+                    tl.store(ticket + i_s, 0)  # ready for the next call
+            elif i_v == 0:
                 tl.store(df + i_s * K + o_k, b_d, mask=m_k)
 
 
-# The decoding kernel's tile: all of V in one program where the K x V state tile has at most
-# WHOLE_V_TILE elements, so that the one program that computes a head's d also writes it (in
-# place, no copy after the kernel); wider states in V blocks of 64 columns (K <= 128) or 32,
-# each block recomputing d. 4 warps up to 128 x 64 elements, 8 above: at most 64 registers a
-# thread for the tile.
-WHOLE_V_TILE = 128 * 128
+# The decoding kernel's V tile: 32 columns (head dims up to 256: at most 8192 state elements a
+# program, 64 registers a thread at 4 warps). Narrower tiles spread a head's state over more SMs:
+# on an H200 (B=1, H=16, K=V=128) a call took 2.4 us of GPU time at 16 or 32 columns, 2.9 at 64
+# and 5.8 with all 128 in one program (benchmarks/results/decode_host3_9662b5b.json).
+DECODE_BV = 32
 
 
 def decode_tile(K: int, V: int) -> tuple[int, int, int]:
     """`(BK, BV, num_warps)` of the decoding kernel for head dims K and V."""
-    BK, BV = max(triton.next_power_of_2(K), 16), max(triton.next_power_of_2(V), 16)
-    if BK * BV > WHOLE_V_TILE:
-        BV = min(BV, 64 if BK <= 128 else 32)
-    return BK, BV, 8 if BK * BV > 128 * 64 else 4
+    return max(triton.next_power_of_2(K), 16), min(max(triton.next_power_of_2(V), 16), DECODE_BV), 4
+
+
+_tickets: dict[tuple, torch.Tensor] = {}
+
+
+def _ticket(x: torch.Tensor, n: int) -> torch.Tensor:
+    """n int32 zeros for the kernel's in-place d (`D_IN_PLACE`) on x's device and current stream:
+    kept between calls (the kernel leaves them zero), one buffer a stream, since calls on two
+    streams may run at once."""
+    key = (x.device, torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0)
+    buf = _tickets.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _tickets[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=x.device)
+    return buf
 
 
 if HAS_TRITON:
@@ -137,9 +157,8 @@ def fused_recurrent_osdn_fwd(
     """Launch the decoding kernel on `[B, T, H, *]` inputs (packed when `cu_seqlens` is given).
 
     With `inplace_final_state` the final `S` is written over `initial_state` (each program
-    reads its own tile first and writes it last), and so is the final `d` where one program
-    covers all of V (`decode_tile`); with several V blocks, each of which reads all of `d`, it
-    goes into `initial_precond` after the kernel, since it cannot be overwritten while they run.
+    reads its own tile first and writes it last), and the final `d` over `initial_precond` by
+    the last of a head's V blocks to finish (`D_IN_PLACE`; every block reads all of `d`).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -148,7 +167,7 @@ def fused_recurrent_osdn_fwd(
     q, k, v, beta, eta, lam = (x.contiguous() for x in (q, k, v, beta, eta, lam))
     o = torch.empty_like(v)
     if inplace_final_state:
-        sf, df = initial_state, initial_precond if NV == 1 else q.new_empty(N, H, K, dtype=torch.float32)
+        sf, df = initial_state, initial_precond
     elif output_final_state:
         sf, df = q.new_empty(N, H, K, V, dtype=torch.float32), q.new_empty(N, H, K, dtype=torch.float32)
     else:
@@ -158,16 +177,16 @@ def fused_recurrent_osdn_fwd(
     if (s0 is None) != (d0 is None):  # the kernel reads both or neither
         s0 = q.new_zeros(N, H, K, V, dtype=torch.float32) if s0 is None else s0
         d0 = q.new_ones(N, H, K, dtype=torch.float32) if d0 is None else d0
+    shared = inplace_final_state and NV > 1
     _launch_fwd(
         (NV, N * H),
-        (q, k, v, beta, eta, lam, s0, d0, o, sf, df, cu_seqlens, scale, T),
+        (q, k, v, beta, eta, lam, s0, d0, o, sf, df, cu_seqlens, _ticket(q, N * H) if shared else None, scale, T),
         dict(
             H=H, K=K, V=V, BK=BK, BV=BV, USE_INITIAL_STATE=s0 is not None, STORE_FINAL_STATE=output_final_state,
-            IS_VARLEN=cu_seqlens is not None, USE_QK_L2NORM=use_qk_l2norm_in_kernel, num_warps=num_warps,
+            IS_VARLEN=cu_seqlens is not None, USE_QK_L2NORM=use_qk_l2norm_in_kernel, D_IN_PLACE=shared,
+            num_warps=num_warps,
         ),
     )  # fmt: skip
-    if inplace_final_state:
-        return o, initial_state, initial_precond if df is initial_precond else initial_precond.copy_(df)
     return o, sf, df
 
 
