@@ -96,6 +96,29 @@ def test_left_padding_equals_unpadded_runs():
             torch.testing.assert_close(padded[i, width - len(p) :], alone[0], atol=LOGITS_ATOL, rtol=0)
 
 
+def test_mask_without_padding_reaches_no_layer():
+    """A mask of ones is dropped once by the model (the layers would each ask the GPU whether it
+    pads); one that pads reaches every layer. Both give the unmasked logits where tokens are real."""
+    model = tiny_model()
+    seen = []
+    for layer in model.model.layers:
+        layer.attn.register_forward_pre_hook(
+            lambda m, a, kw: seen.append(kw.get("attention_mask", a[1])), with_kwargs=True
+        )
+    ids = torch.randint(1, 97, (2, 6))
+    with torch.no_grad():
+        plain = model(ids).logits
+        ones = model(ids, attention_mask=torch.ones(2, 6, dtype=torch.long)).logits
+        assert seen == [None] * 4
+        seen.clear()
+        mask = torch.ones(2, 6, dtype=torch.long)
+        mask[1, :2] = 0
+        padded = model(ids, attention_mask=mask).logits
+    assert len(seen) == 2 and all(m is not None for m in seen)
+    torch.testing.assert_close(ones, plain, atol=0, rtol=0)
+    torch.testing.assert_close(padded[0], plain[0], atol=LOGITS_ATOL, rtol=0)
+
+
 def test_padding_does_not_write_state():
     """Pads anywhere (not only on the left) neither read nor write the recurrent state."""
     model = tiny_model()

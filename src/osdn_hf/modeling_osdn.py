@@ -285,6 +285,10 @@ class OSDNModel(OSDNPreTrainedModel):
             )
 
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        if attention_mask is not None and bool(attention_mask[:, -hidden_states.shape[1] :].all()):
+            # no padding in this input: asked once here instead of by every layer (each time a
+            # wait on the GPU; `generate` passes a mask of ones at every step)
+            attention_mask = None
         if use_cache and past_key_values is None:
             past_key_values = OSDNCache(self.config.num_hidden_layers)
         all_hidden_states = () if output_hidden_states else None
