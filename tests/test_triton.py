@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -944,10 +946,15 @@ class _FakeCompiled:
 
 
 class _FakeKernel:
-    """Stands for a JITFunction `f(a, n, C: constexpr, D: constexpr)`: `kernel[grid](...)` records
-    the launch and returns a compiled kernel, or None as Triton's interpreter does."""
+    """Stands for a JITFunction `f(a, n, C: constexpr, D: constexpr = 9)`: `kernel[grid](...)`
+    records the launch and returns a compiled kernel, or None as Triton's interpreter does."""
 
-    arg_names = ["a", "n", "C", "D"]
+    params = [
+        SimpleNamespace(name="a", is_constexpr=False, default=inspect.Parameter.empty),
+        SimpleNamespace(name="n", is_constexpr=False, default=inspect.Parameter.empty),
+        SimpleNamespace(name="C", is_constexpr=True, default=inspect.Parameter.empty),
+        SimpleNamespace(name="D", is_constexpr=True, default=9),
+    ]
 
     def __init__(self, interpreted=False):
         self.log, self.interpreted = [], interpreted
@@ -983,6 +990,36 @@ def test_kernel_launcher_relaunches_the_compiled_kernel_per_key():
     for _ in range(2):
         launch((1,), (x, 5), meta)
     assert [e[0] for e in interpreted.log] == ["jit", "jit"] and not launch.compiled
+
+
+def test_kernel_launcher_fills_defaults_and_keeps_no_runtime_argument():
+    """A constexpr left to its default is passed with that default; a runtime argument given by
+    name or a constexpr given by position is never kept (the key would not hold its value), so
+    it goes through Triton."""
+    from osdn_hf.ops.osdn.launch import KernelLauncher, enqueue
+
+    kernel = _FakeKernel()
+    launcher = KernelLauncher(kernel)
+    x = torch.zeros(8)
+    for _ in range(2):
+        launcher((2,), (x, 5), dict(C=3))
+    assert kernel.log[1] == ("compiled", (2, 1, 1), (x, 5, 3, 9))
+    kernel = _FakeKernel()
+    launcher = KernelLauncher(kernel)
+    for n in (5, 7):
+        launcher((2,), (x,), dict(n=n, C=3))
+    assert [e[0] for e in kernel.log] == ["jit", "jit"] and not launcher.compiled
+    assert kernel.log[1][3] == dict(n=7, C=3)
+    kernel = _FakeKernel()
+    launcher = KernelLauncher(kernel)
+    for c in (3, 5):  # a constexpr passed by position
+        launcher((2,), (x, 7, c), {})
+    assert [e[0] for e in kernel.log] == ["jit", "jit"] and not launcher.compiled
+
+    kernel = _FakeKernel()  # `enqueue` keeps one launcher per kernel
+    for n in (5, 7):
+        enqueue(kernel, (4, 2), x, n, C=3, num_warps=4)
+    assert kernel.log[1] == ("compiled", (4, 2, 1), (x, 7, 3, 9))
 
 
 def test_decode_tile_is_32_columns_wide_at_most():

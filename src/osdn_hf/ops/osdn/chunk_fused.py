@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from .chunk_scan import HAS_TRITON, _block_sizes
+from .launch import enqueue
 
 if HAS_TRITON:  # the kernels exist only with Triton; without it chunk.py never calls this module
     import triton
@@ -1329,7 +1330,7 @@ class ToChunks(torch.autograd.Function):
         B, T, H, D = x.shape
         NC = max(triton.cdiv(T, C), 1)
         y = x.new_empty(B, H, NC, C, D, dtype=dtype)
-        to_chunks_kernel[(B * H * NC,)](x, y, T, H, NC, NORM=normalize, **_relayout_launch("to_chunks", D, C))
+        enqueue(to_chunks_kernel, (B * H * NC,), x, y, T, H, NC, NORM=normalize, **_relayout_launch("to_chunks", D, C))
         if normalize:  # the backward through the norm needs x; a plain relayout needs only its shape
             ctx.save_for_backward(x)
         ctx.normalize, ctx.shape, ctx.dtype = normalize, x.shape, x.dtype
@@ -1341,9 +1342,11 @@ class ToChunks(torch.autograd.Function):
         NC, C = gy.shape[2:4]
         gx = gy.new_empty(ctx.shape, dtype=ctx.dtype)
         x = ctx.saved_tensors[0] if ctx.normalize else gx  # without NORM the kernel never reads x
-        from_chunks_kernel[(B * H * NC,)](
-            gy.contiguous(), x, gx, T, H, NC, NORM=ctx.normalize, **_relayout_launch("from_chunks", D, C)
-        )
+        enqueue(
+            from_chunks_kernel, (B * H * NC,),
+            gy.contiguous(), x, gx, T, H, NC,
+            NORM=ctx.normalize, **_relayout_launch("from_chunks", D, C),
+        )  # fmt: skip
         return gx, None, None, None
 
 
@@ -1370,17 +1373,22 @@ class Precondition(torch.autograd.Function):
         scan = _scan_launch("precond_fwd", K, K, C)
         workers, ready = _overlap_launch("precond_fwd", scan, B * H, B * H * NC, k.device)
         if workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
-            precond_fwd_overlap_kernel[(workers + B * H,)](
+            enqueue(
+                precond_fwd_overlap_kernel, (workers + B * H,),
                 k, beta, eta, lam, y, dm, p, gc, tinv, d0 - 1, es, ef, ready, NC, B * H, workers,
                 SBK=scan["BK"], RUN=SCAN_TUNING["precond_fwd"]["flag_run"], **intra,
             )  # fmt: skip
         else:
-            pre_intra_fwd_kernel[grid](k, beta, eta, lam, y, dm, p, gc, tinv, **intra)
-            precond_scan_fwd_kernel[(B * H,)](y, k, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, SQUARE=True, **scan)
+            enqueue(pre_intra_fwd_kernel, grid, k, beta, eta, lam, y, dm, p, gc, tinv, **intra)
+            enqueue(
+                precond_scan_fwd_kernel, (B * H,), y, k, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, SQUARE=True, **scan
+            )
         w, dl = torch.empty_like(k), torch.empty_like(dm)
-        pre_out_fwd_kernel[grid](
-            k, lam, y, dm, es, w, dl, K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K)
-        )
+        enqueue(
+            pre_out_fwd_kernel, grid,
+            k, lam, y, dm, es, w, dl,
+            K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K),
+        )  # fmt: skip
         # Y is rebuilt from the inverse in the backward: 1X less held between forward and backward.
         # The backward reads dm only as delta = dm - Y e_n, which is kept instead.
         ctx.save_for_backward(k, beta, eta, lam, dl, p, gc, es, tinv)
@@ -1420,29 +1428,34 @@ class Precondition(torch.autograd.Function):
             launch["num_warps"] = SCAN_TUNING["precond_bwd"]["split_num_warps"]
         workers, ready = _overlap_launch("precond_bwd", launch, B * H, B * H * NC, k.device) if split else (None, None)
         if workers:  # e's scans run beside the making of Y and of what they read from pre_out_bwd
-            precond_bwd_overlap_kernel[(workers + B * H,)](
+            enqueue(
+                precond_bwd_overlap_kernel, (workers + B * H,),
                 k, beta, eta, lam, tinv, y, *out_args[2:], p, gc, dd, des, de0, ready, NC, B * H, workers,
                 K=K, C=C, BK=out_launch["BK"], SBK=launch["BK"], PRECISION=precision, Y_BK=y_launch["BK"],
                 Y_UNROLL=y_launch["UNROLL"], Y_STAGES=y_launch["STAGES"], UNROLL=out_launch["UNROLL"],
                 STAGES=out_launch["STAGES"], RUN=SCAN_TUNING["precond_bwd"]["flag_run"], num_warps=launch["num_warps"],
             )  # fmt: skip
         else:
-            pre_y_kernel[grid](k, beta, eta, lam, tinv, y, K=K, C=C, PRECISION=precision, **y_launch)
-            pre_out_bwd_kernel[grid](*out_args, K=K, C=C, PRECISION=precision, **out_launch)
+            enqueue(pre_y_kernel, grid, k, beta, eta, lam, tinv, y, K=K, C=C, PRECISION=precision, **y_launch)
+            enqueue(pre_out_bwd_kernel, grid, *out_args, K=K, C=C, PRECISION=precision, **out_launch)
         if split:
             if not workers:
-                precond_scan_bwd_de_kernel[(B * H,)](
-                    y, k, p, gc, ges, ddm, dd, des, de0, NC, K=K, C=C, SQUARE=True, **launch
-                )
+                enqueue(
+                    precond_scan_bwd_de_kernel, (B * H,),
+                    y, k, p, gc, ges, ddm, dd, des, de0, NC,
+                    K=K, C=C, SQUARE=True, **launch,
+                )  # fmt: skip
         else:
-            precond_scan_bwd_kernel[(B * H,)](
+            enqueue(
+                precond_scan_bwd_kernel, (B * H,),
                 y, k, dl, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC,
                 K=K, C=C, ACC=True, DY=False, SQUARE=True, YDDM=True, DELTA=True, **launch,
             )  # fmt: skip
         del y
         dbeta, deta, dlam = torch.empty_like(beta), torch.empty_like(eta), torch.empty_like(lam)
         dk_out = _in_dtype_of(dk, k)
-        pre_intra_bwd_kernel[grid](
+        enqueue(
+            pre_intra_bwd_kernel, grid,
             k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, des, dl, dg, dgp, dk,
             None if dk2 is None else dk2.contiguous(), dk_out, dbeta, deta, dlam,
             K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_bwd", K, precision=precision),
@@ -1460,7 +1473,8 @@ def _state_scan(kb, w, ub, s0, uo, precision, launch=None):
     launch = launch or _scan_launch("state_fwd", K, V, C, B * H, w.device, w.element_size())
     ss = w.new_empty(B, H, NC, K, V)
     sf = None if ub is None else s0.new_empty(B, H, K, V)
-    state_scan_fwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
+    enqueue(
+        state_scan_fwd_kernel, (B * H, triton.cdiv(V, launch["BV"])),
         w if kb is None else kb, w, uo if ub is None else ub, s0, uo, ss, sf, NC,
         K=K, V=V, C=C, PRECISION=precision, RECOMPUTE=ub is None, **launch,
     )  # fmt: skip
@@ -1475,9 +1489,11 @@ def _state_scan_bwd(kb, w, gu, gss, ds, precision, launch=None):
     V = gu.shape[-1]
     launch = launch or _scan_launch("state_bwd", K, V, C, B * H, kb.device, kb.element_size())
     dub, dss, ds0 = torch.empty_like(gu), gss, ds.new_empty(B, H, K, V)  # dss overwrites gss as it goes
-    state_scan_bwd_kernel[(B * H, triton.cdiv(V, launch["BV"]))](
-        kb, w, gu, gss, ds, dub, dss, ds0, NC, K=K, V=V, C=C, PRECISION=precision, **launch
-    )
+    enqueue(
+        state_scan_bwd_kernel, (B * H, triton.cdiv(V, launch["BV"])),
+        kb, w, gu, gss, ds, dub, dss, ds0, NC,
+        K=K, V=V, C=C, PRECISION=precision, **launch,
+    )  # fmt: skip
     return dub, dss, ds0
 
 
@@ -1491,7 +1507,8 @@ class DeltaRuleAsym(torch.autograd.Function):
         T, V = v.shape[1], v.shape[-1]
         scratch, tinv = beta.new_empty(B, H, NC, C, C), k.new_empty(B, H, NC, C, C)
         ub, kb = k.new_empty(B, H, NC, C, V), torch.empty_like(k)
-        wy_fwd_kernel[(B * H * NC,)](
+        enqueue(
+            wy_fwd_kernel, (B * H * NC,),
             k, w, v, beta, scratch, tinv, ub, kb, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, DOUBLING=_doubling(precision),
             **_chunk_launch("wy_fwd", K, V, precision),
@@ -1502,9 +1519,11 @@ class DeltaRuleAsym(torch.autograd.Function):
         del ub, kb  # Kb is rebuilt from T in the backward, for 1X less saved
         o = v.new_empty(B, T, H, V, dtype=out_dtype)
         launch = _chunk_launch("out_fwd", K, V)
-        out_fwd_kernel[(triton.cdiv(V, launch["BV"]), B * H * NC)](
-            q, w, uo, ss, o, scale, T, H, NC, K=K, V=V, C=C, PRECISION=precision, **launch
-        )
+        enqueue(
+            out_fwd_kernel, (triton.cdiv(V, launch["BV"]), B * H * NC),
+            q, w, uo, ss, o, scale, T, H, NC,
+            K=K, V=V, C=C, PRECISION=precision, **launch,
+        )  # fmt: skip
         # The per-chunk states (twice the size of U) and Kb are not kept for the backward, which
         # rebuilds them from W and U, and T: a model holds every layer's saved tensors at once.
         ctx.save_for_backward(q, k, w, v, beta, tinv, uo, s0)
@@ -1521,12 +1540,13 @@ class DeltaRuleAsym(torch.autograd.Function):
         do = torch.zeros_like(v) if do is None else do.contiguous()
         ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
         gu, gss = torch.empty_like(uo), torch.empty_like(ss)
-        out_bwd_kernel[(B * H * NC,)](
+        enqueue(
+            out_bwd_kernel, (B * H * NC,),
             q, w, do, gu, gss, scale, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("out_bwd", K, V, precision),
         )  # fmt: skip
         kb = torch.empty_like(k)
-        kb_kernel[(B * H * NC,)](k, beta, tinv, kb, K=K, C=C, PRECISION=precision, **_chunk_launch("kb", K))
+        enqueue(kb_kernel, (B * H * NC,), k, beta, tinv, kb, K=K, C=C, PRECISION=precision, **_chunk_launch("kb", K))
         dub, dss, ds0 = _state_scan_bwd(kb, w, gu, gss, ds, precision)
         del gu, gss, kb  # no later kernel reads these: freed before dK is allocated
         dq, dk, dw = (
@@ -1535,14 +1555,16 @@ class DeltaRuleAsym(torch.autograd.Function):
             _grad_buffer(w, "phase2"),
         )
         launch = _chunk_launch("state_grads", K, V, precision)
-        state_grads_kernel[(triton.cdiv(K, launch["BK"]), B * H * NC)](
+        enqueue(
+            state_grads_kernel, (triton.cdiv(K, launch["BK"]), B * H * NC),
             q, w, uo, ss, do, dub, dss, dq, dk, dw, scale, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, **launch,
         )  # fmt: skip
         del do, ss, dss  # the states and their gradients (4X) go before the last kernel's outputs come
         dv, dbeta = torch.empty_like(v), torch.empty_like(beta)
         dk_out, dw_out = _in_dtype_of(dk, k), _in_dtype_of(dw, w)
-        wy_bwd_kernel[(B * H * NC,)](
+        enqueue(
+            wy_bwd_kernel, (B * H * NC,),
             k, w, v, beta, tinv, dub, dk, dw, dk_out, dw_out, dv, dbeta, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_bwd", K, V, precision),
         )  # fmt: skip

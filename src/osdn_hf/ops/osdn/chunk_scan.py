@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .launch import enqueue
+
 try:
     import triton
     import triton.language as tl
@@ -604,7 +606,9 @@ class PrecondScan(torch.autograd.Function):
         es = y.new_empty(B, H, NC, K)
         ef = y.new_empty(B, H, K)
         BK, _, BS = _block_sizes(K, K, C)
-        precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, e0, es, ef, NC, K=K, C=C, BK=BK, BS=BS, num_stages=1)
+        enqueue(
+            precond_scan_fwd_kernel, (B * H,), y, u, dm, p, gc, e0, es, ef, NC, K=K, C=C, BK=BK, BS=BS, num_stages=1
+        )
         ctx.save_for_backward(y, u, dm, p, gc, es)
         return es, ef
 
@@ -616,9 +620,11 @@ class PrecondScan(torch.autograd.Function):
         gef = es.new_zeros(B, H, K) if gef is None else gef.contiguous()
         dy, du, ddm, dp, dgc, de0 = (torch.empty_like(x) for x in (y, u, dm, p, gc, gef))
         BK, _, BS = _block_sizes(K, K, C)
-        precond_scan_bwd_kernel[(B * H,)](
-            y, u, dm, p, gc, es, ges, gef, dy, du, ddm, dp, dgc, de0, NC, K=K, C=C, BK=BK, BS=BS, num_stages=1
-        )
+        enqueue(
+            precond_scan_bwd_kernel, (B * H,),
+            y, u, dm, p, gc, es, ges, gef, dy, du, ddm, dp, dgc, de0, NC,
+            K=K, C=C, BK=BK, BS=BS, num_stages=1,
+        )  # fmt: skip
         return dy, du, ddm, dp, dgc, de0
 
 
@@ -633,9 +639,11 @@ class StateScan(torch.autograd.Function):
         sf = kb.new_empty(B, H, K, V)
         BK, BV, BS = _block_sizes(K, V, C)
         grid = (B * H, triton.cdiv(V, BV))
-        state_scan_fwd_kernel[grid](
-            kb, w, ub, s0, uo, ss, sf, NC, K=K, V=V, C=C, BK=BK, BV=BV, BS=BS, PRECISION=precision, num_stages=1
-        )
+        enqueue(
+            state_scan_fwd_kernel, grid,
+            kb, w, ub, s0, uo, ss, sf, NC,
+            K=K, V=V, C=C, BK=BK, BV=BV, BS=BS, PRECISION=precision, num_stages=1,
+        )  # fmt: skip
         ctx.save_for_backward(kb, w, uo, ss)
         ctx.precision = precision
         return uo, ss, sf
@@ -650,7 +658,8 @@ class StateScan(torch.autograd.Function):
         gss = torch.zeros_like(ss) if gss is None else gss.contiguous()
         gsf = kb.new_zeros(B, H, K, V) if gsf is None else gsf.contiguous()
         dub, dss, ds0 = torch.empty_like(uo), torch.empty_like(ss), kb.new_empty(B, H, K, V)
-        state_scan_bwd_kernel[(B * H, triton.cdiv(V, BV))](
+        enqueue(
+            state_scan_bwd_kernel, (B * H, triton.cdiv(V, BV)),
             kb, w, gu, gss, gsf, dub, dss, ds0, NC, K=K, V=V, C=C, BK=BK, BV=BV, BS=max(BS // 2, 16),
             PRECISION=ctx.precision, num_stages=1,
         )  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .chunk_scan import HAS_TRITON
-from .launch import KernelLauncher
+from .launch import enqueue
 from .utils import check_inputs, run_padded, use_triton
 
 if HAS_TRITON:
@@ -134,10 +134,6 @@ def _ticket(x: torch.Tensor, n: int) -> torch.Tensor:
     return buf
 
 
-if HAS_TRITON:
-    _launch_fwd = KernelLauncher(fused_recurrent_osdn_fwd_kernel)
-
-
 def fused_recurrent_osdn_fwd(
     q,
     k,
@@ -178,14 +174,12 @@ def fused_recurrent_osdn_fwd(
         s0 = q.new_zeros(N, H, K, V, dtype=torch.float32) if s0 is None else s0
         d0 = q.new_ones(N, H, K, dtype=torch.float32) if d0 is None else d0
     shared = inplace_final_state and NV > 1
-    _launch_fwd(
-        (NV, N * H),
-        (q, k, v, beta, eta, lam, s0, d0, o, sf, df, cu_seqlens, _ticket(q, N * H) if shared else None, scale, T),
-        dict(
-            H=H, K=K, V=V, BK=BK, BV=BV, USE_INITIAL_STATE=s0 is not None, STORE_FINAL_STATE=output_final_state,
-            IS_VARLEN=cu_seqlens is not None, USE_QK_L2NORM=use_qk_l2norm_in_kernel, D_IN_PLACE=shared,
-            num_warps=num_warps,
-        ),
+    enqueue(
+        fused_recurrent_osdn_fwd_kernel, (NV, N * H),
+        q, k, v, beta, eta, lam, s0, d0, o, sf, df, cu_seqlens, _ticket(q, N * H) if shared else None, scale, T,
+        H=H, K=K, V=V, BK=BK, BV=BV, USE_INITIAL_STATE=s0 is not None, STORE_FINAL_STATE=output_final_state,
+        IS_VARLEN=cu_seqlens is not None, USE_QK_L2NORM=use_qk_l2norm_in_kernel, D_IN_PLACE=shared,
+        num_warps=num_warps,
     )  # fmt: skip
     return o, sf, df
 

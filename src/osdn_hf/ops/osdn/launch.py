@@ -5,7 +5,7 @@ looks the compiled kernel up, on every call. For the decoding kernel (24 argumen
 microseconds on the GPU) that was most of a call's host time on an H200's host: 35 us a launch,
 against 16 us for an empty kernel of one argument (`benchmarks/results/decode_host_c8e7df5.json`).
 `KernelLauncher` does that work once per specialization and then launches the compiled kernel
-directly.
+directly; `enqueue(kernel, grid, *args, **meta)` is how the ops call every kernel through it.
 """
 
 from __future__ import annotations
@@ -44,13 +44,15 @@ def launch_key(args: tuple) -> tuple | None:
 class KernelLauncher:
     """`launcher(grid, args, meta)` does what `kernel[grid](*args, **meta)` does.
 
-    `args` are the kernel's runtime arguments in order and `meta` names every constexpr after
-    them and any launch options (`num_warps`). The first call for a key (`launch_key(args)` and
-    `meta`) launches through Triton, compiling if it must, and keeps the compiled kernel; later
-    calls with that key launch it directly, on the grid padded to three dimensions and with the
-    constexprs after `args` in the signature's order, as Triton passes them itself. Calls
-    without a key (a pointer not 16-byte aligned) and calls under Triton's interpreter, which
-    compiles nothing to keep, always go through `kernel[grid]`.
+    `args` are the kernel's runtime arguments in order and `meta` names constexprs after them
+    (the rest take their defaults) and any launch options (`num_warps`). The first call for a key
+    (`launch_key(args)` and `meta`) launches through Triton, compiling if it must, and keeps the
+    compiled kernel; later calls with that key launch it directly, on the grid padded to three
+    dimensions and with the constexprs after `args` in the signature's order, as Triton passes
+    them itself. Calls without a key (a pointer not 16-byte aligned), calls that name a runtime
+    argument in `meta` (its value would be kept) or pass a constexpr in `args` (the key holds only
+    its specialization), and calls under Triton's interpreter, which compiles nothing to keep,
+    always go through `kernel[grid]`.
     """
 
     def __init__(self, kernel):
@@ -65,7 +67,24 @@ class KernelLauncher:
             compiled, constexprs = hit
             return compiled[(*grid, 1, 1)[:3]](*args, *constexprs)  # a compiled kernel takes all three
         compiled = self.kernel[grid](*args, **meta)
-        names = self.kernel.arg_names[len(args) :]
-        if key is not None and hasattr(compiled, "packed_metadata") and all(n in meta for n in names):
-            self.compiled[key] = (compiled, tuple(meta[n] for n in names))
+        if key is not None and hasattr(compiled, "packed_metadata"):
+            params = self.kernel.params
+            # the key tells runtime arguments apart by their specialization, constexprs by value
+            if not any(p.is_constexpr for p in params[: len(args)]) and all(
+                p.is_constexpr for p in params[len(args) :]
+            ):
+                rest = params[len(args) :]
+                self.compiled[key] = (compiled, tuple(meta[p.name] if p.name in meta else p.default for p in rest))
         return compiled
+
+
+_LAUNCHERS: dict = {}
+
+
+def enqueue(kernel, grid: tuple[int, ...], *args, **meta):
+    """`kernel[grid](*args, **meta)` through the kernel's one `KernelLauncher`: runtime arguments
+    positional, constexprs and launch options by name."""
+    launcher = _LAUNCHERS.get(kernel)
+    if launcher is None:
+        launcher = _LAUNCHERS[kernel] = KernelLauncher(kernel)
+    return launcher(grid, args, meta)
