@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from osdn_hf import OSDNCache, OSDNConfig, OSDNForCausalLM, OSDNModel
 from osdn_hf.layers.modules import ShortConvolution
 from osdn_hf.modeling_osdn import CACHE_FIELD, output_cache
+from osdn_hf.ops.osdn import utils
 
 REPO = Path(__file__).resolve().parents[1]
 # SPEC section 7: cached decoding equals one full forward within float32 1e-4.
@@ -96,27 +97,39 @@ def test_left_padding_equals_unpadded_runs():
             torch.testing.assert_close(padded[i, width - len(p) :], alone[0], atol=LOGITS_ATOL, rtol=0)
 
 
-def test_mask_without_padding_reaches_no_layer():
-    """A mask of ones is dropped once by the model (the layers would each ask the GPU whether it
-    pads); one that pads reaches every layer. Both give the unmasked logits where tokens are real."""
+def test_model_packs_padding_once_for_all_layers(monkeypatch):
+    """The model drops a mask of ones and packs a padded batch once: every layer gets the same
+    `cu_seqlens` tensor and no mask (each layer used to ask the GPU whether the mask pads, and
+    pack again). Real tokens get the unpadded logits; padding comes out as zeros."""
     model = tiny_model()
     seen = []
     for layer in model.model.layers:
         layer.attn.register_forward_pre_hook(
-            lambda m, a, kw: seen.append(kw.get("attention_mask", a[1])), with_kwargs=True
+            lambda m, a, kw: seen.append((kw.get("attention_mask"), kw.get("cu_seqlens"), a[0].shape)),
+            with_kwargs=True,
         )
+    host_copies, original = [], utils._Varlen.__init__
+    monkeypatch.setattr(utils._Varlen, "__init__", lambda self, cu: host_copies.append(cu) or original(self, cu))
     ids = torch.randint(1, 97, (2, 6))
     with torch.no_grad():
         plain = model(ids).logits
         ones = model(ids, attention_mask=torch.ones(2, 6, dtype=torch.long)).logits
-        assert seen == [None] * 4
+        assert seen == [(None, None, (2, 6, 32))] * 4
         seen.clear()
         mask = torch.ones(2, 6, dtype=torch.long)
         mask[1, :2] = 0
-        padded = model(ids, attention_mask=mask).logits
-    assert len(seen) == 2 and all(m is not None for m in seen)
+        out = model(ids, attention_mask=mask, output_hidden_states=True)
+    assert len(seen) == 2 and all(m is None and shape == (1, 10, 32) for m, _, shape in seen)
+    assert seen[0][1] is seen[1][1] and seen[0][1].tolist() == [0, 6, 10]
+    assert len(host_copies) == 1  # three convolutions and the op in each of two layers: one copy
     torch.testing.assert_close(ones, plain, atol=0, rtol=0)
-    torch.testing.assert_close(padded[0], plain[0], atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.logits[0], plain[0], atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(out.logits[1, 2:], model(ids[1:, 2:]).logits[0], atol=LOGITS_ATOL, rtol=0)
+    assert len(out.hidden_states) == 3 and not out.logits[1, :2].any()
+    for h in out.hidden_states:
+        assert h.shape == (2, 6, 32) and not h[1, :2].any() and h[1, 2:].abs().sum(-1).min() > 0
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        model(ids[:1], attention_mask=mask[1:], cu_seqlens=torch.tensor([0, 3, 6]))
 
 
 def test_padding_does_not_write_state():

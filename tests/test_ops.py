@@ -277,3 +277,18 @@ def test_bad_cu_seqlens_raise_value_error():
         chunk_osdn(**inputs, cu_seqlens=torch.tensor([0, 4, 9]))
     with pytest.raises(ValueError, match="1-D int64"):
         chunk_osdn(**inputs, cu_seqlens=torch.tensor([0.0, 10.0]))
+
+
+def test_varlen_index_is_worked_out_once_per_cu_seqlens_tensor():
+    """Every layer of a model reads the same `cu_seqlens` (host copies are GPU waits): the same
+    tensor gives the same index; a changed or new tensor is read afresh."""
+    from osdn_hf.ops.osdn.utils import varlen_index, varlen_offsets
+
+    cu = torch.tensor([0, 3, 3, 7])
+    dest, L = varlen_index(cu)
+    assert dest.tolist() == [0, 1, 2, 8, 9, 10, 11] and L == 4  # an empty sequence in the middle
+    assert varlen_index(cu)[0] is dest and varlen_offsets(cu) == [0, 3, 3, 7]
+    cu[3] = 8  # in place: its version counter moves
+    assert varlen_offsets(cu) == [0, 3, 3, 8] and varlen_index(cu)[0].tolist() == [0, 1, 2, 10, 11, 12, 13, 14]
+    other = torch.tensor([0, 2])
+    assert varlen_index(other)[0].tolist() == [0, 1] and varlen_index(torch.tensor([0, 0]))[1] == 1

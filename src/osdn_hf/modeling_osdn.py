@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_osdn import OSDNConfig
 from .hub_code import AUTO_MAP, write_code
 from .layers.loss import causal_lm_loss
-from .layers.modules import RMSNorm, ShortConvolution, SwiGLUMLP
+from .layers.modules import RMSNorm, ShortConvolution, SwiGLUMLP, pack_padding, unpack_padding
 from .layers.osdn_attention import OSDNAttention
 
 # transformers 5.24 renamed the cache, as a forward argument and as an output field, from
@@ -169,7 +169,11 @@ class OSDNBlock(GradientCheckpointingLayer):
         cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden_states = hidden_states + self.attn(
-            self.attn_norm(hidden_states), attention_mask, past_key_values, use_cache, cu_seqlens
+            self.attn_norm(hidden_states),
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            cu_seqlens=cu_seqlens,
         )
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
@@ -259,6 +263,9 @@ class OSDNModel(OSDNPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """Args beyond the usual ones:
+        attention_mask (`torch.Tensor` of shape `[B, T_total]`, *optional*): 0 at padding (its
+            last T columns are this input's). Padding neither reads nor writes the state, and its
+            positions come out as zeros in `last_hidden_state` and `hidden_states`.
         cu_seqlens (`torch.LongTensor` of shape `[N + 1]`, *optional*): offsets of packed
             sequences in a batch of one row; the state resets at each boundary.
         cache (`OSDNCache`, *optional*): `past_key_values` under its name since transformers
@@ -285,10 +292,15 @@ class OSDNModel(OSDNPreTrainedModel):
             )
 
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        if attention_mask is not None and bool(attention_mask[:, -hidden_states.shape[1] :].all()):
-            # no padding in this input: asked once here instead of by every layer (each time a
-            # wait on the GPU; `generate` passes a mask of ones at every step)
-            attention_mask = None
+        B, T = hidden_states.shape[:2]
+        # Padding neither reads nor writes the state: the real tokens are packed once here, and
+        # every layer gets them as packed sequences (one wait on the GPU per forward, not several
+        # per layer). A mask of ones, what `generate` passes at every step, is simply dropped.
+        indices = None
+        if attention_mask is not None and not bool(attention_mask[:, -T:].all()):
+            if cu_seqlens is not None:
+                raise ValueError("pass either `cu_seqlens` or an `attention_mask` with padding, not both")
+            hidden_states, indices, cu_seqlens = pack_padding(hidden_states, attention_mask[:, -T:])
         if use_cache and past_key_values is None:
             past_key_values = OSDNCache(self.config.num_hidden_layers)
         all_hidden_states = () if output_hidden_states else None
@@ -297,7 +309,6 @@ class OSDNModel(OSDNPreTrainedModel):
                 all_hidden_states += (hidden_states,)
             hidden_states = layer(
                 hidden_states,
-                attention_mask=attention_mask,
                 past_key_values=past_key_values if use_cache else None,
                 use_cache=use_cache,
                 cu_seqlens=cu_seqlens,
@@ -305,8 +316,12 @@ class OSDNModel(OSDNPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
+        if indices is not None:  # zeros where the mask pads
+            hidden_states = unpack_padding(hidden_states, indices, B, T)
+            if output_hidden_states:
+                all_hidden_states = tuple(unpack_padding(h, indices, B, T) for h in all_hidden_states)
         if use_cache:
-            past_key_values.seen_tokens += hidden_states.shape[1]
+            past_key_values.seen_tokens += T
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,

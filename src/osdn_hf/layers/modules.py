@@ -1,4 +1,5 @@
-"""Building blocks of the OSDN layer and block: short convolution, RMSNorms, SwiGLU MLP.
+"""Building blocks of the OSDN layer and block: short convolution, RMSNorms, SwiGLU MLP, and the
+packing of padded batches.
 
 Parameter names and shapes follow flash-linear-attention's modules, so DeltaNet weights load
 onto them by name.
@@ -86,3 +87,22 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def pack_padding(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The real tokens of a padded batch, packed: x `[B, T, ...]`, mask `[B, T]` of 0/1.
+
+    Returns the packed tokens `[1, total, ...]`, their rows in `x.flatten(0, 1)` `[total]` and
+    `cu_seqlens` `[B + 1]` (int64; a row without real tokens is an empty sequence).
+    """
+    mask = mask.bool()
+    indices = mask.flatten().nonzero().squeeze(-1)  # (total,)
+    lengths = mask.sum(-1)
+    cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    return x.flatten(0, 1).index_select(0, indices).unsqueeze(0), indices, cu_seqlens
+
+
+def unpack_padding(x: torch.Tensor, indices: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """`pack_padding` undone: `[1, total, ...]` -> `[B, T, ...]`, zeros at the padding."""
+    rest = x.shape[2:]
+    return x.new_zeros(B * T, *rest).index_copy(0, indices, x[0]).view(B, T, *rest)

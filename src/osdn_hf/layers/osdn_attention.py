@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..ops.osdn.chunk import chunk_osdn
 from ..ops.osdn.fused_recurrent import fused_recurrent_osdn
-from .modules import GatedRMSNorm, RMSNorm, ShortConvolution
+from .modules import GatedRMSNorm, RMSNorm, ShortConvolution, pack_padding, unpack_padding
 
 if TYPE_CHECKING:
     from ..configuration_osdn import OSDNConfig
@@ -110,16 +110,13 @@ class OSDNAttention(nn.Module):
         B, T, _ = hidden_states.shape
         state = past_key_values.get_layer_state(self.layer_idx) if past_key_values is not None else None
 
-        # 0. Masked positions neither read nor write the state: pack the real tokens.
+        # 0. Masked positions neither read nor write the state: pack the real tokens. (OSDNModel
+        # packs once for all its layers and passes `cu_seqlens` instead of a mask.)
         x, indices = hidden_states, None
         if attention_mask is not None and not bool(attention_mask[:, -T:].all()):
             if cu_seqlens is not None:
                 raise ValueError("pass either `cu_seqlens` or an `attention_mask` with padding, not both")
-            mask = attention_mask[:, -T:].bool()
-            indices = mask.flatten().nonzero().squeeze(-1)  # (total,)
-            lengths = mask.sum(-1)
-            cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
-            x = hidden_states.reshape(B * T, -1).index_select(0, indices).unsqueeze(0)  # (1, total, hidden)
+            x, indices, cu_seqlens = pack_padding(hidden_states, attention_mask[:, -T:])  # (1, total, hidden)
 
         # 1, 2, 4. Projections, short convolutions with SiLU, gates.
         conv_state = state["conv_state"] if state is not None else None
@@ -160,5 +157,5 @@ class OSDNAttention(nn.Module):
         o = self.o_proj(o.flatten(-2))  # (B, T, hidden)
 
         if indices is not None:
-            o = o.new_zeros(B * T, o.shape[-1]).index_copy(0, indices, o[0]).view(B, T, -1)
+            o = unpack_padding(o, indices, B, T)
         return o

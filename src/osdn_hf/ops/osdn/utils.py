@@ -7,6 +7,7 @@ Layout everywhere: inputs `[B, T, H, K]` / `[B, T, H, V]` / `[B, T, H]`, states
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -77,7 +78,7 @@ def check_inputs(
             )
         if B != 1:
             raise ValueError(f"`cu_seqlens` needs packed input with B = 1, got q of shape {_shape(q)}")
-        offsets = cu_seqlens.tolist()
+        offsets = varlen_offsets(cu_seqlens)
         if offsets[0] != 0 or offsets[-1] != T or any(b < a for a, b in zip(offsets, offsets[1:])):
             raise ValueError(f"`cu_seqlens` must rise from 0 to T = {T}, got {offsets}")
         N = len(offsets) - 1
@@ -100,17 +101,51 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (xf * torch.rsqrt((xf * xf).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+class _Varlen:
+    """What the ops and the short convolution read of one `cu_seqlens` tensor, worked out once.
+
+    A model hands every layer the same tensor, and each layer reads it four times (three
+    convolutions and the op); every host copy of a GPU tensor is a wait for the GPU. The last
+    tensor asked about is remembered by a weak reference and its version counter, so an in-place
+    change or a new tensor at the same address is asked about afresh.
+    """
+
+    last = None  # (weak reference to cu_seqlens, its _version, _Varlen)
+
+    def __init__(self, cu_seqlens: torch.Tensor):
+        self.offsets: list[int] = cu_seqlens.tolist()
+        self.index: tuple[torch.Tensor, int] | None = None
+
+    @classmethod
+    def of(cls, cu_seqlens: torch.Tensor) -> _Varlen:
+        last = cls.last
+        if last is not None and last[0]() is cu_seqlens and last[1] == cu_seqlens._version:
+            return last[2]
+        info = cls(cu_seqlens)
+        cls.last = (weakref.ref(cu_seqlens), cu_seqlens._version, info)
+        return info
+
+
+def varlen_offsets(cu_seqlens: torch.Tensor) -> list[int]:
+    """`cu_seqlens` as a list (copied to the host once per tensor, `_Varlen`)."""
+    return _Varlen.of(cu_seqlens).offsets
+
+
 def varlen_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Map every packed token to its row in a padded `[N * L, ...]` layout.
 
     Returns (`dest`, `L`): `dest[i]` is `n * L + t` for packed token `i`, the `t`-th token of
-    sequence `n`, and `L` is the longest sequence (at least 1).
+    sequence `n`, and `L` is the longest sequence (at least 1). Worked out once per tensor.
     """
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    L = max(int(lengths.max()), 1)
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)  # (total,)
-    pos = torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - cu_seqlens[:-1][seq]
-    return seq * L + pos, L
+    info = _Varlen.of(cu_seqlens)
+    if info.index is None:
+        offsets, device = info.offsets, cu_seqlens.device
+        L = max(max(b - a for a, b in zip(offsets, offsets[1:])), 1)
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=offsets[-1])
+        pos = torch.arange(offsets[-1], device=device) - cu_seqlens[:-1][seq]
+        info.index = (seq * L + pos, L)
+    return info.index
 
 
 def pad_varlen(x: torch.Tensor, dest: torch.Tensor, N: int, L: int, fill: float = 0.0) -> torch.Tensor:
