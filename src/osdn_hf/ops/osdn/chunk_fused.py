@@ -32,10 +32,12 @@ Phase 2 (`DeltaRuleAsym`): `(q, k, w, v, beta, S0) -> (O, S_final)`
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .chunk_scan import HAS_TRITON, _block_sizes
-from .launch import enqueue
+from .launch import cdiv, enqueue, next_power_of_2
 
 if HAS_TRITON:  # the kernels exist only with Triton; without it chunk.py never calls this module
     import triton
@@ -1201,10 +1203,10 @@ def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, de
     sms = _sm_count(device)
     if not name.startswith("state") or heads is None or sms is None or BK > 128:
         return out
-    programs = lambda BV: heads * triton.cdiv(V, BV)  # noqa: E731  (one per (batch, head, V block))
+    programs = lambda BV: heads * cdiv(V, BV)  # noqa: E731  (one per (batch, head, V block))
     fit = t.get("fit")
     if fit and itemsize <= 2:
-        wide = dict(out, BV=min(fit["BV"], max(triton.next_power_of_2(V), 16)), BS=C, PREFETCH=False)
+        wide = dict(out, BV=min(fit["BV"], max(next_power_of_2(V), 16)), BS=C, PREFETCH=False)
         while wide["BV"] > 16 and programs(wide["BV"]) < fit["fill"] * sms:
             wide["BV"] //= 2
         for waves, settings in fit["waves"]:
@@ -1250,8 +1252,10 @@ def _overlap_launch(scan: str, launch: dict, heads: int, chunks: int, device):
     return workers, torch.zeros(chunks + 1, dtype=torch.int32, device=device)
 
 
+@functools.cache
 def _sm_count(device) -> int | None:
-    """How many SMs CUDA `device` has (None for any other device, or none given)."""
+    """How many SMs CUDA `device` has (None for any other device, or none given); asked once per
+    device (several launches of each forward ask)."""
     if device is None or torch.device(device).type != "cuda":
         return None
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -1265,7 +1269,7 @@ def _chunk_launch(name: str, K: int, V: int | None = None, precision: str | None
     t = CHUNK_LAUNCH[name]
 
     def block(D):
-        return min(t["tile"], max(triton.next_power_of_2(D), 16))
+        return min(t["tile"], max(next_power_of_2(D), 16))
 
     out = dict(BK=block(K), num_warps=t["num_warps"])
     if V is not None:
@@ -1288,7 +1292,7 @@ def _unrolled(precision: str, K: int, V: int | None = None) -> bool:
 
 
 def _relayout_launch(name: str, D: int, C: int) -> dict:
-    BD = max(triton.next_power_of_2(D), 16)
+    BD = max(next_power_of_2(D), 16)
     return dict(D=D, C=C, BD=BD, num_warps=CHUNK_LAUNCH[name]["num_warps"] or (8 if BD * C >= 8192 else 4))
 
 
@@ -1328,7 +1332,7 @@ class ToChunks(torch.autograd.Function):
     def forward(ctx, x, C, normalize, dtype):
         x = x.contiguous()
         B, T, H, D = x.shape
-        NC = max(triton.cdiv(T, C), 1)
+        NC = max(cdiv(T, C), 1)
         y = x.new_empty(B, H, NC, C, D, dtype=dtype)
         enqueue(to_chunks_kernel, (B * H * NC,), x, y, T, H, NC, NORM=normalize, **_relayout_launch("to_chunks", D, C))
         if normalize:  # the backward through the norm needs x; a plain relayout needs only its shape
@@ -1474,7 +1478,7 @@ def _state_scan(kb, w, ub, s0, uo, precision, launch=None):
     ss = w.new_empty(B, H, NC, K, V)
     sf = None if ub is None else s0.new_empty(B, H, K, V)
     enqueue(
-        state_scan_fwd_kernel, (B * H, triton.cdiv(V, launch["BV"])),
+        state_scan_fwd_kernel, (B * H, cdiv(V, launch["BV"])),
         w if kb is None else kb, w, uo if ub is None else ub, s0, uo, ss, sf, NC,
         K=K, V=V, C=C, PRECISION=precision, RECOMPUTE=ub is None, **launch,
     )  # fmt: skip
@@ -1490,7 +1494,7 @@ def _state_scan_bwd(kb, w, gu, gss, ds, precision, launch=None):
     launch = launch or _scan_launch("state_bwd", K, V, C, B * H, kb.device, kb.element_size())
     dub, dss, ds0 = torch.empty_like(gu), gss, ds.new_empty(B, H, K, V)  # dss overwrites gss as it goes
     enqueue(
-        state_scan_bwd_kernel, (B * H, triton.cdiv(V, launch["BV"])),
+        state_scan_bwd_kernel, (B * H, cdiv(V, launch["BV"])),
         kb, w, gu, gss, ds, dub, dss, ds0, NC,
         K=K, V=V, C=C, PRECISION=precision, **launch,
     )  # fmt: skip
@@ -1520,7 +1524,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         o = v.new_empty(B, T, H, V, dtype=out_dtype)
         launch = _chunk_launch("out_fwd", K, V)
         enqueue(
-            out_fwd_kernel, (triton.cdiv(V, launch["BV"]), B * H * NC),
+            out_fwd_kernel, (cdiv(V, launch["BV"]), B * H * NC),
             q, w, uo, ss, o, scale, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, **launch,
         )  # fmt: skip
@@ -1556,7 +1560,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         )
         launch = _chunk_launch("state_grads", K, V, precision)
         enqueue(
-            state_grads_kernel, (triton.cdiv(K, launch["BK"]), B * H * NC),
+            state_grads_kernel, (cdiv(K, launch["BK"]), B * H * NC),
             q, w, uo, ss, do, dub, dss, dq, dk, dw, scale, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, **launch,
         )  # fmt: skip

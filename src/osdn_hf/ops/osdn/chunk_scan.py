@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .launch import enqueue
+from .launch import cdiv, enqueue, next_power_of_2
 
 try:
     import triton
@@ -592,10 +592,10 @@ def _block_sizes(K: int, V: int, C: int) -> tuple[int, int, int]:
     The scans are sequential over chunks, so the kernels launch with num_stages=1: software
     pipelining buys little there and its buffers overflow shared memory (seen on an H100).
     """
-    BK = max(triton.next_power_of_2(K), 16)
+    BK = max(next_power_of_2(K), 16)
     BV = 64 if BK <= 64 else 32
     BS = min(C, 64 if BK <= 64 else 32 if BK <= 128 else 16)
-    return BK, min(BV, max(triton.next_power_of_2(V), 16)), BS
+    return BK, min(BV, max(next_power_of_2(V), 16)), BS
 
 
 class PrecondScan(torch.autograd.Function):
@@ -638,7 +638,7 @@ class StateScan(torch.autograd.Function):
         ss = kb.new_empty(B, H, NC, K, V)
         sf = kb.new_empty(B, H, K, V)
         BK, BV, BS = _block_sizes(K, V, C)
-        grid = (B * H, triton.cdiv(V, BV))
+        grid = (B * H, cdiv(V, BV))
         enqueue(
             state_scan_fwd_kernel, grid,
             kb, w, ub, s0, uo, ss, sf, NC,
@@ -659,7 +659,7 @@ class StateScan(torch.autograd.Function):
         gsf = kb.new_zeros(B, H, K, V) if gsf is None else gsf.contiguous()
         dub, dss, ds0 = torch.empty_like(uo), torch.empty_like(ss), kb.new_empty(B, H, K, V)
         enqueue(
-            state_scan_bwd_kernel, (B * H, triton.cdiv(V, BV)),
+            state_scan_bwd_kernel, (B * H, cdiv(V, BV)),
             kb, w, gu, gss, gsf, dub, dss, ds0, NC, K=K, V=V, C=C, BK=BK, BV=BV, BS=max(BS // 2, 16),
             PRECISION=ctx.precision, num_stages=1,
         )  # fmt: skip

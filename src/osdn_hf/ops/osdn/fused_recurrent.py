@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .chunk_scan import HAS_TRITON
-from .launch import enqueue
+from .launch import cdiv, enqueue, next_power_of_2
 from .utils import check_inputs, run_padded, use_triton
 
 if HAS_TRITON:
@@ -117,7 +117,7 @@ DECODE_BV = 32
 
 def decode_tile(K: int, V: int) -> tuple[int, int, int]:
     """`(BK, BV, num_warps)` of the decoding kernel for head dims K and V."""
-    return max(triton.next_power_of_2(K), 16), min(max(triton.next_power_of_2(V), 16), DECODE_BV), 4
+    return max(next_power_of_2(K), 16), min(max(next_power_of_2(V), 16), DECODE_BV), 4
 
 
 _tickets: dict[tuple, torch.Tensor] = {}
@@ -159,7 +159,7 @@ def fused_recurrent_osdn_fwd(
     B, T, H, K = q.shape
     V = v.shape[-1]
     BK, BV, num_warps = decode_tile(K, V)
-    NV = triton.cdiv(V, BV)
+    NV = cdiv(V, BV)
     q, k, v, beta, eta, lam = (x.contiguous() for x in (q, k, v, beta, eta, lam))
     o = torch.empty_like(v)
     if inplace_final_state:

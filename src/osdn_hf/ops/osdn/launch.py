@@ -13,6 +13,17 @@ from __future__ import annotations
 import torch
 
 
+def cdiv(a: int, b: int) -> int:
+    """`triton.cdiv` for host code: plain integers (Triton's is a constexpr function, several
+    microseconds a call on the host, and a forward works out a dozen grids)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """`triton.next_power_of_2` for host code (see `cdiv`): the least power of 2 >= n, 0 for 0."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def launch_key(args: tuple) -> tuple | None:
     """What Triton specializes a kernel on for its runtime arguments `args`, as a hashable key,
     or None where this key would not tell all cases apart (a pointer not 16-byte aligned).
