@@ -1022,6 +1022,40 @@ def test_kernel_launcher_fills_defaults_and_keeps_no_runtime_argument():
     assert kernel.log[1] == ("compiled", (4, 2, 1), (x, 7, 3, 9))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gates_reach_chunks_in_one_kernel_each_way(dtype):
+    """GatesToChunks: the three gates cast and laid out as _to_chunks does one by one (lam padded
+    with ones), gradients back in each gate's own dtype, a gate without gradient taken as zero."""
+    from osdn_hf.ops.osdn.chunk import _to_chunks
+
+    g = torch.Generator().manual_seed(0)
+    gates = [torch.rand(2, 100, 3, generator=g).to(dtype).requires_grad_() for _ in range(3)]
+    gates[2] = gates[2].detach().float().requires_grad_()  # lam in another dtype than beta's
+    fused = chunk_fused.GatesToChunks.apply(*gates, 64)
+    twins = [_to_chunks(x, 64, fill=f) for x, f in zip(gates, (0.0, 0.0, 1.0))]
+    for a, b in zip(fused, twins):
+        assert a.dtype == torch.float32 and a.shape == (2, 3, 2, 64)
+        assert torch.equal(a, b)
+    weights = [torch.randn(2, 3, 2, 64, generator=g) for _ in range(3)]
+    for outs in (fused, twins):
+        loss = outs[0].mul(weights[0]).sum() + outs[2].mul(weights[2]).sum()
+        grads = torch.autograd.grad(loss, gates, allow_unused=True, materialize_grads=True)
+        if outs is fused:
+            fused_grads = grads
+    for a, b, x in zip(fused_grads, grads, gates):
+        assert a.dtype == x.dtype and torch.equal(a, b)
+    assert not fused_grads[1].any()
+
+
+def test_host_grid_arithmetic_matches_triton():
+    """The ops work out grids and tiles with plain integers (Triton's own helpers are constexpr
+    functions, microseconds a call on the host); the same numbers as Triton's."""
+    from osdn_hf.ops.osdn.launch import cdiv, next_power_of_2
+
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(300) for b in range(1, 70))
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(5000))
+
+
 def test_decode_tile_is_32_columns_wide_at_most():
     tile = fused_recurrent.decode_tile
     assert tile(128, 128) == (128, 32, 4)

@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from .chunk_fused import LAM_MIN, ToChunks, chunk_osdn_fused
+from .chunk_fused import LAM_MIN, GatesToChunks, ToChunks, chunk_osdn_fused
 from .chunk_scan import precond_scan_torch, state_scan_torch
 from .utils import dot_precision, l2norm, run_padded, use_triton
 
@@ -143,12 +143,10 @@ def chunk_delta_rule_asym(
 def _chunk_osdn_core(
     q, k, v, beta, eta, lam, scale, S0, d0, use_triton=False, precision="ieee", l2norm_qk=False, chunk_size=CHUNK_SIZE
 ):
-    """`[B, T, H, *]` in (q, k, v in any float dtype, the rest float32), `(o [B, T, H, V]` in
+    """`[B, T, H, *]` in (any float dtype; the states float32), `(o [B, T, H, V]` in
     q's dtype, `S [B, H, K, V], d [B, H, K])` out. With `l2norm_qk` q and k are L2-normalised
     first: on the Triton path inside the kernels that relayout them."""
     T = q.shape[1]
-    bc, ec = _to_chunks(beta, chunk_size), _to_chunks(eta, chunk_size)
-    lc = _to_chunks(lam, chunk_size, fill=1.0)
     if use_triton:
         # q, k, v and the kernels' [B, H, NC, C, *] intermediates (per-chunk states included) are
         # stored in the inputs' dtype when it is 16-bit, as fla does, and in float32 otherwise;
@@ -157,7 +155,10 @@ def _chunk_osdn_core(
         # v and o stay [B, T, H, V] (the kernels address their rows there)
         sd = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
         qc, kc = (ToChunks.apply(x, chunk_size, l2norm_qk, sd) for x in (q, k))
+        bc, ec, lc = GatesToChunks.apply(beta, eta, lam, chunk_size)
         return chunk_osdn_fused(qc, kc, v.to(sd), bc, ec, lc, scale, S0, d0, precision, q.dtype)
+    bc, ec = _to_chunks(beta, chunk_size), _to_chunks(eta, chunk_size)
+    lc = _to_chunks(lam, chunk_size, fill=1.0)
     if l2norm_qk:
         q, k = l2norm(q), l2norm(k)
     qc, kc, vc = (_to_chunks(x, chunk_size) for x in (q, k, v))
@@ -224,5 +225,5 @@ def chunk_osdn(
         output_final_state,
         cu_seqlens,
         False,  # the core normalises q and k (l2norm_qk)
-        float_qkv=False,
+        cast_inputs=False,
     )

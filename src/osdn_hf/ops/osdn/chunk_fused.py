@@ -202,6 +202,30 @@ if HAS_TRITON:
             b_g = b_r[:, None] * (b_g - b_y * tl.sum(b_y * b_g, 1)[:, None])
         tl.store(gx + dst, b_g, mask=m)
 
+    @triton.jit
+    def gates_to_chunks_kernel(beta, eta, lam, bc, ec, lc, T, H, NC, C: tl.constexpr):
+        """beta, eta, lam `[B, T, H]` (any float dtype) -> `[B, H, NC, C]` float32, in one launch:
+        rows past T are neutral (beta = eta = 0, lam = 1). One chunk per program."""
+        i_c = tl.program_id(0).to(tl.int64)
+        o_c = tl.arange(0, C)
+        r_x, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
+        dst = i_c * C + o_c
+        tl.store(bc + dst, tl.load(beta + r_x, mask=m_r, other=0.0).to(tl.float32))
+        tl.store(ec + dst, tl.load(eta + r_x, mask=m_r, other=0.0).to(tl.float32))
+        tl.store(lc + dst, tl.load(lam + r_x, mask=m_r, other=1.0).to(tl.float32))
+
+    @triton.jit
+    def gates_from_chunks_kernel(gbc, gec, glc, gbeta, geta, glam, T, H, NC, C: tl.constexpr):
+        """The backward of `gates_to_chunks_kernel`: `[B, H, NC, C]` float32 gradients -> `[B, T, H]`
+        in each output's dtype (rows past T dropped)."""
+        i_c = tl.program_id(0).to(tl.int64)
+        o_c = tl.arange(0, C)
+        r_x, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
+        src = i_c * C + o_c
+        tl.store(gbeta + r_x, tl.load(gbc + src), mask=m_r)
+        tl.store(geta + r_x, tl.load(gec + src), mask=m_r)
+        tl.store(glam + r_x, tl.load(glc + src), mask=m_r)
+
     # ---------------------------------------------------------------- phase 2 forward
 
     @triton.jit
@@ -1352,6 +1376,32 @@ class ToChunks(torch.autograd.Function):
             NORM=ctx.normalize, **_relayout_launch("from_chunks", D, C),
         )  # fmt: skip
         return gx, None, None, None
+
+
+class GatesToChunks(torch.autograd.Function):
+    """`(beta, eta, lam)` `[B, T, H]` in any float dtype -> `[B, H, NC, C]` float32 each, padded
+    with neutral gates: one kernel each way, where casting and relayout one by one took three
+    kernels per gate and their three backward steps."""
+
+    @staticmethod
+    def forward(ctx, beta, eta, lam, C):
+        beta, eta, lam = beta.contiguous(), eta.contiguous(), lam.contiguous()
+        B, T, H = beta.shape
+        NC = max(cdiv(T, C), 1)
+        bc, ec, lc = (beta.new_empty(B, H, NC, C, dtype=torch.float32) for _ in range(3))
+        enqueue(gates_to_chunks_kernel, (B * H * NC,), beta, eta, lam, bc, ec, lc, T, H, NC, C=C, num_warps=1)
+        ctx.shape, ctx.dtypes = beta.shape, (beta.dtype, eta.dtype, lam.dtype)
+        return bc, ec, lc
+
+    @staticmethod
+    def backward(ctx, gbc, gec, glc):
+        B, T, H = ctx.shape
+        ref = next(g for g in (gbc, gec, glc) if g is not None)
+        NC, C = ref.shape[2:]
+        grads = [torch.zeros_like(ref) if g is None else g.contiguous() for g in (gbc, gec, glc)]
+        outs = [ref.new_empty(B, T, H, dtype=dtype) for dtype in ctx.dtypes]
+        enqueue(gates_from_chunks_kernel, (B * H * NC,), *grads, *outs, T, H, NC, C=C, num_warps=1)
+        return *outs, None
 
 
 class Precondition(torch.autograd.Function):

@@ -173,13 +173,14 @@ def run_padded(
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
     use_qk_l2norm_in_kernel: bool,
-    float_qkv: bool = True,
+    cast_inputs: bool = True,
 ):
     """Validate, normalise and pack the op's arguments, run `core`, and unpack its result.
 
     `core(q, k, v, beta, eta, lam, scale, S0, d0) -> (o, S, d)` receives float32 tensors of
-    one batch of equal-length sequences (`[N, L, H, *]`); with `float_qkv=False`, q, k and v
-    keep their dtype and the core casts them (in the same copy as its own relayout).
+    one batch of equal-length sequences (`[N, L, H, *]`); with `cast_inputs=False`, q, k, v and
+    the gates keep their dtype and the core casts them (in the same copy as its own relayout).
+    The states it receives are float32 either way.
     Packed sequences are padded at the end with neutral tokens (`k = v = beta = eta = 0`,
     `lam = 1`), which change neither `S` nor `d`, so the state after the padding is the state
     at each sequence's end.
@@ -190,11 +191,11 @@ def run_padded(
     scale = K**-0.5 if scale is None else scale
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
-    if float_qkv:
+    if cast_inputs:
         q, k, v = q.float(), k.float(), v.float()
-    beta, eta, lam = beta.float(), eta.float(), lam.float()
-    S0 = beta.new_zeros(N, H, K, V) if initial_state is None else initial_state.float()
-    d0 = beta.new_ones(N, H, K) if initial_precond is None else initial_precond.float()
+        beta, eta, lam = beta.float(), eta.float(), lam.float()
+    S0 = q.new_zeros(N, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    d0 = q.new_ones(N, H, K, dtype=torch.float32) if initial_precond is None else initial_precond.float()
     if cu_seqlens is None:
         o, S, d = core(q, k, v, beta, eta, lam, scale, S0, d0)
     else:
