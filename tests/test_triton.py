@@ -1064,6 +1064,26 @@ def test_decode_tile_is_32_columns_wide_at_most():
     assert tile(16, 8) == (16, 16, 4)
 
 
+def test_fused_recurrent_skips_autograd_when_nothing_needs_a_gradient(monkeypatch):
+    """Without gradients to track, the decoding op launches its kernel without an autograd
+    Function, with the same results as the tracked call."""
+    monkeypatch.setenv(FORCE_TRITON_ENV, "1")
+    inputs = make_inputs(2, 3, 2, 16, 16, with_states=True)
+    tracked = fused_recurrent_osdn(**inputs, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    assert tracked[0].grad_fn is not None
+    applied = []
+    monkeypatch.setattr(
+        fused_recurrent.FusedRecurrentOSDNFunction, "apply", lambda *a: applied.append(a) or pytest.fail("applied")
+    )
+    with torch.no_grad():
+        plain = fused_recurrent_osdn(**inputs, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    detached = {n: x.detach() if x is not None else None for n, x in inputs.items()}
+    again = fused_recurrent_osdn(**detached, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    assert not applied
+    for a, b, c in zip(tracked, plain, again):
+        assert torch.equal(a.detach(), b) and torch.equal(b, c)
+
+
 @pytest.mark.parametrize("blocks", [1, 4])
 def test_fused_recurrent_inplace_writes_d_from_one_or_several_v_blocks(blocks, monkeypatch):
     """In place, the final d goes into the initial one from the kernel, written by the head's

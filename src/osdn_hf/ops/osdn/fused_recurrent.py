@@ -320,10 +320,13 @@ def fused_recurrent_osdn(
     if use_triton(q):
         N = check_inputs(q, k, v, beta, eta, lam, scale, initial_state, initial_precond, cu_seqlens)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)  # one kernel for int and float scales
-        if inplace_final_state:  # outside autograd (checked above), so no Function is needed
+        tracked = (q, k, v, beta, eta, lam, initial_state, initial_precond)
+        if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tracked)):
+            # outside autograd (in place always is: checked above), so no Function is needed, nor
+            # its bookkeeping on the host
             return fused_recurrent_osdn_fwd(
-                q, k, v, beta, eta, lam, scale, initial_state, initial_precond, True, cu_seqlens,
-                use_qk_l2norm_in_kernel, N, inplace_final_state=True,
+                q, k, v, beta, eta, lam, scale, initial_state, initial_precond, output_final_state, cu_seqlens,
+                use_qk_l2norm_in_kernel, N, inplace_final_state=inplace_final_state,
             )  # fmt: skip
         o, S, d = FusedRecurrentOSDNFunction.apply(
             q,
