@@ -281,10 +281,13 @@ def test_state_scans_prefetching_give_the_same_bits(K, V, dtype):
 def test_forced_triton_path_runs_the_kernels(monkeypatch):
     """The switch reaches the kernels (the op tests' 'triton' runs are not the torch path again)."""
     calls = []
-    for name in ("Precondition", "DeltaRuleAsym", "FusedRecurrentOSDNFunction"):
-        module = chunk_fused if name != "FusedRecurrentOSDNFunction" else fused_recurrent
-        cls = getattr(module, name)
+    for name in ("Precondition", "DeltaRuleAsym"):
+        cls = getattr(chunk_fused, name)
         monkeypatch.setattr(cls, "apply", (lambda f, n: lambda *a: calls.append(n) or f(*a))(cls.apply, name))
+    launch = fused_recurrent.fused_recurrent_osdn_fwd  # the decoding kernel's launch, with or without autograd
+    monkeypatch.setattr(
+        fused_recurrent, "fused_recurrent_osdn_fwd", lambda *a, **kw: calls.append("decoding") or launch(*a, **kw)
+    )
     inputs = {n: (x.detach() if x is not None else None) for n, x in make_inputs(1, 70, 2, 32, 32).items()}
     chunk_osdn(**inputs)
     fused_recurrent_osdn(**inputs)
@@ -292,7 +295,7 @@ def test_forced_triton_path_runs_the_kernels(monkeypatch):
     monkeypatch.setenv(FORCE_TRITON_ENV, "1")
     chunk_osdn(**inputs)
     fused_recurrent_osdn(**inputs)
-    assert calls == ["Precondition", "DeltaRuleAsym", "FusedRecurrentOSDNFunction"]
+    assert calls == ["Precondition", "DeltaRuleAsym", "decoding"]
 
 
 def _core_args(B, T, H, K, V, seed=0):
