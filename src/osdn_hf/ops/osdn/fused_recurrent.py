@@ -314,14 +314,16 @@ def fused_recurrent_osdn(
         ...                                initial_precond=d, output_final_state=True,
         ...                                use_qk_l2norm_in_kernel=True)
     """
+    tracked = (q, k, v, beta, eta, lam, initial_state, initial_precond)
+    # (a wrong argument type is reported by check_inputs, below)
+    needs_grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tracked)
     if inplace_final_state:
-        _check_inplace(initial_state, initial_precond, (q, k, v, beta, eta, lam))
+        _check_inplace(initial_state, initial_precond, needs_grad)
         output_final_state = True
     if use_triton(q):
         N = check_inputs(q, k, v, beta, eta, lam, scale, initial_state, initial_precond, cu_seqlens)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)  # one kernel for int and float scales
-        tracked = (q, k, v, beta, eta, lam, initial_state, initial_precond)
-        if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tracked)):
+        if not needs_grad:
             # outside autograd (in place always is: checked above), so no Function is needed, nor
             # its bookkeeping on the host
             return fused_recurrent_osdn_fwd(
@@ -364,7 +366,7 @@ def fused_recurrent_osdn(
     return o, S, d
 
 
-def _check_inplace(initial_state, initial_precond, inputs) -> None:
+def _check_inplace(initial_state, initial_precond, needs_grad: bool) -> None:
     """`inplace_final_state` needs both states, float32 and contiguous, and no autograd through them."""
     for name, x in (("initial_state", initial_state), ("initial_precond", initial_precond)):
         if x is None:
@@ -374,8 +376,7 @@ def _check_inplace(initial_state, initial_precond, inputs) -> None:
                 f"`inplace_final_state=True` needs a contiguous float32 `{name}`, got {x.dtype}"
                 f"{'' if x.is_contiguous() else ' (not contiguous)'}"
             )
-    tracked = (initial_state, initial_precond, *inputs)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tracked):
+    if needs_grad:
         raise ValueError(
             "`inplace_final_state=True` overwrites the initial states, which autograd would need: "
             "run it under torch.no_grad() or with inputs that do not require grad"
