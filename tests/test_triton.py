@@ -124,11 +124,16 @@ def test_precond_scans_prefetching_give_the_same_bits(K, dtype):
 
     def fwd(prefetch):
         es, ef = y.new_empty(B, H, NC, K, dtype=torch.float32), e0.new_empty(B, H, K)
-        chunk_scan.precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, e0, es, ef, NC, PREFETCH=prefetch, **launch)
-        return es, ef
+        dl = torch.empty_like(dm)
+        chunk_scan.precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, e0, es, ef, dl, NC, PREFETCH=prefetch, **launch)
+        return es, ef, dl
 
-    (es, ef), (es2, ef2) = fwd(False), fwd(True)
-    assert torch.equal(es, es2) and torch.equal(ef, ef2)
+    (es, ef, dl), (es2, ef2, dl2) = fwd(False), fwd(True)
+    assert torch.equal(es, es2) and torch.equal(ef, ef2) and torch.equal(dl, dl2)
+    # delta = dm - Y e_n per chunk, as the scan wrote it
+    ref_dl = dm - (y.float() * es[:, :, :, None, :]).sum(-1)
+    torch.testing.assert_close(dl, ref_dl, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(dl, dm)
     assert not torch.equal(es[:, :, 1], es[:, :, 2])
     g = torch.Generator().manual_seed(3)
     ges, gef = torch.randn(es.shape, generator=g), torch.randn(ef.shape, generator=g)
@@ -162,7 +167,7 @@ def _scanned_precond(K, dtype):
     B, H, NC, C, _ = y.shape
     es, ef = y.new_empty(B, H, NC, K, dtype=torch.float32), e0.new_empty(B, H, K)
     chunk_scan.precond_scan_fwd_kernel[(B * H,)](
-        y, u, dm, p, gc, e0, es, ef, NC, K=K, C=C, BK=triton.next_power_of_2(K), BS=C, SQUARE=True
+        y, u, dm, p, gc, e0, es, ef, None, NC, K=K, C=C, BK=triton.next_power_of_2(K), BS=C, SQUARE=True
     )
     return y, u, dm, p, gc, es, ef
 
@@ -436,20 +441,21 @@ def test_state_scans_at_the_fitted_launches(K, heads, sms, monkeypatch):
 def _precond_forward(B, H, NC, C, K, dtype, g):
     """Phase 1's forward on random chunked inputs, by its two kernels one after the other: k
     (unit rows, in `dtype`), beta, eta, lam, e0, and the kernels' outputs [y, dm, p, gc, tinv, es,
-    ef]."""
+    ef, dl]."""
     k = torch.nn.functional.normalize(torch.randn(B, H, NC, C, K, generator=g), dim=-1).to(dtype)
     beta, eta, lam = (0.5 + 0.5 * torch.rand(B, H, NC, C, generator=g) for _ in range(3))
     e0 = 0.1 * torch.randn(B, H, K, generator=g)
     y, dm, p, gc = torch.empty_like(k), torch.empty_like(beta), torch.empty_like(beta), beta.new_empty(B, H, NC)
     tinv, es, ef = beta.new_empty(B, H, NC, C, C), beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
+    dl = torch.empty_like(dm)
     chunk_fused.pre_intra_fwd_kernel[(B * H * NC,)](
         k, beta, eta, lam, y, dm, p, gc, tinv, K=K, C=C, BK=32, PRECISION="ieee"
     )
     chunk_scan.precond_scan_fwd_kernel[(B * H,)](
-        y, k, dm, p, gc, e0, es, ef, NC, K=K, C=C, BK=triton.next_power_of_2(K), BS=C, SQUARE=True, PREFETCH=True
+        y, k, dm, p, gc, e0, es, ef, dl, NC, K=K, C=C, BK=triton.next_power_of_2(K), BS=C, SQUARE=True, PREFETCH=True
     )
     assert not torch.equal(ef, e0)  # the scan moved
-    return k, beta, eta, lam, e0, [y, dm, p, gc, tinv, es, ef]
+    return k, beta, eta, lam, e0, [y, dm, p, gc, tinv, es, ef, dl]
 
 
 @pytest.mark.parametrize("K, dtype, NC", [(48, torch.float32, 3), (128, torch.float16, 3), (48, torch.float32, 1)])
@@ -462,13 +468,13 @@ def test_overlapped_precond_forward_gives_the_same_bits(K, dtype, NC):
     k, beta, eta, lam, e0, ref = _precond_forward(B, H, NC, C, K, dtype, torch.Generator().manual_seed(0))
     for workers, run in ((1, 1), (3, 1), (1, 2), (3, 4)):
         got = [torch.empty_like(x) for x in ref]
-        y, dm, p, gc, tinv, es, ef = got
+        y, dm, p, gc, tinv, es, ef, dl = got
         ready = torch.zeros(B * H * NC + 1, dtype=torch.int32)
         chunk_fused.precond_fwd_overlap_kernel[(workers + B * H,)](
-            k, beta, eta, lam, y, dm, p, gc, tinv, e0, es, ef, ready, NC, B * H, workers,
+            k, beta, eta, lam, y, dm, p, gc, tinv, e0, es, ef, dl, ready, NC, B * H, workers,
             K=K, C=C, BK=32, SBK=triton.next_power_of_2(K), PRECISION="ieee", RUN=run,
         )  # fmt: skip
-        for name, a, b in zip(("y", "dm", "p", "gc", "tinv", "es", "ef"), got, ref):
+        for name, a, b in zip(("y", "dm", "p", "gc", "tinv", "es", "ef", "dl"), got, ref):
             assert torch.equal(a, b), (name, workers, run)
         assert ready[:-1].eq(1).all() and ready[-1] == workers + B * H
 
@@ -485,12 +491,9 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC, fold):
     the split backward runs it) pre_out_bwd adds its dU to dK as 2 k dU instead of writing it."""
     B, H, C = 2, 2, 64
     g = torch.Generator().manual_seed(1)
-    k, beta, eta, lam, _, (y, dm, p, gc, tinv, es, ef) = _precond_forward(B, H, NC, C, K, dtype, g)
+    # dl: delta = dm - Y e_n, as the forward's scan wrote it
+    k, beta, eta, lam, _, (y, dm, p, gc, tinv, es, ef, dl) = _precond_forward(B, H, NC, C, K, dtype, g)
     prec, BK = "ieee", triton.next_power_of_2(K)
-    dl = torch.empty_like(dm)  # delta = dm - Y e_n, as the forward's last kernel saves it
-    chunk_fused.pre_out_fwd_kernel[(B * H * NC,)](
-        k, lam, y, dm, es, torch.empty_like(k), dl, K=K, C=C, BK=32, PRECISION=prec
-    )
     dw, gef = torch.randn(B, H, NC, C, K, generator=g).to(dtype), torch.randn(B, H, K, generator=g)
     names = ("y", "dk", "ddm", "du", "dg", "dgp", "ges", "des", "de0")
 

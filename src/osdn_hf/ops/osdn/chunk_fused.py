@@ -20,7 +20,8 @@ gradient pieces that pass between backward kernels are summed in float32 and sto
 storage dtype (`GRAD_STORAGE`).
 
 Phase 1 (`Precondition`): `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`
-    forward:  `pre_intra_fwd` (L, (I + L)^{-1}, Y, dm, p, Gc) -> precond scan -> `pre_out_fwd` (E, W);
+    forward:  `pre_intra_fwd` (L, (I + L)^{-1}, Y, dm, p, Gc) -> precond scan (e_n, delta) ->
+              `pre_out_fwd` (E, W);
               with few scans the first two run side by side (`precond_fwd_overlap_kernel`)
     backward: `pre_y` (Y again) -> `pre_out_bwd` -> precond scan backward -> `pre_intra_bwd`;
               with few scans the first three run side by side (`precond_bwd_overlap_kernel`)
@@ -631,7 +632,7 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["NC", "BH", "NW"])
     def precond_fwd_overlap_kernel(
-        k, beta, eta, lam, y, dm, p, gc, tinv, e0, es, ef, ready, NC, BH, NW,
+        k, beta, eta, lam, y, dm, p, gc, tinv, e0, es, ef, dl, ready, NC, BH, NW,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, SBK: tl.constexpr, PRECISION: tl.constexpr,
         DOUBLING: tl.constexpr = False, RUN: tl.constexpr = 1,
     ):  # fmt: skip
@@ -656,7 +657,7 @@ if HAS_TRITON:
                 _raise_flag(ready + i_c)
         else:
             i_bh = (ticket - NW).to(tl.int64)
-            _precond_scan_fwd_prefetching(y, k, dm, p, gc, e0, es, ef, ready, i_bh, NC, K, C, SBK, True, RUN)
+            _precond_scan_fwd_prefetching(y, k, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K, C, SBK, True, RUN)
 
     @triton.jit
     def _y_block(k, y, b_ti, b_r, i_k, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
@@ -716,31 +717,17 @@ if HAS_TRITON:
         return _decay_matrix(b_g, b_gp, o_c, False), tl.exp(b_g)
 
     @triton.jit
-    def _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
-        """The chunk's `delta = dm - Y e_n`, and P and G (`_chunk_decays`): what the output step
-        starts from."""
-        b_delta = tl.load(dm + o_t)
-        for i_k in tl.static_range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m_k = o_k < K
-            b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
-            b_delta -= tl.sum(b_y * b_e[None, :], 1)
-        b_p, b_eg = _chunk_decays(lam, o_t, o_c, C)
-        return b_delta, b_p, b_eg
-
-    @triton.jit
     def pre_out_fwd_kernel(
-        k, lam, y, dm, es, w, dl,
+        k, lam, dl, es, w,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """delta = dm - Y e_n, E = G e_n^T + P (delta * U) with P[t, s] = G_t / G_{s-1} (s <= t),
-        W = (1 + E) * K; delta is written to `dl`, for the backward."""
+        """E = G e_n^T + P (delta * U) with P[t, s] = G_t / G_{s-1} (s <= t), W = (1 + E) * K;
+        delta = dm - Y e_n comes from the scan, which forms it (`dl`), so Y is not read here."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
-        b_delta, b_p, b_eg = _chunk_delta(lam, y, dm, es, i_c, o_t, o_c, K, C, BK)
-        tl.store(dl + o_t, b_delta)
+        b_delta = tl.load(dl + o_t)
+        b_p, b_eg = _chunk_decays(lam, o_t, o_c, C)
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
@@ -1422,29 +1409,41 @@ class Precondition(torch.autograd.Function):
         dm, p = torch.empty_like(beta), torch.empty_like(beta)
         gc = beta.new_empty(B, H, NC)
         tinv = beta.new_empty(B, H, NC, C, C)
-        es, ef = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
+        es, ef, dl = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K), torch.empty_like(dm)
         intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **_chunk_launch("pre_intra_fwd", K))
         scan = _scan_launch("precond_fwd", K, K, C)
         workers, ready = _overlap_launch("precond_fwd", scan, B * H, B * H * NC, k.device)
         if workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
             enqueue(
                 precond_fwd_overlap_kernel, (workers + B * H,),
-                k, beta, eta, lam, y, dm, p, gc, tinv, d0 - 1, es, ef, ready, NC, B * H, workers,
+                k, beta, eta, lam, y, dm, p, gc, tinv, d0 - 1, es, ef, dl, ready, NC, B * H, workers,
                 SBK=scan["BK"], RUN=SCAN_TUNING["precond_fwd"]["flag_run"], **intra,
             )  # fmt: skip
         else:
             enqueue(pre_intra_fwd_kernel, grid, k, beta, eta, lam, y, dm, p, gc, tinv, **intra)
             enqueue(
-                precond_scan_fwd_kernel, (B * H,), y, k, dm, p, gc, d0 - 1, es, ef, NC, K=K, C=C, SQUARE=True, **scan
-            )
-        w, dl = torch.empty_like(k), torch.empty_like(dm)
+                precond_scan_fwd_kernel, (B * H,),
+                y, k, dm, p, gc, d0 - 1, es, ef, dl, NC,
+                K=K, C=C, SQUARE=True, **scan,
+            )  # fmt: skip
+        # Y and dm were the scan's alone: the scan wrote delta = dm - Y e_n, which the output step
+        # and the backward read instead, and the backward rebuilds Y from the inverse (1X less held
+        # between forward and backward); freed before W is allocated
+        del y, dm
+        w = torch.empty_like(k)
         enqueue(
-            pre_out_fwd_kernel, grid,
-            k, lam, y, dm, es, w, dl,
-            K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K),
-        )  # fmt: skip
-        # Y is rebuilt from the inverse in the backward: 1X less held between forward and backward.
-        # The backward reads dm only as delta = dm - Y e_n, which is kept instead.
+            pre_out_fwd_kernel,
+            grid,
+            k,
+            lam,
+            dl,
+            es,
+            w,
+            K=K,
+            C=C,
+            PRECISION=precision,
+            **_chunk_launch("pre_out_fwd", K),
+        )
         ctx.save_for_backward(k, beta, eta, lam, dl, p, gc, es, tinv)
         ctx.precision = precision
         return w, 1 + ef, k

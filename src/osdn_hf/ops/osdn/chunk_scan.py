@@ -52,13 +52,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE: tl.constexpr):
-        """sum_t u_t p_t (dm_t - <y_t, e_n>) over rows of a chunk (tiles as loaded)."""
+        """sum_t u_t p_t delta_t over rows of a chunk (tiles as loaded), and the rows' delta_t =
+        dm_t - <y_t, e_n>."""
         b_y = b_y.to(tl.float32)
         b_u = b_u.to(tl.float32)
         if SQUARE:
             b_u = b_u * b_u
-        b_r = b_p * (b_dm - tl.sum(b_y * b_e[None, :], 1))  # [BS]
-        return tl.sum(b_u * b_r[:, None], 0)
+        b_delta = b_dm - tl.sum(b_y * b_e[None, :], 1)  # [BS]
+        return tl.sum(b_u * (b_p * b_delta)[:, None], 0), b_delta
 
     @triton.jit
     def _wait_for(flag):
@@ -100,14 +101,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _precond_scan_fwd_prefetching(
-        y, u, dm, p, gc, e0, es, ef, ready, i_bh, NC, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+        y, u, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
         SQUARE: tl.constexpr, RUN: tl.constexpr = 1,
     ):  # fmt: skip
         """`precond_scan_fwd_kernel` with PREFETCH for (batch, head) `i_bh`: the next chunk's rows
-        are loaded before this chunk is reduced. With `ready` (not None), each chunk's rows are
-        read only once its flag `ready[i_c]` is raised: another program is still writing them
-        (`chunk_fused.precond_fwd_overlap_kernel`). The flags are read RUN chunks at a time
-        (`_wait_for_run`): every RUN-th step waits for the next RUN chunks."""
+        are loaded before this chunk is reduced, and delta is written to `dl` (unless None). With
+        `ready` (not None), each chunk's rows are read only once its flag `ready[i_c]` is raised:
+        another program is still writing them (`chunk_fused.precond_fwd_overlap_kernel`). The flags
+        are read RUN chunks at a time (`_wait_for_run`): every RUN-th step waits for the next RUN
+        chunks."""
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, C)
@@ -124,7 +126,10 @@ if HAS_TRITON:
                 _wait_for_next(ready, i_x, 1, NC - 1 - i_n, i_n, RUN)
             n_y, n_u, n_dm, n_p = _precond_rows(y, u, dm, p, i_x * C + o_s, o_k, m_k, K)
             n_gc = tl.load(gc + i_x)
-            b_e = b_e * b_gc + _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE)
+            b_sum, b_delta = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE)
+            if dl is not None:
+                tl.store(dl + i_c * C + o_s, b_delta)
+            b_e = b_e * b_gc + b_sum
             b_y, b_u, b_dm, b_p, b_gc = n_y, n_u, n_dm, n_p, n_gc
         tl.store(ef + i_bh * K + o_k, b_e, mask=m_k)
 
@@ -138,6 +143,7 @@ if HAS_TRITON:
         e0,
         es,
         ef,
+        dl,
         NC,
         K: tl.constexpr,
         C: tl.constexpr,
@@ -146,7 +152,9 @@ if HAS_TRITON:
         SQUARE: tl.constexpr = False,
         PREFETCH: tl.constexpr = False,
     ):
-        """e_{n+1} = Gc_n e_n + sum_t u_t p_t (dm_t - <y_t, e_n>), one (batch, head) per program.
+        """e_{n+1} = Gc_n e_n + sum_t u_t p_t delta_t with delta_t = dm_t - <y_t, e_n>, one (batch,
+        head) per program; delta is written to `dl` unless it is None (phase 1's output step
+        and backward read it, so they need no Y).
 
         With SQUARE `u` holds k and u = k * k is formed on the way, so u is never stored. With
         PREFETCH (BS == C) the next chunk's rows are loaded before this chunk is reduced, so their
@@ -154,7 +162,7 @@ if HAS_TRITON:
         i_bh = tl.program_id(0).to(tl.int64)
         if PREFETCH:
             tl.static_assert(BS == C)
-            _precond_scan_fwd_prefetching(y, u, dm, p, gc, e0, es, ef, None, i_bh, NC, K, C, BK, SQUARE)
+            _precond_scan_fwd_prefetching(y, u, dm, p, gc, e0, es, ef, dl, None, i_bh, NC, K, C, BK, SQUARE)
         else:
             o_k = tl.arange(0, BK)
             m_k = o_k < K
@@ -166,8 +174,12 @@ if HAS_TRITON:
                 b_new = b_e * tl.load(gc + i_c)
                 for i_s in tl.static_range(C // BS):
                     # the chunk is read in row slices of BS so a [BS, BK] tile fits in registers
-                    b_y, b_u, b_dm, b_p = _precond_rows(y, u, dm, p, i_c * C + i_s * BS + o_s, o_k, m_k, K)
-                    b_new += _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE)
+                    o_t = i_c * C + i_s * BS + o_s
+                    b_y, b_u, b_dm, b_p = _precond_rows(y, u, dm, p, o_t, o_k, m_k, K)
+                    b_sum, b_delta = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE)
+                    if dl is not None:
+                        tl.store(dl + o_t, b_delta)
+                    b_new += b_sum
                 b_e = b_new
             tl.store(ef + i_bh * K + o_k, b_e, mask=m_k)
 
@@ -607,7 +619,23 @@ class PrecondScan(torch.autograd.Function):
         ef = y.new_empty(B, H, K)
         BK, _, BS = _block_sizes(K, K, C)
         enqueue(
-            precond_scan_fwd_kernel, (B * H,), y, u, dm, p, gc, e0, es, ef, NC, K=K, C=C, BK=BK, BS=BS, num_stages=1
+            precond_scan_fwd_kernel,
+            (B * H,),
+            y,
+            u,
+            dm,
+            p,
+            gc,
+            e0,
+            es,
+            ef,
+            None,
+            NC,
+            K=K,
+            C=C,
+            BK=BK,
+            BS=BS,
+            num_stages=1,
         )
         ctx.save_for_backward(y, u, dm, p, gc, es)
         return es, ef
