@@ -271,6 +271,56 @@ def test_bad_inputs_raise_value_error(op, case):
         OPS[op](**change(inputs))
 
 
+def test_quick_input_check_passes_only_what_the_full_checks_pass(monkeypatch):
+    """`check_inputs` lets well-formed unpacked inputs through one quick test (`_well_formed`), for
+    decoding's sake; it must pass exactly what the full checks pass: on every bad input above and
+    others (wrong types, ranks, dtypes, devices, scales, states), and on good ones."""
+    from osdn_hf.ops.osdn import utils
+
+    a = {n: (x.detach() if x is not None else None) for n, x in make_inputs(2, 10, 2, 16, 8, with_states=True).items()}
+    variants = {name: change(a) for name, (change, _) in BAD_INPUTS.items() if "cu_seqlens" not in name}
+    variants.update(
+        good=a,
+        good_no_states={**a, "initial_state": None, "initial_precond": None},
+        good_fp16={**a, **{n: a[n].half() for n in ("q", "k", "v")}},
+        q_not_tensor={**a, "q": a["q"].tolist()},
+        lam_not_tensor={**a, "lam": 0.5},
+        int_q={**a, **{n: a[n].long() for n in ("q", "k", "v")}},
+        int_beta={**a, "beta": a["beta"].long()},
+        beta_rank={**a, "beta": a["beta"][..., None]},
+        eta_shape={**a, "eta": a["eta"][:1]},
+        v_rank={**a, "v": a["v"][0]},
+        v_wide={**a, "v": torch.zeros(2, 10, 2, 300)},
+        meta_device={**a, "eta": a["eta"].to("meta")},
+        scale_zero={**a, "scale": 0.0},
+        scale_nan={**a, "scale": float("nan")},
+        scale_good={**a, "scale": 0.5},
+        state_int={**a, "initial_state": a["initial_state"].long()},
+        precond_int={**a, "initial_precond": a["initial_precond"].long()},
+        precond_rank={**a, "initial_precond": a["initial_precond"][0]},
+    )
+    names = ("q", "k", "v", "beta", "eta", "lam", "scale", "initial_state", "initial_precond")
+
+    def full(args):
+        monkeypatch.setattr(utils, "_well_formed", lambda *x: False)
+        try:
+            utils.check_inputs(*args, None)
+            return True
+        except ValueError:
+            return False
+        finally:
+            monkeypatch.undo()
+
+    for name, v in variants.items():
+        args = [v.get(n) for n in names]
+        quick = utils._well_formed(*args)
+        assert quick == full(args), name
+        assert quick == (name.startswith("good") or name == "scale_good"), name
+        if not quick:
+            with pytest.raises(ValueError):
+                utils.check_inputs(*args, None)
+
+
 def test_bad_cu_seqlens_raise_value_error():
     inputs = {n: (x.detach() if x is not None else None) for n, x in make_inputs(1, 10, 2, 16, 8).items()}
     with pytest.raises(ValueError, match="rise from 0 to T"):
