@@ -1028,6 +1028,43 @@ def test_kernel_launcher_fills_defaults_and_keeps_no_runtime_argument():
     assert kernel.log[1] == ("compiled", (4, 2, 1), (x, 7, 3, 9))
 
 
+class _FakeRunCompiled(_FakeCompiled):
+    """A compiled kernel with what its runner passes to the kernel's launcher (`run`, `function`,
+    `packed_metadata`), as Triton's own have."""
+
+    function, packed_metadata = "fn", "meta"
+
+    def run(self, *args):
+        self.log.append(("run", args))
+
+
+def test_kernel_launcher_calls_the_launcher_directly_unless_a_launch_hook_is_registered(monkeypatch):
+    """A kept kernel is launched as its runner would launch it (grid, the current stream, its
+    function and metadata, no launch metadata or hooks, then the arguments and constexprs); with
+    a launch hook registered (a profiler's), through the runner, which calls the hooks."""
+    from triton import knobs
+
+    from osdn_hf.ops.osdn import launch as launch_mod
+
+    kernel = _FakeKernel()  # its first launch (compiling) hands back the stand-in below, unlogged
+    monkeypatch.setattr(_FakeKernel, "__getitem__", lambda self, grid: lambda *a, **m: _FakeRunCompiled(self.log))
+    monkeypatch.setattr(launch_mod, "_current_stream", lambda: 77)
+    launcher = launch_mod.KernelLauncher(kernel)
+    x = torch.zeros(8)
+    launcher((2, 3), (x, 5), dict(C=3))  # compiles (here: keeps the stand-in)
+    launcher((2, 3), (x, 5), dict(C=3))
+    assert kernel.log == [("run", (2, 3, 1, 77, "fn", "meta", None, None, None, x, 5, 3, 9))]
+    hook = lambda metadata: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        launcher((2, 3), (x, 5), dict(C=3))
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert kernel.log[-1] == ("compiled", (2, 3, 1), (x, 5, 3, 9))
+    launcher((2, 3), (x, 5), dict(C=3))
+    assert kernel.log[-1][0] == "run"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gates_reach_chunks_in_one_kernel_each_way(dtype):
     """GatesToChunks: the three gates cast and laid out as _to_chunks does one by one (lam padded
@@ -1064,10 +1101,10 @@ def test_host_grid_arithmetic_matches_triton():
 
 def test_decode_tile_is_32_columns_wide_at_most():
     tile = fused_recurrent.decode_tile
-    assert tile(128, 128) == (128, 32, 4)
-    assert tile(100, 48) == (128, 32, 4)
-    assert tile(256, 256) == (256, 32, 4)
-    assert tile(16, 8) == (16, 16, 4)
+    assert tile(128, 128) == (128, 32, 4, 4)
+    assert tile(100, 48) == (128, 32, 4, 2)
+    assert tile(256, 256) == (256, 32, 4, 8)
+    assert tile(16, 8) == (16, 16, 4, 1)
 
 
 def test_fused_recurrent_skips_autograd_when_nothing_needs_a_gradient(monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .chunk_scan import HAS_TRITON
@@ -115,9 +117,15 @@ if HAS_TRITON:
 DECODE_BV = 32
 
 
-def decode_tile(K: int, V: int) -> tuple[int, int, int]:
-    """`(BK, BV, num_warps)` of the decoding kernel for head dims K and V."""
-    return max(next_power_of_2(K), 16), min(max(next_power_of_2(V), 16), DECODE_BV), 4
+def decode_tile(K: int, V: int) -> tuple[int, int, int, int]:
+    """`(BK, BV, num_warps, NV)` of the decoding kernel for head dims K and V (NV: V blocks)."""
+    return _decode_tile(K, V, DECODE_BV)
+
+
+@functools.cache
+def _decode_tile(K: int, V: int, widest: int) -> tuple[int, int, int, int]:
+    BV = min(max(next_power_of_2(V), 16), widest)
+    return max(next_power_of_2(K), 16), BV, 4, cdiv(V, BV)
 
 
 _tickets: dict[tuple, torch.Tensor] = {}
@@ -158,9 +166,9 @@ def fused_recurrent_osdn_fwd(
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BK, BV, num_warps = decode_tile(K, V)
-    NV = cdiv(V, BV)
-    q, k, v, beta, eta, lam = (x.contiguous() for x in (q, k, v, beta, eta, lam))
+    BK, BV, num_warps, NV = decode_tile(K, V)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    beta, eta, lam = beta.contiguous(), eta.contiguous(), lam.contiguous()
     o = torch.empty_like(v)
     if inplace_final_state:
         sf, df = initial_state, initial_precond

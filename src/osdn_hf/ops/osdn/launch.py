@@ -12,6 +12,11 @@ from __future__ import annotations
 
 import torch
 
+try:
+    from triton import knobs as _knobs
+except ImportError:  # no Triton, or one without knobs: compiled kernels launch through their runner
+    _knobs = None
+
 
 def cdiv(a: int, b: int) -> int:
     """`triton.cdiv` for host code: plain integers (Triton's is a constexpr function, several
@@ -36,20 +41,51 @@ def launch_key(args: tuple) -> tuple | None:
     tensor goes in: a compiled kernel is loaded on one device.
     """
     ptrs, device, spec = 0, None, []
+    add, tensor = spec.append, torch.Tensor
     for x in args:
-        if isinstance(x, torch.Tensor):
+        if isinstance(x, tensor):
             ptrs |= x.data_ptr()
-            device = x.get_device() if device is None else device
-            spec.append(x.dtype)
+            if device is None:
+                device = x.get_device()
+            add(x.dtype)
+        elif x is None:
+            add(None)
         elif x.__class__ is int:
-            spec.append((x == 1, x % 16 == 0, -(2**31) <= x < 2**31, x >= 2**63))
+            add((x == 1, x % 16 == 0, -(2**31) <= x < 2**31, x >= 2**63))
         elif x.__class__ is bool:
-            spec.append(x)
-        elif x is None or x.__class__ is float:
-            spec.append(x.__class__)
+            add(x)
+        elif x.__class__ is float:
+            add(float)
         else:
             raise TypeError(f"no launch key for a kernel argument of type {type(x).__name__}")
     return None if ptrs % 16 else (device, *spec)
+
+
+def _current_stream() -> int:
+    """The current CUDA stream of the current device, as Triton's runner finds it."""
+    return torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice())
+
+
+def _no_launch_hooks() -> bool:
+    """Whether no launch hook is registered with Triton (`knobs.runtime.launch_enter_hook` and
+    `launch_exit_hook`, empty hook chains by default; a profiler such as proton adds to them)."""
+    if _knobs is None:
+        return False
+    runtime = _knobs.runtime
+    return not getattr(runtime.launch_enter_hook, "calls", True) and not getattr(
+        runtime.launch_exit_hook, "calls", True
+    )
+
+
+def _direct_launch(compiled) -> tuple | None:
+    """What a compiled kernel's runner (`compiled[grid](*args)`) passes to the kernel's launcher
+    besides the grid, stream and arguments: `(run, function, packed_metadata)`; None where this
+    Triton's compiled kernels lack them. The runner also builds the launch metadata for the launch
+    hooks on every call, which `KernelLauncher` skips while no hook is registered."""
+    try:
+        return compiled.run, compiled.function, compiled.packed_metadata
+    except AttributeError:
+        return None
 
 
 class KernelLauncher:
@@ -60,7 +96,9 @@ class KernelLauncher:
     (`launch_key(args)` and `meta`) launches through Triton, compiling if it must, and keeps the
     compiled kernel; later calls with that key launch it directly, on the grid padded to three
     dimensions and with the constexprs after `args` in the signature's order, as Triton passes
-    them itself. Calls without a key (a pointer not 16-byte aligned), calls that name a runtime
+    them itself; while no launch hook is registered, they call the kernel's launcher as the
+    compiled kernel's runner would (`_direct_launch`), without the runner's per-call metadata for
+    the hooks. Calls without a key (a pointer not 16-byte aligned), calls that name a runtime
     argument in `meta` (its value would be kept) or pass a constexpr in `args` (the key holds only
     its specialization), and calls under Triton's interpreter, which compiles nothing to keep,
     always go through `kernel[grid]`.
@@ -75,8 +113,12 @@ class KernelLauncher:
         key = None if spec is None else (spec, *meta.items())
         hit = self.compiled.get(key) if key is not None else None
         if hit is not None:
-            compiled, constexprs = hit
-            return compiled[(*grid, 1, 1)[:3]](*args, *constexprs)  # a compiled kernel takes all three
+            compiled, constexprs, direct = hit
+            g = (*grid, 1, 1)[:3]  # a compiled kernel takes all three
+            if direct is not None and _no_launch_hooks():
+                run, function, metadata = direct
+                return run(*g, _current_stream(), function, metadata, None, None, None, *args, *constexprs)
+            return compiled[g](*args, *constexprs)
         compiled = self.kernel[grid](*args, **meta)
         if key is not None and hasattr(compiled, "packed_metadata"):
             params = self.kernel.params
@@ -85,7 +127,8 @@ class KernelLauncher:
                 p.is_constexpr for p in params[len(args) :]
             ):
                 rest = params[len(args) :]
-                self.compiled[key] = (compiled, tuple(meta[p.name] if p.name in meta else p.default for p in rest))
+                constexprs = tuple(meta[p.name] if p.name in meta else p.default for p in rest)
+                self.compiled[key] = (compiled, constexprs, _direct_launch(compiled))
         return compiled
 
 
