@@ -115,10 +115,13 @@ def bench_row(B, T, do_bench, rounds=3):
     return row
 
 
-def bench_decode(do_bench):
+def bench_decode(do_bench, rounds=5):
     """One decoding step (B=1). `*_us` is `do_bench` of a whole call, which for a step this small
-    is mostly host time (checks, allocation, launch); `*_gpu_us` is the GPU time of what the call
-    launches. `osdn_inplace_*` updates the states in place, as the model's cached decoding does."""
+    is mostly host time (checks, allocation, launch): the median of `rounds` alternating rounds
+    (the per-round values are kept under "rounds"; one call of do_bench moved by several times
+    within a run: 26 us out of place and 94 in place at 8944972). `*_gpu_us` is the GPU time of
+    what the call launches. `osdn_inplace_*` updates the states in place, as the model's cached
+    decoding does."""
     from fla.ops.delta_rule import fused_recurrent_delta_rule
 
     from osdn_hf.ops import fused_recurrent_osdn
@@ -143,9 +146,11 @@ def bench_decode(do_bench):
     }
     out = {}
     with torch.no_grad():
+        us, orders = alternating_rounds(calls, lambda fn: 1e3 * do_bench(fn), rounds)
         for name, fn in calls.items():
-            out[f"{name}_us"] = 1e3 * do_bench(fn)
+            out[f"{name}_us"] = statistics.median(us[name])
             out[f"{name}_gpu_us"] = gpu_time_us(fn)
+    out["rounds"] = dict(orders=orders, us=us)
     return out
 
 
@@ -219,7 +224,7 @@ def main(argv=None):
         launch=launch_settings(),
         host_load_1min=dict(before=load_before, after=os.getloadavg()[0], cpus=os.cpu_count()),
         rows=rows,
-        decode=bench_decode(do_bench),
+        decode=bench_decode(do_bench, max(args.rounds, 5)),
     )
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(
@@ -244,7 +249,7 @@ def main(argv=None):
                 f"{r['B']:>3} x {r['T']:<5} GPU time of the forward: osdn {r['osdn_fwd_gpu_ms']:.3f} ms, "
                 f"fla precond {r['fla_precond_fwd_gpu_ms']:.3f} ms"
             )
-    print("decode:", result["decode"])
+    print("decode:", {k: round(v, 2) for k, v in result["decode"].items() if k != "rounds"})
     try:
         plot(result, Path(args.out).with_suffix(".png"))
     except ImportError:
