@@ -1432,18 +1432,10 @@ class Precondition(torch.autograd.Function):
         del y, dm
         w = torch.empty_like(k)
         enqueue(
-            pre_out_fwd_kernel,
-            grid,
-            k,
-            lam,
-            dl,
-            es,
-            w,
-            K=K,
-            C=C,
-            PRECISION=precision,
-            **_chunk_launch("pre_out_fwd", K),
-        )
+            pre_out_fwd_kernel, grid,
+            k, lam, dl, es, w,
+            K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K),
+        )  # fmt: skip
         ctx.save_for_backward(k, beta, eta, lam, dl, p, gc, es, tinv)
         ctx.precision = precision
         return w, 1 + ef, k

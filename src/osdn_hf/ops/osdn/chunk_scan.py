@@ -619,24 +619,10 @@ class PrecondScan(torch.autograd.Function):
         ef = y.new_empty(B, H, K)
         BK, _, BS = _block_sizes(K, K, C)
         enqueue(
-            precond_scan_fwd_kernel,
-            (B * H,),
-            y,
-            u,
-            dm,
-            p,
-            gc,
-            e0,
-            es,
-            ef,
-            None,
-            NC,
-            K=K,
-            C=C,
-            BK=BK,
-            BS=BS,
-            num_stages=1,
-        )
+            precond_scan_fwd_kernel, (B * H,),
+            y, u, dm, p, gc, e0, es, ef, None, NC,
+            K=K, C=C, BK=BK, BS=BS, num_stages=1,
+        )  # fmt: skip
         ctx.save_for_backward(y, u, dm, p, gc, es)
         return es, ef
 
