@@ -135,7 +135,9 @@ def _ticket(x: torch.Tensor, n: int) -> torch.Tensor:
     """n int32 zeros for the kernel's in-place d (`D_IN_PLACE`) on x's device and current stream:
     kept between calls (the kernel leaves them zero), one buffer a stream, since calls on two
     streams may run at once."""
-    key = (x.device, torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0)
+    # (the raw stream handle, as Triton's launch reads it: torch.cuda.current_stream builds a
+    # Stream object on every call)
+    key = (x.device, torch._C._cuda_getCurrentRawStream(x.get_device()) if x.is_cuda else 0)
     buf = _tickets.get(key)
     if buf is None or buf.numel() < n:
         buf = _tickets[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=x.device)
