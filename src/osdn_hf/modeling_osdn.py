@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_osdn import OSDNConfig
 from .hub_code import AUTO_MAP, write_code
 from .layers.loss import causal_lm_loss
-from .layers.modules import RMSNorm, ShortConvolution, SwiGLUMLP, pack_padding, unpack_padding
+from .layers.modules import RMSNorm, ShortConvolution, SwiGLUMLP, pack_if_padded, unpack_padding
 from .layers.osdn_attention import OSDNAttention
 
 # transformers 5.24 renamed the cache, as a forward argument and as an output field, from
@@ -296,11 +296,7 @@ class OSDNModel(OSDNPreTrainedModel):
         # Padding neither reads nor writes the state: the real tokens are packed once here, and
         # every layer gets them as packed sequences (one wait on the GPU per forward, not several
         # per layer). A mask of ones, what `generate` passes at every step, is simply dropped.
-        indices = None
-        if attention_mask is not None and not bool(attention_mask[:, -T:].all()):
-            if cu_seqlens is not None:
-                raise ValueError("pass either `cu_seqlens` or an `attention_mask` with padding, not both")
-            hidden_states, indices, cu_seqlens = pack_padding(hidden_states, attention_mask[:, -T:])
+        hidden_states, indices, cu_seqlens = pack_if_padded(hidden_states, attention_mask, cu_seqlens)
         if use_cache and past_key_values is None:
             past_key_values = OSDNCache(self.config.num_hidden_layers)
         all_hidden_states = () if output_hidden_states else None

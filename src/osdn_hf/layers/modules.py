@@ -102,6 +102,22 @@ def pack_padding(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
     return x.flatten(0, 1).index_select(0, indices).unsqueeze(0), indices, cu_seqlens
 
 
+def pack_if_padded(
+    x: torch.Tensor, attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`(x, indices, cu_seqlens)`: x `[B, T, ...]` packed by `pack_padding` when the last T columns
+    of `attention_mask` pad (one wait on the GPU to ask), else x, None and `cu_seqlens` as given.
+
+    Raises `ValueError` for a padding mask together with `cu_seqlens`.
+    """
+    T = x.shape[1]
+    if attention_mask is None or bool(attention_mask[:, -T:].all()):
+        return x, None, cu_seqlens
+    if cu_seqlens is not None:
+        raise ValueError("pass either `cu_seqlens` or an `attention_mask` with padding, not both")
+    return pack_padding(x, attention_mask[:, -T:])
+
+
 def unpack_padding(x: torch.Tensor, indices: torch.Tensor, B: int, T: int) -> torch.Tensor:
     """`pack_padding` undone: `[1, total, ...]` -> `[B, T, ...]`, zeros at the padding."""
     rest = x.shape[2:]

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..ops.osdn.chunk import chunk_osdn
 from ..ops.osdn.fused_recurrent import fused_recurrent_osdn
-from .modules import GatedRMSNorm, RMSNorm, ShortConvolution, pack_padding, unpack_padding
+from .modules import GatedRMSNorm, RMSNorm, ShortConvolution, pack_if_padded, unpack_padding
 
 if TYPE_CHECKING:
     from ..configuration_osdn import OSDNConfig
@@ -112,11 +112,7 @@ class OSDNAttention(nn.Module):
 
         # 0. Masked positions neither read nor write the state: pack the real tokens. (OSDNModel
         # packs once for all its layers and passes `cu_seqlens` instead of a mask.)
-        x, indices = hidden_states, None
-        if attention_mask is not None and not bool(attention_mask[:, -T:].all()):
-            if cu_seqlens is not None:
-                raise ValueError("pass either `cu_seqlens` or an `attention_mask` with padding, not both")
-            x, indices, cu_seqlens = pack_padding(hidden_states, attention_mask[:, -T:])  # (1, total, hidden)
+        x, indices, cu_seqlens = pack_if_padded(hidden_states, attention_mask, cu_seqlens)  # (1, total, hidden)
 
         # 1, 2, 4. Projections, short convolutions with SiLU, gates.
         conv_state = state["conv_state"] if state is not None else None

@@ -26,10 +26,10 @@ def _well_formed(q, k, v, beta, eta, lam, scale, initial_state, initial_precond)
     """Whether unpacked inputs pass every check of `check_inputs`, tested at once: True only if
     they do (any doubt, such as an argument that is not a tensor, gives False, and the full
     checks then run)."""
-    T = torch.Tensor
-    if not (isinstance(q, T) and isinstance(k, T) and isinstance(v, T)):
+    tensor = torch.Tensor
+    if not (isinstance(q, tensor) and isinstance(k, tensor) and isinstance(v, tensor)):
         return False
-    if not (isinstance(beta, T) and isinstance(eta, T) and isinstance(lam, T)):
+    if not (isinstance(beta, tensor) and isinstance(eta, tensor) and isinstance(lam, tensor)):
         return False
     try:
         shape = q.shape
