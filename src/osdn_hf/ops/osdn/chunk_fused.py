@@ -64,7 +64,7 @@ if HAS_TRITON:
         """(I + A)^{-1} of a strictly lower triangular [C, C] `b_a`, by forward substitution.
 
         Row i of the inverse's strictly lower part is `-A_i - sum_{j<i} A_ij (T_j - e_j)`,
-        built from the rows above it, which are already final. Used for chunks other than 64.
+        built from the rows above it, which are already final. Used for chunks other than 32 and 64.
         """
         b_t = -b_a
         for i in range(1, C):
@@ -75,65 +75,74 @@ if HAS_TRITON:
         return b_t + (o_c[:, None] == o_c[None, :]).to(tl.float32)
 
     @triton.jit
-    def _blk(buf, r: tl.constexpr, c: tl.constexpr, o16):
-        """Block (r, c) of the 16 x 16 grid of a row-major [64, 64] buffer: its offsets."""
-        return buf + (r * 16 + o16)[:, None] * 64 + (c * 16 + o16)[None, :]
+    def _blk(buf, r: tl.constexpr, c: tl.constexpr, o16, C: tl.constexpr = 64):
+        """Block (r, c) of the 16 x 16 grid of a row-major [C, C] buffer: its offsets."""
+        return buf + (r * 16 + o16)[:, None] * C + (c * 16 + o16)[None, :]
 
     @triton.jit
-    def _unit_lower_inverse_64(buf, DOUBLING: tl.constexpr = False):
-        """Overwrite the strictly lower [64, 64] `A` in `buf` (this program's own, row-major)
-        with `T = (I + A)^{-1}`, in 16 x 16 blocks.
+    def _unit_lower_inverse_blocked(buf, C: tl.constexpr, DOUBLING: tl.constexpr = False):
+        """Overwrite the strictly lower [C, C] `A` in `buf` (this program's own, row-major; C 32
+        or 64) with `T = (I + A)^{-1}`, in 16 x 16 blocks.
 
-        The four diagonal blocks are inverted together, on a [4, 16, 16] tile: by forward
-        substitution (15 steps, not 63 on [64, 64]) or with DOUBLING by six batched products
+        The C / 16 diagonal blocks are inverted together, on a [C / 16, 16, 16] tile: by forward
+        substitution (15 steps, not C - 1 on [C, C]) or with DOUBLING by six batched products
         (`INVERSE`); the blocks below follow from
         `T_ij = -T_ii sum_{j <= k < i} A_ik T_kj` as 16 x 16 products. The caller stores `A`
         before and loads `T` after; the barriers order those accesses between warps.
         """
+        NB: tl.constexpr = C // 16
         o16 = tl.arange(0, 16)
-        o4 = tl.arange(0, 4)
-        o_d = (o4[:, None, None] * 16 + o16[None, :, None]) * 64 + o4[:, None, None] * 16 + o16[None, None, :]
+        ob = tl.arange(0, NB)
+        o_d = (ob[:, None, None] * 16 + o16[None, :, None]) * C + ob[:, None, None] * 16 + o16[None, None, :]
         tl.debug_barrier()
         eye = (o16[:, None] == o16[None, :]).to(tl.float32)[None, :, :]
         if DOUBLING:
             # N nilpotent (N^16 = 0): (I + N)^{-1} = (I - N)(I + N^2)(I + N^4)(I + N^8), six
-            # batched products on the [4, 16, 16] tile instead of 15 dependent row steps
+            # batched products on the [NB, 16, 16] tile instead of 15 dependent row steps
             b_n = tl.load(buf + o_d)
             b_t = eye - b_n
             for _ in tl.static_range(3):
                 b_n = tl.dot(b_n, b_n, input_precision="ieee")
                 b_t += tl.dot(b_t, b_n, input_precision="ieee")
         else:
-            b_t = -tl.load(buf + o_d)  # [4, 16, 16]: the diagonal blocks of -A
+            b_t = -tl.load(buf + o_d)  # [NB, 16, 16]: the diagonal blocks of -A
             for i in range(1, 16):
                 m_i = (o16 == i)[None, :, None]
-                b_r = tl.sum(tl.where(m_i, b_t, 0.0), 1)  # [4, 16] row i of each block, so far -A_i
+                b_r = tl.sum(tl.where(m_i, b_t, 0.0), 1)  # [NB, 16] row i of each block, so far -A_i
                 b_r = b_r + tl.sum(b_r[:, :, None] * b_t, 1) * (o16 < i)[None, :]
                 b_t = tl.where(m_i, b_r[:, None, :], b_t)
             b_t = b_t + eye
-        # blocks below the diagonal, [16, 16] each
-        a21, a31, a41 = tl.load(_blk(buf, 1, 0, o16)), tl.load(_blk(buf, 2, 0, o16)), tl.load(_blk(buf, 3, 0, o16))
-        a32, a42, a43 = tl.load(_blk(buf, 2, 1, o16)), tl.load(_blk(buf, 3, 1, o16)), tl.load(_blk(buf, 3, 2, o16))
-        tl.debug_barrier()  # every warp has read A before any overwrites it
-        tl.store(buf + o_d, b_t)
-        tl.debug_barrier()
-        t11, t22 = tl.load(_blk(buf, 0, 0, o16)), tl.load(_blk(buf, 1, 1, o16))
-        t33, t44 = tl.load(_blk(buf, 2, 2, o16)), tl.load(_blk(buf, 3, 3, o16))
-        t21 = -tl.dot(tl.dot(t22, a21, input_precision="ieee"), t11, input_precision="ieee")
-        t32 = -tl.dot(tl.dot(t33, a32, input_precision="ieee"), t22, input_precision="ieee")
-        t43 = -tl.dot(tl.dot(t44, a43, input_precision="ieee"), t33, input_precision="ieee")
-        b_x = tl.dot(a31, t11, input_precision="ieee") + tl.dot(a32, t21, input_precision="ieee")
-        t31 = -tl.dot(t33, b_x, input_precision="ieee")
-        b_x = tl.dot(a42, t22, input_precision="ieee") + tl.dot(a43, t32, input_precision="ieee")
-        t42 = -tl.dot(t44, b_x, input_precision="ieee")
-        b_x = tl.dot(a41, t11, input_precision="ieee") + tl.dot(a42, t21, input_precision="ieee")
-        t41 = -tl.dot(t44, b_x + tl.dot(a43, t31, input_precision="ieee"), input_precision="ieee")
-        tl.store(_blk(buf, 1, 0, o16), t21)
-        tl.store(_blk(buf, 2, 1, o16), t32)
-        tl.store(_blk(buf, 3, 2, o16), t43)
-        tl.store(_blk(buf, 2, 0, o16), t31)
-        tl.store(_blk(buf, 3, 1, o16), t42)
-        tl.store(_blk(buf, 3, 0, o16), t41)
+        if C == 32:
+            a21 = tl.load(_blk(buf, 1, 0, o16, C))
+            tl.debug_barrier()  # every warp has read A before any overwrites it
+            tl.store(buf + o_d, b_t)
+            tl.debug_barrier()
+            t11, t22 = tl.load(_blk(buf, 0, 0, o16, C)), tl.load(_blk(buf, 1, 1, o16, C))
+            t21 = -tl.dot(tl.dot(t22, a21, input_precision="ieee"), t11, input_precision="ieee")
+            tl.store(_blk(buf, 1, 0, o16, C), t21)
+        else:
+            a21, a31, a41 = tl.load(_blk(buf, 1, 0, o16)), tl.load(_blk(buf, 2, 0, o16)), tl.load(_blk(buf, 3, 0, o16))
+            a32, a42, a43 = tl.load(_blk(buf, 2, 1, o16)), tl.load(_blk(buf, 3, 1, o16)), tl.load(_blk(buf, 3, 2, o16))
+            tl.debug_barrier()  # every warp has read A before any overwrites it
+            tl.store(buf + o_d, b_t)
+            tl.debug_barrier()
+            t11, t22 = tl.load(_blk(buf, 0, 0, o16)), tl.load(_blk(buf, 1, 1, o16))
+            t33, t44 = tl.load(_blk(buf, 2, 2, o16)), tl.load(_blk(buf, 3, 3, o16))
+            t21 = -tl.dot(tl.dot(t22, a21, input_precision="ieee"), t11, input_precision="ieee")
+            t32 = -tl.dot(tl.dot(t33, a32, input_precision="ieee"), t22, input_precision="ieee")
+            t43 = -tl.dot(tl.dot(t44, a43, input_precision="ieee"), t33, input_precision="ieee")
+            b_x = tl.dot(a31, t11, input_precision="ieee") + tl.dot(a32, t21, input_precision="ieee")
+            t31 = -tl.dot(t33, b_x, input_precision="ieee")
+            b_x = tl.dot(a42, t22, input_precision="ieee") + tl.dot(a43, t32, input_precision="ieee")
+            t42 = -tl.dot(t44, b_x, input_precision="ieee")
+            b_x = tl.dot(a41, t11, input_precision="ieee") + tl.dot(a42, t21, input_precision="ieee")
+            t41 = -tl.dot(t44, b_x + tl.dot(a43, t31, input_precision="ieee"), input_precision="ieee")
+            tl.store(_blk(buf, 1, 0, o16), t21)
+            tl.store(_blk(buf, 2, 1, o16), t32)
+            tl.store(_blk(buf, 3, 2, o16), t43)
+            tl.store(_blk(buf, 2, 0, o16), t31)
+            tl.store(_blk(buf, 3, 1, o16), t42)
+            tl.store(_blk(buf, 3, 0, o16), t41)
         tl.debug_barrier()
 
     @triton.jit
@@ -141,9 +150,9 @@ if HAS_TRITON:
         """T = (I + A)^{-1} of the strictly lower [C, C] `b_a`, also left in `buf` (the program's
         own [C, C] slot of the saved inverse)."""
         o_cc = o_c[:, None] * C + o_c[None, :]
-        if C == 64:
+        if C == 64 or C == 32:
             tl.store(buf + o_cc, b_a)
-            _unit_lower_inverse_64(buf, DOUBLING)
+            _unit_lower_inverse_blocked(buf, C, DOUBLING)
             b_t = tl.load(buf + o_cc)
         else:
             b_t = _unit_lower_inverse(b_a, o_c, C)
@@ -1616,11 +1625,28 @@ class DeltaRuleAsym(torch.autograd.Function):
         return dq, dk_out, dw_out, dv, dbeta, ds0, None, None, None
 
 
+# Phase 1 runs on chunks of PHASE1["chunk"] tokens, a view of phase 2's chunked layout (its chunks
+# of 64 split in two): its per-token C x C work (U U^T, the inverse, Y, the output step) halves,
+# and its scans take twice the steps over the same data.
+PHASE1 = dict(chunk=64)
+
+
 def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype):
     """Both phases: q, k, beta, eta, lam chunked `[B, H, NC, C, *]` (q, k in the storage dtype,
     the rest float32), v `[B, T, H, V]` in the storage dtype: `(O, S_final, d_final)`, O
     `[B, T, H, V]` in `out_dtype`."""
     qc, kc, v, bc, ec, lc = (x.contiguous() for x in (qc, kc, v, bc, ec, lc))
-    w, d, kc = Precondition.apply(kc, bc, ec, lc, d0.contiguous(), precision)  # kc: see Precondition
+    B, H, NC, C, K = kc.shape
+    c1 = PHASE1["chunk"] if C % PHASE1["chunk"] == 0 else C
+    n1 = NC * (C // c1)
+    w, d, kc = Precondition.apply(
+        kc.view(B, H, n1, c1, K),
+        bc.view(B, H, n1, c1),
+        ec.view(B, H, n1, c1),
+        lc.view(B, H, n1, c1),
+        d0.contiguous(),
+        precision,
+    )  # kc: see Precondition
+    w, kc = w.view(B, H, NC, C, K), kc.view(B, H, NC, C, K)
     o, S = DeltaRuleAsym.apply(qc, kc, w, v, bc, S0.contiguous(), scale, precision, out_dtype)
     return o, S, d
