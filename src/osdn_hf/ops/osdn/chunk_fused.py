@@ -80,7 +80,7 @@ if HAS_TRITON:
         return buf + (r * 16 + o16)[:, None] * C + (c * 16 + o16)[None, :]
 
     @triton.jit
-    def _unit_lower_inverse_blocked(buf, C: tl.constexpr, DOUBLING: tl.constexpr = False, HALVES: tl.constexpr = True):
+    def _unit_lower_inverse_blocked(buf, C: tl.constexpr, DOUBLING: tl.constexpr = False):
         """Overwrite the strictly lower [C, C] `A` in `buf` (this program's own, row-major; C 32
         or 64) with `T = (I + A)^{-1}`, in 16 x 16 blocks.
 
@@ -120,25 +120,6 @@ if HAS_TRITON:
             t11, t22 = tl.load(_blk(buf, 0, 0, o16, C)), tl.load(_blk(buf, 1, 1, o16, C))
             t21 = -tl.dot(tl.dot(t22, a21, input_precision="ieee"), t11, input_precision="ieee")
             tl.store(_blk(buf, 1, 0, o16, C), t21)
-        elif HALVES:
-            # in two levels: the 16 x 16 blocks below the diagonal inside each 32 x 32 half, both
-            # halves at once on [2, 16, 16] tiles, then the 32 x 32 block below the halves
-            o2 = tl.arange(0, 2)
-            hi = (o2[:, None, None] * 32 + o16[None, :, None]) * C + o2[:, None, None] * 32 + o16[None, None, :]
-            lo, off = hi + 16 * C + 16, hi + 16 * C  # blocks (1, 1), (3, 3) and (1, 0), (3, 2)
-            b_al = tl.load(buf + off)  # [2, 16, 16]: A's blocks (1, 0) and (3, 2)
-            tl.debug_barrier()  # every warp has read A before any overwrites it
-            tl.store(buf + o_d, b_t)
-            tl.debug_barrier()
-            b_x = tl.dot(tl.load(buf + lo), b_al, input_precision="ieee")
-            tl.store(buf + off, -tl.dot(b_x, tl.load(buf + hi), input_precision="ieee"))
-            tl.debug_barrier()
-            o32 = tl.arange(0, 32)
-            q11 = o32[:, None] * C + o32[None, :]
-            b_x = tl.dot(tl.load(buf + q11 + 32 * C + 32), tl.load(buf + q11 + 32 * C), input_precision="ieee")
-            b_x = -tl.dot(b_x, tl.load(buf + q11), input_precision="ieee")
-            tl.debug_barrier()  # every warp has read A's lower-left half before it is overwritten
-            tl.store(buf + q11 + 32 * C, b_x)
         else:
             a21, a31, a41 = tl.load(_blk(buf, 1, 0, o16)), tl.load(_blk(buf, 2, 0, o16)), tl.load(_blk(buf, 3, 0, o16))
             a32, a42, a43 = tl.load(_blk(buf, 2, 1, o16)), tl.load(_blk(buf, 3, 1, o16)), tl.load(_blk(buf, 3, 2, o16))
@@ -165,13 +146,13 @@ if HAS_TRITON:
         tl.debug_barrier()
 
     @triton.jit
-    def _invert(b_a, buf, o_c, C: tl.constexpr, DOUBLING: tl.constexpr = False, HALVES: tl.constexpr = True):
+    def _invert(b_a, buf, o_c, C: tl.constexpr, DOUBLING: tl.constexpr = False):
         """T = (I + A)^{-1} of the strictly lower [C, C] `b_a`, also left in `buf` (the program's
         own [C, C] slot of the saved inverse)."""
         o_cc = o_c[:, None] * C + o_c[None, :]
         if C == 64 or C == 32:
             tl.store(buf + o_cc, b_a)
-            _unit_lower_inverse_blocked(buf, C, DOUBLING, HALVES)
+            _unit_lower_inverse_blocked(buf, C, DOUBLING)
             b_t = tl.load(buf + o_cc)
         else:
             b_t = _unit_lower_inverse(b_a, o_c, C)
@@ -179,13 +160,13 @@ if HAS_TRITON:
         return b_t
 
     @triton.jit
-    def inverse_kernel(a, t, C: tl.constexpr, DOUBLING: tl.constexpr, HALVES: tl.constexpr = True):
+    def inverse_kernel(a, t, C: tl.constexpr, DOUBLING: tl.constexpr):
         """`_invert` alone on [C, C] blocks (`scripts/bench_inverse.py` times it): t = (I + A)^{-1},
         A the strictly lower part of a's block; t is also the scratch."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         b_a = tl.load(a + i_c * C * C + o_c[:, None] * C + o_c[None, :])
-        _invert(tl.where(o_c[:, None] > o_c[None, :], b_a, 0.0), t + i_c * C * C, o_c, C, DOUBLING, HALVES)
+        _invert(tl.where(o_c[:, None] > o_c[None, :], b_a, 0.0), t + i_c * C * C, o_c, C, DOUBLING)
 
     # ---------------------------------------------------------------- layout
 
@@ -280,7 +261,7 @@ if HAS_TRITON:
         k, w, v, beta, scratch, tinv, ub, kb, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False, UNROLL: tl.constexpr = True,
-        STAGES: tl.constexpr = 1, HALVES: tl.constexpr = True,
+        STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """T = (I + tril(diag(b) K W^T, -1))^{-1}, Ub = T diag(b) V, Kb = T diag(b) K; one chunk per program.
 
@@ -300,7 +281,7 @@ if HAS_TRITON:
             for i_k in tl.range(0, K, BK, num_stages=STAGES):
                 b_a = _wy_a_block(k, w, b_a, i_k, o_t, K, BK, PRECISION)
         b_a = tl.where(o_c[:, None] > o_c[None, :], b_a * b_b[:, None], 0.0)
-        b_t = _invert(b_a, scratch + i_c * C * C, o_c, C, DOUBLING, HALVES).to(tinv.dtype.element_ty)
+        b_t = _invert(b_a, scratch + i_c * C * C, o_c, C, DOUBLING).to(tinv.dtype.element_ty)
         tl.store(tinv + i_c * C * C + o_c[:, None] * C + o_c[None, :], b_t)
         if UNROLL:
             for i_v in tl.static_range(0, V, BV):
@@ -622,7 +603,6 @@ if HAS_TRITON:
     def _pre_intra_chunk(
         i_c, k, beta, eta, lam, y, dm, p, gc, tinv,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr,
-        HALVES: tl.constexpr = True,
     ):  # fmt: skip
         """`pre_intra_fwd_kernel`'s work on chunk `i_c`."""
         o_c = tl.arange(0, C)
@@ -633,7 +613,7 @@ if HAS_TRITON:
         b_uu, b_su, b_a, b_m = _pre_intra_sums(k, b_b, b_eta, o_t, K, C, BK, PRECISION)
         strict = o_c[:, None] > o_c[None, :]
         b_l = tl.where(strict, b_a[:, None] * tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)) * b_uu, 0.0)
-        b_ti = _invert(b_l, tinv + i_c * C * C, o_c, C, DOUBLING, HALVES)
+        b_ti = _invert(b_l, tinv + i_c * C * C, o_c, C, DOUBLING)
         tl.store(dm + o_t, tl.sum(b_ti * b_m[None, :], 1))
         _walk_k_blocks(_y_block, k, y, b_ti, b_a * tl.exp(b_gp), o_t, K, BK, PRECISION, True, 1)
         tl.store(p + o_t, tl.exp(b_gend - b_gp))
@@ -643,13 +623,12 @@ if HAS_TRITON:
     def pre_intra_fwd_kernel(
         k, beta, eta, lam, y, dm, p, gc, tinv,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False,
-        HALVES: tl.constexpr = True,
     ):  # fmt: skip
         """Per chunk: L[t, s] = a_t G_{t-1} / G_{s-1} <u_t, u_s> (s < t), [dm, Y] = (I + L)^{-1}
         [m, diag(a G_{t-1}) U], p_s = G_C / G_{s-1}, Gc = G_C; u = k * k is formed where needed
         (here, in the scan and in the backward) and never stored."""
         i_c = tl.program_id(0).to(tl.int64)
-        _pre_intra_chunk(i_c, k, beta, eta, lam, y, dm, p, gc, tinv, K, C, BK, PRECISION, DOUBLING, HALVES)
+        _pre_intra_chunk(i_c, k, beta, eta, lam, y, dm, p, gc, tinv, K, C, BK, PRECISION, DOUBLING)
 
     @triton.jit
     def _worker_chunk(j, BH, NC, LAST_FIRST: tl.constexpr):
@@ -664,7 +643,7 @@ if HAS_TRITON:
     def precond_fwd_overlap_kernel(
         k, beta, eta, lam, y, dm, p, gc, tinv, e0, es, ef, dl, ready, NC, BH, NW,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, SBK: tl.constexpr, PRECISION: tl.constexpr,
-        DOUBLING: tl.constexpr = False, RUN: tl.constexpr = 1, HALVES: tl.constexpr = True,
+        DOUBLING: tl.constexpr = False, RUN: tl.constexpr = 1,
     ):  # fmt: skip
         """`pre_intra_fwd_kernel` and the preconditioner's forward scan (`precond_scan_fwd_kernel`
         with PREFETCH) in one launch of NW + BH programs, so that the scans, BH programs alone, run
@@ -683,7 +662,7 @@ if HAS_TRITON:
         if ticket < NW:
             for j in range(ticket, NC * BH, NW):
                 i_c = _worker_chunk(j, BH, NC, False)
-                _pre_intra_chunk(i_c, k, beta, eta, lam, y, dm, p, gc, tinv, K, C, BK, PRECISION, DOUBLING, HALVES)
+                _pre_intra_chunk(i_c, k, beta, eta, lam, y, dm, p, gc, tinv, K, C, BK, PRECISION, DOUBLING)
                 _raise_flag(ready + i_c)
         else:
             i_bh = (ticket - NW).to(tl.int64)
@@ -1210,7 +1189,7 @@ CHUNK_LAUNCH = {
 # ("ieee") either way: in tf32x3 (tensor cores, near float32) the inverse alone took 123-140 us
 # instead of 113, and the step was level or slower (71d9dd2, taken out;
 # benchmarks/results/inverse_precision_71d9dd2.json): it is not bound by its multiply-adds.
-INVERSE = dict(doubling=True, halves=True)
+INVERSE = dict(doubling=True)
 
 
 def _doubling(precision: str) -> bool:
@@ -1440,14 +1419,7 @@ class Precondition(torch.autograd.Function):
         gc = beta.new_empty(B, H, NC)
         tinv = beta.new_empty(B, H, NC, C, C)
         es, ef, dl = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K), torch.empty_like(dm)
-        intra = dict(
-            K=K,
-            C=C,
-            PRECISION=precision,
-            DOUBLING=_doubling(precision),
-            HALVES=INVERSE["halves"],
-            **_chunk_launch("pre_intra_fwd", K),
-        )
+        intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **_chunk_launch("pre_intra_fwd", K))
         scan = _scan_launch("precond_fwd", K, K, C)
         workers, ready = _overlap_launch("precond_fwd", scan, B * H, B * H * NC, k.device)
         if workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
@@ -1592,7 +1564,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         enqueue(
             wy_fwd_kernel, (B * H * NC,),
             k, w, v, beta, scratch, tinv, ub, kb, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, DOUBLING=_doubling(precision), HALVES=INVERSE["halves"],
+            K=K, V=V, C=C, PRECISION=precision, DOUBLING=_doubling(precision),
             **_chunk_launch("wy_fwd", K, V, precision),
         )  # fmt: skip
         del scratch  # before the scan allocates the per-chunk states
