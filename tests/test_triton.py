@@ -509,7 +509,7 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC, fold):
     ref = outputs()
     chunk_fused.pre_y_kernel[(B * H * NC,)](k, beta, eta, lam, tinv, ref["y"], K=K, C=C, BK=32, PRECISION=prec, **walk)
     chunk_fused.pre_out_bwd_kernel[(B * H * NC,)](
-        k, lam, dl, es, dw, *(ref[n] for n in names[1:7]), K=K, C=C, BK=32, PRECISION=prec, **walk
+        k, lam, dl, es, dw, *(ref[n] for n in names[1:7]), K=K, C=C, BK=32, PRECISION=prec, SUB=C, **walk
     )
     chunk_scan.precond_scan_bwd_de_kernel[(B * H,)](
         ref["y"], k, p, gc, ref["ges"], ref["ddm"], gef, ref["des"], ref["de0"], NC, K=K, C=C, BK=BK, BS=C,
@@ -519,7 +519,7 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC, fold):
     if fold:  # dK as the unfolded kernel's two outputs make it
         apart = outputs(fold=False)
         chunk_fused.pre_out_bwd_kernel[(B * H * NC,)](
-            k, lam, dl, es, dw, *(apart[n] for n in names[1:7]), K=K, C=C, BK=32, PRECISION=prec, **walk
+            k, lam, dl, es, dw, *(apart[n] for n in names[1:7]), K=K, C=C, BK=32, PRECISION=prec, SUB=C, **walk
         )
         torch.testing.assert_close(ref["dk"], apart["dk"] + 2 * k.float() * apart["du"], rtol=1e-5, atol=1e-6)
         assert not torch.equal(ref["dk"], apart["dk"])

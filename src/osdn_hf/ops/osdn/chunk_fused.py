@@ -720,51 +720,76 @@ if HAS_TRITON:
         return tl.where(incl, tl.exp(tl.where(incl, b_d, 0.0)), 0.0)
 
     @triton.jit
-    def _chunk_decays(lam, o_t, o_c, C: tl.constexpr):
-        """The chunk's `P[t, s] = G_t / G_{s-1}` (s <= t) and `G_t`."""
-        b_g, b_gp, _ = _log_gates(lam, o_t, o_c, C)
-        return _decay_matrix(b_g, b_gp, o_c, False), tl.exp(b_g)
+    def _sub_decays(b_g, b_gp, o_c, C: tl.constexpr, SUB: tl.constexpr):
+        """`_decay_matrix`'s P and P^T and `G_t` for a program of C rows made of chunks of SUB
+        (phase 1's chunks, `PHASE1`): P is zero between different chunks, and G_t runs from the
+        start of t's own chunk. With SUB == C, exactly `_decay_matrix`'s and `exp(g)`."""
+        b_p, b_pt = _decay_matrix(b_g, b_gp, o_c, False), _decay_matrix(b_g, b_gp, o_c, True)
+        if SUB < C:
+            same = (o_c[:, None] // SUB) == (o_c[None, :] // SUB)
+            b_p, b_pt = tl.where(same, b_p, 0.0), tl.where(same, b_pt, 0.0)
+            # log G at the end of the chunk before t's: gp at the first row of t's chunk
+            b_g = b_g - tl.sum(tl.where(o_c[None, :] == (o_c // SUB * SUB)[:, None], b_gp[None, :], 0.0), 1)
+        return b_p, b_pt, tl.exp(b_g)
+
+    @triton.jit
+    def _sub_starts(es, i_c, o_c, o_k, m_k, K: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr):
+        """The chunk-start `e_n` of a program of C rows made of chunks of SUB, on the K block
+        `o_k`: a [BK] vector with SUB == C, else [C, BK], each row its own chunk's."""
+        if SUB < C:
+            i_n = i_c * (C // SUB) + o_c // SUB
+            return tl.load(es + i_n[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+        else:
+            return tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)[None, :]
 
     @triton.jit
     def pre_out_fwd_kernel(
         k, lam, dl, es, w,
-        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
     ):  # fmt: skip
         """E = G e_n^T + P (delta * U) with P[t, s] = G_t / G_{s-1} (s <= t), W = (1 + E) * K;
-        delta = dm - Y e_n comes from the scan, which forms it (`dl`), so Y is not read here."""
+        delta = dm - Y e_n comes from the scan, which forms it (`dl`), so Y is not read here. A
+        program takes C rows, phase 1's chunks of SUB rows (`PHASE1`; C // SUB of them)."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         b_delta = tl.load(dl + o_t)
-        b_p, b_eg = _chunk_decays(lam, o_t, o_c, C)
+        b_g, b_gp, _ = _log_gates(lam, o_t, o_c, C)
+        b_p, _, b_eg = _sub_decays(b_g, b_gp, o_c, C, SUB)
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
             b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
-            b_ee = b_eg[:, None] * b_e[None, :] + tl.dot(b_p, b_k * b_k * b_delta[:, None], input_precision=PRECISION)
+            b_e = _sub_starts(es, i_c, o_c, o_k, m_k, K, C, SUB)
+            b_ee = b_eg[:, None] * b_e + tl.dot(b_p, b_k * b_k * b_delta[:, None], input_precision=PRECISION)
             tl.store(w + o_t[:, None] * K + o_k[None, :], (1 + b_ee) * b_k, mask=m_k[None, :])
 
     # ---------------------------------------------------------------- phase 1 backward
 
     @triton.jit
     def _pre_out_bwd_block(
-        k, es, dw, dk, du, ges, b_p, b_pt, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_t,
-        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+        k, es, dw, dk, du, ges, b_p, b_pt, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_c, o_t,
+        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
     ):  # fmt: skip
         """`pre_out_bwd_kernel` on the K block at `i_k`: dK's direct part, dU's columns and e_n's
         gradient through G (into `ges`); the sums of d(delta) and dg with them. `b_pt` is P^T."""
         o_k = i_k + tl.arange(0, BK)
         m_k = o_k < K
         b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-        b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
+        b_e = _sub_starts(es, i_c, o_c, o_k, m_k, K, C, SUB)
         b_dw = tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
         b_u = b_k * b_k
-        b_ee = b_eg[:, None] * b_e[None, :] + tl.dot(b_p, b_u * b_delta[:, None], input_precision=PRECISION)
+        b_ee = b_eg[:, None] * b_e + tl.dot(b_p, b_u * b_delta[:, None], input_precision=PRECISION)
         b_de = b_dw * b_k  # dE
         # g_t enters E_t = G_t e_n + sum_s G_t / G_{s-1} (delta_s u_s): its gradient is <dE_t, E_t>
         b_dg += tl.sum(b_de * b_ee, 1)
-        tl.store(ges + i_c * K + o_k, tl.sum(b_de * b_eg[:, None], 0), mask=m_k)
+        b_deg = b_de * b_eg[:, None]
+        if SUB < C:  # each chunk's e_n gets its own rows' share
+            for j in tl.static_range(C // SUB):
+                b_ges = tl.sum(tl.where((o_c // SUB == j)[:, None], b_deg, 0.0), 0)
+                tl.store(ges + (i_c * (C // SUB) + j) * K + o_k, b_ges, mask=m_k)
+        else:
+            tl.store(ges + i_c * K + o_k, tl.sum(b_deg, 0), mask=m_k)
         b_pde = tl.dot(b_pt, b_de, input_precision=PRECISION)  # d(delta * U)
         b_ddelta += tl.sum(b_pde * b_u, 1)
         b_dk = b_dw * (1 + b_ee)
@@ -779,26 +804,28 @@ if HAS_TRITON:
     def _pre_out_bwd_chunk(
         i_c, k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-        UNROLL: tl.constexpr, STAGES: tl.constexpr,
+        UNROLL: tl.constexpr, STAGES: tl.constexpr, SUB: tl.constexpr,
     ):  # fmt: skip
-        """`pre_out_bwd_kernel`'s work on chunk `i_c`."""
+        """`pre_out_bwd_kernel`'s work on the program's C rows `i_c`, phase 1's chunks of SUB."""
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         b_delta = tl.load(dl + o_t)
         b_g, b_gp, _ = _log_gates(lam, o_t, o_c, C)
-        b_p, b_pt, b_eg = _decay_matrix(b_g, b_gp, o_c, False), _decay_matrix(b_g, b_gp, o_c, True), tl.exp(b_g)
+        b_p, b_pt, b_eg = _sub_decays(b_g, b_gp, o_c, C, SUB)
         b_ddelta = tl.zeros([C], dtype=tl.float32)
         b_dg = tl.zeros([C], dtype=tl.float32)
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
                 b_ddelta, b_dg = _pre_out_bwd_block(
-                    k, es, dw, dk, du, ges, b_p, b_pt, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_t, K, BK, PRECISION
-                )
+                    k, es, dw, dk, du, ges, b_p, b_pt, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_c, o_t,
+                    K, BK, PRECISION, C, SUB,
+                )  # fmt: skip
         else:  # `_chunk_launch`
             for i_k in tl.range(0, K, BK, num_stages=STAGES):
                 b_ddelta, b_dg = _pre_out_bwd_block(
-                    k, es, dw, dk, du, ges, b_p, b_pt, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_t, K, BK, PRECISION
-                )
+                    k, es, dw, dk, du, ges, b_p, b_pt, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_c, o_t,
+                    K, BK, PRECISION, C, SUB,
+                )  # fmt: skip
         tl.store(dg + o_t, b_dg)
         tl.store(dgp + o_t, -b_delta * b_ddelta)
         tl.store(ddm + o_t, b_ddelta)
@@ -807,7 +834,7 @@ if HAS_TRITON:
     def pre_out_bwd_kernel(
         k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-        UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
+        SUB: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """Through W = (1 + E) * K, E = G e_n^T + P (delta * U), delta = dm - Y e_n (`dl`, as
         `pre_out_fwd_kernel` saved it: Y is not read here).
@@ -821,7 +848,7 @@ if HAS_TRITON:
         all K blocks. dP is never formed: the log gates need only its products with P summed by
         rows, <dE_t, (P (delta * U))_t>, and by columns, delta_s d(delta)_s."""
         i_c = tl.program_id(0).to(tl.int64)
-        _pre_out_bwd_chunk(i_c, k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges, K, C, BK, PRECISION, UNROLL, STAGES)
+        _pre_out_bwd_chunk(i_c, k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges, K, C, BK, PRECISION, UNROLL, STAGES, SUB)
 
     @triton.jit(do_not_specialize=["NC", "BH", "NW"])
     def precond_bwd_overlap_kernel(
@@ -844,7 +871,7 @@ if HAS_TRITON:
                 i_c = _worker_chunk(j, BH, NC, True)
                 _pre_y_chunk(i_c, k, beta, eta, lam, tinv, y, K, C, Y_BK, PRECISION, Y_UNROLL, Y_STAGES)
                 _pre_out_bwd_chunk(
-                    i_c, k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges, K, C, BK, PRECISION, UNROLL, STAGES
+                    i_c, k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges, K, C, BK, PRECISION, UNROLL, STAGES, C
                 )
                 _raise_flag(ready + i_c)
         else:
@@ -1411,7 +1438,7 @@ class Precondition(torch.autograd.Function):
     its own accumulation into the inputs' .grad, which it no longer does)."""
 
     @staticmethod
-    def forward(ctx, k, beta, eta, lam, d0, precision):
+    def forward(ctx, k, beta, eta, lam, d0, precision, rows):
         B, H, NC, C, K = k.shape
         grid = (B * H * NC,)
         y = torch.empty_like(k)
@@ -1441,12 +1468,12 @@ class Precondition(torch.autograd.Function):
         del y, dm
         w = torch.empty_like(k)
         enqueue(
-            pre_out_fwd_kernel, grid,
+            pre_out_fwd_kernel, (B * H * NC * C // rows,),
             k, lam, dl, es, w,
-            K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K),
+            K=K, C=rows, PRECISION=precision, SUB=C, **_chunk_launch("pre_out_fwd", K),
         )  # fmt: skip
         ctx.save_for_backward(k, beta, eta, lam, dl, p, gc, es, tinv)
-        ctx.precision = precision
+        ctx.precision, ctx.rows = precision, rows
         return w, 1 + ef, k
 
     @staticmethod
@@ -1491,7 +1518,10 @@ class Precondition(torch.autograd.Function):
             )  # fmt: skip
         else:
             enqueue(pre_y_kernel, grid, k, beta, eta, lam, tinv, y, K=K, C=C, PRECISION=precision, **y_launch)
-            enqueue(pre_out_bwd_kernel, grid, *out_args, K=K, C=C, PRECISION=precision, **out_launch)
+            enqueue(
+                pre_out_bwd_kernel, (B * H * NC * C // ctx.rows,),
+                *out_args, K=K, C=ctx.rows, PRECISION=precision, SUB=C, **out_launch,
+            )  # fmt: skip
         if split:
             if not workers:
                 enqueue(
@@ -1514,7 +1544,7 @@ class Precondition(torch.autograd.Function):
             None if dk2 is None else dk2.contiguous(), dk_out, dbeta, deta, dlam,
             K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_bwd", K, precision=precision),
         )  # fmt: skip
-        return dk_out, dbeta, deta, dlam, de0, None
+        return dk_out, dbeta, deta, dlam, de0, None, None
 
 
 def _state_scan(kb, w, ub, s0, uo, precision, launch=None):
@@ -1625,10 +1655,22 @@ class DeltaRuleAsym(torch.autograd.Function):
         return dq, dk_out, dw_out, dv, dbeta, ds0, None, None, None
 
 
-# Phase 1 runs on chunks of PHASE1["chunk"] tokens, a view of phase 2's chunked layout (its chunks
-# of 64 split in two): its per-token C x C work (U U^T, the inverse, Y, the output step) halves,
-# and its scans take twice the steps over the same data.
-PHASE1 = dict(chunk=64)
+# Phase 1's chunks are phase 2's split in two (a view of the same layout) where its scans run after
+# the kernels that make their chunks (`_overlap_workers` None: many (batch, head) pairs): its
+# per-chunk kernels then do half the C x C work a token (U U^T, the inverse, Y) on [32, 32] tiles,
+# and its scans take twice the steps over the same data. Its output step still takes 64 rows a
+# program (`pre_out_fwd_kernel`'s SUB), as chunks of 32 alone took it longer. Where the scans run
+# beside the chunks' making (few pairs) they bound that launch, and twice the steps would lengthen
+# it: phase 1 keeps phase 2's chunks there.
+PHASE1 = dict(chunk=32)
+
+
+def _phase1_chunk(C: int, heads: int, device) -> int:
+    """Phase 1's chunk size under phase 2's chunks of C, for `heads` (batch, head) pairs (`PHASE1`)."""
+    c1 = PHASE1["chunk"]
+    if C % c1 or any(_overlap_workers(heads, device, scan) for scan in ("precond_fwd", "precond_bwd")):
+        return C
+    return c1
 
 
 def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype):
@@ -1637,8 +1679,8 @@ def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype)
     `[B, T, H, V]` in `out_dtype`."""
     qc, kc, v, bc, ec, lc = (x.contiguous() for x in (qc, kc, v, bc, ec, lc))
     B, H, NC, C, K = kc.shape
-    c1 = PHASE1["chunk"] if C % PHASE1["chunk"] == 0 else C
-    n1 = NC * (C // c1)
+    c1 = _phase1_chunk(C, B * H, kc.device)
+    n1 = NC * C // c1
     w, d, kc = Precondition.apply(
         kc.view(B, H, n1, c1, K),
         bc.view(B, H, n1, c1),
@@ -1646,6 +1688,7 @@ def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype)
         lc.view(B, H, n1, c1),
         d0.contiguous(),
         precision,
+        C,
     )  # kc: see Precondition
     w, kc = w.view(B, H, NC, C, K), kc.view(B, H, NC, C, K)
     o, S = DeltaRuleAsym.apply(qc, kc, w, v, bc, S0.contiguous(), scale, precision, out_dtype)
