@@ -536,6 +536,59 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC, fold):
         assert ready[:-1].eq(1).all() and ready[-1] == workers + B * H
 
 
+@pytest.mark.parametrize("K, dtype", [(48, torch.float32), (128, torch.float16)])
+def test_output_step_takes_two_phase1_chunks_a_program(K, dtype):
+    """Phase 1's output step, forward (`pre_out_fwd_kernel`) and backward (`pre_out_bwd_kernel`,
+    dU's share folded into dK or written apart), with 64 rows a program made of two of phase 1's
+    chunks of 32 (SUB = 32), gives what it gives run on each chunk of 32 alone: each row's decays
+    and chunk-start state are its own chunk's, and each chunk's e_n gradient its own rows'."""
+    B, H, NC, C = 1, 2, 4, 32  # four chunks of 32: two programs of 64 rows
+    g = torch.Generator().manual_seed(3)
+    k, beta, eta, lam, _, (_, dm, _, _, _, es, _, dl) = _precond_forward(B, H, NC, C, K, dtype, g)
+    dw = torch.randn(B, H, NC, C, K, generator=g).to(dtype)
+    walk = dict(UNROLL=False, STAGES=3)
+    w_alone, w_two = torch.empty_like(k), torch.empty_like(k)
+    chunk_fused.pre_out_fwd_kernel[(B * H * NC,)](k, lam, dl, es, w_alone, K=K, C=C, BK=32, PRECISION="ieee", SUB=C)
+    chunk_fused.pre_out_fwd_kernel[(B * H * NC // 2,)](
+        k, lam, dl, es, w_two, K=K, C=2 * C, BK=32, PRECISION="ieee", SUB=C
+    )
+    torch.testing.assert_close(w_two.float(), w_alone.float(), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(w_alone[:, :, 1], w_alone[:, :, 1].new_zeros(()))  # written
+
+    def backward(C_prog, fold):
+        rows = lambda: torch.zeros(B, H, NC, C, K)  # noqa: E731
+        out = dict(dk=rows(), ddm=torch.zeros_like(dm), du=None if fold else rows(), dg=torch.zeros_like(dm),
+                   dgp=torch.zeros_like(dm), ges=torch.zeros_like(es))  # fmt: skip
+        chunk_fused.pre_out_bwd_kernel[(B * H * NC * C // C_prog,)](
+            k, lam, dl, es, dw, *out.values(), K=K, C=C_prog, BK=32, PRECISION="ieee", SUB=C, **walk
+        )
+        return out
+
+    for fold in (True, False):
+        alone, two = backward(C, fold), backward(2 * C, fold)
+        for name, a in alone.items():
+            if a is not None:
+                torch.testing.assert_close(two[name], a, rtol=1e-5, atol=1e-6, msg=name)
+                assert a.abs().amax() > 0, name  # written
+    # every chunk's e_n gradient differs: each comes from its own rows
+    assert not torch.allclose(alone["ges"][:, :, 0], alone["ges"][:, :, 1])
+
+
+def test_phase1_takes_chunks_of_32_where_its_scans_run_alone(monkeypatch):
+    """`_phase1_chunk`: phase 1 splits phase 2's chunks of 64 in two, except where its scans run
+    beside their chunks' making (few (batch, head) pairs on a GPU, `_overlap_workers`) or 32 does
+    not divide phase 2's chunk."""
+    assert chunk_fused.PHASE1["chunk"] == 32
+    assert chunk_fused._phase1_chunk(64, 2, "cpu") == 32
+    monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)
+    assert chunk_fused._phase1_chunk(64, 16, "cuda") == 64  # the scans overlapped, one worker an SM
+    assert chunk_fused._phase1_chunk(64, 33, "cuda") == 64  # two an SM
+    assert chunk_fused._phase1_chunk(64, 34, "cuda") == 32  # alone
+    assert chunk_fused._phase1_chunk(48, 34, "cuda") == 48
+    monkeypatch.setitem(chunk_fused.PHASE1, "chunk", 64)
+    assert chunk_fused._phase1_chunk(64, 34, "cuda") == 64
+
+
 def test_overlap_runs_with_few_scans_per_sm(monkeypatch):
     """`_overlap_workers`: a worker on every SM the scans leave where they take at most one SM in
     `overlap_alone`, two where at most one in `overlap_shared`; none off CUDA, with more scans, or
@@ -606,7 +659,9 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(grad_storage, monkeypatch):
 
         monkeypatch.setattr(cls, "forward", staticmethod(fwd))
         monkeypatch.setattr(cls, "backward", staticmethod(bwd))
-    K, V = 32, 48  # neither is the chunk size, so shapes tell tensors apart
+    K, V = 40, 48  # neither is a chunk size (64, phase 1's 32), so shapes tell tensors apart
+    c1 = chunk_fused._phase1_chunk(64, 2, "cpu")  # phase 1's chunks: 32 here (no overlapped scans)
+    assert c1 == 32
     args = _core_args(1, 150, 2, K, V)
     half, rest = [x.half() for x in args[:3]], args[3:]
     names = ("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond")
@@ -628,7 +683,7 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(grad_storage, monkeypatch):
     assert all(ins == grads for _, ins, grads in handed), handed
     assert all(torch.float16 in ins for _, ins, _ in handed), handed
     # [B, H, NC, C, K or V] and the per-chunk states [B, H, NC, K, V]; not the [.., C, C] inverses
-    chunked = [(s, dt) for s, dt in saved if len(s) == 5 and s[-1] in (K, V) and s[-2] in (64, K)]
+    chunked = [(s, dt) for s, dt in saved if len(s) == 5 and s[-1] in (K, V) and s[-2] in (64, c1, K)]
     # q, k (twice: the op's input and phase 1's), w, U; Y and Kb are rebuilt in the backward
     assert len(chunked) == 5, saved
     # the per-chunk states [B, H, NC, K, V] are rebuilt in the backward, not kept
@@ -638,8 +693,9 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(grad_storage, monkeypatch):
     # chunked tensor of width V saved
     assert [s for s, _ in chunked if s[-2:] == (64, V)] == [(1, 2, 3, 64, V)], chunked
     assert (tuple(half[2].shape), torch.float16) in saved, saved
-    inverses = sorted(str(dt) for s, dt in saved if s[-2:] == (64, 64))
-    assert inverses == ["torch.float16", "torch.float32"], saved
+    # phase 2's inverse [.., 64, 64] in float16, phase 1's [.., 32, 32] in float32
+    assert [dt for s, dt in saved if s[-2:] == (64, 64)] == [torch.float16], saved
+    assert [dt for s, dt in saved if s[-2:] == (c1, c1)] == [torch.float32], saved
     # phase 1: dK's direct part, with dU's share in it (the split backward, as tuned: no dU
     # buffer); phase 2: dKb and dW
     piece_dtype = torch.float16 if grad_storage == "storage" else torch.float32

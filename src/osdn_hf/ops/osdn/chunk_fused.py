@@ -735,12 +735,12 @@ if HAS_TRITON:
     @triton.jit
     def _sub_starts(es, i_c, o_c, o_k, m_k, K: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr):
         """The chunk-start `e_n` of a program of C rows made of chunks of SUB, on the K block
-        `o_k`: a [BK] vector with SUB == C, else [C, BK], each row its own chunk's."""
-        if SUB < C:
-            i_n = i_c * (C // SUB) + o_c // SUB
-            return tl.load(es + i_n[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-        else:
-            return tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)[None, :]
+        `o_k`: [1, BK] with SUB == C, else [C, BK], each row its own chunk's (each loaded once)."""
+        b_e = tl.load(es + i_c * (C // SUB) * K + o_k, mask=m_k, other=0.0)[None, :]
+        for j in tl.static_range(1, C // SUB):
+            b_ej = tl.load(es + (i_c * (C // SUB) + j) * K + o_k, mask=m_k, other=0.0)
+            b_e = tl.where((o_c >= j * SUB)[:, None], b_ej[None, :], b_e)
+        return b_e
 
     @triton.jit
     def pre_out_fwd_kernel(
