@@ -733,14 +733,15 @@ if HAS_TRITON:
         return b_p, b_pt, tl.exp(b_g)
 
     @triton.jit
-    def _sub_starts(es, i_c, o_c, o_k, m_k, K: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr):
+    def _sub_starts(es, i_c, o_k, m_k, K: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr):
         """The chunk-start `e_n` of a program of C rows made of chunks of SUB, on the K block
         `o_k`: [1, BK] with SUB == C, else [C, BK], each row its own chunk's (each loaded once)."""
-        b_e = tl.load(es + i_c * (C // SUB) * K + o_k, mask=m_k, other=0.0)[None, :]
-        for j in tl.static_range(1, C // SUB):
-            b_ej = tl.load(es + (i_c * (C // SUB) + j) * K + o_k, mask=m_k, other=0.0)
-            b_e = tl.where((o_c >= j * SUB)[:, None], b_ej[None, :], b_e)
-        return b_e
+        if SUB < C:
+            o_n = i_c * (C // SUB) + tl.arange(0, C // SUB)
+            b_e = tl.load(es + o_n[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)  # [C // SUB, BK]
+            return tl.reshape(tl.broadcast_to(b_e[:, None, :], (C // SUB, SUB, BK)), (C, BK))
+        else:
+            return tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)[None, :]
 
     @triton.jit
     def pre_out_fwd_kernel(
@@ -760,7 +761,7 @@ if HAS_TRITON:
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
             b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-            b_e = _sub_starts(es, i_c, o_c, o_k, m_k, K, C, SUB)
+            b_e = _sub_starts(es, i_c, o_k, m_k, K, C, SUB, BK)
             b_ee = b_eg[:, None] * b_e + tl.dot(b_p, b_k * b_k * b_delta[:, None], input_precision=PRECISION)
             tl.store(w + o_t[:, None] * K + o_k[None, :], (1 + b_ee) * b_k, mask=m_k[None, :])
 
@@ -776,7 +777,7 @@ if HAS_TRITON:
         o_k = i_k + tl.arange(0, BK)
         m_k = o_k < K
         b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-        b_e = _sub_starts(es, i_c, o_c, o_k, m_k, K, C, SUB)
+        b_e = _sub_starts(es, i_c, o_k, m_k, K, C, SUB, BK)
         b_dw = tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
         b_u = b_k * b_k
         b_ee = b_eg[:, None] * b_e + tl.dot(b_p, b_u * b_delta[:, None], input_precision=PRECISION)
@@ -785,9 +786,9 @@ if HAS_TRITON:
         b_dg += tl.sum(b_de * b_ee, 1)
         b_deg = b_de * b_eg[:, None]
         if SUB < C:  # each chunk's e_n gets its own rows' share
-            for j in tl.static_range(C // SUB):
-                b_ges = tl.sum(tl.where((o_c // SUB == j)[:, None], b_deg, 0.0), 0)
-                tl.store(ges + (i_c * (C // SUB) + j) * K + o_k, b_ges, mask=m_k)
+            b_ges = tl.sum(tl.reshape(b_deg, (C // SUB, SUB, BK)), 1)  # [C // SUB, BK]
+            o_n = i_c * (C // SUB) + tl.arange(0, C // SUB)
+            tl.store(ges + o_n[:, None] * K + o_k[None, :], b_ges, mask=m_k[None, :])
         else:
             tl.store(ges + i_c * K + o_k, tl.sum(b_deg, 0), mask=m_k)
         b_pde = tl.dot(b_pt, b_de, input_precision=PRECISION)  # d(delta * U)
