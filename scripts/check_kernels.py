@@ -181,8 +181,11 @@ def main(argv=None):
     # one head alone (H = 1, which Triton specializes as a constant), and 32 pairs, where phase 1's
     # forward scans share SMs with two workers each (chunk_fused._overlap_workers; up to 16 pairs
     # they run beside one worker an SM, as in the cases above)
-    for B, heads, T in ((1, 1, 100), (4, 16, 200), (8, 16, 100), (2, 16, 300)):
+    # From 64 pairs up phase 1 runs in chunks of 32 (chunk_fused.PHASE1): those cases, and a long
+    # one and packed sequences there too
+    for B, heads, T in ((1, 1, 100), (4, 16, 200), (8, 16, 100), (2, 16, 300), (4, 16, 1000)):
         cases.append(dict(B=B, H=heads, T=T, K=128, V=128, varlen=None))
+    cases.append(dict(B=1, H=16, T=None, K=128, V=128, varlen=[1, 63, 64, 100, 1000, 0, 37]))
 
     cases = [c for c in cases if max(c["K"], c["V"]) <= args.max_head_dim][shard::shards]
     rows, failures = [], 0

@@ -575,18 +575,44 @@ def test_output_step_takes_two_phase1_chunks_a_program(K, dtype):
 
 
 def test_phase1_takes_chunks_of_32_where_its_scans_run_alone(monkeypatch):
-    """`_phase1_chunk`: phase 1 splits phase 2's chunks of 64 in two, except where its scans run
-    beside their chunks' making (few (batch, head) pairs on a GPU, `_overlap_workers`) or 32 does
-    not divide phase 2's chunk."""
-    assert chunk_fused.PHASE1["chunk"] == 32
+    """`_phase1_chunk`: phase 1 splits phase 2's chunks of 64 in two from `min_scans` (batch,
+    head) scans up, except where its scans run beside their chunks' making (on a GPU,
+    `_overlap_workers`) or 32 does not divide phase 2's chunk."""
+    assert chunk_fused.PHASE1 == dict(chunk=32, min_scans=64)
+    assert chunk_fused._phase1_chunk(64, 64, "cpu") == 32
+    assert chunk_fused._phase1_chunk(64, 63, "cpu") == 64
+    assert chunk_fused._phase1_chunk(48, 64, "cpu") == 48
+    monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1)
     assert chunk_fused._phase1_chunk(64, 2, "cpu") == 32
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)
     assert chunk_fused._phase1_chunk(64, 16, "cuda") == 64  # the scans overlapped, one worker an SM
     assert chunk_fused._phase1_chunk(64, 33, "cuda") == 64  # two an SM
     assert chunk_fused._phase1_chunk(64, 34, "cuda") == 32  # alone
-    assert chunk_fused._phase1_chunk(48, 34, "cuda") == 48
     monkeypatch.setitem(chunk_fused.PHASE1, "chunk", 64)
     assert chunk_fused._phase1_chunk(64, 34, "cuda") == 64
+
+
+@pytest.mark.parametrize(
+    "K, V, tile, prefetch, split, unrolled, sms",
+    [
+        (48, 80, None, True, True, False, None),
+        (128, 64, None, False, True, True, None),
+        (256, 256, None, False, True, False, None),
+        (48, 80, 16, True, True, False, 3),  # state scans launched as on a GPU of 3 SMs
+    ],
+)
+def test_phase1_in_chunks_of_32_matches_torch_chunk_path(K, V, tile, prefetch, split, unrolled, sms, monkeypatch):
+    """`test_fused_chunk_kernels_match_torch_chunk_path` with phase 1 in chunks of 32 (`PHASE1`'s
+    `min_scans` lowered to the test's two scans): three chunks of 64, six of phase 1's, the last
+    one partly padding."""
+    monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1)
+    chunks = []
+    precondition = chunk_fused.Precondition.apply
+    monkeypatch.setattr(
+        chunk_fused.Precondition, "apply", lambda k, *a: chunks.append(k.shape[-2]) or precondition(k, *a)
+    )
+    test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, unrolled, sms, monkeypatch)
+    assert chunks == [32], chunks
 
 
 def test_overlap_runs_with_few_scans_per_sm(monkeypatch):

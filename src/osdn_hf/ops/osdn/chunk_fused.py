@@ -1656,20 +1656,29 @@ class DeltaRuleAsym(torch.autograd.Function):
         return dq, dk_out, dw_out, dv, dbeta, ds0, None, None, None
 
 
-# Phase 1's chunks are phase 2's split in two (a view of the same layout) where its scans run after
-# the kernels that make their chunks (`_overlap_workers` None: many (batch, head) pairs): its
-# per-chunk kernels then do half the C x C work a token (U U^T, the inverse, Y) on [32, 32] tiles,
-# and its scans take twice the steps over the same data. Its output step still takes 64 rows a
-# program (`pre_out_fwd_kernel`'s SUB), as chunks of 32 alone took it longer. Where the scans run
-# beside the chunks' making (few pairs) they bound that launch, and twice the steps would lengthen
-# it: phase 1 keeps phase 2's chunks there.
-PHASE1 = dict(chunk=32)
+# Phase 1's chunks: phase 2's split in two (a view of the same layout; `chunk`) where it runs at
+# least `min_scans` (batch, head) scans, after the kernels that make their chunks (not overlapped:
+# `_overlap_workers`). Its per-chunk kernels then do half the C x C work a token (U U^T, the
+# inverse, Y) on [32, 32] tiles, and its two scans take twice the steps over the same data; its
+# output step still takes 64 rows a program (`pre_out_fwd_kernel`'s SUB). Against chunks of 64,
+# GPU time in one process (H200, bf16, H = 16, K = V = 128;
+# benchmarks/results/phase1_chunk32_9d53791.json):
+#   8 x 2048 (128 scans): forward 915 -> 838 us, forward+backward 2535 -> 2467
+#   4 x 4096 (64 scans):  forward 948 -> 892 us, forward+backward 2640 -> 2624
+#   3 x 4096 (48 scans):  forward 783 -> 751 us, forward+backward 2210 -> 2225 (so 64 and up)
+# (pre_intra_fwd 252 -> 146 us, pre_y 71 -> 49, pre_intra_bwd 259 -> 222; the scans 57 + 66 ->
+# 77 + 96 us at 8 x 2048, 99 + 122 -> 140 + 181 at 4 x 4096; the output step 68 + 178 -> 76 + 214.)
+# Where the scans run beside the chunks' making, they bound that launch: 2 x 8192 took 992 -> 1239
+# us forward, 1 x 16384 1136 -> 1629 (phase1_chunk32_d8ce7ef.json).
+PHASE1 = dict(chunk=32, min_scans=64)
 
 
 def _phase1_chunk(C: int, heads: int, device) -> int:
     """Phase 1's chunk size under phase 2's chunks of C, for `heads` (batch, head) pairs (`PHASE1`)."""
     c1 = PHASE1["chunk"]
-    if C % c1 or any(_overlap_workers(heads, device, scan) for scan in ("precond_fwd", "precond_bwd")):
+    if C % c1 or heads < PHASE1["min_scans"]:
+        return C
+    if any(_overlap_workers(heads, device, scan) for scan in ("precond_fwd", "precond_bwd")):
         return C
     return c1
 
