@@ -654,13 +654,15 @@ def test_profile_groups_every_kernel_of_the_op():
     assert times["other"] == 0 and times["phase 1: preconditioner"] > 0, times
 
 
-@pytest.mark.parametrize("grad_storage", ["storage", "float32"])
-def test_fused_kernels_store_16bit_inputs_in_16_bits(grad_storage, monkeypatch):
+@pytest.mark.parametrize("grad_storage, c1", [("storage", 32), ("float32", 32), ("storage", 64)])
+def test_fused_kernels_store_16bit_inputs_in_16_bits(grad_storage, c1, monkeypatch):
     """float16 q, k, v: the fused path saves its chunked intermediates and phase 2's C x C inverse
     in float16 (phase 1's inverse and the per-token vectors stay float32), passes the backward's
     gradient pieces between kernels in float16 or float32 as `GRAD_STORAGE` says, hands autograd
     each gradient in its input's dtype (so autograd casts none), and its outputs and all gradients
-    still match the torch chunked path run on the same values in float32."""
+    still match the torch chunked path run on the same values in float32. Phase 1 in chunks of
+    `c1` (`PHASE1`)."""
+    monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1 if c1 == 32 else 1 << 30)
     monkeypatch.setattr(chunk_fused, "GRAD_STORAGE", dict(phase1=grad_storage, phase2=grad_storage))
     pieces = []  # (phase, dtype) of each gradient piece the backward passes between kernels
     grad_buffer = chunk_fused._grad_buffer
@@ -686,8 +688,7 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(grad_storage, monkeypatch):
         monkeypatch.setattr(cls, "forward", staticmethod(fwd))
         monkeypatch.setattr(cls, "backward", staticmethod(bwd))
     K, V = 40, 48  # neither is a chunk size (64, phase 1's 32), so shapes tell tensors apart
-    c1 = chunk_fused._phase1_chunk(64, 2, "cpu")  # phase 1's chunks: 32 here (no overlapped scans)
-    assert c1 == 32
+    assert chunk_fused._phase1_chunk(64, 2, "cpu") == c1
     args = _core_args(1, 150, 2, K, V)
     half, rest = [x.half() for x in args[:3]], args[3:]
     names = ("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond")
@@ -719,9 +720,9 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(grad_storage, monkeypatch):
     # chunked tensor of width V saved
     assert [s for s, _ in chunked if s[-2:] == (64, V)] == [(1, 2, 3, 64, V)], chunked
     assert (tuple(half[2].shape), torch.float16) in saved, saved
-    # phase 2's inverse [.., 64, 64] in float16, phase 1's [.., 32, 32] in float32
-    assert [dt for s, dt in saved if s[-2:] == (64, 64)] == [torch.float16], saved
-    assert [dt for s, dt in saved if s[-2:] == (c1, c1)] == [torch.float32], saved
+    # phase 2's inverse [.., 64, 64] in float16, phase 1's [.., c1, c1] in float32
+    inverses = sorted(str(dt) for s, dt in saved if s[-2:] in ((64, 64), (c1, c1)))
+    assert inverses == ["torch.float16", "torch.float32"], saved
     # phase 1: dK's direct part, with dU's share in it (the split backward, as tuned: no dU
     # buffer); phase 2: dKb and dW
     piece_dtype = torch.float16 if grad_storage == "storage" else torch.float32
