@@ -888,6 +888,7 @@ def test_launch_settings_are_a_copy_that_results_can_record():
     settings["scans"]["state_fwd"]["prefetch"] = not settings["scans"]["state_fwd"]["prefetch"]
     assert settings["scans"]["state_fwd"]["prefetch"] != chunk_fused.SCAN_TUNING["state_fwd"]["prefetch"]
     assert settings["grad_storage"] == chunk_fused.GRAD_STORAGE
+    assert settings["phase1"] == chunk_fused.PHASE1 and settings["phase1"] is not chunk_fused.PHASE1
 
 
 def test_grid_profile_runs_each_setting_alone_and_records_a_fault(tmp_path, capsys):

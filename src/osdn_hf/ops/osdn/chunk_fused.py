@@ -1232,6 +1232,7 @@ def launch_settings() -> dict:
         "chunk": {n: dict(t) for n, t in CHUNK_LAUNCH.items()},
         "inverse": dict(INVERSE),
         "grad_storage": dict(GRAD_STORAGE),
+        "phase1": dict(PHASE1),
     }
 
 
