@@ -1431,7 +1431,9 @@ class GatesToChunks(torch.autograd.Function):
 
 class Precondition(torch.autograd.Function):
     """Phase 1: `(k, beta, eta, lam, d0) -> (W = D * K, d_final, k)`; chunked tensors, `k` and `W`
-    in the storage dtype, the rest float32.
+    in the storage dtype, the rest float32. `rows`: how many rows a program of the output step
+    takes (`pre_out_fwd_kernel`, `pre_out_bwd_kernel`; phase 2's chunk, a multiple of phase 1's
+    chunk, `PHASE1`).
 
     k comes out again (a view) for phase 2 to read: phase 2's gradient of k then reaches this
     backward, whose last kernel adds it to phase 1's own in float32, instead of autograd adding
