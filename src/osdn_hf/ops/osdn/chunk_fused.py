@@ -1694,14 +1694,9 @@ def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype)
     B, H, NC, C, K = kc.shape
     c1 = _phase1_chunk(C, B * H, kc.device)
     n1 = NC * C // c1
+    gates = (x.view(B, H, n1, c1) for x in (bc, ec, lc))
     w, d, kc = Precondition.apply(
-        kc.view(B, H, n1, c1, K),
-        bc.view(B, H, n1, c1),
-        ec.view(B, H, n1, c1),
-        lc.view(B, H, n1, c1),
-        d0.contiguous(),
-        precision,
-        C,
+        kc.view(B, H, n1, c1, K), *gates, d0.contiguous(), precision, C
     )  # kc: see Precondition
     w, kc = w.view(B, H, NC, C, K), kc.view(B, H, NC, C, K)
     o, S = DeltaRuleAsym.apply(qc, kc, w, v, bc, S0.contiguous(), scale, precision, out_dtype)
