@@ -480,31 +480,6 @@ def test_overlapped_precond_forward_gives_the_same_bits(K, dtype, NC):
 
 
 @pytest.mark.parametrize(
-    "K, dtype, NC, C", [(48, torch.float32, 3, 32), (128, torch.float16, 3, 64), (48, torch.float32, 1, 64)]
-)
-def test_scan_with_the_output_step_matches_the_two_kernels(K, dtype, NC, C):
-    """Phase 1's forward scan with the output step done in it (`precond_scan_out_kernel`) gives
-    what the scan and then `pre_out_fwd_kernel` give: e_n, the final e and delta bit for bit (the
-    same sums), W to rounding (the same products on other tiles), and W on every chunk."""
-    B, H = 2, 2
-    k, beta, eta, lam, e0, (y, dm, p, gc, tinv, es, ef, dl) = _precond_forward(
-        B, H, NC, C, K, dtype, torch.Generator().manual_seed(1)
-    )
-    w = torch.empty_like(k)
-    chunk_fused.pre_out_fwd_kernel[(B * H * NC,)](k, lam, dl, es, w, K=K, C=C, BK=32, PRECISION="ieee", SUB=C)
-    got = dict(es=torch.empty_like(es), ef=torch.empty_like(ef), dl=torch.empty_like(dl), w=torch.full_like(w, 7.0))
-    chunk_fused.precond_scan_out_kernel[(B * H,)](
-        y, k, dm, p, gc, lam, e0, got["es"], got["ef"], got["dl"], got["w"], NC,
-        K=K, C=C, BK=triton.next_power_of_2(K), PRECISION="ieee",
-    )  # fmt: skip
-    for name, ref in dict(es=es, ef=ef, dl=dl).items():
-        assert torch.equal(got[name], ref), name
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(got["w"].float(), w.float(), **tol)
-    assert not torch.equal(w, k)  # the output step changed the keys
-
-
-@pytest.mark.parametrize(
     "K, dtype, NC, fold", [(48, torch.float32, 3, False), (128, torch.float16, 3, True), (48, torch.float32, 1, True)]
 )
 def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC, fold):

@@ -45,8 +45,6 @@ if HAS_TRITON:  # the kernels exist only with Triton; without it chunk.py never 
     import triton.language as tl
 
     from .chunk_scan import (
-        _precond_fwd_rows,
-        _precond_rows,
         _precond_scan_bwd_de_prefetching,
         _precond_scan_fwd_prefetching,
         _raise_flag,
@@ -767,46 +765,6 @@ if HAS_TRITON:
             b_ee = b_eg[:, None] * b_e + tl.dot(b_p, b_k * b_k * b_delta[:, None], input_precision=PRECISION)
             tl.store(w + o_t[:, None] * K + o_k[None, :], (1 + b_ee) * b_k, mask=m_k[None, :])
 
-    @triton.jit(do_not_specialize=["NC"])
-    def precond_scan_out_kernel(
-        y, k, dm, p, gc, lam, e0, es, ef, dl, w, NC,
-        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        """The preconditioner's forward scan (`precond_scan_fwd_kernel` with SQUARE and PREFETCH:
-        `k` is read as u, whole chunks, the next one loaded before this one is reduced) with the
-        output step (`pre_out_fwd_kernel`) done on each chunk as the scan reaches it, so W is
-        written here from the rows already in registers and no later kernel reads k, delta and e_n
-        again. One (batch, head) per program; the output step is off the scan's critical path
-        (e_{n+1} does not wait for it). NC is not specialized (`chunk_scan._scan_jit`)."""
-        i_bh = tl.program_id(0).to(tl.int64)
-        o_k = tl.arange(0, BK)
-        m_k = o_k < K
-        o_s = tl.arange(0, C)
-        b_e = tl.load(e0 + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
-        o_t = i_bh * NC * C + o_s
-        b_y, b_u, b_dm, b_p = _precond_rows(y, k, dm, p, o_t, o_k, m_k, K)  # the first chunk
-        b_gc, b_lam = tl.load(gc + i_bh * NC), tl.load(lam + o_t)
-        for i_n in range(NC):
-            i_c = i_bh * NC + i_n
-            o_t = i_c * C + o_s
-            tl.store(es + i_c * K + o_k, b_e, mask=m_k)
-            i_x = tl.minimum(i_c + 1, i_bh * NC + NC - 1)  # the next chunk (the last one again at the end)
-            n_y, n_u, n_dm, n_p = _precond_rows(y, k, dm, p, i_x * C + o_s, o_k, m_k, K)
-            n_gc, n_lam = tl.load(gc + i_x), tl.load(lam + i_x * C + o_s)
-            b_sum, b_delta = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, True)
-            tl.store(dl + o_t, b_delta)
-            # the output step on this chunk: E = G e_n^T + P (delta * U), W = (1 + E) * K
-            b_l = tl.log(tl.maximum(b_lam, LAM_MIN_C))
-            b_g = tl.cumsum(b_l, 0)
-            b_k = b_u.to(tl.float32)
-            b_ee = tl.exp(b_g)[:, None] * b_e[None, :] + tl.dot(
-                _decay_matrix(b_g, b_g - b_l, o_s, False), b_k * b_k * b_delta[:, None], input_precision=PRECISION
-            )
-            tl.store(w + o_t[:, None] * K + o_k[None, :], (1 + b_ee) * b_k, mask=m_k[None, :])
-            b_e = b_e * b_gc + b_sum
-            b_y, b_u, b_dm, b_p, b_gc, b_lam = n_y, n_u, n_dm, n_p, n_gc, n_lam
-        tl.store(ef + i_bh * K + o_k, b_e, mask=m_k)
-
     # ---------------------------------------------------------------- phase 1 backward
 
     @triton.jit
@@ -1131,7 +1089,7 @@ SCAN_TUNING = {
     # every flag already raised and no workers (flagcost_1x16384_f134c02.json): runs of 4 win back
     # 41 of those 134 us; the rest of that gap is not explained.
     "precond_fwd": dict(
-        BS=None, num_warps=4, num_stages=1, prefetch=True, overlap_alone=8, overlap_shared=4, flag_run=4, out_step=True
+        BS=None, num_warps=4, num_stages=1, prefetch=True, overlap_alone=8, overlap_shared=4, flag_run=4
     ),
     "precond_bwd": dict(
         BS=None,
@@ -1503,34 +1461,21 @@ class Precondition(torch.autograd.Function):
             )  # fmt: skip
         else:
             enqueue(pre_intra_fwd_kernel, grid, k, beta, eta, lam, y, dm, p, gc, tinv, **intra)
-        # the output step in the scan (precond_scan_out_kernel) where the scan prefetches whole
-        # chunks and follows the chunks' making (SCAN_TUNING["precond_fwd"]["out_step"])
-        if not workers and scan.get("PREFETCH") and SCAN_TUNING["precond_fwd"]["out_step"]:
-            w = torch.empty_like(k)
             enqueue(
-                precond_scan_out_kernel, (B * H,),
-                y, k, dm, p, gc, lam, d0 - 1, es, ef, dl, w, NC,
-                K=K, C=C, BK=scan["BK"], PRECISION=precision,
-                num_warps=scan["num_warps"], num_stages=scan["num_stages"],
+                precond_scan_fwd_kernel, (B * H,),
+                y, k, dm, p, gc, d0 - 1, es, ef, dl, NC,
+                K=K, C=C, SQUARE=True, **scan,
             )  # fmt: skip
-            del y, dm
-        else:
-            if not workers:
-                enqueue(
-                    precond_scan_fwd_kernel, (B * H,),
-                    y, k, dm, p, gc, d0 - 1, es, ef, dl, NC,
-                    K=K, C=C, SQUARE=True, **scan,
-                )  # fmt: skip
-            # Y and dm were the scan's alone: the scan wrote delta = dm - Y e_n, which the output
-            # step and the backward read instead, and the backward rebuilds Y from the inverse (1X
-            # less held between forward and backward); freed before W is allocated
-            del y, dm
-            w = torch.empty_like(k)
-            enqueue(
-                pre_out_fwd_kernel, (B * H * NC * C // rows,),
-                k, lam, dl, es, w,
-                K=K, C=rows, PRECISION=precision, SUB=C, **_chunk_launch("pre_out_fwd", K),
-            )  # fmt: skip
+        # Y and dm were the scan's alone: the scan wrote delta = dm - Y e_n, which the output step
+        # and the backward read instead, and the backward rebuilds Y from the inverse (1X less held
+        # between forward and backward); freed before W is allocated
+        del y, dm
+        w = torch.empty_like(k)
+        enqueue(
+            pre_out_fwd_kernel, (B * H * NC * C // rows,),
+            k, lam, dl, es, w,
+            K=K, C=rows, PRECISION=precision, SUB=C, **_chunk_launch("pre_out_fwd", K),
+        )  # fmt: skip
         ctx.save_for_backward(k, beta, eta, lam, dl, p, gc, es, tinv)
         ctx.precision, ctx.rows = precision, rows
         return w, 1 + ef, k
