@@ -615,6 +615,35 @@ def test_phase1_in_chunks_of_32_matches_torch_chunk_path(K, V, tile, prefetch, s
     assert chunks == [32], chunks
 
 
+@pytest.mark.parametrize("c1", [32, 64])
+def test_phase1_in_chunks_of_32_launches_with_its_own_settings(c1, monkeypatch):
+    """Phase 1's kernels in chunks of 32 launch with `PHASE1["launch"]`'s warps and tiles (measured
+    at 32), its split backward scan with that entry's warps; in chunks of 64 with the tables'."""
+    monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1 if c1 == 32 else 1 << 30)
+    launches = {}
+    enqueue = chunk_fused.enqueue
+
+    def recorded(kernel, grid, *args, **kw):
+        launches[kernel.__name__] = (kw["num_warps"], kw.get("BK"))
+        return enqueue(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(chunk_fused, "enqueue", recorded)
+    leaves = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in _core_args(1, 70, 2, 128, 16)]
+    _chunk_osdn_core(*leaves, use_triton=True)[0].sum().backward()
+    # (num_warps, BK) of each kernel: chunks of 32, and the tables' (CHUNK_LAUNCH, SCAN_TUNING) at 64
+    expected = dict(
+        pre_intra_fwd_kernel=((1, 64), (4, 64)),
+        pre_y_kernel=((2, 128), (4, 32)),
+        pre_out_fwd_kernel=((4, 32), (4, 32)),
+        pre_out_bwd_kernel=((2, 16), (4, 32)),
+        pre_intra_bwd_kernel=((1, 32), (4, 32)),
+        precond_scan_bwd_de_kernel=((2, 128), (4, 128)),
+    )
+    for name, (small, table) in expected.items():
+        assert launches[name] == (small if c1 == 32 else table), name
+    assert launches["wy_fwd_kernel"] == (4, 64)  # phase 2's stand
+
+
 def test_overlap_runs_with_few_scans_per_sm(monkeypatch):
     """`_overlap_workers`: a worker on every SM the scans leave where they take at most one SM in
     `overlap_alone`, two where at most one in `overlap_shared`; none off CUDA, with more scans, or

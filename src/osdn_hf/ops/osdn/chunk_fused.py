@@ -1310,12 +1310,15 @@ def _sm_count(device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _chunk_launch(name: str, K: int, V: int | None = None, precision: str | None = None) -> dict:
+def _chunk_launch(name: str, K: int, V: int | None = None, precision: str | None = None, small: bool = False) -> dict:
     """BK (and BV where the kernel walks V) and num_warps of per-chunk kernel `name`; for the
     kernels whose table entry has `stages`, given the precision, also how they walk their blocks
     (UNROLL, STAGES): float32 above head dim 128 always as plain loops (`_unrolled`), else as the
-    table says."""
+    table says. With `small` (phase 1 in chunks smaller than phase 2's, `PHASE1`), the entry's
+    fields that `PHASE1["launch"]` gives are replaced."""
     t = CHUNK_LAUNCH[name]
+    if small:
+        t = dict(t, **PHASE1["launch"].get(name, {}))
 
     def block(D):
         return min(t["tile"], max(next_power_of_2(D), 16))
@@ -1445,12 +1448,14 @@ class Precondition(torch.autograd.Function):
     def forward(ctx, k, beta, eta, lam, d0, precision, rows):
         B, H, NC, C, K = k.shape
         grid = (B * H * NC,)
+        small = C < rows  # phase 1 in chunks smaller than phase 2's: PHASE1's launch settings
         y = torch.empty_like(k)
         dm, p = torch.empty_like(beta), torch.empty_like(beta)
         gc = beta.new_empty(B, H, NC)
         tinv = beta.new_empty(B, H, NC, C, C)
         es, ef, dl = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K), torch.empty_like(dm)
-        intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **_chunk_launch("pre_intra_fwd", K))
+        intra_launch = _chunk_launch("pre_intra_fwd", K, small=small)
+        intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **intra_launch)
         scan = _scan_launch("precond_fwd", K, K, C)
         workers, ready = _overlap_launch("precond_fwd", scan, B * H, B * H * NC, k.device)
         if workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
@@ -1474,7 +1479,7 @@ class Precondition(torch.autograd.Function):
         enqueue(
             pre_out_fwd_kernel, (B * H * NC * C // rows,),
             k, lam, dl, es, w,
-            K=K, C=rows, PRECISION=precision, SUB=C, **_chunk_launch("pre_out_fwd", K),
+            K=K, C=rows, PRECISION=precision, SUB=C, **_chunk_launch("pre_out_fwd", K, small=small),
         )  # fmt: skip
         ctx.save_for_backward(k, beta, eta, lam, dl, p, gc, es, tinv)
         ctx.precision, ctx.rows = precision, rows
@@ -1499,8 +1504,9 @@ class Precondition(torch.autograd.Function):
         dk, du = _grad_buffer(k, "phase1"), None if split else _grad_buffer(k, "phase1")
         ddm = torch.empty_like(dl)
         dg, dgp, ges = torch.empty_like(dl), torch.empty_like(dl), torch.empty_like(es)
-        y_launch = _chunk_launch("pre_y", K, precision=precision)
-        out_launch = _chunk_launch("pre_out_bwd", K, precision=precision)
+        small = C < ctx.rows  # phase 1 in chunks smaller than phase 2's: PHASE1's launch settings
+        y_launch = _chunk_launch("pre_y", K, precision=precision, small=small)
+        out_launch = _chunk_launch("pre_out_bwd", K, precision=precision, small=small)
         # pre_out_bwd writes the output step's shares of d(dm) and dU (dY: see pre_out_bwd_kernel);
         # the scan's rows add theirs, or with the split scan pre_intra_bwd does
         out_args = (k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges)
@@ -1510,7 +1516,7 @@ class Precondition(torch.autograd.Function):
             (torch.empty_like(es), None, None) if split else (None, torch.empty_like(p), torch.empty_like(gc))
         )
         if split:
-            launch["num_warps"] = SCAN_TUNING["precond_bwd"]["split_num_warps"]
+            launch["num_warps"] = (PHASE1["launch"] if small else SCAN_TUNING)["precond_bwd"]["split_num_warps"]
         workers, ready = _overlap_launch("precond_bwd", launch, B * H, B * H * NC, k.device) if split else (None, None)
         if workers:  # e's scans run beside the making of Y and of what they read from pre_out_bwd
             enqueue(
@@ -1546,7 +1552,7 @@ class Precondition(torch.autograd.Function):
             pre_intra_bwd_kernel, grid,
             k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, des, dl, dg, dgp, dk,
             None if dk2 is None else dk2.contiguous(), dk_out, dbeta, deta, dlam,
-            K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_bwd", K, precision=precision),
+            K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_bwd", K, precision=precision, small=small),
         )  # fmt: skip
         return dk_out, dbeta, deta, dlam, de0, None, None
 
@@ -1673,7 +1679,29 @@ class DeltaRuleAsym(torch.autograd.Function):
 # 77 + 96 us at 8 x 2048, 99 + 122 -> 140 + 181 at 4 x 4096; the output step 68 + 178 -> 76 + 214.)
 # Where the scans run beside the chunks' making, they bound that launch: 2 x 8192 took 992 -> 1239
 # us forward, 1 x 16384 1136 -> 1629 (phase1_chunk32_d8ce7ef.json).
-PHASE1 = dict(chunk=32, min_scans=64)
+#
+# `launch`: what replaces CHUNK_LAUNCH's settings for phase 1's kernels in chunks of 32 (and the
+# warps of its split backward scan, SCAN_TUNING["precond_bwd"]["split_num_warps"]), whose tables
+# were measured at 64. Per kernel, GPU time in one forward+backward, in one process, the settings
+# interleaved over 3 rounds (H200, bf16, H = 16, K = V = 128; benchmarks/results/
+# c32launch{,2,3}_8ee26e0.json, pwarps_8ee26e0.json), table -> this, at 8 x 2048 and 4 x 4096:
+#   pre_intra_bwd (1 warp):          222 -> 132 us, 222 -> 132 (2 warps: 203; 1 warp at tile 16: 171)
+#   pre_out_bwd (2 warps, tile 16):  215 -> 201, 214 -> 202 (64-row programs; 2 warps at 32: 209)
+#   pre_y (2 warps, tile 128):       50 -> 41, 50 -> 41
+#   pre_intra_fwd (1 warp, tile 64): 148 -> 142, 147 -> 142
+#   the backward scan (2 warps):     96 -> 89, 181 -> 163 (the forward scan at 2 warps: 77 -> 105)
+# pre_out_fwd keeps the table's (2 warps: 76 -> 99; 1 warp: 150).
+PHASE1 = dict(
+    chunk=32,
+    min_scans=64,
+    launch=dict(
+        pre_intra_fwd=dict(num_warps=1, tile=64),
+        pre_y=dict(num_warps=2, tile=128),
+        pre_out_bwd=dict(num_warps=2, tile=16),
+        pre_intra_bwd=dict(num_warps=1),
+        precond_bwd=dict(split_num_warps=2),
+    ),
+)
 
 
 def _phase1_chunk(C: int, heads: int, device) -> int:
