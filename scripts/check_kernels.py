@@ -186,6 +186,10 @@ def main(argv=None):
     for B, heads, T in ((1, 1, 100), (4, 16, 200), (8, 16, 100), (2, 16, 300), (4, 16, 1000)):
         cases.append(dict(B=B, H=heads, T=T, K=128, V=128, varlen=None))
     cases.append(dict(B=1, H=16, T=None, K=128, V=128, varlen=[1, 63, 64, 100, 1000, 0, 37]))
+    # phase 1 in chunks of 32 at other head dims, where it launches with its own warps and tiles
+    # (chunk_fused.PHASE1["launch"])
+    for K, V in ((64, 64), (256, 256), (100, 48)):
+        cases.append(dict(B=4, H=16, T=200, K=K, V=V, varlen=None))
 
     cases = [c for c in cases if max(c["K"], c["V"]) <= args.max_head_dim][shard::shards]
     rows, failures = [], 0
