@@ -1212,6 +1212,16 @@ def test_host_grid_arithmetic_matches_triton():
     assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(5000))
 
 
+def test_block_width_covers_the_dimension_from_16_up_to_the_widest():
+    """`launch.block_width`, the one rule for a kernel's block over a dimension: a power of 2
+    covering it, at least 16, at most `widest` (then the kernel walks the dimension in blocks)."""
+    from osdn_hf.ops.osdn.launch import block_width
+
+    assert [block_width(D) for D in (1, 16, 17, 48, 100, 128, 129, 256)] == [16, 16, 32, 64, 128, 128, 256, 256]
+    assert [block_width(D, 32) for D in (8, 32, 100, 256)] == [16, 32, 32, 32]
+    assert block_width(100, 16) == 16
+
+
 def test_decode_tile_is_32_columns_wide_at_most():
     tile = fused_recurrent.decode_tile
     assert tile(128, 128) == (128, 32, 4, 4)

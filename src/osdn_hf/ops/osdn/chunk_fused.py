@@ -38,7 +38,7 @@ import functools
 import torch
 
 from .chunk_scan import HAS_TRITON, _block_sizes
-from .launch import cdiv, enqueue, next_power_of_2
+from .launch import block_width, cdiv, enqueue
 
 if HAS_TRITON:  # the kernels exist only with Triton; without it chunk.py never calls this module
     import triton
@@ -1255,7 +1255,7 @@ def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, de
     programs = lambda BV: heads * cdiv(V, BV)  # noqa: E731  (one per (batch, head, V block))
     fit = t.get("fit")
     if fit and itemsize <= 2:
-        wide = dict(out, BV=min(fit["BV"], max(next_power_of_2(V), 16)), BS=C, PREFETCH=False)
+        wide = dict(out, BV=block_width(V, fit["BV"]), BS=C, PREFETCH=False)
         while wide["BV"] > 16 and programs(wide["BV"]) < fit["fill"] * sms:
             wide["BV"] //= 2
         for waves, settings in fit["waves"]:
@@ -1319,13 +1319,9 @@ def _chunk_launch(name: str, K: int, V: int | None = None, precision: str | None
     t = CHUNK_LAUNCH[name]
     if small:
         t = dict(t, **PHASE1["launch"].get(name, {}))
-
-    def block(D):
-        return min(t["tile"], max(next_power_of_2(D), 16))
-
-    out = dict(BK=block(K), num_warps=t["num_warps"])
+    out = dict(BK=block_width(K, t["tile"]), num_warps=t["num_warps"])
     if V is not None:
-        out["BV"] = block(V)
+        out["BV"] = block_width(V, t["tile"])
     if "stages" in t:
         if not _unrolled(precision, K, V):
             out.update(UNROLL=False, STAGES=1)
@@ -1344,7 +1340,7 @@ def _unrolled(precision: str, K: int, V: int | None = None) -> bool:
 
 
 def _relayout_launch(name: str, D: int, C: int) -> dict:
-    BD = max(next_power_of_2(D), 16)
+    BD = block_width(D)
     return dict(D=D, C=C, BD=BD, num_warps=CHUNK_LAUNCH[name]["num_warps"] or (8 if BD * C >= 8192 else 4))
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .launch import cdiv, enqueue, next_power_of_2
+from .launch import block_width, cdiv, enqueue
 
 try:
     import triton
@@ -604,10 +604,10 @@ def _block_sizes(K: int, V: int, C: int) -> tuple[int, int, int]:
     The scans are sequential over chunks, so the kernels launch with num_stages=1: software
     pipelining buys little there and its buffers overflow shared memory (seen on an H100).
     """
-    BK = max(next_power_of_2(K), 16)
+    BK = block_width(K)
     BV = 64 if BK <= 64 else 32
     BS = min(C, 64 if BK <= 64 else 32 if BK <= 128 else 16)
-    return BK, min(BV, max(next_power_of_2(V), 16)), BS
+    return BK, block_width(V, BV), BS
 
 
 class PrecondScan(torch.autograd.Function):

@@ -7,7 +7,7 @@ import functools
 import torch
 
 from .chunk_scan import HAS_TRITON
-from .launch import cdiv, enqueue, next_power_of_2
+from .launch import block_width, cdiv, enqueue
 from .utils import check_inputs, run_padded, use_triton
 
 if HAS_TRITON:
@@ -124,8 +124,8 @@ def decode_tile(K: int, V: int) -> tuple[int, int, int, int]:
 
 @functools.cache
 def _decode_tile(K: int, V: int, widest: int) -> tuple[int, int, int, int]:
-    BV = min(max(next_power_of_2(V), 16), widest)
-    return max(next_power_of_2(K), 16), BV, 4, cdiv(V, BV)
+    BV = block_width(V, widest)
+    return block_width(K), BV, 4, cdiv(V, BV)
 
 
 _tickets: dict[tuple, torch.Tensor] = {}

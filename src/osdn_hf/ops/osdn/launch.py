@@ -29,6 +29,13 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def block_width(D: int, widest: int | None = None) -> int:
+    """The width of a kernel's block over a dimension of D: the least power of 2 >= D, at least
+    16 (`tl.dot`'s least), at most `widest` where given (a kernel then walks D in blocks)."""
+    width = max(next_power_of_2(D), 16)
+    return width if widest is None else min(width, widest)
+
+
 def launch_key(args: tuple) -> tuple | None:
     """What Triton specializes a kernel on for its runtime arguments `args`, as a hashable key,
     or None where this key would not tell all cases apart (a pointer not 16-byte aligned).
