@@ -33,6 +33,7 @@ Phase 2 (`DeltaRuleAsym`): `(q, k, w, v, beta, S0) -> (O, S_final)`
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -1226,14 +1227,10 @@ def _doubling(precision: str) -> bool:
 
 
 def launch_settings() -> dict:
-    """A copy of the kernels' launch tables as they stand, for results to record what they ran."""
-    return {
-        "scans": {n: dict(t) for n, t in SCAN_TUNING.items()},
-        "chunk": {n: dict(t) for n, t in CHUNK_LAUNCH.items()},
-        "inverse": dict(INVERSE),
-        "grad_storage": dict(GRAD_STORAGE),
-        "phase1": dict(PHASE1),
-    }
+    """A copy of the kernels' launch tables as they stand, for results to record what they ran
+    (deep: the tables nest dicts, e.g. `PHASE1["launch"]`, `SCAN_TUNING[...]["fit"]`)."""
+    tables = dict(scans=SCAN_TUNING, chunk=CHUNK_LAUNCH, inverse=INVERSE, grad_storage=GRAD_STORAGE, phase1=PHASE1)
+    return copy.deepcopy(tables)
 
 
 def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, device=None, itemsize: int = 2) -> dict:
