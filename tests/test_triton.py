@@ -509,7 +509,7 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC, fold):
     ref = outputs()
     chunk_fused.pre_y_kernel[(B * H * NC,)](k, beta, eta, lam, tinv, ref["y"], K=K, C=C, BK=32, PRECISION=prec, **walk)
     chunk_fused.pre_out_bwd_kernel[(B * H * NC,)](
-        k, lam, dl, es, dw, *(ref[n] for n in names[1:7]), K=K, C=C, BK=32, PRECISION=prec, SUB=C, **walk
+        k, lam, dl, es, dw, *(ref[n] for n in names[1:7]), K=K, C=C, BK=32, PRECISION=prec, **walk
     )
     chunk_scan.precond_scan_bwd_de_kernel[(B * H,)](
         ref["y"], k, p, gc, ref["ges"], ref["ddm"], gef, ref["des"], ref["de0"], NC, K=K, C=C, BK=BK, BS=C,
@@ -519,7 +519,7 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC, fold):
     if fold:  # dK as the unfolded kernel's two outputs make it
         apart = outputs(fold=False)
         chunk_fused.pre_out_bwd_kernel[(B * H * NC,)](
-            k, lam, dl, es, dw, *(apart[n] for n in names[1:7]), K=K, C=C, BK=32, PRECISION=prec, SUB=C, **walk
+            k, lam, dl, es, dw, *(apart[n] for n in names[1:7]), K=K, C=C, BK=32, PRECISION=prec, **walk
         )
         torch.testing.assert_close(ref["dk"], apart["dk"] + 2 * k.float() * apart["du"], rtol=1e-5, atol=1e-6)
         assert not torch.equal(ref["dk"], apart["dk"])
@@ -534,44 +534,6 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC, fold):
         for name in names:
             assert (got[name] is None and fold) or torch.equal(got[name], ref[name]), (name, workers, run)
         assert ready[:-1].eq(1).all() and ready[-1] == workers + B * H
-
-
-@pytest.mark.parametrize("K, dtype", [(48, torch.float32), (128, torch.float16)])
-def test_output_step_takes_two_phase1_chunks_a_program(K, dtype):
-    """Phase 1's output step, forward (`pre_out_fwd_kernel`) and backward (`pre_out_bwd_kernel`,
-    dU's share folded into dK or written apart), with 64 rows a program made of two of phase 1's
-    chunks of 32 (SUB = 32), gives what it gives run on each chunk of 32 alone: each row's decays
-    and chunk-start state are its own chunk's, and each chunk's e_n gradient its own rows'."""
-    B, H, NC, C = 1, 2, 4, 32  # four chunks of 32: two programs of 64 rows
-    g = torch.Generator().manual_seed(3)
-    k, beta, eta, lam, _, (_, dm, _, _, _, es, _, dl) = _precond_forward(B, H, NC, C, K, dtype, g)
-    dw = torch.randn(B, H, NC, C, K, generator=g).to(dtype)
-    walk = dict(UNROLL=False, STAGES=3)
-    w_alone, w_two = torch.empty_like(k), torch.empty_like(k)
-    chunk_fused.pre_out_fwd_kernel[(B * H * NC,)](k, lam, dl, es, w_alone, K=K, C=C, BK=32, PRECISION="ieee", SUB=C)
-    chunk_fused.pre_out_fwd_kernel[(B * H * NC // 2,)](
-        k, lam, dl, es, w_two, K=K, C=2 * C, BK=32, PRECISION="ieee", SUB=C
-    )
-    torch.testing.assert_close(w_two.float(), w_alone.float(), rtol=1e-5, atol=1e-6)
-    assert not torch.equal(w_alone[:, :, 1], w_alone[:, :, 1].new_zeros(()))  # written
-
-    def backward(C_prog, fold):
-        rows = lambda: torch.zeros(B, H, NC, C, K)  # noqa: E731
-        out = dict(dk=rows(), ddm=torch.zeros_like(dm), du=None if fold else rows(), dg=torch.zeros_like(dm),
-                   dgp=torch.zeros_like(dm), ges=torch.zeros_like(es))  # fmt: skip
-        chunk_fused.pre_out_bwd_kernel[(B * H * NC * C // C_prog,)](
-            k, lam, dl, es, dw, *out.values(), K=K, C=C_prog, BK=32, PRECISION="ieee", SUB=C, **walk
-        )
-        return out
-
-    for fold in (True, False):
-        alone, two = backward(C, fold), backward(2 * C, fold)
-        for name, a in alone.items():
-            if a is not None:
-                torch.testing.assert_close(two[name], a, rtol=1e-5, atol=1e-6, msg=name)
-                assert a.abs().amax() > 0, name  # written
-    # every chunk's e_n gradient differs: each comes from its own rows
-    assert not torch.allclose(alone["ges"][:, :, 0], alone["ges"][:, :, 1])
 
 
 def test_phase1_takes_chunks_of_32_where_its_scans_run_alone(monkeypatch):
@@ -618,13 +580,15 @@ def test_phase1_in_chunks_of_32_matches_torch_chunk_path(K, V, tile, prefetch, s
 @pytest.mark.parametrize("c1", [32, 64])
 def test_phase1_in_chunks_of_32_launches_with_its_own_settings(c1, monkeypatch):
     """Phase 1's kernels in chunks of 32 launch with `PHASE1["launch"]`'s warps and tiles (measured
-    at 32), its split backward scan with that entry's warps; in chunks of 64 with the tables'."""
+    at 32), its split backward scan with that entry's warps; in chunks of 64 with the tables'. Its
+    output step takes one of its own chunks a program either way."""
     monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1 if c1 == 32 else 1 << 30)
-    launches = {}
+    launches, grids = {}, {}
     enqueue = chunk_fused.enqueue
 
     def recorded(kernel, grid, *args, **kw):
         launches[kernel.__name__] = (kw["num_warps"], kw.get("BK"))
+        grids[kernel.__name__] = grid
         return enqueue(kernel, grid, *args, **kw)
 
     monkeypatch.setattr(chunk_fused, "enqueue", recorded)
@@ -633,15 +597,18 @@ def test_phase1_in_chunks_of_32_launches_with_its_own_settings(c1, monkeypatch):
     # (num_warps, BK) of each kernel: chunks of 32, and the tables' (CHUNK_LAUNCH, SCAN_TUNING) at 64
     expected = dict(
         pre_intra_fwd_kernel=((1, 64), (4, 64)),
-        pre_y_kernel=((2, 128), (4, 32)),
-        pre_out_fwd_kernel=((4, 32), (4, 32)),
-        pre_out_bwd_kernel=((2, 16), (4, 32)),
-        pre_intra_bwd_kernel=((1, 32), (4, 32)),
+        pre_y_kernel=((2, 128), (2, 32)),
+        pre_out_fwd_kernel=((1, 64), (4, 32)),
+        pre_out_bwd_kernel=((1, 16), (4, 32)),
+        pre_intra_bwd_kernel=((1, 32), (2, 32)),
         precond_scan_bwd_de_kernel=((2, 128), (4, 128)),
     )
     for name, (small, table) in expected.items():
         assert launches[name] == (small if c1 == 32 else table), name
-    assert launches["wy_fwd_kernel"] == (4, 64)  # phase 2's stand
+    assert launches["wy_fwd_kernel"] == (2, 64)  # phase 2's stand
+    # T = 70 in two chunks of 64, four of 32; two heads
+    for name in ("pre_intra_fwd_kernel", "pre_out_fwd_kernel", "pre_out_bwd_kernel", "pre_intra_bwd_kernel"):
+        assert grids[name] == (2 * 128 // c1,), (name, grids[name])
 
 
 def test_overlap_runs_with_few_scans_per_sm(monkeypatch):

@@ -721,48 +721,24 @@ if HAS_TRITON:
         return tl.where(incl, tl.exp(tl.where(incl, b_d, 0.0)), 0.0)
 
     @triton.jit
-    def _sub_decays(b_g, b_gp, o_c, C: tl.constexpr, SUB: tl.constexpr):
-        """`_decay_matrix`'s P and P^T and `G_t` for a program of C rows made of chunks of SUB
-        (phase 1's chunks, `PHASE1`): P is zero between different chunks, and G_t runs from the
-        start of t's own chunk. With SUB == C, exactly `_decay_matrix`'s and `exp(g)`."""
-        b_p, b_pt = _decay_matrix(b_g, b_gp, o_c, False), _decay_matrix(b_g, b_gp, o_c, True)
-        if SUB < C:
-            same = (o_c[:, None] // SUB) == (o_c[None, :] // SUB)
-            b_p, b_pt = tl.where(same, b_p, 0.0), tl.where(same, b_pt, 0.0)
-            # log G at the end of the chunk before t's: gp at the first row of t's chunk
-            b_g = b_g - tl.sum(tl.where(o_c[None, :] == (o_c // SUB * SUB)[:, None], b_gp[None, :], 0.0), 1)
-        return b_p, b_pt, tl.exp(b_g)
-
-    @triton.jit
-    def _sub_starts(es, i_c, o_k, m_k, K: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr):
-        """The chunk-start `e_n` of a program of C rows made of chunks of SUB, on the K block
-        `o_k`: [1, BK] with SUB == C, else [C, BK], each row its own chunk's (each loaded once)."""
-        if SUB < C:
-            o_n = i_c * (C // SUB) + tl.arange(0, C // SUB)
-            b_e = tl.load(es + o_n[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)  # [C // SUB, BK]
-            return tl.reshape(tl.broadcast_to(b_e[:, None, :], (C // SUB, SUB, BK)), (C, BK))
-        else:
-            return tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)[None, :]
-
-    @triton.jit
     def pre_out_fwd_kernel(
         k, lam, dl, es, w,
-        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, SUB: tl.constexpr,
+        K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """E = G e_n^T + P (delta * U) with P[t, s] = G_t / G_{s-1} (s <= t), W = (1 + E) * K;
-        delta = dm - Y e_n comes from the scan, which forms it (`dl`), so Y is not read here. A
-        program takes C rows, phase 1's chunks of SUB rows (`PHASE1`; C // SUB of them)."""
+        delta = dm - Y e_n comes from the scan, which forms it (`dl`), so Y is not read here. One
+        chunk per program."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         b_delta = tl.load(dl + o_t)
         b_g, b_gp, _ = _log_gates(lam, o_t, o_c, C)
-        b_p, _, b_eg = _sub_decays(b_g, b_gp, o_c, C, SUB)
+        b_p, b_eg = _decay_matrix(b_g, b_gp, o_c, False), tl.exp(b_g)
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
             b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-            b_e = _sub_starts(es, i_c, o_k, m_k, K, C, SUB, BK)
+            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)[None, :]
             b_ee = b_eg[:, None] * b_e + tl.dot(b_p, b_k * b_k * b_delta[:, None], input_precision=PRECISION)
             tl.store(w + o_t[:, None] * K + o_k[None, :], (1 + b_ee) * b_k, mask=m_k[None, :])
 
@@ -771,14 +747,14 @@ if HAS_TRITON:
     @triton.jit
     def _pre_out_bwd_block(
         k, es, dw, dk, du, ges, b_p, b_pt, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_c, o_t,
-        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
+        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, C: tl.constexpr,
     ):  # fmt: skip
         """`pre_out_bwd_kernel` on the K block at `i_k`: dK's direct part, dU's columns and e_n's
         gradient through G (into `ges`); the sums of d(delta) and dg with them. `b_pt` is P^T."""
         o_k = i_k + tl.arange(0, BK)
         m_k = o_k < K
         b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-        b_e = _sub_starts(es, i_c, o_k, m_k, K, C, SUB, BK)
+        b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)[None, :]
         b_dw = tl.load(dw + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
         b_u = b_k * b_k
         b_ee = b_eg[:, None] * b_e + tl.dot(b_p, b_u * b_delta[:, None], input_precision=PRECISION)
@@ -786,12 +762,7 @@ if HAS_TRITON:
         # g_t enters E_t = G_t e_n + sum_s G_t / G_{s-1} (delta_s u_s): its gradient is <dE_t, E_t>
         b_dg += tl.sum(b_de * b_ee, 1)
         b_deg = b_de * b_eg[:, None]
-        if SUB < C:  # each chunk's e_n gets its own rows' share
-            b_ges = tl.sum(tl.reshape(b_deg, (C // SUB, SUB, BK)), 1)  # [C // SUB, BK]
-            o_n = i_c * (C // SUB) + tl.arange(0, C // SUB)
-            tl.store(ges + o_n[:, None] * K + o_k[None, :], b_ges, mask=m_k[None, :])
-        else:
-            tl.store(ges + i_c * K + o_k, tl.sum(b_deg, 0), mask=m_k)
+        tl.store(ges + i_c * K + o_k, tl.sum(b_deg, 0), mask=m_k)
         b_pde = tl.dot(b_pt, b_de, input_precision=PRECISION)  # d(delta * U)
         b_ddelta += tl.sum(b_pde * b_u, 1)
         b_dk = b_dw * (1 + b_ee)
@@ -806,27 +777,28 @@ if HAS_TRITON:
     def _pre_out_bwd_chunk(
         i_c, k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-        UNROLL: tl.constexpr, STAGES: tl.constexpr, SUB: tl.constexpr,
+        UNROLL: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
-        """`pre_out_bwd_kernel`'s work on the program's C rows `i_c`, phase 1's chunks of SUB."""
+        """`pre_out_bwd_kernel`'s work on chunk `i_c`."""
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         b_delta = tl.load(dl + o_t)
         b_g, b_gp, _ = _log_gates(lam, o_t, o_c, C)
-        b_p, b_pt, b_eg = _sub_decays(b_g, b_gp, o_c, C, SUB)
+        b_p, b_pt = _decay_matrix(b_g, b_gp, o_c, False), _decay_matrix(b_g, b_gp, o_c, True)
+        b_eg = tl.exp(b_g)
         b_ddelta = tl.zeros([C], dtype=tl.float32)
         b_dg = tl.zeros([C], dtype=tl.float32)
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
                 b_ddelta, b_dg = _pre_out_bwd_block(
                     k, es, dw, dk, du, ges, b_p, b_pt, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_c, o_t,
-                    K, BK, PRECISION, C, SUB,
+                    K, BK, PRECISION, C,
                 )  # fmt: skip
         else:  # `_chunk_launch`
             for i_k in tl.range(0, K, BK, num_stages=STAGES):
                 b_ddelta, b_dg = _pre_out_bwd_block(
                     k, es, dw, dk, du, ges, b_p, b_pt, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_c, o_t,
-                    K, BK, PRECISION, C, SUB,
+                    K, BK, PRECISION, C,
                 )  # fmt: skip
         tl.store(dg + o_t, b_dg)
         tl.store(dgp + o_t, -b_delta * b_ddelta)
@@ -836,7 +808,7 @@ if HAS_TRITON:
     def pre_out_bwd_kernel(
         k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-        SUB: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
+        UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """Through W = (1 + E) * K, E = G e_n^T + P (delta * U), delta = dm - Y e_n (`dl`, as
         `pre_out_fwd_kernel` saved it: Y is not read here).
@@ -850,7 +822,7 @@ if HAS_TRITON:
         all K blocks. dP is never formed: the log gates need only its products with P summed by
         rows, <dE_t, (P (delta * U))_t>, and by columns, delta_s d(delta)_s."""
         i_c = tl.program_id(0).to(tl.int64)
-        _pre_out_bwd_chunk(i_c, k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges, K, C, BK, PRECISION, UNROLL, STAGES, SUB)
+        _pre_out_bwd_chunk(i_c, k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges, K, C, BK, PRECISION, UNROLL, STAGES)
 
     @triton.jit(do_not_specialize=["NC", "BH", "NW"])
     def precond_bwd_overlap_kernel(
@@ -873,7 +845,7 @@ if HAS_TRITON:
                 i_c = _worker_chunk(j, BH, NC, True)
                 _pre_y_chunk(i_c, k, beta, eta, lam, tinv, y, K, C, Y_BK, PRECISION, Y_UNROLL, Y_STAGES)
                 _pre_out_bwd_chunk(
-                    i_c, k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges, K, C, BK, PRECISION, UNROLL, STAGES, C
+                    i_c, k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges, K, C, BK, PRECISION, UNROLL, STAGES
                 )
                 _raise_flag(ready + i_c)
         else:
@@ -1175,8 +1147,9 @@ CHUNK_LAUNCH = {
     # forward+backward at 4 x 4096 (benchmarks/results/kernels_qdo_fwdloops_e39d748.json): wy_fwd
     # 249 -> 219 us, pre_y 76 -> 70, the step 3174 -> 3136; the other forward kernels, kept as
     # loops, were level or slower alone (kernels_loops_fwd_adb30a7.json).
-    "pre_y": dict(num_warps=4, tile=32, stages=3),
-    "wy_fwd": dict(num_warps=4, tile=64, stages=3),
+    # pre_y and wy_fwd at 2 warps since d295546, with pre_intra_bwd: below.
+    "pre_y": dict(num_warps=2, tile=32, stages=3),
+    "wy_fwd": dict(num_warps=2, tile=64, stages=3),
     "kb": dict(num_warps=4, tile=64),
     "out_fwd": dict(num_warps=4, tile=64),
     # The backward kernels that walk blocks with UNROLL off can keep those walks as loops that
@@ -1196,7 +1169,15 @@ CHUNK_LAUNCH = {
     # With P^T formed rather than transposed (`_decay_matrix`), 168 registers at 3 stages too, and
     # 178 us there against 191-193 at 2 (launch_sweep_pre_out_bwd_pt_{4x4096,8x2048}.json).
     "pre_out_bwd": dict(num_warps=4, tile=32, stages=3),
-    "pre_intra_bwd": dict(num_warps=4, tile=32, stages=3),
+    # pre_intra_bwd, pre_y and wy_fwd at 2 warps (were 4): per kernel, GPU time in one
+    # forward+backward, one process, the settings interleaved over 3 rounds (H200, bf16, K = V =
+    # 128; benchmarks/results/sweep18_c64_d295546.json), at 3 x 4096, 2 x 8192 and 1 x 16384:
+    # pre_intra_bwd 198 -> 147, 262 -> 194, 262 -> 195 us (at 2 stages: 158, 211, 212); wy_fwd
+    # 166 -> 161, 219 -> 210, 221 -> 208; pre_y 55 -> 47 (at 2 x 8192 and 1 x 16384 it runs inside
+    # precond_bwd_overlap_kernel, at the scan's warps). All three: forward+backward 2212 -> 2151,
+    # 2837 -> 2761, 3318 -> 3239 (-2.4 to -2.8%). pre_intra_fwd at 2 warps: its launch with the
+    # scans beside it (precond_fwd_overlap_kernel, same warps) 376 -> 646 us at 2 x 8192.
+    "pre_intra_bwd": dict(num_warps=2, tile=32, stages=3),
     # The relayouts read whole rows (no tile); num_warps None: 8 from 8192 elements a chunk, else 4
     # (from_chunks at K = 128: 104 us at 8 warps, 116-120 at 4; to_chunks the same at both).
     "to_chunks": dict(num_warps=None, tile=None),
@@ -1427,9 +1408,8 @@ class GatesToChunks(torch.autograd.Function):
 
 class Precondition(torch.autograd.Function):
     """Phase 1: `(k, beta, eta, lam, d0) -> (W = D * K, d_final, k)`; chunked tensors, `k` and `W`
-    in the storage dtype, the rest float32. `rows`: how many rows a program of the output step
-    takes (`pre_out_fwd_kernel`, `pre_out_bwd_kernel`; phase 2's chunk, a multiple of phase 1's
-    chunk, `PHASE1`).
+    in the storage dtype, the rest float32. `small`: phase 1's chunks are smaller than phase 2's
+    (`PHASE1`), so its kernels launch with `PHASE1["launch"]`'s settings.
 
     k comes out again (a view) for phase 2 to read: phase 2's gradient of k then reaches this
     backward, whose last kernel adds it to phase 1's own in float32, instead of autograd adding
@@ -1438,10 +1418,9 @@ class Precondition(torch.autograd.Function):
     its own accumulation into the inputs' .grad, which it no longer does)."""
 
     @staticmethod
-    def forward(ctx, k, beta, eta, lam, d0, precision, rows):
+    def forward(ctx, k, beta, eta, lam, d0, precision, small):
         B, H, NC, C, K = k.shape
         grid = (B * H * NC,)
-        small = C < rows  # phase 1 in chunks smaller than phase 2's: PHASE1's launch settings
         y = torch.empty_like(k)
         dm, p = torch.empty_like(beta), torch.empty_like(beta)
         gc = beta.new_empty(B, H, NC)
@@ -1470,12 +1449,12 @@ class Precondition(torch.autograd.Function):
         del y, dm
         w = torch.empty_like(k)
         enqueue(
-            pre_out_fwd_kernel, (B * H * NC * C // rows,),
+            pre_out_fwd_kernel, grid,
             k, lam, dl, es, w,
-            K=K, C=rows, PRECISION=precision, SUB=C, **_chunk_launch("pre_out_fwd", K, small=small),
+            K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K, small=small),
         )  # fmt: skip
         ctx.save_for_backward(k, beta, eta, lam, dl, p, gc, es, tinv)
-        ctx.precision, ctx.rows = precision, rows
+        ctx.precision, ctx.small = precision, small
         return w, 1 + ef, k
 
     @staticmethod
@@ -1497,7 +1476,7 @@ class Precondition(torch.autograd.Function):
         dk, du = _grad_buffer(k, "phase1"), None if split else _grad_buffer(k, "phase1")
         ddm = torch.empty_like(dl)
         dg, dgp, ges = torch.empty_like(dl), torch.empty_like(dl), torch.empty_like(es)
-        small = C < ctx.rows  # phase 1 in chunks smaller than phase 2's: PHASE1's launch settings
+        small = ctx.small
         y_launch = _chunk_launch("pre_y", K, precision=precision, small=small)
         out_launch = _chunk_launch("pre_out_bwd", K, precision=precision, small=small)
         # pre_out_bwd writes the output step's shares of d(dm) and dU (dY: see pre_out_bwd_kernel);
@@ -1522,8 +1501,8 @@ class Precondition(torch.autograd.Function):
         else:
             enqueue(pre_y_kernel, grid, k, beta, eta, lam, tinv, y, K=K, C=C, PRECISION=precision, **y_launch)
             enqueue(
-                pre_out_bwd_kernel, (B * H * NC * C // ctx.rows,),
-                *out_args, K=K, C=ctx.rows, PRECISION=precision, SUB=C, **out_launch,
+                pre_out_bwd_kernel, grid,
+                *out_args, K=K, C=C, PRECISION=precision, **out_launch,
             )  # fmt: skip
         if split:
             if not workers:
@@ -1661,8 +1640,8 @@ class DeltaRuleAsym(torch.autograd.Function):
 # Phase 1's chunks: phase 2's split in two (a view of the same layout; `chunk`) where it runs at
 # least `min_scans` (batch, head) scans, after the kernels that make their chunks (not overlapped:
 # `_overlap_workers`). Its per-chunk kernels then do half the C x C work a token (U U^T, the
-# inverse, Y) on [32, 32] tiles, and its two scans take twice the steps over the same data; its
-# output step still takes 64 rows a program (`pre_out_fwd_kernel`'s SUB). Against chunks of 64,
+# inverse, Y) on [32, 32] tiles, and its two scans take twice the steps over the same data. (Its
+# output step took 64 rows a program, two chunks of 32, until d295546.) Against chunks of 64,
 # GPU time in one process (H200, bf16, H = 16, K = V = 128;
 # benchmarks/results/phase1_chunk32_9d53791.json):
 #   8 x 2048 (128 scans): forward 915 -> 838 us, forward+backward 2535 -> 2467
@@ -1683,14 +1662,22 @@ class DeltaRuleAsym(torch.autograd.Function):
 #   pre_y (2 warps, tile 128):       50 -> 41, 50 -> 41
 #   pre_intra_fwd (1 warp, tile 64): 148 -> 142, 147 -> 142
 #   the backward scan (2 warps):     96 -> 89, 181 -> 163 (the forward scan at 2 warps: 77 -> 105)
-# pre_out_fwd keeps the table's (2 warps: 76 -> 99; 1 warp: 150).
+# The output step then ran 64 rows a program, two chunks of 32 (pre_out_bwd at 4 warps in 32-row
+# programs had taken 323 us, d8ce7ef). In 32-row programs at 1 warp it takes about half
+# (benchmarks/results/sweep18_c32_d295546.json, same method; 64-row programs at the settings
+# above -> 32-row ones at these), at 8 x 2048 and 4 x 4096:
+#   pre_out_fwd (1 warp, tile 64):   76 -> 60, 76 -> 60 (2 warps at 32: 64; 1 warp at 32: 62)
+#   pre_out_bwd (1 warp, tile 16):  202 -> 108, 201 -> 108 (1 warp at 32: 117; 2 warps at 16: 147)
+#   forward+backward -4.2% and -3.5% (at pre_out_fwd 2 warps, tile 32; the split backward scan
+#   there at the table's warps, not 2: 89 -> 97 and 165 -> 182 us).
 PHASE1 = dict(
     chunk=32,
     min_scans=64,
     launch=dict(
         pre_intra_fwd=dict(num_warps=1, tile=64),
         pre_y=dict(num_warps=2, tile=128),
-        pre_out_bwd=dict(num_warps=2, tile=16),
+        pre_out_fwd=dict(num_warps=1, tile=64),
+        pre_out_bwd=dict(num_warps=1, tile=16),
         pre_intra_bwd=dict(num_warps=1),
         precond_bwd=dict(split_num_warps=2),
     ),
@@ -1717,7 +1704,7 @@ def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype)
     n1 = NC * C // c1
     gates = (x.view(B, H, n1, c1) for x in (bc, ec, lc))
     w, d, kc = Precondition.apply(
-        kc.view(B, H, n1, c1, K), *gates, d0.contiguous(), precision, C
+        kc.view(B, H, n1, c1, K), *gates, d0.contiguous(), precision, c1 < C
     )  # kc: see Precondition
     w, kc = w.view(B, H, NC, C, K), kc.view(B, H, NC, C, K)
     o, S = DeltaRuleAsym.apply(qc, kc, w, v, bc, S0.contiguous(), scale, precision, out_dtype)
