@@ -540,9 +540,9 @@ def test_phase1_takes_chunks_of_32_where_its_scans_run_alone(monkeypatch):
     """`_phase1_chunk`: phase 1 splits phase 2's chunks of 64 in two from `min_scans` (batch,
     head) scans up, except where its scans run beside their chunks' making (on a GPU,
     `_overlap_workers`) or 32 does not divide phase 2's chunk."""
-    assert (chunk_fused.PHASE1["chunk"], chunk_fused.PHASE1["min_scans"]) == (32, 64)
-    assert chunk_fused._phase1_chunk(64, 64, "cpu") == 32
-    assert chunk_fused._phase1_chunk(64, 63, "cpu") == 64
+    assert (chunk_fused.PHASE1["chunk"], chunk_fused.PHASE1["min_scans"]) == (32, 34)
+    assert chunk_fused._phase1_chunk(64, 34, "cpu") == 32
+    assert chunk_fused._phase1_chunk(64, 33, "cpu") == 64
     assert chunk_fused._phase1_chunk(48, 64, "cpu") == 48
     monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1)
     assert chunk_fused._phase1_chunk(64, 2, "cpu") == 32

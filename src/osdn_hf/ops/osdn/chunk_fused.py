@@ -1646,7 +1646,7 @@ class DeltaRuleAsym(torch.autograd.Function):
 # benchmarks/results/phase1_chunk32_9d53791.json):
 #   8 x 2048 (128 scans): forward 915 -> 838 us, forward+backward 2535 -> 2467
 #   4 x 4096 (64 scans):  forward 948 -> 892 us, forward+backward 2640 -> 2624
-#   3 x 4096 (48 scans):  forward 783 -> 751 us, forward+backward 2210 -> 2225 (so 64 and up)
+#   3 x 4096 (48 scans):  forward 783 -> 751 us, forward+backward 2210 -> 2225 (so 64 and up then)
 # (pre_intra_fwd 252 -> 146 us, pre_y 71 -> 49, pre_intra_bwd 259 -> 222; the scans 57 + 66 ->
 # 77 + 96 us at 8 x 2048, 99 + 122 -> 140 + 181 at 4 x 4096; the output step 68 + 178 -> 76 + 214.)
 # Where the scans run beside the chunks' making, they bound that launch: 2 x 8192 took 992 -> 1239
@@ -1672,7 +1672,13 @@ class DeltaRuleAsym(torch.autograd.Function):
 #   there at the table's warps, not 2: 89 -> 97 and 165 -> 182 us).
 PHASE1 = dict(
     chunk=32,
-    min_scans=64,
+    # From 34 scans (was 64): on an H200 (132 SMs) phase 1's scans run beside their chunks' making
+    # up to 33 (`_overlap_workers`). Since eb29181, chunks of 32 pay below 64 too: GPU time in one
+    # process, chunks of 64 -> 32 (benchmarks/results/sweep18_{c64b,ms}_eb29181.json; bf16, K = V =
+    # 128), forward+backward 937 -> 911 us at 9 x 2048 x 4 heads (36 scans), 1872 -> 1784 at
+    # 5 x 4096 x 8 (40), 1752 -> 1688 at 3 x 4096 x 12 (36), 582 -> 556 at 11 x 1024 x 4 (44),
+    # 2136 -> 2017 at 3 x 4096 x 16 (48); forward level to -6%. 34 and 35 were not measured.
+    min_scans=34,
     launch=dict(
         pre_intra_fwd=dict(num_warps=1, tile=64),
         pre_y=dict(num_warps=2, tile=128),
