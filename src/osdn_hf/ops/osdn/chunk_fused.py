@@ -747,7 +747,7 @@ if HAS_TRITON:
     @triton.jit
     def _pre_out_bwd_block(
         k, es, dw, dk, du, ges, b_p, b_pt, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_c, o_t,
-        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, C: tl.constexpr,
+        K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """`pre_out_bwd_kernel` on the K block at `i_k`: dK's direct part, dU's columns and e_n's
         gradient through G (into `ges`); the sums of d(delta) and dg with them. `b_pt` is P^T."""
@@ -792,13 +792,13 @@ if HAS_TRITON:
             for i_k in tl.static_range(0, K, BK):
                 b_ddelta, b_dg = _pre_out_bwd_block(
                     k, es, dw, dk, du, ges, b_p, b_pt, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_c, o_t,
-                    K, BK, PRECISION, C,
+                    K, BK, PRECISION,
                 )  # fmt: skip
         else:  # `_chunk_launch`
             for i_k in tl.range(0, K, BK, num_stages=STAGES):
                 b_ddelta, b_dg = _pre_out_bwd_block(
                     k, es, dw, dk, du, ges, b_p, b_pt, b_eg, b_delta, b_ddelta, b_dg, i_k, i_c, o_c, o_t,
-                    K, BK, PRECISION, C,
+                    K, BK, PRECISION,
                 )  # fmt: skip
         tl.store(dg + o_t, b_dg)
         tl.store(dgp + o_t, -b_delta * b_ddelta)
@@ -1147,7 +1147,7 @@ CHUNK_LAUNCH = {
     # forward+backward at 4 x 4096 (benchmarks/results/kernels_qdo_fwdloops_e39d748.json): wy_fwd
     # 249 -> 219 us, pre_y 76 -> 70, the step 3174 -> 3136; the other forward kernels, kept as
     # loops, were level or slower alone (kernels_loops_fwd_adb30a7.json).
-    # pre_y and wy_fwd at 2 warps since d295546, with pre_intra_bwd: below.
+    # pre_y and wy_fwd at 2 warps since eb29181, with pre_intra_bwd: below.
     "pre_y": dict(num_warps=2, tile=32, stages=3),
     "wy_fwd": dict(num_warps=2, tile=64, stages=3),
     "kb": dict(num_warps=4, tile=64),
@@ -1641,7 +1641,7 @@ class DeltaRuleAsym(torch.autograd.Function):
 # least `min_scans` (batch, head) scans, after the kernels that make their chunks (not overlapped:
 # `_overlap_workers`). Its per-chunk kernels then do half the C x C work a token (U U^T, the
 # inverse, Y) on [32, 32] tiles, and its two scans take twice the steps over the same data. (Its
-# output step took 64 rows a program, two chunks of 32, until d295546.) Against chunks of 64,
+# output step took 64 rows a program, two chunks of 32, before eb29181.) Against chunks of 64,
 # GPU time in one process (H200, bf16, H = 16, K = V = 128;
 # benchmarks/results/phase1_chunk32_9d53791.json):
 #   8 x 2048 (128 scans): forward 915 -> 838 us, forward+backward 2535 -> 2467
