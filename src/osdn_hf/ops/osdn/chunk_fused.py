@@ -113,23 +113,20 @@ if HAS_TRITON:
                 b_r = b_r + tl.sum(b_r[:, :, None] * b_t, 1) * (o16 < i)[None, :]
                 b_t = tl.where(m_i, b_r[:, None, :], b_t)
             b_t = b_t + eye
-        if C == 32:
-            a21 = tl.load(_blk(buf, 1, 0, o16, C))
-            tl.debug_barrier()  # every warp has read A before any overwrites it
-            tl.store(buf + o_d, b_t)
-            tl.debug_barrier()
-            t11, t22 = tl.load(_blk(buf, 0, 0, o16, C)), tl.load(_blk(buf, 1, 1, o16, C))
-            t21 = -tl.dot(tl.dot(t22, a21, input_precision="ieee"), t11, input_precision="ieee")
-            tl.store(_blk(buf, 1, 0, o16, C), t21)
-        else:
-            a21, a31, a41 = tl.load(_blk(buf, 1, 0, o16)), tl.load(_blk(buf, 2, 0, o16)), tl.load(_blk(buf, 3, 0, o16))
+        # the blocks below the diagonal: T_21 at C = 32; at 64 the other five as well (names bound
+        # under `C == 64` are used only under it: constexpr branches are inlined)
+        a21 = tl.load(_blk(buf, 1, 0, o16, C))
+        if C == 64:
+            a31, a41 = tl.load(_blk(buf, 2, 0, o16)), tl.load(_blk(buf, 3, 0, o16))
             a32, a42, a43 = tl.load(_blk(buf, 2, 1, o16)), tl.load(_blk(buf, 3, 1, o16)), tl.load(_blk(buf, 3, 2, o16))
-            tl.debug_barrier()  # every warp has read A before any overwrites it
-            tl.store(buf + o_d, b_t)
-            tl.debug_barrier()
-            t11, t22 = tl.load(_blk(buf, 0, 0, o16)), tl.load(_blk(buf, 1, 1, o16))
+        tl.debug_barrier()  # every warp has read A before any overwrites it
+        tl.store(buf + o_d, b_t)
+        tl.debug_barrier()
+        t11, t22 = tl.load(_blk(buf, 0, 0, o16, C)), tl.load(_blk(buf, 1, 1, o16, C))
+        t21 = -tl.dot(tl.dot(t22, a21, input_precision="ieee"), t11, input_precision="ieee")
+        tl.store(_blk(buf, 1, 0, o16, C), t21)
+        if C == 64:
             t33, t44 = tl.load(_blk(buf, 2, 2, o16)), tl.load(_blk(buf, 3, 3, o16))
-            t21 = -tl.dot(tl.dot(t22, a21, input_precision="ieee"), t11, input_precision="ieee")
             t32 = -tl.dot(tl.dot(t33, a32, input_precision="ieee"), t22, input_precision="ieee")
             t43 = -tl.dot(tl.dot(t44, a43, input_precision="ieee"), t33, input_precision="ieee")
             b_x = tl.dot(a31, t11, input_precision="ieee") + tl.dot(a32, t21, input_precision="ieee")
@@ -138,7 +135,6 @@ if HAS_TRITON:
             t42 = -tl.dot(t44, b_x, input_precision="ieee")
             b_x = tl.dot(a41, t11, input_precision="ieee") + tl.dot(a42, t21, input_precision="ieee")
             t41 = -tl.dot(t44, b_x + tl.dot(a43, t31, input_precision="ieee"), input_precision="ieee")
-            tl.store(_blk(buf, 1, 0, o16), t21)
             tl.store(_blk(buf, 2, 1, o16), t32)
             tl.store(_blk(buf, 3, 2, o16), t43)
             tl.store(_blk(buf, 2, 0, o16), t31)
