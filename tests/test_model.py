@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from osdn_hf import OSDNCache, OSDNConfig, OSDNForCausalLM, OSDNModel
@@ -57,6 +58,29 @@ def test_short_convolution_packed_and_cached_equal_full():
     torch.testing.assert_close(packed[:, :11], full[:1])
     torch.testing.assert_close(packed[:, 11:], conv(x[1:, :7])[0])
     torch.testing.assert_close(caches[1], x[1, 4:7].T)
+
+
+@pytest.mark.parametrize("dtype, autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_short_convolution_decoding_step_matches_conv1d(dtype, autocast):
+    """A one-token step (`_one_step`: a multiply and a sum, not `F.conv1d`) gives what
+    `F.conv1d` gives, in the dtype it gives: the input's, or autocast's where autocast is on."""
+    torch.manual_seed(0)
+    conv = ShortConvolution(6, 4, bias=True).to(torch.float32 if autocast else dtype)
+    with torch.no_grad():
+        conv.bias.normal_()
+    x = torch.randn(3, 1, 6, dtype=dtype)
+    cache = torch.randn(3, 6, 3, dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y, new_cache = conv(x, cache)
+        xcat = torch.cat([cache.transpose(1, 2), x], 1)
+        ref = F.silu(F.conv1d(xcat.transpose(1, 2), conv.weight, conv.bias, groups=6).transpose(1, 2))
+    assert y.dtype == ref.dtype == (torch.bfloat16 if autocast else dtype)
+    tol = dict(rtol=0, atol=1e-6) if y.dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(y, ref, **tol)
+    assert not torch.equal(y, torch.zeros_like(y))
+    torch.testing.assert_close(new_cache, xcat[:, 1:].transpose(1, 2))
+    first, _ = conv(x)  # no cache: zeros before the first token
+    torch.testing.assert_close(first, F.silu(conv._one_step(torch.cat([x.new_zeros(3, 3, 6), x], 1))))
 
 
 @pytest.mark.parametrize("preconditioner", ["osdn", "none"])
@@ -372,3 +396,22 @@ def test_tiny_config_is_the_demo_default():
     saved = json.loads((REPO / "configs" / "osdn-tiny" / "config.json").read_text())
     assert {k: saved[k] for k in DEMO_CONFIG} == DEMO_CONFIG
     assert OSDNConfig(**{k: v for k, v in saved.items() if k not in ("architectures", "model_type")}).head_k_dim == 64
+
+
+def test_bench_decode_conv_times_both_ways_and_restores_the_step(tmp_path):
+    """scripts/bench_decode_conv.py: both ways of the step at each width, generation with each
+    (the same tokens: the two ways agree), the JSON written, and `_one_step` put back after."""
+    from bench_decode_conv import main
+
+    original = ShortConvolution._one_step
+    out = tmp_path / "decode_conv.json"
+    result = main(
+        ["--out", str(out), "--widths", "8", "--layers", "2", "--tokens", "3", "--rounds", "2", "--calls", "2"]
+    )
+    assert ShortConvolution._one_step is original
+    assert json.loads(out.read_text()) == result
+    assert set(result["step_us"]["8"]) == {"one_step", "conv1d"}
+    assert all(len(x["rounds"]) == 2 and x["median"] > 0 for x in result["step_us"]["8"].values())
+    assert result["generate"]["same_tokens"] and result["generate"]["layers"] == 2
+    with pytest.raises(SystemExit):
+        main(["--out", str(out), "--rounds", "0"])
