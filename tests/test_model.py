@@ -60,7 +60,9 @@ def test_short_convolution_packed_and_cached_equal_full():
     torch.testing.assert_close(caches[1], x[1, 4:7].T)
 
 
-@pytest.mark.parametrize("dtype, autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+@pytest.mark.parametrize(
+    "dtype, autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float64, False), (torch.float32, True)]
+)
 def test_short_convolution_decoding_step_matches_conv1d(dtype, autocast):
     """A one-token step (`_one_step`: a multiply and a sum, not `F.conv1d`) gives what
     `F.conv1d` gives, in the dtype it gives: the input's, or autocast's where autocast is on."""
@@ -75,7 +77,9 @@ def test_short_convolution_decoding_step_matches_conv1d(dtype, autocast):
         xcat = torch.cat([cache.transpose(1, 2), x], 1)
         ref = F.silu(F.conv1d(xcat.transpose(1, 2), conv.weight, conv.bias, groups=6).transpose(1, 2))
     assert y.dtype == ref.dtype == (torch.bfloat16 if autocast else dtype)
-    tol = dict(rtol=0, atol=1e-6) if y.dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    tol = {torch.float64: dict(rtol=0, atol=1e-12), torch.float32: dict(rtol=0, atol=1e-6)}.get(
+        y.dtype, dict(rtol=1.6e-2, atol=1e-2)
+    )
     torch.testing.assert_close(y, ref, **tol)
     assert not torch.equal(y, torch.zeros_like(y))
     torch.testing.assert_close(new_cache, xcat[:, 1:].transpose(1, 2))
