@@ -44,10 +44,7 @@ class ShortConvolution(nn.Conv1d):
         N, L, D = xs.shape
         history = xs.new_zeros(N, W - 1, D) if cache is None else cache.transpose(1, 2).to(xs.dtype)
         xcat = torch.cat([history, xs], dim=1)  # (N, W - 1 + L, D)
-        if L == 1:  # a decoding step: a weighted sum of the W inputs (see _one_step)
-            y = F.silu(self._one_step(xcat))
-        else:
-            y = F.silu(F.conv1d(xcat.transpose(1, 2), self.weight, self.bias, groups=D).transpose(1, 2))  # (N, L, D)
+        y = F.silu(self._one_step(xcat) if L == 1 else self._convolve(xcat))  # (N, L, D)
         if lengths is None:
             new_cache = xcat[:, xcat.shape[1] - (W - 1) :]
         else:
@@ -56,6 +53,10 @@ class ShortConvolution(nn.Conv1d):
             new_cache = xcat.gather(1, idx[..., None].expand(-1, -1, D))
             y = unpad_varlen(y, dest)
         return y, new_cache.transpose(1, 2).contiguous()
+
+    def _convolve(self, xcat: torch.Tensor) -> torch.Tensor:
+        """The convolution's outputs `[N, L, D]` from `xcat` `[N, W - 1 + L, D]`, by `F.conv1d`."""
+        return F.conv1d(xcat.transpose(1, 2), self.weight, self.bias, groups=xcat.shape[-1]).transpose(1, 2)
 
     def _one_step(self, xcat: torch.Tensor) -> torch.Tensor:
         """The convolution's one output `[N, 1, D]` from its W inputs `xcat` `[N, W, D]`, as a
