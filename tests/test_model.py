@@ -107,6 +107,7 @@ def test_cached_decoding_equals_full_forward(prefill, preconditioner):
     # decoding without autograd updated the prefill's state tensors in place
     assert state["recurrent_state"] is prefilled["recurrent_state"]
     assert state["precond_state"] is prefilled["precond_state"]
+    assert all(a is b for a, b in zip(state["conv_state"], prefilled["conv_state"], strict=True))
     assert state["recurrent_state"].shape == (3, 2, 16, 16) and state["recurrent_state"].dtype == torch.float32
     assert state["precond_state"].shape == (3, 2, 16)
     assert [c.shape for c in state["conv_state"]] == [(3, 32, 3)] * 3
@@ -223,6 +224,100 @@ def test_generate_greedy_sampling_and_beam_search():
         ids, attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False, use_cache=False, pad_token_id=0
     )
     assert torch.equal(beams, beams_no_cache)
+
+
+def test_decoding_with_autograd_makes_new_states():
+    """With autograd on, a decoding step leaves the states it read as they were (autograd may
+    need them) and returns new ones."""
+    model = tiny_model()
+    ids = torch.randint(1, 97, (2, 5))
+    with torch.no_grad():
+        cache = model(ids[:, :4], use_cache=True).past_key_values
+    before = {k: v if k != "conv_state" else tuple(v) for k, v in cache.get_layer_state(0).items()}
+    saved = {k: v.clone() if k != "conv_state" else tuple(c.clone() for c in v) for k, v in before.items()}
+    model(ids[:, 4:], past_key_values=cache, use_cache=True)
+    after = cache.get_layer_state(0)
+    assert after["recurrent_state"] is not before["recurrent_state"]
+    assert all(a is not b for a, b in zip(after["conv_state"], before["conv_state"]))
+    torch.testing.assert_close(before["recurrent_state"], saved["recurrent_state"], rtol=0, atol=0)
+    for a, b in zip(before["conv_state"], saved["conv_state"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(after["conv_state"][0], saved["conv_state"][0])
+
+
+def _greedy(model, ids, cache=None, steps=6):
+    """Greedy decoding by hand from `cache` (or a prefill of `ids`): the tokens and every step's logits."""
+    with torch.no_grad():
+        if cache is None:
+            out = model(ids, use_cache=True)
+            cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        else:
+            tok = ids[:, -1:]
+        tokens, logits = [], []
+        for _ in range(steps):
+            out = model(tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            tokens.append(tok)
+            logits.append(out.logits)
+    return torch.cat(tokens, 1), torch.cat(logits, 1), cache
+
+
+def test_cuda_graph_decoding_off_the_gpu_changes_nothing():
+    """`cuda_graph_decoding` only acts on CUDA inputs: here decoding is eager, gives the same
+    logits and captures nothing; the setting is saved with the config."""
+    from osdn_hf.modeling_osdn import _DECODE_GRAPHS
+
+    model = tiny_model()
+    ids = torch.randint(1, 97, (2, 5))
+    tokens, logits, _ = _greedy(model, ids)
+    model.config.cuda_graph_decoding = True
+    tokens_g, logits_g, _ = _greedy(model, ids)
+    assert torch.equal(tokens, tokens_g) and torch.equal(logits, logits_g)
+    assert model not in _DECODE_GRAPHS
+    assert OSDNConfig.from_dict(model.config.to_dict()).cuda_graph_decoding is True
+    assert OSDNConfig().cuda_graph_decoding is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (this machine has none)")
+def test_cuda_graph_decoding_equals_eager_decoding():
+    """On a GPU, steps replayed from CUDA graphs give eager decoding's logits and states, bit for
+    bit: for generate, for two caches decoded in turn, at two batch sizes, and again after a
+    module is swapped (the graphs are captured anew)."""
+    from osdn_hf.modeling_osdn import _DECODE_GRAPHS
+
+    model = tiny_model().cuda()
+    ids = torch.randint(1, 97, (3, 5), device="cuda")
+    eager = [_greedy(model, ids[:n]) for n in (3, 1)]
+    model.config.cuda_graph_decoding = True
+    graphed = [_greedy(model, ids[:n]) for n in (3, 1)]
+    assert len(_DECODE_GRAPHS[model].graphs) == 2
+    for (tok, lg, cache), (tok_g, lg_g, cache_g) in zip(eager, graphed):
+        assert torch.equal(tok, tok_g) and torch.equal(lg, lg_g)
+        for layer, layer_g in zip(cache.layers, cache_g.layers):
+            assert torch.equal(layer.recurrent_state, layer_g.recurrent_state)
+            assert torch.equal(layer.precond_state, layer_g.precond_state)
+            assert all(torch.equal(a, b) for a, b in zip(layer.conv_state, layer_g.conv_state))
+    # two caches in turn: each goes on from its own state
+    _, _, a = _greedy(model, ids[:1], steps=1)
+    _, _, b = _greedy(model, ids[1:2], steps=1)
+    turns = [_greedy(model, ids[i : i + 1, :1], cache=c, steps=2)[1] for i, c in ((0, a), (1, b), (0, a))]
+    model.config.cuda_graph_decoding = False
+    _, _, a = _greedy(model, ids[:1], steps=1)
+    _, _, b = _greedy(model, ids[1:2], steps=1)
+    eager_turns = [_greedy(model, ids[i : i + 1, :1], cache=c, steps=2)[1] for i, c in ((0, a), (1, b), (0, a))]
+    assert all(torch.equal(x, y) for x, y in zip(turns, eager_turns))
+    # generate
+    model.config.cuda_graph_decoding = True
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    out_g = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    model.config.cuda_graph_decoding = False
+    assert torch.equal(out_g, model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs))
+    # a new output head: captured again, and its logits are the new head's
+    model.lm_head = torch.nn.Linear(32, 97, bias=False, device="cuda")
+    tok, lg, _ = _greedy(model, ids)
+    model.config.cuda_graph_decoding = True
+    tok_g, lg_g, _ = _greedy(model, ids)
+    assert torch.equal(tok, tok_g) and torch.equal(lg, lg_g)
 
 
 def test_left_padded_batch_generates_like_each_prompt_alone():

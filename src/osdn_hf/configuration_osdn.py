@@ -64,6 +64,9 @@ class OSDNConfig(PretrainedConfig):
             Share the output head with the token embedding.
         use_cache (`bool`, *optional*, defaults to `True`):
             Return the recurrent cache (`OSDNCache`) from forward passes in eval mode.
+        cuda_graph_decoding (`bool`, *optional*, defaults to `False`):
+            Replay one-token decoding steps on a GPU from CUDA graphs (`CUDAGraphDecoding`): the
+            same kernels without a launch from the host for each. Elsewhere it changes nothing.
         pad_token_id (`int`, *optional*):
             Padding token id.
         bos_token_id (`int`, *optional*, defaults to 1):
@@ -102,6 +105,7 @@ class OSDNConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = False,
         use_cache: bool = True,
+        cuda_graph_decoding: bool = False,
         pad_token_id: int | None = None,
         bos_token_id: int | None = 1,
         eos_token_id: int | None = 2,
@@ -128,6 +132,7 @@ class OSDNConfig(PretrainedConfig):
         self.apf_init = apf_init
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.cuda_graph_decoding = cuda_graph_decoding
         self._validate()
         super().__init__(
             pad_token_id=pad_token_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -327,6 +328,122 @@ class OSDNModel(OSDNPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+def _state_tensors(cache: OSDNCache) -> list[torch.Tensor] | None:
+    """Every layer's cached states in a fixed order (S, d, the three conv states), or None
+    while some layer has none."""
+    states = []
+    for layer in cache.layers:
+        if layer.recurrent_state is None:
+            return None
+        states += [layer.recurrent_state, layer.precond_state, *layer.conv_state]
+    return states
+
+
+class _DecodeGraph:
+    """One captured decoding step (one token a row, a fixed batch and state layout) and the
+    buffers it reads and writes: the input ids, every layer's states (updated in place by the
+    step) and the logits."""
+
+    def __init__(self, model: OSDNForCausalLM, states: list[torch.Tensor], batch: int):
+        device = states[0].device
+        self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.states = [x.clone() for x in states]
+        cache = OSDNCache(model.config.num_hidden_layers)
+        for i, layer in enumerate(cache.layers):
+            S, d, *conv = self.states[5 * i : 5 * i + 5]
+            layer.recurrent_state, layer.precond_state, layer.conv_state = S, d, tuple(conv)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            # two eager steps on the buffers first: kernels compile and per-stream buffers are
+            # made outside the capture (the buffers' values do not matter, `__call__` fills them)
+            for _ in range(2):
+                model._decode_logits(self.input_ids, cache)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=stream):
+                self.logits = model._decode_logits(self.input_ids, cache)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        if any(a is not b for a, b in zip(_state_tensors(cache), self.states)):
+            raise RuntimeError("a decoding step replaced a cached state instead of updating it in place")
+
+    def __call__(self, input_ids: torch.Tensor, states: list[torch.Tensor]) -> torch.Tensor:
+        """Logits `[B, 1, vocab]` of one step from `input_ids` `[B, 1]`; `states` (a cache's,
+        laid out as the captured ones) are read and then updated in place."""
+        torch._foreach_copy_(self.states, states)
+        self.input_ids.copy_(input_ids)
+        self.graph.replay()
+        torch._foreach_copy_(states, self.states)
+        return self.logits.clone()
+
+
+# Modules and parameters registered anywhere since import (`CUDAGraphDecoding` captures again when
+# this moves: a module swapped in, as adapters do, or a parameter assigned)
+_registrations = [0]
+
+
+def _count_registration(*args) -> None:
+    _registrations[0] += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+
+class CUDAGraphDecoding:
+    """The decoding steps of an `OSDNForCausalLM` replayed from CUDA graphs
+    (`config.cuda_graph_decoding`).
+
+    A token at batch 1 is about 75 small kernels a layer, each launched from the host, so eager
+    decoding waits on the host, not the GPU. A graph launches a whole step at once. One graph
+    is captured for each batch size and state layout, on first use. All are dropped, and
+    captured again when next used, when a weight moves (`to`, `half`, a new tensor in `.data`)
+    or any module or parameter is registered (a module swapped in, a parameter assigned). A
+    cache's states are copied into the graph's buffers before a step and back after it (two
+    grouped copies), so caches stay independent of each other and of the graphs, and a cache
+    can go on decoding eagerly.
+    """
+
+    max_graphs = 4
+
+    def __init__(self):
+        self.params: list[nn.Parameter] = []
+        self.weights: list[int] = []
+        self.registrations = -1
+        self.device: torch.device | None = None
+        self.graphs: dict[tuple, _DecodeGraph] = {}
+
+    def _current(self, model: OSDNForCausalLM, device: torch.device) -> bool:
+        """Whether the graphs were captured on the model's weights as they are now."""
+        return (
+            self.registrations == _registrations[0]
+            and self.device == device
+            and all(p.data_ptr() == w for p, w in zip(self.params, self.weights))
+        )
+
+    def __call__(self, model: OSDNForCausalLM, input_ids: torch.Tensor, states: list[torch.Tensor]):
+        """The step's logits, or None where the model's weights are not all on the inputs' GPU
+        (split over devices, or offloaded): graphs are not used there."""
+        device = input_ids.device
+        if not self._current(model, device):
+            self.graphs, self.params = {}, list(model.parameters())
+            if any(p.device != device for p in self.params):
+                self.registrations = -1  # look again next time
+                return None
+            self.weights = [p.data_ptr() for p in self.params]
+            self.registrations, self.device = _registrations[0], device
+        key = tuple((x.shape, x.dtype) for x in states)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if len(self.graphs) >= self.max_graphs:
+                self.graphs.pop(next(iter(self.graphs)))
+            graph = self.graphs[key] = _DecodeGraph(model, states, input_ids.shape[0])
+        return graph(input_ids, states)
+
+
+# each model's graphs, kept off the module so that copying or pickling a model never meets them
+_DECODE_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class OSDNForCausalLM(OSDNPreTrainedModel, GenerationMixin):
     """OSDN with a language-modelling head, for `generate`, `pipeline` and `Trainer`."""
 
@@ -382,6 +499,16 @@ class OSDNForCausalLM(OSDNPreTrainedModel, GenerationMixin):
         """
         if return_dict is None:
             return_dict = self.config.return_dict
+        if self.config.cuda_graph_decoding:
+            logits = self._replayed_step(
+                input_ids, attention_mask, inputs_embeds, _one_cache(past_key_values, cache), labels, use_cache,
+                output_hidden_states, cu_seqlens, logits_to_keep,
+            )  # fmt: skip
+            if logits is not None:
+                step_cache = _one_cache(past_key_values, cache)
+                step_cache.seen_tokens += 1
+                output = CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: step_cache})
+                return output if return_dict else output.to_tuple()
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -416,6 +543,60 @@ class OSDNForCausalLM(OSDNPreTrainedModel, GenerationMixin):
             **{CACHE_FIELD: output_cache(outputs)},
         )
         return output if return_dict else output.to_tuple()
+
+    def _decode_logits(self, input_ids: torch.Tensor, cache: OSDNCache) -> torch.Tensor:
+        """One eager decoding step's logits (what `CUDAGraphDecoding` captures)."""
+        hidden_states = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True).last_hidden_state
+        return self.lm_head(hidden_states)
+
+    def _replayed_step(
+        self,
+        input_ids,
+        attention_mask,
+        inputs_embeds,
+        cache,
+        labels,
+        use_cache,
+        output_hidden_states,
+        cu_seqlens,
+        logits_to_keep,
+    ) -> torch.Tensor | None:
+        """The logits of a decoding step replayed from a CUDA graph, or None where the call is not
+        such a step: one token a row of ids on a GPU, a filled cache whose states decoding updates
+        in place, no autograd, labels, packing, hidden states or padding in the new column."""
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if not (
+            input_ids is not None
+            and inputs_embeds is None
+            and input_ids.is_cuda
+            and input_ids.dim() == 2
+            and input_ids.shape[1] == 1
+            and isinstance(cache, OSDNCache)
+            and use_cache
+            and labels is None
+            and cu_seqlens is None
+            and not output_hidden_states
+            and isinstance(logits_to_keep, int)
+            and not torch.is_grad_enabled()
+            and not torch.cuda.is_current_stream_capturing()
+        ):
+            return None
+        states = _state_tensors(cache)
+        if states is None or any(x.device != input_ids.device or not x.is_contiguous() for x in states):
+            return None
+        if any(x.shape[0] != input_ids.shape[0] for x in states):
+            return None
+        if any(x.dtype != torch.float32 for x in states[0::5] + states[1::5]):
+            return None
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            return None
+        graphs = _DECODE_GRAPHS.get(self)
+        if graphs is None:
+            graphs = _DECODE_GRAPHS[self] = CUDAGraphDecoding()
+        return graphs(self, input_ids, states)
 
 
 __all__ = ["OSDNCache", "OSDNModel", "OSDNForCausalLM", "OSDNPreTrainedModel", "OSDNBlock"]

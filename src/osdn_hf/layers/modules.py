@@ -29,10 +29,14 @@ class ShortConvolution(nn.Conv1d):
         x: torch.Tensor,
         cache: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        inplace: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: `[B, T, D]` (B = 1 with `cu_seqlens`); cache: `[N, D, W - 1]` or None.
 
-        Returns `silu(conv(x))` `[B, T, D]` and the new cache `[N, D, W - 1]`.
+        Returns `silu(conv(x))` `[B, T, D]` and the new cache `[N, D, W - 1]`. With `inplace` the
+        new cache is written over `cache` and returned as it, where `cache` is contiguous, in the
+        inputs' dtype and outside autograd (decoding; the caller checks the last); otherwise it
+        is a new tensor.
         """
         W = self.kernel_size[0]
         if cu_seqlens is None:
@@ -52,7 +56,10 @@ class ShortConvolution(nn.Conv1d):
             idx = lengths[:, None] + torch.arange(W - 1, device=x.device)  # (N, W - 1)
             new_cache = xcat.gather(1, idx[..., None].expand(-1, -1, D))
             y = unpad_varlen(y, dest)
-        return y, new_cache.transpose(1, 2).contiguous()
+        new_cache = new_cache.transpose(1, 2)  # (N, D, W - 1)
+        if inplace and cache is not None and cache.dtype == xs.dtype and cache.is_contiguous():
+            return y, cache.copy_(new_cache)
+        return y, new_cache.contiguous()
 
     def _convolve(self, xcat: torch.Tensor) -> torch.Tensor:
         """The convolution's outputs `[N, L, D]` from `xcat` `[N, W - 1 + L, D]`, by `F.conv1d`."""

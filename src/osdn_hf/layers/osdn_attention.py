@@ -78,16 +78,18 @@ class OSDNAttention(nn.Module):
         x: torch.Tensor,
         conv_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        inplace: bool = False,
     ):
         """SPEC section 5, steps 1, 2 and 4: the op's inputs from `x` `[B, T, hidden]`.
 
         Returns q, k `[B, T, H, K]` (not yet L2-normalised), v `[B, T, H, V]`, beta, eta, lam
-        `[B, T, H]` and the new convolution states (q, k, v).
+        `[B, T, H]` and the new convolution states (q, k, v), written over `conv_state` with
+        `inplace` (`ShortConvolution.forward`).
         """
         conv_q, conv_k, conv_v = conv_state if conv_state is not None else (None, None, None)
-        q, conv_q = self.q_conv1d(self.q_proj(x), conv_q, cu_seqlens)
-        k, conv_k = self.k_conv1d(self.k_proj(x), conv_k, cu_seqlens)
-        v, conv_v = self.v_conv1d(self.v_proj(x), conv_v, cu_seqlens)
+        q, conv_q = self.q_conv1d(self.q_proj(x), conv_q, cu_seqlens, inplace)
+        k, conv_k = self.k_conv1d(self.k_proj(x), conv_k, cu_seqlens, inplace)
+        v, conv_v = self.v_conv1d(self.v_proj(x), conv_v, cu_seqlens, inplace)
         q = q.view(*q.shape[:2], self.num_heads, self.head_k_dim)  # (B, T, H, K)
         k = k.view(*k.shape[:2], self.num_heads, self.head_k_dim)  # (B, T, H, K)
         v = v.view(*v.shape[:2], self.num_heads, self.head_v_dim)  # (B, T, H, V)
@@ -114,16 +116,19 @@ class OSDNAttention(nn.Module):
         # packs once for all its layers and passes `cu_seqlens` instead of a mask.)
         x, indices, cu_seqlens = pack_if_padded(hidden_states, attention_mask, cu_seqlens)  # (1, total, hidden)
 
+        # Decoding without autograd updates the cached states in place (no new allocations; a
+        # captured decoding step, `CUDAGraphDecoding`, relies on it).
+        decoding = state is not None and T <= FUSED_RECURRENT_MAX_LEN
+        inplace = decoding and use_cache and not torch.is_grad_enabled()
+
         # 1, 2, 4. Projections, short convolutions with SiLU, gates.
         conv_state = state["conv_state"] if state is not None else None
-        q, k, v, beta, eta, lam, conv_state = self.project(x, conv_state, cu_seqlens)
+        q, k, v, beta, eta, lam, conv_state = self.project(x, conv_state, cu_seqlens, inplace)
 
         # 3 + 5. The op L2-normalises q and k (step 3) and runs the two-phase recurrence.
         S0 = state["recurrent_state"] if state is not None else None
         d0 = state["precond_state"] if state is not None else None
-        if state is not None and T <= FUSED_RECURRENT_MAX_LEN:
-            # decoding without autograd updates the cached states in place (no new allocations)
-            inplace = use_cache and not torch.is_grad_enabled()
+        if decoding:
             inplace = inplace and all(x.dtype == torch.float32 and x.is_contiguous() for x in (S0, d0))
             op = partial(fused_recurrent_osdn, inplace_final_state=inplace)
         else:
