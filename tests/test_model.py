@@ -302,10 +302,23 @@ def test_cuda_graph_decoding_equals_eager_decoding():
     _, _, b = _greedy(model, ids[1:2], steps=1)
     turns = [_greedy(model, ids[i : i + 1, :1], cache=c, steps=2)[1] for i, c in ((0, a), (1, b), (0, a))]
     model.config.cuda_graph_decoding = False
-    _, _, a = _greedy(model, ids[:1], steps=1)
-    _, _, b = _greedy(model, ids[1:2], steps=1)
-    eager_turns = [_greedy(model, ids[i : i + 1, :1], cache=c, steps=2)[1] for i, c in ((0, a), (1, b), (0, a))]
+    _, _, a2 = _greedy(model, ids[:1], steps=1)
+    _, _, b2 = _greedy(model, ids[1:2], steps=1)
+    eager_turns = [_greedy(model, ids[i : i + 1, :1], cache=c, steps=2)[1] for i, c in ((0, a2), (1, b2), (0, a2))]
     assert all(torch.equal(x, y) for x, y in zip(turns, eager_turns))
+    # the same two caches on two streams at once: each stream replays graphs of its own
+    model.config.cuda_graph_decoding = True
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    on_streams = []
+    for i, (c, s) in enumerate(zip((a, b), streams)):
+        with torch.cuda.stream(s):
+            on_streams.append(_greedy(model, ids[i : i + 1, :1], cache=c, steps=3)[1])
+    torch.cuda.synchronize()
+    model.config.cuda_graph_decoding = False
+    alone = [_greedy(model, ids[i : i + 1, :1], cache=c, steps=3)[1] for i, c in ((0, a2), (1, b2))]
+    assert all(torch.equal(x, y) for x, y in zip(on_streams, alone))
     # generate
     model.config.cuda_graph_decoding = True
     kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import weakref
 from pathlib import Path
 
@@ -400,12 +401,16 @@ class CUDAGraphDecoding:
     or any module or parameter is registered (a module swapped in, a parameter assigned). A
     cache's states are copied into the graph's buffers before a step and back after it (two
     grouped copies), so caches stay independent of each other and of the graphs, and a cache
-    can go on decoding eagerly.
+    can go on decoding eagerly. Each CUDA stream has its own graphs, and one thread at a time
+    uses them, so concurrent decoding on several streams stays correct.
+
+    A replayed step runs no Python: hooks on the model's modules do not run in it.
     """
 
-    max_graphs = 4
+    max_graphs = 8
 
     def __init__(self):
+        self.lock = threading.Lock()
         self.params: list[nn.Parameter] = []
         self.weights: list[int] = []
         self.registrations = -1
@@ -423,6 +428,10 @@ class CUDAGraphDecoding:
     def __call__(self, model: OSDNForCausalLM, input_ids: torch.Tensor, states: list[torch.Tensor]):
         """The step's logits, or None where the model's weights are not all on the inputs' GPU
         (split over devices, or offloaded): graphs are not used there."""
+        with self.lock:
+            return self._step(model, input_ids, states)
+
+    def _step(self, model: OSDNForCausalLM, input_ids: torch.Tensor, states: list[torch.Tensor]):
         device = input_ids.device
         if not self._current(model, device):
             self.graphs, self.params = {}, list(model.parameters())
@@ -431,7 +440,7 @@ class CUDAGraphDecoding:
                 return None
             self.weights = [p.data_ptr() for p in self.params]
             self.registrations, self.device = _registrations[0], device
-        key = tuple((x.shape, x.dtype) for x in states)
+        key = (torch.cuda.current_stream(device).cuda_stream, *((x.shape, x.dtype) for x in states))
         graph = self.graphs.get(key)
         if graph is None:
             if len(self.graphs) >= self.max_graphs:
