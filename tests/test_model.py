@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from osdn_hf import OSDNCache, OSDNConfig, OSDNForCausalLM, OSDNModel
-from osdn_hf.layers.modules import ShortConvolution
+from osdn_hf.layers.modules import RMSNorm, ShortConvolution
 from osdn_hf.modeling_osdn import CACHE_FIELD, output_cache
 from osdn_hf.ops.osdn import utils
 
@@ -85,6 +85,70 @@ def test_short_convolution_decoding_step_matches_conv1d(dtype, autocast):
     torch.testing.assert_close(new_cache, xcat[:, 1:].transpose(1, 2))
     first, _ = conv(x)  # no cache: zeros before the first token
     torch.testing.assert_close(first, F.silu(conv._one_step(torch.cat([x.new_zeros(3, 3, 6), x], 1))))
+
+
+STEP_CASES = [(torch.float32, False), (torch.float16, False), (torch.float32, True)]
+if torch.cuda.is_available():  # Triton's interpreter is wrong for bf16; a GPU is not
+    STEP_CASES.append((torch.bfloat16, False))
+
+
+@pytest.mark.parametrize("dtype, autocast", STEP_CASES)
+@pytest.mark.parametrize("W, bias", [(4, False), (4, True), (2, False), (5, True)])
+def test_short_convolution_step_kernel_matches_torch(monkeypatch, dtype, autocast, W, bias):
+    """The one-kernel decoding step (`short_conv_step`; Triton's interpreter here, CUDA on a
+    GPU) gives the PyTorch step's outputs, in its dtype (fp16 autocast's where on), and shifts
+    the cache in place exactly; 48 channels leave part of a block unused."""
+    pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
+    from osdn_hf.ops import short_conv
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        monkeypatch.setenv(utils.FORCE_TRITON_ENV, "1")
+    torch.manual_seed(0)
+    conv = ShortConvolution(48, W, bias=bias).to(device, torch.float32 if autocast else dtype)
+    with torch.no_grad():
+        if bias:
+            conv.bias.normal_()
+    x = torch.randn(3, 1, 48, dtype=dtype, device=device)
+    cache = torch.randn(3, 48, W - 1, dtype=dtype, device=device)
+    launched, real_enqueue = [], short_conv.enqueue
+    monkeypatch.setattr(short_conv, "enqueue", lambda *a, **k: launched.append(a[0]) or real_enqueue(*a, **k))
+    with torch.no_grad(), torch.autocast(device, dtype=torch.float16, enabled=autocast):
+        ref, ref_cache = conv(x, cache.clone())  # not in place: PyTorch
+        held = cache
+        y, new_cache = conv(x, cache, inplace=True)
+    assert launched == [short_conv.short_conv_step_kernel]
+    assert new_cache is held and y.dtype == ref.dtype == (torch.float16 if autocast else dtype)
+    torch.testing.assert_close(new_cache, ref_cache, rtol=0, atol=0)
+    tol = dict(rtol=0, atol=2e-6) if y.dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)
+    torch.testing.assert_close(y, ref, **tol)
+    assert not torch.equal(y, torch.zeros_like(y))
+
+
+def test_rms_norm_is_its_formula():
+    """`RMSNorm` (`F.rms_norm` where x and the weight share a dtype, the float32 formula where
+    they do not) gives the formula's values and gradients, in x's dtype."""
+    torch.manual_seed(0)
+    for x_dtype, w_dtype in [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+    ]:
+        norm = RMSNorm(16, eps=1e-5).to(w_dtype)
+        with torch.no_grad():
+            norm.weight.normal_()
+        x = torch.randn(3, 5, 16, dtype=x_dtype, requires_grad=True)
+        y = norm(x)
+        xf = x.float()
+        ref = (norm.weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5))).to(x_dtype)
+        assert y.dtype == x_dtype
+        tol = dict(rtol=0, atol=1e-6) if x_dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+        torch.testing.assert_close(y, ref, **tol)
+        g = torch.randn_like(y)
+        gx, gw = torch.autograd.grad(y, (x, norm.weight), g)
+        rx, rw = torch.autograd.grad(ref, (x, norm.weight), g)
+        torch.testing.assert_close(gx, rx, **tol)
+        torch.testing.assert_close(gw, rw, **(tol if w_dtype == torch.float32 else dict(rtol=1.6e-2, atol=5e-2)))
 
 
 @pytest.mark.parametrize("preconditioner", ["osdn", "none"])

@@ -404,7 +404,9 @@ class CUDAGraphDecoding:
     can go on decoding eagerly. Each CUDA stream has its own graphs, and one thread at a time
     uses them, so concurrent decoding on several streams stays correct.
 
-    A replayed step runs no Python: hooks on the model's modules do not run in it.
+    A replayed step runs no Python: hooks on the model's modules do not run in it, and a change
+    that neither moves a weight nor registers a module (an adapter switched off by a flag) is not
+    seen.
     """
 
     max_graphs = 8

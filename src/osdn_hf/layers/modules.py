@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.osdn.utils import pad_varlen, unpad_varlen, varlen_index
+from ..ops.short_conv import short_conv_step, short_conv_step_applies
 
 
 class ShortConvolution(nn.Conv1d):
@@ -36,9 +37,14 @@ class ShortConvolution(nn.Conv1d):
         Returns `silu(conv(x))` `[B, T, D]` and the new cache `[N, D, W - 1]`. With `inplace` the
         new cache is written over `cache` and returned as it, where `cache` is contiguous, in the
         inputs' dtype and outside autograd (decoding; the caller checks the last); otherwise it
-        is a new tensor.
+        is a new tensor. A one-token step in place on Triton's device is one kernel
+        (`ops/short_conv.py`).
         """
         W = self.kernel_size[0]
+        if inplace and cu_seqlens is None:
+            out_dtype = self._out_dtype(x)
+            if short_conv_step_applies(x, cache, self.weight, out_dtype):  # one Triton kernel
+                return short_conv_step(x, cache, self.weight, self.bias, out_dtype), cache
         if cu_seqlens is None:
             xs, lengths = x, None
         else:
@@ -71,17 +77,26 @@ class ShortConvolution(nn.Conv1d):
         `F.conv1d` would return (the autocast dtype where autocast is on). Same result to
         rounding; on a 2-core CPU one step took 26-32 us this way against 147-170 us as a depthwise
         `F.conv1d` (benchmarks/results/decode_conv_cpu.json)."""
-        device = xcat.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xcat.dtype
         acc = torch.promote_types(xcat.dtype, torch.float32)  # float64 stays float64
         y = (xcat.to(acc) * self.weight[:, 0, :].t().to(acc)).sum(1, keepdim=True)
         if self.bias is not None:
             y = y + self.bias.to(acc)
-        return y.to(dtype)
+        return y.to(self._out_dtype(xcat))
+
+    @staticmethod
+    def _out_dtype(x: torch.Tensor) -> torch.dtype:
+        """The dtype `F.conv1d` returns for inputs like x: the autocast dtype where autocast is on."""
+        device = x.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 and returned in the input dtype."""
+    """RMSNorm computed in float32 and returned in the input dtype.
+
+    Where the input and the weight share a dtype this is `F.rms_norm`, the same formula as one
+    fused kernel (the same bits on the CPU; on a GPU the reduction's order may differ in the last
+    bit). A decoding step calls three norms a layer, and each was nine small kernels.
+    """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -89,6 +104,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * xf).to(x.dtype)

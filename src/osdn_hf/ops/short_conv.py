@@ -1,0 +1,99 @@
+"""The short convolution's decoding step (SPEC section 5, step 2, one token) as one Triton kernel.
+
+A decoding step convolves each sequence's new input with the `W - 1` cached before it, applies
+SiLU, and shifts the cache by one. In PyTorch that is about eight small kernels (`cat`, casts, a
+multiply, a sum, SiLU, the cache's copy); `short_conv_step` is one, which matters where decoding
+waits on the host to launch kernels, or on many tiny kernels (a step replayed from a CUDA graph).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .osdn.chunk_scan import HAS_TRITON
+from .osdn.launch import block_width, cdiv, enqueue
+from .osdn.utils import use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def short_conv_step_kernel(
+        x,
+        cache,
+        weight,
+        bias,
+        y,
+        D,
+        W: tl.constexpr,
+        BW: tl.constexpr,
+        BD: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+    ):
+        """One sequence's block of BD channels a program: `y = silu(round(sum_j w_j x_j + b))` over
+        the W inputs (the cache's W - 1, oldest first, then x), summed in float32 and rounded to
+        y's dtype before SiLU, as `ShortConvolution` does; then the cache shifts by one, x last.
+        Every program reads its own part of the cache before writing it."""
+        i_n, i_d = tl.program_id(0), tl.program_id(1)
+        o_d = i_d * BD + tl.arange(0, BD)
+        o_w = tl.arange(0, BW)
+        m_d = o_d < D
+        m_hist = m_d[:, None] & (o_w[None, :] < W - 1)
+        rows = (i_n * D + o_d).to(tl.int64)
+        xt = tl.load(x + rows, mask=m_d, other=0.0)
+        hist = tl.load(cache + rows[:, None] * (W - 1) + o_w[None, :], mask=m_hist, other=0.0)
+        w_hist = tl.load(weight + o_d[:, None] * W + o_w[None, :], mask=m_hist, other=0.0)
+        w_last = tl.load(weight + o_d * W + (W - 1), mask=m_d, other=0.0)
+        acc = tl.sum(hist.to(tl.float32) * w_hist.to(tl.float32), axis=1) + xt.to(tl.float32) * w_last.to(tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+        a = acc.to(y.dtype.element_ty).to(tl.float32)
+        tl.store(y + rows, (a * tl.sigmoid(a)).to(y.dtype.element_ty), mask=m_d)
+        # the shift: position j takes j + 1 (read before any write), the last takes x
+        m_next = m_d[:, None] & (o_w[None, :] < W - 2)
+        nxt = tl.load(cache + rows[:, None] * (W - 1) + o_w[None, :] + 1, mask=m_next, other=0.0)
+        tl.store(cache + rows[:, None] * (W - 1) + o_w[None, :], nxt, mask=m_next)
+        tl.store(cache + rows * (W - 1) + (W - 2), xt, mask=m_d)
+
+
+STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def short_conv_step_applies(x: torch.Tensor, cache: torch.Tensor | None, weight: torch.Tensor, out_dtype) -> bool:
+    """Whether `short_conv_step` takes this step: Triton's device (CUDA, or its interpreter when
+    forced), one token `[N, 1, D]`, a contiguous cache `[N, D, W - 1]` (W >= 2) in x's dtype, and
+    16- or 32-bit floats throughout (float64 stays in PyTorch)."""
+    if cache is None or x.dim() != 3 or x.shape[1] != 1 or not use_triton(x):
+        return False
+    N, _, D = x.shape
+    W = weight.shape[-1]
+    return (
+        W >= 2
+        and cache.shape == (N, D, W - 1)
+        and cache.dtype == x.dtype
+        and cache.is_contiguous()
+        and x.dtype in STEP_DTYPES
+        and weight.dtype in STEP_DTYPES
+        and out_dtype in STEP_DTYPES
+        and weight.is_contiguous()
+    )
+
+
+def short_conv_step(
+    x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """`silu(conv)` of one token per sequence: x `[N, 1, D]`, cache `[N, D, W - 1]` (updated in
+    place: shifted by one, x last), depthwise weight `[D, 1, W]`, bias `[D]` or None. Returns
+    `[N, 1, D]` in `out_dtype`. Call it only where `short_conv_step_applies`."""
+    N, _, D = x.shape
+    W = weight.shape[-1]
+    y = torch.empty(N, 1, D, dtype=out_dtype, device=x.device)
+    BD = min(block_width(D), 256)
+    x = x.contiguous()
+    enqueue(
+        short_conv_step_kernel, (N, cdiv(D, BD)),
+        x, cache, weight, bias, y, D,
+        W=W, BW=max(1 << (W - 2).bit_length(), 2), BD=BD, HAS_BIAS=bias is not None, num_warps=4,
+    )  # fmt: skip
+    return y
