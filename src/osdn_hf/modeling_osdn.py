@@ -394,7 +394,7 @@ class CUDAGraphDecoding:
     """The decoding steps of an `OSDNForCausalLM` replayed from CUDA graphs
     (`config.cuda_graph_decoding`).
 
-    A token at batch 1 is about 75 small kernels a layer, each launched from the host, so eager
+    A token at batch 1 is 29 small kernels a layer, each launched from the host, so eager
     decoding waits on the host, not the GPU. A graph launches a whole step at once. One graph
     is captured for each batch size and state layout, on first use. All are dropped, and
     captured again when next used, when a weight moves (`to`, `half`, a new tensor in `.data`)
