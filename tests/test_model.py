@@ -591,3 +591,23 @@ def test_bench_decode_conv_times_both_ways_and_restores_the_step(tmp_path):
     assert result["generate"]["same_tokens"] and result["generate"]["layers"] == 2
     with pytest.raises(SystemExit):
         main(["--out", str(out), "--rounds", "0"])
+
+
+def test_bench_generate_times_each_way_and_plots(tmp_path):
+    """scripts/bench_generate.py on the CPU: our eager generation timed per round, the GPU-only
+    ways recorded as not run with the reason, the JSON and the plot written; bad counts refused."""
+    from bench_generate import main
+
+    out = tmp_path / "generate.json"
+    argv = ["--config", str(REPO / "configs/osdn-tiny"), "--batch-sizes", "1", "2", "--new-tokens", "2"]
+    result = main([*argv, "--rounds", "2", "--dtype", "float32", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert [r["B"] for r in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert set(row["ms_per_token"]) == {"osdn_eager"}
+        assert len(row["ms_per_token"]["osdn_eager"]["rounds"]) == 2 and row["ms_per_token"]["osdn_eager"]["median"] > 0
+    assert set(result["skipped"]) == {"osdn_cuda_graphs", "fla_deltanet"}
+    assert result["command"].startswith("python scripts/bench_generate.py")
+    with pytest.raises(SystemExit):
+        main([*argv, "--rounds", "0", "--out", str(out)])
