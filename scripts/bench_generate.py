@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import osdn_hf  # noqa: F401  (registers the Auto classes)
 from osdn_hf.run_info import run_metadata
+from osdn_hf.throughput import fla_deltanet_kwargs
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -38,19 +39,7 @@ def fla_deltanet(config, device, dtype):
         from fla.models import DeltaNetConfig, DeltaNetForCausalLM
     except ImportError as e:
         return None, f"flash-linear-attention is not installed ({e})"
-    fc = DeltaNetConfig(
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_heads=config.num_heads,
-        expand_k=config.expand_k,
-        expand_v=config.expand_v,
-        use_short_conv=True,
-        conv_size=config.conv_size,
-        intermediate_size=config.intermediate_size,
-        vocab_size=config.vocab_size,
-        tie_word_embeddings=config.tie_word_embeddings,
-        fuse_cross_entropy=False,
-    )
+    fc = DeltaNetConfig(**fla_deltanet_kwargs(config))
     return DeltaNetForCausalLM(fc).to(device, dtype).eval(), None
 
 

@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForLangua
 import osdn_hf  # noqa: F401  registers the Auto classes
 from osdn_hf.data import pack_blocks, shakespeare_texts, train_bpe_tokenizer
 from osdn_hf.run_info import run_metadata
-from osdn_hf.throughput import alternate, measure_alone, training_step
+from osdn_hf.throughput import alternate, fla_deltanet_kwargs, measure_alone, training_step
 from osdn_hf.training import CHECKPOINTING_ARG
 
 
@@ -168,14 +168,7 @@ def main(argv=None):
         from fla.models import DeltaNetConfig, DeltaNetForCausalLM
 
         tokens = args.batch * args.seq
-        fla_config = DeltaNetConfig(
-            hidden_size=config.hidden_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_heads=config.num_heads,
-            intermediate_size=config.intermediate_size,
-            vocab_size=config.vocab_size,
-            tie_word_embeddings=False,
-        )
+        fla_config = DeltaNetConfig(**fla_deltanet_kwargs(config))
         steps = {}
         for name, build in (
             ("osdn", lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32)),

@@ -389,6 +389,20 @@ def test_cuda_graph_decoding_equals_eager_decoding():
     out_g = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
     model.config.cuda_graph_decoding = False
     assert torch.equal(out_g, model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs))
+
+    # float64 convolution inputs in a cache: a step cannot update them in place, so that layout
+    # decodes eagerly (the next, in float32, from a graph); the same logits as eager decoding
+    def doubled():
+        _, _, c = _greedy(model, ids[:2], steps=1)
+        for layer in c.layers:
+            layer.conv_state = tuple(x.double() for x in layer.conv_state)
+        return c
+
+    model.config.cuda_graph_decoding = True
+    lg_g = _greedy(model, ids[:2], cache=doubled(), steps=3)[1]
+    assert None in _DECODE_GRAPHS[model].graphs.values()
+    model.config.cuda_graph_decoding = False
+    assert torch.equal(lg_g, _greedy(model, ids[:2], cache=doubled(), steps=3)[1])
     # a new output head: captured again, and its logits are the new head's
     model.lm_head = torch.nn.Linear(32, 97, bias=False, device="cuda")
     tok, lg, _ = _greedy(model, ids)
@@ -548,6 +562,10 @@ def test_published_sizes_parameter_count(name, fla_millions):
 
 
 def test_published_sizes_match_fla_deltanet_exactly():
+    """fla's DeltaNet of each published size has our weights' names and shapes, less the
+    preconditioner's; so does the peer the benchmarks build (`fla_deltanet_kwargs`)."""
+    from osdn_hf.throughput import fla_deltanet_kwargs
+
     fla_models = pytest.importorskip("fla.models", reason="flash-linear-attention (the test extra) is not installed")
     for name in ("osdn-340m", "osdn-1.3b"):
         config = AutoConfig.from_pretrained(REPO / "configs" / name)
@@ -562,7 +580,9 @@ def test_published_sizes_match_fla_deltanet_exactly():
         with torch.device("meta"):
             ours = AutoModelForCausalLM.from_config(config).state_dict()
             theirs = fla_models.DeltaNetForCausalLM(fla_config).state_dict()
+            peer = fla_models.DeltaNetForCausalLM(fla_models.DeltaNetConfig(**fla_deltanet_kwargs(config))).state_dict()
         assert {k: v.shape for k, v in theirs.items()} == {k: v.shape for k, v in ours.items() if k in theirs}
+        assert {k: v.shape for k, v in peer.items()} == {k: v.shape for k, v in theirs.items()}
         assert all("eta_proj" in k or "apf_proj" in k for k in ours if k not in theirs)
 
 

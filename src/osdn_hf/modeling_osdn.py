@@ -364,8 +364,9 @@ class _DecodeGraph:
             with torch.cuda.graph(self.graph, stream=stream):
                 self.logits = model._decode_logits(self.input_ids, cache)
         torch.cuda.current_stream(device).wait_stream(stream)
-        if any(a is not b for a, b in zip(_state_tensors(cache), self.states)):
-            raise RuntimeError("a decoding step replaced a cached state instead of updating it in place")
+        # a state not updated in place (a cache whose convolution inputs are in another dtype than
+        # the projections', say) would leave the graph reading stale buffers
+        self.valid = all(a is b for a, b in zip(_state_tensors(cache), self.states))
 
     def __call__(self, input_ids: torch.Tensor, states: list[torch.Tensor]) -> torch.Tensor:
         """Logits `[B, 1, vocab]` of one step from `input_ids` `[B, 1]`; `states` (a cache's,
@@ -436,19 +437,30 @@ class CUDAGraphDecoding:
     def _step(self, model: OSDNForCausalLM, input_ids: torch.Tensor, states: list[torch.Tensor]):
         device = input_ids.device
         if not self._current(model, device):
-            self.graphs, self.params = {}, list(model.parameters())
+            self._drop_graphs()
+            self.params = list(model.parameters())
             if any(p.device != device for p in self.params):
                 self.registrations = -1  # look again next time
                 return None
             self.weights = [p.data_ptr() for p in self.params]
             self.registrations, self.device = _registrations[0], device
         key = (torch.cuda.current_stream(device).cuda_stream, *((x.shape, x.dtype) for x in states))
-        graph = self.graphs.get(key)
-        if graph is None:
+        if key not in self.graphs:
             if len(self.graphs) >= self.max_graphs:
-                self.graphs.pop(next(iter(self.graphs)))
-            graph = self.graphs[key] = _DecodeGraph(model, states, input_ids.shape[0])
-        return graph(input_ids, states)
+                self._drop_graphs(next(iter(self.graphs)))
+            graph = _DecodeGraph(model, states, input_ids.shape[0])
+            self.graphs[key] = graph if graph.valid else None  # None: this layout decodes eagerly
+        graph = self.graphs[key]
+        return None if graph is None else graph(input_ids, states)
+
+    def _drop_graphs(self, key: tuple | None = None) -> None:
+        """Drop one graph (or all), after the GPU has finished any replay of it still queued."""
+        if self.graphs:
+            torch.cuda.synchronize(self.device)
+            if key is None:
+                self.graphs = {}
+            else:
+                del self.graphs[key]
 
 
 # each model's graphs, kept off the module so that copying or pickling a model never meets them

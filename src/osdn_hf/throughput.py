@@ -19,6 +19,23 @@ from collections.abc import Callable
 import torch
 
 
+def fla_deltanet_kwargs(config) -> dict:
+    """Arguments of fla's `DeltaNetConfig` for the DeltaNet with an `OSDNConfig`'s shape: the peer
+    of the model-level comparisons (`scripts/gpu_model_evidence.py`, `scripts/bench_generate.py`)."""
+    return dict(
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_heads=config.num_heads,
+        expand_k=config.expand_k,
+        expand_v=config.expand_v,
+        use_short_conv=True,
+        conv_size=config.conv_size,
+        intermediate_size=config.intermediate_size,
+        vocab_size=config.vocab_size,
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+
+
 def training_step(model: torch.nn.Module, batch: int, seq: int, device: str) -> Callable[[], None]:
     """One AdamW step of `model` on random tokens, under bf16 autocast on CUDA."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
