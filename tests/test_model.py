@@ -383,12 +383,15 @@ def test_cuda_graph_decoding_equals_eager_decoding():
     model.config.cuda_graph_decoding = False
     alone = [_greedy(model, ids[i : i + 1, :1], cache=c, steps=3)[1] for i, c in ((0, a2), (1, b2))]
     assert all(torch.equal(x, y) for x, y in zip(on_streams, alone))
-    # generate
-    model.config.cuda_graph_decoding = True
-    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    out_g = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-    model.config.cuda_graph_decoding = False
-    assert torch.equal(out_g, model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs))
+    # generate: greedy, beam search (the cache reordered between steps) and sampling
+    for extra in (dict(do_sample=False), dict(num_beams=3, do_sample=False), dict(do_sample=True, top_k=20)):
+        kwargs = dict(max_new_tokens=8, min_new_tokens=8, pad_token_id=0, attention_mask=torch.ones_like(ids), **extra)
+        outs = []
+        for flag in (True, False):
+            model.config.cuda_graph_decoding = flag
+            torch.manual_seed(3)
+            outs.append(model.generate(ids, **kwargs))
+        assert torch.equal(*outs), extra
 
     # float64 convolution inputs in a cache: a step cannot update them in place, so that layout
     # decodes eagerly (the next, in float32, from a graph); the same logits as eager decoding
