@@ -340,6 +340,14 @@ def _state_tensors(cache: OSDNCache) -> list[torch.Tensor] | None:
     return states
 
 
+def _capturable(states: list[torch.Tensor], input_ids: torch.Tensor) -> bool:
+    """Whether a step on these states can be captured: all on the ids' device, contiguous, with
+    the ids' batch, `S` and `d` in float32 (as in-place decoding needs them)."""
+    return all(
+        x.device == input_ids.device and x.is_contiguous() and x.shape[0] == input_ids.shape[0] for x in states
+    ) and all(x.dtype == torch.float32 for x in states[0::5] + states[1::5])
+
+
 class _DecodeGraph:
     """One captured decoding step (one token a row, a fixed batch and state layout) and the
     buffers it reads and writes: the input ids, every layer's states (updated in place by the
@@ -444,12 +452,13 @@ class CUDAGraphDecoding:
                 return None
             self.weights = [p.data_ptr() for p in self.params]
             self.registrations, self.device = _registrations[0], device
-        key = (torch.cuda.current_stream(device).cuda_stream, *((x.shape, x.dtype) for x in states))
+        stream = torch.cuda.current_stream(device).cuda_stream
+        key = (stream, input_ids.shape[0], *((x.shape, x.dtype, x.device, x.is_contiguous()) for x in states))
         if key not in self.graphs:
             if len(self.graphs) >= self.max_graphs:
                 self._drop_graphs(next(iter(self.graphs)))
-            graph = _DecodeGraph(model, states, input_ids.shape[0])
-            self.graphs[key] = graph if graph.valid else None  # None: this layout decodes eagerly
+            graph = _DecodeGraph(model, states, input_ids.shape[0]) if _capturable(states, input_ids) else None
+            self.graphs[key] = graph if graph is not None and graph.valid else None  # None: decoded eagerly
         graph = self.graphs[key]
         return None if graph is None else graph(input_ids, states)
 
@@ -523,12 +532,12 @@ class OSDNForCausalLM(OSDNPreTrainedModel, GenerationMixin):
         if return_dict is None:
             return_dict = self.config.return_dict
         if self.config.cuda_graph_decoding:
+            step_cache = _one_cache(past_key_values, cache)
             logits = self._replayed_step(
-                input_ids, attention_mask, inputs_embeds, _one_cache(past_key_values, cache), labels, use_cache,
-                output_hidden_states, cu_seqlens, logits_to_keep,
+                input_ids, attention_mask, inputs_embeds, step_cache, labels, use_cache, output_hidden_states,
+                cu_seqlens, logits_to_keep,
             )  # fmt: skip
             if logits is not None:
-                step_cache = _one_cache(past_key_values, cache)
                 step_cache.seen_tokens += 1
                 output = CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: step_cache})
                 return output if return_dict else output.to_tuple()
@@ -607,12 +616,8 @@ class OSDNForCausalLM(OSDNPreTrainedModel, GenerationMixin):
             and not torch.cuda.is_current_stream_capturing()
         ):
             return None
-        states = _state_tensors(cache)
-        if states is None or any(x.device != input_ids.device or not x.is_contiguous() for x in states):
-            return None
-        if any(x.shape[0] != input_ids.shape[0] for x in states):
-            return None
-        if any(x.dtype != torch.float32 for x in states[0::5] + states[1::5]):
+        states = _state_tensors(cache)  # their layout is checked once per layout (`CUDAGraphDecoding`)
+        if states is None:
             return None
         if attention_mask is not None and not bool(attention_mask[:, -1].all()):
             return None
