@@ -125,7 +125,9 @@ def test_precond_scans_prefetching_give_the_same_bits(K, dtype):
     def fwd(prefetch):
         es, ef = y.new_empty(B, H, NC, K, dtype=torch.float32), e0.new_empty(B, H, K)
         dl = torch.empty_like(dm)
-        chunk_scan.precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, e0, es, ef, dl, NC, PREFETCH=prefetch, **launch)
+        chunk_scan.precond_scan_fwd_kernel[(B * H,)](
+            y, u, dm, p, gc, e0, es, ef, dl, None, None, None, NC, PREFETCH=prefetch, **launch
+        )
         return es, ef, dl
 
     (es, ef, dl), (es2, ef2, dl2) = fwd(False), fwd(True)
@@ -167,8 +169,9 @@ def _scanned_precond(K, dtype):
     B, H, NC, C, _ = y.shape
     es, ef = y.new_empty(B, H, NC, K, dtype=torch.float32), e0.new_empty(B, H, K)
     chunk_scan.precond_scan_fwd_kernel[(B * H,)](
-        y, u, dm, p, gc, e0, es, ef, None, NC, K=K, C=C, BK=triton.next_power_of_2(K), BS=C, SQUARE=True
-    )
+        y, u, dm, p, gc, e0, es, ef, None, None, None, None, NC,
+        K=K, C=C, BK=triton.next_power_of_2(K), BS=C, SQUARE=True,
+    )  # fmt: skip
     return y, u, dm, p, gc, es, ef
 
 
@@ -438,24 +441,74 @@ def test_state_scans_at_the_fitted_launches(K, heads, sms, monkeypatch):
     assert max(result["errors"].values()) <= check_scans.RTOL["float16"] and result["rebuilt_same_bits"], result
 
 
-def _precond_forward(B, H, NC, C, K, dtype, g):
+def _precond_forward(B, H, NC, C, K, dtype, g, read_inverse=True):
     """Phase 1's forward on random chunked inputs, by its two kernels one after the other: k
-    (unit rows, in `dtype`), beta, eta, lam, e0, and the kernels' outputs [y, dm, p, gc, tinv, es,
-    ef, dl]."""
+    (unit rows, in `dtype`), beta, eta, lam, e0, and the kernels' outputs [y, r, dm, p, gc, tinv,
+    es, ef, dl]. pre_intra_fwd writes both Y and r; the scan reads the inverse and r, as the op's
+    does, or with `read_inverse` off Y."""
     k = torch.nn.functional.normalize(torch.randn(B, H, NC, C, K, generator=g), dim=-1).to(dtype)
     beta, eta, lam = (0.5 + 0.5 * torch.rand(B, H, NC, C, generator=g) for _ in range(3))
     e0 = 0.1 * torch.randn(B, H, K, generator=g)
     y, dm, p, gc = torch.empty_like(k), torch.empty_like(beta), torch.empty_like(beta), beta.new_empty(B, H, NC)
     tinv, es, ef = beta.new_empty(B, H, NC, C, C), beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
-    dl = torch.empty_like(dm)
+    dl, r = torch.empty_like(dm), torch.empty_like(dm)
     chunk_fused.pre_intra_fwd_kernel[(B * H * NC,)](
-        k, beta, eta, lam, y, dm, p, gc, tinv, K=K, C=C, BK=32, PRECISION="ieee"
+        k, beta, eta, lam, y, r, dm, p, gc, tinv, K=K, C=C, BK=32, PRECISION="ieee"
     )
     chunk_scan.precond_scan_fwd_kernel[(B * H,)](
-        y, k, dm, p, gc, e0, es, ef, dl, NC, K=K, C=C, BK=triton.next_power_of_2(K), BS=C, SQUARE=True, PREFETCH=True
-    )
+        tinv if read_inverse else y, k, dm, p, gc, e0, es, ef, dl, r if read_inverse else None, None, None, NC,
+        K=K, C=C, BK=triton.next_power_of_2(K), BS=C, SQUARE=True, PREFETCH=True,
+    )  # fmt: skip
     assert not torch.equal(ef, e0)  # the scan moved
-    return k, beta, eta, lam, e0, [y, dm, p, gc, tinv, es, ef, dl]
+    return k, beta, eta, lam, e0, [y, r, dm, p, gc, tinv, es, ef, dl]
+
+
+@pytest.mark.parametrize("K, dtype", [(48, torch.float32), (128, torch.float16)])
+def test_precond_scan_reading_the_inverse_matches_reading_y(K, dtype):
+    """Phase 1's forward scan reading each chunk's inverse and r (Y e_n = (I + L)^{-1} (r * (U
+    e_n)), as the op runs it) gives what the scan reading Y's rows gives, to Y's rounding in
+    `dtype`; Y is what pre_intra_fwd wrote, and r its factors: Y = (I + L)^{-1} diag(r) U."""
+    B, H, NC, C = 2, 2, 3, 64
+    out = {}
+    for read_inverse in (True, False):
+        k, beta, eta, lam, e0, out[read_inverse] = _precond_forward(
+            B, H, NC, C, K, dtype, torch.Generator().manual_seed(4), read_inverse
+        )
+    y, r, tinv = out[True][0], out[True][1], out[True][5]
+    y_ref = tinv @ (r[..., None] * k.float() ** 2)
+    torch.testing.assert_close(y.float(), y_ref, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-4)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-4)
+    for name, i in (("es", 6), ("ef", 7), ("dl", 8)):
+        torch.testing.assert_close(out[True][i], out[False][i], **tol, msg=name)
+    assert not torch.equal(out[True][8], out[True][2])  # delta moved off dm
+
+
+@pytest.mark.parametrize("K, dtype, C", [(48, torch.float32, 64), (128, torch.float16, 32), (128, torch.float32, 32)])
+def test_precond_scan_writing_w_matches_the_output_kernel(K, dtype, C):
+    """Phase 1's forward scan that also writes W (`OUT` = `_pre_out_rows`, as the op runs it where
+    the scans do not overlap) writes what `pre_out_fwd_kernel` makes after the plain scan, to
+    float32 rounding, and its e_n, final e and delta are the plain scan's bits."""
+    B, H, NC = 2, 2, 3
+    k, beta, eta, lam, e0, (y, r, dm, p, gc, tinv, es, ef, dl) = _precond_forward(
+        B, H, NC, C, K, dtype, torch.Generator().manual_seed(5)
+    )
+    BK = triton.next_power_of_2(K)
+    w_ref = torch.empty_like(k)
+    chunk_fused.pre_out_fwd_kernel[(B * H * NC,)](k, lam, dl, es, w_ref, K=K, C=C, BK=BK, PRECISION="ieee")
+    w, es2, ef2, dl2 = (
+        torch.full_like(k, float("nan")),
+        torch.empty_like(es),
+        torch.empty_like(ef),
+        torch.empty_like(dl),
+    )
+    chunk_scan.precond_scan_fwd_kernel[(B * H,)](
+        tinv, k, dm, p, gc, e0, es2, ef2, dl2, r, w, lam, NC,
+        K=K, C=C, BK=BK, BS=C, SQUARE=True, PREFETCH=True, OUT=chunk_fused._pre_out_rows, PRECISION="ieee",
+    )  # fmt: skip
+    assert torch.equal(es2, es) and torch.equal(ef2, ef) and torch.equal(dl2, dl)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(w, w_ref, **tol)
+    assert not torch.equal(w, k)  # the preconditioner moved W off K
 
 
 @pytest.mark.parametrize("K, dtype, NC", [(48, torch.float32, 3), (128, torch.float16, 3), (48, torch.float32, 1)])
@@ -466,16 +519,20 @@ def test_overlapped_precond_forward_gives_the_same_bits(K, dtype, NC):
     run at a time (RUN), and the flags end raised, the tickets all taken."""
     B, H, C = 2, 2, 64
     k, beta, eta, lam, e0, ref = _precond_forward(B, H, NC, C, K, dtype, torch.Generator().manual_seed(0))
-    for workers, run in ((1, 1), (3, 1), (1, 2), (3, 4)):
+    ref_y = _precond_forward(B, H, NC, C, K, dtype, torch.Generator().manual_seed(0), read_inverse=False)[-1]
+    for workers, run, read_inverse in ((1, 1, True), (3, 1, True), (1, 2, True), (3, 4, True), (3, 4, False)):
         got = [torch.empty_like(x) for x in ref]
-        y, dm, p, gc, tinv, es, ef, dl = got
+        y, r, dm, p, gc, tinv, es, ef, dl = got
         ready = torch.zeros(B * H * NC + 1, dtype=torch.int32)
         chunk_fused.precond_fwd_overlap_kernel[(workers + B * H,)](
-            k, beta, eta, lam, y, dm, p, gc, tinv, e0, es, ef, dl, ready, NC, B * H, workers,
-            K=K, C=C, BK=32, SBK=triton.next_power_of_2(K), PRECISION="ieee", RUN=run,
+            k, beta, eta, lam, y, r if read_inverse else None, dm, p, gc, tinv, e0, es, ef, dl, ready, NC, B * H,
+            workers, K=K, C=C, BK=32, SBK=triton.next_power_of_2(K), PRECISION="ieee", RUN=run,
         )  # fmt: skip
-        for name, a, b in zip(("y", "dm", "p", "gc", "tinv", "es", "ef", "dl"), got, ref):
-            assert torch.equal(a, b), (name, workers, run)
+        for name, a, b in zip(
+            ("y", "r", "dm", "p", "gc", "tinv", "es", "ef", "dl"), got, ref if read_inverse else ref_y
+        ):
+            if name != "r" or read_inverse:
+                assert torch.equal(a, b), (name, workers, run, read_inverse)
         assert ready[:-1].eq(1).all() and ready[-1] == workers + B * H
 
 
@@ -492,7 +549,7 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC, fold):
     B, H, C = 2, 2, 64
     g = torch.Generator().manual_seed(1)
     # dl: delta = dm - Y e_n, as the forward's scan wrote it
-    k, beta, eta, lam, _, (y, dm, p, gc, tinv, es, ef, dl) = _precond_forward(B, H, NC, C, K, dtype, g)
+    k, beta, eta, lam, _, (y, _, dm, p, gc, tinv, es, ef, dl) = _precond_forward(B, H, NC, C, K, dtype, g)
     prec, BK = "ieee", triton.next_power_of_2(K)
     dw, gef = torch.randn(B, H, NC, C, K, generator=g).to(dtype), torch.randn(B, H, K, generator=g)
     names = ("y", "dk", "ddm", "du", "dg", "dgp", "ges", "des", "de0")
@@ -577,12 +634,17 @@ def test_phase1_in_chunks_of_32_matches_torch_chunk_path(K, V, tile, prefetch, s
     assert chunks == [32], chunks
 
 
-@pytest.mark.parametrize("c1", [32, 64])
-def test_phase1_in_chunks_of_32_launches_with_its_own_settings(c1, monkeypatch):
+@pytest.mark.parametrize("c1, write_w", [(32, None), (64, None), (32, 4096), (64, 4096)])
+def test_phase1_in_chunks_of_32_launches_with_its_own_settings(c1, write_w, monkeypatch):
     """Phase 1's kernels in chunks of 32 launch with `PHASE1["launch"]`'s warps and tiles (measured
     at 32), its split backward scan with that entry's warps; in chunks of 64 with the tables'. Its
-    output step takes one of its own chunks a program either way."""
+    output step takes one of its own chunks a program either way. With `write_w` (as tuned) the
+    forward scan writes W where its tiles (C x BK, here 128 wide) fit, in chunks of 32, and no
+    output step follows it; in chunks of 64 the output step runs."""
     monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1 if c1 == 32 else 1 << 30)
+    tuning = chunk_fused.SCAN_TUNING["precond_fwd"]
+    assert tuning["write_w"] == 4096 and tuning["read_inverse"]
+    monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_fwd", dict(tuning, write_w=write_w))
     launches, grids = {}, {}
     enqueue = chunk_fused.enqueue
 
@@ -603,12 +665,18 @@ def test_phase1_in_chunks_of_32_launches_with_its_own_settings(c1, monkeypatch):
         pre_intra_bwd_kernel=((1, 32), (2, 32)),
         precond_scan_bwd_de_kernel=((2, 128), (4, 128)),
     )
+    scan_writes_w = bool(write_w) and c1 == 32
+    if scan_writes_w:
+        del expected["pre_out_fwd_kernel"]
+        assert "pre_out_fwd_kernel" not in launches
     for name, (small, table) in expected.items():
         assert launches[name] == (small if c1 == 32 else table), name
     assert launches["wy_fwd_kernel"] == (2, 64)  # phase 2's stand
     # T = 70 in two chunks of 64, four of 32; two heads
     for name in ("pre_intra_fwd_kernel", "pre_out_fwd_kernel", "pre_out_bwd_kernel", "pre_intra_bwd_kernel"):
-        assert grids[name] == (2 * 128 // c1,), (name, grids[name])
+        if name in expected:
+            assert grids[name] == (2 * 128 // c1,), (name, grids[name])
+    assert grids["precond_scan_fwd_kernel"] == (2,)
 
 
 def test_overlap_runs_with_few_scans_per_sm(monkeypatch):

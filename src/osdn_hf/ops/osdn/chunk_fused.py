@@ -598,7 +598,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _pre_intra_chunk(
-        i_c, k, beta, eta, lam, y, dm, p, gc, tinv,
+        i_c, k, beta, eta, lam, y, r, dm, p, gc, tinv,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr,
     ):  # fmt: skip
         """`pre_intra_fwd_kernel`'s work on chunk `i_c`."""
@@ -612,20 +612,25 @@ if HAS_TRITON:
         b_l = tl.where(strict, b_a[:, None] * tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)) * b_uu, 0.0)
         b_ti = _invert(b_l, tinv + i_c * C * C, o_c, C, DOUBLING)
         tl.store(dm + o_t, tl.sum(b_ti * b_m[None, :], 1))
-        _walk_k_blocks(_y_block, k, y, b_ti, b_a * tl.exp(b_gp), o_t, K, BK, PRECISION, True, 1)
+        if y is not None:
+            _walk_k_blocks(_y_block, k, y, b_ti, b_a * tl.exp(b_gp), o_t, K, BK, PRECISION, True, 1)
+        if r is not None:
+            tl.store(r + o_t, b_a * tl.exp(b_gp))
         tl.store(p + o_t, tl.exp(b_gend - b_gp))
         tl.store(gc + i_c, tl.exp(b_gend))
 
     @triton.jit
     def pre_intra_fwd_kernel(
-        k, beta, eta, lam, y, dm, p, gc, tinv,
+        k, beta, eta, lam, y, r, dm, p, gc, tinv,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, DOUBLING: tl.constexpr = False,
     ):  # fmt: skip
         """Per chunk: L[t, s] = a_t G_{t-1} / G_{s-1} <u_t, u_s> (s < t), [dm, Y] = (I + L)^{-1}
-        [m, diag(a G_{t-1}) U], p_s = G_C / G_{s-1}, Gc = G_C; u = k * k is formed where needed
-        (here, in the scan and in the backward) and never stored."""
+        [m, diag(r) U] with r = a G_{t-1}, p_s = G_C / G_{s-1}, Gc = G_C; u = k * k is formed where
+        needed (here, in the scan and in the backward) and never stored. Y is written only where `y`
+        is not None, r only where `r` is not None: the op's scan reads (I + L)^{-1} and r instead of
+        Y (`precond_scan_fwd_kernel`), and Y is not made at all."""
         i_c = tl.program_id(0).to(tl.int64)
-        _pre_intra_chunk(i_c, k, beta, eta, lam, y, dm, p, gc, tinv, K, C, BK, PRECISION, DOUBLING)
+        _pre_intra_chunk(i_c, k, beta, eta, lam, y, r, dm, p, gc, tinv, K, C, BK, PRECISION, DOUBLING)
 
     @triton.jit
     def _worker_chunk(j, BH, NC, LAST_FIRST: tl.constexpr):
@@ -638,13 +643,14 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["NC", "BH", "NW"])
     def precond_fwd_overlap_kernel(
-        k, beta, eta, lam, y, dm, p, gc, tinv, e0, es, ef, dl, ready, NC, BH, NW,
+        k, beta, eta, lam, y, r, dm, p, gc, tinv, e0, es, ef, dl, ready, NC, BH, NW,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, SBK: tl.constexpr, PRECISION: tl.constexpr,
         DOUBLING: tl.constexpr = False, RUN: tl.constexpr = 1,
     ):  # fmt: skip
         """`pre_intra_fwd_kernel` and the preconditioner's forward scan (`precond_scan_fwd_kernel`
-        with PREFETCH) in one launch of NW + BH programs, so that the scans, BH programs alone, run
-        while the chunks they read are still being made instead of after.
+        with PREFETCH; with `r` it reads the inverse and r, not Y) in one launch of NW + BH
+        programs, so that the scans, BH programs alone, run while the chunks they read are still
+        being made instead of after.
 
         `ready` holds a flag per chunk and, after them, a ticket counter, all zero. Each program
         takes a ticket as it starts: the first NW are workers, which make the chunks in chunk-index
@@ -659,11 +665,16 @@ if HAS_TRITON:
         if ticket < NW:
             for j in range(ticket, NC * BH, NW):
                 i_c = _worker_chunk(j, BH, NC, False)
-                _pre_intra_chunk(i_c, k, beta, eta, lam, y, dm, p, gc, tinv, K, C, BK, PRECISION, DOUBLING)
+                _pre_intra_chunk(i_c, k, beta, eta, lam, y, r, dm, p, gc, tinv, K, C, BK, PRECISION, DOUBLING)
                 _raise_flag(ready + i_c)
         else:
             i_bh = (ticket - NW).to(tl.int64)
-            _precond_scan_fwd_prefetching(y, k, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K, C, SBK, True, RUN)
+            if r is None:
+                _precond_scan_fwd_prefetching(y, k, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K, C, SBK, True, RUN)
+            else:
+                _precond_scan_fwd_prefetching(
+                    tinv, k, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K, C, SBK, True, RUN, r
+                )
 
     @triton.jit
     def _y_block(k, y, b_ti, b_r, i_k, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
@@ -696,9 +707,10 @@ if HAS_TRITON:
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
         UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
-        """Y again from the saved (I + L)^{-1}, as `pre_intra_fwd_kernel` made it: the backward
-        reads it, and the forward does not keep it. One chunk per program; with UNROLL off the
-        loop over K blocks stays a loop, pipelined STAGES deep."""
+        """Y from the saved (I + L)^{-1}, as `pre_intra_fwd_kernel` makes it given `y`: the
+        backward reads it, and the forward does not form it (its scan reads the inverse). One
+        chunk per program; with UNROLL off the loop over K blocks stays a loop, pipelined STAGES
+        deep."""
         i_c = tl.program_id(0).to(tl.int64)
         _pre_y_chunk(i_c, k, beta, eta, lam, tinv, y, K, C, BK, PRECISION, UNROLL, STAGES)
 
@@ -733,10 +745,28 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
-            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)[None, :]
-            b_ee = b_eg[:, None] * b_e + tl.dot(b_p, b_k * b_k * b_delta[:, None], input_precision=PRECISION)
-            tl.store(w + o_t[:, None] * K + o_k[None, :], (1 + b_ee) * b_k, mask=m_k[None, :])
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
+            _pre_out_block(b_k, b_e, b_delta, b_p, b_eg, w, o_t, o_k, m_k, K, PRECISION)
+
+    @triton.jit
+    def _pre_out_block(b_k, b_e, b_delta, b_p, b_eg, w, o_t, o_k, m_k, K: tl.constexpr, PRECISION: tl.constexpr):
+        """W = (1 + E) * K on one K block of one chunk: E = G e_n^T + P (delta * U), from the keys
+        `b_k` (`[C, BK]`, as stored), e_n's block `b_e`, delta, P and G."""
+        b_k = b_k.to(tl.float32)
+        b_ee = b_eg[:, None] * b_e[None, :] + tl.dot(b_p, b_k * b_k * b_delta[:, None], input_precision=PRECISION)
+        tl.store(w + o_t[:, None] * K + o_k[None, :], (1 + b_ee) * b_k, mask=m_k[None, :])
+
+    @triton.jit
+    def _pre_out_rows(
+        b_k, b_e, b_delta, lam, w, o_t, o_k, m_k, o_c, K: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr
+    ):
+        """`pre_out_fwd_kernel`'s work on one chunk (rows `o_t`) inside the forward scan, which
+        holds its keys `b_k` (the whole row, as stored), e_n and delta (`precond_scan_fwd_kernel`
+        with `w`)."""
+        b_g, b_gp, _ = _log_gates(lam, o_t, o_c, C)
+        b_p, b_eg = _decay_matrix(b_g, b_gp, o_c, False), tl.exp(b_g)
+        _pre_out_block(b_k, b_e, b_delta, b_p, b_eg, w, o_t, o_k, m_k, K, PRECISION)
 
     # ---------------------------------------------------------------- phase 1 backward
 
@@ -1058,7 +1088,15 @@ SCAN_TUNING = {
     # every flag already raised and no workers (flagcost_1x16384_f134c02.json): runs of 4 win back
     # 41 of those 134 us; the rest of that gap is not explained.
     "precond_fwd": dict(
-        BS=None, num_warps=4, num_stages=1, prefetch=True, overlap_alone=8, overlap_shared=4, flag_run=4
+        BS=None,
+        num_warps=4,
+        num_stages=1,
+        prefetch=True,
+        overlap_alone=8,
+        overlap_shared=4,
+        flag_run=4,
+        read_inverse=True,
+        write_w=4096,
     ),
     "precond_bwd": dict(
         BS=None,
@@ -1417,38 +1455,48 @@ class Precondition(torch.autograd.Function):
     def forward(ctx, k, beta, eta, lam, d0, precision, small):
         B, H, NC, C, K = k.shape
         grid = (B * H * NC,)
-        y = torch.empty_like(k)
+        scan = _scan_launch("precond_fwd", K, K, C)
+        # a prefetching scan reads each chunk's inverse and r (C * C + C floats) instead of Y
+        # (C * K), so pre_intra_fwd makes no Y (`SCAN_TUNING["precond_fwd"]["read_inverse"]`)
+        read_inverse = scan.get("PREFETCH", False) and SCAN_TUNING["precond_fwd"]["read_inverse"]
+        y, r = (None, torch.empty_like(beta)) if read_inverse else (torch.empty_like(k), None)
         dm, p = torch.empty_like(beta), torch.empty_like(beta)
         gc = beta.new_empty(B, H, NC)
         tinv = beta.new_empty(B, H, NC, C, C)
         es, ef, dl = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K), torch.empty_like(dm)
         intra_launch = _chunk_launch("pre_intra_fwd", K, small=small)
         intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **intra_launch)
-        scan = _scan_launch("precond_fwd", K, K, C)
         workers, ready = _overlap_launch("precond_fwd", scan, B * H, B * H * NC, k.device)
+        w = None
         if workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
             enqueue(
                 precond_fwd_overlap_kernel, (workers + B * H,),
-                k, beta, eta, lam, y, dm, p, gc, tinv, d0 - 1, es, ef, dl, ready, NC, B * H, workers,
+                k, beta, eta, lam, y, r, dm, p, gc, tinv, d0 - 1, es, ef, dl, ready, NC, B * H, workers,
                 SBK=scan["BK"], RUN=SCAN_TUNING["precond_fwd"]["flag_run"], **intra,
             )  # fmt: skip
         else:
-            enqueue(pre_intra_fwd_kernel, grid, k, beta, eta, lam, y, dm, p, gc, tinv, **intra)
+            enqueue(pre_intra_fwd_kernel, grid, k, beta, eta, lam, y, r, dm, p, gc, tinv, **intra)
+            # a prefetching scan that reads the inverse also writes W from the keys it holds
+            # (`_pre_out_rows`), with no pre_out_fwd after it, where its tiles are at most
+            # `SCAN_TUNING["precond_fwd"]["write_w"]` elements (C * BK)
+            write_w = SCAN_TUNING["precond_fwd"]["write_w"]
+            w = torch.empty_like(k) if read_inverse and write_w and C * scan["BK"] <= write_w else None
             enqueue(
                 precond_scan_fwd_kernel, (B * H,),
-                y, k, dm, p, gc, d0 - 1, es, ef, dl, NC,
-                K=K, C=C, SQUARE=True, **scan,
+                tinv if read_inverse else y, k, dm, p, gc, d0 - 1, es, ef, dl, r, w, None if w is None else lam, NC,
+                K=K, C=C, SQUARE=True, OUT=None if w is None else _pre_out_rows, PRECISION=precision, **scan,
             )  # fmt: skip
-        # Y and dm were the scan's alone: the scan wrote delta = dm - Y e_n, which the output step
-        # and the backward read instead, and the backward rebuilds Y from the inverse (1X less held
-        # between forward and backward); freed before W is allocated
-        del y, dm
-        w = torch.empty_like(k)
-        enqueue(
-            pre_out_fwd_kernel, grid,
-            k, lam, dl, es, w,
-            K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K, small=small),
-        )  # fmt: skip
+        if w is None:
+            # Y (or r) and dm were the scan's alone: the scan wrote delta = dm - Y e_n, which the
+            # output step and the backward read instead, and the backward rebuilds Y from the
+            # inverse (1X less held between forward and backward); freed before W is allocated
+            del y, r, dm
+            w = torch.empty_like(k)
+            enqueue(
+                pre_out_fwd_kernel, grid,
+                k, lam, dl, es, w,
+                K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K, small=small),
+            )  # fmt: skip
         ctx.save_for_backward(k, beta, eta, lam, dl, p, gc, es, tinv)
         ctx.precision, ctx.small = precision, small
         return w, 1 + ef, k

@@ -51,15 +51,31 @@ if HAS_TRITON:
         return b_y, b_u, tl.load(dm + o_t), tl.load(p + o_t)
 
     @triton.jit
-    def _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE: tl.constexpr):
+    def _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE: tl.constexpr, b_r=None):
         """sum_t u_t p_t delta_t over rows of a chunk (tiles as loaded), and the rows' delta_t =
-        dm_t - <y_t, e_n>."""
-        b_y = b_y.to(tl.float32)
+        dm_t - <y_t, e_n>. With `b_r` (not None), `b_y` is the chunk's `(I + L)^{-1}` (`[C, C]`,
+        float32) and Y's rows are never formed: Y e_n = (I + L)^{-1} (r * (U e_n))."""
         b_u = b_u.to(tl.float32)
         if SQUARE:
             b_u = b_u * b_u
-        b_delta = b_dm - tl.sum(b_y * b_e[None, :], 1)  # [BS]
+        if b_r is None:
+            b_ye = tl.sum(b_y.to(tl.float32) * b_e[None, :], 1)  # [BS]
+        else:
+            b_ye = tl.sum(b_y * (b_r * tl.sum(b_u * b_e[None, :], 1))[None, :], 1)  # [C]
+        b_delta = b_dm - b_ye
         return tl.sum(b_u * (b_p * b_delta)[:, None], 0), b_delta
+
+    @triton.jit
+    def _precond_fwd_loads(y, u, dm, p, r, o_t, o_s, o_k, m_k, K: tl.constexpr, C: tl.constexpr):
+        """What the prefetching forward scan reads for rows `o_t` (one whole chunk): y, u, dm, p
+        and, with `r` (not None), the chunk's `(I + L)^{-1}` from `y` in place of Y's rows, and r
+        (None without)."""
+        if r is None:
+            b_y, b_u, b_dm, b_p = _precond_rows(y, u, dm, p, o_t, o_k, m_k, K)
+            return b_y, b_u, b_dm, b_p, None
+        b_y = tl.load(y + o_t[:, None] * C + o_s[None, :])
+        b_u = tl.load(u + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+        return b_y, b_u, tl.load(dm + o_t), tl.load(p + o_t), tl.load(r + o_t)
 
     @triton.jit
     def _wait_for(flag):
@@ -102,10 +118,15 @@ if HAS_TRITON:
     @triton.jit
     def _precond_scan_fwd_prefetching(
         y, u, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-        SQUARE: tl.constexpr, RUN: tl.constexpr = 1,
+        SQUARE: tl.constexpr, RUN: tl.constexpr = 1, r=None, w=None, lam=None, OUT: tl.constexpr = None,
+        PRECISION: tl.constexpr = "ieee",
     ):  # fmt: skip
         """`precond_scan_fwd_kernel` with PREFETCH for (batch, head) `i_bh`: the next chunk's rows
         are loaded before this chunk is reduced, and delta is written to `dl` (unless None). With
+        `r`, `y` holds each chunk's `(I + L)^{-1}` and r its columns' factors (`_precond_fwd_rows`).
+        With `w` (not None; SQUARE), the scan also writes each chunk's rows of W from the keys it
+        holds, its e_n and delta, by `OUT(b_k, b_e, b_delta, lam, w, o_t, o_k, m_k, o_s, K, C,
+        PRECISION)` (`chunk_fused._pre_out_rows`), so no later kernel reads k again for them. With
         `ready` (not None), each chunk's rows are read only once its flag `ready[i_c]` is raised:
         another program is still writing them (`chunk_fused.precond_fwd_overlap_kernel`). The flags
         are read RUN chunks at a time (`_wait_for_run`): every RUN-th step waits for the next RUN
@@ -116,7 +137,7 @@ if HAS_TRITON:
         b_e = tl.load(e0 + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
         if ready is not None:
             _wait_for(ready + i_bh * NC)
-        b_y, b_u, b_dm, b_p = _precond_rows(y, u, dm, p, i_bh * NC * C + o_s, o_k, m_k, K)  # the first chunk
+        b_y, b_u, b_dm, b_p, b_r = _precond_fwd_loads(y, u, dm, p, r, i_bh * NC * C + o_s, o_s, o_k, m_k, K, C)
         b_gc = tl.load(gc + i_bh * NC)
         for i_n in range(NC):
             i_c = i_bh * NC + i_n
@@ -124,13 +145,15 @@ if HAS_TRITON:
             i_x = tl.minimum(i_c + 1, i_bh * NC + NC - 1)  # the next chunk (the last one again at the end)
             if ready is not None:
                 _wait_for_next(ready, i_x, 1, NC - 1 - i_n, i_n, RUN)
-            n_y, n_u, n_dm, n_p = _precond_rows(y, u, dm, p, i_x * C + o_s, o_k, m_k, K)
+            n_y, n_u, n_dm, n_p, n_r = _precond_fwd_loads(y, u, dm, p, r, i_x * C + o_s, o_s, o_k, m_k, K, C)
             n_gc = tl.load(gc + i_x)
-            b_sum, b_delta = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE)
+            b_sum, b_delta = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE, b_r)
             if dl is not None:
                 tl.store(dl + i_c * C + o_s, b_delta)
+            if w is not None:
+                OUT(b_u, b_e, b_delta, lam, w, i_c * C + o_s, o_k, m_k, o_s, K, C, PRECISION)
             b_e = b_e * b_gc + b_sum
-            b_y, b_u, b_dm, b_p, b_gc = n_y, n_u, n_dm, n_p, n_gc
+            b_y, b_u, b_dm, b_p, b_r, b_gc = n_y, n_u, n_dm, n_p, n_r, n_gc
         tl.store(ef + i_bh * K + o_k, b_e, mask=m_k)
 
     @_scan_jit
@@ -144,6 +167,9 @@ if HAS_TRITON:
         es,
         ef,
         dl,
+        r,
+        w,
+        lam,
         NC,
         K: tl.constexpr,
         C: tl.constexpr,
@@ -151,10 +177,16 @@ if HAS_TRITON:
         BS: tl.constexpr,
         SQUARE: tl.constexpr = False,
         PREFETCH: tl.constexpr = False,
+        OUT: tl.constexpr = None,
+        PRECISION: tl.constexpr = "ieee",
     ):
         """e_{n+1} = Gc_n e_n + sum_t u_t p_t delta_t with delta_t = dm_t - <y_t, e_n>, one (batch,
         head) per program; delta is written to `dl` unless it is None (phase 1's output step
-        and backward read it, so they need no Y).
+        and backward read it, so they need no Y). `r`, `w`, `lam`: None, or with `r` (PREFETCH only), `y` holds each
+        chunk's `(I + L)^{-1}` (`[B, H, NC, C, C]`) and `r` the factors of Y = (I + L)^{-1}
+        diag(r) U (`[B, H, NC, C]`), so Y is never stored (`chunk_fused.Precondition`). With `w`
+        (PREFETCH and SQUARE only) it also writes W's rows, `OUT` given `lam`
+        (`_precond_scan_fwd_prefetching`).
 
         With SQUARE `u` holds k and u = k * k is formed on the way, so u is never stored. With
         PREFETCH (BS == C) the next chunk's rows are loaded before this chunk is reduced, so their
@@ -162,8 +194,11 @@ if HAS_TRITON:
         i_bh = tl.program_id(0).to(tl.int64)
         if PREFETCH:
             tl.static_assert(BS == C)
-            _precond_scan_fwd_prefetching(y, u, dm, p, gc, e0, es, ef, dl, None, i_bh, NC, K, C, BK, SQUARE)
+            _precond_scan_fwd_prefetching(
+                y, u, dm, p, gc, e0, es, ef, dl, None, i_bh, NC, K, C, BK, SQUARE, 1, r, w, lam, OUT, PRECISION
+            )
         else:
+            tl.static_assert(r is None and w is None)
             o_k = tl.arange(0, BK)
             m_k = o_k < K
             o_s = tl.arange(0, BS)
@@ -620,7 +655,7 @@ class PrecondScan(torch.autograd.Function):
         BK, _, BS = _block_sizes(K, K, C)
         enqueue(
             precond_scan_fwd_kernel, (B * H,),
-            y, u, dm, p, gc, e0, es, ef, None, NC,
+            y, u, dm, p, gc, e0, es, ef, None, None, None, None, NC,
             K=K, C=C, BK=BK, BS=BS, num_stages=1,
         )  # fmt: skip
         ctx.save_for_backward(y, u, dm, p, gc, es)
