@@ -670,11 +670,15 @@ if HAS_TRITON:
         else:
             i_bh = (ticket - NW).to(tl.int64)
             if r is None:
-                _precond_scan_fwd_prefetching(y, k, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K, C, SBK, True, RUN)
+                _precond_scan_fwd_prefetching(
+                    y, k, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K, C, SBK, True, RUN, None, None, None, None,
+                    PRECISION,
+                )  # fmt: skip
             else:
                 _precond_scan_fwd_prefetching(
-                    tinv, k, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K, C, SBK, True, RUN, r
-                )
+                    tinv, k, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K, C, SBK, True, RUN, r, None, None, None,
+                    PRECISION,
+                )  # fmt: skip
 
     @triton.jit
     def _y_block(k, y, b_ti, b_r, i_k, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):

@@ -51,7 +51,7 @@ if HAS_TRITON:
         return b_y, b_u, tl.load(dm + o_t), tl.load(p + o_t)
 
     @triton.jit
-    def _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE: tl.constexpr, b_r=None):
+    def _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE: tl.constexpr, b_r):
         """sum_t u_t p_t delta_t over rows of a chunk (tiles as loaded), and the rows' delta_t =
         dm_t - <y_t, e_n>. With `b_r` (not None), `b_y` is the chunk's `(I + L)^{-1}` (`[C, C]`,
         float32) and Y's rows are never formed: Y e_n = (I + L)^{-1} (r * (U e_n))."""
@@ -69,13 +69,15 @@ if HAS_TRITON:
     def _precond_fwd_loads(y, u, dm, p, r, o_t, o_s, o_k, m_k, K: tl.constexpr, C: tl.constexpr):
         """What the prefetching forward scan reads for rows `o_t` (one whole chunk): y, u, dm, p
         and, with `r` (not None), the chunk's `(I + L)^{-1}` from `y` in place of Y's rows, and r
-        (None without)."""
+        (without r, a placeholder)."""
         if r is None:
             b_y, b_u, b_dm, b_p = _precond_rows(y, u, dm, p, o_t, o_k, m_k, K)
-            return b_y, b_u, b_dm, b_p, None
-        b_y = tl.load(y + o_t[:, None] * C + o_s[None, :])
-        b_u = tl.load(u + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-        return b_y, b_u, tl.load(dm + o_t), tl.load(p + o_t), tl.load(r + o_t)
+            b_r = b_p  # a placeholder, unread without r
+        else:  # (one return after both: Triton 3.6 compiles what follows an early return too)
+            b_y = tl.load(y + o_t[:, None] * C + o_s[None, :])
+            b_u = tl.load(u + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_dm, b_p, b_r = tl.load(dm + o_t), tl.load(p + o_t), tl.load(r + o_t)
+        return b_y, b_u, b_dm, b_p, b_r
 
     @triton.jit
     def _wait_for(flag):
@@ -118,8 +120,7 @@ if HAS_TRITON:
     @triton.jit
     def _precond_scan_fwd_prefetching(
         y, u, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-        SQUARE: tl.constexpr, RUN: tl.constexpr = 1, r=None, w=None, lam=None, OUT: tl.constexpr = None,
-        PRECISION: tl.constexpr = "ieee",
+        SQUARE: tl.constexpr, RUN: tl.constexpr, r, w, lam, OUT: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """`precond_scan_fwd_kernel` with PREFETCH for (batch, head) `i_bh`: the next chunk's rows
         are loaded before this chunk is reduced, and delta is written to `dl` (unless None). With
@@ -147,7 +148,10 @@ if HAS_TRITON:
                 _wait_for_next(ready, i_x, 1, NC - 1 - i_n, i_n, RUN)
             n_y, n_u, n_dm, n_p, n_r = _precond_fwd_loads(y, u, dm, p, r, i_x * C + o_s, o_s, o_k, m_k, K, C)
             n_gc = tl.load(gc + i_x)
-            b_sum, b_delta = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE, b_r)
+            if r is None:
+                b_sum, b_delta = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE, None)
+            else:
+                b_sum, b_delta = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE, b_r)
             if dl is not None:
                 tl.store(dl + i_c * C + o_s, b_delta)
             if w is not None:
@@ -211,7 +215,7 @@ if HAS_TRITON:
                     # the chunk is read in row slices of BS so a [BS, BK] tile fits in registers
                     o_t = i_c * C + i_s * BS + o_s
                     b_y, b_u, b_dm, b_p = _precond_rows(y, u, dm, p, o_t, o_k, m_k, K)
-                    b_sum, b_delta = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE)
+                    b_sum, b_delta = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE, None)
                     if dl is not None:
                         tl.store(dl + o_t, b_delta)
                     b_new += b_sum
