@@ -483,14 +483,18 @@ def test_precond_scan_reading_the_inverse_matches_reading_y(K, dtype):
     assert not torch.equal(out[True][8], out[True][2])  # delta moved off dm
 
 
-@pytest.mark.parametrize("K, dtype, C", [(48, torch.float32, 64), (128, torch.float16, 32), (128, torch.float32, 32)])
-def test_precond_scan_writing_w_matches_the_output_kernel(K, dtype, C):
+@pytest.mark.parametrize(
+    "K, dtype, C, read_inverse",
+    [(48, torch.float32, 64, True), (128, torch.float16, 32, True), (128, torch.float32, 32, True),
+     (128, torch.float16, 32, False)],
+)  # fmt: skip
+def test_precond_scan_writing_w_matches_the_output_kernel(K, dtype, C, read_inverse):
     """Phase 1's forward scan that also writes W (`OUT` = `_pre_out_rows`, as the op runs it where
     the scans do not overlap) writes what `pre_out_fwd_kernel` makes after the plain scan, to
     float32 rounding, and its e_n, final e and delta are the plain scan's bits."""
     B, H, NC = 2, 2, 3
     k, beta, eta, lam, e0, (y, r, dm, p, gc, tinv, es, ef, dl) = _precond_forward(
-        B, H, NC, C, K, dtype, torch.Generator().manual_seed(5)
+        B, H, NC, C, K, dtype, torch.Generator().manual_seed(5), read_inverse
     )
     BK = triton.next_power_of_2(K)
     w_ref = torch.empty_like(k)
@@ -502,7 +506,7 @@ def test_precond_scan_writing_w_matches_the_output_kernel(K, dtype, C):
         torch.empty_like(dl),
     )
     chunk_scan.precond_scan_fwd_kernel[(B * H,)](
-        tinv, k, dm, p, gc, e0, es2, ef2, dl2, r, w, lam, NC,
+        tinv if read_inverse else y, k, dm, p, gc, e0, es2, ef2, dl2, r if read_inverse else None, w, lam, NC,
         K=K, C=C, BK=BK, BS=C, SQUARE=True, PREFETCH=True, OUT=chunk_fused._pre_out_rows, PRECISION="ieee",
     )  # fmt: skip
     assert torch.equal(es2, es) and torch.equal(ef2, ef) and torch.equal(dl2, dl)

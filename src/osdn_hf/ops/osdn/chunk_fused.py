@@ -1480,11 +1480,11 @@ class Precondition(torch.autograd.Function):
             )  # fmt: skip
         else:
             enqueue(pre_intra_fwd_kernel, grid, k, beta, eta, lam, y, r, dm, p, gc, tinv, **intra)
-            # a prefetching scan that reads the inverse also writes W from the keys it holds
+            # a prefetching scan also writes W from the keys it holds
             # (`_pre_out_rows`), with no pre_out_fwd after it, where its tiles are at most
             # `SCAN_TUNING["precond_fwd"]["write_w"]` elements (C * BK)
             write_w = SCAN_TUNING["precond_fwd"]["write_w"]
-            w = torch.empty_like(k) if read_inverse and write_w and C * scan["BK"] <= write_w else None
+            w = torch.empty_like(k) if scan.get("PREFETCH") and write_w and C * scan["BK"] <= write_w else None
             enqueue(
                 precond_scan_fwd_kernel, (B * H,),
                 tinv if read_inverse else y, k, dm, p, gc, d0 - 1, es, ef, dl, r, w, None if w is None else lam, NC,
