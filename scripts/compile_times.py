@@ -57,8 +57,7 @@ def capture(dtype_name: str, head_dim: int, out: str) -> None:
             value = bound.get(name, param.default)
             if "constexpr" in str(param.annotation) or value is None or isinstance(value, (bool, str)):
                 launch["signature"][name] = "constexpr"
-                fn = getattr(value, "fn", None)  # a jit function passed as a constexpr, by name
-                launch["constexprs"][name] = {"jit": [fn.__module__, fn.__name__]} if fn else value
+                launch["constexprs"][name] = value
             elif isinstance(value, torch.Tensor):
                 launch["signature"][name] = pointer[value.dtype]
                 if value.data_ptr() % 16 == 0:  # what Triton's runtime specializes a pointer on
@@ -93,9 +92,6 @@ def compile_launch(launch: dict, arch: int, precision: str | None, num_warps: in
 
     fn = getattr(importlib.import_module(launch["module"]), launch["name"])
     constexprs = dict(launch["constexprs"])
-    for name, value in constexprs.items():  # jit functions recorded by name (`capture`)
-        if isinstance(value, dict) and "jit" in value:
-            constexprs[name] = getattr(importlib.import_module(value["jit"][0]), value["jit"][1])
     if precision and "PRECISION" in constexprs:
         constexprs["PRECISION"] = precision
     aligned = set(launch.get("aligned", []))  # arguments are numbered as the signature lists them
@@ -109,7 +105,7 @@ def compile_launch(launch: dict, arch: int, precision: str | None, num_warps: in
     seconds = time.perf_counter() - start
     return dict(
         kernel=launch["name"],
-        constexprs={n: launch["constexprs"][n] if hasattr(v, "fn") else v for n, v in constexprs.items()},
+        constexprs=constexprs,
         aligned=sorted(aligned),
         options=options,
         seconds=seconds,

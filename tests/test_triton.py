@@ -126,7 +126,7 @@ def test_precond_scans_prefetching_give_the_same_bits(K, dtype):
         es, ef = y.new_empty(B, H, NC, K, dtype=torch.float32), e0.new_empty(B, H, K)
         dl = torch.empty_like(dm)
         chunk_scan.precond_scan_fwd_kernel[(B * H,)](
-            y, u, dm, p, gc, e0, es, ef, dl, None, None, None, NC, PREFETCH=prefetch, **launch
+            y, u, dm, p, gc, e0, es, ef, dl, None, NC, PREFETCH=prefetch, **launch
         )
         return es, ef, dl
 
@@ -169,7 +169,7 @@ def _scanned_precond(K, dtype):
     B, H, NC, C, _ = y.shape
     es, ef = y.new_empty(B, H, NC, K, dtype=torch.float32), e0.new_empty(B, H, K)
     chunk_scan.precond_scan_fwd_kernel[(B * H,)](
-        y, u, dm, p, gc, e0, es, ef, None, None, None, None, NC,
+        y, u, dm, p, gc, e0, es, ef, None, None, NC,
         K=K, C=C, BK=triton.next_power_of_2(K), BS=C, SQUARE=True,
     )  # fmt: skip
     return y, u, dm, p, gc, es, ef
@@ -456,7 +456,7 @@ def _precond_forward(B, H, NC, C, K, dtype, g, read_inverse=True):
         k, beta, eta, lam, y, r, dm, p, gc, tinv, K=K, C=C, BK=32, PRECISION="ieee"
     )
     chunk_scan.precond_scan_fwd_kernel[(B * H,)](
-        tinv if read_inverse else y, k, dm, p, gc, e0, es, ef, dl, r if read_inverse else None, None, None, NC,
+        tinv if read_inverse else y, k, dm, p, gc, e0, es, ef, dl, r if read_inverse else None, NC,
         K=K, C=C, BK=triton.next_power_of_2(K), BS=C, SQUARE=True, PREFETCH=True,
     )  # fmt: skip
     assert not torch.equal(ef, e0)  # the scan moved
@@ -481,38 +481,6 @@ def test_precond_scan_reading_the_inverse_matches_reading_y(K, dtype):
     for name, i in (("es", 6), ("ef", 7), ("dl", 8)):
         torch.testing.assert_close(out[True][i], out[False][i], **tol, msg=name)
     assert not torch.equal(out[True][8], out[True][2])  # delta moved off dm
-
-
-@pytest.mark.parametrize(
-    "K, dtype, C, read_inverse",
-    [(48, torch.float32, 64, True), (128, torch.float16, 32, True), (128, torch.float32, 32, True),
-     (128, torch.float16, 32, False)],
-)  # fmt: skip
-def test_precond_scan_writing_w_matches_the_output_kernel(K, dtype, C, read_inverse):
-    """Phase 1's forward scan that also writes W (`OUT` = `_pre_out_rows`, as the op runs it where
-    the scans do not overlap) writes what `pre_out_fwd_kernel` makes after the plain scan, to
-    float32 rounding, and its e_n, final e and delta are the plain scan's bits."""
-    B, H, NC = 2, 2, 3
-    k, beta, eta, lam, e0, (y, r, dm, p, gc, tinv, es, ef, dl) = _precond_forward(
-        B, H, NC, C, K, dtype, torch.Generator().manual_seed(5), read_inverse
-    )
-    BK = triton.next_power_of_2(K)
-    w_ref = torch.empty_like(k)
-    chunk_fused.pre_out_fwd_kernel[(B * H * NC,)](k, lam, dl, es, w_ref, K=K, C=C, BK=BK, PRECISION="ieee")
-    w, es2, ef2, dl2 = (
-        torch.full_like(k, float("nan")),
-        torch.empty_like(es),
-        torch.empty_like(ef),
-        torch.empty_like(dl),
-    )
-    chunk_scan.precond_scan_fwd_kernel[(B * H,)](
-        tinv if read_inverse else y, k, dm, p, gc, e0, es2, ef2, dl2, r if read_inverse else None, w, lam, NC,
-        K=K, C=C, BK=BK, BS=C, SQUARE=True, PREFETCH=True, OUT=chunk_fused._pre_out_rows, PRECISION="ieee",
-    )  # fmt: skip
-    assert torch.equal(es2, es) and torch.equal(ef2, ef) and torch.equal(dl2, dl)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(w, w_ref, **tol)
-    assert not torch.equal(w, k)  # the preconditioner moved W off K
 
 
 @pytest.mark.parametrize("K, dtype, NC", [(48, torch.float32, 3), (128, torch.float16, 3), (48, torch.float32, 1)])
@@ -638,17 +606,36 @@ def test_phase1_in_chunks_of_32_matches_torch_chunk_path(K, V, tile, prefetch, s
     assert chunks == [32], chunks
 
 
-@pytest.mark.parametrize("c1, write_w", [(32, None), (64, None), (32, 4096), (64, 4096)])
-def test_phase1_in_chunks_of_32_launches_with_its_own_settings(c1, write_w, monkeypatch):
+@pytest.mark.parametrize(
+    "K, V, c1, sms", [(128, 64, 32, None), (48, 80, 64, None), (128, 64, 64, 8), (256, 256, 64, None)]
+)
+def test_phase1_reading_the_inverse_matches_torch_chunk_path(K, V, c1, sms, monkeypatch):
+    """`test_fused_chunk_kernels_match_torch_chunk_path` with phase 1's forward scan reading each
+    chunk's inverse and r instead of Y (`SCAN_TUNING["precond_fwd"]["read_inverse"]` lowered to the
+    test's two scans), in phase 1's chunks of 32 and 64, and beside the workers making its chunks
+    (`sms` 8): pre_intra_fwd then makes no Y. At K = 256 the scan does not prefetch, and reads Y."""
+    tuning = chunk_fused.SCAN_TUNING["precond_fwd"]
+    assert tuning["read_inverse"] == 128  # as measured (benchmarks/results/sweep20_*.json)
+    monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_fwd", dict(tuning, read_inverse=2))
+    monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1 if c1 == 32 else 1 << 30)
+    ys, enqueue = [], chunk_fused.enqueue
+
+    def recorded(kernel, grid, *args, **kw):
+        if kernel.__name__ in ("pre_intra_fwd_kernel", "precond_fwd_overlap_kernel"):
+            ys.append(args[4])  # y: None where the scan reads the inverse
+        return enqueue(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(chunk_fused, "enqueue", recorded)
+    test_fused_chunk_kernels_match_torch_chunk_path(K, V, None, True, True, False, sms, monkeypatch)
+    assert ys and all((y is None) == (K <= 128) for y in ys), [type(y) for y in ys]
+
+
+@pytest.mark.parametrize("c1", [32, 64])
+def test_phase1_in_chunks_of_32_launches_with_its_own_settings(c1, monkeypatch):
     """Phase 1's kernels in chunks of 32 launch with `PHASE1["launch"]`'s warps and tiles (measured
     at 32), its split backward scan with that entry's warps; in chunks of 64 with the tables'. Its
-    output step takes one of its own chunks a program either way. With `write_w` (as tuned) the
-    forward scan writes W where its tiles (C x BK, here 128 wide) fit, in chunks of 32, and no
-    output step follows it; in chunks of 64 the output step runs."""
+    output step takes one of its own chunks a program either way."""
     monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1 if c1 == 32 else 1 << 30)
-    tuning = chunk_fused.SCAN_TUNING["precond_fwd"]
-    assert tuning["write_w"] == 4096 and tuning["read_inverse"]
-    monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_fwd", dict(tuning, write_w=write_w))
     launches, grids = {}, {}
     enqueue = chunk_fused.enqueue
 
@@ -669,18 +656,12 @@ def test_phase1_in_chunks_of_32_launches_with_its_own_settings(c1, write_w, monk
         pre_intra_bwd_kernel=((1, 32), (2, 32)),
         precond_scan_bwd_de_kernel=((2, 128), (4, 128)),
     )
-    scan_writes_w = bool(write_w) and c1 == 32
-    if scan_writes_w:
-        del expected["pre_out_fwd_kernel"]
-        assert "pre_out_fwd_kernel" not in launches
     for name, (small, table) in expected.items():
         assert launches[name] == (small if c1 == 32 else table), name
     assert launches["wy_fwd_kernel"] == (2, 64)  # phase 2's stand
     # T = 70 in two chunks of 64, four of 32; two heads
     for name in ("pre_intra_fwd_kernel", "pre_out_fwd_kernel", "pre_out_bwd_kernel", "pre_intra_bwd_kernel"):
-        if name in expected:
-            assert grids[name] == (2 * 128 // c1,), (name, grids[name])
-    assert grids["precond_scan_fwd_kernel"] == (2,)
+        assert grids[name] == (2 * 128 // c1,), (name, grids[name])
 
 
 def test_overlap_runs_with_few_scans_per_sm(monkeypatch):

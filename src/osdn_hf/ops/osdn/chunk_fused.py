@@ -671,13 +671,11 @@ if HAS_TRITON:
             i_bh = (ticket - NW).to(tl.int64)
             if r is None:
                 _precond_scan_fwd_prefetching(
-                    y, k, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K, C, SBK, True, RUN, None, None, None, None,
-                    PRECISION,
+                    y, k, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K, C, SBK, True, RUN, None
                 )  # fmt: skip
             else:
                 _precond_scan_fwd_prefetching(
-                    tinv, k, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K, C, SBK, True, RUN, r, None, None, None,
-                    PRECISION,
+                    tinv, k, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K, C, SBK, True, RUN, r
                 )  # fmt: skip
 
     @triton.jit
@@ -749,28 +747,10 @@ if HAS_TRITON:
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
-            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)
-            _pre_out_block(b_k, b_e, b_delta, b_p, b_eg, w, o_t, o_k, m_k, K, PRECISION)
-
-    @triton.jit
-    def _pre_out_block(b_k, b_e, b_delta, b_p, b_eg, w, o_t, o_k, m_k, K: tl.constexpr, PRECISION: tl.constexpr):
-        """W = (1 + E) * K on one K block of one chunk: E = G e_n^T + P (delta * U), from the keys
-        `b_k` (`[C, BK]`, as stored), e_n's block `b_e`, delta, P and G."""
-        b_k = b_k.to(tl.float32)
-        b_ee = b_eg[:, None] * b_e[None, :] + tl.dot(b_p, b_k * b_k * b_delta[:, None], input_precision=PRECISION)
-        tl.store(w + o_t[:, None] * K + o_k[None, :], (1 + b_ee) * b_k, mask=m_k[None, :])
-
-    @triton.jit
-    def _pre_out_rows(
-        b_k, b_e, b_delta, lam, w, o_t, o_k, m_k, o_c, K: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr
-    ):
-        """`pre_out_fwd_kernel`'s work on one chunk (rows `o_t`) inside the forward scan, which
-        holds its keys `b_k` (the whole row, as stored), e_n and delta (`precond_scan_fwd_kernel`
-        with `w`)."""
-        b_g, b_gp, _ = _log_gates(lam, o_t, o_c, C)
-        b_p, b_eg = _decay_matrix(b_g, b_gp, o_c, False), tl.exp(b_g)
-        _pre_out_block(b_k, b_e, b_delta, b_p, b_eg, w, o_t, o_k, m_k, K, PRECISION)
+            b_k = tl.load(k + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
+            b_e = tl.load(es + i_c * K + o_k, mask=m_k, other=0.0)[None, :]
+            b_ee = b_eg[:, None] * b_e + tl.dot(b_p, b_k * b_k * b_delta[:, None], input_precision=PRECISION)
+            tl.store(w + o_t[:, None] * K + o_k[None, :], (1 + b_ee) * b_k, mask=m_k[None, :])
 
     # ---------------------------------------------------------------- phase 1 backward
 
@@ -1091,6 +1071,16 @@ SCAN_TUNING = {
     # Alone at 1 x 16384 the forward scans take 377 us without flags and 511 us in the launch with
     # every flag already raised and no workers (flagcost_1x16384_f134c02.json): runs of 4 win back
     # 41 of those 134 us; the rest of that gap is not explained.
+    # read_inverse: from this many (batch, head) scans up, phase 1's forward scan reads each chunk's
+    # inverse and r and forms Y e_n = (I + L)^{-1} (r * (U e_n)) itself, so pre_intra_fwd writes no
+    # Y (None: never). pre_intra_fwd gets faster (142 -> 105 us at 8 x 2048), the scan's chain per
+    # chunk longer: worth it where many scans share the GPU, each with few chunks. Measured in one
+    # process, GPU time of the forward (H200, bf16, H = 16, K = V = 128;
+    # benchmarks/results/sweep20_{ef9715a,95a7077}.json), Y -> inverse: 800 -> 782 us at 8 x 2048
+    # (128 scans), 940 -> 914 at 16 x 1024 (256); 856 -> 863 at 4 x 4096 (64), 984 -> 1003 at
+    # 2 x 8192 and 1177 -> 1204 at 1 x 16384 (overlapped). Writing W in the scan too (no
+    # pre_out_fwd) was slower everywhere but 16 x 1024: 782 -> 804 us at 8 x 2048, 863 -> 971 at
+    # 4 x 4096 (95a7077; taken out).
     "precond_fwd": dict(
         BS=None,
         num_warps=4,
@@ -1099,8 +1089,7 @@ SCAN_TUNING = {
         overlap_alone=8,
         overlap_shared=4,
         flag_run=4,
-        read_inverse=True,
-        write_w=4096,
+        read_inverse=128,
     ),
     "precond_bwd": dict(
         BS=None,
@@ -1460,9 +1449,10 @@ class Precondition(torch.autograd.Function):
         B, H, NC, C, K = k.shape
         grid = (B * H * NC,)
         scan = _scan_launch("precond_fwd", K, K, C)
-        # a prefetching scan reads each chunk's inverse and r (C * C + C floats) instead of Y
-        # (C * K), so pre_intra_fwd makes no Y (`SCAN_TUNING["precond_fwd"]["read_inverse"]`)
-        read_inverse = scan.get("PREFETCH", False) and SCAN_TUNING["precond_fwd"]["read_inverse"]
+        # from `SCAN_TUNING["precond_fwd"]["read_inverse"]` scans up, a prefetching scan reads each
+        # chunk's inverse and r (C * C + C floats) instead of Y (C * K), and pre_intra_fwd makes no Y
+        read_inverse = SCAN_TUNING["precond_fwd"]["read_inverse"]
+        read_inverse = scan.get("PREFETCH", False) and read_inverse is not None and B * H >= read_inverse
         y, r = (None, torch.empty_like(beta)) if read_inverse else (torch.empty_like(k), None)
         dm, p = torch.empty_like(beta), torch.empty_like(beta)
         gc = beta.new_empty(B, H, NC)
@@ -1471,7 +1461,6 @@ class Precondition(torch.autograd.Function):
         intra_launch = _chunk_launch("pre_intra_fwd", K, small=small)
         intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **intra_launch)
         workers, ready = _overlap_launch("precond_fwd", scan, B * H, B * H * NC, k.device)
-        w = None
         if workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
             enqueue(
                 precond_fwd_overlap_kernel, (workers + B * H,),
@@ -1480,27 +1469,21 @@ class Precondition(torch.autograd.Function):
             )  # fmt: skip
         else:
             enqueue(pre_intra_fwd_kernel, grid, k, beta, eta, lam, y, r, dm, p, gc, tinv, **intra)
-            # a prefetching scan also writes W from the keys it holds
-            # (`_pre_out_rows`), with no pre_out_fwd after it, where its tiles are at most
-            # `SCAN_TUNING["precond_fwd"]["write_w"]` elements (C * BK)
-            write_w = SCAN_TUNING["precond_fwd"]["write_w"]
-            w = torch.empty_like(k) if scan.get("PREFETCH") and write_w and C * scan["BK"] <= write_w else None
             enqueue(
                 precond_scan_fwd_kernel, (B * H,),
-                tinv if read_inverse else y, k, dm, p, gc, d0 - 1, es, ef, dl, r, w, None if w is None else lam, NC,
-                K=K, C=C, SQUARE=True, OUT=None if w is None else _pre_out_rows, PRECISION=precision, **scan,
+                y if r is None else tinv, k, dm, p, gc, d0 - 1, es, ef, dl, r, NC,
+                K=K, C=C, SQUARE=True, **scan,
             )  # fmt: skip
-        if w is None:
-            # Y (or r) and dm were the scan's alone: the scan wrote delta = dm - Y e_n, which the
-            # output step and the backward read instead, and the backward rebuilds Y from the
-            # inverse (1X less held between forward and backward); freed before W is allocated
-            del y, r, dm
-            w = torch.empty_like(k)
-            enqueue(
-                pre_out_fwd_kernel, grid,
-                k, lam, dl, es, w,
-                K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K, small=small),
-            )  # fmt: skip
+        # Y (or r) and dm were the scan's alone: the scan wrote delta = dm - Y e_n, which the output
+        # step and the backward read instead, and the backward rebuilds Y from the inverse (1X less
+        # held between forward and backward); freed before W is allocated
+        del y, r, dm
+        w = torch.empty_like(k)
+        enqueue(
+            pre_out_fwd_kernel, grid,
+            k, lam, dl, es, w,
+            K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K, small=small),
+        )  # fmt: skip
         ctx.save_for_backward(k, beta, eta, lam, dl, p, gc, es, tinv)
         ctx.precision, ctx.small = precision, small
         return w, 1 + ef, k

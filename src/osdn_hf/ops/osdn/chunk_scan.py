@@ -120,14 +120,12 @@ if HAS_TRITON:
     @triton.jit
     def _precond_scan_fwd_prefetching(
         y, u, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-        SQUARE: tl.constexpr, RUN: tl.constexpr, r, w, lam, OUT: tl.constexpr, PRECISION: tl.constexpr,
+        SQUARE: tl.constexpr, RUN: tl.constexpr, r,
     ):  # fmt: skip
         """`precond_scan_fwd_kernel` with PREFETCH for (batch, head) `i_bh`: the next chunk's rows
         are loaded before this chunk is reduced, and delta is written to `dl` (unless None). With
-        `r`, `y` holds each chunk's `(I + L)^{-1}` and r its columns' factors (`_precond_fwd_rows`).
-        With `w` (not None; SQUARE), the scan also writes each chunk's rows of W from the keys it
-        holds, its e_n and delta, by `OUT(b_k, b_e, b_delta, lam, w, o_t, o_k, m_k, o_s, K, C,
-        PRECISION)` (`chunk_fused._pre_out_rows`), so no later kernel reads k again for them. With
+        `r` (not None), `y` holds each chunk's `(I + L)^{-1}` and r its columns' factors
+        (`_precond_fwd_rows`). With
         `ready` (not None), each chunk's rows are read only once its flag `ready[i_c]` is raised:
         another program is still writing them (`chunk_fused.precond_fwd_overlap_kernel`). The flags
         are read RUN chunks at a time (`_wait_for_run`): every RUN-th step waits for the next RUN
@@ -154,8 +152,6 @@ if HAS_TRITON:
                 b_sum, b_delta = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE, b_r)
             if dl is not None:
                 tl.store(dl + i_c * C + o_s, b_delta)
-            if w is not None:
-                OUT(b_u, b_e, b_delta, lam, w, i_c * C + o_s, o_k, m_k, o_s, K, C, PRECISION)
             b_e = b_e * b_gc + b_sum
             b_y, b_u, b_dm, b_p, b_r, b_gc = n_y, n_u, n_dm, n_p, n_r, n_gc
         tl.store(ef + i_bh * K + o_k, b_e, mask=m_k)
@@ -172,8 +168,6 @@ if HAS_TRITON:
         ef,
         dl,
         r,
-        w,
-        lam,
         NC,
         K: tl.constexpr,
         C: tl.constexpr,
@@ -181,16 +175,12 @@ if HAS_TRITON:
         BS: tl.constexpr,
         SQUARE: tl.constexpr = False,
         PREFETCH: tl.constexpr = False,
-        OUT: tl.constexpr = None,
-        PRECISION: tl.constexpr = "ieee",
     ):
         """e_{n+1} = Gc_n e_n + sum_t u_t p_t delta_t with delta_t = dm_t - <y_t, e_n>, one (batch,
         head) per program; delta is written to `dl` unless it is None (phase 1's output step
-        and backward read it, so they need no Y). `r`, `w`, `lam`: None, or with `r` (PREFETCH only), `y` holds each
+        and backward read it, so they need no Y). `r`: None, or with `r` (PREFETCH only), `y` holds each
         chunk's `(I + L)^{-1}` (`[B, H, NC, C, C]`) and `r` the factors of Y = (I + L)^{-1}
-        diag(r) U (`[B, H, NC, C]`), so Y is never stored (`chunk_fused.Precondition`). With `w`
-        (PREFETCH and SQUARE only) it also writes W's rows, `OUT` given `lam`
-        (`_precond_scan_fwd_prefetching`).
+        diag(r) U (`[B, H, NC, C]`), so Y is never stored (`chunk_fused.Precondition`).
 
         With SQUARE `u` holds k and u = k * k is formed on the way, so u is never stored. With
         PREFETCH (BS == C) the next chunk's rows are loaded before this chunk is reduced, so their
@@ -198,11 +188,9 @@ if HAS_TRITON:
         i_bh = tl.program_id(0).to(tl.int64)
         if PREFETCH:
             tl.static_assert(BS == C)
-            _precond_scan_fwd_prefetching(
-                y, u, dm, p, gc, e0, es, ef, dl, None, i_bh, NC, K, C, BK, SQUARE, 1, r, w, lam, OUT, PRECISION
-            )
+            _precond_scan_fwd_prefetching(y, u, dm, p, gc, e0, es, ef, dl, None, i_bh, NC, K, C, BK, SQUARE, 1, r)
         else:
-            tl.static_assert(r is None and w is None)
+            tl.static_assert(r is None)
             o_k = tl.arange(0, BK)
             m_k = o_k < K
             o_s = tl.arange(0, BS)
@@ -659,7 +647,7 @@ class PrecondScan(torch.autograd.Function):
         BK, _, BS = _block_sizes(K, K, C)
         enqueue(
             precond_scan_fwd_kernel, (B * H,),
-            y, u, dm, p, gc, e0, es, ef, None, None, None, None, NC,
+            y, u, dm, p, gc, e0, es, ef, None, None, NC,
             K=K, C=C, BK=BK, BS=BS, num_stages=1,
         )  # fmt: skip
         ctx.save_for_backward(y, u, dm, p, gc, es)
