@@ -1451,8 +1451,8 @@ class Precondition(torch.autograd.Function):
         scan = _scan_launch("precond_fwd", K, K, C)
         # from `SCAN_TUNING["precond_fwd"]["read_inverse"]` scans up, a prefetching scan reads each
         # chunk's inverse and r (C * C + C floats) instead of Y (C * K), and pre_intra_fwd makes no Y
-        read_inverse = SCAN_TUNING["precond_fwd"]["read_inverse"]
-        read_inverse = scan.get("PREFETCH", False) and read_inverse is not None and B * H >= read_inverse
+        least = SCAN_TUNING["precond_fwd"]["read_inverse"]
+        read_inverse = scan.get("PREFETCH", False) and least is not None and B * H >= least
         y, r = (None, torch.empty_like(beta)) if read_inverse else (torch.empty_like(k), None)
         dm, p = torch.empty_like(beta), torch.empty_like(beta)
         gc = beta.new_empty(B, H, NC)

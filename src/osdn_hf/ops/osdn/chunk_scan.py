@@ -125,18 +125,18 @@ if HAS_TRITON:
         """`precond_scan_fwd_kernel` with PREFETCH for (batch, head) `i_bh`: the next chunk's rows
         are loaded before this chunk is reduced, and delta is written to `dl` (unless None). With
         `r` (not None), `y` holds each chunk's `(I + L)^{-1}` and r its columns' factors
-        (`_precond_fwd_rows`). With
-        `ready` (not None), each chunk's rows are read only once its flag `ready[i_c]` is raised:
-        another program is still writing them (`chunk_fused.precond_fwd_overlap_kernel`). The flags
-        are read RUN chunks at a time (`_wait_for_run`): every RUN-th step waits for the next RUN
-        chunks."""
+        (`_precond_fwd_rows`). With `ready` (not None), each chunk's rows are read only once its
+        flag `ready[i_c]` is raised: another program is still writing them
+        (`chunk_fused.precond_fwd_overlap_kernel`). The flags are read RUN chunks at a time
+        (`_wait_for_run`): every RUN-th step waits for the next RUN chunks."""
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, C)
         b_e = tl.load(e0 + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
         if ready is not None:
             _wait_for(ready + i_bh * NC)
-        b_y, b_u, b_dm, b_p, b_r = _precond_fwd_loads(y, u, dm, p, r, i_bh * NC * C + o_s, o_s, o_k, m_k, K, C)
+        o_first = i_bh * NC * C + o_s  # the first chunk
+        b_y, b_u, b_dm, b_p, b_r = _precond_fwd_loads(y, u, dm, p, r, o_first, o_s, o_k, m_k, K, C)
         b_gc = tl.load(gc + i_bh * NC)
         for i_n in range(NC):
             i_c = i_bh * NC + i_n
@@ -146,7 +146,7 @@ if HAS_TRITON:
                 _wait_for_next(ready, i_x, 1, NC - 1 - i_n, i_n, RUN)
             n_y, n_u, n_dm, n_p, n_r = _precond_fwd_loads(y, u, dm, p, r, i_x * C + o_s, o_s, o_k, m_k, K, C)
             n_gc = tl.load(gc + i_x)
-            if r is None:
+            if r is None:  # (b_r is then a placeholder tensor, which would read as an r)
                 b_sum, b_delta = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE, None)
             else:
                 b_sum, b_delta = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE, b_r)
@@ -178,8 +178,8 @@ if HAS_TRITON:
     ):
         """e_{n+1} = Gc_n e_n + sum_t u_t p_t delta_t with delta_t = dm_t - <y_t, e_n>, one (batch,
         head) per program; delta is written to `dl` unless it is None (phase 1's output step
-        and backward read it, so they need no Y). `r`: None, or with `r` (PREFETCH only), `y` holds each
-        chunk's `(I + L)^{-1}` (`[B, H, NC, C, C]`) and `r` the factors of Y = (I + L)^{-1}
+        and backward read it, so they need no Y). With `r` (not None; PREFETCH only), `y` holds
+        each chunk's `(I + L)^{-1}` (`[B, H, NC, C, C]`) and `r` the factors of Y = (I + L)^{-1}
         diag(r) U (`[B, H, NC, C]`), so Y is never stored (`chunk_fused.Precondition`).
 
         With SQUARE `u` holds k and u = k * k is formed on the way, so u is never stored. With
