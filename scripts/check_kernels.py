@@ -177,13 +177,14 @@ def main(argv=None):
     for K, V in ((128, 128), (256, 256), (32, 32), (100, 48)):  # one chunk (NC = 1; kernels_scan_nc1.json)
         cases.append(dict(B=2, T=64, K=K, V=V, varlen=None))
     # more (batch, head) pairs: the state scans' other launches (chunk_fused._scan_launch fits them
-    # to the SMs: at K = V = 128 on an H100 or H200, 64 pairs run BV 32 pipelined, 128 prefetch),
+    # to the SMs: at K = V = 128 on an H100 or H200, 16-bit, 32 pairs run BV 32, 64 BV 64 at one
+    # program an SM, 128 two an SM, and 256 in waves of two; float32 storage its own),
     # one head alone (H = 1, which Triton specializes as a constant), and 32 pairs, where phase 1's
     # forward scans share SMs with two workers each (chunk_fused._overlap_workers; up to 16 pairs
     # they run beside one worker an SM, as in the cases above)
     # From 64 pairs up phase 1 runs in chunks of 32 (chunk_fused.PHASE1): those cases, and a long
     # one and packed sequences there too
-    for B, heads, T in ((1, 1, 100), (4, 16, 200), (8, 16, 100), (2, 16, 300), (4, 16, 1000)):
+    for B, heads, T in ((1, 1, 100), (4, 16, 200), (8, 16, 100), (2, 16, 300), (4, 16, 1000), (16, 16, 100)):
         cases.append(dict(B=B, H=heads, T=T, K=128, V=128, varlen=None))
     cases.append(dict(B=1, H=16, T=None, K=128, V=128, varlen=[1, 63, 64, 100, 1000, 0, 37]))
     # phase 1 in chunks of 32 at other head dims, where it launches with its own warps and tiles

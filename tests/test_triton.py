@@ -386,13 +386,13 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split,
 
 
 def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
-    """Without a CUDA device the table's settings. On one, with 16-bit storage and at most two
-    programs per SM: BV from 64, halved while the programs fill less than 3/4 of the SMs, whole
-    chunks, the forward pipelined by Triton (3 deep at one program per SM, 2 at two), the backward
-    prefetching (8 warps at a [128, 64] state tile) or, at two per SM, pipelined 2 deep. Otherwise
-    (float32 storage, or more programs) BV halves from 32 while the programs leave SMs idle, and the
-    forward scan is pipelined in row slices while its programs are at most two per SM. Heads wider
-    than 128 keep the table's settings."""
+    """Without a CUDA device the table's settings. On one, with 16-bit storage: BV from 64, halved
+    while the programs fill less than 3/4 of the SMs, whole chunks, the forward pipelined by Triton
+    (3 deep at one program per SM, else 2), the backward prefetching (8 warps at a [128, 64] state
+    tile) at one per SM, else pipelined 2 deep, however many programs there are. With float32
+    storage BV halves from 32 while the programs leave SMs idle, and the forward scan is pipelined
+    in row slices while its programs are at most two per SM. Heads wider than 128 keep the table's
+    settings."""
     table = chunk_fused._scan_launch("state_fwd", 128, 128, 64)
     assert table == chunk_fused._scan_launch("state_fwd", 128, 128, 64, 16, torch.device("cpu"))
     assert table["PREFETCH"] and table["BV"] == 32 and table["num_stages"] == 1
@@ -403,7 +403,9 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
         (32, 2): ((32, 64, 3, False), (32, 64, 1, True, 4)),  # 128 at BV 32
         (64, 2): ((64, 64, 3, False), (64, 64, 1, True, 8)),  # 128 at BV 64
         (128, 2): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 256 at BV 64
-        (512, 2): ((32, 64, 1, True), (32, 64, 1, True, 4)),  # 1024 at BV 64: the table's regime
+        (132, 2): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 264: two per SM
+        (133, 2): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 266: in waves (the table's until 66b7eb4)
+        (512, 2): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 1024 at BV 64
         (16, 4): ((16, 64, 3, False), (16, 64, 1, True, 4)),  # float32 storage: the table's regime
         (64, 4): ((32, 32, 3, False), (32, 64, 1, True, 4)),
         (128, 4): ((32, 64, 1, True), (32, 64, 1, True, 4)),
@@ -425,6 +427,7 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
     [
         (128, 2, 2),  # one program per SM at BV 64: the forward 3 deep, the backward prefetching at 8 warps
         (64, 2, 1),  # two per SM: both pipelined 2 deep, whole chunks
+        (64, 5, 1),  # five per SM: the same, in waves
         (128, 4, 16),  # BV 32 (16 programs fill 3/4 of 16 SMs)
     ],
 )

@@ -1121,11 +1121,12 @@ SCAN_TUNING = {
     # _scan_jit). It came back after scripts/check_scans.py passed on the GPU at every regime's
     # launch and tile, NC 1-3 (kernels_scan_launches_*.json). The tile BV 16, BS 64 without
     # prefetch at num_stages 1 is miscompiled at any NC (kernels_scan_nc1.json); no regime uses it.
-    # fit (16-bit storage, heads up to 128 wide, at most two programs per SM; it goes first): BV
-    # starts at 64, not the table's 32, and halves (down to 16) only while the programs fill less
-    # than `fill` of the SMs; then whole chunks (BS = C), with the settings of the first entry of
-    # `waves` whose programs per SM are not exceeded. Both scans alone (H200, bf16, H = 16,
-    # K = V = 128; benchmarks/results/state_scan_launches_2498554.json), old launch -> new, in us:
+    # fit (16-bit storage, heads up to 128 wide; it goes first, so the settings above are float32
+    # storage's): BV starts at 64, not the table's 32, and halves (down to 16) only while the
+    # programs fill less than `fill` of the SMs; then whole chunks (BS = C), with the settings of
+    # the first entry of `waves` whose programs per SM are not exceeded (None: any number). Both
+    # scans alone (H200, bf16, H = 16, K = V = 128; benchmarks/results/state_scan_launches_2498554.json),
+    # old launch -> new, in us:
     #                  forward      rebuild      backward
     #   8 x 2048:      195 -> 129   143 -> 86    264 -> 180   (BV 32 -> 64; 256 programs)
     #   4 x 4096:      158 -> 124    98 -> 85    219 -> 198   (BV 32 -> 64; 128)
@@ -1134,18 +1135,28 @@ SCAN_TUNING = {
     # fla's forward scan (chunk_gated_delta_rule_fwd_h) took 123 / 117 / 197 / 386 us on the same
     # sizes. The backward's prefetching launch runs 8 warps where the state tile is [128, 64] or
     # larger (`big_tile`; at 4 x 4096 198 us, against 359 at 4 warps and 221 at the old BV 32).
+    # Until 66b7eb4 `fit` stopped at two programs per SM, and more (from 133 (batch, head) pairs
+    # at K = V = 128 on 132 SMs) took the table's BV 32, prefetching. At BV 64 pipelined 2 deep
+    # they run in waves of two an SM, and the same bits come out. Measured in one process (H200,
+    # bf16, H = 16, K = V = 128; benchmarks/results/sweep21_66b7eb4.json), GPU time:
+    #                     forward+backward   state_scan_fwd (both calls)   state_scan_bwd
+    #   16 x 1024 (256):  2495 -> 2207 us    423 -> 254                     320 -> 193
+    #   16 x 2048 (256):  4878 -> 4258       861 -> 496                     639 -> 381
+    #   32 x 1024 (512):  4886 -> 4220       905 -> 496                     639 -> 382
+    # (the forward alone 912 -> 790, 1767 -> 1514, 1748 -> 1497). Prefetching at BV 64 (8 warps
+    # backward) gave 2252 / 4338 / 4312 us, 3 deep 2275 / 4384 / 4357.
     "state_fwd": dict(
         _STATE_SCAN,
         pipeline_waves=2,
         pipeline=dict(num_stages=3, slice=1024, max_BV=32),
-        fit=dict(BV=64, fill=0.75, waves=[[1, dict(num_stages=3)], [2, dict(num_stages=2)]]),
+        fit=dict(BV=64, fill=0.75, waves=[[1, dict(num_stages=3)], [None, dict(num_stages=2)]]),
     ),
     "state_bwd": dict(
         _STATE_SCAN,
         fit=dict(
             BV=64,
             fill=0.75,
-            waves=[[1, dict(num_stages=1, PREFETCH=True)], [2, dict(num_stages=2)]],
+            waves=[[1, dict(num_stages=1, PREFETCH=True)], [None, dict(num_stages=2)]],
             big_tile=dict(elements=8192, num_warps=8),
         ),
     ),
@@ -1264,7 +1275,7 @@ def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, de
         while wide["BV"] > 16 and programs(wide["BV"]) < fit["fill"] * sms:
             wide["BV"] //= 2
         for waves, settings in fit["waves"]:
-            if programs(wide["BV"]) <= waves * sms:
+            if waves is None or programs(wide["BV"]) <= waves * sms:
                 wide.update(settings)
                 big = fit.get("big_tile")
                 if big and wide["PREFETCH"] and wide["BV"] * BK >= big["elements"]:
