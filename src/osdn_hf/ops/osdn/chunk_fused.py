@@ -122,11 +122,15 @@ if HAS_TRITON:
         tl.debug_barrier()  # every warp has read A before any overwrites it
         tl.store(buf + o_d, b_t)
         tl.debug_barrier()
+        # every load before the first product, and every store after the last (as until 8ab7748,
+        # which loaded T_33 and T_44 after T_21's product: one more barrier at C = 64, for the
+        # products' shared memory; the overlapped forward launch at 1 x 16384, whose code differed
+        # in nothing else, took 452 -> 510 us from eb29181 to ef9715a)
         t11, t22 = tl.load(_blk(buf, 0, 0, o16, C)), tl.load(_blk(buf, 1, 1, o16, C))
-        t21 = -tl.dot(tl.dot(t22, a21, input_precision="ieee"), t11, input_precision="ieee")
-        tl.store(_blk(buf, 1, 0, o16, C), t21)
         if C == 64:
             t33, t44 = tl.load(_blk(buf, 2, 2, o16)), tl.load(_blk(buf, 3, 3, o16))
+        t21 = -tl.dot(tl.dot(t22, a21, input_precision="ieee"), t11, input_precision="ieee")
+        if C == 64:
             t32 = -tl.dot(tl.dot(t33, a32, input_precision="ieee"), t22, input_precision="ieee")
             t43 = -tl.dot(tl.dot(t44, a43, input_precision="ieee"), t33, input_precision="ieee")
             b_x = tl.dot(a31, t11, input_precision="ieee") + tl.dot(a32, t21, input_precision="ieee")
@@ -135,6 +139,8 @@ if HAS_TRITON:
             t42 = -tl.dot(t44, b_x, input_precision="ieee")
             b_x = tl.dot(a41, t11, input_precision="ieee") + tl.dot(a42, t21, input_precision="ieee")
             t41 = -tl.dot(t44, b_x + tl.dot(a43, t31, input_precision="ieee"), input_precision="ieee")
+        tl.store(_blk(buf, 1, 0, o16, C), t21)
+        if C == 64:
             tl.store(_blk(buf, 2, 1, o16), t32)
             tl.store(_blk(buf, 3, 2, o16), t43)
             tl.store(_blk(buf, 2, 0, o16), t31)
