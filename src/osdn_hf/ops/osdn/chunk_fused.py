@@ -125,7 +125,8 @@ if HAS_TRITON:
         # every load before the first product, and every store after the last (as until 8ab7748,
         # which loaded T_33 and T_44 after T_21's product: one more barrier at C = 64, for the
         # products' shared memory; the overlapped forward launch at 1 x 16384, whose code differed
-        # in nothing else, took 452 -> 510 us from eb29181 to ef9715a)
+        # in nothing else, took 452 us at d295546 and 500-510 at ef9715a and 8aaade8, 447-451
+        # with this order again: benchmarks/results/inv21_*.json)
         t11, t22 = tl.load(_blk(buf, 0, 0, o16, C)), tl.load(_blk(buf, 1, 1, o16, C))
         if C == 64:
             t33, t44 = tl.load(_blk(buf, 2, 2, o16)), tl.load(_blk(buf, 3, 3, o16))
