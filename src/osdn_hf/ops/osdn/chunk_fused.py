@@ -1128,12 +1128,12 @@ SCAN_TUNING = {
     # _scan_jit). It came back after scripts/check_scans.py passed on the GPU at every regime's
     # launch and tile, NC 1-3 (kernels_scan_launches_*.json). The tile BV 16, BS 64 without
     # prefetch at num_stages 1 is miscompiled at any NC (kernels_scan_nc1.json); no regime uses it.
-    # fit (16-bit storage, heads up to 128 wide; it goes first, so the settings above are float32
-    # storage's): BV starts at 64, not the table's 32, and halves (down to 16) only while the
-    # programs fill less than `fill` of the SMs; then whole chunks (BS = C), with the settings of
-    # the first entry of `waves` whose programs per SM are not exceeded (None: any number). Both
-    # scans alone (H200, bf16, H = 16, K = V = 128; benchmarks/results/state_scan_launches_2498554.json),
-    # old launch -> new, in us:
+    # fit (16-bit storage, heads up to 128 wide; it goes first, so the settings above are those of
+    # float32 storage, and heads wider than 128 keep the table's): BV starts at 64, not the table's
+    # 32, and halves (down to 16) only while the programs fill less than `fill` of the SMs; then
+    # whole chunks (BS = C), with the settings of the first entry of `waves` whose programs per SM
+    # are not exceeded (None: any number). Both scans alone (H200, bf16, H = 16, K = V = 128;
+    # benchmarks/results/state_scan_launches_2498554.json), old launch -> new, in us:
     #                  forward      rebuild      backward
     #   8 x 2048:      195 -> 129   143 -> 86    264 -> 180   (BV 32 -> 64; 256 programs)
     #   4 x 4096:      158 -> 124    98 -> 85    219 -> 198   (BV 32 -> 64; 128)
