@@ -619,10 +619,11 @@ if HAS_TRITON:
         b_l = tl.where(strict, b_a[:, None] * tl.exp(tl.where(strict, b_gp[:, None] - b_gp[None, :], 0.0)) * b_uu, 0.0)
         b_ti = _invert(b_l, tinv + i_c * C * C, o_c, C, DOUBLING)
         tl.store(dm + o_t, tl.sum(b_ti * b_m[None, :], 1))
+        b_r = b_a * tl.exp(b_gp)  # Y = (I + L)^{-1} diag(r) U
         if y is not None:
-            _walk_k_blocks(_y_block, k, y, b_ti, b_a * tl.exp(b_gp), o_t, K, BK, PRECISION, True, 1)
+            _walk_k_blocks(_y_block, k, y, b_ti, b_r, o_t, K, BK, PRECISION, True, 1)
         if r is not None:
-            tl.store(r + o_t, b_a * tl.exp(b_gp))
+            tl.store(r + o_t, b_r)
         tl.store(p + o_t, tl.exp(b_gend - b_gp))
         tl.store(gc + i_c, tl.exp(b_gend))
 
@@ -676,14 +677,8 @@ if HAS_TRITON:
                 _raise_flag(ready + i_c)
         else:
             i_bh = (ticket - NW).to(tl.int64)
-            if r is None:
-                _precond_scan_fwd_prefetching(
-                    y, k, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K, C, SBK, True, RUN, None
-                )  # fmt: skip
-            else:
-                _precond_scan_fwd_prefetching(
-                    tinv, k, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K, C, SBK, True, RUN, r
-                )  # fmt: skip
+            rows = y if r is None else tinv  # with r the scan reads the inverse, not Y
+            _precond_scan_fwd_prefetching(rows, k, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K, C, SBK, True, RUN, r)
 
     @triton.jit
     def _y_block(k, y, b_ti, b_r, i_k, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):

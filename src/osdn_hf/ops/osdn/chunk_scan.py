@@ -146,10 +146,8 @@ if HAS_TRITON:
                 _wait_for_next(ready, i_x, 1, NC - 1 - i_n, i_n, RUN)
             n_y, n_u, n_dm, n_p, n_r = _precond_fwd_loads(y, u, dm, p, r, i_x * C + o_s, o_s, o_k, m_k, K, C)
             n_gc = tl.load(gc + i_x)
-            if r is None:  # (b_r is then a placeholder tensor, which would read as an r)
-                b_sum, b_delta = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE, None)
-            else:
-                b_sum, b_delta = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE, b_r)
+            # without r, b_r is a placeholder tensor, which must not reach _precond_fwd_rows as an r
+            b_sum, b_delta = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE, None if r is None else b_r)
             if dl is not None:
                 tl.store(dl + i_c * C + o_s, b_delta)
             b_e = b_e * b_gc + b_sum
