@@ -324,28 +324,33 @@ def _core_args(B, T, H, K, V, seed=0):
 
 
 @pytest.mark.parametrize(
-    "K, V, tile, prefetch, split, unrolled, sms",
+    "K, V, tile, prefetch, split, unrolled, sms, ieee",
     [
-        (48, 80, None, False, False, False, None),
-        (128, 64, None, False, False, False, None),
-        (256, 256, None, False, False, False, None),
-        (48, 80, 16, False, False, False, None),
-        (48, 80, None, True, False, False, None),
-        (128, 64, None, True, True, False, None),
-        (256, 256, None, False, True, False, None),
-        (48, 80, None, False, False, True, None),
+        (48, 80, None, False, False, False, None, False),
+        (128, 64, None, False, False, False, None, False),
+        (256, 256, None, False, False, False, None, False),
+        (48, 80, 16, False, False, False, None, False),
+        (48, 80, None, True, False, False, None, False),
+        (128, 64, None, True, True, False, None, False),
+        (256, 256, None, False, True, False, None, False),
+        (48, 80, None, False, False, True, None, False),
         # state scans at BV 16 (5 V blocks), the forward's pipelined; phase 1's forward scans beside
         # 12 workers, two on each SM they leave
-        (48, 80, None, True, False, False, 8),
-        (128, 64, None, True, False, False, 3),  # at BV 32, the forward's in 32-row slices
-        (48, 80, None, True, False, False, 16),  # phase 1's forward scans beside 14 workers, one an SM
+        (48, 80, None, True, False, False, 8, False),
+        (128, 64, None, True, False, False, 3, False),  # at BV 32, the forward's in 32-row slices
+        (48, 80, None, True, False, False, 16, False),  # phase 1's forward scans beside 14 workers, one an SM
         # phase 1's backward scans (split) beside the workers making their rows too: 14, one an SM,
         # and 12, two an SM
-        (48, 80, None, True, True, False, 16),
-        (128, 64, None, True, True, False, 8),
+        (48, 80, None, True, True, False, 16, False),
+        (128, 64, None, True, True, False, 8, False),
+        # float32's own launches (IEEE_LAUNCH): per-chunk tiles, and with sms the state scans' (BV 32:
+        # 3 V blocks at V = 80, the forward in 16-row slices, the backward prefetching at 8 warps)
+        (48, 80, None, True, False, False, None, True),
+        (48, 80, None, True, False, False, 8, True),
+        (128, 64, None, True, True, False, 3, True),
     ],
 )
-def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, unrolled, sms, monkeypatch):
+def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, unrolled, sms, ieee, monkeypatch):
     """Both phases' fused kernels (forward and hand-written backward) against the torch chunked
     path, differentiated by autograd: head dims that span several tiles (the launch table's 32-
     and 64-wide ones, or 16-wide everywhere) or leave a masked remainder, three chunks, a
@@ -355,9 +360,13 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split,
     them as the launch table says, or, with `unrolled`, unroll them all (`stages` None). With `sms`
     the state scans launch as on a GPU with that many SMs (`chunk_fused._scan_launch`), and with 8
     and 16 phase 1's forward scans (and, split, its backward scans) run beside the workers making
-    their chunks (`_overlap_workers`)."""
+    their chunks (`_overlap_workers`). The inputs are float32, whose own launches
+    (`chunk_fused.IEEE_LAUNCH`) replace the tables' only in the `ieee` cases, so that the others
+    run the tables' settings, as 16-bit inputs do."""
     if sms is not None:
         monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: sms)
+    if not ieee:
+        monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
     for name, launch in chunk_fused.CHUNK_LAUNCH.items():
         if tile is not None:
             monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, name, launch := dict(launch, tile=tile))
@@ -391,8 +400,10 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
     (3 deep at one program per SM, else 2), the backward prefetching (8 warps at a [128, 64] state
     tile) at one per SM, else pipelined 2 deep, however many programs there are. With float32
     storage BV halves from 32 while the programs leave SMs idle, and the forward scan is pipelined
-    in row slices while its programs are at most two per SM. Heads wider than 128 keep the table's
-    settings."""
+    in row slices while its programs are at most two per SM, unless float32's own launches
+    (`IEEE_LAUNCH`, heads up to 128 wide) apply: BV 32, the forward pipelined 2 deep in 16-row
+    slices, the backward prefetching at 8 warps, however many programs there are. Heads wider than
+    128 keep the table's settings."""
     table = chunk_fused._scan_launch("state_fwd", 128, 128, 64)
     assert table == chunk_fused._scan_launch("state_fwd", 128, 128, 64, 16, torch.device("cpu"))
     assert table["PREFETCH"] and table["BV"] == 32 and table["num_stages"] == 1
@@ -406,9 +417,9 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
         (132, 2): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 264: two per SM
         (133, 2): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 266: in waves (the table's until 66b7eb4)
         (512, 2): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 1024 at BV 64
-        (16, 4): ((16, 64, 3, False), (16, 64, 1, True, 4)),  # float32 storage: the table's regime
-        (64, 4): ((32, 32, 3, False), (32, 64, 1, True, 4)),
-        (128, 4): ((32, 64, 1, True), (32, 64, 1, True, 4)),
+        (16, 4): ((32, 16, 2, False), (32, 64, 1, True, 8)),  # float32 storage: IEEE_LAUNCH's
+        (64, 4): ((32, 16, 2, False), (32, 64, 1, True, 8)),
+        (512, 4): ((32, 16, 2, False), (32, 64, 1, True, 8)),
     }
     for (heads, itemsize), (fwd, bwd) in cases.items():
         f = chunk_fused._scan_launch("state_fwd", 128, 128, 64, heads, "cuda", itemsize)
@@ -417,6 +428,20 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
         assert (b["BV"], b["BS"], b["num_stages"], b.get("PREFETCH", False), b["num_warps"]) == bwd, (heads, itemsize)
     wide = chunk_fused._scan_launch("state_fwd", 256, 256, 64, 16, "cuda")
     assert wide == chunk_fused._scan_launch("state_fwd", 256, 256, 64)
+    assert chunk_fused._scan_launch("state_fwd", 256, 256, 64, 16, "cuda", 4) == wide
+    # without IEEE_LAUNCH, float32 storage: the table's BV 32 halved to fill the SMs, the forward
+    # pipelined in row slices at most two programs an SM, else both prefetching
+    monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
+    cases = {
+        16: ((16, 64, 3, False), (16, 64, 1, True, 4)),
+        64: ((32, 32, 3, False), (32, 64, 1, True, 4)),
+        128: ((32, 64, 1, True), (32, 64, 1, True, 4)),
+    }
+    for heads, (fwd, bwd) in cases.items():
+        f = chunk_fused._scan_launch("state_fwd", 128, 128, 64, heads, "cuda", 4)
+        b = chunk_fused._scan_launch("state_bwd", 128, 128, 64, heads, "cuda", 4)
+        assert (f["BV"], f["BS"], f["num_stages"], f.get("PREFETCH", False)) == fwd, heads
+        assert (b["BV"], b["BS"], b["num_stages"], b.get("PREFETCH", False), b["num_warps"]) == bwd, heads
     assert chunk_fused._scan_launch("precond_fwd", 128, 128, 64, 16, "cuda") == chunk_fused._scan_launch(
         "precond_fwd", 128, 128, 64
     )
@@ -1047,6 +1072,26 @@ def test_loops_stay_plain_loops_for_float32_above_head_dim_128(monkeypatch):
     launch = chunk_fused._chunk_launch("wy_bwd", 256, 256, "tf32")
     assert (launch["UNROLL"], launch["STAGES"]) == (True, 1)
     assert "UNROLL" not in chunk_fused._chunk_launch("out_fwd", 128, 128, "tf32")  # no loop switch
+
+
+def test_float32_products_launch_with_their_own_settings_up_to_head_dim_128():
+    """`IEEE_LAUNCH`'s tiles and warps replace the tables' for float32 products ("ieee") at head
+    dims up to 128, after phase 1's own (`small`); 16-bit products (tf32) and wider heads keep the
+    tables'; a kernel's loop switch still comes from the table."""
+    ieee = chunk_fused.IEEE_LAUNCH["chunk"]
+    assert chunk_fused._chunk_launch("out_fwd", 128, 128, "ieee") == dict(
+        BK=ieee["out_fwd"]["tile"], BV=ieee["out_fwd"]["tile"], num_warps=ieee["out_fwd"]["num_warps"]
+    )
+    table = chunk_fused.CHUNK_LAUNCH["out_fwd"]
+    for args in ((128, 128, "tf32"), (256, 256, "ieee"), (128, 256, "ieee")):
+        launch = chunk_fused._chunk_launch("out_fwd", *args)
+        assert launch["num_warps"] == table["num_warps"] and launch["BK"] == min(args[0], table["tile"]), args
+    pre_y = chunk_fused._chunk_launch("pre_y", 128, precision="ieee", small=True)
+    assert (pre_y["BK"], pre_y["num_warps"]) == (ieee["pre_y"]["tile"], ieee["pre_y"]["num_warps"])
+    assert chunk_fused._chunk_launch("pre_y", 128, precision="tf32", small=True)["BK"] == 128  # PHASE1's
+    wy_bwd = chunk_fused._chunk_launch("wy_bwd", 128, 128, "ieee")
+    assert (wy_bwd["BK"], wy_bwd["BV"], wy_bwd["num_warps"]) == (16, 16, ieee["wy_bwd"]["num_warps"])
+    assert wy_bwd["STAGES"] == chunk_fused.CHUNK_LAUNCH["wy_bwd"]["stages"]
 
 
 def test_launch_key_follows_what_triton_specializes_on():

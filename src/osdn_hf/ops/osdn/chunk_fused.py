@@ -1247,10 +1247,57 @@ def _doubling(precision: str) -> bool:
     return INVERSE["doubling"] and precision != "ieee"
 
 
+# Float32 inputs multiply exactly ("ieee"): tl.dot then runs without tensor cores, its operands
+# and products in registers, and the launches above, measured in bf16, spill. At 8 x 2048 x 16
+# heads of 128 on an H200 the op took 51.7 ms forward and 146.7 ms forward+backward
+# (benchmarks/results/sweep23_c9ca4bb.json; bf16: 0.78 and 2.2 ms), out_fwd alone 20.7 ms. So
+# at head dims up to `max_head_dim` these settings replace the tables' (`_chunk_launch`; on a CUDA
+# device `_scan_launch` for the state scans with float32 storage, BV halved while the programs
+# fill less than `fill` of the SMs). Each per-chunk kernel's is the fastest of tile 16/32/64 x
+# 2/4/8 warps, all kernels alike in each process (benchmarks/results/sweep24_c9ca4bb.json; tile 16
+# at 8 warps left out, where pre_intra_bwd faults in bf16), GPU time in one forward+backward,
+# table -> this, in us:
+#   wy_bwd 35544 -> 2934, out_fwd 20726 -> 1985, wy_fwd 17514 -> 900, out_bwd 16972 -> 1146,
+#   state_grads 7379 -> 3987, kb 3696 -> 274, pre_y 2489 -> 114, pre_out_fwd 1722 -> 149
+# The state scans, with those (benchmarks/results/sweep25_c9ca4bb.json; the table gave BV 32,
+# prefetching, 4 warps): the forward 17896 -> 2171 us pipelined 2 deep in 16-row slices (3391 in
+# whole chunks, 12051-15239 in 32-row slices), the backward 20726 -> 6467 at 8 warps (8645 at BV 16
+# and 4 warps, 18034-30936 pipelined). Together: forward 51.7 -> 5.7 ms, forward+backward 146.7 ->
+# 22.1 ms, the same sums of outputs and gradients.
+IEEE_LAUNCH = dict(
+    max_head_dim=128,
+    chunk=dict(
+        out_fwd=dict(num_warps=4, tile=32),
+        wy_fwd=dict(num_warps=2, tile=16),
+        kb=dict(num_warps=8, tile=64),
+        out_bwd=dict(num_warps=4, tile=16),
+        state_grads=dict(num_warps=2, tile=16),
+        wy_bwd=dict(num_warps=4, tile=16),
+        pre_y=dict(num_warps=2, tile=32),
+        pre_out_fwd=dict(num_warps=2, tile=32),
+    ),
+    state_fwd=dict(BV=32, fill=0.0, settings=dict(BS=16, num_warps=4, num_stages=2, PREFETCH=False)),
+    state_bwd=dict(BV=32, fill=0.0, settings=dict(num_warps=8, num_stages=1, PREFETCH=True)),  # whole chunks
+)
+
+
+def _ieee_launch(precision: str | None, K: int, V: int | None = None) -> bool:
+    """Whether the per-chunk kernels launch with `IEEE_LAUNCH`'s settings: float32 products at head
+    dims up to its `max_head_dim`."""
+    return precision == "ieee" and max(K, V or 0) <= IEEE_LAUNCH["max_head_dim"]
+
+
 def launch_settings() -> dict:
     """A copy of the kernels' launch tables as they stand, for results to record what they ran
     (deep: the tables nest dicts, e.g. `PHASE1["launch"]`, `SCAN_TUNING[...]["fit"]`)."""
-    tables = dict(scans=SCAN_TUNING, chunk=CHUNK_LAUNCH, inverse=INVERSE, grad_storage=GRAD_STORAGE, phase1=PHASE1)
+    tables = dict(
+        scans=SCAN_TUNING,
+        chunk=CHUNK_LAUNCH,
+        inverse=INVERSE,
+        grad_storage=GRAD_STORAGE,
+        phase1=PHASE1,
+        ieee=IEEE_LAUNCH,
+    )
     return copy.deepcopy(tables)
 
 
@@ -1271,6 +1318,14 @@ def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, de
     if not name.startswith("state") or heads is None or sms is None or BK > 128:
         return out
     programs = lambda BV: heads * cdiv(V, BV)  # noqa: E731  (one per (batch, head, V block))
+    ieee = IEEE_LAUNCH.get(name)
+    if ieee and itemsize == 4 and max(K, V) <= IEEE_LAUNCH["max_head_dim"]:
+        wide = dict(out, **ieee["settings"], BV=block_width(V, ieee["BV"]))
+        while wide["BV"] > 16 and programs(wide["BV"]) < ieee["fill"] * sms:
+            wide["BV"] //= 2
+        if wide["PREFETCH"]:
+            wide["BS"] = C
+        return wide
     fit = t.get("fit")
     if fit and itemsize <= 2:
         wide = dict(out, BV=block_width(V, fit["BV"]), BS=C, PREFETCH=False)
@@ -1333,10 +1388,13 @@ def _chunk_launch(name: str, K: int, V: int | None = None, precision: str | None
     kernels whose table entry has `stages`, given the precision, also how they walk their blocks
     (UNROLL, STAGES): float32 above head dim 128 always as plain loops (`_unrolled`), else as the
     table says. With `small` (phase 1 in chunks smaller than phase 2's, `PHASE1`), the entry's
-    fields that `PHASE1["launch"]` gives are replaced."""
+    fields that `PHASE1["launch"]` gives are replaced; with float32 products ("ieee") at head dims
+    up to `IEEE_LAUNCH["max_head_dim"]`, then those that `IEEE_LAUNCH["chunk"]` gives."""
     t = CHUNK_LAUNCH[name]
     if small:
         t = dict(t, **PHASE1["launch"].get(name, {}))
+    if _ieee_launch(precision, K, V):
+        t = dict(t, **IEEE_LAUNCH["chunk"].get(name, {}))
     out = dict(BK=block_width(K, t["tile"]), num_warps=t["num_warps"])
     if V is not None:
         out["BV"] = block_width(V, t["tile"])
@@ -1471,7 +1529,7 @@ class Precondition(torch.autograd.Function):
         gc = beta.new_empty(B, H, NC)
         tinv = beta.new_empty(B, H, NC, C, C)
         es, ef, dl = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K), torch.empty_like(dm)
-        intra_launch = _chunk_launch("pre_intra_fwd", K, small=small)
+        intra_launch = _chunk_launch("pre_intra_fwd", K, precision=precision, small=small)
         intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **intra_launch)
         workers, ready = _overlap_launch("precond_fwd", scan, B * H, B * H * NC, k.device)
         if workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
@@ -1495,7 +1553,7 @@ class Precondition(torch.autograd.Function):
         enqueue(
             pre_out_fwd_kernel, grid,
             k, lam, dl, es, w,
-            K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K, small=small),
+            K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K, precision=precision, small=small),
         )  # fmt: skip
         ctx.save_for_backward(k, beta, eta, lam, dl, p, gc, es, tinv)
         ctx.precision, ctx.small = precision, small
@@ -1628,7 +1686,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         ss, sf = _state_scan(kb, w, ub, s0, uo, precision)
         del ub, kb  # Kb is rebuilt from T in the backward, for 1X less saved
         o = v.new_empty(B, T, H, V, dtype=out_dtype)
-        launch = _chunk_launch("out_fwd", K, V)
+        launch = _chunk_launch("out_fwd", K, V, precision)
         enqueue(
             out_fwd_kernel, (cdiv(V, launch["BV"]), B * H * NC),
             q, w, uo, ss, o, scale, T, H, NC,
@@ -1656,7 +1714,11 @@ class DeltaRuleAsym(torch.autograd.Function):
             K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("out_bwd", K, V, precision),
         )  # fmt: skip
         kb = torch.empty_like(k)
-        enqueue(kb_kernel, (B * H * NC,), k, beta, tinv, kb, K=K, C=C, PRECISION=precision, **_chunk_launch("kb", K))
+        enqueue(
+            kb_kernel, (B * H * NC,),
+            k, beta, tinv, kb,
+            K=K, C=C, PRECISION=precision, **_chunk_launch("kb", K, precision=precision),
+        )  # fmt: skip
         dub, dss, ds0 = _state_scan_bwd(kb, w, gu, gss, ds, precision)
         del gu, gss, kb  # no later kernel reads these: freed before dK is allocated
         dq, dk, dw = (
