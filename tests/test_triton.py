@@ -344,9 +344,11 @@ def _core_args(B, T, H, K, V, seed=0):
         (48, 80, None, True, True, False, 16, False),
         (128, 64, None, True, True, False, 8, False),
         # float32's own launches (IEEE_LAUNCH): per-chunk tiles, and with sms the state scans' (BV 32:
-        # 3 V blocks at V = 80, the forward in 16-row slices, the backward prefetching at 8 warps)
+        # 3 V blocks at V = 80, the forward in 16-row slices, the backward prefetching at 8 warps;
+        # with 16 SMs BV 16, 5 V blocks)
         (48, 80, None, True, False, False, None, True),
         (48, 80, None, True, False, False, 8, True),
+        (48, 80, None, True, False, False, 16, True),
         (128, 64, None, True, True, False, 3, True),
     ],
 )
@@ -401,8 +403,9 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
     tile) at one per SM, else pipelined 2 deep, however many programs there are. With float32
     storage BV halves from 32 while the programs leave SMs idle, and the forward scan is pipelined
     in row slices while its programs are at most two per SM, unless float32's own launches
-    (`IEEE_LAUNCH`, heads up to 128 wide) apply: BV 32, the forward pipelined 2 deep in 16-row
-    slices, the backward prefetching at 8 warps, however many programs there are. Heads wider than
+    (`IEEE_LAUNCH`, heads up to 128 wide) apply: BV from 32, halved while the programs fill less
+    than 3/4 of the SMs, the forward pipelined 2 deep in 16-row slices, the backward prefetching
+    at 8 warps, however many programs there are. Heads wider than
     128 keep the table's settings."""
     table = chunk_fused._scan_launch("state_fwd", 128, 128, 64)
     assert table == chunk_fused._scan_launch("state_fwd", 128, 128, 64, 16, torch.device("cpu"))
@@ -417,7 +420,8 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
         (132, 2): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 264: two per SM
         (133, 2): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 266: in waves (the table's until 66b7eb4)
         (512, 2): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 1024 at BV 64
-        (16, 4): ((32, 16, 2, False), (32, 64, 1, True, 8)),  # float32 storage: IEEE_LAUNCH's
+        (16, 4): ((16, 16, 2, False), (16, 64, 1, True, 8)),  # float32 storage: IEEE_LAUNCH's (64 at BV 32)
+        (32, 4): ((32, 16, 2, False), (32, 64, 1, True, 8)),  # 128 at BV 32
         (64, 4): ((32, 16, 2, False), (32, 64, 1, True, 8)),
         (512, 4): ((32, 16, 2, False), (32, 64, 1, True, 8)),
     }

@@ -1263,7 +1263,12 @@ def _doubling(precision: str) -> bool:
 # prefetching, 4 warps): the forward 17896 -> 2171 us pipelined 2 deep in 16-row slices (3391 in
 # whole chunks, 12051-15239 in 32-row slices), the backward 20726 -> 6467 at 8 warps (8645 at BV 16
 # and 4 warps, 18034-30936 pipelined). Together: forward 51.7 -> 5.7 ms, forward+backward 146.7 ->
-# 22.1 ms, the same sums of outputs and gradients.
+# 22.1 ms, the same sums of outputs and gradients. With BV kept at 32 below 33 (batch, head) pairs
+# (fill 0; benchmarks/results/sweep26_0af3afb.json), 1 x 16384's scans took 5641 and 9039 us, at
+# BV 16 (fill 0.75) 2177 and 7463 (at 4 warps the backward's 11457). Against the tables' settings,
+# forward and forward+backward in ms (sweep26, fill 0.75):
+#   1 x 16384: 74.7 -> 28.0, 164.0 -> 59.7      2 x 8192: 69.2 -> 24.1, 155.1 -> 54.3
+#   4 x 4096:  61.0 -> 6.5,  158.6 -> 22.6      8 x 2048: 50.9 -> 5.7,  144.5 -> 22.2
 IEEE_LAUNCH = dict(
     max_head_dim=128,
     chunk=dict(
@@ -1276,8 +1281,8 @@ IEEE_LAUNCH = dict(
         pre_y=dict(num_warps=2, tile=32),
         pre_out_fwd=dict(num_warps=2, tile=32),
     ),
-    state_fwd=dict(BV=32, fill=0.0, settings=dict(BS=16, num_warps=4, num_stages=2, PREFETCH=False)),
-    state_bwd=dict(BV=32, fill=0.0, settings=dict(num_warps=8, num_stages=1, PREFETCH=True)),  # whole chunks
+    state_fwd=dict(BV=32, fill=0.75, settings=dict(BS=16, num_warps=4, num_stages=2, PREFETCH=False)),
+    state_bwd=dict(BV=32, fill=0.75, settings=dict(num_warps=8, num_stages=1, PREFETCH=True)),  # whole chunks
 )
 
 
