@@ -1789,6 +1789,10 @@ PHASE1 = dict(
     # 128), forward+backward 937 -> 911 us at 9 x 2048 x 4 heads (36 scans), 1872 -> 1784 at
     # 5 x 4096 x 8 (40), 1752 -> 1688 at 3 x 4096 x 12 (36), 582 -> 556 at 11 x 1024 x 4 (44),
     # 2136 -> 2017 at 3 x 4096 x 16 (48); forward level to -6%. 34 and 35 were not measured.
+    # At 256 and 512 scans these settings and `read_inverse` stay the fastest: forward+backward at
+    # 16 x 2048, 32 x 1024 and 32 x 2048, 4241 / 4208 / 8222 us, against 4648 / 4681 / 9153 in
+    # chunks of 64, 4506 / 4467 / 8747 with 2 warps where `launch` has one, 4292 / 4275 / 8338
+    # reading Y (benchmarks/results/sweep22_c9ca4bb.json).
     min_scans=34,
     launch=dict(
         pre_intra_fwd=dict(num_warps=1, tile=64),
