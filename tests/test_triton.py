@@ -405,8 +405,7 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
     in row slices while its programs are at most two per SM, unless float32's own launches
     (`IEEE_LAUNCH`, heads up to 128 wide) apply: BV from 32, halved while the programs fill less
     than 3/4 of the SMs, the forward pipelined 2 deep in 16-row slices, the backward prefetching
-    at 8 warps, however many programs there are. Heads wider than
-    128 keep the table's settings."""
+    at 8 warps, however many programs there are. Heads wider than 128 keep the table's settings."""
     table = chunk_fused._scan_launch("state_fwd", 128, 128, 64)
     assert table == chunk_fused._scan_launch("state_fwd", 128, 128, 64, 16, torch.device("cpu"))
     assert table["PREFETCH"] and table["BV"] == 32 and table["num_stages"] == 1
@@ -616,15 +615,16 @@ def test_phase1_takes_chunks_of_32_where_its_scans_run_alone(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "K, V, tile, prefetch, split, unrolled, sms",
+    "K, V, tile, prefetch, split, unrolled, sms, ieee",
     [
-        (48, 80, None, True, True, False, None),
-        (128, 64, None, False, True, True, None),
-        (256, 256, None, False, True, False, None),
-        (48, 80, 16, True, True, False, 3),  # state scans launched as on a GPU of 3 SMs
+        (48, 80, None, True, True, False, None, False),
+        (128, 64, None, False, True, True, None, False),
+        (256, 256, None, False, True, False, None, False),
+        (48, 80, 16, True, True, False, 3, False),  # state scans launched as on a GPU of 3 SMs
+        (128, 64, None, True, True, False, 3, True),  # float32's own launches over PHASE1's
     ],
 )
-def test_phase1_in_chunks_of_32_matches_torch_chunk_path(K, V, tile, prefetch, split, unrolled, sms, monkeypatch):
+def test_phase1_in_chunks_of_32_matches_torch_chunk_path(K, V, tile, prefetch, split, unrolled, sms, ieee, monkeypatch):
     """`test_fused_chunk_kernels_match_torch_chunk_path` with phase 1 in chunks of 32 (`PHASE1`'s
     `min_scans` lowered to the test's two scans): three chunks of 64, six of phase 1's, the last
     one partly padding."""
@@ -634,7 +634,7 @@ def test_phase1_in_chunks_of_32_matches_torch_chunk_path(K, V, tile, prefetch, s
     monkeypatch.setattr(
         chunk_fused.Precondition, "apply", lambda k, *a: chunks.append(k.shape[-2]) or precondition(k, *a)
     )
-    test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, unrolled, sms, monkeypatch)
+    test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, unrolled, sms, ieee, monkeypatch)
     assert chunks == [32], chunks
 
 
@@ -658,7 +658,7 @@ def test_phase1_reading_the_inverse_matches_torch_chunk_path(K, V, c1, sms, monk
         return enqueue(kernel, grid, *args, **kw)
 
     monkeypatch.setattr(chunk_fused, "enqueue", recorded)
-    test_fused_chunk_kernels_match_torch_chunk_path(K, V, None, True, True, False, sms, monkeypatch)
+    test_fused_chunk_kernels_match_torch_chunk_path(K, V, None, True, True, False, sms, False, monkeypatch)
     assert ys and all((y is None) == (K <= 128) for y in ys), [type(y) for y in ys]
 
 
@@ -666,8 +666,11 @@ def test_phase1_reading_the_inverse_matches_torch_chunk_path(K, V, c1, sms, monk
 def test_phase1_in_chunks_of_32_launches_with_its_own_settings(c1, monkeypatch):
     """Phase 1's kernels in chunks of 32 launch with `PHASE1["launch"]`'s warps and tiles (measured
     at 32), its split backward scan with that entry's warps; in chunks of 64 with the tables'. Its
-    output step takes one of its own chunks a program either way."""
+    output step takes one of its own chunks a program either way. (The inputs are float32, whose
+    own launches, `IEEE_LAUNCH`, are turned off here; `test_float32_products_launch_with_their_own_
+    settings_up_to_head_dim_128` checks them.)"""
     monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1 if c1 == 32 else 1 << 30)
+    monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
     launches, grids = {}, {}
     enqueue = chunk_fused.enqueue
 
