@@ -1323,19 +1323,22 @@ def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, de
     if not name.startswith("state") or heads is None or sms is None or BK > 128:
         return out
     programs = lambda BV: heads * cdiv(V, BV)  # noqa: E731  (one per (batch, head, V block))
+
+    def narrowed(BV: int, fill: float) -> int:
+        """BV halved (down to 16) while the programs fill less than `fill` of the SMs."""
+        while BV > 16 and programs(BV) < fill * sms:
+            BV //= 2
+        return BV
+
     ieee = IEEE_LAUNCH.get(name)
-    if ieee and itemsize == 4 and max(K, V) <= IEEE_LAUNCH["max_head_dim"]:
-        wide = dict(out, **ieee["settings"], BV=block_width(V, ieee["BV"]))
-        while wide["BV"] > 16 and programs(wide["BV"]) < ieee["fill"] * sms:
-            wide["BV"] //= 2
+    if ieee and itemsize == 4 and _ieee_launch("ieee", K, V):  # float32 storage: float32 products
+        wide = dict(out, **ieee["settings"], BV=narrowed(block_width(V, ieee["BV"]), ieee["fill"]))
         if wide["PREFETCH"]:
             wide["BS"] = C
         return wide
     fit = t.get("fit")
     if fit and itemsize <= 2:
-        wide = dict(out, BV=block_width(V, fit["BV"]), BS=C, PREFETCH=False)
-        while wide["BV"] > 16 and programs(wide["BV"]) < fit["fill"] * sms:
-            wide["BV"] //= 2
+        wide = dict(out, BV=narrowed(block_width(V, fit["BV"]), fit["fill"]), BS=C, PREFETCH=False)
         for waves, settings in fit["waves"]:
             if waves is None or programs(wide["BV"]) <= waves * sms:
                 wide.update(settings)
@@ -1344,8 +1347,7 @@ def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, de
                     wide["num_warps"] = big["num_warps"]
                 return wide
     if t["fill_sms"]:
-        while out["BV"] > 16 and programs(out["BV"]) < sms:
-            out["BV"] //= 2
+        out["BV"] = narrowed(out["BV"], 1.0)
     pipe = t.get("pipeline")
     if pipe and programs(out["BV"]) <= t["pipeline_waves"] * sms and out["BV"] <= pipe["max_BV"]:
         out.update(BS=min(pipe["slice"] // out["BV"], C), num_stages=pipe["num_stages"], PREFETCH=False)
