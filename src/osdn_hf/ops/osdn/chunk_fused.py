@@ -1283,6 +1283,7 @@ IEEE_LAUNCH = dict(
     ),
     state_fwd=dict(BV=32, fill=0.75, settings=dict(BS=16, num_warps=4, num_stages=2, PREFETCH=False)),
     state_bwd=dict(BV=32, fill=0.75, settings=dict(num_warps=8, num_stages=1, PREFETCH=True)),  # whole chunks
+    phase1=dict(any_scans=True, overlap=False),
 )
 
 
@@ -1538,7 +1539,8 @@ class Precondition(torch.autograd.Function):
         es, ef, dl = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K), torch.empty_like(dm)
         intra_launch = _chunk_launch("pre_intra_fwd", K, precision=precision, small=small)
         intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **intra_launch)
-        workers, ready = _overlap_launch("precond_fwd", scan, B * H, B * H * NC, k.device)
+        overlap = not (small and _ieee_launch(precision, K)) or IEEE_LAUNCH["phase1"]["overlap"]
+        workers, ready = _overlap_launch("precond_fwd", scan, B * H, B * H * NC, k.device) if overlap else (None, None)
         if workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
             enqueue(
                 precond_fwd_overlap_kernel, (workers + B * H,),
@@ -1598,7 +1600,10 @@ class Precondition(torch.autograd.Function):
         )
         if split:
             launch["num_warps"] = (PHASE1["launch"] if small else SCAN_TUNING)["precond_bwd"]["split_num_warps"]
-        workers, ready = _overlap_launch("precond_bwd", launch, B * H, B * H * NC, k.device) if split else (None, None)
+        overlap = split and (not (small and _ieee_launch(precision, K)) or IEEE_LAUNCH["phase1"]["overlap"])
+        workers, ready = (
+            _overlap_launch("precond_bwd", launch, B * H, B * H * NC, k.device) if overlap else (None, None)
+        )
         if workers:  # e's scans run beside the making of Y and of what they read from pre_out_bwd
             enqueue(
                 precond_bwd_overlap_kernel, (workers + B * H,),
@@ -1807,10 +1812,15 @@ PHASE1 = dict(
 )
 
 
-def _phase1_chunk(C: int, heads: int, device) -> int:
-    """Phase 1's chunk size under phase 2's chunks of C, for `heads` (batch, head) pairs (`PHASE1`)."""
+def _phase1_chunk(C: int, heads: int, device, ieee: bool = False) -> int:
+    """Phase 1's chunk size under phase 2's chunks of C, for `heads` (batch, head) pairs (`PHASE1`);
+    with `ieee` (float32 products, `_ieee_launch`) as `IEEE_LAUNCH["phase1"]` says."""
     c1 = PHASE1["chunk"]
-    if C % c1 or heads < PHASE1["min_scans"]:
+    if C % c1:
+        return C
+    if ieee and IEEE_LAUNCH["phase1"]["any_scans"]:
+        return c1
+    if heads < PHASE1["min_scans"]:
         return C
     if any(_overlap_workers(heads, device, scan) for scan in ("precond_fwd", "precond_bwd")):
         return C
@@ -1823,7 +1833,7 @@ def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype)
     `[B, T, H, V]` in `out_dtype`."""
     qc, kc, v, bc, ec, lc = (x.contiguous() for x in (qc, kc, v, bc, ec, lc))
     B, H, NC, C, K = kc.shape
-    c1 = _phase1_chunk(C, B * H, kc.device)
+    c1 = _phase1_chunk(C, B * H, kc.device, _ieee_launch(precision, K))
     n1 = NC * C // c1
     gates = (x.view(B, H, n1, c1) for x in (bc, ec, lc))
     w, d, kc = Precondition.apply(
