@@ -343,9 +343,10 @@ def _core_args(B, T, H, K, V, seed=0):
         # and 12, two an SM
         (48, 80, None, True, True, False, 16, False),
         (128, 64, None, True, True, False, 8, False),
-        # float32's own launches (IEEE_LAUNCH): per-chunk tiles, and with sms the state scans' (BV 32:
-        # 3 V blocks at V = 80, the forward in 16-row slices, the backward prefetching at 8 warps;
-        # with 16 SMs BV 16, 5 V blocks)
+        # float32's own launches (IEEE_LAUNCH): per-chunk tiles, phase 1 in chunks of 32 at any
+        # number of scans, never overlapped, and with sms the state scans' (BV 32: 3 V blocks at
+        # V = 80, the forward in 16-row slices, the backward prefetching at 8 warps; with 16 SMs
+        # BV 16, 5 V blocks)
         (48, 80, None, True, False, False, None, True),
         (48, 80, None, True, False, False, 8, True),
         (48, 80, None, True, False, False, 16, True),
@@ -610,6 +611,13 @@ def test_phase1_takes_chunks_of_32_where_its_scans_run_alone(monkeypatch):
     assert chunk_fused._phase1_chunk(64, 16, "cuda") == 64  # the scans overlapped, one worker an SM
     assert chunk_fused._phase1_chunk(64, 33, "cuda") == 64  # two an SM
     assert chunk_fused._phase1_chunk(64, 34, "cuda") == 32  # alone
+    # float32 products: chunks of 32 at any number of scans (`IEEE_LAUNCH["phase1_split"]`)
+    monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 34)
+    assert chunk_fused._phase1_chunk(64, 16, "cuda", ieee=True) == 32
+    assert chunk_fused._phase1_chunk(64, 1, "cpu", ieee=True) == 32
+    assert chunk_fused._phase1_chunk(48, 1, "cpu", ieee=True) == 48
+    monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "phase1_split", False)
+    assert chunk_fused._phase1_chunk(64, 16, "cuda", ieee=True) == 64
     monkeypatch.setitem(chunk_fused.PHASE1, "chunk", 64)
     assert chunk_fused._phase1_chunk(64, 34, "cuda") == 64
 
@@ -636,6 +644,38 @@ def test_phase1_in_chunks_of_32_matches_torch_chunk_path(K, V, tile, prefetch, s
     )
     test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, unrolled, sms, ieee, monkeypatch)
     assert chunks == [32], chunks
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_float32_phase1_runs_in_chunks_of_32_never_overlapped(split, monkeypatch):
+    """Float32 inputs at head dims up to 128, on a GPU of 16 SMs, where 16-bit inputs' phase 1 would
+    keep chunks of 64 and run its scans beside their chunks' making: phase 1 in chunks of 32, its
+    scans after the kernels that make their chunks (no overlapped launch), and pre_intra_fwd,
+    pre_out_bwd and pre_intra_bwd at `IEEE_LAUNCH`'s warps and tiles; with `phase1_split` off,
+    chunks of 64, overlapped. Outputs and all gradients match the torch chunked path either way."""
+    chunks, launches = [], {}
+    precondition, enqueue = chunk_fused.Precondition.apply, chunk_fused.enqueue
+    monkeypatch.setattr(
+        chunk_fused.Precondition, "apply", lambda k, *a: chunks.append(k.shape[-2]) or precondition(k, *a)
+    )
+
+    def recorded(kernel, grid, *args, **kw):
+        launches[kernel.__name__] = (kw.get("num_warps"), kw.get("BK"))
+        return enqueue(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(chunk_fused, "enqueue", recorded)
+    monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "phase1_split", split)
+    test_fused_chunk_kernels_match_torch_chunk_path(48, 80, None, True, True, False, 16, True, monkeypatch)
+    overlapped = {"precond_fwd_overlap_kernel", "precond_bwd_overlap_kernel"}
+    ieee = chunk_fused.IEEE_LAUNCH["chunk"]
+    if split:
+        assert chunks == [32] and not overlapped & set(launches), (chunks, sorted(launches))
+        assert {"precond_scan_fwd_kernel", "precond_scan_bwd_de_kernel"} <= set(launches), sorted(launches)
+        for name in ("pre_intra_fwd", "pre_out_bwd", "pre_intra_bwd"):
+            want = (ieee[name]["num_warps"], chunk_fused.block_width(48, ieee[name]["tile"]))
+            assert launches[f"{name}_kernel"] == want, (name, launches[f"{name}_kernel"])
+    else:
+        assert chunks == [64] and overlapped <= set(launches), (chunks, sorted(launches))
 
 
 @pytest.mark.parametrize(
@@ -747,6 +787,8 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(grad_storage, c1, monkeypat
     still match the torch chunked path run on the same values in float32. Phase 1 in chunks of
     `c1` (`PHASE1`)."""
     monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1 if c1 == 32 else 1 << 30)
+    # the core's products are float32 ("ieee") here, a GPU's tf32: phase 1's chunks as 16-bit inputs get them
+    monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "phase1_split", False)
     monkeypatch.setattr(chunk_fused, "GRAD_STORAGE", dict(phase1=grad_storage, phase2=grad_storage))
     pieces = []  # (phase, dtype) of each gradient piece the backward passes between kernels
     grad_buffer = chunk_fused._grad_buffer
@@ -1096,6 +1138,9 @@ def test_float32_products_launch_with_their_own_settings_up_to_head_dim_128():
     pre_y = chunk_fused._chunk_launch("pre_y", 128, precision="ieee", small=True)
     assert (pre_y["BK"], pre_y["num_warps"]) == (ieee["pre_y"]["tile"], ieee["pre_y"]["num_warps"])
     assert chunk_fused._chunk_launch("pre_y", 128, precision="tf32", small=True)["BK"] == 128  # PHASE1's
+    for name in ("pre_intra_fwd", "pre_out_bwd", "pre_intra_bwd"):  # 2 warps, tile 32 (sweep27_736557f.json)
+        launch = chunk_fused._chunk_launch(name, 128, precision="ieee", small=True)
+        assert (launch["BK"], launch["num_warps"]) == (32, 2), (name, launch)
     wy_bwd = chunk_fused._chunk_launch("wy_bwd", 128, 128, "ieee")
     assert (wy_bwd["BK"], wy_bwd["BV"], wy_bwd["num_warps"]) == (16, 16, ieee["wy_bwd"]["num_warps"])
     assert wy_bwd["STAGES"] == chunk_fused.CHUNK_LAUNCH["wy_bwd"]["stages"]

@@ -1269,6 +1269,16 @@ def _doubling(precision: str) -> bool:
 # forward and forward+backward in ms (sweep26, fill 0.75):
 #   1 x 16384: 74.7 -> 28.0, 164.0 -> 59.7      2 x 8192: 69.2 -> 24.1, 155.1 -> 54.3
 #   4 x 4096:  61.0 -> 6.5,  158.6 -> 22.6      8 x 2048: 50.9 -> 5.7,  144.5 -> 22.2
+# Below `PHASE1["min_scans"]` phase 1 had kept chunks of 64, its scans beside their chunks' making,
+# and its float32 kernels there took most of the rest: at 1 x 16384 the overlapped forward launch
+# 18.6 ms, pre_intra_bwd 12.9, pre_out_fwd 4.7. So with `phase1_split` float32's phase 1 runs in
+# chunks of 32 at any number of scans, never overlapped (`_phase1_chunk`; overlapped in chunks of
+# 32 that launch took 12.9 ms), and pre_intra_fwd, pre_out_bwd and pre_intra_bwd, unswept until
+# then, launch at 2 warps, tile 32: the fastest of 1/2/4 warps x tile 16/32/64 over the three rows
+# below (benchmarks/results/sweep27_736557f.json, same method; at 1 x 16384 1232 -> 551, 324 ->
+# 246 and 582 -> 515 us against `PHASE1["launch"]`'s). Forward and forward+backward in ms:
+#   1 x 16384: 28.1 -> 5.9, 59.7 -> 25.3      2 x 8192: 23.9 -> 6.3, 54.0 -> 23.7
+#   8 x 2048 (in chunks of 32 before too):   5.7 -> 5.6, 22.2 -> 21.8
 IEEE_LAUNCH = dict(
     max_head_dim=128,
     chunk=dict(
@@ -1280,10 +1290,13 @@ IEEE_LAUNCH = dict(
         wy_bwd=dict(num_warps=4, tile=16),
         pre_y=dict(num_warps=2, tile=32),
         pre_out_fwd=dict(num_warps=2, tile=32),
+        pre_intra_fwd=dict(num_warps=2, tile=32),
+        pre_out_bwd=dict(num_warps=2, tile=32),
+        pre_intra_bwd=dict(num_warps=2, tile=32),
     ),
     state_fwd=dict(BV=32, fill=0.75, settings=dict(BS=16, num_warps=4, num_stages=2, PREFETCH=False)),
     state_bwd=dict(BV=32, fill=0.75, settings=dict(num_warps=8, num_stages=1, PREFETCH=True)),  # whole chunks
-    phase1=dict(any_scans=True, overlap=False),
+    phase1_split=True,
 )
 
 
@@ -1515,7 +1528,8 @@ class GatesToChunks(torch.autograd.Function):
 class Precondition(torch.autograd.Function):
     """Phase 1: `(k, beta, eta, lam, d0) -> (W = D * K, d_final, k)`; chunked tensors, `k` and `W`
     in the storage dtype, the rest float32. `small`: phase 1's chunks are smaller than phase 2's
-    (`PHASE1`), so its kernels launch with `PHASE1["launch"]`'s settings.
+    (`PHASE1`), so its kernels launch with `PHASE1["launch"]`'s settings and its scans are never
+    overlapped with them (only float32's run small where they could be: `_phase1_chunk`).
 
     k comes out again (a view) for phase 2 to read: phase 2's gradient of k then reaches this
     backward, whose last kernel adds it to phase 1's own in float32, instead of autograd adding
@@ -1539,8 +1553,8 @@ class Precondition(torch.autograd.Function):
         es, ef, dl = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K), torch.empty_like(dm)
         intra_launch = _chunk_launch("pre_intra_fwd", K, precision=precision, small=small)
         intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **intra_launch)
-        overlap = not (small and _ieee_launch(precision, K)) or IEEE_LAUNCH["phase1"]["overlap"]
-        workers, ready = _overlap_launch("precond_fwd", scan, B * H, B * H * NC, k.device) if overlap else (None, None)
+        # in chunks smaller than phase 2's (`PHASE1`), the scans follow the chunks' making
+        workers, ready = (None, None) if small else _overlap_launch("precond_fwd", scan, B * H, B * H * NC, k.device)
         if workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
             enqueue(
                 precond_fwd_overlap_kernel, (workers + B * H,),
@@ -1600,7 +1614,7 @@ class Precondition(torch.autograd.Function):
         )
         if split:
             launch["num_warps"] = (PHASE1["launch"] if small else SCAN_TUNING)["precond_bwd"]["split_num_warps"]
-        overlap = split and (not (small and _ieee_launch(precision, K)) or IEEE_LAUNCH["phase1"]["overlap"])
+        overlap = split and not small
         workers, ready = (
             _overlap_launch("precond_bwd", launch, B * H, B * H * NC, k.device) if overlap else (None, None)
         )
@@ -1814,11 +1828,12 @@ PHASE1 = dict(
 
 def _phase1_chunk(C: int, heads: int, device, ieee: bool = False) -> int:
     """Phase 1's chunk size under phase 2's chunks of C, for `heads` (batch, head) pairs (`PHASE1`);
-    with `ieee` (float32 products, `_ieee_launch`) as `IEEE_LAUNCH["phase1"]` says."""
+    with `ieee` (float32 products, `_ieee_launch`), PHASE1's chunk at any number of pairs where
+    `IEEE_LAUNCH["phase1_split"]`."""
     c1 = PHASE1["chunk"]
     if C % c1:
         return C
-    if ieee and IEEE_LAUNCH["phase1"]["any_scans"]:
+    if ieee and IEEE_LAUNCH["phase1_split"]:
         return c1
     if heads < PHASE1["min_scans"]:
         return C
