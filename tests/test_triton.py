@@ -651,7 +651,8 @@ def test_float32_phase1_runs_in_chunks_of_32_never_overlapped(split, monkeypatch
     """Float32 inputs at head dims up to 128, on a GPU of 16 SMs, where 16-bit inputs' phase 1 would
     keep chunks of 64 and run its scans beside their chunks' making: phase 1 in chunks of 32, its
     scans after the kernels that make their chunks (no overlapped launch), and pre_intra_fwd,
-    pre_out_bwd and pre_intra_bwd at `IEEE_LAUNCH`'s warps and tiles; with `phase1_split` off,
+    pre_out_bwd, pre_intra_bwd and the split backward scan at `IEEE_LAUNCH`'s warps and tiles
+    (`PHASE1["launch"]`'s are bf16's); with `phase1_split` off,
     chunks of 64, overlapped. Outputs and all gradients match the torch chunked path either way."""
     chunks, launches = [], {}
     precondition, enqueue = chunk_fused.Precondition.apply, chunk_fused.enqueue
@@ -674,6 +675,8 @@ def test_float32_phase1_runs_in_chunks_of_32_never_overlapped(split, monkeypatch
         for name in ("pre_intra_fwd", "pre_out_bwd", "pre_intra_bwd"):
             want = (ieee[name]["num_warps"], chunk_fused.block_width(48, ieee[name]["tile"]))
             assert launches[f"{name}_kernel"] == want, (name, launches[f"{name}_kernel"])
+        split_warps = chunk_fused.IEEE_LAUNCH["precond_bwd"]["split_num_warps"]
+        assert split_warps == 4 and launches["precond_scan_bwd_de_kernel"][0] == split_warps, launches
     else:
         assert chunks == [64] and overlapped <= set(launches), (chunks, sorted(launches))
 

@@ -1279,6 +1279,11 @@ def _doubling(precision: str) -> bool:
 # 246 and 582 -> 515 us against `PHASE1["launch"]`'s). Forward and forward+backward in ms:
 #   1 x 16384: 28.1 -> 5.9, 59.7 -> 25.3      2 x 8192: 23.9 -> 6.3, 54.0 -> 23.7
 #   8 x 2048 (in chunks of 32 before too):   5.7 -> 5.6, 22.2 -> 21.8
+# Phase 1's split backward scan then runs at 4 warps (`PHASE1["launch"]`'s 2 were measured in
+# bf16): at 16, 32, 64 and 128 pairs 1551 / 790 / 403 / 210 us at 2 warps, 635 / 328 / 173 / 102
+# at 4, 902 / 453 / 228 / 116 at 8, 6355 / 3226 / 1620 / 818 at 1 (benchmarks/results/
+# sweep28_86d7466.json, same method). The forward scan's table warps (4) stay: 500 / 261 / 142 /
+# 76 us, against 609-925 at 1 x 16384 with 2 or 8, 7817 with 1.
 IEEE_LAUNCH = dict(
     max_head_dim=128,
     chunk=dict(
@@ -1297,6 +1302,7 @@ IEEE_LAUNCH = dict(
     state_fwd=dict(BV=32, fill=0.75, settings=dict(BS=16, num_warps=4, num_stages=2, PREFETCH=False)),
     state_bwd=dict(BV=32, fill=0.75, settings=dict(num_warps=8, num_stages=1, PREFETCH=True)),  # whole chunks
     phase1_split=True,
+    precond_bwd=dict(split_num_warps=4),  # in chunks of 32
 )
 
 
@@ -1613,7 +1619,8 @@ class Precondition(torch.autograd.Function):
             (torch.empty_like(es), None, None) if split else (None, torch.empty_like(p), torch.empty_like(gc))
         )
         if split:
-            launch["num_warps"] = (PHASE1["launch"] if small else SCAN_TUNING)["precond_bwd"]["split_num_warps"]
+            table = (IEEE_LAUNCH if _ieee_launch(precision, K) else PHASE1["launch"]) if small else SCAN_TUNING
+            launch["num_warps"] = table["precond_bwd"]["split_num_warps"]
         overlap = split and not small
         workers, ready = (
             _overlap_launch("precond_bwd", launch, B * H, B * H * NC, k.device) if overlap else (None, None)
