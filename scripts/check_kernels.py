@@ -17,6 +17,7 @@ minute per shape); `--merge A.json B.json ... --out ALL.json` joins their rows i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -37,6 +38,9 @@ from osdn_hf.run_info import command_line, run_metadata
 # (chunk_fused.GRAD_STORAGE): the worst case, dlam in one chunk (T = 63, 64), went 1.39e-2 ->
 # 1.66e-2 in bf16 and 3.9e-3 -> 4.8e-3 in float16 (kernels_check_16bit_{60434f8,0bc0098}.json).
 RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+# With --tf32, float32 inputs run tf32 products (torch's float32 matmuls in TF32: 2^-11 per
+# product, as float16's rounding), their intermediates kept in float32: float16's tolerance.
+RTOL_TF32 = 1e-2
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GRADS = ("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond")
 
@@ -87,6 +91,22 @@ def inplace_same_bits(inputs, got, cu_seqlens) -> bool:
         )
     same = (torch.equal(o, got["o"]), torch.equal(S, got["final_state"]), torch.equal(d, got["final_precond"]))
     return S is S0 and d is d0 and all(same)
+
+
+@contextlib.contextmanager
+def float32_matmul(tf32: bool):
+    """Float32 matmuls in TF32 inside (`osdn_hf.ops.osdn.utils.float32_tf32` then holds), as
+    before after; with `tf32` False, nothing changes."""
+    if not tf32:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
 
 
 def rel_err(a, b):
@@ -142,6 +162,11 @@ def main(argv=None):
         "--one-kernel-scan",
         action="store_true",
         help="phase 1's backward scan adding its rows' gradients itself at every size (the default splits them off)",
+    )
+    p.add_argument(
+        "--tf32",
+        action="store_true",
+        help="float32 matmuls in TF32 around the kernels' calls (their products then tf32), not the reference's",
     )
     p.add_argument(
         "--inverse",
@@ -205,6 +230,7 @@ def main(argv=None):
     refs = {}  # the float32 loop once per case and dtype, shared by both ops
     for case, dname, op in tqdm(work, desc="kernel checks"):
         dtype = DTYPES[dname]
+        rtol = RTOL_TF32 if args.tf32 and dtype == torch.float32 else RTOL[dtype]
         cu = None
         T, B, H = case["T"], case["B"], case.get("H", 2)
         if case["varlen"] is not None:
@@ -229,16 +255,17 @@ def main(argv=None):
             V=case["V"],
             cu_seqlens=case["varlen"],
             initial_state=True,
-            rtol=RTOL[dtype],
+            rtol=rtol,
         )
         try:
-            got = run(fn, inputs, cot, cu)
+            with float32_matmul(args.tf32):
+                got = run(fn, inputs, cot, cu)
             key = (id(case), dname)
             if key not in refs:
                 refs = {key: run(naive_recurrent_osdn, inputs, cot, cu)}
             ref = refs[key]
             row["rel_err"] = {n: rel_err(got[n], ref[n]) for n in ref}
-            row["ok"] = all(e <= RTOL[dtype] for e in row["rel_err"].values())
+            row["ok"] = all(e <= rtol for e in row["rel_err"].values())
             if op == "fused_recurrent":
                 row["inplace_same_bits"] = inplace_same_bits(inputs, got, cu)
                 row["ok"] = row["ok"] and row["inplace_same_bits"]

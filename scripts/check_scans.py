@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 C = 64  # chunk_osdn's chunk size
 RTOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
+RTOL_TF32 = 1e-2  # float32 with --tf32: float16's (tf32 rounds each product's operands as float16 does)
 PAIRS = ("32x32", "64x64", "64x32", "100x48", "128x128", "256x256")
 
 
@@ -57,14 +58,17 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def check_case(K: int, V: int, NC: int, dtype: torch.dtype, launches: dict, heads: int, device: str) -> dict:
-    """One case: the scans at `launches` (`{"state_fwd": ..., "state_bwd": ...}`) against the loop."""
+def check_case(
+    K: int, V: int, NC: int, dtype: torch.dtype, launches: dict, heads: int, device: str, tf32: bool = False
+) -> dict:
+    """One case: the scans at `launches` (`{"state_fwd": ..., "state_bwd": ...}`) against the loop;
+    with `tf32`, the scans' products in tf32 whatever the dtype (float32 inputs under torch's TF32)."""
     from osdn_hf.ops.osdn import chunk_fused
     from osdn_hf.ops.osdn.chunk_scan import state_scan_torch
     from osdn_hf.ops.osdn.utils import dot_precision
 
     x = make_scan_inputs(heads, NC, K, V, dtype, device, seed=NC)
-    precision = dot_precision(x["kb"])
+    precision = "tf32" if tf32 else dot_precision(x["kb"])
     uo = torch.empty_like(x["ub"])
     ss, sf = chunk_fused._state_scan(x["kb"], x["w"], x["ub"], x["s0"], uo, precision, launches["state_fwd"])
     rebuilt, _ = chunk_fused._state_scan(None, x["w"], None, x["s0"], uo, precision, launches["state_fwd"])
@@ -120,9 +124,12 @@ def run_group(pair: str, dtype_name: str, args) -> list[dict]:
         if launches is None:
             continue
         for NC in args.chunks:
-            row = dict(K=K, V=V, NC=NC, dtype=dtype_name, tile=tile, launches=launches, rtol=RTOL[dtype_name])
+            rtol = RTOL_TF32 if args.tf32 and dtype_name == "float32" else RTOL[dtype_name]
+            row = dict(K=K, V=V, NC=NC, dtype=dtype_name, tile=tile, launches=launches, rtol=rtol, tf32=args.tf32)
             try:
-                row.update(check_case(K, V, NC, getattr(torch, dtype_name), launches, args.heads, args.device))
+                row.update(
+                    check_case(K, V, NC, getattr(torch, dtype_name), launches, args.heads, args.device, args.tf32)
+                )
                 row["ok"] = row["rebuilt_same_bits"] and max(row["errors"].values()) <= row["rtol"]
             except Exception as e:  # a faulting launch: recorded, and the process ends (its context is lost)
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
@@ -154,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32"], choices=sorted(RTOL))
     p.add_argument("--tile", action="append", type=json.loads, default=[], help="launch keys (JSON) to try too")
     p.add_argument("--heads", type=int, default=4, help="(batch, head) pairs, one scan each")
+    p.add_argument("--tf32", action="store_true", help="the scans' products in tf32 (float32 inputs under TF32)")
     p.add_argument("--jobs", type=int, default=4, help="groups run at once")
     p.add_argument("--out", default=None, help="JSON to write")
     p.add_argument("--commit", default="unknown")
@@ -175,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         for row in run_group(*args.group, args):
             print("ROW: " + json.dumps(row), flush=True)
         return
-    child_argv = ["--chunks", *map(str, args.chunks), "--heads", str(args.heads)]
+    child_argv = ["--chunks", *map(str, args.chunks), "--heads", str(args.heads)] + ["--tf32"] * args.tf32
     for tile in args.tile:
         child_argv += ["--tile", json.dumps(tile)]
     groups = [(pair, d) for pair in args.pairs for d in args.dtypes]

@@ -265,6 +265,21 @@ def use_triton(x: torch.Tensor) -> bool:
     return HAS_TRITON and (x.is_cuda or os.environ.get(FORCE_TRITON_ENV) == "1")
 
 
+def float32_tf32() -> bool:
+    """Whether torch lets float32 matmuls on CUDA run in TF32: `torch.backends.cuda.matmul.
+    fp32_precision` (or the global `torch.backends.fp32_precision` it follows) is "tf32", as
+    `torch.set_float32_matmul_precision("high")` and the HF Trainer's `tf32=True` set it; on torch
+    before 2.9, `torch.backends.cuda.matmul.allow_tf32`."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        return getattr(torch.backends, "fp32_precision", "none") == "tf32"
+    return precision == "tf32"
+
+
 def dot_precision(x: torch.Tensor) -> str:
-    """Matrix-product precision inside the kernels: exact for float32 inputs, tf32 otherwise."""
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+    """Matrix-product precision inside the kernels: tf32 for 16-bit inputs, and for float32 inputs
+    where torch runs float32 matmuls in TF32 (`float32_tf32`); else exact ("ieee")."""
+    return "ieee" if x.dtype == torch.float32 and not float32_tf32() else "tf32"
