@@ -12,6 +12,9 @@ exits non-zero if any case is out of tolerance.
 a run whose compiling would not fit one call (float32 compiles its ieee products for about a
 minute per shape); `--merge A.json B.json ... --out ALL.json` joins their rows into one file
 (each row keeps the shard it came from; shards that never wrote a file are named as missing).
+`--tf32` runs the kernels with torch's float32 matmuls in TF32, so float32 inputs multiply in tf32
+(`osdn_hf.ops.osdn.utils.dot_precision`), checked at float16's tolerance; the reference runs
+without it.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import torch
 from helpers import assert_close, make_inputs, reference_osdn_f64
 
 from osdn_hf.ops import chunk_osdn, fused_recurrent_osdn, naive_recurrent_osdn
-from osdn_hf.ops.osdn.utils import FORCE_TRITON_ENV, l2norm
+from osdn_hf.ops.osdn.utils import FORCE_TRITON_ENV, dot_precision, float32_tf32, l2norm
 
 OPS = {"naive": naive_recurrent_osdn, "chunk": chunk_osdn, "fused_recurrent": fused_recurrent_osdn}
 ON_GPU = torch.cuda.is_available()
@@ -342,3 +342,25 @@ def test_varlen_index_is_worked_out_once_per_cu_seqlens_tensor():
     assert varlen_offsets(cu) == [0, 3, 3, 8] and varlen_index(cu)[0].tolist() == [0, 1, 2, 10, 11, 12, 13, 14]
     other = torch.tensor([0, 2])
     assert varlen_index(other)[0].tolist() == [0, 1] and varlen_index(torch.tensor([0, 0]))[1] == 1
+
+
+def test_float32_products_follow_torchs_tf32_setting():
+    """`dot_precision`: tf32 for 16-bit inputs; for float32 inputs exact ("ieee") unless torch runs
+    float32 matmuls in TF32, set for cuBLAS's matmuls or globally (`torch.backends.fp32_precision`,
+    which they follow while theirs is "none")."""
+    matmul, backends = torch.backends.cuda.matmul, torch.backends
+    x32, x16 = torch.zeros(1), torch.zeros(1, dtype=torch.bfloat16)
+    before = matmul.fp32_precision, backends.fp32_precision
+    try:
+        matmul.fp32_precision, backends.fp32_precision = "none", "none"
+        assert (dot_precision(x32), dot_precision(x16)) == ("ieee", "tf32") and not float32_tf32()
+        matmul.fp32_precision = "tf32"
+        assert dot_precision(x32) == "tf32" and float32_tf32()
+        matmul.fp32_precision, backends.fp32_precision = "none", "tf32"
+        assert dot_precision(x32) == "tf32"
+        matmul.fp32_precision = "ieee"  # its own setting over the global one
+        assert dot_precision(x32) == "ieee"
+    finally:
+        backends.fp32_precision = before[1]
+        matmul.fp32_precision = before[0]
+    assert (matmul.fp32_precision, backends.fp32_precision) == before

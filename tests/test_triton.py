@@ -26,7 +26,7 @@ if torch.cuda.is_available():
 from osdn_hf.ops import chunk_osdn, fused_recurrent_osdn  # noqa: E402
 from osdn_hf.ops.osdn import chunk_fused, chunk_scan, fused_recurrent  # noqa: E402
 from osdn_hf.ops.osdn.chunk import _chunk_osdn_core  # noqa: E402
-from osdn_hf.ops.osdn.utils import FORCE_TRITON_ENV  # noqa: E402
+from osdn_hf.ops.osdn.utils import FORCE_TRITON_ENV, dot_precision, float32_tf32  # noqa: E402
 
 
 def _scan_inputs(B, H, NC, C, K, V, seed=0):
@@ -611,13 +611,13 @@ def test_phase1_takes_chunks_of_32_where_its_scans_run_alone(monkeypatch):
     assert chunk_fused._phase1_chunk(64, 16, "cuda") == 64  # the scans overlapped, one worker an SM
     assert chunk_fused._phase1_chunk(64, 33, "cuda") == 64  # two an SM
     assert chunk_fused._phase1_chunk(64, 34, "cuda") == 32  # alone
-    # float32 products: chunks of 32 at any number of scans (`IEEE_LAUNCH["phase1_split"]`)
+    # float32 storage: chunks of 32 at any number of scans (`IEEE_LAUNCH["phase1_split"]`)
     monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 34)
-    assert chunk_fused._phase1_chunk(64, 16, "cuda", ieee=True) == 32
-    assert chunk_fused._phase1_chunk(64, 1, "cpu", ieee=True) == 32
-    assert chunk_fused._phase1_chunk(48, 1, "cpu", ieee=True) == 48
+    assert chunk_fused._phase1_chunk(64, 16, "cuda", float32=True) == 32
+    assert chunk_fused._phase1_chunk(64, 1, "cpu", float32=True) == 32
+    assert chunk_fused._phase1_chunk(48, 1, "cpu", float32=True) == 48
     monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "phase1_split", False)
-    assert chunk_fused._phase1_chunk(64, 16, "cuda", ieee=True) == 64
+    assert chunk_fused._phase1_chunk(64, 16, "cuda", float32=True) == 64
     monkeypatch.setitem(chunk_fused.PHASE1, "chunk", 64)
     assert chunk_fused._phase1_chunk(64, 34, "cuda") == 64
 
@@ -679,6 +679,65 @@ def test_float32_phase1_runs_in_chunks_of_32_never_overlapped(split, monkeypatch
         assert split_warps == 4 and launches["precond_scan_bwd_de_kernel"][0] == split_warps, launches
     else:
         assert chunks == [64] and overlapped <= set(launches), (chunks, sorted(launches))
+
+
+@pytest.fixture
+def matmul_tf32():
+    """Torch's float32 matmuls in TF32 for the test (`torch.backends.cuda.matmul.fp32_precision`,
+    which monkeypatch cannot restore: cuBLASModule has no attribute to delete), as before after."""
+    matmul = torch.backends.cuda.matmul
+    before, matmul.fp32_precision = matmul.fp32_precision, "tf32"
+    yield
+    matmul.fp32_precision = before
+
+
+def test_float32_inputs_under_tf32_run_tf32_products_at_the_tables_scan_launches(monkeypatch, matmul_tf32):
+    """Float32 inputs where torch runs float32 matmuls in TF32 (`utils.float32_tf32`): tf32
+    products (`dot_precision`), phase 1 in chunks of 32 as float32 storage has it, the per-chunk
+    kernels and state scans at the tables' settings, not float32's exact ones (in tf32 the backward
+    scan's BV 16 at 8 warps computed wrong gradients or faulted on an H200:
+    benchmarks/results/scans_check_tf32_h16_811156d.json); outputs and all gradients match the
+    torch chunked path. As on a GPU of 132 SMs, where float32's exact products take BV 16 at 16
+    (batch, head) pairs."""
+    monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)
+    assert float32_tf32() and dot_precision(torch.zeros(1)) == "tf32"
+    ieee = chunk_fused._scan_launch("state_bwd", 128, 128, 64, 16, "cuda", 4, "ieee")
+    assert (ieee["BV"], ieee["num_warps"]) == (16, 8)  # exact products: correct, measured fastest
+    for name in ("state_fwd", "state_bwd"):
+        tf32 = chunk_fused._scan_launch(name, 128, 128, 64, 16, "cuda", 4, "tf32")
+        with monkeypatch.context() as m:
+            m.setitem(chunk_fused.IEEE_LAUNCH, name, None)
+            assert tf32 == chunk_fused._scan_launch(name, 128, 128, 64, 16, "cuda", 4, "ieee"), name
+        assert not (tf32["BV"] == 16 and tf32["num_warps"] == 8), tf32
+    precisions, chunks, launches = set(), [], {}
+    precondition, enqueue = chunk_fused.Precondition.apply, chunk_fused.enqueue
+    monkeypatch.setattr(
+        chunk_fused.Precondition, "apply", lambda k, *a: chunks.append(k.shape[-2]) or precondition(k, *a)
+    )
+
+    def recorded(kernel, grid, *args, **kw):
+        precisions.add(kw.get("PRECISION"))
+        launches[kernel.__name__] = (kw.get("num_warps"), kw.get("BK"), kw.get("BV"))
+        return enqueue(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(chunk_fused, "enqueue", recorded)
+    args = _core_args(1, 150, 2, 48, 80)
+    names = ("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond")
+    results = {}
+    for use_triton in (False, True):
+        leaves = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+        outs = _chunk_osdn_core(*leaves, use_triton=use_triton, precision=dot_precision(leaves[0]))
+        results[use_triton] = (outs, _grads(outs, dict(zip(names, [a for a in leaves if isinstance(a, torch.Tensor)]))))
+    (ref, ref_grads), (got, got_grads) = results[False], results[True]
+    for name, a, b in zip(("o", "S", "d"), got, ref):
+        assert_close(name, a, b)
+    for name, a, b in zip(names, got_grads, ref_grads):
+        assert_close(f"d{name}", a, b)
+    assert precisions - {None} == {"tf32"} and chunks == [32], (precisions, chunks)
+    table = chunk_fused._chunk_launch("wy_bwd", 48, 80, "tf32")
+    assert launches["wy_bwd_kernel"][:2] == (table["num_warps"], table["BK"]), launches
+    split_warps = chunk_fused.IEEE_LAUNCH["precond_bwd"]["split_num_warps"]
+    assert launches["precond_scan_bwd_de_kernel"][0] == split_warps, launches
 
 
 @pytest.mark.parametrize(
@@ -790,8 +849,6 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(grad_storage, c1, monkeypat
     still match the torch chunked path run on the same values in float32. Phase 1 in chunks of
     `c1` (`PHASE1`)."""
     monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1 if c1 == 32 else 1 << 30)
-    # the core's products are float32 ("ieee") here, a GPU's tf32: phase 1's chunks as 16-bit inputs get them
-    monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "phase1_split", False)
     monkeypatch.setattr(chunk_fused, "GRAD_STORAGE", dict(phase1=grad_storage, phase2=grad_storage))
     pieces = []  # (phase, dtype) of each gradient piece the backward passes between kernels
     grad_buffer = chunk_fused._grad_buffer

@@ -1284,6 +1284,14 @@ def _doubling(precision: str) -> bool:
 # at 4, 902 / 453 / 228 / 116 at 8, 6355 / 3226 / 1620 / 818 at 1 (benchmarks/results/
 # sweep28_86d7466.json, same method). The forward scan's table warps (4) stay: 500 / 261 / 142 /
 # 76 us, against 609-925 at 1 x 16384 with 2 or 8, 7817 with 1.
+# Float32 inputs where torch runs float32 matmuls in TF32 (`utils.dot_precision`) multiply in tf32
+# with float32 storage: phase 1 as here (`_float32_launch`), the per-chunk kernels and the state
+# scans at the tables' settings. At IEEE_LAUNCH's scans, the backward scan at BV 16 and 8 warps
+# computed wrong gradients in tf32 (dS0 off by 0.66-0.91 at K = V = 128) or faulted (K = 100,
+# V = 48; benchmarks/results/scans_check_tf32_{h16,h4}_811156d.json: Triton 3.6, H200), correct at
+# 4 warps or BV 32. GPU time, forward+backward in ms (sweep30_811156d.json, this against exact
+# products; relative errors of the output and gradients against them 2.0e-3 to 3.0e-3):
+#   1 x 16384: 24.2 -> 8.9    2 x 8192: 23.2 -> 7.7    4 x 4096: 21.3 -> 6.2    8 x 2048: 21.6 -> 6.0
 IEEE_LAUNCH = dict(
     max_head_dim=128,
     chunk=dict(
@@ -1307,9 +1315,16 @@ IEEE_LAUNCH = dict(
 
 
 def _ieee_launch(precision: str | None, K: int, V: int | None = None) -> bool:
-    """Whether the per-chunk kernels launch with `IEEE_LAUNCH`'s settings: float32 products at head
-    dims up to its `max_head_dim`."""
+    """Whether the per-chunk kernels (and, with float32 storage, the state scans) launch with
+    `IEEE_LAUNCH`'s settings: exact float32 products ("ieee") at head dims up to its
+    `max_head_dim`."""
     return precision == "ieee" and max(K, V or 0) <= IEEE_LAUNCH["max_head_dim"]
+
+
+def _float32_launch(x: torch.Tensor, K: int) -> bool:
+    """Whether phase 1 runs as float32 inputs have it (`IEEE_LAUNCH`'s `phase1_split` and
+    `precond_bwd`), exact products or tf32: float32 storage `x`, head dim K up to `max_head_dim`."""
+    return x.dtype == torch.float32 and K <= IEEE_LAUNCH["max_head_dim"]
 
 
 def launch_settings() -> dict:
@@ -1326,10 +1341,13 @@ def launch_settings() -> dict:
     return copy.deepcopy(tables)
 
 
-def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, device=None, itemsize: int = 2) -> dict:
+def _scan_launch(
+    name: str, K: int, V: int, C: int, heads: int | None = None, device=None, itemsize: int = 2, precision: str = "ieee"
+) -> dict:
     """Launch settings of scan `name` (`SCAN_TUNING`); for the state scans, given `heads` (B * H)
     and a CUDA `device`, fitted to how many programs its SMs take (without them, as the table's
-    first settings say), and to the storage dtype's `itemsize` (bytes)."""
+    first settings say), to the storage dtype's `itemsize` (bytes) and, with float32 storage, to the
+    products' `precision` (`IEEE_LAUNCH` for "ieee")."""
     BK, BV, BS = _block_sizes(K, V, C)
     if name == "state_bwd":
         BS = max(BS // 2, 16)
@@ -1351,7 +1369,7 @@ def _scan_launch(name: str, K: int, V: int, C: int, heads: int | None = None, de
         return BV
 
     ieee = IEEE_LAUNCH.get(name)
-    if ieee and itemsize == 4 and _ieee_launch("ieee", K, V):  # float32 storage: float32 products
+    if ieee and itemsize == 4 and _ieee_launch(precision, K, V):  # float32 storage and products
         wide = dict(out, **ieee["settings"], BV=narrowed(block_width(V, ieee["BV"]), ieee["fill"]))
         if wide["PREFETCH"]:
             wide["BS"] = C
@@ -1619,7 +1637,7 @@ class Precondition(torch.autograd.Function):
             (torch.empty_like(es), None, None) if split else (None, torch.empty_like(p), torch.empty_like(gc))
         )
         if split:
-            table = (IEEE_LAUNCH if _ieee_launch(precision, K) else PHASE1["launch"]) if small else SCAN_TUNING
+            table = (IEEE_LAUNCH if _float32_launch(k, K) else PHASE1["launch"]) if small else SCAN_TUNING
             launch["num_warps"] = table["precond_bwd"]["split_num_warps"]
         overlap = split and not small
         workers, ready = (
@@ -1671,7 +1689,7 @@ def _state_scan(kb, w, ub, s0, uo, precision, launch=None):
     (tiles, warps, stages) defaults to `_scan_launch`'s; scripts/check_scans.py passes others."""
     B, H, NC, C, K = w.shape
     V = uo.shape[-1]
-    launch = launch or _scan_launch("state_fwd", K, V, C, B * H, w.device, w.element_size())
+    launch = launch or _scan_launch("state_fwd", K, V, C, B * H, w.device, w.element_size(), precision)
     ss = w.new_empty(B, H, NC, K, V)
     sf = None if ub is None else s0.new_empty(B, H, K, V)
     enqueue(
@@ -1688,7 +1706,7 @@ def _state_scan_bwd(kb, w, gu, gss, ds, precision, launch=None):
     chunk (in `gss`'s place) and of the initial state (float32). `launch` as in `_state_scan`."""
     B, H, NC, C, K = kb.shape
     V = gu.shape[-1]
-    launch = launch or _scan_launch("state_bwd", K, V, C, B * H, kb.device, kb.element_size())
+    launch = launch or _scan_launch("state_bwd", K, V, C, B * H, kb.device, kb.element_size(), precision)
     dub, dss, ds0 = torch.empty_like(gu), gss, ds.new_empty(B, H, K, V)  # dss overwrites gss as it goes
     enqueue(
         state_scan_bwd_kernel, (B * H, cdiv(V, launch["BV"])),
@@ -1833,14 +1851,15 @@ PHASE1 = dict(
 )
 
 
-def _phase1_chunk(C: int, heads: int, device, ieee: bool = False) -> int:
+def _phase1_chunk(C: int, heads: int, device, float32: bool = False) -> int:
     """Phase 1's chunk size under phase 2's chunks of C, for `heads` (batch, head) pairs (`PHASE1`);
-    with `ieee` (float32 products, `_ieee_launch`), PHASE1's chunk at any number of pairs where
+    with `float32` (float32 storage at head dims up to `IEEE_LAUNCH["max_head_dim"]`, products
+    exact or tf32: `_float32_launch`), PHASE1's chunk at any number of pairs where
     `IEEE_LAUNCH["phase1_split"]`."""
     c1 = PHASE1["chunk"]
     if C % c1:
         return C
-    if ieee and IEEE_LAUNCH["phase1_split"]:
+    if float32 and IEEE_LAUNCH["phase1_split"]:
         return c1
     if heads < PHASE1["min_scans"]:
         return C
@@ -1855,7 +1874,7 @@ def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype)
     `[B, T, H, V]` in `out_dtype`."""
     qc, kc, v, bc, ec, lc = (x.contiguous() for x in (qc, kc, v, bc, ec, lc))
     B, H, NC, C, K = kc.shape
-    c1 = _phase1_chunk(C, B * H, kc.device, _ieee_launch(precision, K))
+    c1 = _phase1_chunk(C, B * H, kc.device, _float32_launch(kc, K))
     n1 = NC * C // c1
     gates = (x.view(B, H, n1, c1) for x in (bc, ec, lc))
     w, d, kc = Precondition.apply(
