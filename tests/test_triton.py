@@ -388,7 +388,7 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split,
     names = ("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond")
     results = {}
     for use_triton in (False, True):
-        outs = _chunk_osdn_core(*leaves, use_triton=use_triton)
+        outs = _chunk_osdn_core(*leaves, use_triton=use_triton, precision=dot_precision(leaves[0]))
         results[use_triton] = (outs, _grads(outs, dict(zip(names, inputs))))
     (ref, ref_grads), (got, got_grads) = results[False], results[True]
     for name, a, b in zip(("o", "S", "d"), got, ref):
@@ -622,6 +622,23 @@ def test_phase1_takes_chunks_of_32_where_its_scans_run_alone(monkeypatch):
     assert chunk_fused._phase1_chunk(64, 34, "cuda") == 64
 
 
+def _record_phase1_and_launches(monkeypatch) -> tuple[list, dict]:
+    """Records phase 1's chunk size at each call of `Precondition` and each kernel's launch keywords
+    (the last launch of each, by kernel name): `(chunks, launches)`, filled as the op runs."""
+    chunks, launches = [], {}
+    precondition, enqueue = chunk_fused.Precondition.apply, chunk_fused.enqueue
+    monkeypatch.setattr(
+        chunk_fused.Precondition, "apply", lambda k, *a: chunks.append(k.shape[-2]) or precondition(k, *a)
+    )
+
+    def recorded(kernel, grid, *args, **kw):
+        launches[kernel.__name__] = kw
+        return enqueue(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(chunk_fused, "enqueue", recorded)
+    return chunks, launches
+
+
 @pytest.mark.parametrize(
     "K, V, tile, prefetch, split, unrolled, sms, ieee",
     [
@@ -637,11 +654,7 @@ def test_phase1_in_chunks_of_32_matches_torch_chunk_path(K, V, tile, prefetch, s
     `min_scans` lowered to the test's two scans): three chunks of 64, six of phase 1's, the last
     one partly padding."""
     monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1)
-    chunks = []
-    precondition = chunk_fused.Precondition.apply
-    monkeypatch.setattr(
-        chunk_fused.Precondition, "apply", lambda k, *a: chunks.append(k.shape[-2]) or precondition(k, *a)
-    )
+    chunks, _ = _record_phase1_and_launches(monkeypatch)
     test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, unrolled, sms, ieee, monkeypatch)
     assert chunks == [32], chunks
 
@@ -654,17 +667,7 @@ def test_float32_phase1_runs_in_chunks_of_32_never_overlapped(split, monkeypatch
     pre_out_bwd, pre_intra_bwd and the split backward scan at `IEEE_LAUNCH`'s warps and tiles
     (`PHASE1["launch"]`'s are bf16's); with `phase1_split` off,
     chunks of 64, overlapped. Outputs and all gradients match the torch chunked path either way."""
-    chunks, launches = [], {}
-    precondition, enqueue = chunk_fused.Precondition.apply, chunk_fused.enqueue
-    monkeypatch.setattr(
-        chunk_fused.Precondition, "apply", lambda k, *a: chunks.append(k.shape[-2]) or precondition(k, *a)
-    )
-
-    def recorded(kernel, grid, *args, **kw):
-        launches[kernel.__name__] = (kw.get("num_warps"), kw.get("BK"))
-        return enqueue(kernel, grid, *args, **kw)
-
-    monkeypatch.setattr(chunk_fused, "enqueue", recorded)
+    chunks, launches = _record_phase1_and_launches(monkeypatch)
     monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "phase1_split", split)
     test_fused_chunk_kernels_match_torch_chunk_path(48, 80, None, True, True, False, 16, True, monkeypatch)
     overlapped = {"precond_fwd_overlap_kernel", "precond_bwd_overlap_kernel"}
@@ -673,22 +676,24 @@ def test_float32_phase1_runs_in_chunks_of_32_never_overlapped(split, monkeypatch
         assert chunks == [32] and not overlapped & set(launches), (chunks, sorted(launches))
         assert {"precond_scan_fwd_kernel", "precond_scan_bwd_de_kernel"} <= set(launches), sorted(launches)
         for name in ("pre_intra_fwd", "pre_out_bwd", "pre_intra_bwd"):
+            kw = launches[f"{name}_kernel"]
             want = (ieee[name]["num_warps"], chunk_fused.block_width(48, ieee[name]["tile"]))
-            assert launches[f"{name}_kernel"] == want, (name, launches[f"{name}_kernel"])
+            assert (kw["num_warps"], kw["BK"]) == want, (name, kw)
         split_warps = chunk_fused.IEEE_LAUNCH["precond_bwd"]["split_num_warps"]
-        assert split_warps == 4 and launches["precond_scan_bwd_de_kernel"][0] == split_warps, launches
+        assert split_warps == 4 and launches["precond_scan_bwd_de_kernel"]["num_warps"] == split_warps, launches
     else:
         assert chunks == [64] and overlapped <= set(launches), (chunks, sorted(launches))
 
 
 @pytest.fixture
 def matmul_tf32():
-    """Torch's float32 matmuls in TF32 for the test (`torch.backends.cuda.matmul.fp32_precision`,
-    which monkeypatch cannot restore: cuBLASModule has no attribute to delete), as before after."""
-    matmul = torch.backends.cuda.matmul
-    before, matmul.fp32_precision = matmul.fp32_precision, "tf32"
-    yield
-    matmul.fp32_precision = before
+    """Torch's float32 matmuls in TF32 for the test, as before after (`check_kernels.float32_matmul`;
+    monkeypatch cannot restore `torch.backends.cuda.matmul.fp32_precision`: cuBLASModule has no
+    attribute to delete)."""
+    import check_kernels
+
+    with check_kernels.float32_matmul(True):
+        yield
 
 
 def test_float32_inputs_under_tf32_run_tf32_products_at_the_tables_scan_launches(monkeypatch, matmul_tf32):
@@ -697,7 +702,8 @@ def test_float32_inputs_under_tf32_run_tf32_products_at_the_tables_scan_launches
     kernels and state scans at the tables' settings, not float32's exact ones (in tf32 the backward
     scan's BV 16 at 8 warps computed wrong gradients or faulted on an H200:
     benchmarks/results/scans_check_tf32_h16_811156d.json); outputs and all gradients match the
-    torch chunked path. As on a GPU of 132 SMs, where float32's exact products take BV 16 at 16
+    torch chunked path (`test_fused_chunk_kernels_match_torch_chunk_path`, which picks the products
+    as the op does). As on a GPU of 132 SMs, where float32's exact products take BV 16 at 16
     (batch, head) pairs."""
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)
     assert float32_tf32() and dot_precision(torch.zeros(1)) == "tf32"
@@ -709,35 +715,14 @@ def test_float32_inputs_under_tf32_run_tf32_products_at_the_tables_scan_launches
             m.setitem(chunk_fused.IEEE_LAUNCH, name, None)
             assert tf32 == chunk_fused._scan_launch(name, 128, 128, 64, 16, "cuda", 4, "ieee"), name
         assert not (tf32["BV"] == 16 and tf32["num_warps"] == 8), tf32
-    precisions, chunks, launches = set(), [], {}
-    precondition, enqueue = chunk_fused.Precondition.apply, chunk_fused.enqueue
-    monkeypatch.setattr(
-        chunk_fused.Precondition, "apply", lambda k, *a: chunks.append(k.shape[-2]) or precondition(k, *a)
-    )
-
-    def recorded(kernel, grid, *args, **kw):
-        precisions.add(kw.get("PRECISION"))
-        launches[kernel.__name__] = (kw.get("num_warps"), kw.get("BK"), kw.get("BV"))
-        return enqueue(kernel, grid, *args, **kw)
-
-    monkeypatch.setattr(chunk_fused, "enqueue", recorded)
-    args = _core_args(1, 150, 2, 48, 80)
-    names = ("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond")
-    results = {}
-    for use_triton in (False, True):
-        leaves = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
-        outs = _chunk_osdn_core(*leaves, use_triton=use_triton, precision=dot_precision(leaves[0]))
-        results[use_triton] = (outs, _grads(outs, dict(zip(names, [a for a in leaves if isinstance(a, torch.Tensor)]))))
-    (ref, ref_grads), (got, got_grads) = results[False], results[True]
-    for name, a, b in zip(("o", "S", "d"), got, ref):
-        assert_close(name, a, b)
-    for name, a, b in zip(names, got_grads, ref_grads):
-        assert_close(f"d{name}", a, b)
+    chunks, launches = _record_phase1_and_launches(monkeypatch)
+    test_fused_chunk_kernels_match_torch_chunk_path(48, 80, None, True, True, False, 132, True, monkeypatch)
+    precisions = {kw.get("PRECISION") for kw in launches.values()}
     assert precisions - {None} == {"tf32"} and chunks == [32], (precisions, chunks)
-    table = chunk_fused._chunk_launch("wy_bwd", 48, 80, "tf32")
-    assert launches["wy_bwd_kernel"][:2] == (table["num_warps"], table["BK"]), launches
+    table, wy_bwd = chunk_fused._chunk_launch("wy_bwd", 48, 80, "tf32"), launches["wy_bwd_kernel"]
+    assert (wy_bwd["num_warps"], wy_bwd["BK"]) == (table["num_warps"], table["BK"]), launches
     split_warps = chunk_fused.IEEE_LAUNCH["precond_bwd"]["split_num_warps"]
-    assert launches["precond_scan_bwd_de_kernel"][0] == split_warps, launches
+    assert launches["precond_scan_bwd_de_kernel"]["num_warps"] == split_warps, launches
 
 
 @pytest.mark.parametrize(

@@ -1641,7 +1641,7 @@ class Precondition(torch.autograd.Function):
         if split:
             table = (IEEE_LAUNCH if _float32_launch(k, K) else PHASE1["launch"]) if small else SCAN_TUNING
             launch["num_warps"] = table["precond_bwd"]["split_num_warps"]
-        overlap = split and not small
+        overlap = split and not small  # as in the forward
         workers, ready = (
             _overlap_launch("precond_bwd", launch, B * H, B * H * NC, k.device) if overlap else (None, None)
         )
