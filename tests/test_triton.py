@@ -406,14 +406,16 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
     in row slices while its programs are at most two per SM, unless float32's own launches
     (`IEEE_LAUNCH`, heads up to 128 wide) apply: BV from 32, halved while the programs fill less
     than 3/4 of the SMs, the forward pipelined 2 deep in 16-row slices, the backward prefetching
-    at 8 warps, however many programs there are. Heads wider than 128 keep the table's settings."""
+    at 8 warps, however many programs there are; with tf32 products, `TF32_SCANS`: BV from 64 as for
+    16-bit storage, 4 warps, the forward pipelined 3 deep in slices of 1024 elements, the backward
+    2 deep in whole chunks. Heads wider than 128 keep the table's settings."""
     table = chunk_fused._scan_launch("state_fwd", 128, 128, 64)
     assert table == chunk_fused._scan_launch("state_fwd", 128, 128, 64, 16, torch.device("cpu"))
     assert table["PREFETCH"] and table["BV"] == 32 and table["num_stages"] == 1
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)  # an H100's or H200's
     # (B * H, itemsize): (forward (BV, BS, num_stages, PREFETCH), backward (BV, BS, num_stages, PREFETCH, warps))
     cases = {
-        (16, 2): ((16, 64, 3, False), (16, 64, 1, True, 4)),  # 128 programs at BV 16
+        (16, 2, "tf32"): ((16, 64, 3, False), (16, 64, 1, True, 4)),  # 128 programs at BV 16 (not TF32_SCANS')
         (32, 2): ((32, 64, 3, False), (32, 64, 1, True, 4)),  # 128 at BV 32
         (64, 2): ((64, 64, 3, False), (64, 64, 1, True, 8)),  # 128 at BV 64
         (128, 2): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 256 at BV 64
@@ -424,28 +426,36 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
         (32, 4): ((32, 16, 2, False), (32, 64, 1, True, 8)),  # 128 at BV 32
         (64, 4): ((32, 16, 2, False), (32, 64, 1, True, 8)),
         (512, 4): ((32, 16, 2, False), (32, 64, 1, True, 8)),
+        (16, 4, "tf32"): ((16, 64, 3, False), (16, 64, 2, False, 4)),  # TF32_SCANS: 128 programs at BV 16
+        (32, 4, "tf32"): ((32, 32, 3, False), (32, 64, 2, False, 4)),  # 128 at BV 32
+        (64, 4, "tf32"): ((64, 16, 3, False), (64, 64, 2, False, 4)),  # 128 at BV 64
+        (512, 4, "tf32"): ((64, 16, 3, False), (64, 64, 2, False, 4)),
     }
-    for (heads, itemsize), (fwd, bwd) in cases.items():
-        f = chunk_fused._scan_launch("state_fwd", 128, 128, 64, heads, "cuda", itemsize)
-        b = chunk_fused._scan_launch("state_bwd", 128, 128, 64, heads, "cuda", itemsize)
-        assert (f["BV"], f["BS"], f["num_stages"], f.get("PREFETCH", False)) == fwd, (heads, itemsize)
-        assert (b["BV"], b["BS"], b["num_stages"], b.get("PREFETCH", False), b["num_warps"]) == bwd, (heads, itemsize)
+
+    def launches(heads, itemsize, precision="ieee"):
+        f = chunk_fused._scan_launch("state_fwd", 128, 128, 64, heads, "cuda", itemsize, precision)
+        b = chunk_fused._scan_launch("state_bwd", 128, 128, 64, heads, "cuda", itemsize, precision)
+        return (f["BV"], f["BS"], f["num_stages"], f.get("PREFETCH", False)), (
+            (b["BV"], b["BS"], b["num_stages"], b.get("PREFETCH", False), b["num_warps"])
+        )
+
+    for case, expected in cases.items():
+        assert launches(*case) == expected, case
     wide = chunk_fused._scan_launch("state_fwd", 256, 256, 64, 16, "cuda")
     assert wide == chunk_fused._scan_launch("state_fwd", 256, 256, 64)
-    assert chunk_fused._scan_launch("state_fwd", 256, 256, 64, 16, "cuda", 4) == wide
-    # without IEEE_LAUNCH, float32 storage: the table's BV 32 halved to fill the SMs, the forward
-    # pipelined in row slices at most two programs an SM, else both prefetching
+    for precision in ("ieee", "tf32"):
+        assert chunk_fused._scan_launch("state_fwd", 256, 256, 64, 16, "cuda", 4, precision) == wide
+    # without IEEE_LAUNCH and TF32_SCANS, float32 storage: the table's BV 32 halved to fill the
+    # SMs, the forward pipelined in row slices at most two programs an SM, else both prefetching
     monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
     cases = {
         16: ((16, 64, 3, False), (16, 64, 1, True, 4)),
         64: ((32, 32, 3, False), (32, 64, 1, True, 4)),
         128: ((32, 64, 1, True), (32, 64, 1, True, 4)),
     }
-    for heads, (fwd, bwd) in cases.items():
-        f = chunk_fused._scan_launch("state_fwd", 128, 128, 64, heads, "cuda", 4)
-        b = chunk_fused._scan_launch("state_bwd", 128, 128, 64, heads, "cuda", 4)
-        assert (f["BV"], f["BS"], f["num_stages"], f.get("PREFETCH", False)) == fwd, heads
-        assert (b["BV"], b["BS"], b["num_stages"], b.get("PREFETCH", False), b["num_warps"]) == bwd, heads
+    for heads, expected in cases.items():
+        for precision in ("ieee", "tf32"):
+            assert launches(heads, 4, precision) == expected, (heads, precision)
     assert chunk_fused._scan_launch("precond_fwd", 128, 128, 64, 16, "cuda") == chunk_fused._scan_launch(
         "precond_fwd", 128, 128, 64
     )
@@ -696,25 +706,23 @@ def matmul_tf32():
         yield
 
 
-def test_float32_inputs_under_tf32_run_tf32_products_at_the_tables_scan_launches(monkeypatch, matmul_tf32):
+def test_float32_inputs_under_tf32_run_tf32_products_at_their_own_scan_launches(monkeypatch, matmul_tf32):
     """Float32 inputs where torch runs float32 matmuls in TF32 (`utils.float32_tf32`): tf32
     products (`dot_precision`), phase 1 in chunks of 32 as float32 storage has it, the per-chunk
-    kernels and state scans at the tables' settings, not float32's exact ones (in tf32 the backward
-    scan's BV 16 at 8 warps computed wrong gradients or faulted on an H200:
-    benchmarks/results/scans_check_tf32_h16_811156d.json); outputs and all gradients match the
-    torch chunked path (`test_fused_chunk_kernels_match_torch_chunk_path`, which picks the products
-    as the op does). As on a GPU of 132 SMs, where float32's exact products take BV 16 at 16
+    kernels at the tables' settings and the state scans at `TF32_SCANS`', not float32's exact ones
+    (in tf32 the scans' BV 16 at 8 warps computed wrong gradients or faulted on an H200:
+    benchmarks/results/scans_check_tf32_h16_811156d.json, sweep32_51eaeae.json); outputs and all
+    gradients match the torch chunked path (`test_fused_chunk_kernels_match_torch_chunk_path`,
+    which picks the products as the op does). As on a GPU of 132 SMs, where float32's exact products take BV 16 at 16
     (batch, head) pairs."""
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)
     assert float32_tf32() and dot_precision(torch.zeros(1)) == "tf32"
     ieee = chunk_fused._scan_launch("state_bwd", 128, 128, 64, 16, "cuda", 4, "ieee")
     assert (ieee["BV"], ieee["num_warps"]) == (16, 8)  # exact products: correct, measured fastest
     for name in ("state_fwd", "state_bwd"):
-        tf32 = chunk_fused._scan_launch(name, 128, 128, 64, 16, "cuda", 4, "tf32")
-        with monkeypatch.context() as m:
-            m.setitem(chunk_fused.IEEE_LAUNCH, name, None)
-            assert tf32 == chunk_fused._scan_launch(name, 128, 128, 64, 16, "cuda", 4, "ieee"), name
-        assert not (tf32["BV"] == 16 and tf32["num_warps"] == 8), tf32
+        for heads in (16, 32, 64, 128, 512):
+            tf32 = chunk_fused._scan_launch(name, 128, 128, 64, heads, "cuda", 4, "tf32")
+            assert tf32["num_warps"] == 4 and not tf32["PREFETCH"], (name, heads, tf32)  # TF32_SCANS'
     chunks, launches = _record_phase1_and_launches(monkeypatch)
     test_fused_chunk_kernels_match_torch_chunk_path(48, 80, None, True, True, False, 132, True, monkeypatch)
     precisions = {kw.get("PRECISION") for kw in launches.values()}

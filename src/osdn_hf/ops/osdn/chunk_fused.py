@@ -1285,8 +1285,9 @@ def _doubling(precision: str) -> bool:
 # sweep28_86d7466.json, same method). The forward scan's table warps (4) stay: 500 / 261 / 142 /
 # 76 us, against 609-925 at 1 x 16384 with 2 or 8, 7817 with 1.
 # Float32 inputs where torch runs float32 matmuls in TF32 (`utils.dot_precision`) multiply in tf32
-# with float32 storage: phase 1 as here (`_float32_launch`), the per-chunk kernels and the state
-# scans at the tables' settings. At IEEE_LAUNCH's scans, the backward scan at BV 16 and 8 warps
+# with float32 storage: phase 1 as here (`_float32_launch`), the per-chunk kernels at the tables'
+# settings, the state scans at `TF32_SCANS`'s (below; until 51eaeae at the tables'). At
+# IEEE_LAUNCH's scans, the backward scan at BV 16 and 8 warps
 # computed wrong gradients in tf32 (dS0 off by 0.66-0.91 at K = V = 128) or faulted (K = 100,
 # V = 48; benchmarks/results/scans_check_tf32_{h16,h4}_811156d.json: Triton 3.6, H200), correct at
 # 4 warps or BV 32. The tables' scans were as fast or faster (sweep30_811156d.json). GPU time,
@@ -1314,6 +1315,28 @@ IEEE_LAUNCH = dict(
     phase1_split=True,
     precond_bwd=dict(split_num_warps=4),  # in chunks of 32
 )
+# The state scans of float32 storage with tf32 products (float32 inputs under torch's TF32), at
+# head dims up to `IEEE_LAUNCH["max_head_dim"]`: BV from 64, halved (down to 16) while the programs
+# fill less than `fill` of the SMs, 4 warps, Triton pipelining the loop over chunks, the forward in
+# row slices of `slice` elements (BS = slice / BV), the backward in whole chunks. Until then they
+# took the tables' float32-storage settings, which were never measured in tf32. Each variant in a
+# process of its own, GPU time in one forward+backward, 3 rounds, medians (H200, H = 16, K = V =
+# 128; benchmarks/results/sweep3{1,2}_51eaeae.json, 20 launches of each scan; outputs and
+# gradients against the tables' within tf32's rounding, 5e-4), forward scan (both calls) and
+# backward scan, the tables' -> these, in us:
+#   1 x 16384 (BV 16): 1773 -> the same launch, 1609 -> 1228
+#   2 x 8192 (BV 32):  1792 -> 1168, 1322 -> 694
+#   4 x 4096 (BV 64):  1171 -> 756,   983 -> 490
+#   8 x 2048 (BV 64):  1295 -> 791,  1048 -> 513
+# Prefetching was slower at every size but for the backward at 8 x 2048 (492 us, BV 64), and so
+# were 2 or 8 warps. In tf32, BV 16 at 8 warps is miscompiled in both scans (Triton 3.6): the
+# backward's wrong gradients whole chunks pipelined too (dK, dV off by 1.5-2.4), the forward's
+# 3 deep in whole chunks an illegal memory access; the backward 3 deep at BV 64 needs 245760 bytes
+# of shared memory, more than an H200 has.
+TF32_SCANS = dict(
+    state_fwd=dict(BV=64, fill=0.75, slice=1024, settings=dict(num_warps=4, num_stages=3, PREFETCH=False)),
+    state_bwd=dict(BV=64, fill=0.75, settings=dict(num_warps=4, num_stages=2, PREFETCH=False)),
+)
 
 
 def _ieee_launch(precision: str | None, K: int, V: int | None = None) -> bool:
@@ -1339,6 +1362,7 @@ def launch_settings() -> dict:
         grad_storage=GRAD_STORAGE,
         phase1=PHASE1,
         ieee=IEEE_LAUNCH,
+        tf32_scans=TF32_SCANS,
     )
     return copy.deepcopy(tables)
 
@@ -1349,7 +1373,7 @@ def _scan_launch(
     """Launch settings of scan `name` (`SCAN_TUNING`); for the state scans, given `heads` (B * H)
     and a CUDA `device`, fitted to how many programs its SMs take (without them, as the table's
     first settings say), to the storage dtype's `itemsize` (bytes) and, with float32 storage, to the
-    products' `precision` (`IEEE_LAUNCH` for "ieee")."""
+    products' `precision` (`IEEE_LAUNCH` for "ieee", `TF32_SCANS` for "tf32")."""
     BK, BV, BS = _block_sizes(K, V, C)
     if name == "state_bwd":
         BS = max(BS // 2, 16)
@@ -1370,12 +1394,15 @@ def _scan_launch(
             BV //= 2
         return BV
 
-    ieee = IEEE_LAUNCH.get(name)
-    if ieee and itemsize == 4 and _ieee_launch(precision, K, V):  # float32 storage and products
-        wide = dict(out, **ieee["settings"], BV=narrowed(block_width(V, ieee["BV"]), ieee["fill"]))
-        if wide["PREFETCH"]:
-            wide["BS"] = C
-        return wide
+    if itemsize == 4 and max(K, V) <= IEEE_LAUNCH["max_head_dim"]:  # float32 storage
+        own = {"ieee": IEEE_LAUNCH, "tf32": TF32_SCANS}.get(precision, {}).get(name)
+        if own:
+            wide = dict(out, **own["settings"], BV=narrowed(block_width(V, own["BV"]), own["fill"]))
+            if wide["PREFETCH"] or "slice" not in own and "BS" not in own["settings"]:
+                wide["BS"] = C  # whole chunks
+            elif "slice" in own:
+                wide["BS"] = min(own["slice"] // wide["BV"], C)
+            return wide
     fit = t.get("fit")
     if fit and itemsize <= 2:
         wide = dict(out, BV=narrowed(block_width(V, fit["BV"]), fit["fill"]), BS=C, PREFETCH=False)
