@@ -95,15 +95,20 @@ def check_case(
     return dict(errors=errors, rebuilt_same_bits=bool(torch.equal(rebuilt, ss)))
 
 
-def launches_for(K: int, V: int, tile: dict | None, heads: int, device: str, itemsize: int = 2) -> dict | None:
+def launches_for(
+    K: int, V: int, tile: dict | None, heads: int, device: str, itemsize: int = 2, precision: str = "ieee"
+) -> dict | None:
     """The package's launches for the pair at `heads` scans on `device` (on a GPU, fitted to its
-    SMs and to the storage dtype's `itemsize`: `chunk_fused._scan_launch`), or `tile`'s keys over
+    SMs, to the storage dtype's `itemsize` and the products' `precision`: `chunk_fused._scan_launch`),
+    or `tile`'s keys over
     them: over both scans', or
     `{"state_fwd": {...}, "state_bwd": {...}}` for each its own. None where the tile does not fit
     (PREFETCH needs BS == C and a K block of at most 128; BS must divide C)."""
     from osdn_hf.ops.osdn import chunk_fused
 
-    out = {n: chunk_fused._scan_launch(n, K, V, C, heads, device, itemsize) for n in ("state_fwd", "state_bwd")}
+    out = {
+        n: chunk_fused._scan_launch(n, K, V, C, heads, device, itemsize, precision) for n in ("state_fwd", "state_bwd")
+    }
     if tile is None:
         return out
     for name, launch in out.items():
@@ -117,10 +122,14 @@ def launches_for(K: int, V: int, tile: dict | None, heads: int, device: str, ite
 
 def run_group(pair: str, dtype_name: str, args) -> list[dict]:
     """Every (NC, tile) case of one (pair, dtype), in this process."""
+    from osdn_hf.ops.osdn.utils import dot_precision
+
     K, V = (int(v) for v in pair.split("x"))
+    dtype = getattr(torch, dtype_name)
+    precision = "tf32" if args.tf32 else dot_precision(torch.empty(0, dtype=dtype))  # as check_case's
     rows = []
     for tile in [None, *args.tile]:
-        launches = launches_for(K, V, tile, args.heads, args.device, getattr(torch, dtype_name).itemsize)
+        launches = launches_for(K, V, tile, args.heads, args.device, dtype.itemsize, precision)
         if launches is None:
             continue
         for NC in args.chunks:

@@ -997,6 +997,25 @@ def test_check_scans_script_checks_launches_on_cpu(tmp_path):
     assert result["device"] and result["commit"] == "unknown" and "state_fwd" in result["launch"]["scans"]
 
 
+def test_check_scans_under_tf32_checks_the_launches_the_op_takes(monkeypatch):
+    """`check_scans.py --tf32` checks the state scans at the launches float32 inputs under TF32
+    take (`TF32_SCANS`), not exact float32's: until 3003624 it passed no precision and checked
+    IEEE_LAUNCH's BV 16 at 8 warps, which the op does not run in tf32 (its failures on an H200 were
+    that launch's: benchmarks/results/scans_check_tf32_h16_3003624.json). As on a GPU of 132 SMs,
+    one group in this process, under the interpreter."""
+    import argparse
+
+    import check_scans  # scripts/, on the path through conftest.py
+
+    monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)
+    args = argparse.Namespace(tile=[], heads=2, device="cpu", chunks=[2], tf32=True)
+    rows = check_scans.run_group("32x32", "float32", args)
+    tf32 = {n: chunk_fused._scan_launch(n, 32, 32, 64, 2, "cpu", 4, "tf32") for n in ("state_fwd", "state_bwd")}
+    ieee = {n: chunk_fused._scan_launch(n, 32, 32, 64, 2, "cpu", 4, "ieee") for n in ("state_fwd", "state_bwd")}
+    assert tf32 != ieee and (ieee["state_bwd"]["BV"], ieee["state_bwd"]["num_warps"]) == (16, 8), ieee
+    assert [r["launches"] for r in rows] == [tf32] and rows[0]["ok"], rows
+
+
 def test_check_scans_finds_a_wrong_gradient(monkeypatch):
     """The scan check can fail: a reverse scan 2% off in dUb is caught, beyond float16's tolerance."""
     import check_scans  # scripts/, on the path through conftest.py
