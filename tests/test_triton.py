@@ -406,7 +406,7 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
     in row slices while its programs are at most two per SM, unless float32's own launches
     (`IEEE_LAUNCH`, heads up to 128 wide) apply: BV from 32, halved while the programs fill less
     than 3/4 of the SMs, the forward pipelined 2 deep in 16-row slices, the backward prefetching
-    at 8 warps, however many programs there are; with tf32 products, `TF32_SCANS`: BV from 64 as for
+    at 8 warps, however many programs there are; with tf32 products, `TF32_LAUNCH`: BV from 64 as for
     16-bit storage, 4 warps, the forward pipelined 3 deep in slices of 1024 elements, the backward
     2 deep in whole chunks. Heads wider than 128 keep the table's settings."""
     table = chunk_fused._scan_launch("state_fwd", 128, 128, 64)
@@ -415,7 +415,7 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)  # an H100's or H200's
     # (B * H, itemsize): (forward (BV, BS, num_stages, PREFETCH), backward (BV, BS, num_stages, PREFETCH, warps))
     cases = {
-        (16, 2, "tf32"): ((16, 64, 3, False), (16, 64, 1, True, 4)),  # 128 programs at BV 16 (not TF32_SCANS')
+        (16, 2, "tf32"): ((16, 64, 3, False), (16, 64, 1, True, 4)),  # 128 programs at BV 16 (not TF32_LAUNCH')
         (32, 2): ((32, 64, 3, False), (32, 64, 1, True, 4)),  # 128 at BV 32
         (64, 2): ((64, 64, 3, False), (64, 64, 1, True, 8)),  # 128 at BV 64
         (128, 2): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 256 at BV 64
@@ -426,7 +426,7 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
         (32, 4): ((32, 16, 2, False), (32, 64, 1, True, 8)),  # 128 at BV 32
         (64, 4): ((32, 16, 2, False), (32, 64, 1, True, 8)),
         (512, 4): ((32, 16, 2, False), (32, 64, 1, True, 8)),
-        (16, 4, "tf32"): ((16, 64, 3, False), (16, 64, 2, False, 4)),  # TF32_SCANS: 128 programs at BV 16
+        (16, 4, "tf32"): ((16, 64, 3, False), (16, 64, 2, False, 4)),  # TF32_LAUNCH: 128 programs at BV 16
         (32, 4, "tf32"): ((32, 32, 3, False), (32, 64, 2, False, 4)),  # 128 at BV 32
         (64, 4, "tf32"): ((64, 16, 3, False), (64, 64, 2, False, 4)),  # 128 at BV 64
         (512, 4, "tf32"): ((64, 16, 3, False), (64, 64, 2, False, 4)),
@@ -445,7 +445,7 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
     assert wide == chunk_fused._scan_launch("state_fwd", 256, 256, 64)
     for precision in ("ieee", "tf32"):
         assert chunk_fused._scan_launch("state_fwd", 256, 256, 64, 16, "cuda", 4, precision) == wide
-    # without IEEE_LAUNCH and TF32_SCANS, float32 storage: the table's BV 32 halved to fill the
+    # without IEEE_LAUNCH and TF32_LAUNCH, float32 storage: the table's BV 32 halved to fill the
     # SMs, the forward pipelined in row slices at most two programs an SM, else both prefetching
     monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
     cases = {
@@ -708,8 +708,8 @@ def matmul_tf32():
 
 def test_float32_inputs_under_tf32_run_tf32_products_at_their_own_scan_launches(monkeypatch, matmul_tf32):
     """Float32 inputs where torch runs float32 matmuls in TF32 (`utils.float32_tf32`): tf32
-    products (`dot_precision`), phase 1 in chunks of 32 as float32 storage has it, the per-chunk
-    kernels at the tables' settings and the state scans at `TF32_SCANS`', not float32's exact ones
+    products (`dot_precision`), phase 1 in chunks of 32 as float32 storage has it, phase 2's
+    per-chunk kernels and the state scans at `TF32_LAUNCH`'s, not float32's exact ones
     (in tf32 the scans' BV 16 at 8 warps computed wrong gradients or faulted on an H200:
     benchmarks/results/scans_check_tf32_h16_811156d.json, sweep32_51eaeae.json); outputs and all
     gradients match the torch chunked path (`test_fused_chunk_kernels_match_torch_chunk_path`,
@@ -722,13 +722,13 @@ def test_float32_inputs_under_tf32_run_tf32_products_at_their_own_scan_launches(
     for name in ("state_fwd", "state_bwd"):
         for heads in (16, 32, 64, 128, 512):
             tf32 = chunk_fused._scan_launch(name, 128, 128, 64, heads, "cuda", 4, "tf32")
-            assert tf32["num_warps"] == 4 and not tf32["PREFETCH"], (name, heads, tf32)  # TF32_SCANS'
+            assert tf32["num_warps"] == 4 and not tf32["PREFETCH"], (name, heads, tf32)  # TF32_LAUNCH'
     chunks, launches = _record_phase1_and_launches(monkeypatch)
     test_fused_chunk_kernels_match_torch_chunk_path(48, 80, None, True, True, False, 132, True, monkeypatch)
     precisions = {kw.get("PRECISION") for kw in launches.values()}
     assert precisions - {None} == {"tf32"} and chunks == [32], (precisions, chunks)
-    table, wy_bwd = chunk_fused._chunk_launch("wy_bwd", 48, 80, "tf32"), launches["wy_bwd_kernel"]
-    assert (wy_bwd["num_warps"], wy_bwd["BK"]) == (table["num_warps"], table["BK"]), launches
+    own, wy_bwd = chunk_fused._chunk_launch("wy_bwd", 48, 80, "tf32", float32=True), launches["wy_bwd_kernel"]
+    assert (wy_bwd["num_warps"], wy_bwd["BK"], wy_bwd["BV"]) == (own["num_warps"], 32, 32), launches  # TF32_LAUNCH's
     split_warps = chunk_fused.IEEE_LAUNCH["precond_bwd"]["split_num_warps"]
     assert launches["precond_scan_bwd_de_kernel"]["num_warps"] == split_warps, launches
 
@@ -999,7 +999,7 @@ def test_check_scans_script_checks_launches_on_cpu(tmp_path):
 
 def test_check_scans_under_tf32_checks_the_launches_the_op_takes(monkeypatch):
     """`check_scans.py --tf32` checks the state scans at the launches float32 inputs under TF32
-    take (`TF32_SCANS`), not exact float32's: until 3003624 it passed no precision and checked
+    take (`TF32_LAUNCH`), not exact float32's: until 3003624 it passed no precision and checked
     IEEE_LAUNCH's BV 16 at 8 warps, which the op does not run in tf32 (its failures on an H200 were
     that launch's: benchmarks/results/scans_check_tf32_h16_3003624.json). As on a GPU of 132 SMs,
     one group in this process, under the interpreter."""
@@ -1198,7 +1198,8 @@ def test_loops_stay_plain_loops_for_float32_above_head_dim_128(monkeypatch):
 def test_float32_products_launch_with_their_own_settings_up_to_head_dim_128():
     """`IEEE_LAUNCH`'s tiles and warps replace the tables' for float32 products ("ieee") at head
     dims up to 128, after phase 1's own (`small`); 16-bit products (tf32) and wider heads keep the
-    tables'; a kernel's loop switch still comes from the table."""
+    tables'; a kernel's loop switch still comes from the table. Tf32 products on float32 storage
+    take `TF32_LAUNCH`'s for the phase-2 kernels it names."""
     ieee = chunk_fused.IEEE_LAUNCH["chunk"]
     assert chunk_fused._chunk_launch("out_fwd", 128, 128, "ieee") == dict(
         BK=ieee["out_fwd"]["tile"], BV=ieee["out_fwd"]["tile"], num_warps=ieee["out_fwd"]["num_warps"]
@@ -1216,6 +1217,22 @@ def test_float32_products_launch_with_their_own_settings_up_to_head_dim_128():
     wy_bwd = chunk_fused._chunk_launch("wy_bwd", 128, 128, "ieee")
     assert (wy_bwd["BK"], wy_bwd["BV"], wy_bwd["num_warps"]) == (16, 16, ieee["wy_bwd"]["num_warps"])
     assert wy_bwd["STAGES"] == chunk_fused.CHUNK_LAUNCH["wy_bwd"]["stages"]
+    # tf32 products on float32 storage (float32 inputs under TF32): `TF32_LAUNCH`'s for phase 2's
+    # kernels it names (sweep33_737c347.json), the tables' for the rest, for 16-bit storage and at
+    # head dims above 128
+    tf32 = chunk_fused.TF32_LAUNCH["chunk"]
+    for name in ("wy_fwd", "out_bwd", "state_grads", "wy_bwd", "out_fwd", "kb"):
+        launch = chunk_fused._chunk_launch(name, 128, 128, "tf32", float32=True)
+        want = dict(chunk_fused.CHUNK_LAUNCH[name], **tf32.get(name, {}))
+        assert (launch["BK"], launch["num_warps"]) == (want["tile"], want["num_warps"]), (name, launch)
+        for args in ((128, 128, "tf32"), (256, 256, "tf32", False, True)):
+            assert chunk_fused._chunk_launch(name, *args) == chunk_fused._chunk_launch(name, *args[:3]), name
+    assert (tf32["wy_bwd"]["tile"], tf32["out_bwd"]["tile"]) == (32, 32)
+    assert chunk_fused._chunk_launch("wy_bwd", 128, 128, "tf32", float32=True) != chunk_fused._chunk_launch(
+        "wy_bwd", 128, 128, "tf32"
+    )
+    pre_y = chunk_fused._chunk_launch("pre_y", 128, precision="tf32", small=True, float32=True)
+    assert pre_y == chunk_fused._chunk_launch("pre_y", 128, precision="tf32", small=True)  # phase 1: PHASE1's
 
 
 def test_launch_key_follows_what_triton_specializes_on():

@@ -1285,12 +1285,12 @@ def _doubling(precision: str) -> bool:
 # sweep28_86d7466.json, same method). The forward scan's table warps (4) stay: 500 / 261 / 142 /
 # 76 us, against 609-925 at 1 x 16384 with 2 or 8, 7817 with 1.
 # Float32 inputs where torch runs float32 matmuls in TF32 (`utils.dot_precision`) multiply in tf32
-# with float32 storage: phase 1 as here (`_float32_launch`), the per-chunk kernels at the tables'
-# settings, the state scans at `TF32_SCANS`'s (below; until 51eaeae at the tables'). At
-# IEEE_LAUNCH's scans, the backward scan at BV 16 and 8 warps
-# computed wrong gradients in tf32 (dS0 off by 0.66-0.91 at K = V = 128) or faulted (K = 100,
-# V = 48; benchmarks/results/scans_check_tf32_{h16,h4}_811156d.json: Triton 3.6, H200), correct at
-# 4 warps or BV 32. The tables' scans were as fast or faster (sweep30_811156d.json). GPU time,
+# with float32 storage: phase 1 as here (`_float32_launch`), phase 2's per-chunk kernels and the
+# state scans at `TF32_LAUNCH`'s (below; until 51eaeae at the tables'). At IEEE_LAUNCH's scans,
+# the backward scan at BV 16 and 8 warps computed wrong gradients in tf32 (dS0 off by 0.66-0.91
+# at K = V = 128) or faulted (K = 100, V = 48; benchmarks/results/scans_check_tf32_{h16,h4}_
+# 811156d.json: Triton 3.6, H200), correct at 4 warps or BV 32. The tables' scans were as fast or
+# faster (sweep30_811156d.json). GPU time,
 # forward+backward in ms, exact products -> these (sweep30_{811156d,01b7a3a}.json; relative errors
 # of the output and gradients against exact products 2.0e-3 to 2.9e-3; the op checks at float16's
 # tolerance, kernels_check_float32_tf32_01b7a3a.json: 50/50, worst 4.6e-3):
@@ -1315,25 +1315,38 @@ IEEE_LAUNCH = dict(
     phase1_split=True,
     precond_bwd=dict(split_num_warps=4),  # in chunks of 32
 )
-# The state scans of float32 storage with tf32 products (float32 inputs under torch's TF32), at
-# head dims up to `IEEE_LAUNCH["max_head_dim"]`: BV from 64, halved (down to 16) while the programs
-# fill less than `fill` of the SMs, 4 warps, Triton pipelining the loop over chunks, the forward in
-# row slices of `slice` elements (BS = slice / BV), the backward in whole chunks. Until then they
-# took the tables' float32-storage settings, which were never measured in tf32. Each variant in a
-# process of its own, GPU time in one forward+backward, 3 rounds, medians (H200, H = 16, K = V =
-# 128; benchmarks/results/sweep3{1,2}_51eaeae.json, 20 launches of each scan; outputs and
-# gradients against the tables' within tf32's rounding, 5e-4), forward scan (both calls) and
-# backward scan, the tables' -> these, in us:
+# Float32 storage with tf32 products (float32 inputs under torch's TF32) at head dims up to
+# `IEEE_LAUNCH["max_head_dim"]`: until 51eaeae its per-chunk kernels and state scans took the
+# tables' settings, never measured in tf32. Each variant in a process of its own, GPU time in one
+# forward+backward, 3 rounds, medians (H200, H = 16, K = V = 128; outputs and gradients against
+# the tables' within tf32's rounding, 5e-4).
+# The state scans (benchmarks/results/sweep3{1,2}_51eaeae.json, 20 launches of each): BV from 64,
+# halved (down to 16) while the programs fill less than `fill` of the SMs, 4 warps, Triton
+# pipelining the loop over chunks, the forward in row slices of `slice` elements (BS = slice / BV),
+# the backward in whole chunks. Forward scan (both calls) and backward scan, the tables' -> these,
+# in us:
 #   1 x 16384 (BV 16): 1773 -> the same launch, 1609 -> 1228
 #   2 x 8192 (BV 32):  1792 -> 1168, 1322 -> 694
 #   4 x 4096 (BV 64):  1171 -> 756,   983 -> 490
 #   8 x 2048 (BV 64):  1295 -> 791,  1048 -> 513
 # Prefetching was slower at every size but for the backward at 8 x 2048 (492 us, BV 64), and so
-# were 2 or 8 warps. In tf32, BV 16 at 8 warps is miscompiled in both scans (Triton 3.6): the
-# backward's wrong gradients whole chunks pipelined too (dK, dV off by 1.5-2.4), the forward's
-# 3 deep in whole chunks an illegal memory access; the backward 3 deep at BV 64 needs 245760 bytes
-# of shared memory, more than an H200 has.
-TF32_SCANS = dict(
+# were 2 or 8 warps. In tf32 the backward scan at BV 16 and 8 warps is miscompiled pipelined too
+# (dK, dV off by 1.5-2.4; Triton 3.6), and the forward at BV 16, 8 warps, 3 deep ran in the one
+# launch that faulted (illegal memory access; the backward beside it was BV 32, 3 deep). The
+# backward 3 deep at BV 64 needs 245760 bytes of shared memory, more than an H200 has.
+# The per-chunk kernels (benchmarks/results/sweep33_737c347.json; every kernel at one (tile,
+# warps) in each process, 16/32/64 x 2/4/8 but 16 at 8): phase 2's at tile 32, the tables' ->
+# these at 4 x 4096 in us (1 x 16384 within 4 us):
+#   wy_fwd 338 -> 293 (2 warps), out_bwd 463 -> 280, state_grads 610 -> 491, wy_bwd 579 -> 529
+# The other kernels keep the tables' (out_fwd, kb, and phase 1's at `PHASE1["launch"]`'s), the
+# fastest or within 5 us.
+TF32_LAUNCH = dict(
+    chunk=dict(
+        wy_fwd=dict(num_warps=2, tile=32),
+        out_bwd=dict(num_warps=4, tile=32),
+        state_grads=dict(num_warps=4, tile=32),
+        wy_bwd=dict(num_warps=4, tile=32),
+    ),
     state_fwd=dict(BV=64, fill=0.75, slice=1024, settings=dict(num_warps=4, num_stages=3, PREFETCH=False)),
     state_bwd=dict(BV=64, fill=0.75, settings=dict(num_warps=4, num_stages=2, PREFETCH=False)),
 )
@@ -1362,7 +1375,7 @@ def launch_settings() -> dict:
         grad_storage=GRAD_STORAGE,
         phase1=PHASE1,
         ieee=IEEE_LAUNCH,
-        tf32_scans=TF32_SCANS,
+        tf32=TF32_LAUNCH,
     )
     return copy.deepcopy(tables)
 
@@ -1373,7 +1386,7 @@ def _scan_launch(
     """Launch settings of scan `name` (`SCAN_TUNING`); for the state scans, given `heads` (B * H)
     and a CUDA `device`, fitted to how many programs its SMs take (without them, as the table's
     first settings say), to the storage dtype's `itemsize` (bytes) and, with float32 storage, to the
-    products' `precision` (`IEEE_LAUNCH` for "ieee", `TF32_SCANS` for "tf32")."""
+    products' `precision` (`IEEE_LAUNCH` for "ieee", `TF32_LAUNCH` for "tf32")."""
     BK, BV, BS = _block_sizes(K, V, C)
     if name == "state_bwd":
         BS = max(BS // 2, 16)
@@ -1395,7 +1408,7 @@ def _scan_launch(
         return BV
 
     if itemsize == 4 and max(K, V) <= IEEE_LAUNCH["max_head_dim"]:  # float32 storage
-        own = {"ieee": IEEE_LAUNCH, "tf32": TF32_SCANS}.get(precision, {}).get(name)
+        own = {"ieee": IEEE_LAUNCH, "tf32": TF32_LAUNCH}.get(precision, {}).get(name)
         if own:
             wide = dict(out, **own["settings"], BV=narrowed(block_width(V, own["BV"]), own["fill"]))
             if wide["PREFETCH"] or "slice" not in own and "BS" not in own["settings"]:
@@ -1457,18 +1470,23 @@ def _sm_count(device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _chunk_launch(name: str, K: int, V: int | None = None, precision: str | None = None, small: bool = False) -> dict:
+def _chunk_launch(
+    name: str, K: int, V: int | None = None, precision: str | None = None, small: bool = False, float32: bool = False
+) -> dict:
     """BK (and BV where the kernel walks V) and num_warps of per-chunk kernel `name`; for the
     kernels whose table entry has `stages`, given the precision, also how they walk their blocks
     (UNROLL, STAGES): float32 above head dim 128 always as plain loops (`_unrolled`), else as the
     table says. With `small` (phase 1 in chunks smaller than phase 2's, `PHASE1`), the entry's
     fields that `PHASE1["launch"]` gives are replaced; with float32 products ("ieee") at head dims
-    up to `IEEE_LAUNCH["max_head_dim"]`, then those that `IEEE_LAUNCH["chunk"]` gives."""
+    up to `IEEE_LAUNCH["max_head_dim"]`, then those that `IEEE_LAUNCH["chunk"]` gives; with tf32
+    products on `float32` storage there, those that `TF32_LAUNCH["chunk"]` gives."""
     t = CHUNK_LAUNCH[name]
     if small:
         t = dict(t, **PHASE1["launch"].get(name, {}))
     if _ieee_launch(precision, K, V):
         t = dict(t, **IEEE_LAUNCH["chunk"].get(name, {}))
+    elif float32 and precision == "tf32" and max(K, V or 0) <= IEEE_LAUNCH["max_head_dim"]:
+        t = dict(t, **TF32_LAUNCH["chunk"].get(name, {}))
     out = dict(BK=block_width(K, t["tile"]), num_warps=t["num_warps"])
     if V is not None:
         out["BV"] = block_width(V, t["tile"])
@@ -1753,20 +1771,21 @@ class DeltaRuleAsym(torch.autograd.Function):
     def forward(ctx, q, k, w, v, beta, s0, scale, precision, out_dtype):
         B, H, NC, C, K = k.shape
         T, V = v.shape[1], v.shape[-1]
+        f32 = k.dtype == torch.float32  # storage: the kernels' launch (`_chunk_launch`)
         scratch, tinv = beta.new_empty(B, H, NC, C, C), k.new_empty(B, H, NC, C, C)
         ub, kb = k.new_empty(B, H, NC, C, V), torch.empty_like(k)
         enqueue(
             wy_fwd_kernel, (B * H * NC,),
             k, w, v, beta, scratch, tinv, ub, kb, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, DOUBLING=_doubling(precision),
-            **_chunk_launch("wy_fwd", K, V, precision),
+            **_chunk_launch("wy_fwd", K, V, precision, float32=f32),
         )  # fmt: skip
         del scratch  # before the scan allocates the per-chunk states
         uo = torch.empty_like(ub)
         ss, sf = _state_scan(kb, w, ub, s0, uo, precision)
         del ub, kb  # Kb is rebuilt from T in the backward, for 1X less saved
         o = v.new_empty(B, T, H, V, dtype=out_dtype)
-        launch = _chunk_launch("out_fwd", K, V, precision)
+        launch = _chunk_launch("out_fwd", K, V, precision, float32=f32)
         enqueue(
             out_fwd_kernel, (cdiv(V, launch["BV"]), B * H * NC),
             q, w, uo, ss, o, scale, T, H, NC,
@@ -1783,7 +1802,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         q, k, w, v, beta, tinv, uo, s0 = ctx.saved_tensors
         B, H, NC, C, K = k.shape
         T, V = v.shape[1], v.shape[-1]
-        scale, precision = ctx.scale, ctx.precision
+        scale, precision, f32 = ctx.scale, ctx.precision, k.dtype == torch.float32
         ss, _ = _state_scan(None, w, None, s0, uo, precision)  # the final state is not rebuilt
         do = torch.zeros_like(v) if do is None else do.contiguous()
         ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
@@ -1791,13 +1810,13 @@ class DeltaRuleAsym(torch.autograd.Function):
         enqueue(
             out_bwd_kernel, (B * H * NC,),
             q, w, do, gu, gss, scale, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("out_bwd", K, V, precision),
+            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("out_bwd", K, V, precision, float32=f32),
         )  # fmt: skip
         kb = torch.empty_like(k)
         enqueue(
             kb_kernel, (B * H * NC,),
             k, beta, tinv, kb,
-            K=K, C=C, PRECISION=precision, **_chunk_launch("kb", K, precision=precision),
+            K=K, C=C, PRECISION=precision, **_chunk_launch("kb", K, precision=precision, float32=f32),
         )  # fmt: skip
         dub, dss, ds0 = _state_scan_bwd(kb, w, gu, gss, ds, precision)
         del gu, gss, kb  # no later kernel reads these: freed before dK is allocated
@@ -1806,7 +1825,7 @@ class DeltaRuleAsym(torch.autograd.Function):
             _grad_buffer(k, "phase2"),
             _grad_buffer(w, "phase2"),
         )
-        launch = _chunk_launch("state_grads", K, V, precision)
+        launch = _chunk_launch("state_grads", K, V, precision, float32=f32)
         enqueue(
             state_grads_kernel, (cdiv(K, launch["BK"]), B * H * NC),
             q, w, uo, ss, do, dub, dss, dq, dk, dw, scale, T, H, NC,
@@ -1818,7 +1837,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         enqueue(
             wy_bwd_kernel, (B * H * NC,),
             k, w, v, beta, tinv, dub, dk, dw, dk_out, dw_out, dv, dbeta, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_bwd", K, V, precision),
+            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_bwd", K, V, precision, float32=f32),
         )  # fmt: skip
         return dq, dk_out, dw_out, dv, dbeta, ds0, None, None, None
 
