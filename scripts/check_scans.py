@@ -99,9 +99,8 @@ def launches_for(
     K: int, V: int, tile: dict | None, heads: int, device: str, itemsize: int = 2, precision: str = "ieee"
 ) -> dict | None:
     """The package's launches for the pair at `heads` scans on `device` (on a GPU, fitted to its
-    SMs, to the storage dtype's `itemsize` and the products' `precision`: `chunk_fused._scan_launch`),
-    or `tile`'s keys over
-    them: over both scans', or
+    SMs, to the storage dtype's `itemsize` and to the products' `precision`:
+    `chunk_fused._scan_launch`), or `tile`'s keys over them: over both scans', or
     `{"state_fwd": {...}, "state_bwd": {...}}` for each its own. None where the tile does not fit
     (PREFETCH needs BS == C and a K block of at most 128; BS must divide C)."""
     from osdn_hf.ops.osdn import chunk_fused

@@ -1320,7 +1320,7 @@ IEEE_LAUNCH = dict(
 # `IEEE_LAUNCH["max_head_dim"]`: until 51eaeae its per-chunk kernels and state scans took the
 # tables' settings, never measured in tf32. Each variant in a process of its own, GPU time in one
 # forward+backward, 3 rounds, medians (H200, H = 16, K = V = 128; outputs and gradients against
-# the tables' within tf32's rounding, 5e-4).
+# the tables' within tf32's rounding, up to 6e-4).
 # The state scans (benchmarks/results/sweep3{1,2}_51eaeae.json, 20 launches of each): BV from 64,
 # halved (down to 16) while the programs fill less than `fill` of the SMs, 4 warps, Triton
 # pipelining the loop over chunks, the forward in row slices of `slice` elements (BS = slice / BV),
@@ -1412,10 +1412,10 @@ def _scan_launch(
         own = {"ieee": IEEE_LAUNCH, "tf32": TF32_LAUNCH}.get(precision, {}).get(name)
         if own:
             wide = dict(out, **own["settings"], BV=narrowed(block_width(V, own["BV"]), own["fill"]))
-            if wide["PREFETCH"] or "slice" not in own and "BS" not in own["settings"]:
+            if "slice" in own and not wide["PREFETCH"]:
+                wide["BS"] = min(own["slice"] // wide["BV"], C)  # row slices of `slice` elements
+            elif wide["PREFETCH"] or "BS" not in own["settings"]:
                 wide["BS"] = C  # whole chunks
-            elif "slice" in own:
-                wide["BS"] = min(own["slice"] // wide["BV"], C)
             return wide
     fit = t.get("fit")
     if fit and itemsize <= 2:
