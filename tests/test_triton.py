@@ -997,6 +997,85 @@ def test_check_scans_script_checks_launches_on_cpu(tmp_path):
     assert result["device"] and result["commit"] == "unknown" and "state_fwd" in result["launch"]["scans"]
 
 
+def test_q_relayout_runs_beside_phase1_scan_on_a_second_stream(monkeypatch):
+    """Where phase 1's forward scan runs alone with fewer programs than the GPU has SMs
+    (`BESIDE_SCAN`), q's relayout is enqueued on a second stream that waits for the scan's start
+    (an event recorded after pre_intra_fwd), and the current stream waits for it before phase 2.
+    Output and every gradient are the same bits as with the option off. On CPU through fakes of
+    torch.cuda's events and streams, which log what the op asks of them, beside its launches (CPU
+    tensors taken for CUDA ones); as on a GPU of 3 SMs, where the two scans (2 programs) do not run
+    beside their chunks' making. Where it applies: on CUDA, fewer scans than SMs, the option on."""
+    log = []
+
+    class Event:
+        def record(self, stream):
+            log.append(f"record on {stream.name}")
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_event(self, event):
+            log.append(f"{self.name} waits for the event")
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits for {other.name}")
+
+    main, side = Stream("main"), Stream("side")
+
+    class On:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            log.append(f"on {self.stream.name}")
+
+        def __exit__(self, *exc):
+            log.append(f"off {self.stream.name}")
+
+    monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)
+    assert chunk_fused._beside_scan_wanted("cuda", 64) and chunk_fused._beside_scan_wanted(torch.device("cuda:0"), 131)
+    assert not chunk_fused._beside_scan_wanted("cuda", 132) and not chunk_fused._beside_scan_wanted("cpu", 64)
+    with monkeypatch.context() as m:
+        m.setitem(chunk_fused.BESIDE_SCAN, "q_relayout", False)
+        assert not chunk_fused._beside_scan_wanted("cuda", 64)
+    monkeypatch.setenv(FORCE_TRITON_ENV, "1")
+    enqueue = chunk_fused.enqueue
+    monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 3)
+    monkeypatch.setattr(chunk_fused, "_beside_scan_wanted", lambda device, heads: chunk_fused.BESIDE_SCAN["q_relayout"])
+    monkeypatch.setattr(chunk_fused, "_side_stream", lambda device: side)
+    monkeypatch.setattr(
+        chunk_fused, "enqueue", lambda kernel, *a, **kw: log.append(kernel.__name__) or enqueue(kernel, *a, **kw)
+    )
+    for name, fake in dict(Event=Event, current_stream=lambda device: main, stream=On).items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    inputs = make_inputs(1, 100, 2, 32, 48, dtype=torch.float16, with_states=True)
+    results = {}
+    for beside in (True, False):
+        monkeypatch.setitem(chunk_fused.BESIDE_SCAN, "q_relayout", beside)
+        log.clear()
+        outs = chunk_osdn(**inputs, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        forward = list(log)
+        results[beside] = (outs, _grads(outs, {n: x for n, x in inputs.items() if x is not None}))
+        if beside:
+            assert forward[forward.index("pre_intra_fwd_kernel") + 1 :][:9] == [
+                "record on main",
+                "precond_scan_fwd_kernel",
+                "pre_out_fwd_kernel",
+                "side waits for the event",
+                "on side",
+                "to_chunks_kernel",  # q's
+                "off side",
+                "main waits for side",
+                "wy_fwd_kernel",
+            ], forward
+        else:
+            assert not {"record on main", "on side"} & set(forward), forward
+            assert forward.index("to_chunks_kernel", 1) < forward.index("wy_fwd_kernel"), forward
+    for a, b in zip((*results[True][0], *results[True][1]), (*results[False][0], *results[False][1])):
+        assert torch.equal(a, b)
+
+
 def test_check_scans_under_tf32_checks_the_launches_the_op_takes(monkeypatch):
     """`check_scans.py --tf32` checks the state scans at the launches float32 inputs under TF32
     take (`TF32_LAUNCH`), not exact float32's: until 3003624 it passed no precision and checked
