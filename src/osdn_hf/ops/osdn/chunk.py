@@ -154,10 +154,9 @@ def _chunk_osdn_core(
         # states are carried from chunk to chunk in float32
         # v and o stay [B, T, H, V] (the kernels address their rows there)
         sd = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        kc = ToChunks.apply(k, chunk_size, l2norm_qk, sd)
+        qc, kc = (ToChunks.apply(x, chunk_size, l2norm_qk, sd) for x in (q, k))
         bc, ec, lc = GatesToChunks.apply(beta, eta, lam, chunk_size)
-        make_qc = partial(ToChunks.apply, q, chunk_size, l2norm_qk, sd)  # beside phase 1 (BESIDE_SCAN)
-        return chunk_osdn_fused(make_qc, kc, v.to(sd), bc, ec, lc, scale, S0, d0, precision, q.dtype)
+        return chunk_osdn_fused(qc, kc, v.to(sd), bc, ec, lc, scale, S0, d0, precision, q.dtype)
     bc, ec = _to_chunks(beta, chunk_size), _to_chunks(eta, chunk_size)
     lc = _to_chunks(lam, chunk_size, fill=1.0)
     if l2norm_qk:

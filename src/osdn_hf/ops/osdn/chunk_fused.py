@@ -1374,7 +1374,6 @@ def launch_settings() -> dict:
         chunk=CHUNK_LAUNCH,
         inverse=INVERSE,
         grad_storage=GRAD_STORAGE,
-        beside_scan=BESIDE_SCAN,
         phase1=PHASE1,
         ieee=IEEE_LAUNCH,
         tf32=TF32_LAUNCH,
@@ -1611,7 +1610,7 @@ class Precondition(torch.autograd.Function):
     its own accumulation into the inputs' .grad, which it no longer does)."""
 
     @staticmethod
-    def forward(ctx, k, beta, eta, lam, d0, precision, small, marks=None):
+    def forward(ctx, k, beta, eta, lam, d0, precision, small):
         B, H, NC, C, K = k.shape
         grid = (B * H * NC,)
         scan = _scan_launch("precond_fwd", K, K, C)
@@ -1636,9 +1635,6 @@ class Precondition(torch.autograd.Function):
             )  # fmt: skip
         else:
             enqueue(pre_intra_fwd_kernel, grid, k, beta, eta, lam, y, r, dm, p, gc, tinv, **intra)
-            if marks is not None:  # where the scan starts: for work to run beside it (`_beside_scan`)
-                marks.append(torch.cuda.Event())
-                marks[-1].record(torch.cuda.current_stream(k.device))
             enqueue(
                 precond_scan_fwd_kernel, (B * H,),
                 y if r is None else tinv, k, dm, p, gc, d0 - 1, es, ef, dl, r, NC,
@@ -1731,7 +1727,7 @@ class Precondition(torch.autograd.Function):
             None if dk2 is None else dk2.contiguous(), dk_out, dbeta, deta, dlam,
             K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_bwd", K, precision=precision, small=small),
         )  # fmt: skip
-        return dk_out, dbeta, deta, dlam, de0, None, None, None
+        return dk_out, dbeta, deta, dlam, de0, None, None
 
 
 def _state_scan(kb, w, ub, s0, uo, precision, launch=None):
@@ -1921,60 +1917,18 @@ def _phase1_chunk(C: int, heads: int, device, float32: bool = False) -> int:
     return c1
 
 
-# q's relayout (`ToChunks`), which nothing reads before phase 2, runs beside phase 1's forward scan
-# on a second CUDA stream where that scan runs alone (not beside its chunks' making) with fewer
-# programs, one per (batch, head), than the GPU has SMs: the scan then leaves SMs idle for its
-# whole length (at 4 x 4096 x 16 heads of 128 in bf16 on an H200, 141 us of the forward's 860,
-# 64 programs on 132 SMs; q's relayout 33 us; benchmarks/results/prof34_4x4096_98817d8.json).
-# With `q_relayout` off, q is relaid out on the current stream after phase 1.
-BESIDE_SCAN = dict(q_relayout=True)
-
-
-@functools.cache
-def _side_stream(device) -> torch.cuda.Stream:
-    """The second stream of CUDA `device` for work beside phase 1's scan (`BESIDE_SCAN`)."""
-    return torch.cuda.Stream(device)
-
-
-def _beside_scan_wanted(device, heads: int) -> bool:
-    """Whether q's relayout is to run beside phase 1's forward scan (`BESIDE_SCAN`): on a CUDA
-    `device` with more SMs than `heads` scans (Precondition then marks the scan's start where it
-    runs alone)."""
-    sms = _sm_count(device)
-    return BESIDE_SCAN["q_relayout"] and torch.device(device).type == "cuda" and sms is not None and heads < sms
-
-
-def _beside_scan(marks: list | None, make, device):
-    """`make()` (an autograd Function's call) on CUDA `device`'s `_side_stream`, from the event in
-    `marks` on (phase 1's scan starting), then joined back: the current stream waits for it before
-    its next work. Autograd runs the Function's backward on the side stream too, waiting for its
-    gradient and waited for as it does for any stream. Without a mark, `make()` on the current
-    stream."""
-    if not marks:
-        return make()
-    main, side = torch.cuda.current_stream(device), _side_stream(device)
-    side.wait_event(marks[0])
-    with torch.cuda.stream(side):
-        out = make()
-    main.wait_stream(side)
-    return out
-
-
-def chunk_osdn_fused(make_qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype):
-    """Both phases: k, beta, eta, lam chunked `[B, H, NC, C, *]` (k in the storage dtype, the rest
-    float32), q as `make_qc()` makes it (chunked, in the storage dtype; beside phase 1's scan where
-    `BESIDE_SCAN` says), v `[B, T, H, V]` in the storage dtype: `(O, S_final, d_final)`, O
+def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype):
+    """Both phases: q, k, beta, eta, lam chunked `[B, H, NC, C, *]` (q, k in the storage dtype,
+    the rest float32), v `[B, T, H, V]` in the storage dtype: `(O, S_final, d_final)`, O
     `[B, T, H, V]` in `out_dtype`."""
-    kc, v, bc, ec, lc = (x.contiguous() for x in (kc, v, bc, ec, lc))
+    qc, kc, v, bc, ec, lc = (x.contiguous() for x in (qc, kc, v, bc, ec, lc))
     B, H, NC, C, K = kc.shape
     c1 = _phase1_chunk(C, B * H, kc.device, _float32_launch(kc, K))
     n1 = NC * C // c1
     gates = (x.view(B, H, n1, c1) for x in (bc, ec, lc))
-    marks = [] if _beside_scan_wanted(kc.device, B * H) else None  # Precondition marks its scan's start
     w, d, kc = Precondition.apply(
-        kc.view(B, H, n1, c1, K), *gates, d0.contiguous(), precision, c1 < C, marks
+        kc.view(B, H, n1, c1, K), *gates, d0.contiguous(), precision, c1 < C
     )  # kc: see Precondition
-    qc = _beside_scan(marks, make_qc, kc.device).contiguous()
     w, kc = w.view(B, H, NC, C, K), kc.view(B, H, NC, C, K)
     o, S = DeltaRuleAsym.apply(qc, kc, w, v, bc, S0.contiguous(), scale, precision, out_dtype)
     return o, S, d
