@@ -713,8 +713,8 @@ def test_float32_inputs_under_tf32_run_tf32_products_at_their_own_scan_launches(
     (in tf32 the scans' BV 16 at 8 warps computed wrong gradients or faulted on an H200:
     benchmarks/results/scans_check_tf32_h16_811156d.json, sweep32_51eaeae.json); outputs and all
     gradients match the torch chunked path (`test_fused_chunk_kernels_match_torch_chunk_path`,
-    which picks the products as the op does). As on a GPU of 132 SMs, where float32's exact products take BV 16 at 16
-    (batch, head) pairs."""
+    which picks the products as the op does). As on a GPU of 132 SMs, where float32's exact
+    products take BV 16 at 16 (batch, head) pairs."""
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)
     assert float32_tf32() and dot_precision(torch.zeros(1)) == "tf32"
     ieee = chunk_fused._scan_launch("state_bwd", 128, 128, 64, 16, "cuda", 4, "ieee")

@@ -1353,11 +1353,16 @@ TF32_LAUNCH = dict(
 )
 
 
-def _ieee_launch(precision: str | None, K: int, V: int | None = None) -> bool:
-    """Whether the per-chunk kernels (and, with float32 storage, the state scans) launch with
-    `IEEE_LAUNCH`'s settings: exact float32 products ("ieee") at head dims up to its
-    `max_head_dim`."""
-    return precision == "ieee" and max(K, V or 0) <= IEEE_LAUNCH["max_head_dim"]
+def _float32_table(precision: str | None, K: int, V: int | None = None, float32: bool = False) -> dict | None:
+    """Float32 storage's own launch table at head dims up to `IEEE_LAUNCH["max_head_dim"]`, whose
+    entries replace the tables' (`_chunk_launch`, `_scan_launch`): `IEEE_LAUNCH` for exact products
+    ("ieee", which only float32 storage has), `TF32_LAUNCH` for tf32 products on `float32` storage;
+    None elsewhere (16-bit storage, wider heads)."""
+    if max(K, V or 0) > IEEE_LAUNCH["max_head_dim"]:
+        return None
+    if precision == "ieee":
+        return IEEE_LAUNCH
+    return TF32_LAUNCH if float32 and precision == "tf32" else None
 
 
 def _float32_launch(x: torch.Tensor, K: int) -> bool:
@@ -1408,15 +1413,15 @@ def _scan_launch(
             BV //= 2
         return BV
 
-    if itemsize == 4 and max(K, V) <= IEEE_LAUNCH["max_head_dim"]:  # float32 storage
-        own = {"ieee": IEEE_LAUNCH, "tf32": TF32_LAUNCH}.get(precision, {}).get(name)
-        if own:
-            wide = dict(out, **own["settings"], BV=narrowed(block_width(V, own["BV"]), own["fill"]))
-            if "slice" in own and not wide["PREFETCH"]:
-                wide["BS"] = min(own["slice"] // wide["BV"], C)  # row slices of `slice` elements
-            elif wide["PREFETCH"] or "BS" not in own["settings"]:
-                wide["BS"] = C  # whole chunks
-            return wide
+    table = _float32_table(precision, K, V, float32=True) if itemsize == 4 else None  # float32 storage
+    own = table and table.get(name)
+    if own:
+        wide = dict(out, **own["settings"], BV=narrowed(block_width(V, own["BV"]), own["fill"]))
+        if "slice" in own and not wide["PREFETCH"]:
+            wide["BS"] = min(own["slice"] // wide["BV"], C)  # row slices of `slice` elements
+        elif wide["PREFETCH"] or "BS" not in own["settings"]:
+            wide["BS"] = C  # whole chunks
+        return wide
     fit = t.get("fit")
     if fit and itemsize <= 2:
         wide = dict(out, BV=narrowed(block_width(V, fit["BV"]), fit["fill"]), BS=C, PREFETCH=False)
@@ -1484,10 +1489,9 @@ def _chunk_launch(
     t = CHUNK_LAUNCH[name]
     if small:
         t = dict(t, **PHASE1["launch"].get(name, {}))
-    if _ieee_launch(precision, K, V):
-        t = dict(t, **IEEE_LAUNCH["chunk"].get(name, {}))
-    elif float32 and precision == "tf32" and max(K, V or 0) <= IEEE_LAUNCH["max_head_dim"]:
-        t = dict(t, **TF32_LAUNCH["chunk"].get(name, {}))
+    own = _float32_table(precision, K, V, float32)
+    if own:
+        t = dict(t, **own["chunk"].get(name, {}))
     out = dict(BK=block_width(K, t["tile"]), num_warps=t["num_warps"])
     if V is not None:
         out["BV"] = block_width(V, t["tile"])
