@@ -890,8 +890,11 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(grad_storage, c1, monkeypat
     assert all(torch.float16 in ins for _, ins, _ in handed), handed
     # [B, H, NC, C, K or V] and the per-chunk states [B, H, NC, K, V]; not the [.., C, C] inverses
     chunked = [(s, dt) for s, dt in saved if len(s) == 5 and s[-1] in (K, V) and s[-2] in (64, c1, K)]
-    # q, k (twice: the op's input and phase 1's), w, U; Y and Kb are rebuilt in the backward
-    assert len(chunked) == 5, saved
+    # k (twice: the op's input and phase 1's), w, U; Y and Kb are rebuilt in the backward
+    assert len(chunked) == 4, saved
+    # q is read where it lies, [B, T, H, K], normalised by the kernels that read it: saved as it
+    # came in, never copied into chunks
+    assert (tuple(half[0].shape), torch.float16) in saved, saved
     # the per-chunk states [B, H, NC, K, V] are rebuilt in the backward, not kept
     assert not [s for s, _ in chunked if s[-2:] == (K, V)], chunked
     assert all(dt == torch.float16 for _, dt in chunked), chunked

@@ -6,10 +6,10 @@ step done per chunk in one program that keeps its `C x C` matrices in registers,
 backward pass reuses. The two chunk-to-chunk recurrences are the scans of `chunk_scan.py`.
 
 Layout: tensors are chunked, `[B, H, NC, C, *]` contiguous, so row `t` of chunk
-`i_c = (b * H + h) * NC + n` starts at `(i_c * C + t) * D`; `ToChunks` moves q and k into this
-layout (L2-normalising them on the way). v and o, and their gradients, stay `[B, T, H, V]`: the
-phase-2 kernels address their rows there (`_bthd_rows`), masking rows past T, so no copy of them
-is made. Chunked q, k and the intermediates derived
+`i_c = (b * H + h) * NC + n` starts at `(i_c * C + t) * D`; `ToChunks` moves k into this
+layout (L2-normalising it on the way). q, v and o, and their gradients, stay `[B, T, H, *]`: the
+phase-2 kernels address their rows there (`_bthd_rows`), masking rows past T (and normalise q's
+rows as they read them, `_q_block`), so no copy of them is made. Chunked k and the intermediates derived
 from them are stored in a storage dtype (the inputs' 16-bit dtype, else float32). A product of two
 stored operands runs in the storage dtype (exact: a product of two 16-bit numbers fits float32,
 and it accumulates in float32); a product with a matrix computed in the kernel widens the stored
@@ -217,6 +217,27 @@ if HAS_TRITON:
         tl.store(gx + dst, b_g, mask=m)
 
     @triton.jit
+    def _q_rows_norm(q, r_o, m_r, K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr):
+        """The L2 norms' reciprocals `(|q_t|^2 + eps)^(-1/2)` of rows `r_o` of q `[B, T, H, K]`, as
+        `to_chunks_kernel` makes them, summed over K blocks of BK."""
+        b_ss = tl.zeros([C], dtype=tl.float32)
+        for i_k in tl.static_range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            b_x = tl.load(q + r_o[:, None] * K + o_k[None, :], mask=m_r[:, None] & (o_k < K)[None, :], other=0.0)
+            b_ss += tl.sum(b_x.to(tl.float32) * b_x.to(tl.float32), 1)
+        return tl.rsqrt(b_ss + L2_EPS)
+
+    @triton.jit
+    def _q_block(q, b_r, r_o, m_r, o_k, m_k, K: tl.constexpr, QNORM: tl.constexpr):
+        """Rows `r_o`, columns `o_k` of q `[B, T, H, K]` (rows past T zero); with QNORM each row
+        times its `b_r` in float32, rounded back to q's dtype: the values `to_chunks_kernel` would
+        have stored."""
+        b_q = tl.load(q + r_o[:, None] * K + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+        if QNORM:
+            b_q = (b_q.to(tl.float32) * b_r[:, None]).to(b_q.dtype)
+        return b_q
+
+    @triton.jit
     def gates_to_chunks_kernel(beta, eta, lam, bc, ec, lc, T, H, NC, C: tl.constexpr):
         """beta, eta, lam `[B, T, H]` (any float dtype) -> `[B, H, NC, C]` float32, in one launch:
         rows past T are neutral (beta = eta = 0, lam = 1). One chunk per program."""
@@ -331,22 +352,30 @@ if HAS_TRITON:
 
     @triton.jit
     def out_fwd_kernel(
-        q, w, u, ss, o, scale, T, H, NC,
+        q, qr, w, u, ss, o, scale, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, QNORM: tl.constexpr,
     ):  # fmt: skip
-        """O = scale (Q S_n + tril(Q W^T) U), written to `[B, T, H, V]`; one (V block, chunk) per program."""
+        """O = scale (Q S_n + tril(Q W^T) U), written to `[B, T, H, V]`; one (V block, chunk) per
+        program. Q is read from q `[B, T, H, K]`; with QNORM its rows L2-normalised on the way
+        (`_q_block`), their norms' reciprocals written to `qr` `[B, H, NC, C]` for the backward."""
         i_v, i_c = tl.program_id(0), tl.program_id(1).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
+        r_o, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
+        b_r = tl.full([C], 1.0, dtype=tl.float32)
+        if QNORM:
+            b_r = _q_rows_norm(q, r_o, m_r, K, BK, C)
+            if i_v == 0:
+                tl.store(qr + o_t, b_r)
         b_o = tl.zeros([C, BV], dtype=tl.float32)
         b_m = tl.zeros([C, C], dtype=tl.float32)
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
-            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+            b_q = _q_block(q, b_r, r_o, m_r, o_k, m_k, K, QNORM)
             b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
             m_kv = m_k[:, None] & m_v[None, :]
             b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
@@ -355,21 +384,21 @@ if HAS_TRITON:
         b_m = tl.where(o_c[:, None] >= o_c[None, :], b_m, 0.0)
         b_u = tl.load(u + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
         b_o = scale * (b_o + tl.dot(b_m.to(b_u.dtype), b_u, input_precision=PRECISION))
-        r_o, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
         tl.store(o + r_o[:, None] * V + o_v[None, :], b_o, mask=m_r[:, None] & m_v[None, :])
 
     # ---------------------------------------------------------------- phase 2 backward
 
     @triton.jit
     def _out_bwd_block(
-        q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r,
+        q, b_r, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r,
         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+        QNORM: tl.constexpr,
     ):  # fmt: skip
         """`out_bwd_kernel`'s work on the K block at `i_k`: its `gss` rows; returns M's sum with
         this block's share added."""
         o_k = i_k + tl.arange(0, BK)
         m_k = o_k < K
-        b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+        b_q = _q_block(q, b_r, r_o, m_r, o_k, m_k, K, QNORM)
         b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
         b_m += tl.dot(b_q, tl.trans(b_w), input_precision=PRECISION)
         for i_v in tl.static_range(0, V, BV):
@@ -382,26 +411,32 @@ if HAS_TRITON:
 
     @triton.jit
     def out_bwd_kernel(
-        q, w, do, du, gss, scale, T, H, NC,
+        q, qr, w, do, du, gss, scale, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        PRECISION: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
+        PRECISION: tl.constexpr, QNORM: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """What the reverse state scan needs from O = scale (Q S_n + M U), M = tril(Q W^T): the
         output's dU = scale M^T dO, and its share of the gradient of the chunk-start state S_n,
         scale Q^T dO (`gss`). It reads no state: dQ and the output's share of dW, which do, come
-        after the scan (`state_grads_kernel`). dO is `[B, T, H, V]`. With UNROLL off the loop over
-        K blocks stays a loop in the compiled code, pipelined STAGES deep (`_chunk_launch`)."""
+        after the scan (`state_grads_kernel`). dO is `[B, T, H, V]`, q as in `out_fwd_kernel` (with
+        QNORM normalised by the forward's `qr`). With UNROLL off the loop over K blocks stays a loop
+        in the compiled code, pipelined STAGES deep (`_chunk_launch`)."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         r_o, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
+        b_r = tl.load(qr + o_t) if QNORM else tl.full([C], 1.0, dtype=tl.float32)
         b_m = tl.zeros([C, C], dtype=tl.float32)  # scale tril(Q W^T)
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
-                b_m = _out_bwd_block(q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION)
+                b_m = _out_bwd_block(
+                    q, b_r, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION, QNORM
+                )
         else:
             for i_k in tl.range(0, K, BK, num_stages=STAGES):
-                b_m = _out_bwd_block(q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION)
+                b_m = _out_bwd_block(
+                    q, b_r, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION, QNORM
+                )
         b_m = tl.where(o_c[:, None] >= o_c[None, :], b_m * scale, 0.0)
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
@@ -434,15 +469,18 @@ if HAS_TRITON:
 
     @triton.jit
     def state_grads_kernel(
-        q, w, uo, ss, do, dub, dss, dq, dkb, dw, scale, T, H, NC,
+        q, qr, w, uo, ss, do, dub, dss, dq, dkb, dw, scale, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        PRECISION: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
+        PRECISION: tl.constexpr, QNORM: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """After the reverse state scan, every gradient that reads a per-chunk state, one (K block,
         chunk) per program: dQ = scale dO S_n^T + dM W with dM = scale tril(dO U^T) (from the
         output); dKb = -dUb S_n^T (from the scan); and dW = dM^T Q + U dS_{n+1}^T (output and
-        scan), written to `dw` in float32 for `wy_bwd_kernel` to add to. dO is `[B, T, H, V]`.
-        With UNROLL off the loop over V blocks stays a loop, pipelined STAGES deep."""
+        scan), written to `dw` for `wy_bwd_kernel` to add to. dO is `[B, T, H, V]`, q as in
+        `out_bwd_kernel`. dQ is the gradient of the normalised rows with QNORM, written chunked
+        (`[B, H, NC, C, K]`, for `from_chunks_kernel`'s step through the norm), else q's own,
+        written to `[B, T, H, K]`. With UNROLL off the loop over V blocks stays a loop, pipelined
+        STAGES deep."""
         i_k, i_c = tl.program_id(0), tl.program_id(1).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -467,10 +505,14 @@ if HAS_TRITON:
                 )  # fmt: skip
         b_dm = tl.where(o_c[:, None] >= o_c[None, :], b_dm * scale, 0.0)
         o_tk = o_t[:, None] * K + o_k[None, :]
-        b_q = tl.load(q + o_tk, mask=m_k[None, :], other=0.0)
+        b_r = tl.load(qr + o_t) if QNORM else tl.full([C], 1.0, dtype=tl.float32)
+        b_q = _q_block(q, b_r, r_o, m_r, o_k, m_k, K, QNORM)
         b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0)
         b_dq = scale * b_dq + tl.dot(b_dm.to(b_w.dtype), b_w, input_precision=PRECISION)
-        tl.store(dq + o_tk, b_dq, mask=m_k[None, :])
+        if QNORM:
+            tl.store(dq + o_tk, b_dq, mask=m_k[None, :])
+        else:
+            tl.store(dq + r_o[:, None] * K + o_k[None, :], b_dq, mask=m_r[:, None] & m_k[None, :])
         tl.store(dkb + o_tk, b_dkb, mask=m_k[None, :])
         b_dws += tl.dot(tl.trans(b_dm).to(b_q.dtype), b_q, input_precision=PRECISION)
         tl.store(dw + o_tk, b_dws, mask=m_k[None, :])
@@ -1769,11 +1811,13 @@ def _state_scan_bwd(kb, w, gu, gss, ds, precision, launch=None):
 
 
 class DeltaRuleAsym(torch.autograd.Function):
-    """Phase 2: `(q, k, w, v, beta, S0) -> (O, S_final)`; q, k, w chunked in the storage dtype, v
-    `[B, T, H, V]` in it too, O `[B, T, H, V]` in `out_dtype`, beta and the states float32."""
+    """Phase 2: `(q, k, w, v, beta, S0) -> (O, S_final)`; k, w chunked in the storage dtype, q and v
+    `[B, T, H, *]` in it too, O `[B, T, H, V]` in `out_dtype`, beta and the states float32. With
+    `qnorm` q's rows are L2-normalised first, inside the kernels that read q (`_q_block`): q is
+    never relaid out or copied (a pass over it and over its gradient saved, against `ToChunks`)."""
 
     @staticmethod
-    def forward(ctx, q, k, w, v, beta, s0, scale, precision, out_dtype):
+    def forward(ctx, q, k, w, v, beta, s0, scale, precision, out_dtype, qnorm):
         B, H, NC, C, K = k.shape
         T, V = v.shape[1], v.shape[-1]
         f32 = k.dtype == torch.float32  # storage: the kernels' launch (`_chunk_launch`)
@@ -1790,32 +1834,33 @@ class DeltaRuleAsym(torch.autograd.Function):
         ss, sf = _state_scan(kb, w, ub, s0, uo, precision)
         del ub, kb  # Kb is rebuilt from T in the backward, for 1X less saved
         o = v.new_empty(B, T, H, V, dtype=out_dtype)
+        qr = beta.new_empty(B, H, NC, C) if qnorm else None  # the rows' 1 / |q_t|, for the backward
         launch = _chunk_launch("out_fwd", K, V, precision, float32=f32)
         enqueue(
             out_fwd_kernel, (cdiv(V, launch["BV"]), B * H * NC),
-            q, w, uo, ss, o, scale, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, **launch,
+            q, qr, w, uo, ss, o, scale, T, H, NC,
+            K=K, V=V, C=C, PRECISION=precision, QNORM=qnorm, **launch,
         )  # fmt: skip
         # The per-chunk states (twice the size of U) and Kb are not kept for the backward, which
         # rebuilds them from W and U, and T: a model holds every layer's saved tensors at once.
-        ctx.save_for_backward(q, k, w, v, beta, tinv, uo, s0)
-        ctx.scale, ctx.precision = scale, precision
+        ctx.save_for_backward(q, k, w, v, beta, tinv, uo, s0, qr)
+        ctx.scale, ctx.precision, ctx.qnorm = scale, precision, qnorm
         return o, sf
 
     @staticmethod
     def backward(ctx, do, ds):
-        q, k, w, v, beta, tinv, uo, s0 = ctx.saved_tensors
+        q, k, w, v, beta, tinv, uo, s0, qr = ctx.saved_tensors
         B, H, NC, C, K = k.shape
         T, V = v.shape[1], v.shape[-1]
-        scale, precision, f32 = ctx.scale, ctx.precision, k.dtype == torch.float32
+        scale, precision, qnorm, f32 = ctx.scale, ctx.precision, ctx.qnorm, k.dtype == torch.float32
         ss, _ = _state_scan(None, w, None, s0, uo, precision)  # the final state is not rebuilt
         do = torch.zeros_like(v) if do is None else do.contiguous()
         ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
         gu, gss = torch.empty_like(uo), torch.empty_like(ss)
         enqueue(
             out_bwd_kernel, (B * H * NC,),
-            q, w, do, gu, gss, scale, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("out_bwd", K, V, precision, float32=f32),
+            q, qr, w, do, gu, gss, scale, T, H, NC,
+            K=K, V=V, C=C, PRECISION=precision, QNORM=qnorm, **_chunk_launch("out_bwd", K, V, precision, float32=f32),
         )  # fmt: skip
         kb = torch.empty_like(k)
         enqueue(
@@ -1825,18 +1870,27 @@ class DeltaRuleAsym(torch.autograd.Function):
         )  # fmt: skip
         dub, dss, ds0 = _state_scan_bwd(kb, w, gu, gss, ds, precision)
         del gu, gss, kb  # no later kernel reads these: freed before dK is allocated
+        # with qnorm dQ is first the normalised rows' gradient, chunked, for from_chunks_kernel
         dq, dk, dw = (
-            torch.empty_like(q),
+            torch.empty_like(k) if qnorm else torch.empty_like(q),
             _grad_buffer(k, "phase2"),
             _grad_buffer(w, "phase2"),
         )
         launch = _chunk_launch("state_grads", K, V, precision, float32=f32)
         enqueue(
             state_grads_kernel, (cdiv(K, launch["BK"]), B * H * NC),
-            q, w, uo, ss, do, dub, dss, dq, dk, dw, scale, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, **launch,
+            q, qr, w, uo, ss, do, dub, dss, dq, dk, dw, scale, T, H, NC,
+            K=K, V=V, C=C, PRECISION=precision, QNORM=qnorm, **launch,
         )  # fmt: skip
         del do, ss, dss  # the states and their gradients (4X) go before the last kernel's outputs come
+        if qnorm:  # through the norm, to q's rows: dq = r (dq^ - q^ <q^, dq^>)
+            dqc, dq = dq, torch.empty_like(q)
+            enqueue(
+                from_chunks_kernel, (B * H * NC,),
+                dqc, q, dq, T, H, NC,
+                NORM=True, **_relayout_launch("from_chunks", K, C),
+            )  # fmt: skip
+            del dqc
         dv, dbeta = torch.empty_like(v), torch.empty_like(beta)
         dk_out, dw_out = _in_dtype_of(dk, k), _in_dtype_of(dw, w)
         enqueue(
@@ -1844,7 +1898,7 @@ class DeltaRuleAsym(torch.autograd.Function):
             k, w, v, beta, tinv, dub, dk, dw, dk_out, dw_out, dv, dbeta, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_bwd", K, V, precision, float32=f32),
         )  # fmt: skip
-        return dq, dk_out, dw_out, dv, dbeta, ds0, None, None, None
+        return dq, dk_out, dw_out, dv, dbeta, ds0, None, None, None, None
 
 
 # Phase 1's chunks: phase 2's split in two (a view of the same layout; `chunk`) where it runs at
@@ -1921,11 +1975,11 @@ def _phase1_chunk(C: int, heads: int, device, float32: bool = False) -> int:
     return c1
 
 
-def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype):
-    """Both phases: q, k, beta, eta, lam chunked `[B, H, NC, C, *]` (q, k in the storage dtype,
-    the rest float32), v `[B, T, H, V]` in the storage dtype: `(O, S_final, d_final)`, O
-    `[B, T, H, V]` in `out_dtype`."""
-    qc, kc, v, bc, ec, lc = (x.contiguous() for x in (qc, kc, v, bc, ec, lc))
+def chunk_osdn_fused(q, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype, qnorm=False):
+    """Both phases: k, beta, eta, lam chunked `[B, H, NC, C, *]` (k in the storage dtype, the rest
+    float32), q and v `[B, T, H, *]` in the storage dtype: `(O, S_final, d_final)`, O
+    `[B, T, H, V]` in `out_dtype`. With `qnorm` q's rows are L2-normalised inside phase 2."""
+    q, kc, v, bc, ec, lc = (x.contiguous() for x in (q, kc, v, bc, ec, lc))
     B, H, NC, C, K = kc.shape
     c1 = _phase1_chunk(C, B * H, kc.device, _float32_launch(kc, K))
     n1 = NC * C // c1
@@ -1934,5 +1988,5 @@ def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype)
         kc.view(B, H, n1, c1, K), *gates, d0.contiguous(), precision, c1 < C
     )  # kc: see Precondition
     w, kc = w.view(B, H, NC, C, K), kc.view(B, H, NC, C, K)
-    o, S = DeltaRuleAsym.apply(qc, kc, w, v, bc, S0.contiguous(), scale, precision, out_dtype)
+    o, S = DeltaRuleAsym.apply(q, kc, w, v, bc, S0.contiguous(), scale, precision, out_dtype, qnorm)
     return o, S, d
