@@ -1146,6 +1146,33 @@ def test_grid_profile_runs_each_setting_alone_and_records_a_fault(tmp_path, caps
     assert png.stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_forward_reads_q_where_it_lies(normalize, monkeypatch):
+    """A forward relays out k alone (q is read in `[B, T, H, K]` by out_fwd_kernel, which scales
+    O's rows for the norm); the backward makes q's chunks and takes dQ back through them, once
+    each way. Outputs and gradients match the torch chunked path (float16 in, float32 reference)."""
+    launched = []
+    enqueue = chunk_fused.enqueue
+    monkeypatch.setattr(
+        chunk_fused, "enqueue", lambda kernel, *a, **kw: launched.append(kernel) or enqueue(kernel, *a, **kw)
+    )
+    relayouts = (chunk_fused.to_chunks_kernel, chunk_fused.from_chunks_kernel)
+    args = _core_args(1, 100, 2, 32, 16)
+    half = [x.half().requires_grad_() for x in args[:3]]
+    outs = _chunk_osdn_core(*half, *args[3:], use_triton=True, l2norm_qk=normalize)
+    assert [k for k in launched if k in relayouts] == [chunk_fused.to_chunks_kernel]  # k's
+    launched.clear()
+    names = ("q", "k", "v")
+    got_grads = _grads(outs, dict(zip(names, half)))
+    assert [k for k in launched if k in relayouts].count(chunk_fused.to_chunks_kernel) == 1  # q's chunks
+    assert [k for k in launched if k in relayouts].count(chunk_fused.from_chunks_kernel) == 2  # dq and dk
+    full = [x.detach().float().requires_grad_() for x in half]
+    ref = _chunk_osdn_core(*full, *args[3:], use_triton=False, l2norm_qk=normalize)
+    ref_grads = _grads(ref, dict(zip(names, full)))
+    for name, a, b in zip(("o", "S", "d", "dq", "dk", "dv"), (*outs, *got_grads), (*ref, *ref_grads)):
+        assert (a.float() - b).norm() <= 3e-3 * b.norm(), name
+
+
 def test_relayout_warps_come_from_the_launch_table(monkeypatch):
     """The relayouts' warps: by size unless `CHUNK_LAUNCH` names them (as `--grid` does)."""
     assert chunk_fused._relayout_launch("from_chunks", 64, 64)["num_warps"] == 4  # 4096 elements a chunk

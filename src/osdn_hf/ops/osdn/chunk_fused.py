@@ -6,10 +6,10 @@ step done per chunk in one program that keeps its `C x C` matrices in registers,
 backward pass reuses. The two chunk-to-chunk recurrences are the scans of `chunk_scan.py`.
 
 Layout: tensors are chunked, `[B, H, NC, C, *]` contiguous, so row `t` of chunk
-`i_c = (b * H + h) * NC + n` starts at `(i_c * C + t) * D`; `ToChunks` moves k into this
-layout (L2-normalising it on the way). q, v and o, and their gradients, stay `[B, T, H, *]`: the
-phase-2 kernels address their rows there (`_bthd_rows`), masking rows past T (and normalise q's
-rows as they read them, `_q_block`), so no copy of them is made. Chunked k and the intermediates derived
+`i_c = (b * H + h) * NC + n` starts at `(i_c * C + t) * D`; `ToChunks` moves k into this layout
+(L2-normalising it on the way), and phase 2's backward q (`DeltaRuleAsym`). v and o, and their
+gradients, stay `[B, T, H, V]`, and q in the forward: the phase-2 kernels address their rows there
+(`_bthd_rows`), masking rows past T, so no copy of them is made. Chunked q, k and the intermediates derived
 from them are stored in a storage dtype (the inputs' 16-bit dtype, else float32). A product of two
 stored operands runs in the storage dtype (exact: a product of two 16-bit numbers fits float32,
 and it accumulates in float32); a product with a matrix computed in the kernel widens the stored
@@ -26,9 +26,10 @@ Phase 1 (`Precondition`): `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`
     backward: `pre_y` (Y again) -> `pre_out_bwd` -> precond scan backward -> `pre_intra_bwd`;
               with few scans the first three run side by side (`precond_bwd_overlap_kernel`)
 Phase 2 (`DeltaRuleAsym`): `(q, k, w, v, beta, S0) -> (O, S_final)`
-    forward:  `wy_fwd` (A, T = A^{-1}, Ub, Kb) -> state scan -> `out_fwd` (O)
-    backward: `out_bwd` (dU, dS_n from O) -> state scan backward (dUb, dS_{n+1}) ->
-              `state_grads` (dQ, dKb, dW: all that reads a state) -> `wy_bwd`
+    forward:  `wy_fwd` (A, T = A^{-1}, Ub, Kb) -> state scan -> `out_fwd` (O, reading q's rows)
+    backward: `to_chunks` (q's chunks) -> `out_bwd` (dU, dS_n from O) -> state scan backward
+              (dUb, dS_{n+1}) -> `state_grads` (dQ, dKb, dW: all that reads a state) ->
+              `from_chunks` (dQ to q's rows) -> `wy_bwd`
 """
 
 from __future__ import annotations
@@ -217,27 +218,6 @@ if HAS_TRITON:
         tl.store(gx + dst, b_g, mask=m)
 
     @triton.jit
-    def _q_rows_norm(q, r_o, m_r, K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr):
-        """The L2 norms' reciprocals `(|q_t|^2 + eps)^(-1/2)` of rows `r_o` of q `[B, T, H, K]`, as
-        `to_chunks_kernel` makes them, summed over K blocks of BK."""
-        b_ss = tl.zeros([C], dtype=tl.float32)
-        for i_k in tl.static_range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            b_x = tl.load(q + r_o[:, None] * K + o_k[None, :], mask=m_r[:, None] & (o_k < K)[None, :], other=0.0)
-            b_ss += tl.sum(b_x.to(tl.float32) * b_x.to(tl.float32), 1)
-        return tl.rsqrt(b_ss + L2_EPS)
-
-    @triton.jit
-    def _q_block(q, b_r, r_o, m_r, o_k, m_k, K: tl.constexpr, QNORM: tl.constexpr):
-        """Rows `r_o`, columns `o_k` of q `[B, T, H, K]` (rows past T zero); with QNORM each row
-        times its `b_r` in float32, rounded back to q's dtype: the values `to_chunks_kernel` would
-        have stored."""
-        b_q = tl.load(q + r_o[:, None] * K + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
-        if QNORM:
-            b_q = (b_q.to(tl.float32) * b_r[:, None]).to(b_q.dtype)
-        return b_q
-
-    @triton.jit
     def gates_to_chunks_kernel(beta, eta, lam, bc, ec, lc, T, H, NC, C: tl.constexpr):
         """beta, eta, lam `[B, T, H]` (any float dtype) -> `[B, H, NC, C]` float32, in one launch:
         rows past T are neutral (beta = eta = 0, lam = 1). One chunk per program."""
@@ -352,30 +332,28 @@ if HAS_TRITON:
 
     @triton.jit
     def out_fwd_kernel(
-        q, qr, w, u, ss, o, scale, T, H, NC,
+        q, w, u, ss, o, scale, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         PRECISION: tl.constexpr, QNORM: tl.constexpr,
     ):  # fmt: skip
         """O = scale (Q S_n + tril(Q W^T) U), written to `[B, T, H, V]`; one (V block, chunk) per
-        program. Q is read from q `[B, T, H, K]`; with QNORM its rows L2-normalised on the way
-        (`_q_block`), their norms' reciprocals written to `qr` `[B, H, NC, C]` for the backward."""
+        program. Q is read where it lies, in q `[B, T, H, K]`; with QNORM its rows are L2-normalised,
+        by scaling O's rows (the norm of row t scales row t of both products)."""
         i_v, i_c = tl.program_id(0), tl.program_id(1).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         r_o, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
-        b_r = tl.full([C], 1.0, dtype=tl.float32)
-        if QNORM:
-            b_r = _q_rows_norm(q, r_o, m_r, K, BK, C)
-            if i_v == 0:
-                tl.store(qr + o_t, b_r)
         b_o = tl.zeros([C, BV], dtype=tl.float32)
         b_m = tl.zeros([C, C], dtype=tl.float32)
+        b_qq = tl.zeros([C], dtype=tl.float32)  # |q_t|^2 (QNORM)
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
-            b_q = _q_block(q, b_r, r_o, m_r, o_k, m_k, K, QNORM)
+            b_q = tl.load(q + r_o[:, None] * K + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+            if QNORM:
+                b_qq += tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), 1)
             b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
             m_kv = m_k[:, None] & m_v[None, :]
             b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
@@ -384,21 +362,22 @@ if HAS_TRITON:
         b_m = tl.where(o_c[:, None] >= o_c[None, :], b_m, 0.0)
         b_u = tl.load(u + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
         b_o = scale * (b_o + tl.dot(b_m.to(b_u.dtype), b_u, input_precision=PRECISION))
+        if QNORM:
+            b_o = b_o * tl.rsqrt(b_qq + L2_EPS)[:, None]
         tl.store(o + r_o[:, None] * V + o_v[None, :], b_o, mask=m_r[:, None] & m_v[None, :])
 
     # ---------------------------------------------------------------- phase 2 backward
 
     @triton.jit
     def _out_bwd_block(
-        q, b_r, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r,
+        q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r,
         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-        QNORM: tl.constexpr,
     ):  # fmt: skip
         """`out_bwd_kernel`'s work on the K block at `i_k`: its `gss` rows; returns M's sum with
         this block's share added."""
         o_k = i_k + tl.arange(0, BK)
         m_k = o_k < K
-        b_q = _q_block(q, b_r, r_o, m_r, o_k, m_k, K, QNORM)
+        b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
         b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
         b_m += tl.dot(b_q, tl.trans(b_w), input_precision=PRECISION)
         for i_v in tl.static_range(0, V, BV):
@@ -411,32 +390,26 @@ if HAS_TRITON:
 
     @triton.jit
     def out_bwd_kernel(
-        q, qr, w, do, du, gss, scale, T, H, NC,
+        q, w, do, du, gss, scale, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        PRECISION: tl.constexpr, QNORM: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
+        PRECISION: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """What the reverse state scan needs from O = scale (Q S_n + M U), M = tril(Q W^T): the
         output's dU = scale M^T dO, and its share of the gradient of the chunk-start state S_n,
         scale Q^T dO (`gss`). It reads no state: dQ and the output's share of dW, which do, come
-        after the scan (`state_grads_kernel`). dO is `[B, T, H, V]`, q as in `out_fwd_kernel` (with
-        QNORM normalised by the forward's `qr`). With UNROLL off the loop over K blocks stays a loop
-        in the compiled code, pipelined STAGES deep (`_chunk_launch`)."""
+        after the scan (`state_grads_kernel`). dO is `[B, T, H, V]`. With UNROLL off the loop over
+        K blocks stays a loop in the compiled code, pipelined STAGES deep (`_chunk_launch`)."""
         i_c = tl.program_id(0).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
         r_o, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
-        b_r = tl.load(qr + o_t) if QNORM else tl.full([C], 1.0, dtype=tl.float32)
         b_m = tl.zeros([C, C], dtype=tl.float32)  # scale tril(Q W^T)
         if UNROLL:
             for i_k in tl.static_range(0, K, BK):
-                b_m = _out_bwd_block(
-                    q, b_r, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION, QNORM
-                )
+                b_m = _out_bwd_block(q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION)
         else:
             for i_k in tl.range(0, K, BK, num_stages=STAGES):
-                b_m = _out_bwd_block(
-                    q, b_r, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION, QNORM
-                )
+                b_m = _out_bwd_block(q, w, do, gss, scale, b_m, i_k, i_c, o_t, r_o, m_r, K, V, BK, BV, PRECISION)
         b_m = tl.where(o_c[:, None] >= o_c[None, :], b_m * scale, 0.0)
         for i_v in tl.static_range(0, V, BV):
             o_v = i_v + tl.arange(0, BV)
@@ -469,18 +442,15 @@ if HAS_TRITON:
 
     @triton.jit
     def state_grads_kernel(
-        q, qr, w, uo, ss, do, dub, dss, dq, dkb, dw, scale, T, H, NC,
+        q, w, uo, ss, do, dub, dss, dq, dkb, dw, scale, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        PRECISION: tl.constexpr, QNORM: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
+        PRECISION: tl.constexpr, UNROLL: tl.constexpr = True, STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """After the reverse state scan, every gradient that reads a per-chunk state, one (K block,
         chunk) per program: dQ = scale dO S_n^T + dM W with dM = scale tril(dO U^T) (from the
         output); dKb = -dUb S_n^T (from the scan); and dW = dM^T Q + U dS_{n+1}^T (output and
-        scan), written to `dw` for `wy_bwd_kernel` to add to. dO is `[B, T, H, V]`, q as in
-        `out_bwd_kernel`. dQ is the gradient of the normalised rows with QNORM, written chunked
-        (`[B, H, NC, C, K]`, for `from_chunks_kernel`'s step through the norm), else q's own,
-        written to `[B, T, H, K]`. With UNROLL off the loop over V blocks stays a loop, pipelined
-        STAGES deep."""
+        scan), written to `dw` in float32 for `wy_bwd_kernel` to add to. dO is `[B, T, H, V]`.
+        With UNROLL off the loop over V blocks stays a loop, pipelined STAGES deep."""
         i_k, i_c = tl.program_id(0), tl.program_id(1).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
@@ -505,14 +475,10 @@ if HAS_TRITON:
                 )  # fmt: skip
         b_dm = tl.where(o_c[:, None] >= o_c[None, :], b_dm * scale, 0.0)
         o_tk = o_t[:, None] * K + o_k[None, :]
-        b_r = tl.load(qr + o_t) if QNORM else tl.full([C], 1.0, dtype=tl.float32)
-        b_q = _q_block(q, b_r, r_o, m_r, o_k, m_k, K, QNORM)
+        b_q = tl.load(q + o_tk, mask=m_k[None, :], other=0.0)
         b_w = tl.load(w + o_tk, mask=m_k[None, :], other=0.0)
         b_dq = scale * b_dq + tl.dot(b_dm.to(b_w.dtype), b_w, input_precision=PRECISION)
-        if QNORM:
-            tl.store(dq + o_tk, b_dq, mask=m_k[None, :])
-        else:
-            tl.store(dq + r_o[:, None] * K + o_k[None, :], b_dq, mask=m_r[:, None] & m_k[None, :])
+        tl.store(dq + o_tk, b_dq, mask=m_k[None, :])
         tl.store(dkb + o_tk, b_dkb, mask=m_k[None, :])
         b_dws += tl.dot(tl.trans(b_dm).to(b_q.dtype), b_q, input_precision=PRECISION)
         tl.store(dw + o_tk, b_dws, mask=m_k[None, :])
@@ -1813,8 +1779,13 @@ def _state_scan_bwd(kb, w, gu, gss, ds, precision, launch=None):
 class DeltaRuleAsym(torch.autograd.Function):
     """Phase 2: `(q, k, w, v, beta, S0) -> (O, S_final)`; k, w chunked in the storage dtype, q and v
     `[B, T, H, *]` in it too, O `[B, T, H, V]` in `out_dtype`, beta and the states float32. With
-    `qnorm` q's rows are L2-normalised first, inside the kernels that read q (`_q_block`): q is
-    never relaid out or copied (a pass over it and over its gradient saved, against `ToChunks`)."""
+    `qnorm` q's rows are L2-normalised first.
+
+    The forward reads q where it lies (`out_fwd_kernel`, the one kernel of the forward that reads
+    it); the backward, whose kernels read q's chunks several times, makes them first (chunked and
+    normalised, `to_chunks_kernel`) and takes dQ back through them (`from_chunks_kernel`), as
+    `ToChunks` does for k. The relayout moves from the forward to the backward: a forward (a
+    prefill, or inference) makes no copy of q, and the forward+backward one, as before."""
 
     @staticmethod
     def forward(ctx, q, k, w, v, beta, s0, scale, precision, out_dtype, qnorm):
@@ -1834,33 +1805,34 @@ class DeltaRuleAsym(torch.autograd.Function):
         ss, sf = _state_scan(kb, w, ub, s0, uo, precision)
         del ub, kb  # Kb is rebuilt from T in the backward, for 1X less saved
         o = v.new_empty(B, T, H, V, dtype=out_dtype)
-        qr = beta.new_empty(B, H, NC, C) if qnorm else None  # the rows' 1 / |q_t|, for the backward
         launch = _chunk_launch("out_fwd", K, V, precision, float32=f32)
         enqueue(
             out_fwd_kernel, (cdiv(V, launch["BV"]), B * H * NC),
-            q, qr, w, uo, ss, o, scale, T, H, NC,
+            q, w, uo, ss, o, scale, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, QNORM=qnorm, **launch,
         )  # fmt: skip
         # The per-chunk states (twice the size of U) and Kb are not kept for the backward, which
         # rebuilds them from W and U, and T: a model holds every layer's saved tensors at once.
-        ctx.save_for_backward(q, k, w, v, beta, tinv, uo, s0, qr)
+        ctx.save_for_backward(q, k, w, v, beta, tinv, uo, s0)
         ctx.scale, ctx.precision, ctx.qnorm = scale, precision, qnorm
         return o, sf
 
     @staticmethod
     def backward(ctx, do, ds):
-        q, k, w, v, beta, tinv, uo, s0, qr = ctx.saved_tensors
+        q, k, w, v, beta, tinv, uo, s0 = ctx.saved_tensors
         B, H, NC, C, K = k.shape
         T, V = v.shape[1], v.shape[-1]
         scale, precision, qnorm, f32 = ctx.scale, ctx.precision, ctx.qnorm, k.dtype == torch.float32
+        qc = torch.empty_like(k)  # q's chunks, normalised with qnorm
+        enqueue(to_chunks_kernel, (B * H * NC,), q, qc, T, H, NC, NORM=qnorm, **_relayout_launch("to_chunks", K, C))
         ss, _ = _state_scan(None, w, None, s0, uo, precision)  # the final state is not rebuilt
         do = torch.zeros_like(v) if do is None else do.contiguous()
         ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
         gu, gss = torch.empty_like(uo), torch.empty_like(ss)
         enqueue(
             out_bwd_kernel, (B * H * NC,),
-            q, qr, w, do, gu, gss, scale, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, QNORM=qnorm, **_chunk_launch("out_bwd", K, V, precision, float32=f32),
+            qc, w, do, gu, gss, scale, T, H, NC,
+            K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("out_bwd", K, V, precision, float32=f32),
         )  # fmt: skip
         kb = torch.empty_like(k)
         enqueue(
@@ -1870,27 +1842,25 @@ class DeltaRuleAsym(torch.autograd.Function):
         )  # fmt: skip
         dub, dss, ds0 = _state_scan_bwd(kb, w, gu, gss, ds, precision)
         del gu, gss, kb  # no later kernel reads these: freed before dK is allocated
-        # with qnorm dQ is first the normalised rows' gradient, chunked, for from_chunks_kernel
-        dq, dk, dw = (
-            torch.empty_like(k) if qnorm else torch.empty_like(q),
+        dqc, dk, dw = (
+            torch.empty_like(qc),
             _grad_buffer(k, "phase2"),
             _grad_buffer(w, "phase2"),
         )
         launch = _chunk_launch("state_grads", K, V, precision, float32=f32)
         enqueue(
             state_grads_kernel, (cdiv(K, launch["BK"]), B * H * NC),
-            q, qr, w, uo, ss, do, dub, dss, dq, dk, dw, scale, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, QNORM=qnorm, **launch,
+            qc, w, uo, ss, do, dub, dss, dqc, dk, dw, scale, T, H, NC,
+            K=K, V=V, C=C, PRECISION=precision, **launch,
         )  # fmt: skip
-        del do, ss, dss  # the states and their gradients (4X) go before the last kernel's outputs come
-        if qnorm:  # through the norm, to q's rows: dq = r (dq^ - q^ <q^, dq^>)
-            dqc, dq = dq, torch.empty_like(q)
-            enqueue(
-                from_chunks_kernel, (B * H * NC,),
-                dqc, q, dq, T, H, NC,
-                NORM=True, **_relayout_launch("from_chunks", K, C),
-            )  # fmt: skip
-            del dqc
+        del do, ss, dss, qc  # the states and their gradients (4X) go before the last kernel's outputs come
+        dq = torch.empty_like(q)  # through the norm (with qnorm) to q's rows
+        enqueue(
+            from_chunks_kernel, (B * H * NC,),
+            dqc, q, dq, T, H, NC,
+            NORM=qnorm, **_relayout_launch("from_chunks", K, C),
+        )  # fmt: skip
+        del dqc
         dv, dbeta = torch.empty_like(v), torch.empty_like(beta)
         dk_out, dw_out = _in_dtype_of(dk, k), _in_dtype_of(dw, w)
         enqueue(
