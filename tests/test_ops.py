@@ -152,9 +152,8 @@ def test_qk_l2norm_in_kernel_and_scale(op):
 
 @pytest.mark.parametrize("op", ["chunk", "fused_recurrent"])
 def test_qk_l2norm_in_kernel_gradients(op):
-    """The in-kernel L2 norm (on the Triton path fused into k's relayout and into phase 2's reads
-    of q) backpropagates like normalising first: all gradients, at a length that leaves a partial
-    chunk, with states."""
+    """The in-kernel L2 norm (on the Triton path fused into the chunk relayout) backpropagates
+    like normalising first: all gradients, at a length that leaves a partial chunk, with states."""
     inputs = make_inputs(1, 100, 2, 16, 8, with_states=True)
     cot = tuple(torch.randn(s, dtype=torch.float64) for s in ((1, 100, 2, 8), (1, 2, 16, 8), (1, 2, 16)))
     raw = {

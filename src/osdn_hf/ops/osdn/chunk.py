@@ -145,18 +145,18 @@ def _chunk_osdn_core(
 ):
     """`[B, T, H, *]` in (any float dtype; the states float32), `(o [B, T, H, V]` in
     q's dtype, `S [B, H, K, V], d [B, H, K])` out. With `l2norm_qk` q and k are L2-normalised
-    first: on the Triton path inside the kernels, k's as it is relaid out, q's as phase 2 reads it."""
+    first: on the Triton path inside the kernels that relayout them."""
     T = q.shape[1]
     if use_triton:
         # q, k, v and the kernels' [B, H, NC, C, *] intermediates (per-chunk states included) are
         # stored in the inputs' dtype when it is 16-bit, as fla does, and in float32 otherwise;
         # products run in 16 bits where both operands are stored ones (chunk_fused.py), and the
         # states are carried from chunk to chunk in float32
-        # q, v and o stay [B, T, H, *] (the kernels address their rows there, normalising q's)
+        # v and o stay [B, T, H, V] (the kernels address their rows there)
         sd = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        kc = ToChunks.apply(k, chunk_size, l2norm_qk, sd)
+        qc, kc = (ToChunks.apply(x, chunk_size, l2norm_qk, sd) for x in (q, k))
         bc, ec, lc = GatesToChunks.apply(beta, eta, lam, chunk_size)
-        return chunk_osdn_fused(q.to(sd), kc, v.to(sd), bc, ec, lc, scale, S0, d0, precision, q.dtype, l2norm_qk)
+        return chunk_osdn_fused(qc, kc, v.to(sd), bc, ec, lc, scale, S0, d0, precision, q.dtype)
     bc, ec = _to_chunks(beta, chunk_size), _to_chunks(eta, chunk_size)
     lc = _to_chunks(lam, chunk_size, fill=1.0)
     if l2norm_qk:

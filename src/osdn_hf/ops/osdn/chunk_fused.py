@@ -6,10 +6,10 @@ step done per chunk in one program that keeps its `C x C` matrices in registers,
 backward pass reuses. The two chunk-to-chunk recurrences are the scans of `chunk_scan.py`.
 
 Layout: tensors are chunked, `[B, H, NC, C, *]` contiguous, so row `t` of chunk
-`i_c = (b * H + h) * NC + n` starts at `(i_c * C + t) * D`; `ToChunks` moves k into this layout
-(L2-normalising it on the way), and phase 2's backward q (`DeltaRuleAsym`). v and o, and their
-gradients, stay `[B, T, H, V]`, and q in the forward: the phase-2 kernels address their rows there
-(`_bthd_rows`), masking rows past T, so no copy of them is made. Chunked q, k and the intermediates derived
+`i_c = (b * H + h) * NC + n` starts at `(i_c * C + t) * D`; `ToChunks` moves q and k into this
+layout (L2-normalising them on the way). v and o, and their gradients, stay `[B, T, H, V]`: the
+phase-2 kernels address their rows there (`_bthd_rows`), masking rows past T, so no copy of them
+is made. Chunked q, k and the intermediates derived
 from them are stored in a storage dtype (the inputs' 16-bit dtype, else float32). A product of two
 stored operands runs in the storage dtype (exact: a product of two 16-bit numbers fits float32,
 and it accumulates in float32); a product with a matrix computed in the kernel widens the stored
@@ -26,10 +26,9 @@ Phase 1 (`Precondition`): `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`
     backward: `pre_y` (Y again) -> `pre_out_bwd` -> precond scan backward -> `pre_intra_bwd`;
               with few scans the first three run side by side (`precond_bwd_overlap_kernel`)
 Phase 2 (`DeltaRuleAsym`): `(q, k, w, v, beta, S0) -> (O, S_final)`
-    forward:  `wy_fwd` (A, T = A^{-1}, Ub, Kb) -> state scan -> `out_fwd` (O, reading q's rows)
-    backward: `to_chunks` (q's chunks) -> `out_bwd` (dU, dS_n from O) -> state scan backward
-              (dUb, dS_{n+1}) -> `state_grads` (dQ, dKb, dW: all that reads a state) ->
-              `from_chunks` (dQ to q's rows) -> `wy_bwd`
+    forward:  `wy_fwd` (A, T = A^{-1}, Ub, Kb) -> state scan -> `out_fwd` (O)
+    backward: `out_bwd` (dU, dS_n from O) -> state scan backward (dUb, dS_{n+1}) ->
+              `state_grads` (dQ, dKb, dW: all that reads a state) -> `wy_bwd`
 """
 
 from __future__ import annotations
@@ -334,26 +333,20 @@ if HAS_TRITON:
     def out_fwd_kernel(
         q, w, u, ss, o, scale, T, H, NC,
         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        PRECISION: tl.constexpr, QNORM: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """O = scale (Q S_n + tril(Q W^T) U), written to `[B, T, H, V]`; one (V block, chunk) per
-        program. Q is read where it lies, in q `[B, T, H, K]`; with QNORM its rows are L2-normalised,
-        by scaling O's rows (the norm of row t scales row t of both products)."""
+        """O = scale (Q S_n + tril(Q W^T) U), written to `[B, T, H, V]`; one (V block, chunk) per program."""
         i_v, i_c = tl.program_id(0), tl.program_id(1).to(tl.int64)
         o_c = tl.arange(0, C)
         o_t = i_c * C + o_c
-        r_o, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         b_o = tl.zeros([C, BV], dtype=tl.float32)
         b_m = tl.zeros([C, C], dtype=tl.float32)
-        b_qq = tl.zeros([C], dtype=tl.float32)  # |q_t|^2 (QNORM)
         for i_k in tl.static_range(0, K, BK):
             o_k = i_k + tl.arange(0, BK)
             m_k = o_k < K
-            b_q = tl.load(q + r_o[:, None] * K + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
-            if QNORM:
-                b_qq += tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), 1)
+            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
             b_w = tl.load(w + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
             m_kv = m_k[:, None] & m_v[None, :]
             b_s = tl.load(ss + i_c * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
@@ -362,8 +355,7 @@ if HAS_TRITON:
         b_m = tl.where(o_c[:, None] >= o_c[None, :], b_m, 0.0)
         b_u = tl.load(u + o_t[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.0)
         b_o = scale * (b_o + tl.dot(b_m.to(b_u.dtype), b_u, input_precision=PRECISION))
-        if QNORM:
-            b_o = b_o * tl.rsqrt(b_qq + L2_EPS)[:, None]
+        r_o, m_r = _bthd_rows(i_c, o_c, T, H, NC, C)
         tl.store(o + r_o[:, None] * V + o_v[None, :], b_o, mask=m_r[:, None] & m_v[None, :])
 
     # ---------------------------------------------------------------- phase 2 backward
@@ -1777,18 +1769,11 @@ def _state_scan_bwd(kb, w, gu, gss, ds, precision, launch=None):
 
 
 class DeltaRuleAsym(torch.autograd.Function):
-    """Phase 2: `(q, k, w, v, beta, S0) -> (O, S_final)`; k, w chunked in the storage dtype, q and v
-    `[B, T, H, *]` in it too, O `[B, T, H, V]` in `out_dtype`, beta and the states float32. With
-    `qnorm` q's rows are L2-normalised first.
-
-    The forward reads q where it lies (`out_fwd_kernel`, the one kernel of the forward that reads
-    it); the backward, whose kernels read q's chunks several times, makes them first (chunked and
-    normalised, `to_chunks_kernel`) and takes dQ back through them (`from_chunks_kernel`), as
-    `ToChunks` does for k. The relayout moves from the forward to the backward: a forward (a
-    prefill, or inference) makes no copy of q, and the forward+backward one, as before."""
+    """Phase 2: `(q, k, w, v, beta, S0) -> (O, S_final)`; q, k, w chunked in the storage dtype, v
+    `[B, T, H, V]` in it too, O `[B, T, H, V]` in `out_dtype`, beta and the states float32."""
 
     @staticmethod
-    def forward(ctx, q, k, w, v, beta, s0, scale, precision, out_dtype, qnorm):
+    def forward(ctx, q, k, w, v, beta, s0, scale, precision, out_dtype):
         B, H, NC, C, K = k.shape
         T, V = v.shape[1], v.shape[-1]
         f32 = k.dtype == torch.float32  # storage: the kernels' launch (`_chunk_launch`)
@@ -1809,12 +1794,12 @@ class DeltaRuleAsym(torch.autograd.Function):
         enqueue(
             out_fwd_kernel, (cdiv(V, launch["BV"]), B * H * NC),
             q, w, uo, ss, o, scale, T, H, NC,
-            K=K, V=V, C=C, PRECISION=precision, QNORM=qnorm, **launch,
+            K=K, V=V, C=C, PRECISION=precision, **launch,
         )  # fmt: skip
         # The per-chunk states (twice the size of U) and Kb are not kept for the backward, which
         # rebuilds them from W and U, and T: a model holds every layer's saved tensors at once.
         ctx.save_for_backward(q, k, w, v, beta, tinv, uo, s0)
-        ctx.scale, ctx.precision, ctx.qnorm = scale, precision, qnorm
+        ctx.scale, ctx.precision = scale, precision
         return o, sf
 
     @staticmethod
@@ -1822,16 +1807,14 @@ class DeltaRuleAsym(torch.autograd.Function):
         q, k, w, v, beta, tinv, uo, s0 = ctx.saved_tensors
         B, H, NC, C, K = k.shape
         T, V = v.shape[1], v.shape[-1]
-        scale, precision, qnorm, f32 = ctx.scale, ctx.precision, ctx.qnorm, k.dtype == torch.float32
-        qc = torch.empty_like(k)  # q's chunks, normalised with qnorm
-        enqueue(to_chunks_kernel, (B * H * NC,), q, qc, T, H, NC, NORM=qnorm, **_relayout_launch("to_chunks", K, C))
+        scale, precision, f32 = ctx.scale, ctx.precision, k.dtype == torch.float32
         ss, _ = _state_scan(None, w, None, s0, uo, precision)  # the final state is not rebuilt
         do = torch.zeros_like(v) if do is None else do.contiguous()
         ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
         gu, gss = torch.empty_like(uo), torch.empty_like(ss)
         enqueue(
             out_bwd_kernel, (B * H * NC,),
-            qc, w, do, gu, gss, scale, T, H, NC,
+            q, w, do, gu, gss, scale, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("out_bwd", K, V, precision, float32=f32),
         )  # fmt: skip
         kb = torch.empty_like(k)
@@ -1842,25 +1825,18 @@ class DeltaRuleAsym(torch.autograd.Function):
         )  # fmt: skip
         dub, dss, ds0 = _state_scan_bwd(kb, w, gu, gss, ds, precision)
         del gu, gss, kb  # no later kernel reads these: freed before dK is allocated
-        dqc, dk, dw = (
-            torch.empty_like(qc),
+        dq, dk, dw = (
+            torch.empty_like(q),
             _grad_buffer(k, "phase2"),
             _grad_buffer(w, "phase2"),
         )
         launch = _chunk_launch("state_grads", K, V, precision, float32=f32)
         enqueue(
             state_grads_kernel, (cdiv(K, launch["BK"]), B * H * NC),
-            qc, w, uo, ss, do, dub, dss, dqc, dk, dw, scale, T, H, NC,
+            q, w, uo, ss, do, dub, dss, dq, dk, dw, scale, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, **launch,
         )  # fmt: skip
-        del do, ss, dss, qc  # the states and their gradients (4X) go before the last kernel's outputs come
-        dq = torch.empty_like(q)  # through the norm (with qnorm) to q's rows
-        enqueue(
-            from_chunks_kernel, (B * H * NC,),
-            dqc, q, dq, T, H, NC,
-            NORM=qnorm, **_relayout_launch("from_chunks", K, C),
-        )  # fmt: skip
-        del dqc
+        del do, ss, dss  # the states and their gradients (4X) go before the last kernel's outputs come
         dv, dbeta = torch.empty_like(v), torch.empty_like(beta)
         dk_out, dw_out = _in_dtype_of(dk, k), _in_dtype_of(dw, w)
         enqueue(
@@ -1868,7 +1844,7 @@ class DeltaRuleAsym(torch.autograd.Function):
             k, w, v, beta, tinv, dub, dk, dw, dk_out, dw_out, dv, dbeta, T, H, NC,
             K=K, V=V, C=C, PRECISION=precision, **_chunk_launch("wy_bwd", K, V, precision, float32=f32),
         )  # fmt: skip
-        return dq, dk_out, dw_out, dv, dbeta, ds0, None, None, None, None
+        return dq, dk_out, dw_out, dv, dbeta, ds0, None, None, None
 
 
 # Phase 1's chunks: phase 2's split in two (a view of the same layout; `chunk`) where it runs at
@@ -1945,11 +1921,11 @@ def _phase1_chunk(C: int, heads: int, device, float32: bool = False) -> int:
     return c1
 
 
-def chunk_osdn_fused(q, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype, qnorm=False):
-    """Both phases: k, beta, eta, lam chunked `[B, H, NC, C, *]` (k in the storage dtype, the rest
-    float32), q and v `[B, T, H, *]` in the storage dtype: `(O, S_final, d_final)`, O
-    `[B, T, H, V]` in `out_dtype`. With `qnorm` q's rows are L2-normalised inside phase 2."""
-    q, kc, v, bc, ec, lc = (x.contiguous() for x in (q, kc, v, bc, ec, lc))
+def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype):
+    """Both phases: q, k, beta, eta, lam chunked `[B, H, NC, C, *]` (q, k in the storage dtype,
+    the rest float32), v `[B, T, H, V]` in the storage dtype: `(O, S_final, d_final)`, O
+    `[B, T, H, V]` in `out_dtype`."""
+    qc, kc, v, bc, ec, lc = (x.contiguous() for x in (qc, kc, v, bc, ec, lc))
     B, H, NC, C, K = kc.shape
     c1 = _phase1_chunk(C, B * H, kc.device, _float32_launch(kc, K))
     n1 = NC * C // c1
@@ -1958,5 +1934,5 @@ def chunk_osdn_fused(q, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype, 
         kc.view(B, H, n1, c1, K), *gates, d0.contiguous(), precision, c1 < C
     )  # kc: see Precondition
     w, kc = w.view(B, H, NC, C, K), kc.view(B, H, NC, C, K)
-    o, S = DeltaRuleAsym.apply(q, kc, w, v, bc, S0.contiguous(), scale, precision, out_dtype, qnorm)
+    o, S = DeltaRuleAsym.apply(qc, kc, w, v, bc, S0.contiguous(), scale, precision, out_dtype)
     return o, S, d
