@@ -441,7 +441,7 @@ if HAS_TRITON:
         """After the reverse state scan, every gradient that reads a per-chunk state, one (K block,
         chunk) per program: dQ = scale dO S_n^T + dM W with dM = scale tril(dO U^T) (from the
         output); dKb = -dUb S_n^T (from the scan); and dW = dM^T Q + U dS_{n+1}^T (output and
-        scan), written to `dw` in float32 for `wy_bwd_kernel` to add to. dO is `[B, T, H, V]`.
+        scan), written to `dw` (`GRAD_STORAGE`) for `wy_bwd_kernel` to add to. dO is `[B, T, H, V]`.
         With UNROLL off the loop over V blocks stays a loop, pipelined STAGES deep."""
         i_k, i_c = tl.program_id(0), tl.program_id(1).to(tl.int64)
         o_c = tl.arange(0, C)
