@@ -1208,6 +1208,12 @@ def test_float32_products_launch_with_their_own_settings_up_to_head_dim_128():
     for args in ((128, 128, "tf32"), (256, 256, "ieee"), (128, 256, "ieee")):
         launch = chunk_fused._chunk_launch("out_fwd", *args)
         assert launch["num_warps"] == table["num_warps"] and launch["BK"] == min(args[0], table["tile"]), args
+    # out_fwd's V block: `tile_v` (128) for 16-bit storage (of43_a0c78d4.json), `tile` for float32's
+    assert (table["tile"], table["tile_v"]) == (64, 128)
+    for args, BV in (((128, 128, "tf32"), 128), ((256, 256, "tf32"), 128), ((128, 64, "tf32"), 64)):
+        assert chunk_fused._chunk_launch("out_fwd", *args)["BV"] == BV, args
+    for args in ((256, 256, "tf32", False, True), (256, 256, "ieee", False, True), (128, 128, "tf32", False, True)):
+        assert chunk_fused._chunk_launch("out_fwd", *args)["BV"] == 64, args
     pre_y = chunk_fused._chunk_launch("pre_y", 128, precision="ieee", small=True)
     assert (pre_y["BK"], pre_y["num_warps"]) == (ieee["pre_y"]["tile"], ieee["pre_y"]["num_warps"])
     assert chunk_fused._chunk_launch("pre_y", 128, precision="tf32", small=True)["BK"] == 128  # PHASE1's
@@ -1226,7 +1232,10 @@ def test_float32_products_launch_with_their_own_settings_up_to_head_dim_128():
         want = dict(chunk_fused.CHUNK_LAUNCH[name], **tf32.get(name, {}))
         assert (launch["BK"], launch["num_warps"]) == (want["tile"], want["num_warps"]), (name, launch)
         for args in ((128, 128, "tf32"), (256, 256, "tf32", False, True)):
-            assert chunk_fused._chunk_launch(name, *args) == chunk_fused._chunk_launch(name, *args[:3]), name
+            got, plain = chunk_fused._chunk_launch(name, *args), chunk_fused._chunk_launch(name, *args[:3])
+            if name == "out_fwd":  # its `tile_v` is 16-bit storage's alone (above)
+                got.pop("BV"), plain.pop("BV")
+            assert got == plain, name
     assert (tf32["wy_bwd"]["tile"], tf32["out_bwd"]["tile"]) == (32, 32)
     assert chunk_fused._chunk_launch("wy_bwd", 128, 128, "tf32", float32=True) != chunk_fused._chunk_launch(
         "wy_bwd", 128, 128, "tf32"
