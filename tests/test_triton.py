@@ -1208,9 +1208,15 @@ def test_float32_products_launch_with_their_own_settings_up_to_head_dim_128():
     for args in ((128, 128, "tf32"), (256, 256, "ieee"), (128, 256, "ieee")):
         launch = chunk_fused._chunk_launch("out_fwd", *args)
         assert launch["num_warps"] == table["num_warps"] and launch["BK"] == min(args[0], table["tile"]), args
-    # out_fwd's V block: `tile_v` (128) for 16-bit storage (of43_a0c78d4.json), `tile` for float32's
+    # out_fwd's V block: V whole up to `tile_v` (128) for 16-bit storage (of43_a0c78d4.json), else
+    # `tile`, as for float32's
     assert (table["tile"], table["tile_v"]) == (64, 128)
-    for args, BV in (((128, 128, "tf32"), 128), ((256, 256, "tf32"), 128), ((128, 64, "tf32"), 64)):
+    for args, BV in (
+        ((128, 128, "tf32"), 128),
+        ((32, 100, "tf32"), 128),
+        ((128, 48, "tf32"), 64),
+        ((256, 256, "tf32"), 64),
+    ):
         assert chunk_fused._chunk_launch("out_fwd", *args)["BV"] == BV, args
     for args in ((256, 256, "tf32", False, True), (256, 256, "ieee", False, True), (128, 128, "tf32", False, True)):
         assert chunk_fused._chunk_launch("out_fwd", *args)["BV"] == 64, args

@@ -1191,10 +1191,11 @@ CHUNK_LAUNCH = {
     "pre_y": dict(num_warps=2, tile=32, stages=3),
     "wy_fwd": dict(num_warps=2, tile=64, stages=3),
     "kb": dict(num_warps=4, tile=64),
-    # out_fwd walks K in blocks of 64 but takes V in one of up to 128 (`tile_v`: 16-bit storage
-    # only; float32's tables keep `tile` for both): alone at 4 x 4096 x 16 heads of 128 in bf16
-    # (benchmarks/results/of43_a0c78d4.json) 106.7 -> 98.9 us, one program a chunk instead of two,
-    # each reading Q and W once; BK 128 at BV 64: 103.2, both 128 at 8 warps: 175.
+    # out_fwd walks K in blocks of 64 but takes V whole up to 128 (`tile_v`; 16-bit storage only:
+    # float32's tables keep `tile` for both, and so does V 256, neither measured): alone at 4 x
+    # 4096 x 16 heads of 128 in bf16 (benchmarks/results/of43_a0c78d4.json) 106.7 -> 98.9 us, one
+    # program a chunk instead of two, each reading Q and W once; BK 128 at BV 64: 103.2, both 128
+    # at 8 warps: 175.
     "out_fwd": dict(num_warps=4, tile=64, tile_v=128),
     # The backward kernels that walk blocks with UNROLL off can keep those walks as loops that
     # Triton software-pipelines (`stages`, its num_stages; None: unrolled). Alone at 4 x 4096 x 16
@@ -1483,9 +1484,9 @@ def _sm_count(device) -> int | None:
 def _chunk_launch(
     name: str, K: int, V: int | None = None, precision: str | None = None, small: bool = False, float32: bool = False
 ) -> dict:
-    """BK (and BV where the kernel walks V: `tile_v` where the entry has one and the storage is
-    16-bit, else `tile`) and num_warps of per-chunk kernel `name`; for the
-    kernels whose table entry has `stages`, given the precision, also how they walk their blocks
+    """BK (and BV where the kernel walks V) and num_warps of per-chunk kernel `name`; an entry's
+    `tile_v` takes V in one block up to that width for 16-bit storage. For the kernels whose
+    table entry has `stages`, given the precision, also how they walk their blocks
     (UNROLL, STAGES): float32 above head dim 128 always as plain loops (`_unrolled`), else as the
     table says. With `small` (phase 1 in chunks smaller than phase 2's, `PHASE1`), the entry's
     fields that `PHASE1["launch"]` gives are replaced; with float32 products ("ieee") at head dims
@@ -1499,8 +1500,8 @@ def _chunk_launch(
         t = dict(t, **own["chunk"].get(name, {}))
     out = dict(BK=block_width(K, t["tile"]), num_warps=t["num_warps"])
     if V is not None:
-        sixteen = not float32 and precision != "ieee"  # 16-bit storage (exact products are float32's alone)
-        out["BV"] = block_width(V, t.get("tile_v", t["tile"]) if sixteen else t["tile"])
+        whole = t.get("tile_v") if not float32 and precision != "ieee" else None  # 16-bit storage's
+        out["BV"] = block_width(V) if whole and block_width(V) <= whole else block_width(V, t["tile"])
     if "stages" in t:
         if not _unrolled(precision, K, V):
             out.update(UNROLL=False, STAGES=1)
