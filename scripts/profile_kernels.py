@@ -395,6 +395,7 @@ def main(argv=None):
         warps, tile = (int(x) for x in args.grid_one.split(","))
         for launch in chunk_fused.CHUNK_LAUNCH.values():
             launch.update(num_warps=warps, tile=tile)
+            launch.pop("tile_v", None)  # every block at `tile`, out_fwd's V block too
         print(GRID_MARK + json.dumps(kernel_times(_step(args.B, args.T, args.H, args.D))), flush=True)
         return
     if args.tune or args.grid or args.peer:
