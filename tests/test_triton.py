@@ -1152,6 +1152,28 @@ def test_relayout_warps_come_from_the_launch_table(monkeypatch):
     assert chunk_fused._relayout_launch("to_chunks", 128, 64)["num_warps"] == 8
 
 
+def test_grid_setting_runs_every_block_at_its_tile(monkeypatch, capsys):
+    """A `--grid` child (`--grid-one warps,tile`) runs every kernel at that one setting, its V
+    blocks too: out_fwd's `tile_v` does not survive into it."""
+    import copy
+
+    import profile_kernels
+
+    monkeypatch.setattr(chunk_fused, "CHUNK_LAUNCH", copy.deepcopy(chunk_fused.CHUNK_LAUNCH))
+    assert "tile_v" in chunk_fused.CHUNK_LAUNCH["out_fwd"]
+    seen = {}
+    monkeypatch.setattr(profile_kernels, "_step", lambda *a: None)
+    monkeypatch.setattr(
+        profile_kernels,
+        "kernel_times",
+        lambda step: seen.update(out_fwd=chunk_fused._chunk_launch("out_fwd", 128, 128, "tf32")) or {},
+    )
+    profile_kernels.main(["--grid-one", "2,32"])
+    assert seen["out_fwd"] == dict(BK=32, BV=32, num_warps=2)
+    assert all((t["num_warps"], t["tile"]) == (2, 32) and "tile_v" not in t for t in chunk_fused.CHUNK_LAUNCH.values())
+    assert profile_kernels.GRID_MARK in capsys.readouterr().out
+
+
 def test_ncu_csv_becomes_json_per_launch(tmp_path):
     """`profile_kernels.py --ncu-json`: ncu's details CSV (after its own '==PROF==' lines) as one
     entry per launch, in launch order, each metric under its section with its unit."""
