@@ -58,6 +58,14 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
+def scan_precision(dtype: torch.dtype, tf32: bool) -> str:
+    """The scans' product precision for inputs of `dtype`: as the op picks it (`dot_precision`), or
+    tf32 with `tf32` (float32 inputs under torch's TF32)."""
+    from osdn_hf.ops.osdn.utils import dot_precision
+
+    return "tf32" if tf32 else dot_precision(torch.empty(0, dtype=dtype))
+
+
 def check_case(
     K: int, V: int, NC: int, dtype: torch.dtype, launches: dict, heads: int, device: str, tf32: bool = False
 ) -> dict:
@@ -65,10 +73,9 @@ def check_case(
     with `tf32`, the scans' products in tf32 whatever the dtype (float32 inputs under torch's TF32)."""
     from osdn_hf.ops.osdn import chunk_fused
     from osdn_hf.ops.osdn.chunk_scan import state_scan_torch
-    from osdn_hf.ops.osdn.utils import dot_precision
 
     x = make_scan_inputs(heads, NC, K, V, dtype, device, seed=NC)
-    precision = "tf32" if tf32 else dot_precision(x["kb"])
+    precision = scan_precision(dtype, tf32)
     uo = torch.empty_like(x["ub"])
     ss, sf = chunk_fused._state_scan(x["kb"], x["w"], x["ub"], x["s0"], uo, precision, launches["state_fwd"])
     rebuilt, _ = chunk_fused._state_scan(None, x["w"], None, x["s0"], uo, precision, launches["state_fwd"])
@@ -121,23 +128,18 @@ def launches_for(
 
 def run_group(pair: str, dtype_name: str, args) -> list[dict]:
     """Every (NC, tile) case of one (pair, dtype), in this process."""
-    from osdn_hf.ops.osdn.utils import dot_precision
-
     K, V = (int(v) for v in pair.split("x"))
     dtype = getattr(torch, dtype_name)
-    precision = "tf32" if args.tf32 else dot_precision(torch.empty(0, dtype=dtype))  # as check_case's
     rows = []
     for tile in [None, *args.tile]:
-        launches = launches_for(K, V, tile, args.heads, args.device, dtype.itemsize, precision)
+        launches = launches_for(K, V, tile, args.heads, args.device, dtype.itemsize, scan_precision(dtype, args.tf32))
         if launches is None:
             continue
         for NC in args.chunks:
             rtol = RTOL_TF32 if args.tf32 and dtype_name == "float32" else RTOL[dtype_name]
             row = dict(K=K, V=V, NC=NC, dtype=dtype_name, tile=tile, launches=launches, rtol=rtol, tf32=args.tf32)
             try:
-                row.update(
-                    check_case(K, V, NC, getattr(torch, dtype_name), launches, args.heads, args.device, args.tf32)
-                )
+                row.update(check_case(K, V, NC, dtype, launches, args.heads, args.device, args.tf32))
                 row["ok"] = row["rebuilt_same_bits"] and max(row["errors"].values()) <= row["rtol"]
             except Exception as e:  # a faulting launch: recorded, and the process ends (its context is lost)
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")

@@ -1492,6 +1492,7 @@ def _chunk_launch(
     fields that `PHASE1["launch"]` gives are replaced; with float32 products ("ieee") at head dims
     up to `IEEE_LAUNCH["max_head_dim"]`, then those that `IEEE_LAUNCH["chunk"]` gives; with tf32
     products on `float32` storage there, those that `TF32_LAUNCH["chunk"]` gives."""
+    float32 = float32 or precision == "ieee"  # exact products are float32 storage's alone
     t = CHUNK_LAUNCH[name]
     if small:
         t = dict(t, **PHASE1["launch"].get(name, {}))
@@ -1500,7 +1501,7 @@ def _chunk_launch(
         t = dict(t, **own["chunk"].get(name, {}))
     out = dict(BK=block_width(K, t["tile"]), num_warps=t["num_warps"])
     if V is not None:
-        whole = t.get("tile_v") if not float32 and precision != "ieee" else None  # 16-bit storage's
+        whole = None if float32 else t.get("tile_v")
         out["BV"] = block_width(V) if whole and block_width(V) <= whole else block_width(V, t["tile"])
     if "stages" in t:
         if not _unrolled(precision, K, V):
