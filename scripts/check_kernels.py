@@ -3,9 +3,10 @@
     python scripts/check_kernels.py --out benchmarks/results/kernels_check.json --commit SHA
 
 Runs `chunk_osdn` and `fused_recurrent_osdn` on CUDA tensors (the Triton path) at
-T in {1, 63, 64, 100, 1000, 4096}, with initial states and with packed `cu_seqlens`, at 1 to
-128 (batch, head) pairs, in float32, float16 and bfloat16, and compares each with the float32
-token loop on the same inputs; `fused_recurrent_osdn` also in place (`inplace_final_state`,
+T in {1, 63, 64, 100, 1000, 4096}, with initial states (and at three sizes without: the default
+ones, the final states unused) and with packed `cu_seqlens`, at 1 to 128 (batch, head) pairs,
+in float32, float16 and bfloat16, and compares each with the float32 token loop on the same
+inputs; `fused_recurrent_osdn` also in place (`inplace_final_state`,
 as cached decoding runs it), which must give the same bits. Writes one JSON row per case and
 exits non-zero if any case is out of tolerance.
 `--shard I/N` runs every N-th case from the I-th (0-based), so N processes side by side share
@@ -48,7 +49,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 GRADS = ("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond")
 
 
-def make_inputs(B, T, H, K, V, N, dtype, device, seed):
+def make_inputs(B, T, H, K, V, N, dtype, device, seed, states=True):
+    """The op's tensors; with `states` False no initial states (the default ones, as a model's
+    training step starts)."""
     g = torch.Generator(device=device).manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
     u = lambda *s: torch.rand(*s, generator=g, device=device)  # noqa: E731
@@ -62,22 +65,26 @@ def make_inputs(B, T, H, K, V, N, dtype, device, seed):
         initial_state=0.5 * r(N, H, K, V),
         initial_precond=0.5 + u(N, H, K),
     )
+    if not states:
+        del x["initial_state"], x["initial_precond"]
     return {n: t.requires_grad_() for n, t in x.items()}
 
 
 def run(fn, inputs, cot, cu_seqlens):
+    """Outputs and gradients of one call. With initial states the loss reads the final states too;
+    without (`make_inputs(states=False)`), the output alone, no final state returned: the op's
+    default path, whose kernels then make neither the default states nor their gradients."""
     for t in inputs.values():
         t.grad = None
-    o, S, d = fn(**inputs, output_final_state=True, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True)
-    loss = (o.float() * cot[0]).sum() + (S * cot[1]).sum() + (d * cot[2]).sum()
+    states = "initial_state" in inputs
+    o, S, d = fn(**inputs, output_final_state=states, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True)
+    loss = (o.float() * cot[0]).sum()
+    if states:
+        loss = loss + (S * cot[1]).sum() + (d * cot[2]).sum()
     loss.backward()
-    grads = {n: inputs[n].grad.detach().clone() for n in GRADS}
-    return {
-        "o": o.detach(),
-        "final_state": S.detach(),
-        "final_precond": d.detach(),
-        **{f"d{n}": g for n, g in grads.items()},
-    }
+    grads = {n: inputs[n].grad.detach().clone() for n in GRADS if n in inputs}
+    finals = {"final_state": S.detach(), "final_precond": d.detach()} if states else {}
+    return {"o": o.detach(), **finals, **{f"d{n}": g for n, g in grads.items()}}
 
 
 def inplace_same_bits(inputs, got, cu_seqlens) -> bool:
@@ -219,6 +226,12 @@ def main(argv=None):
     # (chunk_fused.PHASE1["launch"])
     for K, V in ((64, 64), (256, 256), (100, 48)):
         cases.append(dict(B=4, H=16, T=200, K=K, V=V, varlen=None))
+    # no initial states, and the final ones unused (a training step): the scans start from the
+    # default states without their being made in memory; phase 1 in chunks of 64 beside its
+    # workers, in chunks of 32, and packed sequences
+    cases.append(dict(B=2, T=1000, K=KV, V=KV, varlen=None, states=False))
+    cases.append(dict(B=4, H=16, T=1000, K=128, V=128, varlen=None, states=False))
+    cases.append(dict(B=1, H=16, T=None, K=128, V=128, varlen=[1, 63, 64, 100, 1000, 0, 37], states=False))
 
     cases = [c for c in cases if max(c["K"], c["V"]) <= args.max_head_dim][shard::shards]
     rows, failures = [], 0
@@ -240,7 +253,8 @@ def main(argv=None):
             cu = torch.tensor([0, *torch.tensor(case["varlen"]).cumsum(0).tolist()], device=device)
             T = int(cu[-1])
         N = B if cu is None else len(cu) - 1
-        inputs = make_inputs(B, T, H, case["K"], case["V"], N, dtype, device, seed=T)
+        states = case.get("states", True)
+        inputs = make_inputs(B, T, H, case["K"], case["V"], N, dtype, device, seed=T, states=states)
         g = torch.Generator(device=device).manual_seed(1)
         cot = (
             torch.randn(B, T, H, case["V"], generator=g, device=device),
@@ -257,7 +271,7 @@ def main(argv=None):
             K=case["K"],
             V=case["V"],
             cu_seqlens=case["varlen"],
-            initial_state=True,
+            initial_state=states,
             rtol=rtol,
         )
         try:
@@ -269,7 +283,7 @@ def main(argv=None):
             ref = refs[key]
             row["rel_err"] = {n: rel_err(got[n], ref[n]) for n in ref}
             row["ok"] = all(e <= rtol for e in row["rel_err"].values())
-            if op == "fused_recurrent":
+            if op == "fused_recurrent" and states:
                 row["inplace_same_bits"] = inplace_same_bits(inputs, got, cu)
                 row["ok"] = row["ok"] and row["inplace_same_bits"]
         except Exception as err:  # a kernel that fails to compile or run is a failed case, not the end

@@ -38,7 +38,7 @@ def _scan_inputs(B, H, NC, C, K, V, seed=0):
         dm=r(B, H, NC, C),
         p=torch.rand(B, H, NC, C, generator=g),
         gc=torch.rand(B, H, NC, generator=g),
-        e0=r(B, H, K),
+        d0=1 + r(B, H, K),
     )
     state = dict(kb=r(B, H, NC, C, K) * 0.1, w=r(B, H, NC, C, K) * 0.1, ub=r(B, H, NC, C, V), s0=r(B, H, K, V))
     leaf = lambda d: {n: x.requires_grad_() for n, x in d.items()}  # noqa: E731
@@ -118,27 +118,27 @@ def test_precond_scans_prefetching_give_the_same_bits(K, dtype):
     (BS = C) scans bit for bit, and the buffers they add to are read at the right chunk."""
     prec, _ = _scan_inputs(2, 2, 3, 64, K, 32)
     y, u = (prec[n].detach().to(dtype) for n in ("y", "u"))
-    dm, p, gc, e0 = (prec[n].detach() for n in ("dm", "p", "gc", "e0"))
+    dm, p, gc, d0 = (prec[n].detach() for n in ("dm", "p", "gc", "d0"))
     B, H, NC, C, _ = y.shape
     launch = dict(K=K, C=C, BK=triton.next_power_of_2(K), BS=C, SQUARE=True)
 
     def fwd(prefetch):
-        es, ef = y.new_empty(B, H, NC, K, dtype=torch.float32), e0.new_empty(B, H, K)
+        es, df = y.new_empty(B, H, NC, K, dtype=torch.float32), d0.new_empty(B, H, K)
         dl = torch.empty_like(dm)
         chunk_scan.precond_scan_fwd_kernel[(B * H,)](
-            y, u, dm, p, gc, e0, es, ef, dl, None, NC, PREFETCH=prefetch, **launch
+            y, u, dm, p, gc, d0, es, df, dl, None, NC, PREFETCH=prefetch, **launch
         )
-        return es, ef, dl
+        return es, df, dl
 
-    (es, ef, dl), (es2, ef2, dl2) = fwd(False), fwd(True)
-    assert torch.equal(es, es2) and torch.equal(ef, ef2) and torch.equal(dl, dl2)
+    (es, df, dl), (es2, df2, dl2) = fwd(False), fwd(True)
+    assert torch.equal(es, es2) and torch.equal(df, df2) and torch.equal(dl, dl2)
     # delta = dm - Y e_n per chunk, as the scan wrote it
     ref_dl = dm - (y.float() * es[:, :, :, None, :]).sum(-1)
     torch.testing.assert_close(dl, ref_dl, rtol=1e-5, atol=1e-5)
     assert not torch.equal(dl, dm)
     assert not torch.equal(es[:, :, 1], es[:, :, 2])
     g = torch.Generator().manual_seed(3)
-    ges, gef = torch.randn(es.shape, generator=g), torch.randn(ef.shape, generator=g)
+    ges, gef = torch.randn(es.shape, generator=g), torch.randn(df.shape, generator=g)
     acc = [torch.randn(x.shape, generator=g) for x in (y, u, dm)]  # what dy, du, ddm hold before
 
     def bwd(prefetch, ACC, DY, YDDM=False):
@@ -165,14 +165,14 @@ def _scanned_precond(K, dtype):
     in `dtype`) and the forward scan's chunk-start and final e."""
     prec, _ = _scan_inputs(2, 2, 3, 64, K, 32)
     y, u = (prec[n].detach().to(dtype) for n in ("y", "u"))
-    dm, p, gc, e0 = (prec[n].detach() for n in ("dm", "p", "gc", "e0"))
+    dm, p, gc, d0 = (prec[n].detach() for n in ("dm", "p", "gc", "d0"))
     B, H, NC, C, _ = y.shape
-    es, ef = y.new_empty(B, H, NC, K, dtype=torch.float32), e0.new_empty(B, H, K)
+    es, df = y.new_empty(B, H, NC, K, dtype=torch.float32), d0.new_empty(B, H, K)
     chunk_scan.precond_scan_fwd_kernel[(B * H,)](
-        y, u, dm, p, gc, e0, es, ef, None, None, NC,
+        y, u, dm, p, gc, d0, es, df, None, None, NC,
         K=K, C=C, BK=triton.next_power_of_2(K), BS=C, SQUARE=True,
     )  # fmt: skip
-    return y, u, dm, p, gc, es, ef
+    return y, u, dm, p, gc, es, df
 
 
 @pytest.mark.parametrize("K, dtype", [(48, torch.float32), (128, torch.float16)])
@@ -183,15 +183,15 @@ def test_split_precond_backward_scan_matches_the_one_kernel_scan(K, dtype):
     the gradient of e it writes per chunk (as `pre_intra_bwd_kernel` forms them, here in torch)
     are what the one kernel adds and writes (ACC, no dY: as the fused backward calls it), to
     float32 rounding."""
-    y, u, dm, p, gc, es, ef = _scanned_precond(K, dtype)
+    y, u, dm, p, gc, es, df = _scanned_precond(K, dtype)
     B, H, NC, C, _ = y.shape
     BK = triton.next_power_of_2(K)
     g = torch.Generator().manual_seed(5)
-    ges, gef = torch.randn(es.shape, generator=g), torch.randn(ef.shape, generator=g)
+    ges, gef = torch.randn(es.shape, generator=g), torch.randn(df.shape, generator=g)
     acc_du, acc_ddm = (torch.randn(x.shape, generator=g) for x in (u, dm))  # what du, ddm hold before
     uu, res = u.float() ** 2, dm - torch.einsum("bhnck,bhnk->bhnc", y.float(), es)
     for YDDM, (prefetch, BS) in itertools.product((False, True), ((False, 32), (True, C))):
-        du, ddm, dp, dgc, de0 = acc_du.clone(), acc_ddm.clone(), torch.empty_like(p), torch.empty_like(gc), ef.clone()
+        du, ddm, dp, dgc, de0 = acc_du.clone(), acc_ddm.clone(), torch.empty_like(p), torch.empty_like(gc), df.clone()
         chunk_scan.precond_scan_bwd_kernel[(B * H,)](
             y, u, dm, p, gc, es, ges, gef, None, du, ddm, dp, dgc, de0, NC, K=K, C=C, BK=BK, BS=BS, ACC=True,
             DY=False, SQUARE=True, PREFETCH=prefetch, YDDM=YDDM,
@@ -220,11 +220,11 @@ def test_precond_backward_reads_the_saved_delta(K, dtype):
     forward saves it) instead of forming it from Y, as the fused backward calls it (ACC, no dY,
     e's gradient losing Y^T ddm): the same gradients as the scan that forms delta itself, to
     float32 rounding."""
-    y, u, dm, p, gc, es, ef = _scanned_precond(K, dtype)
+    y, u, dm, p, gc, es, df = _scanned_precond(K, dtype)
     B, H, NC, C, _ = y.shape
     delta = dm - torch.einsum("bhnck,bhnk->bhnc", y.float(), es)
     g = torch.Generator().manual_seed(7)
-    ges, gef = torch.randn(es.shape, generator=g), torch.randn(ef.shape, generator=g)
+    ges, gef = torch.randn(es.shape, generator=g), torch.randn(df.shape, generator=g)
     acc = [torch.randn(x.shape, generator=g) for x in (u, dm)]  # what du, ddm hold before
 
     def run(DELTA):
@@ -397,6 +397,119 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split,
         assert_close(f"d{name}", a, b)
 
 
+@pytest.mark.parametrize("prefetch, split, sms", [(True, True, None), (False, False, None), (True, True, 8)])
+def test_fused_kernels_start_from_default_states_never_made(prefetch, split, sms, monkeypatch):
+    """Without initial states the op hands the kernels None, and the scans start from d_0 = 1 and
+    S_0 = 0 themselves (no fill of either, and no `d_0 - 1` or `1 + e` on the host side); without a
+    use of the final states their gradients are None too, read as zeros, and no gradient of an
+    initial state is written. Outputs, final states and the gradients of q, k, v, beta, eta and
+    lam equal, bit for bit, those of the same call with the default states made in memory: with
+    the scans prefetching or not, phase 1's backward scan split or in one kernel, and its scans
+    beside the workers making their chunks (`sms` 8). Float32 inputs at the 16-bit tables'
+    launches, as `test_fused_chunk_kernels_match_torch_chunk_path` runs them."""
+    if sms is not None:
+        monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: sms)
+    monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
+    for name, tuning in chunk_fused.SCAN_TUNING.items():
+        monkeypatch.setitem(chunk_fused.SCAN_TUNING, name, dict(tuning, prefetch=prefetch))
+    bwd = dict(chunk_fused.SCAN_TUNING["precond_bwd"], split_below=1 << 30 if split else 0)
+    monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_bwd", bwd)
+    launches = []
+    enqueue = chunk_fused.enqueue
+    monkeypatch.setattr(
+        chunk_fused, "enqueue", lambda kernel, *a, **kw: launches.append(kernel.__name__) or enqueue(kernel, *a, **kw)
+    )
+    *args, _, _ = _core_args(1, 150, 2, 48, 80)
+    B, _, H, K = args[0].shape
+    V = args[2].shape[-1]
+    made = (torch.zeros(B, H, K, V), torch.ones(B, H, K))
+    names = ("q", "k", "v", "beta", "eta", "lam")
+    results = {}
+    for states in (made, (None, None)):
+        leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+        o, S, d = _chunk_osdn_core(*leaves, *states, use_triton=True, precision="ieee")
+        results[states[0] is None] = (o, S, d), _grads([o], dict(zip(names, leaves)))  # S and d unused
+    (ref, ref_grads), (got, got_grads) = results[False], results[True]
+    for name, a, b in zip(("o", "S", "d"), got, ref):
+        assert torch.equal(a, b), name
+    for name, a, b in zip(names, got_grads, ref_grads):
+        assert torch.equal(a, b), f"d{name}"
+    assert not torch.equal(ref[2], made[1]) and not torch.equal(ref[1], made[0])  # the states moved
+    overlapped = "precond_fwd_overlap_kernel" in launches
+    assert overlapped == (sms is not None), launches
+
+
+@pytest.mark.parametrize("K, V, dtype", [(48, 80, torch.float32), (128, 64, torch.float16)])
+def test_scans_read_none_as_the_default_states(K, V, dtype):
+    """Each scan kernel reads an initial state of None as the default one (d_0 = 1, so e_0 = 0;
+    S_0 = 0) and a final state's gradient of None as zeros, and with no initial state's gradient
+    to write (None) writes none: every output equals, bit for bit, that of the same launch with
+    those states in memory; prefetching and not. Also through the scans' autograd wrappers, against
+    their torch twins."""
+    prec, state = _scan_inputs(2, 2, 3, 64, K, V)
+    y, u = (prec[n].detach().to(dtype) for n in ("y", "u"))
+    dm, p, gc, d0 = (prec[n].detach() for n in ("dm", "p", "gc", "d0"))
+    B, H, NC, C, _ = y.shape
+    BK = triton.next_power_of_2(K)
+    ones, zeros_e = torch.ones_like(d0), torch.zeros_like(d0)
+    g = torch.Generator().manual_seed(11)
+    ges = torch.randn(B, H, NC, K, generator=g)
+    for prefetch, BS in ((False, 32), (True, C)):
+        launch = dict(K=K, C=C, BK=BK, BS=BS, SQUARE=True, PREFETCH=prefetch)
+        fwd = {}
+        for start in (ones, None):
+            es, df, dl = y.new_empty(B, H, NC, K, dtype=torch.float32), d0.new_empty(B, H, K), torch.empty_like(dm)
+            chunk_scan.precond_scan_fwd_kernel[(B * H,)](y, u, dm, p, gc, start, es, df, dl, None, NC, **launch)
+            fwd[start is None] = (es, df, dl)
+        assert all(torch.equal(a, b) for a, b in zip(fwd[True], fwd[False])), prefetch
+        assert torch.equal(fwd[True][0][:, :, 0], zeros_e) and not torch.equal(fwd[True][1], ones)
+        es = fwd[True][0]
+        bwd = {}
+        for gef in (zeros_e, None):
+            du, ddm, dp, dgc = torch.empty_like(u), torch.empty_like(dm), torch.empty_like(p), torch.empty_like(gc)
+            de0 = None if gef is None else torch.empty_like(d0)
+            chunk_scan.precond_scan_bwd_kernel[(B * H,)](
+                y, u, dm, p, gc, es, ges, gef, None, du, ddm, dp, dgc, de0, NC, DY=False, **launch
+            )
+            des = torch.empty_like(es)
+            chunk_scan.precond_scan_bwd_de_kernel[(B * H,)](y, u, p, gc, ges, None, gef, des, de0, NC, **launch)
+            bwd[gef is None] = (du, ddm, dp, dgc, des)
+        assert all(torch.equal(a, b) for a, b in zip(bwd[True], bwd[False])), prefetch
+        assert torch.equal(bwd[True][-1][:, :, -1], zeros_e) and bwd[True][-1].abs().sum() > 0
+
+    kb, w, ub = (state[n].detach().to(dtype) for n in ("kb", "w", "ub"))
+    s0 = torch.zeros(B, H, K, V)
+    BV = min(32, triton.next_power_of_2(V))
+    grid = (B * H, triton.cdiv(V, BV))
+    for prefetch, BS in ((False, 32), (True, C)):
+        launch = dict(K=K, V=V, C=C, BK=BK, BV=BV, BS=BS, PRECISION="ieee", PREFETCH=prefetch)
+        outs = {}
+        for start in (s0, None):
+            uo, ss, sf = torch.empty_like(ub), kb.new_empty(B, H, NC, K, V), s0.new_empty(B, H, K, V)
+            chunk_scan.state_scan_fwd_kernel[grid](kb, w, ub, start, uo, ss, sf, NC, **launch)
+            gu, gss = torch.randn(uo.shape, generator=torch.Generator().manual_seed(2)).to(dtype), ss.clone()
+            dub, ds0 = torch.empty_like(gu), None if start is None else torch.empty_like(s0)
+            chunk_scan.state_scan_bwd_kernel[grid](
+                kb, w, gu, gss, None if start is None else s0, dub, gss, ds0, NC, **launch
+            )
+            outs[start is None] = (uo, ss, sf, dub, gss)
+        assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False])), prefetch
+        assert torch.equal(outs[True][1][:, :, 0].float(), s0) and outs[True][2].abs().sum() > 0
+
+    prec = {n: x if n != "d0" else None for n, x in prec.items()}
+    state = {n: x if n != "s0" else None for n, x in state.items()}
+    for scan, twin, inputs, extra in (
+        (chunk_scan.PrecondScan, chunk_scan.precond_scan_torch, prec, ()),
+        (chunk_scan.StateScan, chunk_scan.state_scan_torch, state, ("ieee",)),
+    ):
+        got, ref = scan.apply(*inputs.values(), *extra), twin(**inputs)
+        leaves = {n: x for n, x in inputs.items() if x is not None}
+        for a, b in zip(got, ref):
+            assert_close("out", a, b)
+        for name, a, b in zip(leaves, _grads(got[:1], leaves), _grads(ref[:1], leaves)):
+            assert_close(f"d{name}", a, b)  # the final state unused: its gradient None
+
+
 def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
     """Without a CUDA device the table's settings. On one, with 16-bit storage: BV from 64, halved
     while the programs fill less than 3/4 of the SMs, whole chunks, the forward pipelined by Triton
@@ -485,24 +598,24 @@ def test_state_scans_at_the_fitted_launches(K, heads, sms, monkeypatch):
 
 def _precond_forward(B, H, NC, C, K, dtype, g, read_inverse=True):
     """Phase 1's forward on random chunked inputs, by its two kernels one after the other: k
-    (unit rows, in `dtype`), beta, eta, lam, e0, and the kernels' outputs [y, r, dm, p, gc, tinv,
-    es, ef, dl]. pre_intra_fwd writes both Y and r; the scan reads the inverse and r, as the op's
+    (unit rows, in `dtype`), beta, eta, lam, d0, and the kernels' outputs [y, r, dm, p, gc, tinv,
+    es, df, dl]. pre_intra_fwd writes both Y and r; the scan reads the inverse and r, as the op's
     does, or with `read_inverse` off Y."""
     k = torch.nn.functional.normalize(torch.randn(B, H, NC, C, K, generator=g), dim=-1).to(dtype)
     beta, eta, lam = (0.5 + 0.5 * torch.rand(B, H, NC, C, generator=g) for _ in range(3))
-    e0 = 0.1 * torch.randn(B, H, K, generator=g)
+    d0 = 1 + 0.1 * torch.randn(B, H, K, generator=g)
     y, dm, p, gc = torch.empty_like(k), torch.empty_like(beta), torch.empty_like(beta), beta.new_empty(B, H, NC)
-    tinv, es, ef = beta.new_empty(B, H, NC, C, C), beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
+    tinv, es, df = beta.new_empty(B, H, NC, C, C), beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
     dl, r = torch.empty_like(dm), torch.empty_like(dm)
     chunk_fused.pre_intra_fwd_kernel[(B * H * NC,)](
         k, beta, eta, lam, y, r, dm, p, gc, tinv, K=K, C=C, BK=32, PRECISION="ieee"
     )
     chunk_scan.precond_scan_fwd_kernel[(B * H,)](
-        tinv if read_inverse else y, k, dm, p, gc, e0, es, ef, dl, r if read_inverse else None, NC,
+        tinv if read_inverse else y, k, dm, p, gc, d0, es, df, dl, r if read_inverse else None, NC,
         K=K, C=C, BK=triton.next_power_of_2(K), BS=C, SQUARE=True, PREFETCH=True,
     )  # fmt: skip
-    assert not torch.equal(ef, e0)  # the scan moved
-    return k, beta, eta, lam, e0, [y, r, dm, p, gc, tinv, es, ef, dl]
+    assert not torch.equal(df, d0)  # the scan moved
+    return k, beta, eta, lam, d0, [y, r, dm, p, gc, tinv, es, df, dl]
 
 
 @pytest.mark.parametrize("K, dtype", [(48, torch.float32), (128, torch.float16)])
@@ -513,14 +626,14 @@ def test_precond_scan_reading_the_inverse_matches_reading_y(K, dtype):
     B, H, NC, C = 2, 2, 3, 64
     out = {}
     for read_inverse in (True, False):
-        k, beta, eta, lam, e0, out[read_inverse] = _precond_forward(
+        k, beta, eta, lam, d0, out[read_inverse] = _precond_forward(
             B, H, NC, C, K, dtype, torch.Generator().manual_seed(4), read_inverse
         )
     y, r, tinv = out[True][0], out[True][1], out[True][5]
     y_ref = tinv @ (r[..., None] * k.float() ** 2)
     torch.testing.assert_close(y.float(), y_ref, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-4)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-4)
-    for name, i in (("es", 6), ("ef", 7), ("dl", 8)):
+    for name, i in (("es", 6), ("df", 7), ("dl", 8)):
         torch.testing.assert_close(out[True][i], out[False][i], **tol, msg=name)
     assert not torch.equal(out[True][8], out[True][2])  # delta moved off dm
 
@@ -532,18 +645,18 @@ def test_overlapped_precond_forward_gives_the_same_bits(K, dtype, NC):
     bit for bit, with one worker or several, the scans reading the flags one chunk at a time or a
     run at a time (RUN), and the flags end raised, the tickets all taken."""
     B, H, C = 2, 2, 64
-    k, beta, eta, lam, e0, ref = _precond_forward(B, H, NC, C, K, dtype, torch.Generator().manual_seed(0))
+    k, beta, eta, lam, d0, ref = _precond_forward(B, H, NC, C, K, dtype, torch.Generator().manual_seed(0))
     ref_y = _precond_forward(B, H, NC, C, K, dtype, torch.Generator().manual_seed(0), read_inverse=False)[-1]
     for workers, run, read_inverse in ((1, 1, True), (3, 1, True), (1, 2, True), (3, 4, True), (3, 4, False)):
         got = [torch.empty_like(x) for x in ref]
-        y, r, dm, p, gc, tinv, es, ef, dl = got
+        y, r, dm, p, gc, tinv, es, df, dl = got
         ready = torch.zeros(B * H * NC + 1, dtype=torch.int32)
         chunk_fused.precond_fwd_overlap_kernel[(workers + B * H,)](
-            k, beta, eta, lam, y, r if read_inverse else None, dm, p, gc, tinv, e0, es, ef, dl, ready, NC, B * H,
+            k, beta, eta, lam, y, r if read_inverse else None, dm, p, gc, tinv, d0, es, df, dl, ready, NC, B * H,
             workers, K=K, C=C, BK=32, SBK=triton.next_power_of_2(K), PRECISION="ieee", RUN=run,
         )  # fmt: skip
         for name, a, b in zip(
-            ("y", "r", "dm", "p", "gc", "tinv", "es", "ef", "dl"), got, ref if read_inverse else ref_y
+            ("y", "r", "dm", "p", "gc", "tinv", "es", "df", "dl"), got, ref if read_inverse else ref_y
         ):
             if name != "r" or read_inverse:
                 assert torch.equal(a, b), (name, workers, run, read_inverse)
@@ -563,7 +676,7 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC, fold):
     B, H, C = 2, 2, 64
     g = torch.Generator().manual_seed(1)
     # dl: delta = dm - Y e_n, as the forward's scan wrote it
-    k, beta, eta, lam, _, (y, _, dm, p, gc, tinv, es, ef, dl) = _precond_forward(B, H, NC, C, K, dtype, g)
+    k, beta, eta, lam, _, (y, _, dm, p, gc, tinv, es, df, dl) = _precond_forward(B, H, NC, C, K, dtype, g)
     prec, BK = "ieee", triton.next_power_of_2(K)
     dw, gef = torch.randn(B, H, NC, C, K, generator=g).to(dtype), torch.randn(B, H, K, generator=g)
     names = ("y", "dk", "ddm", "du", "dg", "dgp", "ges", "des", "de0")
@@ -573,7 +686,7 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC, fold):
         return dict(
             y=torch.empty_like(k), dk=rows(), ddm=torch.empty_like(dm), du=None if fold else rows(),
             dg=torch.empty_like(dm), dgp=torch.empty_like(dm), ges=torch.empty_like(es), des=torch.empty_like(es),
-            de0=torch.empty_like(ef),
+            de0=torch.empty_like(df),
         )  # fmt: skip
 
     walk = dict(UNROLL=False, STAGES=3)  # as the launch table walks both kernels' blocks

@@ -101,10 +101,10 @@ def chunk_precondition(
     delta_m, Y = sol[..., 0], sol[..., 1:]  # (B, H, NC, C), (B, H, NC, C, K)
 
     # The chunk-end value is the last row of E below: e_{n+1} = Gc e_n + U^T (p * delta).
-    es, e = precond_scan_torch(Y, u, delta_m, P[..., -1, :], torch.exp(g[..., -1]), d0 - 1)
+    es, d = precond_scan_torch(Y, u, delta_m, P[..., -1, :], torch.exp(g[..., -1]), d0)  # d = 1 + e_NC
     delta = delta_m - (Y @ es[..., None])[..., 0]  # (B, H, NC, C)
     E = torch.exp(g)[..., None] * es[..., None, :] + P @ (delta[..., None] * u)  # (B, H, NC, C, K)
-    return 1 + E, 1 + e
+    return 1 + E, d
 
 
 def chunk_delta_rule_asym(
@@ -208,9 +208,8 @@ def chunk_osdn(
         >>> o.shape, S.shape, d.shape
         (torch.Size([2, 100, 4, 32]), torch.Size([2, 4, 32, 32]), torch.Size([2, 4, 32]))
     """
-    core = partial(
-        _chunk_osdn_core, use_triton=use_triton(q), precision=dot_precision(q), l2norm_qk=use_qk_l2norm_in_kernel
-    )
+    triton = use_triton(q)
+    core = partial(_chunk_osdn_core, use_triton=triton, precision=dot_precision(q), l2norm_qk=use_qk_l2norm_in_kernel)
     return run_padded(
         core,
         q,
@@ -226,4 +225,5 @@ def chunk_osdn(
         cu_seqlens,
         False,  # the core normalises q and k (l2norm_qk)
         cast_inputs=False,
+        default_states=not triton,  # the kernels start from S_0 = 0, d_0 = 1 when given None
     )

@@ -651,7 +651,7 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["NC", "BH", "NW"])
     def precond_fwd_overlap_kernel(
-        k, beta, eta, lam, y, r, dm, p, gc, tinv, e0, es, ef, dl, ready, NC, BH, NW,
+        k, beta, eta, lam, y, r, dm, p, gc, tinv, d0, es, df, dl, ready, NC, BH, NW,
         K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, SBK: tl.constexpr, PRECISION: tl.constexpr,
         DOUBLING: tl.constexpr = False, RUN: tl.constexpr = 1,
     ):  # fmt: skip
@@ -678,7 +678,7 @@ if HAS_TRITON:
         else:
             i_bh = (ticket - NW).to(tl.int64)
             rows = y if r is None else tinv  # with r the scan reads the inverse, not Y
-            _precond_scan_fwd_prefetching(rows, k, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K, C, SBK, True, RUN, r)
+            _precond_scan_fwd_prefetching(rows, k, dm, p, gc, d0, es, df, dl, ready, i_bh, NC, K, C, SBK, True, RUN, r)
 
     @triton.jit
     def _y_block(k, y, b_ti, b_r, i_k, o_t, K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
@@ -1634,7 +1634,7 @@ class Precondition(torch.autograd.Function):
         dm, p = torch.empty_like(beta), torch.empty_like(beta)
         gc = beta.new_empty(B, H, NC)
         tinv = beta.new_empty(B, H, NC, C, C)
-        es, ef, dl = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K), torch.empty_like(dm)
+        es, df, dl = beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K), torch.empty_like(dm)
         intra_launch = _chunk_launch("pre_intra_fwd", K, precision=precision, small=small)
         intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **intra_launch)
         # in chunks smaller than phase 2's (`PHASE1`), the scans follow the chunks' making
@@ -1642,14 +1642,14 @@ class Precondition(torch.autograd.Function):
         if workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
             enqueue(
                 precond_fwd_overlap_kernel, (workers + B * H,),
-                k, beta, eta, lam, y, r, dm, p, gc, tinv, d0 - 1, es, ef, dl, ready, NC, B * H, workers,
+                k, beta, eta, lam, y, r, dm, p, gc, tinv, d0, es, df, dl, ready, NC, B * H, workers,
                 SBK=scan["BK"], RUN=SCAN_TUNING["precond_fwd"]["flag_run"], **intra,
             )  # fmt: skip
         else:
             enqueue(pre_intra_fwd_kernel, grid, k, beta, eta, lam, y, r, dm, p, gc, tinv, **intra)
             enqueue(
                 precond_scan_fwd_kernel, (B * H,),
-                y if r is None else tinv, k, dm, p, gc, d0 - 1, es, ef, dl, r, NC,
+                y if r is None else tinv, k, dm, p, gc, d0, es, df, dl, r, NC,
                 K=K, C=C, SQUARE=True, **scan,
             )  # fmt: skip
         # Y (or r) and dm were the scan's alone: the scan wrote delta = dm - Y e_n, which the output
@@ -1663,8 +1663,8 @@ class Precondition(torch.autograd.Function):
             K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K, precision=precision, small=small),
         )  # fmt: skip
         ctx.save_for_backward(k, beta, eta, lam, dl, p, gc, es, tinv)
-        ctx.precision, ctx.small = precision, small
-        return w, 1 + ef, k
+        ctx.precision, ctx.small, ctx.has_d0 = precision, small, d0 is not None
+        return w, df, k
 
     @staticmethod
     def backward(ctx, dw, dd, dk2):
@@ -1674,7 +1674,7 @@ class Precondition(torch.autograd.Function):
         precision = ctx.precision
         y = torch.empty_like(k)
         dw = torch.zeros_like(k) if dw is None else dw.contiguous()
-        dd = beta.new_zeros(B, H, K) if dd is None else dd.contiguous()
+        dd = None if dd is None else dd.contiguous()  # None: d_final was not used (the scans read zeros)
         # below split_below scans (every size, as tuned), the scan carries e's gradient alone,
         # written per chunk (des), and pre_intra_bwd, parallel over chunks, adds the rows'
         # gradients from it; else the scan adds them as it goes and writes those of p and Gc
@@ -1691,7 +1691,7 @@ class Precondition(torch.autograd.Function):
         # pre_out_bwd writes the output step's shares of d(dm) and dU (dY: see pre_out_bwd_kernel);
         # the scan's rows add theirs, or with the split scan pre_intra_bwd does
         out_args = (k, lam, dl, es, dw, dk, ddm, du, dg, dgp, ges)
-        de0 = torch.empty_like(dd)
+        dd0 = beta.new_empty(B, H, K) if ctx.has_d0 else None  # no initial state, no gradient of it
         launch = _scan_launch("precond_bwd", K, K, C)
         des, sdp, sdgc = (
             (torch.empty_like(es), None, None) if split else (None, torch.empty_like(p), torch.empty_like(gc))
@@ -1706,7 +1706,7 @@ class Precondition(torch.autograd.Function):
         if workers:  # e's scans run beside the making of Y and of what they read from pre_out_bwd
             enqueue(
                 precond_bwd_overlap_kernel, (workers + B * H,),
-                k, beta, eta, lam, tinv, y, *out_args[2:], p, gc, dd, des, de0, ready, NC, B * H, workers,
+                k, beta, eta, lam, tinv, y, *out_args[2:], p, gc, dd, des, dd0, ready, NC, B * H, workers,
                 K=K, C=C, BK=out_launch["BK"], SBK=launch["BK"], PRECISION=precision, Y_BK=y_launch["BK"],
                 Y_UNROLL=y_launch["UNROLL"], Y_STAGES=y_launch["STAGES"], UNROLL=out_launch["UNROLL"],
                 STAGES=out_launch["STAGES"], RUN=SCAN_TUNING["precond_bwd"]["flag_run"], num_warps=launch["num_warps"],
@@ -1721,13 +1721,13 @@ class Precondition(torch.autograd.Function):
             if not workers:
                 enqueue(
                     precond_scan_bwd_de_kernel, (B * H,),
-                    y, k, p, gc, ges, ddm, dd, des, de0, NC,
+                    y, k, p, gc, ges, ddm, dd, des, dd0, NC,
                     K=K, C=C, SQUARE=True, **launch,
                 )  # fmt: skip
         else:
             enqueue(
                 precond_scan_bwd_kernel, (B * H,),
-                y, k, dl, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, de0, NC,
+                y, k, dl, p, gc, es, ges, dd, None, du, ddm, sdp, sdgc, dd0, NC,
                 K=K, C=C, ACC=True, DY=False, SQUARE=True, YDDM=True, DELTA=True, **launch,
             )  # fmt: skip
         del y
@@ -1739,19 +1739,20 @@ class Precondition(torch.autograd.Function):
             None if dk2 is None else dk2.contiguous(), dk_out, dbeta, deta, dlam,
             K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_bwd", K, precision=precision, small=small),
         )  # fmt: skip
-        return dk_out, dbeta, deta, dlam, de0, None, None
+        return dk_out, dbeta, deta, dlam, dd0, None, None
 
 
 def _state_scan(kb, w, ub, s0, uo, precision, launch=None):
-    """Phase 2's state scan: the per-chunk states `[B, H, NC, K, V]` (storage dtype) and the final
-    state (float32). With `kb` and `ub` it writes U to `uo`; with `kb=ub=None` it rebuilds the
-    per-chunk states from the U already in `uo` (RECOMPUTE), and returns no final state. `launch`
-    (tiles, warps, stages) defaults to `_scan_launch`'s; scripts/check_scans.py passes others."""
+    """Phase 2's state scan from `s0` (float32; None: zeros): the per-chunk states
+    `[B, H, NC, K, V]` (storage dtype) and the final state (float32). With `kb` and `ub` it writes
+    U to `uo`; with `kb=ub=None` it rebuilds the per-chunk states from the U already in `uo`
+    (RECOMPUTE), and returns no final state. `launch` (tiles, warps, stages) defaults to
+    `_scan_launch`'s; scripts/check_scans.py passes others."""
     B, H, NC, C, K = w.shape
     V = uo.shape[-1]
     launch = launch or _scan_launch("state_fwd", K, V, C, B * H, w.device, w.element_size(), precision)
     ss = w.new_empty(B, H, NC, K, V)
-    sf = None if ub is None else s0.new_empty(B, H, K, V)
+    sf = None if ub is None else w.new_empty(B, H, K, V, dtype=torch.float32)
     enqueue(
         state_scan_fwd_kernel, (B * H, cdiv(V, launch["BV"])),
         w if kb is None else kb, w, uo if ub is None else ub, s0, uo, ss, sf, NC,
@@ -1760,14 +1761,16 @@ def _state_scan(kb, w, ub, s0, uo, precision, launch=None):
     return ss, sf
 
 
-def _state_scan_bwd(kb, w, gu, gss, ds, precision, launch=None):
+def _state_scan_bwd(kb, w, gu, gss, ds, precision, launch=None, ds0=True):
     """The reverse state scan, from the gradients of U (`gu`), of each chunk's start state (`gss`,
-    overwritten) and of the final state (`ds`, float32): dUb, the gradient of the state after each
-    chunk (in `gss`'s place) and of the initial state (float32). `launch` as in `_state_scan`."""
+    overwritten) and of the final state (`ds`, float32; None: zeros): dUb, the gradient of the state
+    after each chunk (in `gss`'s place) and, with `ds0`, of the initial state (float32; else None).
+    `launch` as in `_state_scan`."""
     B, H, NC, C, K = kb.shape
     V = gu.shape[-1]
     launch = launch or _scan_launch("state_bwd", K, V, C, B * H, kb.device, kb.element_size(), precision)
-    dub, dss, ds0 = torch.empty_like(gu), gss, ds.new_empty(B, H, K, V)  # dss overwrites gss as it goes
+    dss = gss  # dss overwrites gss as it goes
+    dub, ds0 = torch.empty_like(gu), kb.new_empty(B, H, K, V, dtype=torch.float32) if ds0 else None
     enqueue(
         state_scan_bwd_kernel, (B * H, cdiv(V, launch["BV"])),
         kb, w, gu, gss, ds, dub, dss, ds0, NC,
@@ -1818,7 +1821,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         scale, precision, f32 = ctx.scale, ctx.precision, k.dtype == torch.float32
         ss, _ = _state_scan(None, w, None, s0, uo, precision)  # the final state is not rebuilt
         do = torch.zeros_like(v) if do is None else do.contiguous()
-        ds = beta.new_zeros(B, H, K, V) if ds is None else ds.contiguous()
+        ds = None if ds is None else ds.contiguous()  # None: S_final was not used (the scan reads zeros)
         gu, gss = torch.empty_like(uo), torch.empty_like(ss)
         enqueue(
             out_bwd_kernel, (B * H * NC,),
@@ -1831,7 +1834,7 @@ class DeltaRuleAsym(torch.autograd.Function):
             k, beta, tinv, kb,
             K=K, C=C, PRECISION=precision, **_chunk_launch("kb", K, precision=precision, float32=f32),
         )  # fmt: skip
-        dub, dss, ds0 = _state_scan_bwd(kb, w, gu, gss, ds, precision)
+        dub, dss, ds0 = _state_scan_bwd(kb, w, gu, gss, ds, precision, ds0=s0 is not None)
         del gu, gss, kb  # no later kernel reads these: freed before dK is allocated
         dq, dk, dw = (
             torch.empty_like(q),
@@ -1931,16 +1934,17 @@ def _phase1_chunk(C: int, heads: int, device, float32: bool = False) -> int:
 
 def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype):
     """Both phases: q, k, beta, eta, lam chunked `[B, H, NC, C, *]` (q, k in the storage dtype,
-    the rest float32), v `[B, T, H, V]` in the storage dtype: `(O, S_final, d_final)`, O
-    `[B, T, H, V]` in `out_dtype`."""
+    the rest float32), v `[B, T, H, V]` in the storage dtype, the initial states float32 or None
+    (S_0 = 0, d_0 = 1, read as such by the scans, so never filled in memory): `(O, S_final,
+    d_final)`, O `[B, T, H, V]` in `out_dtype`."""
     qc, kc, v, bc, ec, lc = (x.contiguous() for x in (qc, kc, v, bc, ec, lc))
     B, H, NC, C, K = kc.shape
     c1 = _phase1_chunk(C, B * H, kc.device, _float32_launch(kc, K))
     n1 = NC * C // c1
     gates = (x.view(B, H, n1, c1) for x in (bc, ec, lc))
     w, d, kc = Precondition.apply(
-        kc.view(B, H, n1, c1, K), *gates, d0.contiguous(), precision, c1 < C
+        kc.view(B, H, n1, c1, K), *gates, None if d0 is None else d0.contiguous(), precision, c1 < C
     )  # kc: see Precondition
     w, kc = w.view(B, H, NC, C, K), kc.view(B, H, NC, C, K)
-    o, S = DeltaRuleAsym.apply(qc, kc, w, v, bc, S0.contiguous(), scale, precision, out_dtype)
+    o, S = DeltaRuleAsym.apply(qc, kc, w, v, bc, None if S0 is None else S0.contiguous(), scale, precision, out_dtype)
     return o, S, d

@@ -11,6 +11,9 @@ recurrences carry state from one chunk to the next:
 Shapes (float32, contiguous): `Y, U, Kb, W` `[B, H, NC, C, K]`, `Ub` `[B, H, NC, C, V]`,
 `dm, p` `[B, H, NC, C]`, `Gc` `[B, H, NC]`, `e` `[B, H, K]`, `S` `[B, H, K, V]`. Both scans
 return the value at every chunk start (`[B, H, NC, K]`, `[B, H, NC, K, V]`) and the final one.
+The preconditioner's scan starts from `d_0` and ends at `d = 1 + e` (e = d - 1 in between). An
+initial state of None is the default one (`d_0 = 1`, `S_0 = 0`), never made in memory, and so
+is a final state's gradient of None (zeros).
 The Triton versions have hand-written backward kernels (reverse scans); the torch versions
 are differentiated by autograd. Both compute the same function (tests/test_triton.py).
 """
@@ -37,6 +40,23 @@ if HAS_TRITON:
     # final state (and the initial state's gradient) came out wrong while every per-chunk value
     # was right, e.g. K = V = 128 (BV 32, BS 64; benchmarks/results/kernels_scan_nc1.json).
     _scan_jit = triton.jit(do_not_specialize=["NC"])
+
+    @triton.jit
+    def _state_or_zeros(x, o, m):
+        """`x`'s float32 entries at offsets `o` (mask `m`), or zeros where `x` is None: an initial
+        state S_0 = 0, or the gradient of a final state that nothing read, that no caller made."""
+        b_x = tl.zeros(o.shape, dtype=tl.float32)
+        if x is not None:
+            b_x = tl.load(x + o, mask=m, other=0.0)
+        return b_x
+
+    @triton.jit
+    def _start_e(d0, o, m):
+        """e_0 = d_0 - 1 at offsets `o` (mask `m`), or zeros where `d0` is None (d_0 = 1)."""
+        b_e = tl.zeros(o.shape, dtype=tl.float32)
+        if d0 is not None:
+            b_e = tl.load(d0 + o, mask=m, other=1.0) - 1.0
+        return b_e
 
     @triton.jit
     def _precond_yu(y, u, o_t, o_k, m_k, K: tl.constexpr):
@@ -119,7 +139,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _precond_scan_fwd_prefetching(
-        y, u, dm, p, gc, e0, es, ef, dl, ready, i_bh, NC, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+        y, u, dm, p, gc, d0, es, df, dl, ready, i_bh, NC, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
         SQUARE: tl.constexpr, RUN: tl.constexpr, r,
     ):  # fmt: skip
         """`precond_scan_fwd_kernel` with PREFETCH for (batch, head) `i_bh`: the next chunk's rows
@@ -132,7 +152,7 @@ if HAS_TRITON:
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, C)
-        b_e = tl.load(e0 + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
+        b_e = _start_e(d0, i_bh * K + o_k, m_k)  # [BK]
         if ready is not None:
             _wait_for(ready + i_bh * NC)
         o_first = i_bh * NC * C + o_s  # the first chunk
@@ -152,7 +172,7 @@ if HAS_TRITON:
                 tl.store(dl + i_c * C + o_s, b_delta)
             b_e = b_e * b_gc + b_sum
             b_y, b_u, b_dm, b_p, b_r, b_gc = n_y, n_u, n_dm, n_p, n_r, n_gc
-        tl.store(ef + i_bh * K + o_k, b_e, mask=m_k)
+        tl.store(df + i_bh * K + o_k, 1.0 + b_e, mask=m_k)
 
     @_scan_jit
     def precond_scan_fwd_kernel(
@@ -161,9 +181,9 @@ if HAS_TRITON:
         dm,
         p,
         gc,
-        e0,
+        d0,
         es,
-        ef,
+        df,
         dl,
         r,
         NC,
@@ -175,8 +195,9 @@ if HAS_TRITON:
         PREFETCH: tl.constexpr = False,
     ):
         """e_{n+1} = Gc_n e_n + sum_t u_t p_t delta_t with delta_t = dm_t - <y_t, e_n>, one (batch,
-        head) per program; delta is written to `dl` unless it is None (phase 1's output step
-        and backward read it, so they need no Y). With `r` (not None; PREFETCH only), `y` holds
+        head) per program, from e_0 = d_0 - 1 (0 where `d0` is None) to d = 1 + e_NC (`df`); delta
+        is written to `dl` unless it is None (phase 1's output step and backward read it, so they
+        need no Y). With `r` (not None; PREFETCH only), `y` holds
         each chunk's `(I + L)^{-1}` (`[B, H, NC, C, C]`) and `r` the factors of Y = (I + L)^{-1}
         diag(r) U (`[B, H, NC, C]`), so Y is never stored (`chunk_fused.Precondition`).
 
@@ -186,13 +207,13 @@ if HAS_TRITON:
         i_bh = tl.program_id(0).to(tl.int64)
         if PREFETCH:
             tl.static_assert(BS == C)
-            _precond_scan_fwd_prefetching(y, u, dm, p, gc, e0, es, ef, dl, None, i_bh, NC, K, C, BK, SQUARE, 1, r)
+            _precond_scan_fwd_prefetching(y, u, dm, p, gc, d0, es, df, dl, None, i_bh, NC, K, C, BK, SQUARE, 1, r)
         else:
             tl.static_assert(r is None)
             o_k = tl.arange(0, BK)
             m_k = o_k < K
             o_s = tl.arange(0, BS)
-            b_e = tl.load(e0 + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
+            b_e = _start_e(d0, i_bh * K + o_k, m_k)  # [BK]
             for i_n in range(NC):
                 i_c = i_bh * NC + i_n
                 tl.store(es + i_c * K + o_k, b_e, mask=m_k)
@@ -206,7 +227,7 @@ if HAS_TRITON:
                         tl.store(dl + o_t, b_delta)
                     b_new += b_sum
                 b_e = b_new
-            tl.store(ef + i_bh * K + o_k, b_e, mask=m_k)
+            tl.store(df + i_bh * K + o_k, 1.0 + b_e, mask=m_k)
 
     @triton.jit
     def _precond_bwd_loads(
@@ -311,7 +332,7 @@ if HAS_TRITON:
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, BS)
-        b_de = tl.load(gef + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
+        b_de = _state_or_zeros(gef, i_bh * K + o_k, m_k)  # [BK]
         if PREFETCH:
             tl.static_assert(BS == C)
             i_c = i_bh * NC + NC - 1  # the last chunk
@@ -355,7 +376,8 @@ if HAS_TRITON:
                         ddm, dp, dy, du, ACC, DY, SQUARE, YDDM, DELTA,
                     )  # fmt: skip
                 b_de = b_acc
-        tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
+        if de0 is not None:
+            tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
 
     @triton.jit
     def _precond_de_rows(b_y, b_u, b_p, b_de, b_ddm, SQUARE: tl.constexpr):
@@ -384,7 +406,7 @@ if HAS_TRITON:
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, C)
-        b_de = tl.load(gef + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
+        b_de = _state_or_zeros(gef, i_bh * K + o_k, m_k)  # [BK]
         i_c = i_bh * NC + NC - 1  # the last chunk
         if ready is not None:
             _wait_for(ready + i_c)
@@ -404,7 +426,8 @@ if HAS_TRITON:
             b_acc -= _precond_de_rows(b_y, b_u, b_p, b_de, b_ddm, SQUARE)
             b_de = b_acc
             b_y, b_u, b_p, b_ddm, b_ges, b_gc = n_y, n_u, n_p, n_ddm, n_ges, n_gc
-        tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
+        if de0 is not None:
+            tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
 
     @_scan_jit
     def precond_scan_bwd_de_kernel(
@@ -438,7 +461,7 @@ if HAS_TRITON:
             o_k = tl.arange(0, BK)
             m_k = o_k < K
             o_s = tl.arange(0, BS)
-            b_de = tl.load(gef + i_bh * K + o_k, mask=m_k, other=0.0)  # [BK]
+            b_de = _state_or_zeros(gef, i_bh * K + o_k, m_k)  # [BK]
             for j in range(NC):
                 i_c = i_bh * NC + NC - 1 - j
                 tl.store(des + i_c * K + o_k, b_de, mask=m_k)
@@ -449,7 +472,8 @@ if HAS_TRITON:
                     b_p = tl.load(p + o_t)
                     b_acc -= _precond_de_rows(b_y, b_u, b_p, b_de, _precond_ddm(ddm, o_t, BS), SQUARE)
                 b_de = b_acc
-            tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
+            if de0 is not None:
+                tl.store(de0 + i_bh * K + o_k, b_de, mask=m_k)
 
     @triton.jit
     def _state_fwd_rows(
@@ -518,7 +542,7 @@ if HAS_TRITON:
         o_s = tl.arange(0, BS)
         m_kv = m_k[:, None] & m_v[None, :]
         o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
-        b_s = tl.load(s0 + i_bh * K * V + o_kv, mask=m_kv, other=0.0)  # [BK, BV] stays in registers
+        b_s = _state_or_zeros(s0, i_bh * K * V + o_kv, m_kv)  # [BK, BV] stays in registers
         if PREFETCH:
             tl.static_assert(BS == C)
             b_w, b_kb, b_ub = _state_fwd_rows(kb, w, ub, uo, i_bh * NC * C + o_s, o_k, m_k, o_v, m_v, K, V, RECOMPUTE)
@@ -592,7 +616,7 @@ if HAS_TRITON:
         o_s = tl.arange(0, BS)
         m_kv = m_k[:, None] & m_v[None, :]
         o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
-        b_ds = tl.load(gsf + i_bh * K * V + o_kv, mask=m_kv, other=0.0)  # [BK, BV]
+        b_ds = _state_or_zeros(gsf, i_bh * K * V + o_kv, m_kv)  # [BK, BV]
         if PREFETCH:
             tl.static_assert(BS == C)
             i_c = i_bh * NC + NC - 1  # the last chunk
@@ -620,7 +644,8 @@ if HAS_TRITON:
                     b_kb, b_w, b_gu = _state_bwd_rows(kb, w, gu, o_t, o_k, m_k, o_v, m_v, K, V)
                     b_acc -= _state_bwd_step(b_kb, b_w, b_gu, b_ds, dub, o_t, o_v, m_v, V, PRECISION)
                 b_ds = b_acc
-        tl.store(ds0 + i_bh * K * V + o_kv, b_ds, mask=m_kv)
+        if ds0 is not None:
+            tl.store(ds0 + i_bh * K * V + o_kv, b_ds, mask=m_kv)
 
 
 def _block_sizes(K: int, V: int, C: int) -> tuple[int, int, int]:
@@ -637,34 +662,37 @@ def _block_sizes(K: int, V: int, C: int) -> tuple[int, int, int]:
 
 class PrecondScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, u, dm, p, gc, e0):
+    def forward(ctx, y, u, dm, p, gc, d0):
         B, H, NC, C, K = y.shape
-        y, u, dm, p, gc, e0 = (x.contiguous() for x in (y, u, dm, p, gc, e0))
+        y, u, dm, p, gc = (x.contiguous() for x in (y, u, dm, p, gc))
+        d0 = None if d0 is None else d0.contiguous()  # None: d_0 = 1
         es = y.new_empty(B, H, NC, K)
-        ef = y.new_empty(B, H, K)
+        df = y.new_empty(B, H, K)
         BK, _, BS = _block_sizes(K, K, C)
         enqueue(
             precond_scan_fwd_kernel, (B * H,),
-            y, u, dm, p, gc, e0, es, ef, None, None, NC,
+            y, u, dm, p, gc, d0, es, df, None, None, NC,
             K=K, C=C, BK=BK, BS=BS, num_stages=1,
         )  # fmt: skip
         ctx.save_for_backward(y, u, dm, p, gc, es)
-        return es, ef
+        ctx.has_d0 = d0 is not None
+        return es, df
 
     @staticmethod
-    def backward(ctx, ges, gef):
+    def backward(ctx, ges, gdf):
         y, u, dm, p, gc, es = ctx.saved_tensors
         B, H, NC, C, K = y.shape
         ges = torch.zeros_like(es) if ges is None else ges.contiguous()
-        gef = es.new_zeros(B, H, K) if gef is None else gef.contiguous()
-        dy, du, ddm, dp, dgc, de0 = (torch.empty_like(x) for x in (y, u, dm, p, gc, gef))
+        gdf = None if gdf is None else gdf.contiguous()  # d = 1 + e: e's gradient; None reads as zeros
+        dy, du, ddm, dp, dgc = (torch.empty_like(x) for x in (y, u, dm, p, gc))
+        dd0 = es.new_empty(B, H, K) if ctx.has_d0 else None
         BK, _, BS = _block_sizes(K, K, C)
         enqueue(
             precond_scan_bwd_kernel, (B * H,),
-            y, u, dm, p, gc, es, ges, gef, dy, du, ddm, dp, dgc, de0, NC,
+            y, u, dm, p, gc, es, ges, gdf, dy, du, ddm, dp, dgc, dd0, NC,
             K=K, C=C, BK=BK, BS=BS, num_stages=1,
         )  # fmt: skip
-        return dy, du, ddm, dp, dgc, de0
+        return dy, du, ddm, dp, dgc, dd0
 
 
 class StateScan(torch.autograd.Function):
@@ -672,7 +700,8 @@ class StateScan(torch.autograd.Function):
     def forward(ctx, kb, w, ub, s0, precision):
         B, H, NC, C, K = kb.shape
         V = ub.shape[-1]
-        kb, w, ub, s0 = (x.contiguous() for x in (kb, w, ub, s0))
+        kb, w, ub = (x.contiguous() for x in (kb, w, ub))
+        s0 = None if s0 is None else s0.contiguous()  # None: S_0 = 0
         uo = torch.empty_like(ub)
         ss = kb.new_empty(B, H, NC, K, V)
         sf = kb.new_empty(B, H, K, V)
@@ -684,7 +713,7 @@ class StateScan(torch.autograd.Function):
             K=K, V=V, C=C, BK=BK, BV=BV, BS=BS, PRECISION=precision, num_stages=1,
         )  # fmt: skip
         ctx.save_for_backward(kb, w, uo, ss)
-        ctx.precision = precision
+        ctx.precision, ctx.has_s0 = precision, s0 is not None
         return uo, ss, sf
 
     @staticmethod
@@ -695,8 +724,9 @@ class StateScan(torch.autograd.Function):
         BK, BV, BS = _block_sizes(K, V, C)
         gu = torch.zeros_like(uo) if gu is None else gu.contiguous()
         gss = torch.zeros_like(ss) if gss is None else gss.contiguous()
-        gsf = kb.new_zeros(B, H, K, V) if gsf is None else gsf.contiguous()
-        dub, dss, ds0 = torch.empty_like(uo), torch.empty_like(ss), kb.new_empty(B, H, K, V)
+        gsf = None if gsf is None else gsf.contiguous()  # None reads as zeros
+        dub, dss = torch.empty_like(uo), torch.empty_like(ss)
+        ds0 = kb.new_empty(B, H, K, V) if ctx.has_s0 else None
         enqueue(
             state_scan_bwd_kernel, (B * H, cdiv(V, BV)),
             kb, w, gu, gss, gsf, dub, dss, ds0, NC, K=K, V=V, C=C, BK=BK, BV=BV, BS=max(BS // 2, 16),
@@ -705,19 +735,19 @@ class StateScan(torch.autograd.Function):
         return -dub @ ss.transpose(-1, -2), uo @ dss.transpose(-1, -2), dub, ds0, None
 
 
-def precond_scan_torch(y, u, dm, p, gc, e0):
+def precond_scan_torch(y, u, dm, p, gc, d0):
     """Torch twin of `PrecondScan` (a loop over chunks, differentiated by autograd)."""
-    es, e = [], e0
+    es, e = [], y.new_zeros(y.shape[:2] + y.shape[-1:]) if d0 is None else d0 - 1
     for n in range(y.shape[2]):
         es.append(e)
         r = p[:, :, n] * (dm[:, :, n] - (y[:, :, n] @ e[..., None])[..., 0])  # (B, H, C)
         e = gc[:, :, n, None] * e + (r[..., None] * u[:, :, n]).sum(-2)
-    return torch.stack(es, dim=2), e
+    return torch.stack(es, dim=2), 1 + e
 
 
 def state_scan_torch(kb, w, ub, s0):
     """Torch twin of `StateScan`."""
-    us, ss, s = [], [], s0
+    us, ss, s = [], [], kb.new_zeros(*kb.shape[:2], kb.shape[-1], ub.shape[-1]) if s0 is None else s0
     for n in range(kb.shape[2]):
         ss.append(s)
         u_n = ub[:, :, n] - kb[:, :, n] @ s  # (B, H, C, V)

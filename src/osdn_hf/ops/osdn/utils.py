@@ -221,13 +221,15 @@ def run_padded(
     cu_seqlens: torch.Tensor | None,
     use_qk_l2norm_in_kernel: bool,
     cast_inputs: bool = True,
+    default_states: bool = True,
 ):
     """Validate, normalise and pack the op's arguments, run `core`, and unpack its result.
 
     `core(q, k, v, beta, eta, lam, scale, S0, d0) -> (o, S, d)` receives float32 tensors of
     one batch of equal-length sequences (`[N, L, H, *]`); with `cast_inputs=False`, q, k, v and
     the gates keep their dtype and the core casts them (in the same copy as its own relayout).
-    The states it receives are float32 either way.
+    The states it receives are float32 either way; with `default_states=False`, an initial state
+    not given reaches it as None (the core starts from `S_0 = 0`, `d_0 = 1` without them).
     Packed sequences are padded at the end with neutral tokens (`k = v = beta = eta = 0`,
     `lam = 1`), which change neither `S` nor `d`, so the state after the padding is the state
     at each sequence's end.
@@ -241,8 +243,11 @@ def run_padded(
     if cast_inputs:
         q, k, v = q.float(), k.float(), v.float()
         beta, eta, lam = beta.float(), eta.float(), lam.float()
-    S0 = q.new_zeros(N, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
-    d0 = q.new_ones(N, H, K, dtype=torch.float32) if initial_precond is None else initial_precond.float()
+    S0 = None if initial_state is None else initial_state.float()
+    d0 = None if initial_precond is None else initial_precond.float()
+    if default_states:
+        S0 = q.new_zeros(N, H, K, V, dtype=torch.float32) if S0 is None else S0
+        d0 = q.new_ones(N, H, K, dtype=torch.float32) if d0 is None else d0
     if cu_seqlens is None:
         o, S, d = core(q, k, v, beta, eta, lam, scale, S0, d0)
     else:
