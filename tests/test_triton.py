@@ -402,11 +402,13 @@ def test_fused_kernels_start_from_default_states_never_made(prefetch, split, sms
     """Without initial states the op hands the kernels None, and the scans start from d_0 = 1 and
     S_0 = 0 themselves (no fill of either, and no `d_0 - 1` or `1 + e` on the host side); without a
     use of the final states their gradients are None too, read as zeros, and no gradient of an
-    initial state is written. Outputs, final states and the gradients of q, k, v, beta, eta and
-    lam equal, bit for bit, those of the same call with the default states made in memory: with
-    the scans prefetching or not, phase 1's backward scan split or in one kernel, and its scans
-    beside the workers making their chunks (`sms` 8). Float32 inputs at the 16-bit tables'
-    launches, as `test_fused_chunk_kernels_match_torch_chunk_path` runs them."""
+    initial state is written, but for the overlapped backward launch, which is given both in memory
+    (it ran slower with None: `chunk_fused.Precondition.backward`). Outputs, final states and the
+    gradients of q, k, v, beta, eta and lam equal, bit for bit, those of the same call with the
+    default states made in memory: with the scans prefetching or not, phase 1's backward scan
+    split or in one kernel, and its scans beside the workers making their chunks (`sms` 8).
+    Float32 inputs at the 16-bit tables' launches, as `test_fused_chunk_kernels_match_torch_chunk_path`
+    runs them."""
     if sms is not None:
         monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: sms)
     monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
@@ -414,11 +416,13 @@ def test_fused_kernels_start_from_default_states_never_made(prefetch, split, sms
         monkeypatch.setitem(chunk_fused.SCAN_TUNING, name, dict(tuning, prefetch=prefetch))
     bwd = dict(chunk_fused.SCAN_TUNING["precond_bwd"], split_below=1 << 30 if split else 0)
     monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_bwd", bwd)
-    launches = []
-    enqueue = chunk_fused.enqueue
-    monkeypatch.setattr(
-        chunk_fused, "enqueue", lambda kernel, *a, **kw: launches.append(kernel.__name__) or enqueue(kernel, *a, **kw)
-    )
+    launches, enqueue = {}, chunk_fused.enqueue
+
+    def recorded(kernel, grid, *args, **kw):
+        launches[kernel.__name__] = dict(zip(kernel.arg_names, args))
+        return enqueue(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(chunk_fused, "enqueue", recorded)
     *args, _, _ = _core_args(1, 150, 2, 48, 80)
     B, _, H, K = args[0].shape
     V = args[2].shape[-1]
@@ -436,7 +440,16 @@ def test_fused_kernels_start_from_default_states_never_made(prefetch, split, sms
         assert torch.equal(a, b), f"d{name}"
     assert not torch.equal(ref[2], made[1]) and not torch.equal(ref[1], made[0])  # the states moved
     overlapped = "precond_fwd_overlap_kernel" in launches
-    assert overlapped == (sms is not None), launches
+    assert overlapped == (sms is not None), sorted(launches)
+    assert launches["state_scan_fwd_kernel"]["s0"] is None and launches["state_scan_bwd_kernel"]["ds0"] is None
+    scan = "precond_fwd_overlap_kernel" if overlapped else "precond_scan_fwd_kernel"
+    assert launches[scan]["d0"] is None, launches[scan]
+    if overlapped:  # with both in memory (a zero gradient, a scratch buffer)
+        bwd = launches["precond_bwd_overlap_kernel"]
+        assert bwd["gef"].eq(0).all() and bwd["de0"] is not None, bwd
+    else:
+        bwd = launches["precond_scan_bwd_de_kernel" if split else "precond_scan_bwd_kernel"]
+        assert bwd["gef"] is None and bwd["de0"] is None, bwd
 
 
 @pytest.mark.parametrize("K, V, dtype", [(48, 80, torch.float32), (128, 64, torch.float16)])

@@ -1664,6 +1664,7 @@ class Precondition(torch.autograd.Function):
         )  # fmt: skip
         ctx.save_for_backward(k, beta, eta, lam, dl, p, gc, es, tinv)
         ctx.precision, ctx.small, ctx.has_d0 = precision, small, d0 is not None
+        ctx.set_materialize_grads(False)  # an unused d_final's gradient comes as None, not a zero fill
         return w, df, k
 
     @staticmethod
@@ -1704,9 +1705,15 @@ class Precondition(torch.autograd.Function):
             _overlap_launch("precond_bwd", launch, B * H, B * H * NC, k.device) if overlap else (None, None)
         )
         if workers:  # e's scans run beside the making of Y and of what they read from pre_out_bwd
+            # this launch is given a buffer for d_0's gradient even without d_0: with None (no store)
+            # its scans took 574 against 538 us at 1 x 16384, and 428 against 397 at 2 x 8192, on
+            # an H200 in bf16, the same bits (benchmarks/results/sweep45_1924164.json); d_final's
+            # gradient is zeros in memory here, as it was measured (autograd's fill then)
+            gdf = beta.new_zeros(B, H, K) if dd is None else dd
+            gd0 = beta.new_empty(B, H, K) if dd0 is None else dd0
             enqueue(
                 precond_bwd_overlap_kernel, (workers + B * H,),
-                k, beta, eta, lam, tinv, y, *out_args[2:], p, gc, dd, des, dd0, ready, NC, B * H, workers,
+                k, beta, eta, lam, tinv, y, *out_args[2:], p, gc, gdf, des, gd0, ready, NC, B * H, workers,
                 K=K, C=C, BK=out_launch["BK"], SBK=launch["BK"], PRECISION=precision, Y_BK=y_launch["BK"],
                 Y_UNROLL=y_launch["UNROLL"], Y_STAGES=y_launch["STAGES"], UNROLL=out_launch["UNROLL"],
                 STAGES=out_launch["STAGES"], RUN=SCAN_TUNING["precond_bwd"]["flag_run"], num_warps=launch["num_warps"],
@@ -1811,6 +1818,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         # rebuilds them from W and U, and T: a model holds every layer's saved tensors at once.
         ctx.save_for_backward(q, k, w, v, beta, tinv, uo, s0)
         ctx.scale, ctx.precision = scale, precision
+        ctx.set_materialize_grads(False)  # an unused S_final's gradient comes as None, not a zero fill
         return o, sf
 
     @staticmethod
