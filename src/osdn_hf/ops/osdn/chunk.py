@@ -208,8 +208,8 @@ def chunk_osdn(
         >>> o.shape, S.shape, d.shape
         (torch.Size([2, 100, 4, 32]), torch.Size([2, 4, 32, 32]), torch.Size([2, 4, 32]))
     """
-    triton = use_triton(q)
-    core = partial(_chunk_osdn_core, use_triton=triton, precision=dot_precision(q), l2norm_qk=use_qk_l2norm_in_kernel)
+    kernels = use_triton(q)
+    core = partial(_chunk_osdn_core, use_triton=kernels, precision=dot_precision(q), l2norm_qk=use_qk_l2norm_in_kernel)
     return run_padded(
         core,
         q,
@@ -225,5 +225,5 @@ def chunk_osdn(
         cu_seqlens,
         False,  # the core normalises q and k (l2norm_qk)
         cast_inputs=False,
-        default_states=not triton,  # the kernels start from S_0 = 0, d_0 = 1 when given None
+        default_states=not kernels,  # the kernels start from S_0 = 0, d_0 = 1 when given None
     )

@@ -1768,16 +1768,16 @@ def _state_scan(kb, w, ub, s0, uo, precision, launch=None):
     return ss, sf
 
 
-def _state_scan_bwd(kb, w, gu, gss, ds, precision, launch=None, ds0=True):
+def _state_scan_bwd(kb, w, gu, gss, ds, precision, launch=None, initial=True):
     """The reverse state scan, from the gradients of U (`gu`), of each chunk's start state (`gss`,
     overwritten) and of the final state (`ds`, float32; None: zeros): dUb, the gradient of the state
-    after each chunk (in `gss`'s place) and, with `ds0`, of the initial state (float32; else None).
+    after each chunk (in `gss`'s place) and, with `initial`, of the initial state (float32; else None).
     `launch` as in `_state_scan`."""
     B, H, NC, C, K = kb.shape
     V = gu.shape[-1]
     launch = launch or _scan_launch("state_bwd", K, V, C, B * H, kb.device, kb.element_size(), precision)
     dss = gss  # dss overwrites gss as it goes
-    dub, ds0 = torch.empty_like(gu), kb.new_empty(B, H, K, V, dtype=torch.float32) if ds0 else None
+    dub, ds0 = torch.empty_like(gu), kb.new_empty(B, H, K, V, dtype=torch.float32) if initial else None
     enqueue(
         state_scan_bwd_kernel, (B * H, cdiv(V, launch["BV"])),
         kb, w, gu, gss, ds, dub, dss, ds0, NC,
@@ -1842,7 +1842,7 @@ class DeltaRuleAsym(torch.autograd.Function):
             k, beta, tinv, kb,
             K=K, C=C, PRECISION=precision, **_chunk_launch("kb", K, precision=precision, float32=f32),
         )  # fmt: skip
-        dub, dss, ds0 = _state_scan_bwd(kb, w, gu, gss, ds, precision, ds0=s0 is not None)
+        dub, dss, ds0 = _state_scan_bwd(kb, w, gu, gss, ds, precision, initial=s0 is not None)
         del gu, gss, kb  # no later kernel reads these: freed before dK is allocated
         dq, dk, dw = (
             torch.empty_like(q),
