@@ -85,6 +85,30 @@ def test_op_matches_float64_loop(op, T, with_states):
         assert_close(f"{op} d{name}", grads[name], grad)
 
 
+@pytest.mark.parametrize("given", ["initial_state", "initial_precond"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_op_with_one_initial_state_and_the_final_states_unused(op, given):
+    """One initial state given, the other the default (on the Triton path the kernels read None
+    as it), and a loss on the output alone (so the final states' gradients are None, which the
+    Triton path's backward scans read as zeros): outputs and every gradient, the given state's
+    included, match the float64 loop."""
+    B, T, H, K, V = 2, 100, 2, 16, 8
+    inputs = make_inputs(B, T, H, K, V, with_states=True, seed=5)
+    other = "initial_precond" if given == "initial_state" else "initial_state"
+    inputs[other] = None
+    cot = torch.randn(B, T, H, V, generator=torch.Generator().manual_seed(6)).double()
+    ref_inputs = {n: (x.detach().double().requires_grad_() if x is not None else None) for n, x in inputs.items()}
+    o = OPS[op](**inputs)[0]
+    ro = reference(ref_inputs)[0]
+    leaves = [n for n in GRAD_NAMES if inputs.get(n) is not None]
+    grads = torch.autograd.grad((o.double() * cot).sum(), [inputs[n] for n in leaves])
+    ref_grads = torch.autograd.grad((ro * cot).sum(), [ref_inputs[n] for n in leaves])
+    assert_close(f"{op} o", o, ro)
+    for name, a, b in zip(leaves, grads, ref_grads):
+        assert_close(f"{op} d{name}", a, b)
+    assert grads[leaves.index(given)].abs().sum() > 0
+
+
 def test_preconditioner_moves_and_deltanet_limit():
     """eta > 0 moves d away from 1 (the test above is not vacuous); eta = 0, lam = 1 keeps d = 1."""
     inputs = make_inputs(1, 50, 2, 16, 16)
