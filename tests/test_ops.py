@@ -85,28 +85,45 @@ def test_op_matches_float64_loop(op, T, with_states):
         assert_close(f"{op} d{name}", grads[name], grad)
 
 
-@pytest.mark.parametrize("given", ["initial_state", "initial_precond"])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("given", ["initial_state", "initial_precond", None])
 @pytest.mark.parametrize("op", list(OPS))
-def test_op_with_one_initial_state_and_the_final_states_unused(op, given):
-    """One initial state given, the other the default (on the Triton path the kernels read None
-    as it), and a loss on the output alone (so the final states' gradients are None, which the
-    Triton path's backward scans read as zeros): outputs and every gradient, the given state's
-    included, match the float64 loop."""
-    B, T, H, K, V = 2, 100, 2, 16, 8
-    inputs = make_inputs(B, T, H, K, V, with_states=True, seed=5)
-    other = "initial_precond" if given == "initial_state" else "initial_state"
-    inputs[other] = None
+def test_op_with_default_initial_states_and_the_final_states_unused(op, given, packed):
+    """One initial state given and the other the default, or both the default (on the Triton path
+    the kernels read None as them), and a loss on the output alone (so the final states'
+    gradients are None, which the Triton path's backward scans read as zeros); in one batch, or
+    packed sequences (`cu_seqlens`, one of them empty): outputs and every gradient, a given
+    state's included, match the float64 loop."""
+    lengths = [37, 0, 64, 1, 130] if packed else None
+    B, T, H, K, V = (1, sum(lengths), 2, 16, 8) if packed else (2, 100, 2, 16, 8)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]) if packed else None
+    inputs = make_inputs(B, T, H, K, V, with_states=True, N=len(lengths) if packed else None, seed=5)
+    for name in ("initial_state", "initial_precond"):
+        if name != given:
+            inputs[name] = None
     cot = torch.randn(B, T, H, V, generator=torch.Generator().manual_seed(6)).double()
     ref_inputs = {n: (x.detach().double().requires_grad_() if x is not None else None) for n, x in inputs.items()}
-    o = OPS[op](**inputs)[0]
-    ro = reference(ref_inputs)[0]
+    o = OPS[op](**inputs, cu_seqlens=cu)[0]
+    if packed:  # the float64 loop sequence by sequence (the empty one has no tokens to run)
+
+        def segment(name, x, n, a, b):
+            if x is None:
+                return None
+            return x[n : n + 1] if name in ("initial_state", "initial_precond") else x[:, a:b]
+
+        bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+        runs = [reference({name: segment(name, x, n, a, b) for name, x in ref_inputs.items()})[0]
+                for n, (a, b) in enumerate(bounds) if b > a]  # fmt: skip
+        ro = torch.cat(runs, dim=1)
+    else:
+        ro = reference(ref_inputs)[0]
     leaves = [n for n in GRAD_NAMES if inputs.get(n) is not None]
     grads = torch.autograd.grad((o.double() * cot).sum(), [inputs[n] for n in leaves])
     ref_grads = torch.autograd.grad((ro * cot).sum(), [ref_inputs[n] for n in leaves])
     assert_close(f"{op} o", o, ro)
     for name, a, b in zip(leaves, grads, ref_grads):
         assert_close(f"{op} d{name}", a, b)
-    assert grads[leaves.index(given)].abs().sum() > 0
+    assert given is None or grads[leaves.index(given)].abs().sum() > 0
 
 
 def test_preconditioner_moves_and_deltanet_limit():
