@@ -39,7 +39,7 @@ import functools
 import torch
 
 from .chunk_scan import HAS_TRITON, _block_sizes
-from .launch import block_width, cdiv, enqueue
+from .launch import block_width, cdiv, contiguous_or_none, enqueue
 
 if HAS_TRITON:  # the kernels exist only with Triton; without it chunk.py never calls this module
     import triton
@@ -1675,7 +1675,7 @@ class Precondition(torch.autograd.Function):
         precision = ctx.precision
         y = torch.empty_like(k)
         dw = torch.zeros_like(k) if dw is None else dw.contiguous()
-        dd = None if dd is None else dd.contiguous()  # None: d_final was not used (the scans read zeros)
+        dd = contiguous_or_none(dd)  # None: d_final was not used (the scans read zeros)
         # below split_below scans (every size, as tuned), the scan carries e's gradient alone,
         # written per chunk (des), and pre_intra_bwd, parallel over chunks, adds the rows'
         # gradients from it; else the scan adds them as it goes and writes those of p and Gc
@@ -1743,7 +1743,7 @@ class Precondition(torch.autograd.Function):
         enqueue(
             pre_intra_bwd_kernel, grid,
             k, beta, eta, lam, tinv, es, ddm, du, sdp, sdgc, des, dl, dg, dgp, dk,
-            None if dk2 is None else dk2.contiguous(), dk_out, dbeta, deta, dlam,
+            contiguous_or_none(dk2), dk_out, dbeta, deta, dlam,
             K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_bwd", K, precision=precision, small=small),
         )  # fmt: skip
         return dk_out, dbeta, deta, dlam, dd0, None, None
@@ -1829,7 +1829,7 @@ class DeltaRuleAsym(torch.autograd.Function):
         scale, precision, f32 = ctx.scale, ctx.precision, k.dtype == torch.float32
         ss, _ = _state_scan(None, w, None, s0, uo, precision)  # the final state is not rebuilt
         do = torch.zeros_like(v) if do is None else do.contiguous()
-        ds = None if ds is None else ds.contiguous()  # None: S_final was not used (the scan reads zeros)
+        ds = contiguous_or_none(ds)  # None: S_final was not used (the scan reads zeros)
         gu, gss = torch.empty_like(uo), torch.empty_like(ss)
         enqueue(
             out_bwd_kernel, (B * H * NC,),
@@ -1951,8 +1951,8 @@ def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype)
     n1 = NC * C // c1
     gates = (x.view(B, H, n1, c1) for x in (bc, ec, lc))
     w, d, kc = Precondition.apply(
-        kc.view(B, H, n1, c1, K), *gates, None if d0 is None else d0.contiguous(), precision, c1 < C
+        kc.view(B, H, n1, c1, K), *gates, contiguous_or_none(d0), precision, c1 < C
     )  # kc: see Precondition
     w, kc = w.view(B, H, NC, C, K), kc.view(B, H, NC, C, K)
-    o, S = DeltaRuleAsym.apply(qc, kc, w, v, bc, None if S0 is None else S0.contiguous(), scale, precision, out_dtype)
+    o, S = DeltaRuleAsym.apply(qc, kc, w, v, bc, contiguous_or_none(S0), scale, precision, out_dtype)
     return o, S, d

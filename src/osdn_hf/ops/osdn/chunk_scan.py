@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .launch import block_width, cdiv, enqueue
+from .launch import block_width, cdiv, contiguous_or_none, enqueue
 
 try:
     import triton
@@ -42,21 +42,14 @@ if HAS_TRITON:
     _scan_jit = triton.jit(do_not_specialize=["NC"])
 
     @triton.jit
-    def _state_or_zeros(x, o, m):
-        """`x`'s float32 entries at offsets `o` (mask `m`), or zeros where `x` is None: an initial
-        state S_0 = 0, or the gradient of a final state that nothing read, that no caller made."""
-        b_x = tl.zeros(o.shape, dtype=tl.float32)
+    def _state_or_default(x, o, m, DEFAULT: tl.constexpr = 0.0):
+        """`x`'s float32 entries at offsets `o` (mask `m`, DEFAULT where masked), or DEFAULT
+        everywhere where `x` is None: a default state that no caller made (S_0 = 0, d_0 = 1), or
+        the gradient of a final state that nothing read (zeros)."""
+        b_x = tl.full(o.shape, DEFAULT, dtype=tl.float32)
         if x is not None:
-            b_x = tl.load(x + o, mask=m, other=0.0)
+            b_x = tl.load(x + o, mask=m, other=DEFAULT)
         return b_x
-
-    @triton.jit
-    def _start_e(d0, o, m):
-        """e_0 = d_0 - 1 at offsets `o` (mask `m`), or zeros where `d0` is None (d_0 = 1)."""
-        b_e = tl.zeros(o.shape, dtype=tl.float32)
-        if d0 is not None:
-            b_e = tl.load(d0 + o, mask=m, other=1.0) - 1.0
-        return b_e
 
     @triton.jit
     def _precond_yu(y, u, o_t, o_k, m_k, K: tl.constexpr):
@@ -152,7 +145,7 @@ if HAS_TRITON:
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, C)
-        b_e = _start_e(d0, i_bh * K + o_k, m_k)  # [BK]
+        b_e = _state_or_default(d0, i_bh * K + o_k, m_k, 1.0) - 1.0  # e_0 = d_0 - 1, [BK]
         if ready is not None:
             _wait_for(ready + i_bh * NC)
         o_first = i_bh * NC * C + o_s  # the first chunk
@@ -213,7 +206,7 @@ if HAS_TRITON:
             o_k = tl.arange(0, BK)
             m_k = o_k < K
             o_s = tl.arange(0, BS)
-            b_e = _start_e(d0, i_bh * K + o_k, m_k)  # [BK]
+            b_e = _state_or_default(d0, i_bh * K + o_k, m_k, 1.0) - 1.0  # e_0 = d_0 - 1, [BK]
             for i_n in range(NC):
                 i_c = i_bh * NC + i_n
                 tl.store(es + i_c * K + o_k, b_e, mask=m_k)
@@ -332,7 +325,7 @@ if HAS_TRITON:
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, BS)
-        b_de = _state_or_zeros(gef, i_bh * K + o_k, m_k)  # [BK]
+        b_de = _state_or_default(gef, i_bh * K + o_k, m_k)  # [BK]
         if PREFETCH:
             tl.static_assert(BS == C)
             i_c = i_bh * NC + NC - 1  # the last chunk
@@ -406,7 +399,7 @@ if HAS_TRITON:
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, C)
-        b_de = _state_or_zeros(gef, i_bh * K + o_k, m_k)  # [BK]
+        b_de = _state_or_default(gef, i_bh * K + o_k, m_k)  # [BK]
         i_c = i_bh * NC + NC - 1  # the last chunk
         if ready is not None:
             _wait_for(ready + i_c)
@@ -461,7 +454,7 @@ if HAS_TRITON:
             o_k = tl.arange(0, BK)
             m_k = o_k < K
             o_s = tl.arange(0, BS)
-            b_de = _state_or_zeros(gef, i_bh * K + o_k, m_k)  # [BK]
+            b_de = _state_or_default(gef, i_bh * K + o_k, m_k)  # [BK]
             for j in range(NC):
                 i_c = i_bh * NC + NC - 1 - j
                 tl.store(des + i_c * K + o_k, b_de, mask=m_k)
@@ -542,7 +535,7 @@ if HAS_TRITON:
         o_s = tl.arange(0, BS)
         m_kv = m_k[:, None] & m_v[None, :]
         o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
-        b_s = _state_or_zeros(s0, i_bh * K * V + o_kv, m_kv)  # [BK, BV] stays in registers
+        b_s = _state_or_default(s0, i_bh * K * V + o_kv, m_kv)  # [BK, BV] stays in registers
         if PREFETCH:
             tl.static_assert(BS == C)
             b_w, b_kb, b_ub = _state_fwd_rows(kb, w, ub, uo, i_bh * NC * C + o_s, o_k, m_k, o_v, m_v, K, V, RECOMPUTE)
@@ -616,7 +609,7 @@ if HAS_TRITON:
         o_s = tl.arange(0, BS)
         m_kv = m_k[:, None] & m_v[None, :]
         o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
-        b_ds = _state_or_zeros(gsf, i_bh * K * V + o_kv, m_kv)  # [BK, BV]
+        b_ds = _state_or_default(gsf, i_bh * K * V + o_kv, m_kv)  # [BK, BV]
         if PREFETCH:
             tl.static_assert(BS == C)
             i_c = i_bh * NC + NC - 1  # the last chunk
@@ -665,7 +658,7 @@ class PrecondScan(torch.autograd.Function):
     def forward(ctx, y, u, dm, p, gc, d0):
         B, H, NC, C, K = y.shape
         y, u, dm, p, gc = (x.contiguous() for x in (y, u, dm, p, gc))
-        d0 = None if d0 is None else d0.contiguous()  # None: d_0 = 1
+        d0 = contiguous_or_none(d0)  # None: d_0 = 1
         es = y.new_empty(B, H, NC, K)
         df = y.new_empty(B, H, K)
         BK, _, BS = _block_sizes(K, K, C)
@@ -683,7 +676,7 @@ class PrecondScan(torch.autograd.Function):
         y, u, dm, p, gc, es = ctx.saved_tensors
         B, H, NC, C, K = y.shape
         ges = torch.zeros_like(es) if ges is None else ges.contiguous()
-        gdf = None if gdf is None else gdf.contiguous()  # d = 1 + e: e's gradient; None reads as zeros
+        gdf = contiguous_or_none(gdf)  # d = 1 + e: e's gradient; None reads as zeros
         dy, du, ddm, dp, dgc = (torch.empty_like(x) for x in (y, u, dm, p, gc))
         dd0 = es.new_empty(B, H, K) if ctx.has_d0 else None
         BK, _, BS = _block_sizes(K, K, C)
@@ -701,7 +694,7 @@ class StateScan(torch.autograd.Function):
         B, H, NC, C, K = kb.shape
         V = ub.shape[-1]
         kb, w, ub = (x.contiguous() for x in (kb, w, ub))
-        s0 = None if s0 is None else s0.contiguous()  # None: S_0 = 0
+        s0 = contiguous_or_none(s0)  # None: S_0 = 0
         uo = torch.empty_like(ub)
         ss = kb.new_empty(B, H, NC, K, V)
         sf = kb.new_empty(B, H, K, V)
@@ -724,7 +717,7 @@ class StateScan(torch.autograd.Function):
         BK, BV, BS = _block_sizes(K, V, C)
         gu = torch.zeros_like(uo) if gu is None else gu.contiguous()
         gss = torch.zeros_like(ss) if gss is None else gss.contiguous()
-        gsf = None if gsf is None else gsf.contiguous()  # None reads as zeros
+        gsf = contiguous_or_none(gsf)  # None reads as zeros
         dub, dss = torch.empty_like(uo), torch.empty_like(ss)
         ds0 = kb.new_empty(B, H, K, V) if ctx.has_s0 else None
         enqueue(

@@ -36,6 +36,12 @@ def block_width(D: int, widest: int | None = None) -> int:
     return width if widest is None else min(width, widest)
 
 
+def contiguous_or_none(x: torch.Tensor | None) -> torch.Tensor | None:
+    """A tensor argument made contiguous for a kernel, or None as it is: an optional pointer the
+    kernel tests with `is not None` (a default state, a gradient nothing made)."""
+    return None if x is None else x.contiguous()
+
+
 def launch_key(args: tuple) -> tuple | None:
     """What Triton specializes a kernel on for its runtime arguments `args`, as a hashable key,
     or None where this key would not tell all cases apart (a pointer not 16-byte aligned).
