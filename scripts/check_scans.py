@@ -103,17 +103,17 @@ def check_case(
 
 
 def launches_for(
-    K: int, V: int, tile: dict | None, heads: int, device: str, itemsize: int = 2, precision: str = "ieee"
+    K: int, V: int, tile: dict | None, heads: int, device: str, float32: bool = False, precision: str = "ieee"
 ) -> dict | None:
     """The package's launches for the pair at `heads` scans on `device` (on a GPU, fitted to its
-    SMs, to the storage dtype's `itemsize` and to the products' `precision`:
+    SMs, to the storage dtype (16-bit or `float32`) and to the products' `precision`:
     `chunk_fused._scan_launch`), or `tile`'s keys over them: over both scans', or
     `{"state_fwd": {...}, "state_bwd": {...}}` for each its own. None where the tile does not fit
     (PREFETCH needs BS == C and a K block of at most 128; BS must divide C)."""
     from osdn_hf.ops.osdn import chunk_fused
 
     out = {
-        n: chunk_fused._scan_launch(n, K, V, C, heads, device, itemsize, precision) for n in ("state_fwd", "state_bwd")
+        n: chunk_fused._scan_launch(n, K, V, C, heads, device, float32, precision) for n in ("state_fwd", "state_bwd")
     }
     if tile is None:
         return out
@@ -132,7 +132,9 @@ def run_group(pair: str, dtype_name: str, args) -> list[dict]:
     dtype = getattr(torch, dtype_name)
     rows = []
     for tile in [None, *args.tile]:
-        launches = launches_for(K, V, tile, args.heads, args.device, dtype.itemsize, scan_precision(dtype, args.tf32))
+        launches = launches_for(
+            K, V, tile, args.heads, args.device, dtype == torch.float32, scan_precision(dtype, args.tf32)
+        )
         if launches is None:
             continue
         for NC in args.chunks:

@@ -539,28 +539,28 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
     assert table == chunk_fused._scan_launch("state_fwd", 128, 128, 64, 16, torch.device("cpu"))
     assert table["PREFETCH"] and table["BV"] == 32 and table["num_stages"] == 1
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)  # an H100's or H200's
-    # (B * H, itemsize): (forward (BV, BS, num_stages, PREFETCH), backward (BV, BS, num_stages, PREFETCH, warps))
+    # (B * H, float32 storage): (forward (BV, BS, num_stages, PREFETCH), backward (BV, BS, num_stages, PREFETCH, warps))
     cases = {
-        (16, 2, "tf32"): ((16, 64, 3, False), (16, 64, 1, True, 4)),  # 128 programs at BV 16 (not TF32_LAUNCH')
-        (32, 2): ((32, 64, 3, False), (32, 64, 1, True, 4)),  # 128 at BV 32
-        (64, 2): ((64, 64, 3, False), (64, 64, 1, True, 8)),  # 128 at BV 64
-        (128, 2): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 256 at BV 64
-        (132, 2): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 264: two per SM
-        (133, 2): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 266: in waves (the table's until 66b7eb4)
-        (512, 2): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 1024 at BV 64
-        (16, 4): ((16, 16, 2, False), (16, 64, 1, True, 8)),  # float32 storage: IEEE_LAUNCH's (64 at BV 32)
-        (32, 4): ((32, 16, 2, False), (32, 64, 1, True, 8)),  # 128 at BV 32
-        (64, 4): ((32, 16, 2, False), (32, 64, 1, True, 8)),
-        (512, 4): ((32, 16, 2, False), (32, 64, 1, True, 8)),
-        (16, 4, "tf32"): ((16, 64, 3, False), (16, 64, 2, False, 4)),  # TF32_LAUNCH: 128 programs at BV 16
-        (32, 4, "tf32"): ((32, 32, 3, False), (32, 64, 2, False, 4)),  # 128 at BV 32
-        (64, 4, "tf32"): ((64, 16, 3, False), (64, 64, 2, False, 4)),  # 128 at BV 64
-        (512, 4, "tf32"): ((64, 16, 3, False), (64, 64, 2, False, 4)),
+        (16, False, "tf32"): ((16, 64, 3, False), (16, 64, 1, True, 4)),  # 128 programs at BV 16 (not TF32_LAUNCH')
+        (32, False): ((32, 64, 3, False), (32, 64, 1, True, 4)),  # 128 at BV 32
+        (64, False): ((64, 64, 3, False), (64, 64, 1, True, 8)),  # 128 at BV 64
+        (128, False): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 256 at BV 64
+        (132, False): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 264: two per SM
+        (133, False): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 266: in waves (the table's until 66b7eb4)
+        (512, False): ((64, 64, 2, False), (64, 64, 2, False, 4)),  # 1024 at BV 64
+        (16, True): ((16, 16, 2, False), (16, 64, 1, True, 8)),  # float32 storage: IEEE_LAUNCH's (64 at BV 32)
+        (32, True): ((32, 16, 2, False), (32, 64, 1, True, 8)),  # 128 at BV 32
+        (64, True): ((32, 16, 2, False), (32, 64, 1, True, 8)),
+        (512, True): ((32, 16, 2, False), (32, 64, 1, True, 8)),
+        (16, True, "tf32"): ((16, 64, 3, False), (16, 64, 2, False, 4)),  # TF32_LAUNCH: 128 programs at BV 16
+        (32, True, "tf32"): ((32, 32, 3, False), (32, 64, 2, False, 4)),  # 128 at BV 32
+        (64, True, "tf32"): ((64, 16, 3, False), (64, 64, 2, False, 4)),  # 128 at BV 64
+        (512, True, "tf32"): ((64, 16, 3, False), (64, 64, 2, False, 4)),
     }
 
-    def launches(heads, itemsize, precision="ieee"):
-        f = chunk_fused._scan_launch("state_fwd", 128, 128, 64, heads, "cuda", itemsize, precision)
-        b = chunk_fused._scan_launch("state_bwd", 128, 128, 64, heads, "cuda", itemsize, precision)
+    def launches(heads, float32, precision="ieee"):
+        f = chunk_fused._scan_launch("state_fwd", 128, 128, 64, heads, "cuda", float32, precision)
+        b = chunk_fused._scan_launch("state_bwd", 128, 128, 64, heads, "cuda", float32, precision)
         return (f["BV"], f["BS"], f["num_stages"], f.get("PREFETCH", False)), (
             (b["BV"], b["BS"], b["num_stages"], b.get("PREFETCH", False), b["num_warps"])
         )
@@ -570,7 +570,7 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
     wide = chunk_fused._scan_launch("state_fwd", 256, 256, 64, 16, "cuda")
     assert wide == chunk_fused._scan_launch("state_fwd", 256, 256, 64)
     for precision in ("ieee", "tf32"):
-        assert chunk_fused._scan_launch("state_fwd", 256, 256, 64, 16, "cuda", 4, precision) == wide
+        assert chunk_fused._scan_launch("state_fwd", 256, 256, 64, 16, "cuda", True, precision) == wide
     # without IEEE_LAUNCH and TF32_LAUNCH, float32 storage: the table's BV 32 halved to fill the
     # SMs, the forward pipelined in row slices at most two programs an SM, else both prefetching
     monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
@@ -581,7 +581,7 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
     }
     for heads, expected in cases.items():
         for precision in ("ieee", "tf32"):
-            assert launches(heads, 4, precision) == expected, (heads, precision)
+            assert launches(heads, True, precision) == expected, (heads, precision)
     assert chunk_fused._scan_launch("precond_fwd", 128, 128, 64, 16, "cuda") == chunk_fused._scan_launch(
         "precond_fwd", 128, 128, 64
     )
@@ -603,7 +603,7 @@ def test_state_scans_at_the_fitted_launches(K, heads, sms, monkeypatch):
     import check_scans  # scripts/, on the path through conftest.py
 
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: sms)
-    launches = check_scans.launches_for(K, K, None, heads=heads, device="cpu", itemsize=2)
+    launches = check_scans.launches_for(K, K, None, heads=heads, device="cpu")
     assert launches["state_fwd"]["BS"] == 64 and not launches["state_fwd"].get("PREFETCH"), launches
     result = check_scans.check_case(K, K, 3, torch.float16, launches, heads=heads, device="cpu")
     assert max(result["errors"].values()) <= check_scans.RTOL["float16"] and result["rebuilt_same_bits"], result
@@ -843,11 +843,11 @@ def test_float32_inputs_under_tf32_run_tf32_products_at_their_own_scan_launches(
     products take BV 16 at 16 (batch, head) pairs."""
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)
     assert float32_tf32() and dot_precision(torch.zeros(1)) == "tf32"
-    ieee = chunk_fused._scan_launch("state_bwd", 128, 128, 64, 16, "cuda", 4, "ieee")
+    ieee = chunk_fused._scan_launch("state_bwd", 128, 128, 64, 16, "cuda", True, "ieee")
     assert (ieee["BV"], ieee["num_warps"]) == (16, 8)  # exact products: correct, measured fastest
     for name in ("state_fwd", "state_bwd"):
         for heads in (16, 32, 64, 128, 512):
-            tf32 = chunk_fused._scan_launch(name, 128, 128, 64, heads, "cuda", 4, "tf32")
+            tf32 = chunk_fused._scan_launch(name, 128, 128, 64, heads, "cuda", True, "tf32")
             assert tf32["num_warps"] == 4 and not tf32["PREFETCH"], (name, heads, tf32)  # TF32_LAUNCH'
     chunks, launches = _record_phase1_and_launches(monkeypatch)
     test_fused_chunk_kernels_match_torch_chunk_path(48, 80, None, True, True, False, 132, True, monkeypatch)
@@ -1136,8 +1136,8 @@ def test_check_scans_under_tf32_checks_the_launches_the_op_takes(monkeypatch):
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)
     args = argparse.Namespace(tile=[], heads=2, device="cpu", chunks=[2], tf32=True)
     rows = check_scans.run_group("32x32", "float32", args)
-    tf32 = {n: chunk_fused._scan_launch(n, 32, 32, 64, 2, "cpu", 4, "tf32") for n in ("state_fwd", "state_bwd")}
-    ieee = {n: chunk_fused._scan_launch(n, 32, 32, 64, 2, "cpu", 4, "ieee") for n in ("state_fwd", "state_bwd")}
+    tf32 = {n: chunk_fused._scan_launch(n, 32, 32, 64, 2, "cpu", True, "tf32") for n in ("state_fwd", "state_bwd")}
+    ieee = {n: chunk_fused._scan_launch(n, 32, 32, 64, 2, "cpu", True, "ieee") for n in ("state_fwd", "state_bwd")}
     assert tf32 != ieee and (ieee["state_bwd"]["BV"], ieee["state_bwd"]["num_warps"]) == (16, 8), ieee
     assert [r["launches"] for r in rows] == [tf32] and rows[0]["ok"], rows
 

@@ -1392,12 +1392,20 @@ def launch_settings() -> dict:
 
 
 def _scan_launch(
-    name: str, K: int, V: int, C: int, heads: int | None = None, device=None, itemsize: int = 2, precision: str = "ieee"
+    name: str,
+    K: int,
+    V: int,
+    C: int,
+    heads: int | None = None,
+    device=None,
+    float32: bool = False,
+    precision: str = "ieee",
 ) -> dict:
     """Launch settings of scan `name` (`SCAN_TUNING`); for the state scans, given `heads` (B * H)
     and a CUDA `device`, fitted to how many programs its SMs take (without them, as the table's
-    first settings say), to the storage dtype's `itemsize` (bytes) and, with float32 storage, to the
-    products' `precision` (`IEEE_LAUNCH` for "ieee", `TF32_LAUNCH` for "tf32")."""
+    first settings say), to the storage dtype (16-bit, or `float32`, as `_chunk_launch` has it)
+    and, with float32 storage, to the products' `precision` (`IEEE_LAUNCH` for "ieee",
+    `TF32_LAUNCH` for "tf32")."""
     BK, BV, BS = _block_sizes(K, V, C)
     if name == "state_bwd":
         BS = max(BS // 2, 16)
@@ -1418,7 +1426,7 @@ def _scan_launch(
             BV //= 2
         return BV
 
-    table = _float32_table(precision, K, V, float32=True) if itemsize == 4 else None  # float32 storage
+    table = _float32_table(precision, K, V, float32=True) if float32 else None
     own = table and table.get(name)
     if own:
         wide = dict(out, **own["settings"], BV=narrowed(block_width(V, own["BV"]), own["fill"]))
@@ -1428,7 +1436,7 @@ def _scan_launch(
             wide["BS"] = C  # whole chunks
         return wide
     fit = t.get("fit")
-    if fit and itemsize <= 2:
+    if fit and not float32:
         wide = dict(out, BV=narrowed(block_width(V, fit["BV"]), fit["fill"]), BS=C, PREFETCH=False)
         for waves, settings in fit["waves"]:
             if waves is None or programs(wide["BV"]) <= waves * sms:
@@ -1757,7 +1765,7 @@ def _state_scan(kb, w, ub, s0, uo, precision, launch=None):
     `_scan_launch`'s; scripts/check_scans.py passes others."""
     B, H, NC, C, K = w.shape
     V = uo.shape[-1]
-    launch = launch or _scan_launch("state_fwd", K, V, C, B * H, w.device, w.element_size(), precision)
+    launch = launch or _scan_launch("state_fwd", K, V, C, B * H, w.device, w.dtype == torch.float32, precision)
     ss = w.new_empty(B, H, NC, K, V)
     sf = None if ub is None else w.new_empty(B, H, K, V, dtype=torch.float32)
     enqueue(
@@ -1775,7 +1783,7 @@ def _state_scan_bwd(kb, w, gu, gss, ds, precision, launch=None, initial=True):
     `launch` as in `_state_scan`."""
     B, H, NC, C, K = kb.shape
     V = gu.shape[-1]
-    launch = launch or _scan_launch("state_bwd", K, V, C, B * H, kb.device, kb.element_size(), precision)
+    launch = launch or _scan_launch("state_bwd", K, V, C, B * H, kb.device, kb.dtype == torch.float32, precision)
     dss = gss  # dss overwrites gss as it goes
     dub, ds0 = torch.empty_like(gu), kb.new_empty(B, H, K, V, dtype=torch.float32) if initial else None
     enqueue(
