@@ -1914,7 +1914,10 @@ PHASE1 = dict(
     # process, chunks of 64 -> 32 (benchmarks/results/sweep18_{c64b,ms}_eb29181.json; bf16, K = V =
     # 128), forward+backward 937 -> 911 us at 9 x 2048 x 4 heads (36 scans), 1872 -> 1784 at
     # 5 x 4096 x 8 (40), 1752 -> 1688 at 3 x 4096 x 12 (36), 582 -> 556 at 11 x 1024 x 4 (44),
-    # 2136 -> 2017 at 3 x 4096 x 16 (48); forward level to -6%. 34 and 35 were not measured.
+    # 2136 -> 2017 at 3 x 4096 x 16 (48); forward level to -6%. At 34 and 35, chunks of 64 (not
+    # overlapped there) -> 32 (benchmarks/results/sweep48_775c306.json): forward+backward 898 -> 866
+    # us at 17 x 2048 x 2 heads (34), 913 -> 883 at 5 x 2048 x 7 (35), 1714 -> 1648 at 7 x 4096 x 5
+    # (35), 1692 -> 1628 at 2 x 4096 x 17 (34); forward 327 -> 319, 331 -> 326, 628 -> 606, 616 -> 594.
     # At 256 and 512 scans these settings and `read_inverse` stay the fastest: forward+backward at
     # 16 x 2048, 32 x 1024 and 32 x 2048, 4241 / 4208 / 8222 us, against 4648 / 4681 / 9153 in
     # chunks of 64, 4506 / 4467 / 8747 with 2 warps where `launch` has one, 4292 / 4275 / 8338
