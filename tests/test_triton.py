@@ -1550,6 +1550,49 @@ def test_kernel_launcher_calls_the_launcher_directly_unless_a_launch_hook_is_reg
     assert kernel.log[-1][0] == "run"
 
 
+def test_direct_launch_only_where_the_runner_calls_the_launcher_so(monkeypatch):
+    """The installed Triton's compiled-kernel runner calls the kernel's launcher as the direct
+    launch does (a Triton that changes that fails here first). A runner that passes the arguments
+    otherwise (here, dropping None ones) or whose source cannot be read keeps kept kernels
+    launching through the runner."""
+    from osdn_hf.ops.osdn import launch as launch_mod
+
+    check = launch_mod._runner_calls_launcher_as_kept
+    check.cache_clear()
+    assert check()
+    compiled = _FakeRunCompiled([])
+    assert launch_mod._direct_launch(compiled) == (compiled.run, "fn", "meta")
+    dropping = """
+    def __getitem__(self, grid):
+        def runner(*args, stream=None):
+            launch_metadata = self.launch_metadata(grid, stream, *args)
+            filtered_args = tuple(arg for arg in args if arg is not None)
+            self.run(grid[0], grid[1], grid[2], stream, self.function, self.packed_metadata, launch_metadata,
+                     knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *filtered_args)
+        return runner
+"""
+
+    def unreadable(obj):
+        raise OSError("could not get source code")
+
+    try:
+        for source in (lambda obj: dropping, unreadable):
+            check.cache_clear()
+            monkeypatch.setattr(launch_mod.inspect, "getsource", source)
+            assert not check() and launch_mod._direct_launch(compiled) is None
+            kernel = _FakeKernel()
+            monkeypatch.setattr(
+                _FakeKernel, "__getitem__", lambda self, grid: lambda *a, **m: _FakeRunCompiled(self.log)
+            )
+            launcher = launch_mod.KernelLauncher(kernel)
+            for _ in range(2):
+                launcher((2, 3), (torch.zeros(8), 5), dict(C=3))
+            assert [e[0] for e in kernel.log] == ["compiled"]  # the kept kernel, through its runner
+    finally:
+        monkeypatch.undo()
+        check.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gates_reach_chunks_in_one_kernel_each_way(dtype):
     """GatesToChunks: the three gates cast and laid out as _to_chunks does one by one (lam padded

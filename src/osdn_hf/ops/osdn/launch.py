@@ -10,6 +10,10 @@ directly; `enqueue(kernel, grid, *args, **meta)` is how the ops call every kerne
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
+
 import torch
 
 try:
@@ -90,11 +94,38 @@ def _no_launch_hooks() -> bool:
     )
 
 
+# How Triton's compiled-kernel runner (`CompiledKernel.__getitem__`) calls the kernel's launcher,
+# whitespace taken out: the grid, stream, function, packed metadata, launch metadata, the two
+# hooks (read from `knobs`, or in older Triton from `CompiledKernel`), then every argument as given.
+_RUNNER_CALL = re.compile(
+    r"self\.run\(grid\[0\],grid\[1\],grid\[2\],stream,self\.function,self\.packed_metadata,"
+    r"launch_metadata,[\w.]*launch_enter_hook,[\w.]*launch_exit_hook,\*args\)"
+)
+
+
+@functools.cache
+def _runner_calls_launcher_as_kept() -> bool:
+    """Whether this Triton's compiled-kernel runner calls the kernel's launcher as
+    `KernelLauncher`'s direct launch does (`_RUNNER_CALL`), read from the runner's source once a
+    process. Where it does not (another Triton, or one whose runner changes the arguments on the
+    way, as one that drops None arguments would), kept kernels launch through the runner."""
+    try:
+        from triton.compiler.compiler import CompiledKernel
+
+        source = inspect.getsource(CompiledKernel.__getitem__)
+    except (ImportError, AttributeError, OSError, TypeError):
+        return False
+    return _RUNNER_CALL.search("".join(source.split())) is not None
+
+
 def _direct_launch(compiled) -> tuple | None:
     """What a compiled kernel's runner (`compiled[grid](*args)`) passes to the kernel's launcher
     besides the grid, stream and arguments: `(run, function, packed_metadata)`; None where this
-    Triton's compiled kernels lack them. The runner also builds the launch metadata for the launch
+    Triton's compiled kernels lack them or its runner calls the launcher otherwise
+    (`_runner_calls_launcher_as_kept`). The runner also builds the launch metadata for the launch
     hooks on every call, which `KernelLauncher` skips while no hook is registered."""
+    if not _runner_calls_launcher_as_kept():
+        return None
     try:
         return compiled.run, compiled.function, compiled.packed_metadata
     except AttributeError:
