@@ -125,6 +125,91 @@ def test_short_convolution_step_kernel_matches_torch(monkeypatch, dtype, autocas
     assert not torch.equal(y, torch.zeros_like(y))
 
 
+GATE_CASES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("dtype", GATE_CASES)
+@pytest.mark.parametrize(
+    "hidden, heads, overrides",
+    [
+        (80, 5, {}),  # 5 heads leave part of a block unused, 80 columns part of one
+        (72, 18, dict(eta_max=0.7, precond_eta_init=0.3)),  # 18 heads: two blocks of 16
+        (80, 5, dict(use_apf=False)),  # lam 1
+        (80, 5, dict(preconditioner="none")),  # eta 0, lam 1
+    ],
+)
+def test_gates_step_kernel_matches_torch(monkeypatch, dtype, hidden, heads, overrides):
+    """The decoding step's gates in one kernel (`gates_step`; Triton's interpreter here, CUDA on
+    a GPU) give the layer's PyTorch gates for one token a sequence and for packed tokens: float32
+    to round-off, 16-bit within one rounding of the projections' outputs. More rows than
+    `MAX_ROWS`, autocast, or gradients enabled keep the PyTorch gates."""
+    pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
+    from osdn_hf.layers.osdn_attention import OSDNAttention
+    from osdn_hf.ops import gates
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        monkeypatch.setenv(utils.FORCE_TRITON_ENV, "1")
+    torch.manual_seed(0)
+    attn = OSDNAttention(tiny_config(hidden_size=hidden, num_heads=heads, **overrides), 0).to(device, dtype)
+    with torch.no_grad():
+        for proj in (attn.b_proj, getattr(attn, "eta_proj", None), getattr(attn, "apf_proj", None)):
+            if proj is not None:
+                proj.weight.normal_(0, 0.3)
+                if proj.bias is not None:
+                    proj.bias.normal_()
+    launched, real_enqueue = [], gates.enqueue
+    monkeypatch.setattr(gates, "enqueue", lambda *a, **k: launched.append(a[0]) or real_enqueue(*a, **k))
+    tol = dict(rtol=0, atol=2e-6) if dtype == torch.float32 else dict(rtol=0, atol=2e-3)
+    for shape in ((3, 1, hidden), (1, 7, hidden)):
+        x = torch.randn(*shape, device=device, dtype=dtype)
+        ref = attn.gates(x)
+        assert not launched
+        with torch.no_grad():
+            out = attn.gates(x, step=True)
+        assert launched == [gates.gates_step_kernel]
+        launched.clear()
+        for a, b in zip(out, ref, strict=True):
+            assert a.dtype == torch.float32 and a.shape == (*shape[:2], heads)
+            torch.testing.assert_close(a, b, **tol)
+        assert ref[0].std() > 0.05 and (ref[1].std() > 0.05) == attn.use_precond
+        assert (ref[2].std() > 0.05) == attn.use_apf
+    many = torch.randn(1, gates.MAX_ROWS + 1, hidden, device=device, dtype=dtype)
+    with torch.no_grad():
+        attn.gates(many, step=True)
+        with torch.autocast(device, dtype=torch.float16):
+            attn.gates(x, step=True)
+    attn.gates(x, step=True)  # gradients enabled
+    assert not launched
+
+
+def test_gates_step_kernel_in_cached_decoding(monkeypatch):
+    """Cached decoding takes the gates' kernel in each layer's step (Triton's interpreter here,
+    CUDA on a GPU), and its logits are those of the same decoding with the PyTorch gates."""
+    pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
+    from osdn_hf.layers import osdn_attention
+    from osdn_hf.ops import gates
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        monkeypatch.setenv(utils.FORCE_TRITON_ENV, "1")
+    model = tiny_model().to(device)
+    ids = torch.randint(1, 97, (2, 4), device=device)
+    launched, real_enqueue = [], gates.enqueue
+    monkeypatch.setattr(gates, "enqueue", lambda *a, **k: launched.append(a[0]) or real_enqueue(*a, **k))
+
+    def decode():
+        with torch.no_grad():
+            out = model(ids[:, :3], use_cache=True)
+            return model(ids[:, 3:], past_key_values=out.past_key_values, use_cache=True).logits
+
+    logits = decode()
+    assert launched == [gates.gates_step_kernel] * model.config.num_hidden_layers
+    monkeypatch.setattr(osdn_attention, "gates_step_applies", lambda *a: False)
+    torch.testing.assert_close(logits, decode(), atol=LOGITS_ATOL, rtol=0)
+    assert len(launched) == model.config.num_hidden_layers
+
+
 def test_rms_norm_is_its_formula():
     """`RMSNorm` (`F.rms_norm` where x and the weight share a dtype, the float32 formula where
     they do not) gives the formula's values and gradients, in x's dtype."""

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from ..ops.gates import gates_step, gates_step_applies
 from ..ops.osdn.chunk import chunk_osdn
 from ..ops.osdn.fused_recurrent import fused_recurrent_osdn
 from .modules import GatedRMSNorm, RMSNorm, ShortConvolution, pack_if_padded, unpack_padding
@@ -63,8 +64,14 @@ class OSDNAttention(nn.Module):
             self.o_norm = RMSNorm(self.head_v_dim, eps=config.norm_eps)
         self.o_proj = nn.Linear(value_dim, hidden, bias=False)
 
-    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`beta, eta, lam`, each `[B, T, H]` in float32 (SPEC section 5, step 4)."""
+    def gates(self, x: torch.Tensor, step: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`beta, eta, lam`, each `[B, T, H]` in float32 (SPEC section 5, step 4). With `step` (a
+        decoding step outside autograd), one Triton kernel computes all three where it applies
+        (`ops.gates.gates_step`: CUDA, a few tokens), not ten small ones."""
+        eta_proj = self.eta_proj if self.use_precond else None
+        apf_proj = self.apf_proj if self.use_apf else None
+        if step and not torch.is_grad_enabled() and gates_step_applies(x, self.b_proj, eta_proj, apf_proj):
+            return gates_step(x, self.b_proj, eta_proj, apf_proj, self.eta_max)
         beta = self.b_proj(x).float().sigmoid()
         if self.use_precond:
             eta = self.eta_max * self.eta_proj(x).float().sigmoid()
@@ -84,7 +91,8 @@ class OSDNAttention(nn.Module):
 
         Returns q, k `[B, T, H, K]` (not yet L2-normalised), v `[B, T, H, V]`, beta, eta, lam
         `[B, T, H]` and the new convolution states (q, k, v), written over `conv_state` with
-        `inplace` (`ShortConvolution.forward`).
+        `inplace` (`ShortConvolution.forward`), which also lets the gates take one kernel
+        (`gates`' `step`).
         """
         conv_q, conv_k, conv_v = conv_state if conv_state is not None else (None, None, None)
         q, conv_q = self.q_conv1d(self.q_proj(x), conv_q, cu_seqlens, inplace)
@@ -93,7 +101,7 @@ class OSDNAttention(nn.Module):
         q = q.view(*q.shape[:2], self.num_heads, self.head_k_dim)  # (B, T, H, K)
         k = k.view(*k.shape[:2], self.num_heads, self.head_k_dim)  # (B, T, H, K)
         v = v.view(*v.shape[:2], self.num_heads, self.head_v_dim)  # (B, T, H, V)
-        beta, eta, lam = self.gates(x)
+        beta, eta, lam = self.gates(x, step=inplace)
         return q, k, v, beta, eta, lam, (conv_q, conv_k, conv_v)
 
     def forward(

@@ -1,0 +1,116 @@
+"""The layer's gates for a decoding step (SPEC section 5, step 4) as one Triton kernel.
+
+`beta = sigmoid(x W_b^T)`, `eta = eta_max sigmoid(x W_eta^T + b_eta)` and `lam = sigmoid(x W_apf^T +
+b_apf)`, each `[..., H]` in float32. In PyTorch that is three projections, three casts to float32,
+three sigmoids and a multiply: ten kernels a layer, 240 of the 699 kernels of one of osdn-340m's
+decoding steps (`benchmarks/results/decode_graph_5d14bf0.json`). `gates_step` is one, for the few
+tokens of a decoding step, which matters where decoding waits on the host to launch kernels, or
+on many tiny kernels (a step replayed from a CUDA graph).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .osdn.chunk_scan import HAS_TRITON
+from .osdn.launch import block_width, cdiv, enqueue
+from .osdn.utils import use_triton
+
+# Rows (tokens) up to which a step takes the kernel: each program reads its heads' weights for
+# one row, so many rows would read them many times where one matrix product reads them once.
+MAX_ROWS = 64
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gate_sum(w, o_w, m, xt, acc):
+        """acc plus each head's share of `x . w_h` over this block of columns, in float32."""
+        return acc + tl.sum(tl.load(w + o_w, mask=m, other=0.0).to(tl.float32) * xt, 1)
+
+    @triton.jit
+    def gates_step_kernel(
+        x, wb, we, be, wa, ba, beta, eta, lam, D, H, eta_max,
+        BH: tl.constexpr, BD: tl.constexpr, PRECOND: tl.constexpr, APF: tl.constexpr,
+    ):  # fmt: skip
+        """One row (token) and BH heads a program: each projection summed in float32, rounded to
+        x's dtype as `nn.Linear` returns it (with its bias added before the rounding, as the
+        product's epilogue adds it), then the float32 sigmoid; `eta` times `eta_max`. Without
+        PRECOND eta is 0, without APF lam is 1 (`OSDNAttention.gates`)."""
+        i_n, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        o_h = i_h * BH + tl.arange(0, BH)
+        m_h = o_h < H
+        acc_b = tl.zeros([BH], dtype=tl.float32)
+        acc_e = tl.zeros([BH], dtype=tl.float32)
+        acc_a = tl.zeros([BH], dtype=tl.float32)
+        for i_d in range(0, D, BD):
+            o_d = i_d + tl.arange(0, BD)
+            m_d = o_d < D
+            xt = tl.load(x + i_n * D + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+            o_w = o_h[:, None] * D + o_d[None, :]
+            m = m_h[:, None] & m_d[None, :]
+            acc_b = _gate_sum(wb, o_w, m, xt, acc_b)
+            if PRECOND:
+                acc_e = _gate_sum(we, o_w, m, xt, acc_e)
+            if APF:
+                acc_a = _gate_sum(wa, o_w, m, xt, acc_a)
+        dt = x.dtype.element_ty
+        out = i_n * H + o_h
+        tl.store(beta + out, tl.sigmoid(acc_b.to(dt).to(tl.float32)), mask=m_h)
+        if PRECOND:
+            acc_e += tl.load(be + o_h, mask=m_h, other=0.0).to(tl.float32)
+            tl.store(eta + out, eta_max * tl.sigmoid(acc_e.to(dt).to(tl.float32)), mask=m_h)
+        else:
+            tl.store(eta + out, tl.zeros([BH], dtype=tl.float32), mask=m_h)
+        if APF:
+            acc_a += tl.load(ba + o_h, mask=m_h, other=0.0).to(tl.float32)
+            tl.store(lam + out, tl.sigmoid(acc_a.to(dt).to(tl.float32)), mask=m_h)
+        else:
+            tl.store(lam + out, tl.full([BH], 1.0, dtype=tl.float32), mask=m_h)
+
+
+STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def gates_step_applies(
+    x: torch.Tensor, b_proj: torch.nn.Linear, eta_proj: torch.nn.Linear | None, apf_proj: torch.nn.Linear | None
+) -> bool:
+    """Whether `gates_step` takes these gates: Triton's device (CUDA, or its interpreter when
+    forced), at most `MAX_ROWS` tokens, no autocast, `b_proj` without a bias and the others with
+    theirs (as `OSDNAttention` makes them), and x and every weight and bias in one 16- or 32-bit
+    float dtype, contiguous, on x's device (float64 and mixed dtypes stay in PyTorch)."""
+    if not use_triton(x) or x.shape[-1] == 0 or x.numel() // x.shape[-1] > MAX_ROWS:
+        return False
+    if x.dtype not in STEP_DTYPES or torch.is_autocast_enabled(x.device.type):
+        return False
+    if b_proj.bias is not None or any(p is not None and p.bias is None for p in (eta_proj, apf_proj)):
+        return False
+    params = [t for p in (b_proj, eta_proj, apf_proj) if p is not None for t in (p.weight, p.bias) if t is not None]
+    return all(t.dtype == x.dtype and t.is_contiguous() and t.device == x.device for t in params)
+
+
+def gates_step(
+    x: torch.Tensor,
+    b_proj: torch.nn.Linear,
+    eta_proj: torch.nn.Linear | None,
+    apf_proj: torch.nn.Linear | None,
+    eta_max: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`beta, eta, lam` `[*x.shape[:-1], H]` in float32 from x `[..., hidden]`: `OSDNAttention.gates`
+    in one kernel (eta 0 without `eta_proj`, lam 1 without `apf_proj`; `b_proj` has no bias, the
+    other two have theirs). Call it only where `gates_step_applies`."""
+    D = x.shape[-1]
+    N, H = x.numel() // D, b_proj.weight.shape[0]
+    beta, eta, lam = (torch.empty(*x.shape[:-1], H, dtype=torch.float32, device=x.device) for _ in range(3))
+    BH = min(block_width(H), 16)
+    BD = max(16, min(block_width(D), 2048 // BH))
+    enqueue(
+        gates_step_kernel, (N, cdiv(H, BH)),
+        x.contiguous(), b_proj.weight,
+        None if eta_proj is None else eta_proj.weight, None if eta_proj is None else eta_proj.bias,
+        None if apf_proj is None else apf_proj.weight, None if apf_proj is None else apf_proj.bias,
+        beta, eta, lam, D, H, float(eta_max),
+        BH=BH, BD=BD, PRECOND=eta_proj is not None, APF=apf_proj is not None, num_warps=4,
+    )  # fmt: skip
+    return beta, eta, lam
