@@ -132,8 +132,9 @@ GATE_CASES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is
 @pytest.mark.parametrize(
     "hidden, heads, overrides",
     [
-        (80, 5, {}),  # 5 heads leave part of a block unused, 80 columns part of one
-        (72, 18, dict(eta_max=0.7, precond_eta_init=0.3)),  # 18 heads: two blocks of 16
+        (80, 5, {}),  # 80 columns leave part of a block unused
+        (1040, 5, {}),  # two blocks of columns (1024 a block)
+        (72, 18, dict(eta_max=0.7, precond_eta_init=0.3)),
         (80, 5, dict(use_apf=False)),  # lam 1
         (80, 5, dict(preconditioner="none")),  # eta 0, lam 1
     ],

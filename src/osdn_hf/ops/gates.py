@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 
 from .osdn.chunk_scan import HAS_TRITON
-from .osdn.launch import block_width, cdiv, enqueue
+from .osdn.launch import block_width, enqueue
 from .osdn.utils import use_triton
 
-# Rows (tokens) up to which a step takes the kernel: each program reads its heads' weights for
-# one row, so many rows would read them many times where one matrix product reads them once.
+# Rows (tokens) up to which a step takes the kernel: each row's programs read all three weights,
+# so many rows would read them many times where one matrix product reads them once.
 MAX_ROWS = 64
 
 if HAS_TRITON:
@@ -25,49 +25,45 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _gate_sum(w, o_w, m, xt, acc):
-        """acc plus each head's share of `x . w_h` over this block of columns, in float32."""
-        return acc + tl.sum(tl.load(w + o_w, mask=m, other=0.0).to(tl.float32) * xt, 1)
+    def _gate_dot(x, w, i_n, i_h, D, BD: tl.constexpr):
+        """`x_n . w_h` (row i_n of x, row i_h of w, both D long), summed in float32."""
+        acc = tl.zeros([BD], dtype=tl.float32)
+        for i_d in range(0, D, BD):
+            o_d = i_d + tl.arange(0, BD)
+            m = o_d < D
+            xt = tl.load(x + i_n * D + o_d, mask=m, other=0.0).to(tl.float32)
+            acc += xt * tl.load(w + i_h * D + o_d, mask=m, other=0.0).to(tl.float32)
+        return tl.sum(acc, 0)
 
     @triton.jit
     def gates_step_kernel(
         x, wb, we, be, wa, ba, beta, eta, lam, D, H, eta_max,
-        BH: tl.constexpr, BD: tl.constexpr, PRECOND: tl.constexpr, APF: tl.constexpr,
+        BD: tl.constexpr, PRECOND: tl.constexpr, APF: tl.constexpr,
     ):  # fmt: skip
-        """One row (token) and BH heads a program: each projection summed in float32, rounded to
-        x's dtype as `nn.Linear` returns it (with its bias added before the rounding, as the
-        product's epilogue adds it), then the float32 sigmoid; `eta` times `eta_max`. Without
-        PRECOND eta is 0, without APF lam is 1 (`OSDNAttention.gates`)."""
-        i_n, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
-        o_h = i_h * BH + tl.arange(0, BH)
-        m_h = o_h < H
-        acc_b = tl.zeros([BH], dtype=tl.float32)
-        acc_e = tl.zeros([BH], dtype=tl.float32)
-        acc_a = tl.zeros([BH], dtype=tl.float32)
-        for i_d in range(0, D, BD):
-            o_d = i_d + tl.arange(0, BD)
-            m_d = o_d < D
-            xt = tl.load(x + i_n * D + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
-            o_w = o_h[:, None] * D + o_d[None, :]
-            m = m_h[:, None] & m_d[None, :]
-            acc_b = _gate_sum(wb, o_w, m, xt, acc_b)
-            if PRECOND:
-                acc_e = _gate_sum(we, o_w, m, xt, acc_e)
-            if APF:
-                acc_a = _gate_sum(wa, o_w, m, xt, acc_a)
+        """One gate of one head of one row (token) a program (program ids: row, head, gate 0-2 for
+        beta, eta, lam), so a step of a few tokens still spreads its weights' reads over many
+        programs: the projection summed in float32, rounded to x's dtype as `nn.Linear` returns
+        it (with its bias added before the rounding, as the product's epilogue adds it), then the
+        float32 sigmoid; eta times `eta_max`. Without PRECOND eta is 0, without APF lam is 1
+        (`OSDNAttention.gates`)."""
+        i_n, i_h, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         dt = x.dtype.element_ty
-        out = i_n * H + o_h
-        tl.store(beta + out, tl.sigmoid(acc_b.to(dt).to(tl.float32)), mask=m_h)
-        if PRECOND:
-            acc_e += tl.load(be + o_h, mask=m_h, other=0.0).to(tl.float32)
-            tl.store(eta + out, eta_max * tl.sigmoid(acc_e.to(dt).to(tl.float32)), mask=m_h)
+        out = i_n * H + i_h
+        if i_g == 0:
+            a = _gate_dot(x, wb, i_n, i_h, D, BD)
+            tl.store(beta + out, tl.sigmoid(a.to(dt).to(tl.float32)))
+        elif i_g == 1:
+            if PRECOND:
+                a = _gate_dot(x, we, i_n, i_h, D, BD) + tl.load(be + i_h).to(tl.float32)
+                tl.store(eta + out, eta_max * tl.sigmoid(a.to(dt).to(tl.float32)))
+            else:
+                tl.store(eta + out, 0.0)
         else:
-            tl.store(eta + out, tl.zeros([BH], dtype=tl.float32), mask=m_h)
-        if APF:
-            acc_a += tl.load(ba + o_h, mask=m_h, other=0.0).to(tl.float32)
-            tl.store(lam + out, tl.sigmoid(acc_a.to(dt).to(tl.float32)), mask=m_h)
-        else:
-            tl.store(lam + out, tl.full([BH], 1.0, dtype=tl.float32), mask=m_h)
+            if APF:
+                a = _gate_dot(x, wa, i_n, i_h, D, BD) + tl.load(ba + i_h).to(tl.float32)
+                tl.store(lam + out, tl.sigmoid(a.to(dt).to(tl.float32)))
+            else:
+                tl.store(lam + out, 1.0)
 
 
 STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -103,14 +99,12 @@ def gates_step(
     D = x.shape[-1]
     N, H = x.numel() // D, b_proj.weight.shape[0]
     beta, eta, lam = (torch.empty(*x.shape[:-1], H, dtype=torch.float32, device=x.device) for _ in range(3))
-    BH = min(block_width(H), 16)
-    BD = max(16, min(block_width(D), 2048 // BH))
     enqueue(
-        gates_step_kernel, (N, cdiv(H, BH)),
+        gates_step_kernel, (N, H, 3),
         x.contiguous(), b_proj.weight,
         None if eta_proj is None else eta_proj.weight, None if eta_proj is None else eta_proj.bias,
         None if apf_proj is None else apf_proj.weight, None if apf_proj is None else apf_proj.bias,
         beta, eta, lam, D, H, float(eta_max),
-        BH=BH, BD=BD, PRECOND=eta_proj is not None, APF=apf_proj is not None, num_warps=4,
+        BD=min(block_width(D), 1024), PRECOND=eta_proj is not None, APF=apf_proj is not None, num_warps=4,
     )  # fmt: skip
     return beta, eta, lam
