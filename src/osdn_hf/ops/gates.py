@@ -99,12 +99,11 @@ def gates_step(
     D = x.shape[-1]
     N, H = x.numel() // D, b_proj.weight.shape[0]
     beta, eta, lam = (torch.empty(*x.shape[:-1], H, dtype=torch.float32, device=x.device) for _ in range(3))
+    we, be = (None, None) if eta_proj is None else (eta_proj.weight, eta_proj.bias)
+    wa, ba = (None, None) if apf_proj is None else (apf_proj.weight, apf_proj.bias)
     enqueue(
         gates_step_kernel, (N, H, 3),
-        x.contiguous(), b_proj.weight,
-        None if eta_proj is None else eta_proj.weight, None if eta_proj is None else eta_proj.bias,
-        None if apf_proj is None else apf_proj.weight, None if apf_proj is None else apf_proj.bias,
-        beta, eta, lam, D, H, float(eta_max),
+        x.contiguous(), b_proj.weight, we, be, wa, ba, beta, eta, lam, D, H, float(eta_max),
         BD=min(block_width(D), 1024), PRECOND=eta_proj is not None, APF=apf_proj is not None, num_warps=4,
     )  # fmt: skip
     return beta, eta, lam
