@@ -17,8 +17,13 @@ from .osdn.launch import block_width, enqueue
 from .osdn.utils import use_triton
 
 # Rows (tokens) up to which a step takes the kernel: each row's programs read all three weights,
-# so many rows would read them many times where one matrix product reads them once.
-MAX_ROWS = 64
+# so many rows read them many times where one matrix product reads them once. On an H200 (bf16;
+# benchmarks/results/gates51_af732ec.json) its GPU time against the ten kernels' at 1 / 64 / 256 /
+# 1024 rows was 1.4 / 2.7 / 5.8 / 19.0 against 17.0 / 21.1 / 21.1 / 22.3 us at osdn-340m's layer
+# (hidden 1024, 8 heads) and 1.6 / 4.6 / 13.3 / 47.8 against 21.1 / 24.1 / 25.1 / 27.3 us at
+# osdn-1.3b's (2048, 16); wall time a call, calls queued back to back, 0.20-0.32 of theirs up to
+# 1024 rows.
+MAX_ROWS = 256
 
 if HAS_TRITON:
     import triton
