@@ -87,6 +87,17 @@ def test_short_convolution_decoding_step_matches_conv1d(dtype, autocast):
     torch.testing.assert_close(first, F.silu(conv._one_step(torch.cat([x.new_zeros(3, 3, 6), x], 1))))
 
 
+def _step_kernels(monkeypatch, module) -> tuple[str, list]:
+    """For the one-kernel decoding steps: the device they run on here (CUDA, else Triton's
+    interpreter on the CPU, forced), and a list that records every kernel `module` launches."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        monkeypatch.setenv(utils.FORCE_TRITON_ENV, "1")
+    launched, real_enqueue = [], module.enqueue
+    monkeypatch.setattr(module, "enqueue", lambda *a, **k: launched.append(a[0]) or real_enqueue(*a, **k))
+    return device, launched
+
+
 STEP_CASES = [(torch.float32, False), (torch.float16, False), (torch.float32, True)]
 if torch.cuda.is_available():  # Triton's interpreter is wrong for bf16; a GPU is not
     STEP_CASES.append((torch.bfloat16, False))
@@ -101,9 +112,7 @@ def test_short_convolution_step_kernel_matches_torch(monkeypatch, dtype, autocas
     pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
     from osdn_hf.ops import short_conv
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        monkeypatch.setenv(utils.FORCE_TRITON_ENV, "1")
+    device, launched = _step_kernels(monkeypatch, short_conv)
     torch.manual_seed(0)
     conv = ShortConvolution(48, W, bias=bias).to(device, torch.float32 if autocast else dtype)
     with torch.no_grad():
@@ -111,8 +120,6 @@ def test_short_convolution_step_kernel_matches_torch(monkeypatch, dtype, autocas
             conv.bias.normal_()
     x = torch.randn(3, 1, 48, dtype=dtype, device=device)
     cache = torch.randn(3, 48, W - 1, dtype=dtype, device=device)
-    launched, real_enqueue = [], short_conv.enqueue
-    monkeypatch.setattr(short_conv, "enqueue", lambda *a, **k: launched.append(a[0]) or real_enqueue(*a, **k))
     with torch.no_grad(), torch.autocast(device, dtype=torch.float16, enabled=autocast):
         ref, ref_cache = conv(x, cache.clone())  # not in place: PyTorch
         held = cache
@@ -148,9 +155,7 @@ def test_gates_step_kernel_matches_torch(monkeypatch, dtype, hidden, heads, over
     from osdn_hf.layers.osdn_attention import OSDNAttention
     from osdn_hf.ops import gates
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        monkeypatch.setenv(utils.FORCE_TRITON_ENV, "1")
+    device, launched = _step_kernels(monkeypatch, gates)
     torch.manual_seed(0)
     attn = OSDNAttention(tiny_config(hidden_size=hidden, num_heads=heads, **overrides), 0).to(device, dtype)
     projections = (attn.b_proj, getattr(attn, "eta_proj", None), getattr(attn, "apf_proj", None))
@@ -160,8 +165,6 @@ def test_gates_step_kernel_matches_torch(monkeypatch, dtype, hidden, heads, over
                 proj.weight.normal_(0, 0.3)
                 if proj.bias is not None:
                     proj.bias.normal_()
-    launched, real_enqueue = [], gates.enqueue
-    monkeypatch.setattr(gates, "enqueue", lambda *a, **k: launched.append(a[0]) or real_enqueue(*a, **k))
     for shape in ((3, 1, hidden), (1, 7, hidden)):
         x = torch.randn(*shape, device=device, dtype=dtype)
         ref = attn.gates(x)
@@ -200,13 +203,9 @@ def test_gates_step_kernel_in_cached_decoding(monkeypatch):
     from osdn_hf.layers import osdn_attention
     from osdn_hf.ops import gates
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        monkeypatch.setenv(utils.FORCE_TRITON_ENV, "1")
+    device, launched = _step_kernels(monkeypatch, gates)
     model = tiny_model().to(device)
     ids = torch.randint(1, 97, (2, 4), device=device)
-    launched, real_enqueue = [], gates.enqueue
-    monkeypatch.setattr(gates, "enqueue", lambda *a, **k: launched.append(a[0]) or real_enqueue(*a, **k))
 
     def decode():
         with torch.no_grad():

@@ -15,6 +15,7 @@ import torch
 from .osdn.chunk_scan import HAS_TRITON
 from .osdn.launch import block_width, enqueue
 from .osdn.utils import use_triton
+from .short_conv import STEP_DTYPES  # the dtypes a decoding step's kernels take
 
 # Rows (tokens) up to which a step takes the kernel: each row's programs read all three weights,
 # so many rows read them many times where one matrix product reads them once. On an H200 (bf16;
@@ -69,9 +70,6 @@ if HAS_TRITON:
                 tl.store(lam + out, tl.sigmoid(a.to(dt).to(tl.float32)))
             else:
                 tl.store(lam + out, 1.0)
-
-
-STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def gates_step_applies(
