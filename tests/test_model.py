@@ -198,7 +198,8 @@ def test_gates_step_kernel_matches_torch(monkeypatch, dtype, hidden, heads, over
 
 def test_gates_step_kernel_in_cached_decoding(monkeypatch):
     """Cached decoding takes the gates' kernel in each layer's step (Triton's interpreter here,
-    CUDA on a GPU), and its logits are those of the same decoding with the PyTorch gates."""
+    CUDA on a GPU), and its logits are those of the same decoding with the PyTorch gates and of
+    one full forward (SPEC section 7, float32, 1e-4): on a GPU, the kernels' decoding path."""
     pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
     from osdn_hf.layers import osdn_attention
     from osdn_hf.ops import gates
@@ -214,6 +215,9 @@ def test_gates_step_kernel_in_cached_decoding(monkeypatch):
 
     logits = decode()
     assert launched == [gates.gates_step_kernel] * model.config.num_hidden_layers
+    with torch.no_grad():
+        full = model(ids).logits[:, 3:]
+    torch.testing.assert_close(logits, full, atol=LOGITS_ATOL, rtol=0)
     monkeypatch.setattr(osdn_attention, "gates_step_applies", lambda *a: False)
     torch.testing.assert_close(logits, decode(), atol=LOGITS_ATOL, rtol=0)
     assert len(launched) == model.config.num_hidden_layers
