@@ -132,6 +132,49 @@ def test_short_convolution_step_kernel_matches_torch(monkeypatch, dtype, autocas
     assert not torch.equal(y, torch.zeros_like(y))
 
 
+@pytest.mark.parametrize("dtype, autocast", STEP_CASES)
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_layer_convolves_q_k_v_in_one_step_kernel(monkeypatch, dtype, autocast, conv_bias):
+    """A layer's one-token step in place convolves q, k and v in one launch of the step kernel
+    (Triton's interpreter here, CUDA on a GPU; v twice as wide as q and k, in two blocks of 256
+    channels, so q's and k's second blocks have no channels): each output as each convolution's PyTorch step gives it,
+    each cache shifted in place exactly. A cache that is not contiguous, or packed tokens, leave each
+    convolution to itself."""
+    pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
+    from osdn_hf.layers.osdn_attention import OSDNAttention
+    from osdn_hf.ops import short_conv
+
+    device, launched = _step_kernels(monkeypatch, short_conv)
+    torch.manual_seed(0)
+    config = tiny_config(hidden_size=160, num_heads=2, expand_v=2, conv_bias=conv_bias)
+    attn = OSDNAttention(config, 0).to(device, torch.float32 if autocast else dtype)
+    if conv_bias:
+        with torch.no_grad():
+            for conv in (attn.q_conv1d, attn.k_conv1d, attn.v_conv1d):
+                conv.bias.normal_()
+    x = torch.randn(3, 1, 160, dtype=dtype, device=device)
+    cache_dtype = torch.float16 if autocast else dtype  # the projections' outputs', as a prompt leaves them
+    caches = tuple(torch.randn(3, D, 3, dtype=cache_dtype, device=device) for D in (160, 160, 320))
+    with torch.no_grad(), torch.autocast(device, dtype=torch.float16, enabled=autocast):
+        ref = attn.project(x, tuple(c.clone() for c in caches))  # not in place: PyTorch
+        assert not launched
+        out = attn.project(x, caches, inplace=True)
+        assert launched == [short_conv.short_conv_step_kernel]
+        for a, b in zip(out[:3], ref[:3], strict=True):
+            tol = dict(rtol=0, atol=2e-6) if a.dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)
+            torch.testing.assert_close(a, b, **tol)
+            assert a.dtype == (torch.float16 if autocast else dtype) and not torch.equal(a, torch.zeros_like(a))
+        assert all(a is b for a, b in zip(out[-1], caches, strict=True))
+        torch.testing.assert_close(out[-1], ref[-1], rtol=0, atol=0)
+        launched.clear()
+        strided = (caches[0], caches[1], caches[2].transpose(0, 1).contiguous().transpose(0, 1))
+        attn.project(x, strided, inplace=True)
+        assert launched == [short_conv.short_conv_step_kernel] * 2  # q and k; v in PyTorch
+        launched.clear()
+        attn.project(x.view(1, 3, 160), tuple(c.clone() for c in caches), torch.tensor([0, 1, 2, 3]), True)
+        assert not launched
+
+
 GATE_CASES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
 
@@ -180,8 +223,8 @@ def test_gates_step_kernel_matches_torch(monkeypatch, dtype, hidden, heads, over
             else:
                 # The sigmoid's slope is at most 1/4; the logits differ by at most eps times a
                 # size, from each path (bound: twice that). In float32 each path sums the products
-                # in its own order (PyTorch's depends on the CPU), within eps of
-                # their magnitudes' sum; in 16 bits each rounds the projection once, an ulp of it.
+                # in its own order (PyTorch's depends on the CPU), within eps of their magnitudes'
+                # sum; in 16 bits each rounds the projection once, an ulp of it.
                 w, bias = proj.weight.float(), None if proj.bias is None else proj.bias.float()
                 if dtype == torch.float32:
                     size = F.linear(x.float().abs(), w.abs(), None if bias is None else bias.abs())
@@ -225,6 +268,64 @@ def test_gates_step_kernel_in_cached_decoding(monkeypatch):
     monkeypatch.setattr(osdn_attention, "gates_step_applies", lambda *a: False)
     torch.testing.assert_close(logits, decode(), atol=LOGITS_ATOL, rtol=0)
     assert len(launched) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("dtype", GATE_CASES)
+def test_silu_mul_kernel_matches_torch(monkeypatch, dtype):
+    """The MLP's `silu(gate) * up` in one kernel (`silu_mul`; Triton's interpreter here, CUDA on a
+    GPU) gives `F.silu(gate) * up`: on a GPU the same bits (libdevice's expf, a rounded division);
+    interpreted, exp is numpy's, not PyTorch's, and an ulp of it and the two roundings after it
+    leave the product within 3 eps (relative; 2.6 eps seen in float32, 1.1 in float16). 1500 elements
+    leave part of the second block unused; gradients wanted, float64, mixed dtypes and
+    broadcasting stay in PyTorch."""
+    pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
+    from osdn_hf.ops import swiglu
+
+    device, launched = _step_kernels(monkeypatch, swiglu)
+    torch.manual_seed(0)
+    for shape in ((3, 1, 64), (2, 3, 250), (0, 1, 64)):
+        gate = (4 * torch.randn(*shape, device=device)).to(dtype)
+        up = torch.randn(*shape, device=device, dtype=dtype)
+        assert swiglu.silu_mul_applies(gate, up)
+        y = swiglu.silu_mul(gate, up)
+        ref = F.silu(gate) * up
+        assert launched == ([swiglu.silu_mul_kernel] if gate.numel() else []) and y.dtype == dtype
+        launched.clear()
+        if device == "cuda":
+            assert torch.equal(y, ref)
+        else:
+            eps = torch.finfo(dtype).eps
+            assert ((y.float() - ref.float()).abs() <= 3 * eps * ref.float().abs()).all()
+            assert (y != 0).sum() >= gate.numel() - 2
+    gate = torch.randn(2, 5, 8, device=device, requires_grad=True)
+    up = torch.randn(2, 5, 8, device=device)
+    assert not swiglu.silu_mul_applies(gate, up)  # gradients wanted
+    with torch.no_grad():
+        assert swiglu.silu_mul_applies(gate, up)
+        assert not swiglu.silu_mul_applies(gate.double(), up.double())
+        assert not swiglu.silu_mul_applies(gate, up.half())
+        assert not swiglu.silu_mul_applies(gate, up[:, :1])  # broadcast
+        assert not swiglu.silu_mul_applies(gate.transpose(1, 2), up.transpose(1, 2))  # not contiguous
+
+
+def test_silu_mul_kernel_in_the_model(monkeypatch):
+    """Without gradients every layer's MLP takes the kernel, in the prompt and in each cached
+    step (Triton's interpreter here, CUDA on a GPU); its logits are those of the PyTorch MLP
+    (a forward with gradients) within SPEC section 7's float32 1e-4."""
+    pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
+    from osdn_hf.ops import swiglu
+
+    device, launched = _step_kernels(monkeypatch, swiglu)
+    model = tiny_model().to(device)
+    ids = torch.randint(1, 97, (2, 5), device=device)
+    with torch.no_grad():
+        out = model(ids[:, :3], use_cache=True)
+        step = model(ids[:, 3:4], past_key_values=out.past_key_values, use_cache=True).logits
+    assert launched == [swiglu.silu_mul_kernel] * (2 * model.config.num_hidden_layers)
+    full = model(ids[:, :4]).logits  # gradients enabled: the PyTorch MLP
+    assert len(launched) == 2 * model.config.num_hidden_layers and full.requires_grad
+    torch.testing.assert_close(out.logits, full[:, :3], atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(step, full[:, 3:], atol=LOGITS_ATOL, rtol=0)
 
 
 def test_rms_norm_is_its_formula():

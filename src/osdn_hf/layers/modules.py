@@ -7,12 +7,15 @@ onto them by name.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.osdn.utils import pad_varlen, unpad_varlen, varlen_index
 from ..ops.short_conv import short_conv_step, short_conv_step_applies
+from ..ops.swiglu import silu_mul, silu_mul_applies
 
 
 class ShortConvolution(nn.Conv1d):
@@ -44,7 +47,7 @@ class ShortConvolution(nn.Conv1d):
         if inplace and cu_seqlens is None:
             out_dtype = self._out_dtype(x)
             if short_conv_step_applies(x, cache, self.weight, out_dtype):  # one Triton kernel
-                return short_conv_step(x, cache, self.weight, self.bias, out_dtype), cache
+                return short_conv_step([x], [cache], [self.weight], [self.bias], out_dtype)[0], cache
         if cu_seqlens is None:
             xs, lengths = x, None
         else:
@@ -90,6 +93,24 @@ class ShortConvolution(nn.Conv1d):
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def short_conv_steps_in_place(
+    convs: Sequence[ShortConvolution], xs: Sequence[torch.Tensor], caches: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor] | None:
+    """One-token decoding steps of up to three convolutions of one width (a layer's q, k and v),
+    their caches updated in place, in one Triton kernel: each conv's `forward(x, cache,
+    inplace=True)[0]`. None where that kernel does not take all of them (then call each)."""
+    W, out_dtype, first = convs[0].kernel_size[0], ShortConvolution._out_dtype(xs[0]), xs[0]
+    if len(convs) > 3 or any(
+        c.kernel_size[0] != W
+        or x.dtype != first.dtype
+        or x.shape[0] != first.shape[0]
+        or not short_conv_step_applies(x, cache, c.weight, out_dtype)
+        for c, x, cache in zip(convs, xs, caches, strict=True)
+    ):
+        return None
+    return short_conv_step(xs, caches, [c.weight for c in convs], [c.bias for c in convs], out_dtype)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and returned in the input dtype.
 
@@ -119,7 +140,8 @@ class GatedRMSNorm(RMSNorm):
 
 
 class SwiGLUMLP(nn.Module):
-    """`down_proj(silu(gate_proj(x)) * up_proj(x))`."""
+    """`down_proj(silu(gate_proj(x)) * up_proj(x))`. Where no gradient is wanted, on Triton's
+    device, `silu(...) * up_proj(x)` is one kernel (`ops/swiglu.py`)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -128,7 +150,8 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(silu_mul(gate, up) if silu_mul_applies(gate, up) else F.silu(gate) * up)
 
 
 def pack_padding(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..ops.gates import gates_step, gates_step_applies
 from ..ops.osdn.chunk import chunk_osdn
 from ..ops.osdn.fused_recurrent import fused_recurrent_osdn
-from .modules import GatedRMSNorm, RMSNorm, ShortConvolution, pack_if_padded, unpack_padding
+from .modules import GatedRMSNorm, RMSNorm, ShortConvolution, pack_if_padded, short_conv_steps_in_place, unpack_padding
 
 if TYPE_CHECKING:
     from ..configuration_osdn import OSDNConfig
@@ -91,13 +91,18 @@ class OSDNAttention(nn.Module):
 
         Returns q, k `[B, T, H, K]` (not yet L2-normalised), v `[B, T, H, V]`, beta, eta, lam
         `[B, T, H]` and the new convolution states (q, k, v), written over `conv_state` with
-        `inplace` (`ShortConvolution.forward`), which also lets the gates take one kernel
-        (`gates`' `step`).
+        `inplace` (`ShortConvolution.forward`). A one-token step in place convolves q, k and v in
+        one kernel (`short_conv_steps_in_place`) and takes the gates' kernel (`gates`' `step`).
         """
-        conv_q, conv_k, conv_v = conv_state if conv_state is not None else (None, None, None)
-        q, conv_q = self.q_conv1d(self.q_proj(x), conv_q, cu_seqlens, inplace)
-        k, conv_k = self.k_conv1d(self.k_proj(x), conv_k, cu_seqlens, inplace)
-        v, conv_v = self.v_conv1d(self.v_proj(x), conv_v, cu_seqlens, inplace)
+        caches = tuple(conv_state) if conv_state is not None else (None, None, None)
+        convs, xs = (self.q_conv1d, self.k_conv1d, self.v_conv1d), (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        ys = short_conv_steps_in_place(convs, xs, caches) if inplace and cu_seqlens is None else None
+        if ys is None:
+            (q, conv_q), (k, conv_k), (v, conv_v) = (
+                conv(xc, cache, cu_seqlens, inplace) for conv, xc, cache in zip(convs, xs, caches, strict=True)
+            )
+        else:  # one kernel for the three, the caches updated in place
+            (q, k, v), (conv_q, conv_k, conv_v) = ys, caches
         q = q.view(*q.shape[:2], self.num_heads, self.head_k_dim)  # (B, T, H, K)
         k = k.view(*k.shape[:2], self.num_heads, self.head_k_dim)  # (B, T, H, K)
         v = v.view(*v.shape[:2], self.num_heads, self.head_v_dim)  # (B, T, H, V)

@@ -2,11 +2,15 @@
 
 A decoding step convolves each sequence's new input with the `W - 1` cached before it, applies
 SiLU, and shifts the cache by one. In PyTorch that is about eight small kernels (`cat`, casts, a
-multiply, a sum, SiLU, the cache's copy); `short_conv_step` is one, which matters where decoding
-waits on the host to launch kernels, or on many tiny kernels (a step replayed from a CUDA graph).
+multiply, a sum, SiLU, the cache's copy); `short_conv_step` is one, and one for all three of a
+layer's convolutions (q, k and v; `layers.modules.short_conv_steps_in_place`), which matters where
+decoding waits on the host to launch kernels, or on many tiny kernels (a step replayed from a CUDA
+graph).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -19,23 +23,12 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def short_conv_step_kernel(
-        x,
-        cache,
-        weight,
-        bias,
-        y,
-        D,
-        W: tl.constexpr,
-        BW: tl.constexpr,
-        BD: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-    ):
-        """One sequence's block of BD channels a program: `y = silu(round(sum_j w_j x_j + b))` over
-        the W inputs (the cache's W - 1, oldest first, then x), summed in float32 and rounded to
-        y's dtype before SiLU, as `ShortConvolution` does; then the cache shifts by one, x last.
-        Every program reads its own part of the cache before writing it."""
-        i_n, i_d = tl.program_id(0), tl.program_id(1)
+    def _conv_step(x, cache, weight, bias, y, D, i_n, i_d, W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr):
+        """One sequence's block of BD channels of one convolution: `y = silu(round(sum_j w_j x_j +
+        b))` over the W inputs (the cache's W - 1, oldest first, then x), summed in float32 and
+        rounded to y's dtype before SiLU, as `ShortConvolution` does; then the cache shifts by
+        one, x last. Every program reads its own part of the cache before writing it. Blocks past
+        D (a narrower convolution of the launch) do nothing."""
         o_d = i_d * BD + tl.arange(0, BD)
         o_w = tl.arange(0, BW)
         m_d = o_d < D
@@ -46,7 +39,7 @@ if HAS_TRITON:
         w_hist = tl.load(weight + o_d[:, None] * W + o_w[None, :], mask=m_hist, other=0.0)
         w_last = tl.load(weight + o_d * W + (W - 1), mask=m_d, other=0.0)
         acc = tl.sum(hist.to(tl.float32) * w_hist.to(tl.float32), axis=1) + xt.to(tl.float32) * w_last.to(tl.float32)
-        if HAS_BIAS:
+        if bias is not None:
             acc += tl.load(bias + o_d, mask=m_d, other=0.0).to(tl.float32)
         a = acc.to(y.dtype.element_ty).to(tl.float32)
         tl.store(y + rows, (a * tl.sigmoid(a)).to(y.dtype.element_ty), mask=m_d)
@@ -55,6 +48,26 @@ if HAS_TRITON:
         nxt = tl.load(cache + rows[:, None] * (W - 1) + o_w[None, :] + 1, mask=m_next, other=0.0)
         tl.store(cache + rows[:, None] * (W - 1) + o_w[None, :], nxt, mask=m_next)
         tl.store(cache + rows * (W - 1) + (W - 2), xt, mask=m_d)
+
+    @triton.jit
+    def short_conv_step_kernel(
+        x0, cache0, weight0, bias0, y0, D0,
+        x1, cache1, weight1, bias1, y1, D1,
+        x2, cache2, weight2, bias2, y2, D2,
+        W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, NC: tl.constexpr,
+    ):  # fmt: skip
+        """One to NC = 3 convolutions of width W in one launch (the layer's q, k and v): program
+        ids sequence, block of BD channels, convolution (`_conv_step`). Unused convolutions'
+        arguments are None."""
+        i_n, i_d, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        if i_c == 0:
+            _conv_step(x0, cache0, weight0, bias0, y0, D0, i_n, i_d, W, BW, BD)
+        if NC > 1:
+            if i_c == 1:
+                _conv_step(x1, cache1, weight1, bias1, y1, D1, i_n, i_d, W, BW, BD)
+        if NC > 2:
+            if i_c == 2:
+                _conv_step(x2, cache2, weight2, bias2, y2, D2, i_n, i_d, W, BW, BD)
 
 
 STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -81,19 +94,30 @@ def short_conv_step_applies(x: torch.Tensor, cache: torch.Tensor | None, weight:
 
 
 def short_conv_step(
-    x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
-) -> torch.Tensor:
-    """`silu(conv)` of one token per sequence: x `[N, 1, D]`, cache `[N, D, W - 1]` (updated in
-    place: shifted by one, x last), depthwise weight `[D, 1, W]`, bias `[D]` or None. Returns
-    `[N, 1, D]` in `out_dtype`. Call it only where `short_conv_step_applies`."""
-    N, _, D = x.shape
-    W = weight.shape[-1]
-    y = torch.empty(N, 1, D, dtype=out_dtype, device=x.device)
+    xs: Sequence[torch.Tensor],
+    caches: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    out_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """`silu(conv)` of one token per sequence for one to three convolutions of one width W in one
+    launch: each x `[N, 1, D]`, its cache `[N, D, W - 1]` (updated in place: shifted by one, x
+    last), its depthwise weight `[D, 1, W]` and bias `[D]` or None. Returns each `[N, 1, D]` in
+    `out_dtype`. Call it only where `short_conv_step_applies` for each, with the same N and W."""
+    N, W = xs[0].shape[0], weights[0].shape[-1]
+    if not 1 <= len(xs) <= 3 or any(w.shape[-1] != W or x.shape[0] != N for x, w in zip(xs, weights, strict=True)):
+        raise ValueError(f"short_conv_step takes one to three convolutions of one width and batch, got {len(xs)}")
+    ys = [torch.empty(N, 1, x.shape[-1], dtype=out_dtype, device=x.device) for x in xs]
+    D = max(x.shape[-1] for x in xs)
     BD = min(block_width(D), 256)
-    x = x.contiguous()
+    args = [
+        a
+        for c in zip(xs, caches, weights, biases, ys, strict=True)
+        for a in (c[0].contiguous(), *c[1:], c[0].shape[-1])
+    ]
+    args += [None] * (18 - len(args))
     enqueue(
-        short_conv_step_kernel, (N, cdiv(D, BD)),
-        x, cache, weight, bias, y, D,
-        W=W, BW=max(1 << (W - 2).bit_length(), 2), BD=BD, HAS_BIAS=bias is not None, num_warps=4,
+        short_conv_step_kernel, (N, cdiv(D, BD), len(xs)), *args,
+        W=W, BW=max(1 << (W - 2).bit_length(), 2), BD=BD, NC=len(xs), num_warps=4,
     )  # fmt: skip
-    return y
+    return ys
