@@ -171,7 +171,8 @@ def test_layer_convolves_q_k_v_in_one_step_kernel(monkeypatch, dtype, autocast, 
         attn.project(x, strided, inplace=True)
         assert launched == [short_conv.short_conv_step_kernel] * 2  # q and k; v in PyTorch
         launched.clear()
-        attn.project(x.view(1, 3, 160), tuple(c.clone() for c in caches), torch.tensor([0, 1, 2, 3]), True)
+        packed = torch.tensor([0, 1, 2, 3], device=device)
+        attn.project(x.view(1, 3, 160), tuple(c.clone() for c in caches), packed, True)
         assert not launched
 
 
@@ -735,6 +736,8 @@ def test_bad_model_inputs_raise_value_error():
     cache = output_cache(model(ids, use_cache=True))
     with pytest.raises(ValueError, match="not both"):
         model(ids, cache=cache, past_key_values=cache)
+    with pytest.raises(ValueError, match="`cu_seqlens` is on meta"):
+        model(ids[:1], cu_seqlens=torch.tensor([0, 2, 5], device="meta"))
 
 
 def test_cache_under_either_name():

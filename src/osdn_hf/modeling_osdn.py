@@ -269,7 +269,8 @@ class OSDNModel(OSDNPreTrainedModel):
             last T columns are this input's). Padding neither reads nor writes the state, and its
             positions come out as zeros in `last_hidden_state` and `hidden_states`.
         cu_seqlens (`torch.LongTensor` of shape `[N + 1]`, *optional*): offsets of packed
-            sequences in a batch of one row; the state resets at each boundary.
+            sequences in a batch of one row, on the inputs' device; the state resets at each
+            boundary.
         cache (`OSDNCache`, *optional*): `past_key_values` under its name since transformers
             5.24; pass one or the other.
         **kwargs: accepted for API compatibility (for example `position_ids`, which OSDN
@@ -295,6 +296,8 @@ class OSDNModel(OSDNPreTrainedModel):
 
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = hidden_states.shape[:2]
+        if cu_seqlens is not None and cu_seqlens.device != hidden_states.device:
+            raise ValueError(f"`cu_seqlens` is on {cu_seqlens.device} but the inputs are on {hidden_states.device}")
         # Padding neither reads nor writes the state: the real tokens are packed once here, and
         # every layer gets them as packed sequences (one wait on the GPU per forward, not several
         # per layer). A mask of ones, what `generate` passes at every step, is simply dropped.
