@@ -310,23 +310,125 @@ def test_silu_mul_kernel_matches_torch(monkeypatch, dtype):
 
 
 def test_silu_mul_kernel_in_the_model(monkeypatch):
-    """Without gradients every layer's MLP takes the kernel, in the prompt and in each cached
-    step (Triton's interpreter here, CUDA on a GPU); its logits are those of the PyTorch MLP
-    (a forward with gradients) within SPEC section 7's float32 1e-4."""
+    """Without gradients every layer's MLP takes the kernel for a prompt of more rows than
+    `linear_step` takes (Triton's interpreter here, CUDA on a GPU), and `swiglu_step` for a
+    cached step's few; the logits are those of the PyTorch MLP (a forward with gradients) within
+    SPEC section 7's float32 1e-4."""
     pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
-    from osdn_hf.ops import swiglu
+    from osdn_hf.ops import linear_step, swiglu
 
     device, launched = _step_kernels(monkeypatch, swiglu)
     model = tiny_model().to(device)
+    layers = model.config.num_hidden_layers
+    T = linear_step.MAX_ROWS // 2 + 1  # two sequences: more rows than MAX_ROWS
+    ids = torch.randint(1, 97, (2, T + 1), device=device)
+    with torch.no_grad():
+        out = model(ids[:, :T], use_cache=True)
+        assert launched == [swiglu.silu_mul_kernel] * layers
+        step = model(ids[:, T:], past_key_values=out.past_key_values, use_cache=True).logits
+    assert launched == [swiglu.silu_mul_kernel] * layers  # the step's MLPs: swiglu_step
+    full = model(ids).logits  # gradients enabled: the PyTorch MLP
+    assert len(launched) == layers and full.requires_grad
+    torch.testing.assert_close(out.logits, full[:, :T], atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(step, full[:, T:], atol=LOGITS_ATOL, rtol=0)
+
+
+def _products_bound(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """How far two float32 sums of `x w^T` in other orders, each rounded once to dtype, may
+    part: an ulp of the result (16-bit) plus twice eps32 times the products' magnitudes."""
+    xf, wf = x.float(), w.float()
+    rounding = torch.finfo(dtype).eps * F.linear(xf, wf).abs() if dtype != torch.float32 else 0.0
+    return rounding + 2 * torch.finfo(torch.float32).eps * F.linear(xf.abs(), wf.abs())
+
+
+@pytest.mark.parametrize("dtype", GATE_CASES)
+def test_linear_step_kernels_match_torch(monkeypatch, dtype):
+    """A few rows through up to three weights in one launch (`linear_step`) and the MLP's gate
+    and up projections with `silu(gate) * up` in one (`swiglu_step`) give the modules' results
+    (Triton's interpreter here, CUDA on a GPU): each product within what its float32 sums in
+    another order and its rounding allow, the SwiGLU within what those move it by its slopes.
+    300 columns and 40 or 100 features leave blocks part-used; weights of three widths share a
+    launch. More rows, gradients wanted, a bias, a hook, a subclass, autocast or another dtype
+    stay with the modules."""
+    pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
+    from osdn_hf.ops import linear_step as ls
+
+    device, launched = _step_kernels(monkeypatch, ls)
+    torch.manual_seed(0)
+    K = 300
+    linears = [torch.nn.Linear(K, N, bias=False).to(device, dtype) for N in (40, 100, 72)]
+    for rows in ((1, 1), (3, 1), (2, 8)):
+        x = torch.randn(*rows, K, device=device, dtype=dtype)
+        with torch.no_grad():
+            assert ls.linear_step_applies(x, linears)
+            ys = ls.linear_step(x, linears)
+            for y, m in zip(ys, linears, strict=True):
+                ref = m(x)
+                assert y.shape == ref.shape and y.dtype == dtype
+                assert ((y.float() - ref.float()).abs() <= _products_bound(x, m.weight, dtype)).all()
+            gate, up = linears[1], torch.nn.Linear(K, 100, bias=False).to(device, dtype)
+            y = ls.swiglu_step(x, gate, up)
+            g, u = gate(x).float(), up(x).float()
+            ref = F.silu(gate(x)) * up(x)
+            # each of g and u may part by its bound; silu's slope is sigmoid(g)(1 + g(1 - sigmoid(g)))
+            sg = torch.sigmoid(g)
+            slope = (sg * (1 + g * (1 - sg))).abs()
+            bound = slope * _products_bound(x, gate.weight, dtype) * u.abs() + F.silu(g).abs() * _products_bound(
+                x, up.weight, dtype
+            )
+            bound = 1.01 * bound + 3 * torch.finfo(dtype).eps * ref.float().abs()
+            assert y.shape == ref.shape and ((y.float() - ref.float()).abs() <= bound).all()
+            assert not torch.equal(y, torch.zeros_like(y))
+        assert launched == [ls.linear_step_kernel, ls.swiglu_step_kernel]
+        launched.clear()
+    x = torch.randn(2, 8, K, device=device, dtype=dtype)
+    assert not ls.linear_step_applies(x, linears)  # gradients wanted
+    with torch.no_grad():
+        assert not ls.linear_step_applies(torch.randn(17, K, device=device, dtype=dtype), linears)
+        assert not ls.linear_step_applies(x.double(), linears)  # x and the weights' dtypes differ
+        float64 = torch.nn.Linear(K, 8, bias=False, device=device, dtype=torch.float64)
+        assert not ls.linear_step_applies(x.double(), [float64])
+        with_bias = torch.nn.Linear(K, 8).to(device, dtype)
+        assert not ls.linear_step_applies(x, [with_bias])
+
+        class Sub(torch.nn.Linear):
+            pass
+
+        assert not ls.linear_step_applies(x, [Sub(K, 8, bias=False).to(device, dtype)])
+        handle = linears[0].register_forward_hook(lambda *a: None)
+        assert not ls.linear_step_applies(x, linears)
+        handle.remove()
+        assert ls.linear_step_applies(x, linears)
+        with torch.autocast(device, dtype=torch.float16):
+            assert not ls.linear_step_applies(x, linears)
+
+
+def test_linear_step_kernels_in_the_model(monkeypatch):
+    """Without gradients, a prompt of a few tokens and each cached step project q, k and v in one
+    launch a layer and run the MLP's gate, up and SiLU in one (Triton's interpreter here, CUDA on
+    a GPU); the logits are those of the modules (a forward with gradients) within SPEC section
+    7's float32 1e-4. A LoRA-like wrapper on q_proj (a hook) leaves that layer's q, k and v to
+    the modules."""
+    pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
+    from osdn_hf.ops import linear_step as ls
+
+    device, launched = _step_kernels(monkeypatch, ls)
+    model = tiny_model().to(device)
+    layers = model.config.num_hidden_layers
     ids = torch.randint(1, 97, (2, 5), device=device)
     with torch.no_grad():
         out = model(ids[:, :3], use_cache=True)
         step = model(ids[:, 3:4], past_key_values=out.past_key_values, use_cache=True).logits
-    assert launched == [swiglu.silu_mul_kernel] * (2 * model.config.num_hidden_layers)
-    full = model(ids[:, :4]).logits  # gradients enabled: the PyTorch MLP
-    assert len(launched) == 2 * model.config.num_hidden_layers and full.requires_grad
+    assert launched == [ls.linear_step_kernel, ls.swiglu_step_kernel] * (2 * layers)
+    launched.clear()
+    full = model(ids[:, :4]).logits  # gradients enabled: the modules
+    assert not launched and full.requires_grad
     torch.testing.assert_close(out.logits, full[:, :3], atol=LOGITS_ATOL, rtol=0)
     torch.testing.assert_close(step, full[:, 3:], atol=LOGITS_ATOL, rtol=0)
+    model.model.layers[0].attn.q_proj.register_forward_hook(lambda *a: None)
+    with torch.no_grad():
+        model(ids[:, :3])
+    assert launched == [ls.swiglu_step_kernel] + [ls.linear_step_kernel, ls.swiglu_step_kernel] * (layers - 1)
 
 
 def test_rms_norm_is_its_formula():

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.gates import gates_step, gates_step_applies
+from ..ops.linear_step import linear_step, linear_step_applies
 from ..ops.osdn.chunk import chunk_osdn
 from ..ops.osdn.fused_recurrent import fused_recurrent_osdn
 from .modules import GatedRMSNorm, RMSNorm, ShortConvolution, pack_if_padded, short_conv_steps_in_place, unpack_padding
@@ -91,11 +92,13 @@ class OSDNAttention(nn.Module):
 
         Returns q, k `[B, T, H, K]` (not yet L2-normalised), v `[B, T, H, V]`, beta, eta, lam
         `[B, T, H]` and the new convolution states (q, k, v), written over `conv_state` with
-        `inplace` (`ShortConvolution.forward`). A one-token step in place convolves q, k and v in
-        one kernel (`short_conv_steps_in_place`) and takes the gates' kernel (`gates`' `step`).
+        `inplace` (`ShortConvolution.forward`). A few rows without gradients project q, k and v in
+        one kernel (`ops.linear_step`); a one-token step in place convolves them in one kernel
+        (`short_conv_steps_in_place`) and takes the gates' kernel (`gates`' `step`).
         """
         caches = tuple(conv_state) if conv_state is not None else (None, None, None)
-        convs, xs = (self.q_conv1d, self.k_conv1d, self.v_conv1d), (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        convs, linears = (self.q_conv1d, self.k_conv1d, self.v_conv1d), (self.q_proj, self.k_proj, self.v_proj)
+        xs = linear_step(x, linears) if linear_step_applies(x, linears) else [m(x) for m in linears]
         ys = short_conv_steps_in_place(convs, xs, caches) if inplace and cu_seqlens is None else None
         if ys is None:
             (q, conv_q), (k, conv_k), (v, conv_v) = (

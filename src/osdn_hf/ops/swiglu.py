@@ -27,6 +27,15 @@ if HAS_TRITON:
     from triton.language.extra import libdevice
 
     @triton.jit
+    def _silu(g, LIBDEVICE: tl.constexpr):
+        """`g / (1 + exp(-g))` of float32 g as PyTorch's CUDA kernel computes it with LIBDEVICE
+        (libdevice's expf, a correctly rounded division); with `tl.exp` and `/` without."""
+        if LIBDEVICE:
+            return tl.div_rn(g, 1.0 + libdevice.exp(-g))
+        else:
+            return g / (1.0 + tl.exp(-g))
+
+    @triton.jit
     def silu_mul_kernel(gate, up, y, n, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
         """BLOCK elements a program: `silu(gate)` in float32 rounded to the dtype, times `up` in
         float32, rounded (F.silu, then the multiply)."""
@@ -34,11 +43,7 @@ if HAS_TRITON:
         m = o < n
         g = tl.load(gate + o, mask=m, other=0.0)
         u = tl.load(up + o, mask=m, other=0.0)
-        gf = g.to(tl.float32)
-        if LIBDEVICE:
-            s = tl.div_rn(gf, 1.0 + libdevice.exp(-gf))
-        else:
-            s = gf / (1.0 + tl.exp(-gf))
+        s = _silu(g.to(tl.float32), LIBDEVICE)
         tl.store(y + o, (s.to(g.dtype).to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=m)
 
     # Triton's interpreter makes its kernels InterpretedFunctions, not JITFunctions

@@ -1,0 +1,159 @@
+"""A decoding step's projections of a few rows, several weights to one launch, as Triton kernels.
+
+A one-token step multiplies a handful of rows by each weight: a layer's q, k and v projections are
+three cuBLAS calls, its MLP's gate and up projections two more and the SiLU-and-multiply a third.
+On a GPU each such call reads its weight at a fraction of the memory's bandwidth, and eagerly each
+costs the host a launch. `linear_step` does the q, k and v projections in one launch, one program
+per block of one weight's output features; `swiglu_step` does `silu(x W_gate^T) * (x W_up^T)` in
+one, each program both products of its features, rounded as `nn.Linear` returns them and then as
+`F.silu(gate) * up` computes (`ops/swiglu.py`). The sums are float32 (tl.dot), in another order
+than cuBLAS's, so the same to rounding, not to the bit.
+
+They take `nn.Linear`s without a bias, hooks or a replaced `forward` (so not PEFT's or a quantized
+layer, which keep their own), at most `MAX_ROWS` rows, no autocast, and only where no gradient is
+wanted (`linear_step_applies`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from torch.nn.modules import module as _module
+
+from .osdn.chunk_scan import HAS_TRITON
+from .osdn.launch import cdiv, enqueue
+from .osdn.utils import dot_precision, use_triton
+from .short_conv import STEP_DTYPES  # 16- and 32-bit floats
+
+MAX_ROWS = 16  # tl.dot's least block; more rows go to cuBLAS
+BK = 256  # the reduction's block
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .swiglu import _INTERPRETED, _silu
+
+    @triton.jit
+    def _rows_times_weight(x, w, M, N, K, i_n, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+        """`x[:M] @ w[i_n * BN : (i_n + 1) * BN]^T` as a float32 `[16, BN]` block (rows past M 0)."""
+        o_m = tl.arange(0, 16)
+        o_n = i_n * BN + tl.arange(0, BN)
+        acc = tl.zeros([16, BN], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            m_k = o_k[None, :] < K
+            xt = tl.load(x + o_m[:, None] * K + o_k[None, :], mask=(o_m[:, None] < M) & m_k, other=0.0)
+            wt = tl.load(w + o_n[:, None].to(tl.int64) * K + o_k[None, :], mask=(o_n[:, None] < N) & m_k, other=0.0)
+            acc += tl.dot(xt, tl.trans(wt), input_precision=PREC)
+        return acc
+
+    @triton.jit
+    def _one_projection(x, w, y, M, N, K, i_n, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+        if i_n * BN < N:  # a narrower weight of the launch has no block here
+            acc = _rows_times_weight(x, w, M, N, K, i_n, BN, BK, PREC)
+            o_m, o_n = tl.arange(0, 16), i_n * BN + tl.arange(0, BN)
+            tl.store(y + o_m[:, None] * N + o_n[None, :], acc.to(y.dtype.element_ty), (o_m[:, None] < M) & (o_n < N))
+
+    @triton.jit
+    def linear_step_kernel(
+        x, w0, y0, N0, w1, y1, N1, w2, y2, N2, M, K,
+        BN: tl.constexpr, BK: tl.constexpr, NW: tl.constexpr, PREC: tl.constexpr,
+    ):  # fmt: skip
+        """`y_j = x w_j^T` for NW = 1 to 3 weights (program ids: block of BN output features, weight)."""
+        i_n, i_w = tl.program_id(0), tl.program_id(1)
+        if i_w == 0:
+            _one_projection(x, w0, y0, M, N0, K, i_n, BN, BK, PREC)
+        if NW > 1:
+            if i_w == 1:
+                _one_projection(x, w1, y1, M, N1, K, i_n, BN, BK, PREC)
+        if NW > 2:
+            if i_w == 2:
+                _one_projection(x, w2, y2, M, N2, K, i_n, BN, BK, PREC)
+
+    @triton.jit
+    def swiglu_step_kernel(
+        x, wg, wu, y, M, N, K, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, LIBDEVICE: tl.constexpr
+    ):
+        """`y = silu(x wg^T) * (x wu^T)` for a block of BN features a program: each product
+        rounded to y's dtype (as `nn.Linear` returns it), then `silu` rounded, then the product
+        rounded (as `F.silu(gate) * up`)."""
+        i_n = tl.program_id(0)
+        dt = y.dtype.element_ty
+        g = _rows_times_weight(x, wg, M, N, K, i_n, BN, BK, PREC).to(dt).to(tl.float32)
+        u = _rows_times_weight(x, wu, M, N, K, i_n, BN, BK, PREC).to(dt).to(tl.float32)
+        s = _silu(g, LIBDEVICE).to(dt).to(tl.float32)
+        o_m, o_n = tl.arange(0, 16), i_n * BN + tl.arange(0, BN)
+        tl.store(y + o_m[:, None] * N + o_n[None, :], (s * u).to(dt), (o_m[:, None] < M) & (o_n < N))
+
+
+def linear_step_applies(x: torch.Tensor, linears: Sequence[nn.Module]) -> bool:
+    """Whether `linear_step` / `swiglu_step` take `x` `[..., K]` through `linears`: Triton's device
+    (CUDA, or its interpreter when forced), 1 to `MAX_ROWS` rows, no gradient wanted, no autocast,
+    x in a 16- or 32-bit float dtype, and each a plain `nn.Linear` (not a subclass) without a bias,
+    hooks (its own or global) or a replaced `forward`, its weight `[N, K]` contiguous in x's dtype
+    on x's device. Anything else stays with the modules."""
+    K = x.shape[-1]
+    if not use_triton(x) or K == 0 or not 0 < x.numel() // K <= MAX_ROWS:
+        return False
+    if x.dtype not in STEP_DTYPES or torch.is_autocast_enabled(x.device.type):
+        return False
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return False
+    grad = torch.is_grad_enabled()
+    if grad and x.requires_grad:
+        return False
+    for m in linears:
+        if type(m) is not nn.Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks:
+            return False
+        if "forward" in m.__dict__:  # replaced (accelerate's hooks do this)
+            return False
+        w = m.weight
+        if (grad and w.requires_grad) or w.dtype != x.dtype or w.shape[1] != K or w.device != x.device:
+            return False
+        if not w.is_contiguous():
+            return False
+    return True
+
+
+def _feature_block(N: int, weights: int) -> int:
+    """Output features a program: 32 where that still makes two programs an SM of an H100/H200
+    (132 SMs), else 16, which spreads a narrow step's reads over more programs."""
+    return 32 if cdiv(N, 32) * weights >= 264 else 16
+
+
+def linear_step(x: torch.Tensor, linears: Sequence[nn.Linear]) -> list[torch.Tensor]:
+    """`[m(x) for m in linears]` (1 to 3) in one launch. Call it only where `linear_step_applies`."""
+    K = x.shape[-1]
+    M = x.numel() // K
+    x = x.contiguous()
+    ys = [torch.empty(*x.shape[:-1], m.weight.shape[0], dtype=x.dtype, device=x.device) for m in linears]
+    if not 1 <= len(linears) <= 3:
+        raise ValueError(f"linear_step takes one to three weights, got {len(linears)}")
+    args = [a for m, y in zip(linears, ys, strict=True) for a in (m.weight, y, m.weight.shape[0])]
+    args += [None] * (9 - len(args))
+    N = max(m.weight.shape[0] for m in linears)
+    BN = _feature_block(N, len(linears))
+    enqueue(
+        linear_step_kernel, (cdiv(N, BN), len(linears)), x, *args, M, K,
+        BN=BN, BK=BK, NW=len(linears), PREC=dot_precision(x), num_warps=2, num_stages=3,
+    )  # fmt: skip
+    return ys
+
+
+def swiglu_step(x: torch.Tensor, gate: nn.Linear, up: nn.Linear) -> torch.Tensor:
+    """`F.silu(gate(x)) * up(x)` in one launch. Call it only where `linear_step_applies`."""
+    K = x.shape[-1]
+    M, N = x.numel() // K, gate.weight.shape[0]
+    if up.weight.shape[0] != N:
+        raise ValueError(f"gate and up must have as many features, got {N} and {up.weight.shape[0]}")
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    BN = _feature_block(N, 2)
+    enqueue(
+        swiglu_step_kernel, (cdiv(N, BN),), x, gate.weight, up.weight, y, M, N, K,
+        BN=BN, BK=BK, PREC=dot_precision(x), LIBDEVICE=not _INTERPRETED, num_warps=2, num_stages=3,
+    )  # fmt: skip
+    return y
