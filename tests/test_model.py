@@ -405,10 +405,10 @@ def test_linear_step_kernels_match_torch(monkeypatch, dtype):
 
 def test_linear_step_kernels_in_the_model(monkeypatch):
     """Without gradients, a prompt of a few tokens and each cached step project q, k and v in one
-    launch a layer, o in one, the MLP's gate, up and SiLU in one and its down projection in one
-    (Triton's interpreter here, CUDA on a GPU); the logits are those of the modules (a forward
-    with gradients) within SPEC section 7's float32 1e-4. A hook on q_proj (as a LoRA-like
-    wrapper would add) leaves that layer's q, k and v to the modules."""
+    launch a layer and run the MLP's gate, up and SiLU in one (Triton's interpreter here, CUDA on
+    a GPU); the logits are those of the modules (a forward with gradients) within SPEC section
+    7's float32 1e-4. A LoRA-like wrapper on q_proj (a hook) leaves that layer's q, k and v to
+    the modules."""
     pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
     from osdn_hf.ops import linear_step as ls
 
@@ -419,8 +419,7 @@ def test_linear_step_kernels_in_the_model(monkeypatch):
     with torch.no_grad():
         out = model(ids[:, :3], use_cache=True)
         step = model(ids[:, 3:4], past_key_values=out.past_key_values, use_cache=True).logits
-    L, S = ls.linear_step_kernel, ls.swiglu_step_kernel
-    assert launched == [L, L, S, L] * (2 * layers)  # q, k and v; o; gate, up and SiLU; down
+    assert launched == [ls.linear_step_kernel, ls.swiglu_step_kernel] * (2 * layers)
     launched.clear()
     full = model(ids[:, :4]).logits  # gradients enabled: the modules
     assert not launched and full.requires_grad
@@ -429,7 +428,7 @@ def test_linear_step_kernels_in_the_model(monkeypatch):
     model.model.layers[0].attn.q_proj.register_forward_hook(lambda *a: None)
     with torch.no_grad():
         model(ids[:, :3])
-    assert launched == [L, S, L] + [L, L, S, L] * (layers - 1)
+    assert launched == [ls.swiglu_step_kernel] + [ls.linear_step_kernel, ls.swiglu_step_kernel] * (layers - 1)
 
 
 def test_rms_norm_is_its_formula():

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.linear_step import linear, linear_step_applies, swiglu_step
+from ..ops.linear_step import linear_step_applies, swiglu_step
 from ..ops.osdn.utils import pad_varlen, unpad_varlen, varlen_index
 from ..ops.short_conv import short_conv_step, short_conv_step_applies
 from ..ops.swiglu import silu_mul, silu_mul_applies
@@ -143,7 +143,7 @@ class GatedRMSNorm(RMSNorm):
 class SwiGLUMLP(nn.Module):
     """`down_proj(silu(gate_proj(x)) * up_proj(x))`. Where no gradient is wanted, on Triton's
     device, `silu(...) * up_proj(x)` is one kernel (`ops/swiglu.py`), and for a few rows (a
-    decoding step) one kernel with the two projections, `down_proj` another (`ops/linear_step.py`)."""
+    decoding step) one kernel with the two projections (`ops/linear_step.py`)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -153,7 +153,7 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if linear_step_applies(x, (self.gate_proj, self.up_proj)):
-            return linear(swiglu_step(x, self.gate_proj, self.up_proj), self.down_proj)
+            return self.down_proj(swiglu_step(x, self.gate_proj, self.up_proj))
         gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(silu_mul(gate, up) if silu_mul_applies(gate, up) else F.silu(gate) * up)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.gates import gates_step, gates_step_applies
-from ..ops.linear_step import linear, linear_step, linear_step_applies
+from ..ops.linear_step import linear_step, linear_step_applies
 from ..ops.osdn.chunk import chunk_osdn
 from ..ops.osdn.fused_recurrent import fused_recurrent_osdn
 from .modules import GatedRMSNorm, RMSNorm, ShortConvolution, pack_if_padded, short_conv_steps_in_place, unpack_padding
@@ -171,7 +171,7 @@ class OSDNAttention(nn.Module):
             o = self.o_norm(o, g)
         else:
             o = self.o_norm(o)
-        o = linear(o.flatten(-2), self.o_proj)  # (B, T, hidden); one kernel for a few rows
+        o = self.o_proj(o.flatten(-2))  # (B, T, hidden)
 
         if indices is not None:
             o = unpack_padding(o, indices, B, T)

@@ -4,10 +4,9 @@ A one-token step multiplies a handful of rows by each weight: a layer's q, k and
 three cuBLAS calls, its MLP's gate and up projections two more and the SiLU-and-multiply a third.
 On a GPU each such call reads its weight at a fraction of the memory's bandwidth, and eagerly each
 costs the host a launch. `linear_step` does the q, k and v projections in one launch, one program
-per block of one weight's output features (and the output and down projections, one weight each);
-`swiglu_step` does `silu(x W_gate^T) * (x W_up^T)` in one, each program both products of its
-features, rounded as `nn.Linear` returns them and then as `F.silu(gate) * up` computes
-(`ops/swiglu.py`). The sums are float32 (tl.dot), in another order
+per block of one weight's output features; `swiglu_step` does `silu(x W_gate^T) * (x W_up^T)` in
+one, each program both products of its features, rounded as `nn.Linear` returns them and then as
+`F.silu(gate) * up` computes (`ops/swiglu.py`). The sums are float32 (tl.dot), in another order
 than cuBLAS's, so the same to rounding, not to the bit.
 
 They take `nn.Linear`s without a bias, hooks or a replaced `forward` (so not PEFT's or a quantized
@@ -142,11 +141,6 @@ def linear_step(x: torch.Tensor, linears: Sequence[nn.Linear]) -> list[torch.Ten
         BN=BN, BK=BK, NW=len(linears), PREC=dot_precision(x), num_warps=2, num_stages=3,
     )  # fmt: skip
     return ys
-
-
-def linear(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
-    """`m(x)`, through `linear_step` where it applies."""
-    return linear_step(x, (m,))[0] if linear_step_applies(x, (m,)) else m(x)
 
 
 def swiglu_step(x: torch.Tensor, gate: nn.Linear, up: nn.Linear) -> torch.Tensor:
