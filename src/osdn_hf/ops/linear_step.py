@@ -126,14 +126,14 @@ def _feature_block(N: int, weights: int) -> int:
 
 def linear_step(x: torch.Tensor, linears: Sequence[nn.Linear]) -> list[torch.Tensor]:
     """`[m(x) for m in linears]` (1 to 3) in one launch. Call it only where `linear_step_applies`."""
+    if not 1 <= len(linears) <= 3:
+        raise ValueError(f"linear_step takes one to three weights, got {len(linears)}")
     K = x.shape[-1]
     M = x.numel() // K
     x = x.contiguous()
     ys = [torch.empty(*x.shape[:-1], m.weight.shape[0], dtype=x.dtype, device=x.device) for m in linears]
-    if not 1 <= len(linears) <= 3:
-        raise ValueError(f"linear_step takes one to three weights, got {len(linears)}")
     args = [a for m, y in zip(linears, ys, strict=True) for a in (m.weight, y, m.weight.shape[0])]
-    args += [None] * (9 - len(args))
+    args += [None] * (9 - len(args))  # the weights the launch does not have
     N = max(m.weight.shape[0] for m in linears)
     BN = _feature_block(N, len(linears))
     enqueue(

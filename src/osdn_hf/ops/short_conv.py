@@ -110,12 +110,10 @@ def short_conv_step(
     ys = [torch.empty(N, 1, x.shape[-1], dtype=out_dtype, device=x.device) for x in xs]
     D = max(x.shape[-1] for x in xs)
     BD = min(block_width(D), 256)
-    args = [
-        a
-        for c in zip(xs, caches, weights, biases, ys, strict=True)
-        for a in (c[0].contiguous(), *c[1:], c[0].shape[-1])
-    ]
-    args += [None] * (18 - len(args))
+    args = []
+    for x, cache, weight, bias, y in zip(xs, caches, weights, biases, ys, strict=True):
+        args += [x.contiguous(), cache, weight, bias, y, x.shape[-1]]
+    args += [None] * (18 - len(args))  # the convolutions the launch does not have
     enqueue(
         short_conv_step_kernel, (N, cdiv(D, BD), len(xs)), *args,
         W=W, BW=max(1 << (W - 2).bit_length(), 2), BD=BD, NC=len(xs), num_warps=4,
