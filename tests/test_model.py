@@ -87,6 +87,11 @@ def test_short_convolution_decoding_step_matches_conv1d(dtype, autocast):
     torch.testing.assert_close(first, F.silu(conv._one_step(torch.cat([x.new_zeros(3, 3, 6), x], 1))))
 
 
+class _Subclass(torch.Tensor):
+    """A tensor subclass, as a quantized (torchao) or distributed (DTensor) weight is one: the
+    one-kernel steps leave such weights to PyTorch."""
+
+
 def _step_kernels(monkeypatch, module) -> tuple[str, list]:
     """For the one-kernel decoding steps: the device they run on here (CUDA, else Triton's
     interpreter on the CPU, forced), and a list that records every kernel `module` launches."""
@@ -130,6 +135,10 @@ def test_short_convolution_step_kernel_matches_torch(monkeypatch, dtype, autocas
     tol = dict(rtol=0, atol=2e-6) if y.dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)
     torch.testing.assert_close(y, ref, **tol)
     assert not torch.equal(y, torch.zeros_like(y))
+    conv.weight = torch.nn.Parameter(conv.weight.detach().as_subclass(_Subclass), requires_grad=False)
+    with torch.no_grad(), torch.autocast(device, dtype=torch.float16, enabled=autocast):
+        conv(x, cache, inplace=True)  # a subclass weight: PyTorch's step
+    assert launched == [short_conv.short_conv_step_kernel]
 
 
 @pytest.mark.parametrize("dtype, autocast", STEP_CASES)
@@ -241,6 +250,10 @@ def test_gates_step_kernel_matches_torch(monkeypatch, dtype, hidden, heads, over
         with torch.autocast(device, dtype=torch.float16):
             attn.gates(x, step=True)
     attn.gates(x, step=True)  # gradients enabled
+    # a weight that is a tensor subclass (quantized, distributed): its storage is not its dtype's
+    attn.b_proj.weight = torch.nn.Parameter(attn.b_proj.weight.detach().as_subclass(_Subclass), requires_grad=False)
+    with torch.no_grad():
+        attn.gates(x, step=True)
     assert not launched
 
 
@@ -395,6 +408,9 @@ def test_linear_step_kernels_match_torch(monkeypatch, dtype):
             pass
 
         assert not ls.linear_step_applies(x, [Sub(K, 8, bias=False).to(device, dtype)])
+        quantized = torch.nn.Linear(K, 8, bias=False).to(device, dtype)  # a weight that is a tensor subclass
+        quantized.weight = torch.nn.Parameter(quantized.weight.detach().as_subclass(_Subclass), requires_grad=False)
+        assert not ls.linear_step_applies(x, [quantized])
         handle = linears[0].register_forward_hook(lambda *a: None)
         assert not ls.linear_step_applies(x, linears)
         handle.remove()

@@ -24,7 +24,7 @@ from torch.nn.modules import module as _module
 
 from .osdn.chunk_scan import HAS_TRITON
 from .osdn.launch import cdiv, enqueue
-from .osdn.utils import dot_precision, use_triton
+from .osdn.utils import dot_precision, plain_tensor, use_triton
 from .short_conv import STEP_DTYPES  # 16- and 32-bit floats
 
 MAX_ROWS = 16  # tl.dot's least block; more rows go to cuBLAS
@@ -93,8 +93,9 @@ def linear_step_applies(x: torch.Tensor, linears: Sequence[nn.Module]) -> bool:
     """Whether `linear_step` / `swiglu_step` take `x` `[..., K]` through `linears`: Triton's device
     (CUDA, or its interpreter when forced), 1 to `MAX_ROWS` rows, no gradient wanted, no autocast,
     x in a 16- or 32-bit float dtype, and each a plain `nn.Linear` (not a subclass) without a bias,
-    hooks (its own or global) or a replaced `forward`, its weight `[N, K]` contiguous in x's dtype
-    on x's device. Anything else stays with the modules."""
+    hooks (its own or global) or a replaced `forward`, its weight `[N, K]` a plain tensor (not a
+    quantized or distributed subclass), contiguous in x's dtype on x's device. Anything else stays
+    with the modules."""
     K = x.shape[-1]
     if not use_triton(x) or K == 0 or not 0 < x.numel() // K <= MAX_ROWS:
         return False
@@ -113,7 +114,7 @@ def linear_step_applies(x: torch.Tensor, linears: Sequence[nn.Module]) -> bool:
         w = m.weight
         if (grad and w.requires_grad) or w.dtype != x.dtype or w.shape[1] != K or w.device != x.device:
             return False
-        if not w.is_contiguous():
+        if not w.is_contiguous() or not plain_tensor(w):  # not a quantized or distributed weight
             return False
     return True
 

@@ -16,7 +16,7 @@ import torch
 
 from .osdn.chunk_scan import HAS_TRITON
 from .osdn.launch import block_width, cdiv, enqueue
-from .osdn.utils import use_triton
+from .osdn.utils import plain_tensor, use_triton
 
 if HAS_TRITON:
     import triton
@@ -76,7 +76,8 @@ STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def short_conv_step_applies(x: torch.Tensor, cache: torch.Tensor | None, weight: torch.Tensor, out_dtype) -> bool:
     """Whether `short_conv_step` takes this step: Triton's device (CUDA, or its interpreter when
     forced), one token `[N, 1, D]`, a contiguous cache `[N, D, W - 1]` (W >= 2) in x's dtype, and
-    16- or 32-bit floats throughout (float64 stays in PyTorch)."""
+    16- or 32-bit floats throughout, plain tensors (float64 and a quantized or distributed weight
+    stay in PyTorch)."""
     if cache is None or x.dim() != 3 or x.shape[1] != 1 or not use_triton(x):
         return False
     N, _, D = x.shape
@@ -90,6 +91,8 @@ def short_conv_step_applies(x: torch.Tensor, cache: torch.Tensor | None, weight:
         and weight.dtype in STEP_DTYPES
         and out_dtype in STEP_DTYPES
         and weight.is_contiguous()
+        and plain_tensor(weight)
+        and plain_tensor(cache)
     )
 
 
