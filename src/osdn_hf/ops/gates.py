@@ -14,8 +14,7 @@ import torch
 
 from .osdn.chunk_scan import HAS_TRITON
 from .osdn.launch import block_width, enqueue
-from .osdn.utils import plain_tensor, use_triton
-from .short_conv import STEP_DTYPES  # the dtypes a decoding step's kernels take
+from .step import few_rows_apply, weights_apply
 
 # Rows (tokens) up to which a step takes the kernel: each row's programs read all three weights,
 # so many rows read them many times where one matrix product reads them once. On an H200 (bf16;
@@ -80,14 +79,13 @@ def gates_step_applies(
     theirs (as `OSDNAttention` makes them), and x and every weight and bias in one 16- or 32-bit
     float dtype, contiguous, on x's device, plain tensors (float64, mixed dtypes and quantized or
     distributed weights stay in PyTorch)."""
-    if not use_triton(x) or x.shape[-1] == 0 or x.numel() // x.shape[-1] > MAX_ROWS:
-        return False
-    if x.dtype not in STEP_DTYPES or torch.is_autocast_enabled(x.device.type):
+    if not few_rows_apply(x, MAX_ROWS):
         return False
     if b_proj.bias is not None or any(p is not None and p.bias is None for p in (eta_proj, apf_proj)):
         return False
-    params = [t for p in (b_proj, eta_proj, apf_proj) if p is not None for t in (p.weight, p.bias) if t is not None]
-    return all(t.dtype == x.dtype and t.is_contiguous() and t.device == x.device and plain_tensor(t) for t in params)
+    return weights_apply(
+        x, (t for p in (b_proj, eta_proj, apf_proj) if p is not None for t in (p.weight, p.bias) if t is not None)
+    )
 
 
 def gates_step(

@@ -24,8 +24,8 @@ from torch.nn.modules import module as _module
 
 from .osdn.chunk_scan import HAS_TRITON
 from .osdn.launch import cdiv, enqueue
-from .osdn.utils import dot_precision, plain_tensor, use_triton
-from .short_conv import STEP_DTYPES  # 16- and 32-bit floats
+from .osdn.utils import dot_precision
+from .step import few_rows_apply, weights_apply
 
 MAX_ROWS = 16  # tl.dot's least block; more rows go to cuBLAS
 BK = 256  # the reduction's block
@@ -96,10 +96,7 @@ def linear_step_applies(x: torch.Tensor, linears: Sequence[nn.Module]) -> bool:
     hooks (its own or global) or a replaced `forward`, its weight `[N, K]` a plain tensor (not a
     quantized or distributed subclass), contiguous in x's dtype on x's device. Anything else stays
     with the modules."""
-    K = x.shape[-1]
-    if not use_triton(x) or K == 0 or not 0 < x.numel() // K <= MAX_ROWS:
-        return False
-    if x.dtype not in STEP_DTYPES or torch.is_autocast_enabled(x.device.type):
+    if not few_rows_apply(x, MAX_ROWS) or x.numel() == 0:
         return False
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return False
@@ -111,12 +108,9 @@ def linear_step_applies(x: torch.Tensor, linears: Sequence[nn.Module]) -> bool:
             return False
         if "forward" in m.__dict__:  # replaced (accelerate's hooks do this)
             return False
-        w = m.weight
-        if (grad and w.requires_grad) or w.dtype != x.dtype or w.shape[1] != K or w.device != x.device:
+        if (grad and m.weight.requires_grad) or m.weight.shape[1] != x.shape[-1]:
             return False
-        if not w.is_contiguous() or not plain_tensor(w):  # not a quantized or distributed weight
-            return False
-    return True
+    return weights_apply(x, (m.weight for m in linears))  # not a quantized or distributed weight
 
 
 def _feature_block(N: int, weights: int) -> int:

@@ -16,7 +16,8 @@ import torch
 
 from .osdn.chunk_scan import HAS_TRITON
 from .osdn.launch import block_width, cdiv, enqueue
-from .osdn.utils import plain_tensor, use_triton
+from .osdn.utils import use_triton
+from .step import STEP_DTYPES, plain_tensor
 
 if HAS_TRITON:
     import triton
@@ -68,9 +69,6 @@ if HAS_TRITON:
         if NC > 2:
             if i_c == 2:
                 _conv_step(x2, cache2, weight2, bias2, y2, D2, i_n, i_d, W, BW, BD)
-
-
-STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def short_conv_step_applies(x: torch.Tensor, cache: torch.Tensor | None, weight: torch.Tensor, out_dtype) -> bool:

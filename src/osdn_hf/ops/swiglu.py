@@ -17,7 +17,7 @@ import torch
 from .osdn.chunk_scan import HAS_TRITON
 from .osdn.launch import cdiv, enqueue
 from .osdn.utils import use_triton
-from .short_conv import STEP_DTYPES  # 16- and 32-bit floats
+from .step import STEP_DTYPES
 
 BLOCK = 1024  # elements a program
 

@@ -270,13 +270,6 @@ def use_triton(x: torch.Tensor) -> bool:
     return HAS_TRITON and (x.is_cuda or os.environ.get(FORCE_TRITON_ENV) == "1")
 
 
-def plain_tensor(t: torch.Tensor) -> bool:
-    """Whether a kernel may read t's storage as its dtype says: a `torch.Tensor` or a parameter of
-    one, not a subclass (a quantized weight such as torchao's, or FSDP2's DTensor), whose dtype
-    need not describe its storage."""
-    return type(t.data) is torch.Tensor
-
-
 def float32_tf32() -> bool:
     """Whether torch lets float32 matmuls on CUDA run in TF32: `torch.backends.cuda.matmul.
     fp32_precision` (or the global `torch.backends.fp32_precision` it follows) is "tf32", as
