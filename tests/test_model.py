@@ -447,6 +447,48 @@ def test_linear_step_kernels_in_the_model(monkeypatch):
     assert launched == [ls.swiglu_step_kernel] + [ls.linear_step_kernel, ls.swiglu_step_kernel] * (layers - 1)
 
 
+def _cached_step_against_modules(model, device):
+    """A cached one-token step without gradients (the step kernels where they apply) and the
+    same token in a forward with gradients (every module's own forward), as logits."""
+    ids = torch.randint(1, 97, (2, 5), device=device)
+    with torch.no_grad():
+        out = model(ids[:, :4], use_cache=True)
+        step = model(ids[:, 4:], past_key_values=out.past_key_values, use_cache=True).logits
+    return step, model(ids).logits[:, 4:]
+
+
+def test_step_kernels_leave_adapters_and_hooks_to_the_modules(monkeypatch):
+    """A decoding step's kernels read weights directly, so they must not stand in for a module
+    that computes more than its weight: a PEFT LoRA on every linear layer ("all-linear": the
+    gates' projections too) and forward hooks that change a short convolution's and the output
+    norm's results. The cached step still gives the modules' logits (Triton's interpreter here,
+    CUDA on a GPU), within SPEC section 7's float32 1e-4."""
+    pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
+    peft = pytest.importorskip("peft", reason="PEFT is in the test extra; install osdn-hf[test]")
+    from osdn_hf.ops import gates
+
+    device, launched = _step_kernels(monkeypatch, gates)
+    base = tiny_model().to(device)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():  # LoRA's B starts at zero: give the adapters an effect
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.eval()
+    adapted = [n for n, _ in model.named_parameters() if "lora_B" in n]
+    assert all(any(f"attn.{g}.lora_B" in n for n in adapted) for g in ("b_proj", "eta_proj", "apf_proj"))
+    step, full = _cached_step_against_modules(model, device)
+    torch.testing.assert_close(step, full, atol=LOGITS_ATOL, rtol=0)
+    assert not launched  # every layer's gates are adapted
+    plain = tiny_model().to(device)
+    attn = plain.model.layers[0].attn
+    attn.k_conv1d.register_forward_hook(lambda m, args, out: (2 * out[0], out[1]))
+    attn.o_norm.register_forward_hook(lambda m, args, out: -out)
+    step, full = _cached_step_against_modules(plain, device)
+    torch.testing.assert_close(step, full, atol=LOGITS_ATOL, rtol=0)
+    assert launched == [gates.gates_step_kernel] * plain.config.num_hidden_layers  # the gates are plain
+
+
 def test_rms_norm_is_its_formula():
     """`RMSNorm` (`F.rms_norm` where x and the weight share a dtype, the float32 formula where
     they do not) gives the formula's values and gradients, in x's dtype."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..ops.linear_step import linear_step_applies, swiglu_step
 from ..ops.osdn.utils import pad_varlen, unpad_varlen, varlen_index
 from ..ops.short_conv import short_conv_step, short_conv_step_applies
+from ..ops.step import plain_module
 from ..ops.swiglu import silu_mul, silu_mul_applies
 
 
@@ -99,10 +100,12 @@ def short_conv_steps_in_place(
 ) -> list[torch.Tensor] | None:
     """One-token decoding steps of up to three convolutions of one width (a layer's q, k and v),
     their caches updated in place, in one Triton kernel: each conv's `forward(x, cache,
-    inplace=True)[0]`. None where that kernel does not take all of them (then call each)."""
+    inplace=True)[0]`. None where that kernel does not take all of them (then call each): among
+    others, where one is wrapped (an adapter) or has hooks, which only its own call runs."""
     W, out_dtype, first = convs[0].kernel_size[0], ShortConvolution._out_dtype(xs[0]), xs[0]
     if len(convs) > 3 or any(
-        c.kernel_size[0] != W
+        not plain_module(c, ShortConvolution)
+        or c.kernel_size[0] != W
         or x.dtype != first.dtype
         or x.shape[0] != first.shape[0]
         or not short_conv_step_applies(x, cache, c.weight, out_dtype)

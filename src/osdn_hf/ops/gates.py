@@ -14,7 +14,7 @@ import torch
 
 from .osdn.chunk_scan import HAS_TRITON
 from .osdn.launch import block_width, enqueue
-from .step import few_rows_apply, weights_apply
+from .step import few_rows_apply, plain_module, weights_apply
 
 # Rows (tokens) up to which a step takes the kernel: each row's programs read all three weights,
 # so many rows read them many times where one matrix product reads them once. On an H200 (bf16;
@@ -75,11 +75,14 @@ def gates_step_applies(
     x: torch.Tensor, b_proj: torch.nn.Linear, eta_proj: torch.nn.Linear | None, apf_proj: torch.nn.Linear | None
 ) -> bool:
     """Whether `gates_step` takes these gates: Triton's device (CUDA, or its interpreter when
-    forced), at most `MAX_ROWS` tokens, no autocast, `b_proj` without a bias and the others with
-    theirs (as `OSDNAttention` makes them), and x and every weight and bias in one 16- or 32-bit
-    float dtype, contiguous, on x's device, plain tensors (float64, mixed dtypes and quantized or
-    distributed weights stay in PyTorch)."""
+    forced), at most `MAX_ROWS` tokens, no autocast, each projection a plain `nn.Linear` without
+    hooks (`plain_module`: a PEFT adapter or a hook stays with the modules), `b_proj` without a
+    bias and the others with theirs (as `OSDNAttention` makes them), and x and every weight and
+    bias in one 16- or 32-bit float dtype, contiguous, on x's device, plain tensors (float64, mixed
+    dtypes and quantized or distributed weights stay in PyTorch)."""
     if not few_rows_apply(x, MAX_ROWS):
+        return False
+    if not all(plain_module(p, torch.nn.Linear) for p in (b_proj, eta_proj, apf_proj) if p is not None):
         return False
     if b_proj.bias is not None or any(p is not None and p.bias is None for p in (eta_proj, apf_proj)):
         return False

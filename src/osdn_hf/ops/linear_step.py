@@ -20,12 +20,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from torch.nn.modules import module as _module
 
 from .osdn.chunk_scan import HAS_TRITON
 from .osdn.launch import cdiv, enqueue
 from .osdn.utils import dot_precision
-from .step import few_rows_apply, weights_apply
+from .step import few_rows_apply, plain_module, weights_apply
 
 MAX_ROWS = 16  # tl.dot's least block; more rows go to cuBLAS
 BK = 256  # the reduction's block
@@ -98,15 +97,11 @@ def linear_step_applies(x: torch.Tensor, linears: Sequence[nn.Module]) -> bool:
     with the modules."""
     if not few_rows_apply(x, MAX_ROWS) or x.numel() == 0:
         return False
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
-        return False
     grad = torch.is_grad_enabled()
     if grad and x.requires_grad:
         return False
     for m in linears:
-        if type(m) is not nn.Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks:
-            return False
-        if "forward" in m.__dict__:  # replaced (accelerate's hooks do this)
+        if not plain_module(m, nn.Linear) or m.bias is not None:
             return False
         if (grad and m.weight.requires_grad) or m.weight.shape[1] != x.shape[-1]:
             return False

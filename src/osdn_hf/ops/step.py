@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn as nn
+from torch.nn.modules import module as _module
 
 from .osdn.utils import use_triton
 
@@ -33,3 +35,12 @@ def weights_apply(x: torch.Tensor, tensors: Iterable[torch.Tensor]) -> bool:
     """Whether a kernel may read each of `tensors` beside x: in x's dtype, contiguous, on x's
     device, and plain (`plain_tensor`)."""
     return all(t.dtype == x.dtype and t.is_contiguous() and t.device == x.device and plain_tensor(t) for t in tensors)
+
+
+def plain_module(m: nn.Module, cls: type) -> bool:
+    """Whether a kernel may stand in for m's forward: m is a `cls` (not a subclass or a wrapper,
+    such as a PEFT or quantized layer, which may compute more than its weight says), without hooks
+    (its own or global) or a replaced `forward` (accelerate's hooks replace it)."""
+    if type(m) is not cls or m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+        return False
+    return not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
