@@ -419,12 +419,56 @@ def test_linear_step_kernels_match_torch(monkeypatch, dtype):
             assert not ls.linear_step_applies(x, linears)
 
 
+@pytest.mark.parametrize("dtype", GATE_CASES)
+def test_norm_linear_step_kernel_matches_torch(monkeypatch, dtype):
+    """A layer's per-head output norm and output projection in one launch (`norm_linear_step`;
+    Triton's interpreter here, CUDA on a GPU) give `o_proj(F.rms_norm(x, (G,), g).flatten(-2))`:
+    within what the projection's float32 sums in another order allow, plus an ulp (16-bit; a few
+    float32 eps in float32) of each normalised input, where the two root mean squares' sums part.
+    Heads of 32 and 64 wide, 40 features (a part-used block); a norm weight not in x's dtype,
+    a width that is not a power of 2, more rows or gradients wanted stay with the modules."""
+    pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
+    from osdn_hf.ops import linear_step as ls
+
+    device, launched = _step_kernels(monkeypatch, ls)
+    torch.manual_seed(0)
+    for rows, H, G in (((1, 1), 3, 32), ((3, 1), 2, 64), ((2, 8), 4, 32)):
+        x = 3 * torch.randn(*rows, H, G, device=device, dtype=dtype)
+        g = (1 + 0.5 * torch.randn(G, device=device)).to(dtype)
+        proj = torch.nn.Linear(H * G, 40, bias=False).to(device, dtype)
+        with torch.no_grad():
+            assert ls.norm_linear_step_applies(x, g, proj)
+            y = ls.norm_linear_step(x, g, 1e-6, proj)
+            xn = F.rms_norm(x, (G,), g, 1e-6).flatten(-2)
+            ref = proj(xn)
+            eps = torch.finfo(dtype).eps if dtype != torch.float32 else 4 * torch.finfo(dtype).eps
+            bound = _products_bound(xn, proj.weight, dtype) + eps * F.linear(
+                xn.float().abs(), proj.weight.float().abs()
+            )
+            assert y.shape == ref.shape and y.dtype == dtype
+            assert ((y.float() - ref.float()).abs() <= bound).all()
+            assert not torch.equal(y, torch.zeros_like(y))
+        assert launched == [ls.norm_linear_step_kernel]
+        launched.clear()
+    x = torch.randn(2, 1, 2, 32, device=device, dtype=dtype)
+    g = torch.ones(32, device=device, dtype=dtype, requires_grad=True)
+    proj = torch.nn.Linear(64, 8, bias=False).to(device, dtype)
+    assert not ls.norm_linear_step_applies(x, g, proj)  # gradients wanted
+    with torch.no_grad():
+        assert ls.norm_linear_step_applies(x, g, proj)
+        assert not ls.norm_linear_step_applies(x, g.double(), proj)
+        assert not ls.norm_linear_step_applies(x.view(2, 1, 4, 16), g, proj)  # the norm is 32 wide
+        wide = torch.nn.Linear(72, 8, bias=False).to(device, dtype)
+        assert not ls.norm_linear_step_applies(torch.randn(2, 1, 3, 24, device=device, dtype=dtype), g[:24], wide)
+        assert not ls.norm_linear_step_applies(torch.randn(17, 1, 2, 32, device=device, dtype=dtype), g, proj)
+
+
 def test_linear_step_kernels_in_the_model(monkeypatch):
     """Without gradients, a prompt of a few tokens and each cached step project q, k and v in one
-    launch a layer and run the MLP's gate, up and SiLU in one (Triton's interpreter here, CUDA on
-    a GPU); the logits are those of the modules (a forward with gradients) within SPEC section
-    7's float32 1e-4. A LoRA-like wrapper on q_proj (a hook) leaves that layer's q, k and v to
-    the modules."""
+    launch a layer, normalise and project its output in one and run the MLP's gate, up and SiLU in
+    one (Triton's interpreter here, CUDA on a GPU); the logits are those of the modules (a forward
+    with gradients) within SPEC section 7's float32 1e-4. A LoRA-like wrapper on q_proj (a hook)
+    leaves that layer's q, k and v to the modules."""
     pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
     from osdn_hf.ops import linear_step as ls
 
@@ -435,7 +479,8 @@ def test_linear_step_kernels_in_the_model(monkeypatch):
     with torch.no_grad():
         out = model(ids[:, :3], use_cache=True)
         step = model(ids[:, 3:4], past_key_values=out.past_key_values, use_cache=True).logits
-    assert launched == [ls.linear_step_kernel, ls.swiglu_step_kernel] * (2 * layers)
+    layer = [ls.linear_step_kernel, ls.norm_linear_step_kernel, ls.swiglu_step_kernel]
+    assert launched == layer * (2 * layers)
     launched.clear()
     full = model(ids[:, :4]).logits  # gradients enabled: the modules
     assert not launched and full.requires_grad
@@ -444,7 +489,7 @@ def test_linear_step_kernels_in_the_model(monkeypatch):
     model.model.layers[0].attn.q_proj.register_forward_hook(lambda *a: None)
     with torch.no_grad():
         model(ids[:, :3])
-    assert launched == [ls.swiglu_step_kernel] + [ls.linear_step_kernel, ls.swiglu_step_kernel] * (layers - 1)
+    assert launched == layer[1:] + layer * (layers - 1)
 
 
 def _cached_step_against_modules(model, device):

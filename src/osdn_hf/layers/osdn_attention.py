@@ -10,9 +10,10 @@ import torch
 import torch.nn as nn
 
 from ..ops.gates import gates_step, gates_step_applies
-from ..ops.linear_step import linear_step, linear_step_applies
+from ..ops.linear_step import linear_step, linear_step_applies, norm_linear_step, norm_linear_step_applies
 from ..ops.osdn.chunk import chunk_osdn
 from ..ops.osdn.fused_recurrent import fused_recurrent_osdn
+from ..ops.step import plain_module
 from .modules import GatedRMSNorm, RMSNorm, ShortConvolution, pack_if_padded, short_conv_steps_in_place, unpack_padding
 
 if TYPE_CHECKING:
@@ -165,13 +166,15 @@ class OSDNAttention(nn.Module):
         if use_cache:
             past_key_values.update_layer_state(self.layer_idx, recurrent_state, precond_state, conv_state)
 
-        # 6. Per-head output norm (optionally gated), then the output projection.
+        # 6. Per-head output norm (optionally gated), then the output projection; for a few rows
+        # without gradients, the norm and the projection in one kernel (`ops.linear_step`).
         if isinstance(self.o_norm, GatedRMSNorm):
             g = self.g_proj(x).view(*x.shape[:2], self.num_heads, self.head_v_dim)  # (B, T, H, V)
-            o = self.o_norm(o, g)
+            o = self.o_proj(self.o_norm(o, g).flatten(-2))
+        elif plain_module(self.o_norm, RMSNorm) and norm_linear_step_applies(o, self.o_norm.weight, self.o_proj):
+            o = norm_linear_step(o, self.o_norm.weight, self.o_norm.eps, self.o_proj)
         else:
-            o = self.o_norm(o)
-        o = self.o_proj(o.flatten(-2))  # (B, T, hidden)
+            o = self.o_proj(self.o_norm(o).flatten(-2))  # (B, T, hidden)
 
         if indices is not None:
             o = unpack_padding(o, indices, B, T)

@@ -6,8 +6,11 @@ On a GPU each such call reads its weight at a fraction of the memory's bandwidth
 costs the host a launch. `linear_step` does the q, k and v projections in one launch, one program
 per block of one weight's output features; `swiglu_step` does `silu(x W_gate^T) * (x W_up^T)` in
 one, each program both products of its features, rounded as `nn.Linear` returns them and then as
-`F.silu(gate) * up` computes (`ops/swiglu.py`). The sums are float32 (tl.dot), in another order
-than cuBLAS's, so the same to rounding, not to the bit.
+`F.silu(gate) * up` computes (`ops/swiglu.py`); `norm_linear_step` does a layer's per-head output
+norm and output projection in one, each program normalising all of x's heads itself (rounded as
+`F.rms_norm` returns them) before its features' product. The sums are float32 (tl.dot), in
+another order than cuBLAS's (and the norms' than PyTorch's), so the same to rounding, not to the
+bit.
 
 They take `nn.Linear`s without a bias, hooks or a replaced `forward` (so not PEFT's or a quantized
 layer, which keep their own), at most `MAX_ROWS` rows, no autocast, and only where no gradient is
@@ -71,6 +74,27 @@ if HAS_TRITON:
         if NW > 2:
             if i_w == 2:
                 _one_projection(x, w2, y2, M, N2, K, i_n, BN, BK, PREC)
+
+    @triton.jit
+    def norm_linear_step_kernel(
+        x, g, w, y, M, N, K, eps, BN: tl.constexpr, G: tl.constexpr, PREC: tl.constexpr
+    ):  # fmt: skip
+        """`y = rms_norm(x) w^T` for a block of BN features a program, x's K columns normalised in
+        groups of G (a layer's heads): each group by its own root mean square, times g, rounded to
+        x's dtype (as `F.rms_norm` returns it), then multiplied."""
+        i_n = tl.program_id(0)
+        dt = x.dtype.element_ty
+        o_m, o_n, o_g = tl.arange(0, 16), i_n * BN + tl.arange(0, BN), tl.arange(0, G)
+        m_m = o_m[:, None] < M
+        b_g = tl.load(g + o_g).to(tl.float32)
+        acc = tl.zeros([16, BN], dtype=tl.float32)
+        for k0 in range(0, K, G):
+            xt = tl.load(x + o_m[:, None] * K + k0 + o_g[None, :], mask=m_m, other=0.0).to(tl.float32)
+            rstd = tl.math.rsqrt(tl.sum(xt * xt, 1) / G + eps)
+            xn = ((xt * rstd[:, None]) * b_g[None, :]).to(dt)
+            wt = tl.load(w + o_n[:, None].to(tl.int64) * K + k0 + o_g[None, :], mask=o_n[:, None] < N, other=0.0)
+            acc += tl.dot(xn, tl.trans(wt), input_precision=PREC)
+        tl.store(y + o_m[:, None] * N + o_n[None, :], acc.to(y.dtype.element_ty), m_m & (o_n[None, :] < N))
 
     @triton.jit
     def swiglu_step_kernel(
@@ -145,5 +169,35 @@ def swiglu_step(x: torch.Tensor, gate: nn.Linear, up: nn.Linear) -> torch.Tensor
     enqueue(
         swiglu_step_kernel, (cdiv(N, BN),), x, gate.weight, up.weight, y, M, N, K,
         BN=BN, BK=BK, PREC=dot_precision(x), LIBDEVICE=not _INTERPRETED, num_warps=2, num_stages=3,
+    )  # fmt: skip
+    return y
+
+
+def norm_linear_step_applies(x: torch.Tensor, norm_weight: torch.Tensor, linear: nn.Module) -> bool:
+    """Whether `norm_linear_step` takes x `[..., H, G]`: G (the norm's width) a power of 2 from 16
+    to 256, the norm's weight `[G]` a weight a kernel may read beside x (`weights_apply`) that
+    wants no gradient, and x's rows, flattened to `[..., H * G]`, through `linear` as
+    `linear_step_applies` takes them. (The caller checks the norm module itself.)"""
+    G = x.shape[-1]
+    if x.dim() < 2 or norm_weight.shape != (G,) or not 16 <= G <= 256 or G & (G - 1):
+        return False
+    if torch.is_grad_enabled() and norm_weight.requires_grad:
+        return False
+    return linear_step_applies(x.flatten(-2), (linear,)) and weights_apply(x, (norm_weight,))
+
+
+def norm_linear_step(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, linear: nn.Linear) -> torch.Tensor:
+    """`linear(F.rms_norm(x, (G,), norm_weight, eps).flatten(-2))` for x `[..., H, G]` (a layer's
+    per-head output norm and output projection) in one launch. Call it only where
+    `norm_linear_step_applies`."""
+    G = x.shape[-1]
+    x = x.contiguous()
+    K = x.shape[-2] * G
+    M, N = x.numel() // K, linear.weight.shape[0]
+    y = torch.empty(*x.shape[:-2], N, dtype=x.dtype, device=x.device)
+    BN = _feature_block(N, 1)
+    enqueue(
+        norm_linear_step_kernel, (cdiv(N, BN),), x, norm_weight, linear.weight, y, M, N, K, float(eps),
+        BN=BN, G=G, PREC=dot_precision(x), num_warps=2, num_stages=3,
     )  # fmt: skip
     return y
