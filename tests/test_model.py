@@ -425,14 +425,15 @@ def test_norm_linear_step_kernel_matches_torch(monkeypatch, dtype):
     Triton's interpreter here, CUDA on a GPU) give `o_proj(F.rms_norm(x, (G,), g).flatten(-2))`:
     within what the projection's float32 sums in another order allow, plus an ulp (16-bit; a few
     float32 eps in float32) of each normalised input, where the two root mean squares' sums part.
-    Heads of 32 and 64 wide, 40 features (a part-used block); a norm weight not in x's dtype,
+    Heads of 32 and 64 wide, 40 features (a part-used block), steps of whole heads whose last is
+    part-used (3 heads in a step of 4; 20 in two of 16); a norm weight not in x's dtype,
     a width that is not a power of 2, more rows or gradients wanted stay with the modules."""
     pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
     from osdn_hf.ops import linear_step as ls
 
     device, launched = _step_kernels(monkeypatch, ls)
     torch.manual_seed(0)
-    for rows, H, G in (((1, 1), 3, 32), ((3, 1), 2, 64), ((2, 8), 4, 32)):
+    for rows, H, G in (((1, 1), 3, 32), ((3, 1), 2, 64), ((2, 8), 4, 32), ((1, 1), 20, 32)):
         x = 3 * torch.randn(*rows, H, G, device=device, dtype=dtype)
         g = (1 + 0.5 * torch.randn(G, device=device)).to(dtype)
         proj = torch.nn.Linear(H * G, 40, bias=False).to(device, dtype)

@@ -25,12 +25,13 @@ import torch
 import torch.nn as nn
 
 from .osdn.chunk_scan import HAS_TRITON
-from .osdn.launch import cdiv, enqueue
+from .osdn.launch import cdiv, enqueue, next_power_of_2
 from .osdn.utils import dot_precision
 from .step import few_rows_apply, plain_module, weights_apply
 
 MAX_ROWS = 16  # tl.dot's least block; more rows go to cuBLAS
 BK = 256  # the reduction's block
+NORM_BK = 512  # `norm_linear_step`'s, whole heads (the best of a sweep for osdn-340m's o_proj, gemv53_83a4cbd)
 
 if HAS_TRITON:
     import triton
@@ -77,22 +78,27 @@ if HAS_TRITON:
 
     @triton.jit
     def norm_linear_step_kernel(
-        x, g, w, y, M, N, K, eps, BN: tl.constexpr, G: tl.constexpr, PREC: tl.constexpr
+        x, g, w, y, M, N, K, eps, BN: tl.constexpr, G: tl.constexpr, NH: tl.constexpr, PREC: tl.constexpr
     ):  # fmt: skip
         """`y = rms_norm(x) w^T` for a block of BN features a program, x's K columns normalised in
-        groups of G (a layer's heads): each group by its own root mean square, times g, rounded to
-        x's dtype (as `F.rms_norm` returns it), then multiplied."""
+        groups of G (a layer's heads), NH groups a step: each group by its own root mean square,
+        times g, rounded to x's dtype (as `F.rms_norm` returns it), then multiplied."""
         i_n = tl.program_id(0)
         dt = x.dtype.element_ty
-        o_m, o_n, o_g = tl.arange(0, 16), i_n * BN + tl.arange(0, BN), tl.arange(0, G)
+        o_m, o_n, o_k = tl.arange(0, 16), i_n * BN + tl.arange(0, BN), tl.arange(0, NH * G)
         m_m = o_m[:, None] < M
-        b_g = tl.load(g + o_g).to(tl.float32)
+        b_g = tl.load(g + o_k % G).to(tl.float32)
         acc = tl.zeros([16, BN], dtype=tl.float32)
-        for k0 in range(0, K, G):
-            xt = tl.load(x + o_m[:, None] * K + k0 + o_g[None, :], mask=m_m, other=0.0).to(tl.float32)
-            rstd = tl.math.rsqrt(tl.sum(xt * xt, 1) / G + eps)
-            xn = ((xt * rstd[:, None]) * b_g[None, :]).to(dt)
-            wt = tl.load(w + o_n[:, None].to(tl.int64) * K + k0 + o_g[None, :], mask=o_n[:, None] < N, other=0.0)
+        for k0 in range(0, K, NH * G):
+            m_k = k0 + o_k < K  # a last step of fewer heads
+            xt = tl.load(x + o_m[:, None] * K + k0 + o_k[None, :], mask=m_m & m_k[None, :], other=0.0)
+            xt = tl.reshape(xt.to(tl.float32), (16, NH, G))
+            rstd = tl.math.rsqrt(tl.sum(xt * xt, 2) / G + eps)  # [16, NH]
+            xn = tl.reshape(xt * rstd[:, :, None], (16, NH * G))
+            xn = (xn * b_g[None, :]).to(dt)
+            wt = tl.load(
+                w + o_n[:, None].to(tl.int64) * K + k0 + o_k[None, :], mask=(o_n[:, None] < N) & m_k[None, :], other=0.0
+            )
             acc += tl.dot(xn, tl.trans(wt), input_precision=PREC)
         tl.store(y + o_m[:, None] * N + o_n[None, :], acc.to(y.dtype.element_ty), m_m & (o_n[None, :] < N))
 
@@ -196,8 +202,9 @@ def norm_linear_step(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, lin
     M, N = x.numel() // K, linear.weight.shape[0]
     y = torch.empty(*x.shape[:-2], N, dtype=x.dtype, device=x.device)
     BN = _feature_block(N, 1)
+    NH = min(NORM_BK // G, next_power_of_2(K // G))  # heads a step: columns NORM_BK a step, or all
     enqueue(
         norm_linear_step_kernel, (cdiv(N, BN),), x, norm_weight, linear.weight, y, M, N, K, float(eps),
-        BN=BN, G=G, PREC=dot_precision(x), num_warps=2, num_stages=3,
+        BN=BN, G=G, NH=NH, PREC=dot_precision(x), num_warps=2, num_stages=3,
     )  # fmt: skip
     return y
