@@ -380,7 +380,7 @@ class _DecodeGraph:
         self.valid = all(a is b for a, b in zip(_state_tensors(cache), self.states))
         # The states' positions by dtype (float32 S and d, the convolution inputs in the model's
         # dtype): a grouped copy of one dtype is a few kernels, while one of mixed dtypes copies
-        # tensor by tensor (`_foreach_copy_`'s slow path: 120 copies for osdn-340m, 0.6-0.9 ms of
+        # tensor by tensor (`_foreach_copy_`'s slow path: 120 copies for osdn-340m, 0.6-0.95 ms of
         # host time each way on an H200's host, `benchmarks/results/gr57_fa97118.json`).
         dtypes = dict.fromkeys(x.dtype for x in states)
         self.groups = [[i for i, x in enumerate(states) if x.dtype == dtype] for dtype in dtypes]
@@ -416,15 +416,15 @@ class CUDAGraphDecoding:
     """The decoding steps of an `OSDNForCausalLM` replayed from CUDA graphs
     (`config.cuda_graph_decoding`).
 
-    A token at batch 1 is 29 small kernels a layer, each launched from the host, so eager
-    decoding waits on the host, not the GPU. A graph launches a whole step at once. One graph
-    is captured for each batch size and state layout, on first use. All are dropped, and
+    A token at batch 1 is 12 small kernels a layer (at 7c4c412), each launched from the host, so
+    eager decoding waits on the host, not the GPU. A graph launches a whole step at once. One
+    graph is captured for each batch size and state layout, on first use. All are dropped, and
     captured again when next used, when a weight moves (`to`, `half`, a new tensor in `.data`)
     or any module or parameter is registered (a module swapped in, a parameter assigned). A
     cache's states are copied into the graph's buffers before a step and back after it (a
-    grouped copy per dtype each way), so caches stay independent of each other and of the graphs, and a cache
-    can go on decoding eagerly. Each CUDA stream has its own graphs, and one thread at a time
-    uses them, so concurrent decoding on several streams stays correct.
+    grouped copy per dtype each way), so caches stay independent of each other and of the
+    graphs, and a cache can go on decoding eagerly. Each CUDA stream has its own graphs, and one
+    thread at a time uses them, so concurrent decoding on several streams stays correct.
 
     A replayed step runs no Python: hooks on the model's modules do not run in it, and a change
     that neither moves a weight nor registers a module (an adapter switched off by a flag) is not
