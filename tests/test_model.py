@@ -464,55 +464,10 @@ def test_norm_linear_step_kernel_matches_torch(monkeypatch, dtype):
         assert not ls.norm_linear_step_applies(torch.randn(17, 1, 2, 32, device=device, dtype=dtype), g, proj)
 
 
-@pytest.mark.parametrize("dtype", GATE_CASES)
-def test_swiglu_step_with_norm_matches_torch(monkeypatch, dtype):
-    """The MLP's gate and up projections with `silu(gate) * up`, x first normalised by the
-    block's MLP norm in the same launch (`swiglu_step` with a norm weight; Triton's interpreter
-    here, CUDA on a GPU), give `F.silu(gate(xn)) * up(xn)` with `xn = F.rms_norm(x, (K,), w)`:
-    within what each product's float32 sums in another order and an ulp (16-bit; a few float32
-    eps in float32) of each normalised input allow, moved by the SwiGLU's slopes. 300 columns
-    (a part-used step of 256) and 100 features; a norm weight of another width or dtype, or
-    wanting gradients, is not taken."""
-    pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
-    from osdn_hf.ops import linear_step as ls
-
-    device, launched = _step_kernels(monkeypatch, ls)
-    torch.manual_seed(0)
-    K = 300
-    gate, up = (torch.nn.Linear(K, 100, bias=False).to(device, dtype) for _ in range(2))
-    norm = (1 + 0.5 * torch.randn(K, device=device)).to(dtype)
-    eps = torch.finfo(dtype).eps if dtype != torch.float32 else 4 * torch.finfo(dtype).eps
-
-    def bound(xn, w):  # a product's: summation order, plus an ulp of each normalised input
-        return _products_bound(xn, w, dtype) + eps * F.linear(xn.float().abs(), w.float().abs())
-
-    for rows in ((1, 1), (3, 1), (2, 8)):
-        x = 3 * torch.randn(*rows, K, device=device, dtype=dtype)
-        with torch.no_grad():
-            assert ls.linear_step_applies(x, (gate, up)) and ls.norm_step_applies(x, norm)
-            y = ls.swiglu_step(x, gate, up, norm, 1e-6)
-            xn = F.rms_norm(x, (K,), norm, 1e-6)
-            g, u = gate(xn).float(), up(xn).float()
-            ref = F.silu(gate(xn)) * up(xn)
-            sg = torch.sigmoid(g)
-            slope = (sg * (1 + g * (1 - sg))).abs()
-            b = slope * bound(xn, gate.weight) * u.abs() + F.silu(g).abs() * bound(xn, up.weight)
-            b = 1.01 * b + 3 * torch.finfo(dtype).eps * ref.float().abs()
-            assert y.shape == ref.shape and y.dtype == dtype
-            assert ((y.float() - ref.float()).abs() <= b).all()
-            assert not torch.equal(y, torch.zeros_like(y))
-        assert launched == [ls.swiglu_step_kernel]
-        launched.clear()
-    with torch.no_grad():
-        assert not ls.norm_step_applies(x, norm[:-1])
-        assert not ls.norm_step_applies(x, norm.double())
-    assert not ls.norm_step_applies(x, norm.clone().requires_grad_())  # gradients wanted
-
-
 def test_linear_step_kernels_in_the_model(monkeypatch):
     """Without gradients, a prompt of a few tokens and each cached step project q, k and v in one
-    launch a layer, normalise and project its output in one and run the MLP's norm, gate, up and
-    SiLU in one (Triton's interpreter here, CUDA on a GPU); the logits are those of the modules (a forward
+    launch a layer, normalise and project its output in one and run the MLP's gate, up and SiLU in
+    one (Triton's interpreter here, CUDA on a GPU); the logits are those of the modules (a forward
     with gradients) within SPEC section 7's float32 1e-4. A LoRA-like wrapper on q_proj (a hook)
     leaves that layer's q, k and v to the modules."""
     pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
@@ -522,19 +477,14 @@ def test_linear_step_kernels_in_the_model(monkeypatch):
     model = tiny_model().to(device)
     layers = model.config.num_hidden_layers
     ids = torch.randint(1, 97, (2, 5), device=device)
-    norms = []  # the MLP norms' own forwards: none where the MLP's kernel normalises
-    monkeypatch.setattr(RMSNorm, "forward", lambda m, x, f=RMSNorm.forward: norms.append(m) or f(m, x))
-    mlp_norms = {id(blk.mlp_norm) for blk in model.model.layers}
     with torch.no_grad():
         out = model(ids[:, :3], use_cache=True)
         step = model(ids[:, 3:4], past_key_values=out.past_key_values, use_cache=True).logits
     layer = [ls.linear_step_kernel, ls.norm_linear_step_kernel, ls.swiglu_step_kernel]
     assert launched == layer * (2 * layers)
-    assert norms and not mlp_norms & {id(m) for m in norms}
     launched.clear()
     full = model(ids[:, :4]).logits  # gradients enabled: the modules
     assert not launched and full.requires_grad
-    assert mlp_norms <= {id(m) for m in norms}
     torch.testing.assert_close(out.logits, full[:, :3], atol=LOGITS_ATOL, rtol=0)
     torch.testing.assert_close(step, full[:, 3:], atol=LOGITS_ATOL, rtol=0)
     model.model.layers[0].attn.q_proj.register_forward_hook(lambda *a: None)
@@ -556,8 +506,8 @@ def _cached_step_against_modules(model, device):
 def test_step_kernels_leave_adapters_and_hooks_to_the_modules(monkeypatch):
     """A decoding step's kernels read weights directly, so they must not stand in for a module
     that computes more than its weight: a PEFT LoRA on every linear layer ("all-linear": the
-    gates' projections too) and forward hooks that change a short convolution's, the output
-    norm's and the MLP norm's results. The cached step still gives the modules' logits (Triton's interpreter here,
+    gates' projections too) and forward hooks that change a short convolution's and the output
+    norm's results. The cached step still gives the modules' logits (Triton's interpreter here,
     CUDA on a GPU), within SPEC section 7's float32 1e-4."""
     pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
     peft = pytest.importorskip("peft", reason="PEFT is in the test extra; install osdn-hf[test]")
@@ -580,7 +530,6 @@ def test_step_kernels_leave_adapters_and_hooks_to_the_modules(monkeypatch):
     attn = plain.model.layers[0].attn
     attn.k_conv1d.register_forward_hook(lambda m, args, out: (2 * out[0], out[1]))
     attn.o_norm.register_forward_hook(lambda m, args, out: -out)
-    plain.model.layers[1].mlp_norm.register_forward_hook(lambda m, args, out: 2 * out)
     step, full = _cached_step_against_modules(plain, device)
     torch.testing.assert_close(step, full, atol=LOGITS_ATOL, rtol=0)
     assert launched == [gates.gates_step_kernel] * plain.config.num_hidden_layers  # the gates are plain

@@ -20,7 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_osdn import OSDNConfig
 from .hub_code import AUTO_MAP, write_code
 from .layers.loss import causal_lm_loss
-from .layers.modules import RMSNorm, ShortConvolution, SwiGLUMLP, normed_mlp_step, pack_if_padded, unpack_padding
+from .layers.modules import RMSNorm, ShortConvolution, SwiGLUMLP, pack_if_padded, unpack_padding
 from .layers.osdn_attention import OSDNAttention
 
 # transformers 5.24 renamed the cache, as a forward argument and as an output field, from
@@ -153,8 +153,7 @@ class OSDNCache(Cache):
 
 
 class OSDNBlock(GradientCheckpointingLayer):
-    """Pre-norm block: `x + attn(attn_norm(x))`, then `x + mlp(mlp_norm(x))` (for a step of a few
-    rows without gradients, with `mlp_norm` inside the MLP's kernel: `normed_mlp_step`)."""
+    """Pre-norm block: `x + attn(attn_norm(x))`, then `x + mlp(mlp_norm(x))`."""
 
     def __init__(self, config: OSDNConfig, layer_idx: int):
         super().__init__()
@@ -178,10 +177,7 @@ class OSDNBlock(GradientCheckpointingLayer):
             use_cache=use_cache,
             cu_seqlens=cu_seqlens,
         )
-        mlp_out = normed_mlp_step(self.mlp, self.mlp_norm, hidden_states)  # a step's norm in the MLP's kernel
-        if mlp_out is None:
-            mlp_out = self.mlp(self.mlp_norm(hidden_states))
-        return hidden_states + mlp_out
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
 class OSDNPreTrainedModel(PreTrainedModel):

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.linear_step import linear_step_applies, norm_step_applies, swiglu_step
+from ..ops.linear_step import linear_step_applies, swiglu_step
 from ..ops.osdn.utils import pad_varlen, unpad_varlen, varlen_index
 from ..ops.short_conv import short_conv_step, short_conv_step_applies
 from ..ops.step import plain_module
@@ -194,14 +194,3 @@ def unpack_padding(x: torch.Tensor, indices: torch.Tensor, B: int, T: int) -> to
     """`pack_padding` undone: `[1, total, ...]` -> `[B, T, ...]`, zeros at the padding."""
     rest = x.shape[2:]
     return x.new_zeros(B * T, *rest).index_copy(0, indices, x[0]).view(B, T, *rest)
-
-
-def normed_mlp_step(mlp: nn.Module, norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """`mlp(norm(x))` for a step of a few rows without gradients, the norm inside the kernel of
-    the MLP's gate and up projections (`swiglu_step`); None where that kernel does not take it
-    (then call the two): among others, where either module is not exactly ours or has hooks."""
-    if not (plain_module(mlp, SwiGLUMLP) and plain_module(norm, RMSNorm)):
-        return None
-    if not (linear_step_applies(x, (mlp.gate_proj, mlp.up_proj)) and norm_step_applies(x, norm.weight)):
-        return None
-    return mlp.down_proj(swiglu_step(x, mlp.gate_proj, mlp.up_proj, norm.weight, norm.eps))

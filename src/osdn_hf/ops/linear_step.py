@@ -40,22 +40,8 @@ if HAS_TRITON:
     from .swiglu import _INTERPRETED, _silu
 
     @triton.jit
-    def _row_rstd(x, M, K, eps, BK: tl.constexpr):
-        """`1 / sqrt(mean(x[:M]^2) + eps)` per row, float32 `[16]` (rows past M: 1 / sqrt(eps))."""
-        o_m = tl.arange(0, 16)
-        ss = tl.zeros([16], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            o_k = k0 + tl.arange(0, BK)
-            xt = tl.load(x + o_m[:, None] * K + o_k[None, :], mask=(o_m[:, None] < M) & (o_k[None, :] < K), other=0.0)
-            xt = xt.to(tl.float32)
-            ss += tl.sum(xt * xt, 1)
-        return tl.math.rsqrt(ss / K + eps)
-
-    @triton.jit
-    def _rows_times_weight(x, w, M, N, K, i_n, nw, rstd, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-        """`x[:M] @ w[i_n * BN : (i_n + 1) * BN]^T` as a float32 `[16, BN]` block (rows past M 0).
-        With a norm weight `nw` (not None), x's rows first become `rms_norm(x) * nw` with their
-        `rstd` (`_row_rstd`), rounded to x's dtype as `F.rms_norm` returns them."""
+    def _rows_times_weight(x, w, M, N, K, i_n, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+        """`x[:M] @ w[i_n * BN : (i_n + 1) * BN]^T` as a float32 `[16, BN]` block (rows past M 0)."""
         o_m = tl.arange(0, 16)
         o_n = i_n * BN + tl.arange(0, BN)
         acc = tl.zeros([16, BN], dtype=tl.float32)
@@ -63,9 +49,6 @@ if HAS_TRITON:
             o_k = k0 + tl.arange(0, BK)
             m_k = o_k[None, :] < K
             xt = tl.load(x + o_m[:, None] * K + o_k[None, :], mask=(o_m[:, None] < M) & m_k, other=0.0)
-            if nw is not None:
-                b_nw = tl.load(nw + o_k, mask=o_k < K, other=0.0).to(tl.float32)
-                xt = ((xt.to(tl.float32) * rstd[:, None]) * b_nw[None, :]).to(x.dtype.element_ty)
             wt = tl.load(w + o_n[:, None].to(tl.int64) * K + o_k[None, :], mask=(o_n[:, None] < N) & m_k, other=0.0)
             acc += tl.dot(xt, tl.trans(wt), input_precision=PREC)
         return acc
@@ -73,7 +56,7 @@ if HAS_TRITON:
     @triton.jit
     def _one_projection(x, w, y, M, N, K, i_n, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
         if i_n * BN < N:  # a narrower weight of the launch has no block here
-            acc = _rows_times_weight(x, w, M, N, K, i_n, None, None, BN, BK, PREC)
+            acc = _rows_times_weight(x, w, M, N, K, i_n, BN, BK, PREC)
             o_m, o_n = tl.arange(0, 16), i_n * BN + tl.arange(0, BN)
             tl.store(y + o_m[:, None] * N + o_n[None, :], acc.to(y.dtype.element_ty), (o_m[:, None] < M) & (o_n < N))
 
@@ -121,20 +104,15 @@ if HAS_TRITON:
 
     @triton.jit
     def swiglu_step_kernel(
-        x, wg, wu, y, nw, eps, M, N, K,
-        BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, LIBDEVICE: tl.constexpr,
-    ):  # fmt: skip
+        x, wg, wu, y, M, N, K, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, LIBDEVICE: tl.constexpr
+    ):
         """`y = silu(x wg^T) * (x wu^T)` for a block of BN features a program: each product
         rounded to y's dtype (as `nn.Linear` returns it), then `silu` rounded, then the product
-        rounded (as `F.silu(gate) * up`). With a norm weight `nw` (not None), x is first
-        `F.rms_norm(x, (K,), nw, eps)` (the block's MLP norm), each program normalising it."""
+        rounded (as `F.silu(gate) * up`)."""
         i_n = tl.program_id(0)
         dt = y.dtype.element_ty
-        rstd = tl.full([16], 1.0, tl.float32)
-        if nw is not None:
-            rstd = _row_rstd(x, M, K, eps, BK)
-        g = _rows_times_weight(x, wg, M, N, K, i_n, nw, rstd, BN, BK, PREC).to(dt).to(tl.float32)
-        u = _rows_times_weight(x, wu, M, N, K, i_n, nw, rstd, BN, BK, PREC).to(dt).to(tl.float32)
+        g = _rows_times_weight(x, wg, M, N, K, i_n, BN, BK, PREC).to(dt).to(tl.float32)
+        u = _rows_times_weight(x, wu, M, N, K, i_n, BN, BK, PREC).to(dt).to(tl.float32)
         s = _silu(g, LIBDEVICE).to(dt).to(tl.float32)
         o_m, o_n = tl.arange(0, 16), i_n * BN + tl.arange(0, BN)
         tl.store(y + o_m[:, None] * N + o_n[None, :], (s * u).to(dt), (o_m[:, None] < M) & (o_n < N))
@@ -185,12 +163,8 @@ def linear_step(x: torch.Tensor, linears: Sequence[nn.Linear]) -> list[torch.Ten
     return ys
 
 
-def swiglu_step(
-    x: torch.Tensor, gate: nn.Linear, up: nn.Linear, norm_weight: torch.Tensor | None = None, eps: float = 0.0
-) -> torch.Tensor:
-    """`F.silu(gate(x)) * up(x)` in one launch, or with `norm_weight` of x first normalised,
-    `F.rms_norm(x, (K,), norm_weight, eps)`, in the same launch. Call it only where
-    `linear_step_applies` (and with a norm, `norm_step_applies`)."""
+def swiglu_step(x: torch.Tensor, gate: nn.Linear, up: nn.Linear) -> torch.Tensor:
+    """`F.silu(gate(x)) * up(x)` in one launch. Call it only where `linear_step_applies`."""
     K = x.shape[-1]
     M, N = x.numel() // K, gate.weight.shape[0]
     if up.weight.shape[0] != N:
@@ -199,30 +173,23 @@ def swiglu_step(
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     BN = _feature_block(N, 2)
     enqueue(
-        swiglu_step_kernel, (cdiv(N, BN),), x, gate.weight, up.weight, y, norm_weight, float(eps), M, N, K,
+        swiglu_step_kernel, (cdiv(N, BN),), x, gate.weight, up.weight, y, M, N, K,
         BN=BN, BK=BK, PREC=dot_precision(x), LIBDEVICE=not _INTERPRETED, num_warps=2, num_stages=3,
     )  # fmt: skip
     return y
 
 
-def norm_step_applies(x: torch.Tensor, norm_weight: torch.Tensor) -> bool:
-    """Whether a step kernel may normalise x `[..., K]` itself with the norm weight `[K]`: a weight
-    a kernel may read beside x (`weights_apply`) that wants no gradient. (The caller checks the
-    norm module itself, and the rest with `linear_step_applies`.)"""
-    if norm_weight.shape != x.shape[-1:] or (torch.is_grad_enabled() and norm_weight.requires_grad):
-        return False
-    return weights_apply(x, (norm_weight,))
-
-
 def norm_linear_step_applies(x: torch.Tensor, norm_weight: torch.Tensor, linear: nn.Module) -> bool:
     """Whether `norm_linear_step` takes x `[..., H, G]`: G (the norm's width) a power of 2 from 16
-    to 256, the norm's weight `[G]` as `norm_step_applies` takes it, and x's rows, flattened to
-    `[..., H * G]`, through `linear` as `linear_step_applies` takes them. (The caller checks the
-    norm module itself.)"""
+    to 256, the norm's weight `[G]` a weight a kernel may read beside x (`weights_apply`) that
+    wants no gradient, and x's rows, flattened to `[..., H * G]`, through `linear` as
+    `linear_step_applies` takes them. (The caller checks the norm module itself.)"""
     G = x.shape[-1]
-    if x.dim() < 2 or not 16 <= G <= 256 or G & (G - 1) or not norm_step_applies(x, norm_weight):
+    if x.dim() < 2 or norm_weight.shape != (G,) or not 16 <= G <= 256 or G & (G - 1):
         return False
-    return linear_step_applies(x.flatten(-2), (linear,))
+    if torch.is_grad_enabled() and norm_weight.requires_grad:
+        return False
+    return linear_step_applies(x.flatten(-2), (linear,)) and weights_apply(x, (norm_weight,))
 
 
 def norm_linear_step(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, linear: nn.Linear) -> torch.Tensor:
