@@ -13,9 +13,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Under pytest-xdist (the README's `-n 2`) the workers share the cores: one torch thread a core
-# each, not every worker one a core (the interpreted kernels, most of the suite's time, are
-# single-threaded Python anyway).
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+# Under pytest-xdist (the README's `-n 2`) the workers split the cores between them, rather than
+# each starting a torch thread on every core (the interpreted kernels, most of the suite's time,
+# are single-threaded Python anyway).
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
