@@ -49,6 +49,8 @@ if HAS_TRITON:  # the kernels exist only with Triton; without it chunk.py never 
         _precond_scan_bwd_de_prefetching,
         _precond_scan_fwd_prefetching,
         _raise_flag,
+        precond_group_maps_kernel,
+        precond_group_starts_kernel,
         precond_scan_bwd_de_kernel,
         precond_scan_bwd_kernel,
         precond_scan_fwd_kernel,
@@ -1083,6 +1085,10 @@ SCAN_TUNING = {
     # 2 x 8192 and 1177 -> 1204 at 1 x 16384 (overlapped). Writing W in the scan too (no
     # pre_out_fwd) was slower everywhere but 16 x 1024: 782 -> 804 us at 8 x 2048, 863 -> 971 at
     # 4 x 4096 (95a7077; taken out).
+    # groups: where there are fewer than `below` scans, each scans its chunks in groups of about
+    # `length` (at least `min_groups` groups): each group's K x K map, the groups' starts, the groups
+    # again (`_precond_scan_grouped`; the maps' launch at BJ columns a program, num_warps,
+    # num_stages). None: never (until timed).
     "precond_fwd": dict(
         BS=None,
         num_warps=4,
@@ -1092,6 +1098,7 @@ SCAN_TUNING = {
         overlap_shared=4,
         flag_run=4,
         read_inverse=128,
+        groups=None,
     ),
     "precond_bwd": dict(
         BS=None,
@@ -1617,6 +1624,49 @@ class GatesToChunks(torch.autograd.Function):
         return *outs, None
 
 
+def _precond_groups(heads: int, NC: int) -> int | None:
+    """How many chunks each group holds where phase 1's forward scans run in groups
+    (`_precond_scan_grouped`), given `heads` (batch, head) scans of NC chunks: the largest
+    divisor of NC up to `SCAN_TUNING["precond_fwd"]["groups"]["length"]`, where there are fewer
+    than its `below` scans, that divisor is at least half the length and it makes at least
+    `min_groups` groups; else None (one scan per (batch, head))."""
+    t = SCAN_TUNING["precond_fwd"].get("groups")
+    if not t or heads >= t["below"]:
+        return None
+    L = min(t["length"], NC)
+    while NC % L:
+        L -= 1
+    return L if 2 * L >= t["length"] and NC // L >= t["min_groups"] else None
+
+
+def _precond_scan_grouped(y, k, dm, p, gc, d0, es, df, dl, L, scan, precision):
+    """Phase 1's forward scan (`precond_scan_fwd_kernel`'s es, df and dl) in groups of L chunks, so
+    that its sequential chain is about G + 2 L steps instead of G * L (NC = G * L):
+    1. each group's affine map `e -> M_g e + c_g`, all groups at once (`precond_group_maps_kernel`:
+       `K x K` products, as much work in all as phase 2's state scan over the same chunks);
+    2. the value entering each group, a short chain of G matrix-vector products a (batch, head)
+       (`precond_group_starts_kernel`);
+    3. every group scanned again from its start, all groups at once (`precond_scan_fwd_kernel` on
+       the chunked tensors read as `[B * H * G, L, ...]`), which writes es and dl.
+    `y` holds Y (not the inverse), `k` the keys (u = k * k)."""
+    B, H, NC, C, K = y.shape
+    G, BK = NC // L, scan["BK"]
+    t = SCAN_TUNING["precond_fwd"]["groups"]
+    BJ = min(t["BJ"], BK)
+    mg, cg = es.new_empty(B * H * G, K, K), es.new_empty(B * H * G, K)
+    enqueue(
+        precond_group_maps_kernel, (B * H * G, cdiv(K, BJ) + 1),
+        y, k, dm, p, gc, mg, cg, L,
+        K=K, C=C, BK=BK, BJ=BJ, PRECISION=precision, SQUARE=True, num_warps=t["num_warps"], num_stages=t["num_stages"],
+    )  # fmt: skip
+    eg, ds, dg = torch.empty_like(cg), torch.empty_like(cg), torch.empty_like(cg)
+    enqueue(precond_group_starts_kernel, (B * H,), mg, cg, d0, eg, ds, G, K=K, BK=BK, RB=min(BK, 32))
+    enqueue(
+        precond_scan_fwd_kernel, (B * H * G,), y, k, dm, p, gc, ds, es, dg, dl, None, L, K=K, C=C, SQUARE=True, **scan
+    )
+    df.copy_(dg.view(B, H, G, K)[:, :, -1])
+
+
 class Precondition(torch.autograd.Function):
     """Phase 1: `(k, beta, eta, lam, d0) -> (W = D * K, d_final, k)`; chunked tensors, `k` and `W`
     in the storage dtype, the rest float32. `small`: phase 1's chunks are smaller than phase 2's
@@ -1646,8 +1696,14 @@ class Precondition(torch.autograd.Function):
         intra_launch = _chunk_launch("pre_intra_fwd", K, precision=precision, small=small)
         intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **intra_launch)
         # in chunks smaller than phase 2's (`PHASE1`), the scans follow the chunks' making
-        workers, ready = (None, None) if small else _overlap_launch("precond_fwd", scan, B * H, B * H * NC, k.device)
-        if workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
+        L = None if small or r is not None or not scan.get("PREFETCH") else _precond_groups(B * H, NC)
+        workers, ready = (
+            (None, None) if small or L else _overlap_launch("precond_fwd", scan, B * H, B * H * NC, k.device)
+        )
+        if L:  # the scans run in groups of L chunks, after the chunks' making (_precond_scan_grouped)
+            enqueue(pre_intra_fwd_kernel, grid, k, beta, eta, lam, y, r, dm, p, gc, tinv, **intra)
+            _precond_scan_grouped(y, k, dm, p, gc, d0, es, df, dl, L, scan, precision)
+        elif workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
             enqueue(
                 precond_fwd_overlap_kernel, (workers + B * H,),
                 k, beta, eta, lam, y, r, dm, p, gc, tinv, d0, es, df, dl, ready, NC, B * H, workers,

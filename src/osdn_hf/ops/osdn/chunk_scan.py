@@ -222,6 +222,71 @@ if HAS_TRITON:
                 b_e = b_new
             tl.store(df + i_bh * K + o_k, 1.0 + b_e, mask=m_k)
 
+    @_scan_jit
+    def precond_group_maps_kernel(
+        y, u, dm, p, gc, mg, cg, L, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr,
+        PRECISION: tl.constexpr, SQUARE: tl.constexpr = False,
+    ):  # fmt: skip
+        """Each group of L chunks' affine map `e -> M_g e + c_g` (the product of its chunks'
+        `e -> Gc_n e + U_n^T (p_n * (dm_n - Y_n e))`), one (group, column block) per program: the
+        chunked tensors are read as `[groups, L, C, *]` (`[B * H * G, L, ...]`, groups of L
+        consecutive chunks of one (batch, head)). Programs `j < cdiv(K, BJ)` carry columns
+        `[j BJ, (j + 1) BJ)` of `M_g` from the identity, `X <- Gc_n X - U_n^T diag(p_n) Y_n X`, with
+        two products a chunk (tf32 or ieee, PRECISION), and write them to `mg` `[groups, K, K]`; the
+        last program scans the group from `e = 0` exactly as `precond_scan_fwd_kernel` does, which
+        gives `c_g` (`cg` `[groups, K]`). SQUARE as there."""
+        i_g, i_j = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        o_s = tl.arange(0, C)
+        if i_j == tl.num_programs(1) - 1:
+            b_e = tl.zeros([BK], dtype=tl.float32)
+            for i_n in range(L):
+                i_c = i_g * L + i_n
+                b_y, b_u, b_dm, b_p = _precond_rows(y, u, dm, p, i_c * C + o_s, o_k, m_k, K)
+                b_sum, _ = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE, None)
+                b_e = b_e * tl.load(gc + i_c) + b_sum
+            tl.store(cg + i_g * K + o_k, b_e, mask=m_k)
+        else:
+            o_j = i_j * BJ + tl.arange(0, BJ)
+            b_x = (o_k[:, None] == o_j[None, :]).to(tl.float32)  # [BK, BJ]
+            for i_n in range(L):
+                i_c = i_g * L + i_n
+                b_y, b_u = _precond_yu(y, u, i_c * C + o_s, o_k, m_k, K)
+                b_u = b_u.to(tl.float32)
+                if SQUARE:
+                    b_u = b_u * b_u
+                b_t = tl.dot(b_y.to(tl.float32), b_x, input_precision=PRECISION)  # [C, BJ]
+                b_t = b_t * tl.load(p + i_c * C + o_s)[:, None]
+                b_x = b_x * tl.load(gc + i_c) - tl.dot(tl.trans(b_u), b_t, input_precision=PRECISION)
+            m_kj = m_k[:, None] & (o_j < K)[None, :]
+            tl.store(mg + i_g * K * K + o_k[:, None] * K + o_j[None, :], b_x, mask=m_kj)
+
+    @_scan_jit
+    def precond_group_starts_kernel(mg, cg, d0, eg, ds, G, K: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr):
+        """The value entering each of a (batch, head)'s G groups, one (batch, head) per program:
+        from `e = d_0 - 1` (0 where `d0` is None), `e <- M_g e + c_g` group after group
+        (`precond_group_maps_kernel`'s maps, in rows of RB), written as d = 1 + e to `ds`
+        (`[B * H * G, K]`: the starts `precond_scan_fwd_kernel` takes per group); `eg` (as large)
+        carries e from group to group. The last group's map is not read."""
+        i_bh = tl.program_id(0).to(tl.int64)
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        o_r = tl.arange(0, RB)
+        b_e = _state_or_default(d0, i_bh * K + o_k, m_k, 1.0) - 1.0
+        for i_g in range(G):
+            i_x = i_bh * G + i_g
+            tl.store(ds + i_x * K + o_k, 1.0 + b_e, mask=m_k)
+            if i_g < G - 1:
+                for i_r in tl.static_range(BK // RB):
+                    o_i = i_r * RB + o_r
+                    m_i = o_i < K
+                    b_m = tl.load(mg + (i_x * K + o_i)[:, None] * K + o_k[None, :], mask=m_i[:, None] & m_k[None, :])
+                    b_c = tl.load(cg + i_x * K + o_i, mask=m_i, other=0.0)
+                    tl.store(eg + (i_x + 1) * K + o_i, tl.sum(b_m * b_e[None, :], 1) + b_c, mask=m_i)
+                tl.debug_barrier()  # every row stored before any is read back
+                b_e = tl.load(eg + (i_x + 1) * K + o_k, mask=m_k, other=0.0)
+
     @triton.jit
     def _precond_bwd_loads(
         y, u, dm, p, ddm, du, dy, o_t, o_k, m_k, K: tl.constexpr, ACC: tl.constexpr, DY: tl.constexpr
