@@ -883,21 +883,29 @@ def test_phase1_reading_the_inverse_matches_torch_chunk_path(K, V, c1, sms, monk
     assert ys and all((y is None) == (K <= 128) for y in ys), [type(y) for y in ys]
 
 
-@pytest.mark.parametrize("K, V, length, default_states", [(48, 80, 2, False), (128, 64, 1, False), (32, 32, 2, True)])
-def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, length, default_states, monkeypatch):
+@pytest.mark.parametrize(
+    "K, V, length, default_states, inverse",
+    [(48, 80, 2, False, False), (128, 64, 1, False, False), (32, 32, 2, True, False), (128, 64, 2, False, True)],
+)
+def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, length, default_states, inverse, monkeypatch):
     """`test_fused_chunk_kernels_match_torch_chunk_path` with phase 1's forward scans in groups of
     chunks (`SCAN_TUNING["precond_fwd"]["groups"]` lowered so that the test's scans take them:
-    three chunks in groups of one, or, at T = 256, four chunks in two groups of two): each group's
-    map, the groups' starts, the groups scanned again. Outputs, final states and every gradient
-    against the torch chunked path, with and without initial states; and the grouped kernels ran."""
+    three chunks in groups of one, or, at T = 256, four chunks in two groups of two, or with
+    `inverse` eight chunks of 32 in four groups of two, the scans reading each chunk's inverse
+    and r instead of Y): each group's map, the groups' starts, the groups scanned again. Outputs,
+    final states and every gradient against the torch chunked path, with and without initial
+    states; and the grouped kernels ran."""
     tuning = chunk_fused.SCAN_TUNING["precond_fwd"]
     groups = dict(below=1 << 30, length=length, min_groups=2, BJ=32, num_warps=4, num_stages=2)
-    monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_fwd", dict(tuning, groups=groups))
+    monkeypatch.setitem(
+        chunk_fused.SCAN_TUNING, "precond_fwd", dict(tuning, groups=groups, read_inverse=2 if inverse else None)
+    )
+    monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1 if inverse else 1 << 30)
     monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
     ran, enqueue = [], chunk_fused.enqueue
 
     def recorded(kernel, grid, *args, **kw):
-        ran.append((kernel.__name__, grid))
+        ran.append((kernel.__name__, grid, kernel.__name__ == "precond_group_maps_kernel" and args[7] is not None))
         return enqueue(kernel, grid, *args, **kw)
 
     monkeypatch.setattr(chunk_fused, "enqueue", recorded)
@@ -906,11 +914,8 @@ def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, length, default
     if default_states:
         args[-2:] = [None, None]
     leaves = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
-    inputs = {
-        n: a
-        for n, a in zip(("q", "k", "v", "beta", "eta", "lam", "S0", "d0"), leaves[:6] + leaves[7:])
-        if a is not None
-    }
+    named = zip(("q", "k", "v", "beta", "eta", "lam", "S0", "d0"), leaves[:6] + leaves[7:])
+    inputs = {n: a for n, a in named if a is not None}
     results = {}
     for use_triton in (False, True):
         outs = _chunk_osdn_core(*leaves, use_triton=use_triton, precision=dot_precision(leaves[0]))
@@ -921,10 +926,10 @@ def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, length, default
         assert_close(name, a, b)
     for name, a, b in zip(inputs, got_grads, ref_grads):
         assert_close(f"d{name}", a, b)
-    G = -(-T // 64) // length
-    assert ("precond_group_maps_kernel", (2 * G, -(-K // 32) + 1)) in ran, ran
-    assert ("precond_group_starts_kernel", (2,)) in ran, ran
-    assert ("precond_scan_fwd_kernel", (2 * G,)) in ran, ran
+    G = -(-T // (32 if inverse else 64)) // length
+    assert ("precond_group_maps_kernel", (2 * G, -(-K // 32) + 1), inverse) in ran, ran
+    assert ("precond_group_starts_kernel", (2,), False) in ran, ran
+    assert ("precond_scan_fwd_kernel", (2 * G,), False) in ran, ran
 
 
 @pytest.mark.parametrize("c1", [32, 64])

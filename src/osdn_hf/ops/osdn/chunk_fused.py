@@ -1639,7 +1639,7 @@ def _precond_groups(heads: int, NC: int) -> int | None:
     return L if 2 * L >= t["length"] and NC // L >= t["min_groups"] else None
 
 
-def _precond_scan_grouped(y, k, dm, p, gc, d0, es, df, dl, L, scan, precision):
+def _precond_scan_grouped(y, k, dm, p, gc, d0, r, es, df, dl, L, scan, precision):
     """Phase 1's forward scan (`precond_scan_fwd_kernel`'s es, df and dl) in groups of L chunks, so
     that its sequential chain is about G + 2 L steps instead of G * L (NC = G * L):
     1. each group's affine map `e -> M_g e + c_g`, all groups at once (`precond_group_maps_kernel`:
@@ -1648,22 +1648,20 @@ def _precond_scan_grouped(y, k, dm, p, gc, d0, es, df, dl, L, scan, precision):
        (`precond_group_starts_kernel`);
     3. every group scanned again from its start, all groups at once (`precond_scan_fwd_kernel` on
        the chunked tensors read as `[B * H * G, L, ...]`), which writes es and dl.
-    `y` holds Y (not the inverse), `k` the keys (u = k * k)."""
-    B, H, NC, C, K = y.shape
+    `y` holds Y or, with `r` (not None), each chunk's inverse; `k` the keys (u = k * k)."""
+    B, H, NC, C, K = k.shape
     G, BK = NC // L, scan["BK"]
     t = SCAN_TUNING["precond_fwd"]["groups"]
     BJ = min(t["BJ"], BK)
     mg, cg = es.new_empty(B * H * G, K, K), es.new_empty(B * H * G, K)
     enqueue(
         precond_group_maps_kernel, (B * H * G, cdiv(K, BJ) + 1),
-        y, k, dm, p, gc, mg, cg, L,
+        y, k, dm, p, gc, mg, cg, r, L,
         K=K, C=C, BK=BK, BJ=BJ, PRECISION=precision, SQUARE=True, num_warps=t["num_warps"], num_stages=t["num_stages"],
     )  # fmt: skip
     eg, ds, dg = torch.empty_like(cg), torch.empty_like(cg), torch.empty_like(cg)
     enqueue(precond_group_starts_kernel, (B * H,), mg, cg, d0, eg, ds, G, K=K, BK=BK, RB=min(BK, 32))
-    enqueue(
-        precond_scan_fwd_kernel, (B * H * G,), y, k, dm, p, gc, ds, es, dg, dl, None, L, K=K, C=C, SQUARE=True, **scan
-    )
+    enqueue(precond_scan_fwd_kernel, (B * H * G,), y, k, dm, p, gc, ds, es, dg, dl, r, L, K=K, C=C, SQUARE=True, **scan)
     df.copy_(dg.view(B, H, G, K)[:, :, -1])
 
 
@@ -1696,13 +1694,13 @@ class Precondition(torch.autograd.Function):
         intra_launch = _chunk_launch("pre_intra_fwd", K, precision=precision, small=small)
         intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **intra_launch)
         # in chunks smaller than phase 2's (`PHASE1`), the scans follow the chunks' making
-        L = None if small or r is not None or not scan.get("PREFETCH") else _precond_groups(B * H, NC)
+        L = _precond_groups(B * H, NC) if scan.get("PREFETCH") else None
         workers, ready = (
             (None, None) if small or L else _overlap_launch("precond_fwd", scan, B * H, B * H * NC, k.device)
         )
         if L:  # the scans run in groups of L chunks, after the chunks' making (_precond_scan_grouped)
             enqueue(pre_intra_fwd_kernel, grid, k, beta, eta, lam, y, r, dm, p, gc, tinv, **intra)
-            _precond_scan_grouped(y, k, dm, p, gc, d0, es, df, dl, L, scan, precision)
+            _precond_scan_grouped(y if r is None else tinv, k, dm, p, gc, d0, r, es, df, dl, L, scan, precision)
         elif workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
             enqueue(
                 precond_fwd_overlap_kernel, (workers + B * H,),

@@ -224,7 +224,7 @@ if HAS_TRITON:
 
     @_scan_jit
     def precond_group_maps_kernel(
-        y, u, dm, p, gc, mg, cg, L, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr,
+        y, u, dm, p, gc, mg, cg, r, L, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr,
         PRECISION: tl.constexpr, SQUARE: tl.constexpr = False,
     ):  # fmt: skip
         """Each group of L chunks' affine map `e -> M_g e + c_g` (the product of its chunks'
@@ -234,7 +234,8 @@ if HAS_TRITON:
         `[j BJ, (j + 1) BJ)` of `M_g` from the identity, `X <- Gc_n X - U_n^T diag(p_n) Y_n X`, with
         two products a chunk (tf32 or ieee, PRECISION), and write them to `mg` `[groups, K, K]`; the
         last program scans the group from `e = 0` exactly as `precond_scan_fwd_kernel` does, which
-        gives `c_g` (`cg` `[groups, K]`). SQUARE as there."""
+        gives `c_g` (`cg` `[groups, K]`). SQUARE, and `r` (y then holds each chunk's inverse and
+        `Y_n X = (I + L)^{-1} (r * (U_n X))`, a third product), as there."""
         i_g, i_j = tl.program_id(0).to(tl.int64), tl.program_id(1)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
@@ -243,8 +244,8 @@ if HAS_TRITON:
             b_e = tl.zeros([BK], dtype=tl.float32)
             for i_n in range(L):
                 i_c = i_g * L + i_n
-                b_y, b_u, b_dm, b_p = _precond_rows(y, u, dm, p, i_c * C + o_s, o_k, m_k, K)
-                b_sum, _ = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE, None)
+                b_y, b_u, b_dm, b_p, b_r = _precond_fwd_loads(y, u, dm, p, r, i_c * C + o_s, o_s, o_k, m_k, K, C)
+                b_sum, _ = _precond_fwd_rows(b_y, b_u, b_p, b_dm, b_e, SQUARE, None if r is None else b_r)
                 b_e = b_e * tl.load(gc + i_c) + b_sum
             tl.store(cg + i_g * K + o_k, b_e, mask=m_k)
         else:
@@ -252,12 +253,18 @@ if HAS_TRITON:
             b_x = (o_k[:, None] == o_j[None, :]).to(tl.float32)  # [BK, BJ]
             for i_n in range(L):
                 i_c = i_g * L + i_n
-                b_y, b_u = _precond_yu(y, u, i_c * C + o_s, o_k, m_k, K)
-                b_u = b_u.to(tl.float32)
+                o_t = i_c * C + o_s
+                b_u = tl.load(u + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
                 if SQUARE:
                     b_u = b_u * b_u
-                b_t = tl.dot(b_y.to(tl.float32), b_x, input_precision=PRECISION)  # [C, BJ]
-                b_t = b_t * tl.load(p + i_c * C + o_s)[:, None]
+                if r is None:
+                    b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+                    b_t = tl.dot(b_y.to(tl.float32), b_x, input_precision=PRECISION)  # [C, BJ]
+                else:
+                    b_t = tl.dot(b_u, b_x, input_precision=PRECISION) * tl.load(r + o_t)[:, None]
+                    b_ti = tl.load(y + o_t[:, None] * C + o_s[None, :])  # (I + L)^{-1}, [C, C]
+                    b_t = tl.dot(b_ti, b_t, input_precision=PRECISION)
+                b_t = b_t * tl.load(p + o_t)[:, None]
                 b_x = b_x * tl.load(gc + i_c) - tl.dot(tl.trans(b_u), b_t, input_precision=PRECISION)
             m_kj = m_k[:, None] & (o_j < K)[None, :]
             tl.store(mg + i_g * K * K + o_k[:, None] * K + o_j[None, :], b_x, mask=m_kj)
