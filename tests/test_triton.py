@@ -892,9 +892,10 @@ def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, length, default
     chunks (`SCAN_TUNING["precond_fwd"]["groups"]` lowered so that the test's scans take them:
     three chunks in groups of one, or, at T = 256, four chunks in two groups of two, or with
     `inverse` eight chunks of 32 in four groups of two, the scans reading each chunk's inverse
-    and r instead of Y): each group's map, the groups' starts, the groups scanned again. Outputs,
-    final states and every gradient against the torch chunked path, with and without initial
-    states; and the grouped kernels ran."""
+    and r instead of Y): each group's map, the groups' starts, the groups scanned again; the
+    backward's scans in the same groups, with the forward's maps transposed. Outputs, final states
+    and every gradient against the torch chunked path, with and without initial states; and the
+    grouped kernels ran."""
     tuning = chunk_fused.SCAN_TUNING["precond_fwd"]
     groups = dict(below=1 << 30, length=length, min_groups=2, BJ=32, num_warps=4, num_stages=2)
     monkeypatch.setitem(
@@ -930,6 +931,9 @@ def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, length, default
     assert ("precond_group_maps_kernel", (2 * G, -(-K // 32) + 1), inverse) in ran, ran
     assert ("precond_group_starts_kernel", (2,), False) in ran, ran
     assert ("precond_scan_fwd_kernel", (2 * G,), False) in ran, ran
+    # the backward's scans in the same groups, with the forward's maps: from zero ends, then the real ones
+    assert ran.count(("precond_scan_bwd_de_kernel", (2 * G,), False)) == 2, ran
+    assert ran.count(("precond_group_starts_kernel", (2,), False)) == 2, ran
 
 
 @pytest.mark.parametrize("c1", [32, 64])

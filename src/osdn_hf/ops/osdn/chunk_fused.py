@@ -1663,6 +1663,31 @@ def _precond_scan_grouped(y, k, dm, p, gc, d0, r, es, df, dl, L, scan, precision
     enqueue(precond_group_starts_kernel, (B * H,), mg, cg, d0, eg, ds, G, K=K, BK=BK, RB=min(BK, 32))
     enqueue(precond_scan_fwd_kernel, (B * H * G,), y, k, dm, p, gc, ds, es, dg, dl, r, L, K=K, C=C, SQUARE=True, **scan)
     df.copy_(dg.view(B, H, G, K)[:, :, -1])
+    return mg
+
+
+def _precond_scan_bwd_grouped(y, k, p, gc, ges, ddm, gdf, des, dd0, mg, launch):
+    """Phase 1's backward scan (`precond_scan_bwd_de_kernel`'s des and dd0) in the forward's groups,
+    whose maps `mg` it reuses (`_precond_scan_grouped`; `M_g^T` carries e's gradient back over a
+    group): each group scanned from a zero end gradient, all at once, which gives each group's
+    offset; the gradient at each group's end, a short chain of G matrix-vector products a (batch,
+    head) (`precond_group_starts_kernel`, REVERSE); every group scanned again from its end, which
+    writes des (and the first group's start, d_0's gradient, into dd0 unless it is None)."""
+    B, H, NC, C, K = k.shape
+    G = mg.shape[0] // (B * H)
+    L, BK = NC // G, launch["BK"]
+    cg = ges.new_empty(B * H * G, K)
+    scan = lambda gef, de0: enqueue(  # noqa: E731
+        precond_scan_bwd_de_kernel, (B * H * G,),
+        y, k, p, gc, ges, ddm, gef, des, de0, L, K=K, C=C, SQUARE=True, **launch,
+    )  # fmt: skip
+    scan(None, cg)
+    eg, ends = torch.empty_like(cg), torch.empty_like(cg)
+    enqueue(precond_group_starts_kernel, (B * H,), mg, cg, gdf, eg, ends, G, K=K, BK=BK, RB=min(BK, 32), REVERSE=True)
+    starts = None if dd0 is None else torch.empty_like(cg)
+    scan(ends, starts)
+    if dd0 is not None:
+        dd0.copy_(starts.view(B, H, G, K)[:, :, 0])
 
 
 class Precondition(torch.autograd.Function):
@@ -1700,7 +1725,7 @@ class Precondition(torch.autograd.Function):
         )
         if L:  # the scans run in groups of L chunks, after the chunks' making (_precond_scan_grouped)
             enqueue(pre_intra_fwd_kernel, grid, k, beta, eta, lam, y, r, dm, p, gc, tinv, **intra)
-            _precond_scan_grouped(y if r is None else tinv, k, dm, p, gc, d0, r, es, df, dl, L, scan, precision)
+            mg = _precond_scan_grouped(y if r is None else tinv, k, dm, p, gc, d0, r, es, df, dl, L, scan, precision)
         elif workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
             enqueue(
                 precond_fwd_overlap_kernel, (workers + B * H,),
@@ -1724,14 +1749,14 @@ class Precondition(torch.autograd.Function):
             k, lam, dl, es, w,
             K=K, C=C, PRECISION=precision, **_chunk_launch("pre_out_fwd", K, precision=precision, small=small),
         )  # fmt: skip
-        ctx.save_for_backward(k, beta, eta, lam, dl, p, gc, es, tinv)
+        ctx.save_for_backward(k, beta, eta, lam, dl, p, gc, es, tinv, mg if L else None)
         ctx.precision, ctx.small, ctx.has_d0 = precision, small, d0 is not None
         ctx.set_materialize_grads(False)  # an unused d_final's gradient comes as None, not a zero fill
         return w, df, k
 
     @staticmethod
     def backward(ctx, dw, dd, dk2):
-        k, beta, eta, lam, dl, p, gc, es, tinv = ctx.saved_tensors
+        k, beta, eta, lam, dl, p, gc, es, tinv, mg = ctx.saved_tensors
         B, H, NC, C, K = k.shape
         grid = (B * H * NC,)
         precision = ctx.precision
@@ -1762,7 +1787,7 @@ class Precondition(torch.autograd.Function):
         if split:
             table = (IEEE_LAUNCH if _float32_launch(k, K) else PHASE1["launch"]) if small else SCAN_TUNING
             launch["num_warps"] = table["precond_bwd"]["split_num_warps"]
-        overlap = split and not small  # as in the forward
+        overlap = split and not small and mg is None  # as in the forward
         workers, ready = (
             _overlap_launch("precond_bwd", launch, B * H, B * H * NC, k.device) if overlap else (None, None)
         )
@@ -1787,7 +1812,9 @@ class Precondition(torch.autograd.Function):
                 *out_args, K=K, C=C, PRECISION=precision, **out_launch,
             )  # fmt: skip
         if split:
-            if not workers:
+            if mg is not None:  # in the forward's groups, with its maps
+                _precond_scan_bwd_grouped(y, k, p, gc, ges, ddm, dd, des, dd0, mg, launch)
+            elif not workers:
                 enqueue(
                     precond_scan_bwd_de_kernel, (B * H,),
                     y, k, p, gc, ges, ddm, dd, des, dd0, NC,
