@@ -163,6 +163,7 @@ def main(argv=None):
     p.add_argument("--commit", default="unknown")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="a share of the run")
     p.add_argument("--max-head-dim", type=int, default=256, help="skip cases with K or V above this (a share)")
+    p.add_argument("--min-tokens", type=int, default=0, help="only cases of at least this many tokens (a share)")
     p.add_argument("--shard", default="0/1", help="I/N: every N-th case from the I-th (a share)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="join the shards' files into --out, run nothing")
     p.add_argument(
@@ -232,8 +233,15 @@ def main(argv=None):
     cases.append(dict(B=2, T=1000, K=KV, V=KV, varlen=None, states=False))
     cases.append(dict(B=4, H=16, T=1000, K=128, V=128, varlen=None, states=False))
     cases.append(dict(B=1, H=16, T=None, K=128, V=128, varlen=[1, 63, 64, 100, 1000, 0, 37], states=False))
+    # few pairs and long sequences with a backward to follow: phase 1 in chunks of 32, its scans in
+    # groups with their maps (chunk_fused._precond_groups; 4 groups of 32 chunks at T = 4096), with
+    # and without initial states, and packed sequences padded to 4096 (3 x 8 pairs)
+    cases.append(dict(B=1, H=16, T=4096, K=128, V=128, varlen=None))
+    cases.append(dict(B=1, H=16, T=4096, K=128, V=128, varlen=None, states=False))
+    cases.append(dict(B=1, H=8, T=None, K=128, V=128, varlen=[4096, 100, 2100]))
 
-    cases = [c for c in cases if max(c["K"], c["V"]) <= args.max_head_dim][shard::shards]
+    cases = [c for c in cases if max(c["K"], c["V"]) <= args.max_head_dim]
+    cases = [c for c in cases if (c["T"] or sum(c["varlen"])) >= args.min_tokens][shard::shards]
     rows, failures = [], 0
     result = dict(
         **run_metadata(args.commit, "scripts/check_kernels.py", argv),

@@ -884,24 +884,27 @@ def test_phase1_reading_the_inverse_matches_torch_chunk_path(K, V, c1, sms, monk
 
 
 @pytest.mark.parametrize(
-    "K, V, length, default_states, inverse",
-    [(48, 80, 2, False, False), (128, 64, 1, False, False), (32, 32, 2, True, False), (128, 64, 2, False, True)],
+    "K, V, T, length, default_states, inverse",
+    [
+        (48, 80, 256, 2, False, True),
+        (128, 64, 150, 1, False, False),
+        (32, 32, 256, 4, True, True),
+        (128, 64, 150, 2, False, False),
+    ],
 )
-def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, length, default_states, inverse, monkeypatch):
-    """`test_fused_chunk_kernels_match_torch_chunk_path` with phase 1's forward scans in groups of
-    chunks (`SCAN_TUNING["precond_fwd"]["groups"]` lowered so that the test's scans take them:
-    three chunks in groups of one, or, at T = 256, four chunks in two groups of two, or with
-    `inverse` eight chunks of 32 in four groups of two, the scans reading each chunk's inverse
-    and r instead of Y): each group's map, the groups' starts, the groups scanned again; the
+def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, T, length, default_states, inverse, monkeypatch):
+    """`test_fused_chunk_kernels_match_torch_chunk_path` where phase 1's scans are grouped: a
+    forward with gradients to follow, its scans few enough to run beside their chunks' making (on
+    16 SMs, `_overlap_workers`). Phase 1 then runs in chunks of 32 (here 6 or 8), in groups of
+    `length` (`SCAN_TUNING["precond_fwd"]["groups"]` lowered to the test's chunks): each group's
+    map, the groups' starts, the groups scanned again, reading each chunk's inverse or Y; the
     backward's scans in the same groups, with the forward's maps transposed. Outputs, final states
-    and every gradient against the torch chunked path, with and without initial states; and the
-    grouped kernels ran."""
+    and every gradient against the torch chunked path, with and without initial states; the grouped
+    kernels ran, and without gradients (`torch.no_grad`) they do not: the overlapped launch runs."""
+    monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 16)
     tuning = chunk_fused.SCAN_TUNING["precond_fwd"]
-    groups = dict(below=1 << 30, length=length, min_groups=2, BJ=32, num_warps=4, num_stages=2)
-    monkeypatch.setitem(
-        chunk_fused.SCAN_TUNING, "precond_fwd", dict(tuning, groups=groups, read_inverse=2 if inverse else None)
-    )
-    monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1 if inverse else 1 << 30)
+    groups = dict(tuning["groups"], length=length, min_groups=2, BJ=32, read_inverse=inverse)
+    monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_fwd", dict(tuning, groups=groups))
     monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
     ran, enqueue = [], chunk_fused.enqueue
 
@@ -910,7 +913,6 @@ def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, length, default
         return enqueue(kernel, grid, *args, **kw)
 
     monkeypatch.setattr(chunk_fused, "enqueue", recorded)
-    T = 150 if length == 1 else 256
     args = _core_args(1, T, 2, K, V)
     if default_states:
         args[-2:] = [None, None]
@@ -927,13 +929,17 @@ def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, length, default
         assert_close(name, a, b)
     for name, a, b in zip(inputs, got_grads, ref_grads):
         assert_close(f"d{name}", a, b)
-    G = -(-T // (32 if inverse else 64)) // length
+    G = -(-T // 64) * 2 // length
     assert ("precond_group_maps_kernel", (2 * G, -(-K // 32) + 1), inverse) in ran, ran
-    assert ("precond_group_starts_kernel", (2,), False) in ran, ran
     assert ("precond_scan_fwd_kernel", (2 * G,), False) in ran, ran
     # the backward's scans in the same groups, with the forward's maps: from zero ends, then the real ones
     assert ran.count(("precond_scan_bwd_de_kernel", (2 * G,), False)) == 2, ran
     assert ran.count(("precond_group_starts_kernel", (2,), False)) == 2, ran
+    ran.clear()
+    with torch.no_grad():
+        _chunk_osdn_core(*leaves, use_triton=True, precision=dot_precision(leaves[0]))
+    names = {name for name, _, _ in ran}
+    assert "precond_fwd_overlap_kernel" in names and "precond_group_maps_kernel" not in names, ran
 
 
 @pytest.mark.parametrize("c1", [32, 64])

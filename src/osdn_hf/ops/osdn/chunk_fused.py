@@ -1098,7 +1098,7 @@ SCAN_TUNING = {
         overlap_shared=4,
         flag_run=4,
         read_inverse=128,
-        groups=None,
+        groups=dict(length=32, min_groups=4, BJ=64, num_warps=4, num_stages=1, starts_num_warps=8, read_inverse=True),
     ),
     "precond_bwd": dict(
         BS=None,
@@ -1624,19 +1624,24 @@ class GatesToChunks(torch.autograd.Function):
         return *outs, None
 
 
-def _precond_groups(heads: int, NC: int) -> int | None:
-    """How many chunks each group holds where phase 1's forward scans run in groups
-    (`_precond_scan_grouped`), given `heads` (batch, head) scans of NC chunks: the largest
-    divisor of NC up to `SCAN_TUNING["precond_fwd"]["groups"]["length"]`, where there are fewer
-    than its `below` scans, that divisor is at least half the length and it makes at least
-    `min_groups` groups; else None (one scan per (batch, head))."""
-    t = SCAN_TUNING["precond_fwd"].get("groups")
-    if not t or heads >= t["below"]:
+def _precond_groups(C: int, NC: int, K: int, heads: int, device, training: bool) -> int | None:
+    """How many of phase 1's chunks each group holds where its scans run in groups
+    (`_precond_scan_grouped`), given phase 2's NC chunks of C and `heads` (batch, head) scans on
+    `device`; or None. Where a backward will follow (`training`, 16-bit storage) and the scans
+    would run beside their chunks' making (`_overlap_workers`: few scans), phase 1 runs in
+    `PHASE1["chunk"]`-sized chunks whose scans are grouped, in groups of the largest divisor of
+    their count up to `SCAN_TUNING["precond_fwd"]["groups"]["length"]`, where that divisor is at
+    least half the length and makes at least `min_groups` groups. Elsewhere None: a forward alone
+    keeps the overlapped launch, which the forward alone measured faster (grp31c_39e6766.json).
+    Heads up to 128 wide (a map's `K x K` tile in registers)."""
+    t, c1 = SCAN_TUNING["precond_fwd"].get("groups"), PHASE1["chunk"]
+    if not t or not training or C % c1 or K > 128 or _overlap_workers(heads, device, "precond_fwd") is None:
         return None
-    L = min(t["length"], NC)
-    while NC % L:
+    n1 = NC * C // c1
+    L = min(t["length"], n1)
+    while n1 % L:
         L -= 1
-    return L if 2 * L >= t["length"] and NC // L >= t["min_groups"] else None
+    return L if 2 * L >= t["length"] and n1 // L >= t["min_groups"] else None
 
 
 def _precond_scan_grouped(y, k, dm, p, gc, d0, r, es, df, dl, L, scan, precision):
@@ -1659,8 +1664,8 @@ def _precond_scan_grouped(y, k, dm, p, gc, d0, r, es, df, dl, L, scan, precision
         y, k, dm, p, gc, mg, cg, r, L,
         K=K, C=C, BK=BK, BJ=BJ, PRECISION=precision, SQUARE=True, num_warps=t["num_warps"], num_stages=t["num_stages"],
     )  # fmt: skip
-    eg, ds, dg = torch.empty_like(cg), torch.empty_like(cg), torch.empty_like(cg)
-    enqueue(precond_group_starts_kernel, (B * H,), mg, cg, d0, eg, ds, G, K=K, BK=BK, RB=min(BK, 32))
+    ds, dg = torch.empty_like(cg), torch.empty_like(cg)
+    enqueue(precond_group_starts_kernel, (B * H,), mg, cg, d0, ds, G, K=K, BK=BK, num_warps=t["starts_num_warps"])
     enqueue(precond_scan_fwd_kernel, (B * H * G,), y, k, dm, p, gc, ds, es, dg, dl, r, L, K=K, C=C, SQUARE=True, **scan)
     df.copy_(dg.view(B, H, G, K)[:, :, -1])
     return mg
@@ -1682,8 +1687,11 @@ def _precond_scan_bwd_grouped(y, k, p, gc, ges, ddm, gdf, des, dd0, mg, launch):
         y, k, p, gc, ges, ddm, gef, des, de0, L, K=K, C=C, SQUARE=True, **launch,
     )  # fmt: skip
     scan(None, cg)
-    eg, ends = torch.empty_like(cg), torch.empty_like(cg)
-    enqueue(precond_group_starts_kernel, (B * H,), mg, cg, gdf, eg, ends, G, K=K, BK=BK, RB=min(BK, 32), REVERSE=True)
+    ends, t = torch.empty_like(cg), SCAN_TUNING["precond_fwd"]["groups"]
+    enqueue(
+        precond_group_starts_kernel, (B * H,),
+        mg, cg, gdf, ends, G, K=K, BK=BK, REVERSE=True, num_warps=t["starts_num_warps"],
+    )  # fmt: skip
     starts = None if dd0 is None else torch.empty_like(cg)
     scan(ends, starts)
     if dd0 is not None:
@@ -1703,14 +1711,17 @@ class Precondition(torch.autograd.Function):
     its own accumulation into the inputs' .grad, which it no longer does)."""
 
     @staticmethod
-    def forward(ctx, k, beta, eta, lam, d0, precision, small):
+    def forward(ctx, k, beta, eta, lam, d0, precision, small, L=None):
         B, H, NC, C, K = k.shape
         grid = (B * H * NC,)
         scan = _scan_launch("precond_fwd", K, K, C)
         # from `SCAN_TUNING["precond_fwd"]["read_inverse"]` scans up, a prefetching scan reads each
         # chunk's inverse and r (C * C + C floats) instead of Y (C * K), and pre_intra_fwd makes no Y
         least = SCAN_TUNING["precond_fwd"]["read_inverse"]
-        read_inverse = scan.get("PREFETCH", False) and least is not None and B * H >= least
+        read_inverse = scan.get("PREFETCH", False) and (
+            (least is not None and B * H >= least)
+            or (L is not None and SCAN_TUNING["precond_fwd"]["groups"]["read_inverse"])
+        )
         y, r = (None, torch.empty_like(beta)) if read_inverse else (torch.empty_like(k), None)
         dm, p = torch.empty_like(beta), torch.empty_like(beta)
         gc = beta.new_empty(B, H, NC)
@@ -1719,7 +1730,6 @@ class Precondition(torch.autograd.Function):
         intra_launch = _chunk_launch("pre_intra_fwd", K, precision=precision, small=small)
         intra = dict(K=K, C=C, PRECISION=precision, DOUBLING=_doubling(precision), **intra_launch)
         # in chunks smaller than phase 2's (`PHASE1`), the scans follow the chunks' making
-        L = _precond_groups(B * H, NC) if scan.get("PREFETCH") else None
         workers, ready = (
             (None, None) if small or L else _overlap_launch("precond_fwd", scan, B * H, B * H * NC, k.device)
         )
@@ -1835,7 +1845,7 @@ class Precondition(torch.autograd.Function):
             contiguous_or_none(dk2), dk_out, dbeta, deta, dlam,
             K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_bwd", K, precision=precision, small=small),
         )  # fmt: skip
-        return dk_out, dbeta, deta, dlam, dd0, None, None
+        return dk_out, dbeta, deta, dlam, dd0, None, None, None
 
 
 def _state_scan(kb, w, ub, s0, uo, precision, launch=None):
@@ -2039,11 +2049,14 @@ def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype)
     d_final)`, O `[B, T, H, V]` in `out_dtype`."""
     qc, kc, v, bc, ec, lc = (x.contiguous() for x in (qc, kc, v, bc, ec, lc))
     B, H, NC, C, K = kc.shape
-    c1 = _phase1_chunk(C, B * H, kc.device, _float32_launch(kc, K))
+    float32 = _float32_launch(kc, K)
+    training = torch.is_grad_enabled() and any(x.requires_grad for x in (kc, bc, ec, lc, d0) if x is not None)
+    L = _precond_groups(C, NC, K, B * H, kc.device, training and not float32)
+    c1 = PHASE1["chunk"] if L else _phase1_chunk(C, B * H, kc.device, float32)
     n1 = NC * C // c1
     gates = (x.view(B, H, n1, c1) for x in (bc, ec, lc))
     w, d, kc = Precondition.apply(
-        kc.view(B, H, n1, c1, K), *gates, contiguous_or_none(d0), precision, c1 < C
+        kc.view(B, H, n1, c1, K), *gates, contiguous_or_none(d0), precision, c1 < C, L
     )  # kc: see Precondition
     w, kc = w.view(B, H, NC, C, K), kc.view(B, H, NC, C, K)
     o, S = DeltaRuleAsym.apply(qc, kc, w, v, bc, contiguous_or_none(S0), scale, precision, out_dtype)

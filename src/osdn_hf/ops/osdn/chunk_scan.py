@@ -271,50 +271,41 @@ if HAS_TRITON:
 
     @_scan_jit
     def precond_group_starts_kernel(
-        mg, cg, d0, eg, ds, G, K: tl.constexpr, BK: tl.constexpr, RB: tl.constexpr, REVERSE: tl.constexpr = False
+        mg, cg, d0, ds, G, K: tl.constexpr, BK: tl.constexpr, REVERSE: tl.constexpr = False
     ):  # fmt: skip
         """The value entering each of a (batch, head)'s G groups, one (batch, head) per program:
         from `e = d_0 - 1` (0 where `d0` is None), `e <- M_g e + c_g` group after group
-        (`precond_group_maps_kernel`'s maps, in rows of RB), written as d = 1 + e to `ds`
-        (`[B * H * G, K]`: the starts `precond_scan_fwd_kernel` takes per group); `eg` (as large)
-        carries e from group to group. The last group's map is not read.
+        (`precond_group_maps_kernel`'s maps, each loaded while the one before is applied), written
+        as d = 1 + e to `ds` (`[B * H * G, K]`: the starts `precond_scan_fwd_kernel` takes per
+        group). The last group's map is not applied.
 
         With REVERSE, the backward's: from e's final gradient `d0` (0 where None), from the last
         group to the first, the gradient at each group's end is written to `ds` as it is (what
         `precond_scan_bwd_de_kernel` takes per group) and carried to the group's start as
         `M_g^T e + c_g` (`c_g`: that scan's result from a zero end); the first group's map is not
-        read."""
+        applied."""
         i_bh = tl.program_id(0).to(tl.int64)
         o_k = tl.arange(0, BK)
         m_k = o_k < K
-        o_r = tl.arange(0, RB)
+        o_kk = o_k[:, None] * K + o_k[None, :]
+        m_kk = m_k[:, None] & m_k[None, :]
         if REVERSE:
             b_e = _state_or_default(d0, i_bh * K + o_k, m_k)
         else:
             b_e = _state_or_default(d0, i_bh * K + o_k, m_k, 1.0) - 1.0
+        i_x = i_bh * G + (G - 1 if REVERSE else 0)  # this group
+        b_m = tl.load(mg + i_x * K * K + o_kk, mask=m_kk, other=0.0)  # its map, [BK, BK]
         for j in range(G):
-            i_g = G - 1 - j if REVERSE else j
-            i_x = i_bh * G + i_g
-            i_next = i_x - 1 if REVERSE else i_x + 1  # where e goes next (in eg)
             tl.store(ds + i_x * K + o_k, b_e if REVERSE else 1.0 + b_e, mask=m_k)
             if j < G - 1:
-                for i_r in tl.static_range(BK // RB):
-                    o_i = i_r * RB + o_r
-                    m_i = o_i < K
-                    b_c = tl.load(cg + i_x * K + o_i, mask=m_i, other=0.0)
-                    if REVERSE:  # columns o_i of M_g, [BK, RB]
-                        b_m = tl.load(
-                            mg + (i_x * K + o_k)[:, None] * K + o_i[None, :], mask=m_k[:, None] & m_i[None, :]
-                        )
-                        b_new = tl.sum(b_m * b_e[:, None], 0) + b_c
-                    else:  # rows o_i, [RB, BK]
-                        b_m = tl.load(
-                            mg + (i_x * K + o_i)[:, None] * K + o_k[None, :], mask=m_i[:, None] & m_k[None, :]
-                        )
-                        b_new = tl.sum(b_m * b_e[None, :], 1) + b_c
-                    tl.store(eg + i_next * K + o_i, b_new, mask=m_i)
-                tl.debug_barrier()  # every row stored before any is read back
-                b_e = tl.load(eg + i_next * K + o_k, mask=m_k, other=0.0)
+                i_n = i_x - 1 if REVERSE else i_x + 1  # the next group
+                n_m = tl.load(mg + i_n * K * K + o_kk, mask=m_kk, other=0.0)
+                b_c = tl.load(cg + i_x * K + o_k, mask=m_k, other=0.0)
+                if REVERSE:
+                    b_e = tl.sum(b_m * b_e[:, None], 0) + b_c
+                else:
+                    b_e = tl.sum(b_m * b_e[None, :], 1) + b_c
+                b_m, i_x = n_m, i_n
 
     @triton.jit
     def _precond_bwd_loads(
