@@ -903,7 +903,7 @@ def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, T, length, defa
     kernels ran, and without gradients (`torch.no_grad`) they do not: the overlapped launch runs."""
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 16)
     tuning = chunk_fused.SCAN_TUNING["precond_fwd"]
-    groups = dict(tuning["groups"], length=length, min_groups=2, BJ=32, read_inverse=inverse)
+    groups = dict(tuning["groups"], length=length, long_from=1 << 30, min_groups=2, BJ=32, read_inverse=inverse)
     monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_fwd", dict(tuning, groups=groups))
     monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
     ran, enqueue = [], chunk_fused.enqueue
@@ -940,6 +940,25 @@ def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, T, length, defa
         _chunk_osdn_core(*leaves, use_triton=True, precision=dot_precision(leaves[0]))
     names = {name for name, _, _ in ran}
     assert "precond_fwd_overlap_kernel" in names and "precond_group_maps_kernel" not in names, ran
+
+
+def test_phase1_groups_where_training_few_long_scans(monkeypatch):
+    """Which calls group phase 1's scans (`chunk_fused._precond_groups`), on a GPU of 132 SMs (an
+    H100 or H200) at K = 128 under phase 2's chunks of 64: training at up to 33 (batch, head)
+    scans (the overlapped launch's), in groups of 16 chunks of 32 below 512 chunks and of 32 from
+    there, at least 8 groups; never without a backward to follow, above 33 scans, at head dims
+    above 128, or where the groups would be too few."""
+    monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)
+    groups = lambda T, heads, training=True, K=128: chunk_fused._precond_groups(64, T // 64, K, heads, "cuda", training)  # noqa: E731
+    assert groups(16384, 16) == 32 and groups(32768, 16) == 32  # 512 and 1024 chunks of 32
+    assert groups(8192, 32) == 16 and groups(8192, 16) == 16 and groups(4096, 32) == 16
+    assert groups(4096, 16) == 16  # 128 chunks: 8 groups
+    assert groups(2048, 16) is None  # 4 groups
+    assert groups(16384, 16, training=False) is None
+    assert groups(4096, 64) is None and groups(16384, 34) is None  # no overlapped launch there
+    assert groups(16384, 16, K=256) is None
+    assert groups(64 * 70, 16) == 14  # 140 chunks: groups of 14, the largest divisor up to 16 (at least 8)
+    assert groups(64 * 67, 16) is None  # 134 = 2 x 67 chunks: no divisor from 8 to 16
 
 
 @pytest.mark.parametrize("c1", [32, 64])

@@ -1085,10 +1085,21 @@ SCAN_TUNING = {
     # 2 x 8192 and 1177 -> 1204 at 1 x 16384 (overlapped). Writing W in the scan too (no
     # pre_out_fwd) was slower everywhere but 16 x 1024: 782 -> 804 us at 8 x 2048, 863 -> 971 at
     # 4 x 4096 (95a7077; taken out).
-    # groups: where there are fewer than `below` scans, each scans its chunks in groups of about
-    # `length` (at least `min_groups` groups): each group's K x K map, the groups' starts, the groups
-    # again (`_precond_scan_grouped`; the maps' launch at BJ columns a program, num_warps,
-    # num_stages). None: never (until timed).
+    # groups: where a backward will follow and phase 1's scans are few enough to run beside their
+    # chunks' making (`_precond_groups`), phase 1 runs in chunks of 32, reading each chunk's
+    # inverse (read_inverse), and its scans in groups of `length` chunks (`long_length` from
+    # `long_from` chunks; at least `min_groups` groups): each group's K x K map (BJ columns a
+    # program, num_warps, num_stages), the groups' starts (starts_num_warps), every group scanned
+    # again; the backward reuses the maps (`_precond_scan_grouped`, `_precond_scan_bwd_grouped`).
+    # GPU time against the overlapped launches in one process (H200, bf16, H = 16, K = V = 128;
+    # benchmarks/results/grp31d_37992ad.json), forward+backward: 3195 -> 2896 us at 1 x 16384
+    # (groups of 32), 6289 -> 5551 at 1 x 32768 (32), 2714 -> 2564 at 2 x 8192 (16), 1646 -> 1527
+    # at 1 x 8192 (16), 1417 -> 1358 at 2 x 4096 (16), 862 -> 829 at 1 x 4096 (16); the forward
+    # of such a step is up to 8% slower (the maps; 968 -> 1036 us at 2 x 8192), while a forward
+    # without gradients keeps the overlapped launch. Groups of 16 at 1 x 16384 took 2912 us, of 32
+    # at 1 x 8192 1578 and at 1 x 4096 877. Grouped scans in chunks of 64, Y stored, were slower
+    # (grp31_3fb6230.json, grp31b_658210f.json, grp31c_39e6766.json); so were the maps at 8 warps
+    # (3112 us at 1 x 16384) and at BJ 32 (2936).
     "precond_fwd": dict(
         BS=None,
         num_warps=4,
@@ -1098,7 +1109,17 @@ SCAN_TUNING = {
         overlap_shared=4,
         flag_run=4,
         read_inverse=128,
-        groups=dict(length=32, min_groups=4, BJ=64, num_warps=4, num_stages=1, starts_num_warps=8, read_inverse=True),
+        groups=dict(
+            length=16,
+            long_length=32,
+            long_from=512,
+            min_groups=8,
+            BJ=64,
+            num_warps=4,
+            num_stages=1,
+            starts_num_warps=8,
+            read_inverse=True,
+        ),
     ),
     "precond_bwd": dict(
         BS=None,
@@ -1630,18 +1651,20 @@ def _precond_groups(C: int, NC: int, K: int, heads: int, device, training: bool)
     `device`; or None. Where a backward will follow (`training`, 16-bit storage) and the scans
     would run beside their chunks' making (`_overlap_workers`: few scans), phase 1 runs in
     `PHASE1["chunk"]`-sized chunks whose scans are grouped, in groups of the largest divisor of
-    their count up to `SCAN_TUNING["precond_fwd"]["groups"]["length"]`, where that divisor is at
-    least half the length and makes at least `min_groups` groups. Elsewhere None: a forward alone
-    keeps the overlapped launch, which the forward alone measured faster (grp31c_39e6766.json).
-    Heads up to 128 wide (a map's `K x K` tile in registers)."""
+    their count up to `SCAN_TUNING["precond_fwd"]["groups"]["length"]` (`long_length` from
+    `long_from` chunks), where that divisor is at least half the length and makes at least
+    `min_groups` groups. Elsewhere None: a forward alone keeps the overlapped launch, which is
+    faster for the forward alone (the grouped scans' maps pay off in the backward, which reuses
+    them). Heads up to 128 wide (a map's `K x K` tile in registers)."""
     t, c1 = SCAN_TUNING["precond_fwd"].get("groups"), PHASE1["chunk"]
     if not t or not training or C % c1 or K > 128 or _overlap_workers(heads, device, "precond_fwd") is None:
         return None
     n1 = NC * C // c1
-    L = min(t["length"], n1)
+    length = t["long_length"] if n1 >= t["long_from"] else t["length"]
+    L = min(length, n1)
     while n1 % L:
         L -= 1
-    return L if 2 * L >= t["length"] and n1 // L >= t["min_groups"] else None
+    return L if 2 * L >= length and n1 // L >= t["min_groups"] else None
 
 
 def _precond_scan_grouped(y, k, dm, p, gc, d0, r, es, df, dl, L, scan, precision):
