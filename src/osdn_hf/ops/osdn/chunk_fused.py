@@ -22,9 +22,12 @@ storage dtype (`GRAD_STORAGE`).
 Phase 1 (`Precondition`): `(k, beta, eta, lam, d0) -> (W = D * K, d_final)`
     forward:  `pre_intra_fwd` (L, (I + L)^{-1}, Y, dm, p, Gc) -> precond scan (e_n, delta) ->
               `pre_out_fwd` (E, W);
-              with few scans the first two run side by side (`precond_fwd_overlap_kernel`)
+              with few scans the first two run side by side (`precond_fwd_overlap_kernel`),
+              or, where a backward will follow, the scan runs in groups of chunks
+              (`_precond_scan_grouped`: the groups' maps, their starts, the groups again)
     backward: `pre_y` (Y again) -> `pre_out_bwd` -> precond scan backward -> `pre_intra_bwd`;
-              with few scans the first three run side by side (`precond_bwd_overlap_kernel`)
+              with few scans the first three run side by side (`precond_bwd_overlap_kernel`),
+              or the scan runs in the forward's groups with its maps (`_precond_scan_bwd_grouped`)
 Phase 2 (`DeltaRuleAsym`): `(q, k, w, v, beta, S0) -> (O, S_final)`
     forward:  `wy_fwd` (A, T = A^{-1}, Ub, Kb) -> state scan -> `out_fwd` (O)
     backward: `out_bwd` (dU, dS_n from O) -> state scan backward (dUb, dS_{n+1}) ->
