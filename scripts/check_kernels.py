@@ -234,7 +234,7 @@ def main(argv=None):
     cases.append(dict(B=4, H=16, T=1000, K=128, V=128, varlen=None, states=False))
     cases.append(dict(B=1, H=16, T=None, K=128, V=128, varlen=[1, 63, 64, 100, 1000, 0, 37], states=False))
     # few pairs and long sequences with a backward to follow: phase 1 in chunks of 32, its scans in
-    # groups with their maps (chunk_fused._precond_groups; 4 groups of 32 chunks at T = 4096), with
+    # groups with their maps (chunk_fused._precond_groups; 8 groups of 16 chunks at T = 4096), with
     # and without initial states, and packed sequences padded to 4096 (3 x 8 pairs)
     cases.append(dict(B=1, H=16, T=4096, K=128, V=128, varlen=None))
     cases.append(dict(B=1, H=16, T=4096, K=128, V=128, varlen=None, states=False))
