@@ -323,6 +323,26 @@ def _core_args(B, T, H, K, V, seed=0):
     ]
 
 
+def _assert_fused_matches_torch_chunk_path(args):
+    """`_chunk_osdn_core` on the fused kernels against the torch chunked path, differentiated by
+    autograd, for `args` (`_core_args`'s; None for a default initial state): outputs, final states
+    and the gradient of every tensor argument. Returns the arguments, tensors requiring grad."""
+    leaves = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    named = zip(("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond"), leaves[:6] + leaves[7:])
+    inputs = {n: a for n, a in named if a is not None}
+    results = {}
+    for use_triton in (False, True):
+        outs = _chunk_osdn_core(*leaves, use_triton=use_triton, precision=dot_precision(leaves[0]))
+        outs = [o for o in outs if o is not None]
+        results[use_triton] = (outs, _grads(outs, inputs))
+    (ref, ref_grads), (got, got_grads) = results[False], results[True]
+    for name, a, b in zip(("o", "S", "d"), got, ref):
+        assert_close(name, a, b)
+    for name, a, b in zip(inputs, got_grads, ref_grads):
+        assert_close(f"d{name}", a, b)
+    return leaves
+
+
 @pytest.mark.parametrize(
     "K, V, tile, prefetch, split, unrolled, sms, ieee",
     [
@@ -382,19 +402,7 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split,
         "precond_bwd",
         dict(chunk_fused.SCAN_TUNING["precond_bwd"], split_below=1 << 30 if split else 0),
     )
-    args = _core_args(1, 150, 2, K, V)
-    leaves = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
-    inputs = [a for a in leaves if isinstance(a, torch.Tensor)]
-    names = ("q", "k", "v", "beta", "eta", "lam", "initial_state", "initial_precond")
-    results = {}
-    for use_triton in (False, True):
-        outs = _chunk_osdn_core(*leaves, use_triton=use_triton, precision=dot_precision(leaves[0]))
-        results[use_triton] = (outs, _grads(outs, dict(zip(names, inputs))))
-    (ref, ref_grads), (got, got_grads) = results[False], results[True]
-    for name, a, b in zip(("o", "S", "d"), got, ref):
-        assert_close(name, a, b)
-    for name, a, b in zip(names, got_grads, ref_grads):
-        assert_close(f"d{name}", a, b)
+    _assert_fused_matches_torch_chunk_path(_core_args(1, 150, 2, K, V))
 
 
 @pytest.mark.parametrize("prefetch, split, sms", [(True, True, None), (False, False, None), (True, True, 8)])
@@ -916,19 +924,7 @@ def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, T, length, defa
     args = _core_args(1, T, 2, K, V)
     if default_states:
         args[-2:] = [None, None]
-    leaves = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
-    named = zip(("q", "k", "v", "beta", "eta", "lam", "S0", "d0"), leaves[:6] + leaves[7:])
-    inputs = {n: a for n, a in named if a is not None}
-    results = {}
-    for use_triton in (False, True):
-        outs = _chunk_osdn_core(*leaves, use_triton=use_triton, precision=dot_precision(leaves[0]))
-        outs = [o for o in outs if o is not None]
-        results[use_triton] = (outs, _grads(outs, inputs))
-    (ref, ref_grads), (got, got_grads) = results[False], results[True]
-    for name, a, b in zip(("o", "S", "d"), got, ref):
-        assert_close(name, a, b)
-    for name, a, b in zip(inputs, got_grads, ref_grads):
-        assert_close(f"d{name}", a, b)
+    leaves = _assert_fused_matches_torch_chunk_path(args)
     G = -(-T // 64) * 2 // length
     assert ("precond_group_maps_kernel", (2 * G, -(-K // 32) + 1), inverse) in ran, ran
     assert ("precond_scan_fwd_kernel", (2 * G,), False) in ran, ran
