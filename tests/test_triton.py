@@ -900,7 +900,8 @@ def test_phase1_reading_the_inverse_matches_torch_chunk_path(K, V, c1, sms, monk
         (128, 64, 150, 2, False, False),
     ],
 )
-def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, T, length, default_states, inverse, monkeypatch):
+@pytest.mark.parametrize("form", ["x", "xt", "xt_u_twice"])
+def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, T, length, default_states, inverse, form, monkeypatch):
     """`test_fused_chunk_kernels_match_torch_chunk_path` where phase 1's scans are grouped: a
     forward with gradients to follow, its scans few enough to run beside their chunks' making (on
     16 SMs, `_overlap_workers`). Phase 1 then runs in chunks of 32 (here 6 or 8), in groups of
@@ -912,6 +913,7 @@ def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, T, length, defa
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 16)
     tuning = chunk_fused.SCAN_TUNING["precond_fwd"]
     groups = dict(tuning["groups"], length=length, long_from=1 << 30, min_groups=2, BJ=32, read_inverse=inverse)
+    groups.update(transposed=form != "x", u_twice=form == "xt_u_twice")
     monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_fwd", dict(tuning, groups=groups))
     monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
     ran, enqueue = [], chunk_fused.enqueue
