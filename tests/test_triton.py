@@ -900,7 +900,7 @@ def test_phase1_reading_the_inverse_matches_torch_chunk_path(K, V, c1, sms, monk
         (128, 64, 150, 2, False, False),
     ],
 )
-@pytest.mark.parametrize("form", ["x", "xt", "xt_u_twice"])
+@pytest.mark.parametrize("form", ["x", "prefetch", "prefetch_acc"])
 def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, T, length, default_states, inverse, form, monkeypatch):
     """`test_fused_chunk_kernels_match_torch_chunk_path` where phase 1's scans are grouped: a
     forward with gradients to follow, its scans few enough to run beside their chunks' making (on
@@ -913,7 +913,7 @@ def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, T, length, defa
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 16)
     tuning = chunk_fused.SCAN_TUNING["precond_fwd"]
     groups = dict(tuning["groups"], length=length, long_from=1 << 30, min_groups=2, BJ=32, read_inverse=inverse)
-    groups.update(transposed=form != "x", u_twice=form == "xt_u_twice")
+    groups.update(prefetch=form != "x", acc=form == "prefetch_acc")
     monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_fwd", dict(tuning, groups=groups))
     monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
     ran, enqueue = [], chunk_fused.enqueue
@@ -938,6 +938,41 @@ def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, T, length, defa
         _chunk_osdn_core(*leaves, use_triton=True, precision=dot_precision(leaves[0]))
     names = {name for name, _, _ in ran}
     assert "precond_fwd_overlap_kernel" in names and "precond_group_maps_kernel" not in names, ran
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("form", ["x", "prefetch", "prefetch_acc"])
+def test_group_maps_are_the_products_of_their_chunks_maps(inverse, form):
+    """`precond_group_maps_kernel` against its definition in float64: each group's map
+    `e -> M_g e + c_g` is the composition of its chunks' `e -> Gc_n e + U_n^T (p_n * (dm_n - Y_n e))`
+    (u = k * k; Y read as rows, or as `(I + L)^{-1} diag(r) U` from each chunk's inverse), at K = 48
+    in column blocks of 32 (masked), groups of 3 chunks of 32, float32 products (ieee). Unlike the
+    model-level tests, where a map's error is damped by the group starts it feeds, this checks
+    every entry of every map."""
+    G, L, C, K = 2, 3, 32, 48
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(G, L, C, K, generator=g) / K**0.5
+    y = torch.randn(G, L, C, K, generator=g) / K**0.5
+    dm, p = torch.randn(G, L, C, generator=g), torch.rand(G, L, C, generator=g)
+    gc, r = 0.5 + 0.5 * torch.rand(G, L, generator=g), torch.rand(G, L, C, generator=g)
+    ti = torch.linalg.inv(torch.eye(C) + torch.randn(G, L, C, C, generator=g).tril(-1) / C).contiguous()
+    u = (k * k).double()
+    rows = (ti.double() @ (r.double()[..., None] * u)) if inverse else y.double()
+    maps, offsets = torch.eye(K, dtype=torch.float64).repeat(G, 1, 1), torch.zeros(G, K, dtype=torch.float64)
+    for n in range(L):
+        ut_p = u[:, n].transpose(-1, -2) * p.double()[:, n, None, :]  # U_n^T diag(p_n), [G, K, C]
+        step = gc.double()[:, n, None, None] * torch.eye(K, dtype=torch.float64) - ut_p @ rows[:, n]
+        maps = step @ maps
+        offsets = (step @ offsets[..., None])[..., 0] + (ut_p @ dm.double()[:, n, :, None])[..., 0]
+    mg, cg = torch.empty(G, K, K), torch.empty(G, K)
+    chunk_fused.enqueue(
+        chunk_scan.precond_group_maps_kernel, (G, 3),
+        ti if inverse else y, k, dm, p, gc, mg, cg, r if inverse else None, L,
+        K=K, C=C, BK=64, BJ=32, PRECISION="ieee", SQUARE=True, PREFETCH=form != "x", ACC=form == "prefetch_acc",
+    )  # fmt: skip
+    assert (maps - torch.eye(K, dtype=torch.float64)).abs().max() > 0.1  # the chunks' maps are far from identities
+    assert_close("M_g", mg, maps)
+    assert_close("c_g", cg, offsets)
 
 
 def test_phase1_groups_where_training_few_long_scans(monkeypatch):
