@@ -900,8 +900,7 @@ def test_phase1_reading_the_inverse_matches_torch_chunk_path(K, V, c1, sms, monk
         (128, 64, 150, 2, False, False),
     ],
 )
-@pytest.mark.parametrize("form", ["x", "prefetch", "prefetch_acc"])
-def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, T, length, default_states, inverse, form, monkeypatch):
+def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, T, length, default_states, inverse, monkeypatch):
     """`test_fused_chunk_kernels_match_torch_chunk_path` where phase 1's scans are grouped: a
     forward with gradients to follow, its scans few enough to run beside their chunks' making (on
     16 SMs, `_overlap_workers`). Phase 1 then runs in chunks of 32 (here 6 or 8), in groups of
@@ -913,7 +912,6 @@ def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, T, length, defa
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 16)
     tuning = chunk_fused.SCAN_TUNING["precond_fwd"]
     groups = dict(tuning["groups"], length=length, long_from=1 << 30, min_groups=2, BJ=32, read_inverse=inverse)
-    groups.update(prefetch=form != "x", acc=form == "prefetch_acc")
     monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_fwd", dict(tuning, groups=groups))
     monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
     ran, enqueue = [], chunk_fused.enqueue
@@ -941,8 +939,7 @@ def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, T, length, defa
 
 
 @pytest.mark.parametrize("inverse", [False, True])
-@pytest.mark.parametrize("form", ["x", "prefetch", "prefetch_acc"])
-def test_group_maps_are_the_products_of_their_chunks_maps(inverse, form):
+def test_group_maps_are_the_products_of_their_chunks_maps(inverse):
     """`precond_group_maps_kernel` against its definition in float64: each group's map
     `e -> M_g e + c_g` is the composition of its chunks' `e -> Gc_n e + U_n^T (p_n * (dm_n - Y_n e))`
     (u = k * k; Y read as rows, or as `(I + L)^{-1} diag(r) U` from each chunk's inverse), at K = 48
@@ -968,7 +965,7 @@ def test_group_maps_are_the_products_of_their_chunks_maps(inverse, form):
     chunk_fused.enqueue(
         chunk_scan.precond_group_maps_kernel, (G, 3),
         ti if inverse else y, k, dm, p, gc, mg, cg, r if inverse else None, L,
-        K=K, C=C, BK=64, BJ=32, PRECISION="ieee", SQUARE=True, PREFETCH=form != "x", ACC=form == "prefetch_acc",
+        K=K, C=C, BK=64, BJ=32, PRECISION="ieee", SQUARE=True,
     )  # fmt: skip
     assert (maps - torch.eye(K, dtype=torch.float64)).abs().max() > 0.1  # the chunks' maps are far from identities
     assert_close("M_g", mg, maps)

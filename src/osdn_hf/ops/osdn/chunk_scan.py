@@ -222,26 +222,10 @@ if HAS_TRITON:
                 b_e = b_new
             tl.store(df + i_bh * K + o_k, 1.0 + b_e, mask=m_k)
 
-    @triton.jit
-    def _precond_map_loads(y, u, p, r, o_t, o_s, o_k, m_k, K: tl.constexpr, C: tl.constexpr):
-        """What a map's column programs read for rows `o_t` (one whole chunk), as stored: u (k
-        with SQUARE), Y's rows or, with `r` (not None), the chunk's `(I + L)^{-1}`, r (without r,
-        a placeholder) and p."""
-        b_u = tl.load(u + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-        b_p = tl.load(p + o_t)
-        if r is None:
-            b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-            b_r = b_p  # a placeholder, unread without r
-        else:
-            b_y = tl.load(y + o_t[:, None] * C + o_s[None, :])
-            b_r = tl.load(r + o_t)
-        return b_u, b_y, b_r, b_p
-
     @_scan_jit
     def precond_group_maps_kernel(
         y, u, dm, p, gc, mg, cg, r, L, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr,
-        PRECISION: tl.constexpr, SQUARE: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-        ACC: tl.constexpr = False,
+        PRECISION: tl.constexpr, SQUARE: tl.constexpr = False,
     ):  # fmt: skip
         """Each group of L chunks' affine map `e -> M_g e + c_g` (the product of its chunks'
         `e -> Gc_n e + U_n^T (p_n * (dm_n - Y_n e))`), one (group, column block) per program: the
@@ -267,33 +251,21 @@ if HAS_TRITON:
         else:
             o_j = i_j * BJ + tl.arange(0, BJ)
             b_x = (o_k[:, None] == o_j[None, :]).to(tl.float32)  # [BK, BJ]
-            if PREFETCH:
-                b_u, b_y, b_r, b_p = _precond_map_loads(y, u, p, r, i_g * L * C + o_s, o_s, o_k, m_k, K, C)
-                b_gc = tl.load(gc + i_g * L)
             for i_n in range(L):
                 i_c = i_g * L + i_n
-                if PREFETCH:
-                    i_x = tl.minimum(i_c + 1, i_g * L + L - 1)  # the next chunk (the last one again at the end)
-                    n_u, n_y, n_r, n_p = _precond_map_loads(y, u, p, r, i_x * C + o_s, o_s, o_k, m_k, K, C)
-                    n_gc = tl.load(gc + i_x)
-                else:
-                    b_u, b_y, b_r, b_p = _precond_map_loads(y, u, p, r, i_c * C + o_s, o_s, o_k, m_k, K, C)
-                    b_gc = tl.load(gc + i_c)
-                b_uf = b_u.to(tl.float32)
+                o_t = i_c * C + o_s
+                b_u = tl.load(u + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32)
                 if SQUARE:
-                    b_uf = b_uf * b_uf
+                    b_u = b_u * b_u
                 if r is None:
+                    b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
                     b_t = tl.dot(b_y.to(tl.float32), b_x, input_precision=PRECISION)  # [C, BJ]
                 else:
-                    b_t = tl.dot(b_uf, b_x, input_precision=PRECISION) * b_r[:, None]
-                    b_t = tl.dot(b_y, b_t, input_precision=PRECISION)  # b_y: (I + L)^{-1}, [C, C]
-                b_t = b_t * b_p[:, None]
-                if ACC:
-                    b_x = tl.dot(tl.trans(b_uf), -b_t, b_x * b_gc, input_precision=PRECISION)
-                else:
-                    b_x = b_x * b_gc - tl.dot(tl.trans(b_uf), b_t, input_precision=PRECISION)
-                if PREFETCH:
-                    b_u, b_y, b_r, b_p, b_gc = n_u, n_y, n_r, n_p, n_gc
+                    b_t = tl.dot(b_u, b_x, input_precision=PRECISION) * tl.load(r + o_t)[:, None]
+                    b_ti = tl.load(y + o_t[:, None] * C + o_s[None, :])  # (I + L)^{-1}, [C, C]
+                    b_t = tl.dot(b_ti, b_t, input_precision=PRECISION)
+                b_t = b_t * tl.load(p + o_t)[:, None]
+                b_x = b_x * tl.load(gc + i_c) - tl.dot(tl.trans(b_u), b_t, input_precision=PRECISION)
             m_kj = m_k[:, None] & (o_j < K)[None, :]
             tl.store(mg + i_g * K * K + o_k[:, None] * K + o_j[None, :], b_x, mask=m_kj)
 
