@@ -5,8 +5,10 @@
 
 One process, one GPU, bf16, H=16, K=V=128, (B, T) in (8, 2048), (4, 4096), (2, 8192),
 (1, 16384): forward and forward+backward of `chunk_osdn`, fla's `chunk_delta_rule` (same q, k,
-v, beta), fla's `chunk_precond_gated_delta_rule` with zero gates and causal
-`scaled_dot_product_attention`, timed with `triton.testing.do_bench` (median); ours and fla's
+v, beta; the forward both with its inputs requiring gradients, as in training, and without
+gradients, `*_fwd_nograd`, as in inference: ours takes a different phase-1 launch for each),
+fla's `chunk_precond_gated_delta_rule` with zero gates and causal `scaled_dot_product_attention`,
+timed with `triton.testing.do_bench` (median); ours and fla's
 DeltaNet in `--rounds` alternating rounds, the order reversed every round (each figure is the
 median over the rounds, the per-round values and ratios are kept), since fla's times moved by
 half between separate runs and a drift of the machine should fall on both alike; peak memory of
@@ -70,6 +72,8 @@ def bench_row(B, T, do_bench, rounds=3):
     steps = {
         "osdn_fwd": osdn,
         "fla_delta_fwd": fla,
+        "osdn_fwd_nograd": torch.no_grad()(osdn),
+        "fla_delta_fwd_nograd": torch.no_grad()(fla),
         "osdn_fwdbwd": fwd_bwd_step(osdn, (q, k, v, beta, eta, lam), do),
         "fla_delta_fwdbwd": fwd_bwd_step(fla, (q, k, v, beta), do),
     }
@@ -79,6 +83,7 @@ def bench_row(B, T, do_bench, rounds=3):
         orders=orders,
         ms=ms,
         fwd_ratio=ratio_summary(ms["osdn_fwd"], ms["fla_delta_fwd"], "osdn / fla_delta"),
+        fwd_nograd_ratio=ratio_summary(ms["osdn_fwd_nograd"], ms["fla_delta_fwd_nograd"], "osdn / fla_delta"),
         fwdbwd_ratio=ratio_summary(ms["osdn_fwdbwd"], ms["fla_delta_fwdbwd"], "osdn / fla_delta"),
     )
     # GPU time of what one call launches, without host time: fla's calls take longer on the host
@@ -162,8 +167,9 @@ def plot(result: dict, png: Path) -> None:
 
     rows = result["rows"]
     labels = [f"{r['B']}x{r['T']}" for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, kind in zip(axes, ("fwd", "fwdbwd")):
+    titles = dict(fwd="forward", fwd_nograd="forward without gradients", fwdbwd="forward + backward")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    for ax, kind in zip(axes, titles):
         for name, key, color in (
             ("OSDN", "osdn", "C0"),
             ("fla DeltaNet", "fla_delta", "C1"),
@@ -179,7 +185,7 @@ def plot(result: dict, png: Path) -> None:
                         labels, [float("nan") if y is None else y for y in ys], style, marker="o",
                         color=color, label=f"{name} ({what})",
                     )  # fmt: skip
-        ax.set_title(f"{'forward' if kind == 'fwd' else 'forward + backward'} (bf16, H={H}, K=V={K})")
+        ax.set_title(f"{titles[kind]} (bf16, H={H}, K=V={K})", fontsize=10)
         ax.set_xlabel("B x T (16K tokens per batch)")
         ax.set_ylabel("ms")
         ax.grid(alpha=0.3)
@@ -242,6 +248,14 @@ def main(argv=None):
             f"{r['osdn_fwd_gpu_ms'] / r['fla_delta_fwd_gpu_ms']:16.2f} "
             f"{r['osdn_fwdbwd_gpu_ms'] / r['fla_delta_fwdbwd_gpu_ms']:5.2f}  "
             + " ".join(f"{x:.2f}" for x in r["rounds"]["fwdbwd_ratio"]["per_round"])
+        )
+    for r in rows:
+        print(
+            f"{r['B']:>3} x {r['T']:<5} forward without gradients: osdn {r['osdn_fwd_nograd_ms']:.3f} ms, "
+            f"fla {r['fla_delta_fwd_nograd_ms']:.3f} ms "
+            f"({r['osdn_fwd_nograd_ms'] / r['fla_delta_fwd_nograd_ms']:.2f}); "
+            f"GPU time {r['osdn_fwd_nograd_gpu_ms']:.3f} and {r['fla_delta_fwd_nograd_gpu_ms']:.3f} ms "
+            f"({r['osdn_fwd_nograd_gpu_ms'] / r['fla_delta_fwd_nograd_gpu_ms']:.2f})"
         )
     for r in rows:
         if r.get("fla_precond_fwd_gpu_ms"):
