@@ -939,7 +939,8 @@ def test_phase1_scanned_in_groups_matches_torch_chunk_path(K, V, T, length, defa
 
 
 @pytest.mark.parametrize("inverse", [False, True])
-def test_group_maps_are_the_products_of_their_chunks_maps(inverse):
+@pytest.mark.parametrize("dot16", [False, True])
+def test_group_maps_are_the_products_of_their_chunks_maps(inverse, dot16):
     """`precond_group_maps_kernel` against its definition in float64: each group's map
     `e -> M_g e + c_g` is the composition of its chunks' `e -> Gc_n e + U_n^T (p_n * (dm_n - Y_n e))`
     (u = k * k; Y read as rows, or as `(I + L)^{-1} diag(r) U` from each chunk's inverse), at K = 48
@@ -965,10 +966,11 @@ def test_group_maps_are_the_products_of_their_chunks_maps(inverse):
     chunk_fused.enqueue(
         chunk_scan.precond_group_maps_kernel, (G, 3),
         ti if inverse else y, k, dm, p, gc, mg, cg, r if inverse else None, L,
-        K=K, C=C, BK=64, BJ=32, PRECISION="ieee", SQUARE=True,
+        K=K, C=C, BK=64, BJ=32, PRECISION="ieee", SQUARE=True, DOT16=dot16,
     )  # fmt: skip
     assert (maps - torch.eye(K, dtype=torch.float64)).abs().max() > 0.1  # the chunks' maps are far from identities
-    assert_close("M_g", mg, maps)
+    err = ((mg.double() - maps).norm() / maps.norm()).item()
+    assert err <= (1e-3 if dot16 else 2e-5), err
     assert_close("c_g", cg, offsets)
 
 

@@ -222,10 +222,18 @@ if HAS_TRITON:
                 b_e = b_new
             tl.store(df + i_bh * K + o_k, 1.0 + b_e, mask=m_k)
 
+    @triton.jit
+    def _map_dot(a, b, PRECISION: tl.constexpr, DOT16: tl.constexpr):
+        """a @ b in float32 from float32 operands (PRECISION), or with DOT16 from their float16
+        roundings (as many mantissa bits as tf32's)."""
+        if DOT16:
+            return tl.dot(a.to(tl.float16), b.to(tl.float16))
+        return tl.dot(a, b, input_precision=PRECISION)
+
     @_scan_jit
     def precond_group_maps_kernel(
         y, u, dm, p, gc, mg, cg, r, L, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr,
-        PRECISION: tl.constexpr, SQUARE: tl.constexpr = False,
+        PRECISION: tl.constexpr, SQUARE: tl.constexpr = False, DOT16: tl.constexpr = False,
     ):  # fmt: skip
         """Each group of L chunks' affine map `e -> M_g e + c_g` (the product of its chunks'
         `e -> Gc_n e + U_n^T (p_n * (dm_n - Y_n e))`), one (group, column block) per program: the
@@ -259,13 +267,13 @@ if HAS_TRITON:
                     b_u = b_u * b_u
                 if r is None:
                     b_y = tl.load(y + o_t[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
-                    b_t = tl.dot(b_y.to(tl.float32), b_x, input_precision=PRECISION)  # [C, BJ]
+                    b_t = _map_dot(b_y.to(tl.float32), b_x, PRECISION, DOT16)  # [C, BJ]
                 else:
-                    b_t = tl.dot(b_u, b_x, input_precision=PRECISION) * tl.load(r + o_t)[:, None]
+                    b_t = _map_dot(b_u, b_x, PRECISION, DOT16) * tl.load(r + o_t)[:, None]
                     b_ti = tl.load(y + o_t[:, None] * C + o_s[None, :])  # (I + L)^{-1}, [C, C]
-                    b_t = tl.dot(b_ti, b_t, input_precision=PRECISION)
+                    b_t = _map_dot(b_ti, b_t, PRECISION, DOT16)
                 b_t = b_t * tl.load(p + o_t)[:, None]
-                b_x = b_x * tl.load(gc + i_c) - tl.dot(tl.trans(b_u), b_t, input_precision=PRECISION)
+                b_x = b_x * tl.load(gc + i_c) - _map_dot(tl.trans(b_u), b_t, PRECISION, DOT16)
             m_kj = m_k[:, None] & (o_j < K)[None, :]
             tl.store(mg + i_g * K * K + o_k[:, None] * K + o_j[None, :], b_x, mask=m_kj)
 
