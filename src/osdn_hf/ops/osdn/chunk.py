@@ -156,7 +156,7 @@ def _chunk_osdn_core(
         sd = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
         qc, kc = (ToChunks.apply(x, chunk_size, l2norm_qk, sd) for x in (q, k))
         bc, ec, lc = GatesToChunks.apply(beta, eta, lam, chunk_size)
-        return chunk_osdn_fused(qc, kc, v.to(sd), bc, ec, lc, scale, S0, d0, precision, q.dtype)
+        return chunk_osdn_fused(qc, kc, v.to(sd), bc, ec, lc, scale, S0, d0, precision, q.dtype, l2norm_qk)
     bc, ec = _to_chunks(beta, chunk_size), _to_chunks(eta, chunk_size)
     lc = _to_chunks(lam, chunk_size, fill=1.0)
     if l2norm_qk:

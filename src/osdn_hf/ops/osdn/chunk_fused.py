@@ -1102,7 +1102,12 @@ SCAN_TUNING = {
     # without gradients keeps the overlapped launch. Groups of 16 at 1 x 16384 took 2912 us, of 32
     # at 1 x 8192 1578 and at 1 x 4096 877. Grouped scans in chunks of 64, Y stored, were slower
     # (grp31_3fb6230.json, grp31b_658210f.json, grp31c_39e6766.json); so were the maps at 8 warps
-    # (3112 us at 1 x 16384) and at BJ 32 (2936).
+    # (3112 us at 1 x 16384) and at BJ 32 (2936). The maps multiply float16 roundings of their
+    # operands where the keys are unit (dot16, num_stages 2; `chunk_scan.precond_group_maps_kernel`):
+    # 2922 -> 2871 us at 1 x 16384 and 2572 -> 2529 at 2 x 8192, the forward of such a step 1124 ->
+    # 1078 and 1042 -> 998, outputs and gradients the same to the bit (grp32c_e40adb4.json). Slower
+    # or level: X^T (BJ rows in every product; grp32_5a4f658.json), the next chunk prefetched by
+    # hand, the product accumulating into X (grp32b_1696ccf.json), and dot16 at 8 warps or BJ 32.
     "precond_fwd": dict(
         BS=None,
         num_warps=4,
@@ -1119,7 +1124,8 @@ SCAN_TUNING = {
             min_groups=8,
             BJ=64,
             num_warps=4,
-            num_stages=1,
+            num_stages=2,
+            dot16=True,
             starts_num_warps=8,
             read_inverse=True,
         ),
@@ -1670,7 +1676,7 @@ def _precond_groups(C: int, NC: int, K: int, heads: int, device, training: bool)
     return L if 2 * L >= length and n1 // L >= t["min_groups"] else None
 
 
-def _precond_scan_grouped(y, k, dm, p, gc, d0, r, es, df, dl, L, scan, precision):
+def _precond_scan_grouped(y, k, dm, p, gc, d0, r, es, df, dl, L, scan, precision, unit_keys=False):
     """Phase 1's forward scan (`precond_scan_fwd_kernel`'s es, df and dl) in groups of L chunks, so
     that its sequential chain is about G + 2 L steps instead of G * L (NC = G * L):
     1. each group's affine map `e -> M_g e + c_g`, all groups at once (`precond_group_maps_kernel`:
@@ -1679,7 +1685,9 @@ def _precond_scan_grouped(y, k, dm, p, gc, d0, r, es, df, dl, L, scan, precision
        (`precond_group_starts_kernel`);
     3. every group scanned again from its start, all groups at once (`precond_scan_fwd_kernel` on
        the chunked tensors read as `[B * H * G, L, ...]`), which writes es and dl.
-    `y` holds Y or, with `r` (not None), each chunk's inverse; `k` the keys (u = k * k)."""
+    `y` holds Y or, with `r` (not None), each chunk's inverse; `k` the keys (u = k * k).
+    With `unit_keys` (the op normalised them: u <= 1) and tf32 products, the maps multiply float16
+    roundings of their operands where `groups["dot16"]` says so (DOT16)."""
     B, H, NC, C, K = k.shape
     G, BK = NC // L, scan["BK"]
     t = SCAN_TUNING["precond_fwd"]["groups"]
@@ -1688,7 +1696,8 @@ def _precond_scan_grouped(y, k, dm, p, gc, d0, r, es, df, dl, L, scan, precision
     enqueue(
         precond_group_maps_kernel, (B * H * G, cdiv(K, BJ) + 1),
         y, k, dm, p, gc, mg, cg, r, L,
-        K=K, C=C, BK=BK, BJ=BJ, PRECISION=precision, SQUARE=True, DOT16=t.get("dot16", False) and precision == "tf32",
+        K=K, C=C, BK=BK, BJ=BJ, PRECISION=precision, SQUARE=True,
+        DOT16=t.get("dot16", False) and precision == "tf32" and unit_keys,
         num_warps=t["num_warps"], num_stages=t["num_stages"],
     )  # fmt: skip
     ds, dg = torch.empty_like(cg), torch.empty_like(cg)
@@ -1738,7 +1747,7 @@ class Precondition(torch.autograd.Function):
     its own accumulation into the inputs' .grad, which it no longer does)."""
 
     @staticmethod
-    def forward(ctx, k, beta, eta, lam, d0, precision, small, L=None):
+    def forward(ctx, k, beta, eta, lam, d0, precision, small, L=None, unit_keys=False):
         B, H, NC, C, K = k.shape
         grid = (B * H * NC,)
         scan = _scan_launch("precond_fwd", K, K, C)
@@ -1762,7 +1771,9 @@ class Precondition(torch.autograd.Function):
         )
         if L:  # the scans run in groups of L chunks, after the chunks' making (_precond_scan_grouped)
             enqueue(pre_intra_fwd_kernel, grid, k, beta, eta, lam, y, r, dm, p, gc, tinv, **intra)
-            mg = _precond_scan_grouped(y if r is None else tinv, k, dm, p, gc, d0, r, es, df, dl, L, scan, precision)
+            mg = _precond_scan_grouped(
+                y if r is None else tinv, k, dm, p, gc, d0, r, es, df, dl, L, scan, precision, unit_keys
+            )
         elif workers:  # the scans run beside the chunks' making (precond_fwd_overlap_kernel)
             enqueue(
                 precond_fwd_overlap_kernel, (workers + B * H,),
@@ -1872,7 +1883,7 @@ class Precondition(torch.autograd.Function):
             contiguous_or_none(dk2), dk_out, dbeta, deta, dlam,
             K=K, C=C, PRECISION=precision, **_chunk_launch("pre_intra_bwd", K, precision=precision, small=small),
         )  # fmt: skip
-        return dk_out, dbeta, deta, dlam, dd0, None, None, None
+        return dk_out, dbeta, deta, dlam, dd0, None, None, None, None
 
 
 def _state_scan(kb, w, ub, s0, uo, precision, launch=None):
@@ -2069,11 +2080,12 @@ def _phase1_chunk(C: int, heads: int, device, float32: bool = False) -> int:
     return c1
 
 
-def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype):
+def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype, unit_keys=False):
     """Both phases: q, k, beta, eta, lam chunked `[B, H, NC, C, *]` (q, k in the storage dtype,
     the rest float32), v `[B, T, H, V]` in the storage dtype, the initial states float32 or None
     (S_0 = 0, d_0 = 1, read as such by the scans, so never filled in memory): `(O, S_final,
-    d_final)`, O `[B, T, H, V]` in `out_dtype`."""
+    d_final)`, O `[B, T, H, V]` in `out_dtype`. `unit_keys`: the keys were L2-normalised on the way
+    in (`_precond_scan_grouped`)."""
     qc, kc, v, bc, ec, lc = (x.contiguous() for x in (qc, kc, v, bc, ec, lc))
     B, H, NC, C, K = kc.shape
     float32 = _float32_launch(kc, K)
@@ -2083,7 +2095,7 @@ def chunk_osdn_fused(qc, kc, v, bc, ec, lc, scale, S0, d0, precision, out_dtype)
     n1 = NC * C // c1
     gates = (x.view(B, H, n1, c1) for x in (bc, ec, lc))
     w, d, kc = Precondition.apply(
-        kc.view(B, H, n1, c1, K), *gates, contiguous_or_none(d0), precision, c1 < C, L
+        kc.view(B, H, n1, c1, K), *gates, contiguous_or_none(d0), precision, c1 < C, L, unit_keys
     )  # kc: see Precondition
     w, kc = w.view(B, H, NC, C, K), kc.view(B, H, NC, C, K)
     o, S = DeltaRuleAsym.apply(qc, kc, w, v, bc, contiguous_or_none(S0), scale, precision, out_dtype)
