@@ -1697,7 +1697,7 @@ def _precond_scan_grouped(y, k, dm, p, gc, d0, r, es, df, dl, L, scan, precision
         precond_group_maps_kernel, (B * H * G, cdiv(K, BJ) + 1),
         y, k, dm, p, gc, mg, cg, r, L,
         K=K, C=C, BK=BK, BJ=BJ, PRECISION=precision, SQUARE=True,
-        DOT16=t.get("dot16", False) and precision == "tf32" and unit_keys,
+        DOT16=t["dot16"] and precision == "tf32" and unit_keys,
         num_warps=t["num_warps"], num_stages=t["num_stages"],
     )  # fmt: skip
     ds, dg = torch.empty_like(cg), torch.empty_like(cg)
