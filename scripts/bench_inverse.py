@@ -3,7 +3,7 @@ diagonal 16 x 16 blocks (forward substitution, or the doubling product).
 
     python scripts/bench_inverse.py --out benchmarks/results/inverse.json --commit SHA
 
-`chunk_fused._invert` (64 x 64, in 16 x 16 blocks) runs alone in `inverse_kernel`, one chunk
+`chunk_kernels._invert` (64 x 64, in 16 x 16 blocks) runs alone in `inverse_kernel`, one chunk
 per program, on `--chunks` matrices shaped like phase 2's `A = tril(diag(b) K W^T, -1)` (unit-norm
 keys, b in (0, 1)): random keys, keys correlated within a chunk, and one key repeated
 (`make_a`). Each method's error is taken against the float64 inverse, norm-wise per chunk (the
@@ -47,7 +47,7 @@ def make_a(n: int, keys: str, device: str, seed: int = 0) -> torch.Tensor:
 
 
 def invert(a: torch.Tensor, doubling: bool) -> torch.Tensor:
-    from osdn_hf.ops.osdn.chunk_fused import inverse_kernel
+    from osdn_hf.ops.osdn.chunk_kernels import inverse_kernel
 
     t = torch.empty_like(a)
     inverse_kernel[(a.shape[0],)](a, t, C=C, DOUBLING=doubling, num_warps=4)
@@ -68,19 +68,19 @@ def in_op(B: int = 4, T: int = 4096, H: int = 16) -> dict:
     and per-kernel profile of `profile_kernels.py` (beside this script)."""
     from profile_kernels import _step, kernel_times
 
-    from osdn_hf.ops.osdn import chunk_fused
+    from osdn_hf.ops.osdn import tuning
 
     step = _step(B, T, H, K)
-    out, before = dict(B=B, T=T, H=H, K=K, V=K), dict(chunk_fused.INVERSE)
+    out, before = dict(B=B, T=T, H=H, K=K, V=K), dict(tuning.INVERSE)
     for name, doubling in METHODS.items():
-        chunk_fused.INVERSE["doubling"] = doubling
+        tuning.INVERSE["doubling"] = doubling
         times = kernel_times(step)  # after three untimed calls (the first compiles)
         out[name] = dict(
             wy_fwd_us=times.get("wy_fwd_kernel"),
             pre_intra_fwd_us=times.get("pre_intra_fwd_kernel"),
             fwdbwd_us=sum(times.values()),
         )
-    chunk_fused.INVERSE.update(before)
+    tuning.INVERSE.update(before)
     return out
 
 

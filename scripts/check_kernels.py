@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from osdn_hf.ops import chunk_osdn, fused_recurrent_osdn, naive_recurrent_osdn
-from osdn_hf.ops.osdn import chunk_fused
+from osdn_hf.ops.osdn import chunk_fused, tuning
 from osdn_hf.run_info import command_line, run_metadata
 
 # Relative (norm-wise) error allowed against the float32 loop on the same inputs. float32
@@ -39,7 +39,7 @@ from osdn_hf.run_info import command_line, run_metadata
 # bits, dlam at T = 63 (one partial chunk, a small gradient) reaches 6.4e-3 (4.5e-3 before),
 # every other float16 case stays under 2.2e-3 (benchmarks/results/kernels_check_float16.json).
 # Since 0bc0098 the backward's gradient pieces pass between kernels in 16 bits too
-# (chunk_fused.GRAD_STORAGE): the worst case, dlam in one chunk (T = 63, 64), went 1.39e-2 ->
+# (tuning.GRAD_STORAGE): the worst case, dlam in one chunk (T = 63, 64), went 1.39e-2 ->
 # 1.66e-2 in bf16 and 3.9e-3 -> 4.8e-3 in float16 (kernels_check_16bit_{60434f8,0bc0098}.json).
 RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 # With --tf32, float32 inputs run tf32 products (torch's float32 matmuls in TF32: 2^-11 per
@@ -182,18 +182,18 @@ def main(argv=None):
     p.add_argument(
         "--inverse",
         choices=("substitution", "doubling"),
-        help="how the 64 x 64 inverses' diagonal blocks are inverted (default: chunk_fused.INVERSE)",
+        help="how the 64 x 64 inverses' diagonal blocks are inverted (default: tuning.INVERSE)",
     )
     args = p.parse_args(argv)
     if args.merge:
         sys.exit(merge(args.merge, args.out, argv))
     if args.prefetch:
-        for tuning in chunk_fused.SCAN_TUNING.values():
-            tuning["prefetch"] = args.prefetch == "all"
+        for entry in tuning.SCAN_TUNING.values():
+            entry["prefetch"] = args.prefetch == "all"
     if args.one_kernel_scan:
-        chunk_fused.SCAN_TUNING["precond_bwd"]["split_below"] = 0
+        tuning.SCAN_TUNING["precond_bwd"]["split_below"] = 0
     if args.inverse:
-        chunk_fused.INVERSE["doubling"] = args.inverse == "doubling"
+        tuning.INVERSE["doubling"] = args.inverse == "doubling"
     try:
         shard, shards = (int(x) for x in args.shard.split("/"))
         if not 0 <= shard < shards:
@@ -218,13 +218,13 @@ def main(argv=None):
     # one head alone (H = 1, which Triton specializes as a constant), and 32 pairs, where phase 1's
     # forward scans share SMs with two workers each (chunk_fused._overlap_workers; up to 16 pairs
     # they run beside one worker an SM, as in the cases above)
-    # From 64 pairs up phase 1 runs in chunks of 32 (chunk_fused.PHASE1): those cases, and a long
+    # From 64 pairs up phase 1 runs in chunks of 32 (tuning.PHASE1): those cases, and a long
     # one and packed sequences there too
     for B, heads, T in ((1, 1, 100), (4, 16, 200), (8, 16, 100), (2, 16, 300), (4, 16, 1000), (16, 16, 100)):
         cases.append(dict(B=B, H=heads, T=T, K=128, V=128, varlen=None))
     cases.append(dict(B=1, H=16, T=None, K=128, V=128, varlen=[1, 63, 64, 100, 1000, 0, 37]))
     # phase 1 in chunks of 32 at other head dims, where it launches with its own warps and tiles
-    # (chunk_fused.PHASE1["launch"])
+    # (tuning.PHASE1["launch"])
     for K, V in ((64, 64), (256, 256), (100, 48)):
         cases.append(dict(B=4, H=16, T=200, K=K, V=V, varlen=None))
     # no initial states, and the final ones unused (a training step): the scans start from the

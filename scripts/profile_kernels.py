@@ -10,10 +10,10 @@
     python scripts/profile_kernels.py --ncu-json ncu.csv --out ncu.json   # per kernel: its metrics
 
 `--tune` times forward+backward (`triton.testing.do_bench`, median) while it varies the scans'
-launch settings (`chunk_fused.SCAN_TUNING`), one knob at a time from the defaults, and prints
+launch settings (`tuning.SCAN_TUNING`), one knob at a time from the defaults, and prints
 and writes the times; `--only state_fwd ...` limits it to those scans. `--grid` profiles one
 forward+backward at every (num_warps, tile) setting of the per-chunk kernels
-(`chunk_fused.CHUNK_LAUNCH`, all kernels alike in each profile), each setting in a fresh process
+(`tuning.CHUNK_LAUNCH`, all kernels alike in each profile), each setting in a fresh process
 so that one that faults costs only itself (its error, naming the failed launch, is recorded),
 and reports each kernel's CUDA time per setting and its fastest. `--peer` profiles one
 forward+backward of ours and of fla's `chunk_delta_rule` on the same inputs in the same
@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from osdn_hf.ops import chunk_osdn
-from osdn_hf.ops.osdn import chunk_fused
+from osdn_hf.ops.osdn import chunk_fused, tuning
 from osdn_hf.run_info import run_metadata
 from osdn_hf.throughput import cuda_profile, fwd_bwd_step
 
@@ -193,7 +193,7 @@ def plot_grid(result: dict, png: str) -> None:
 def tune(step, args, meta: dict) -> dict:
     import triton
 
-    base = {name: dict(t) for name, t in chunk_fused.SCAN_TUNING.items()}
+    base = {name: dict(t) for name, t in tuning.SCAN_TUNING.items()}
     trials = [("default", None, None)]
     for name in base:
         knobs = dict(num_warps=(2, 4, 8), num_stages=(1, 2, 3), BS=(16, 32, 64))
@@ -217,17 +217,17 @@ def tune(step, args, meta: dict) -> dict:
         ]
     rows = []
     for name, knob, value in tqdm(trials, desc="launch settings"):
-        chunk_fused.SCAN_TUNING.update({n: dict(t) for n, t in base.items()})
+        tuning.SCAN_TUNING.update({n: dict(t) for n, t in base.items()})
         if name != "default":
             pairs = zip(knob, value) if isinstance(knob, tuple) else [(knob, value)]
-            chunk_fused.SCAN_TUNING[name].update(pairs)
+            tuning.SCAN_TUNING[name].update(pairs)
         try:
             ms, err = triton.testing.do_bench(step), None
         except Exception as e:  # a setting that does not fit (registers, shared memory) is recorded
             ms, err = None, f"{type(e).__name__}: {e}"[:200]
         rows.append(dict(kernel=name, knob=knob, value=value, fwdbwd_ms=ms, error=err))
         print(f"{name:12s} {str(knob or ''):10s} {str(value) if value is not None else '':>4} {ms or err}")
-    chunk_fused.SCAN_TUNING.update(base)
+    tuning.SCAN_TUNING.update(base)
     return dict(
         **meta,
         shape=dict(B=args.B, T=args.T, H=args.H, K=args.D, V=args.D, dtype="bfloat16"),
@@ -279,7 +279,7 @@ def grid(args, meta: dict, measure=grid_setting) -> dict:
     from concurrent.futures import ThreadPoolExecutor
     from queue import Queue
 
-    names = list(chunk_fused.CHUNK_LAUNCH)
+    names = list(tuning.CHUNK_LAUNCH)
     n = getattr(args, "gpus", 1)
     free = Queue()
     for gpu in range(n):
@@ -314,7 +314,7 @@ def grid(args, meta: dict, measure=grid_setting) -> dict:
     return dict(
         **meta,
         shape=dict(B=args.B, T=args.T, H=args.H, K=args.D, V=args.D, dtype="bfloat16"),
-        defaults={name: dict(t) for name, t in chunk_fused.CHUNK_LAUNCH.items()},
+        defaults={name: dict(t) for name, t in tuning.CHUNK_LAUNCH.items()},
         rows=rows,
         fastest=best,
     )
@@ -393,7 +393,7 @@ def main(argv=None):
         return
     if args.grid_one:
         warps, tile = (int(x) for x in args.grid_one.split(","))
-        for launch in chunk_fused.CHUNK_LAUNCH.values():
+        for launch in tuning.CHUNK_LAUNCH.values():
             launch.update(num_warps=warps, tile=tile)
             launch.pop("tile_v", None)  # every block at `tile`, out_fwd's V block too
         print(GRID_MARK + json.dumps(kernel_times(_step(args.B, args.T, args.H, args.D))), flush=True)

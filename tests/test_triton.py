@@ -24,7 +24,15 @@ if torch.cuda.is_available():
     )
 
 from osdn_hf.ops import chunk_osdn, fused_recurrent_osdn  # noqa: E402
-from osdn_hf.ops.osdn import chunk_fused, chunk_scan, fused_recurrent  # noqa: E402
+from osdn_hf.ops.osdn import (  # noqa: E402
+    chunk_delta,
+    chunk_fused,
+    chunk_kernels,
+    chunk_precond,
+    chunk_scan,
+    fused_recurrent,
+    tuning,
+)
 from osdn_hf.ops.osdn.chunk import _chunk_osdn_core  # noqa: E402
 from osdn_hf.ops.osdn.utils import FORCE_TRITON_ENV, dot_precision, float32_tf32  # noqa: E402
 
@@ -388,23 +396,23 @@ def test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split,
     the state scans launch as on a GPU with that many SMs (`chunk_fused._scan_launch`), and with 8
     and 16 phase 1's forward scans (and, split, its backward scans) run beside the workers making
     their chunks (`_overlap_workers`). The inputs are float32, whose own launches
-    (`chunk_fused.IEEE_LAUNCH`) replace the tables' only in the `ieee` cases, so that the others
+    (`tuning.IEEE_LAUNCH`) replace the tables' only in the `ieee` cases, so that the others
     run the tables' settings, as 16-bit inputs do."""
     if sms is not None:
         monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: sms)
     if not ieee:
-        monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
-    for name, launch in chunk_fused.CHUNK_LAUNCH.items():
+        monkeypatch.setitem(tuning.IEEE_LAUNCH, "max_head_dim", 0)
+    for name, launch in tuning.CHUNK_LAUNCH.items():
         if tile is not None:
-            monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, name, launch := dict(launch, tile=tile))
+            monkeypatch.setitem(tuning.CHUNK_LAUNCH, name, launch := dict(launch, tile=tile))
         if unrolled and "stages" in launch:
-            monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, name, dict(launch, stages=None))
-    for name, tuning in chunk_fused.SCAN_TUNING.items():
-        monkeypatch.setitem(chunk_fused.SCAN_TUNING, name, dict(tuning, prefetch=prefetch))
+            monkeypatch.setitem(tuning.CHUNK_LAUNCH, name, dict(launch, stages=None))
+    for name, entry in tuning.SCAN_TUNING.items():
+        monkeypatch.setitem(tuning.SCAN_TUNING, name, dict(entry, prefetch=prefetch))
     monkeypatch.setitem(
-        chunk_fused.SCAN_TUNING,
+        tuning.SCAN_TUNING,
         "precond_bwd",
-        dict(chunk_fused.SCAN_TUNING["precond_bwd"], split_below=1 << 30 if split else 0),
+        dict(tuning.SCAN_TUNING["precond_bwd"], split_below=1 << 30 if split else 0),
     )
     _assert_fused_matches_torch_chunk_path(_core_args(1, 150, 2, K, V))
 
@@ -423,11 +431,11 @@ def test_fused_kernels_start_from_default_states_never_made(prefetch, split, sms
     runs them."""
     if sms is not None:
         monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: sms)
-    monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
-    for name, tuning in chunk_fused.SCAN_TUNING.items():
-        monkeypatch.setitem(chunk_fused.SCAN_TUNING, name, dict(tuning, prefetch=prefetch))
-    bwd = dict(chunk_fused.SCAN_TUNING["precond_bwd"], split_below=1 << 30 if split else 0)
-    monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_bwd", bwd)
+    monkeypatch.setitem(tuning.IEEE_LAUNCH, "max_head_dim", 0)
+    for name, entry in tuning.SCAN_TUNING.items():
+        monkeypatch.setitem(tuning.SCAN_TUNING, name, dict(entry, prefetch=prefetch))
+    bwd = dict(tuning.SCAN_TUNING["precond_bwd"], split_below=1 << 30 if split else 0)
+    monkeypatch.setitem(tuning.SCAN_TUNING, "precond_bwd", bwd)
     launches, enqueue = {}, chunk_fused.enqueue
 
     def recorded(kernel, grid, *args, **kw):
@@ -585,7 +593,7 @@ def test_state_scans_launch_by_how_many_programs_the_sms_take(monkeypatch):
         assert chunk_fused._scan_launch("state_fwd", 256, 256, 64, 16, "cuda", True, precision) == wide
     # without IEEE_LAUNCH and TF32_LAUNCH, float32 storage: the table's BV 32 halved to fill the
     # SMs, the forward pipelined in row slices at most two programs an SM, else both prefetching
-    monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
+    monkeypatch.setitem(tuning.IEEE_LAUNCH, "max_head_dim", 0)
     cases = {
         16: ((16, 64, 3, False), (16, 64, 1, True, 4)),
         64: ((32, 32, 3, False), (32, 64, 1, True, 4)),
@@ -632,7 +640,7 @@ def _precond_forward(B, H, NC, C, K, dtype, g, read_inverse=True):
     y, dm, p, gc = torch.empty_like(k), torch.empty_like(beta), torch.empty_like(beta), beta.new_empty(B, H, NC)
     tinv, es, df = beta.new_empty(B, H, NC, C, C), beta.new_empty(B, H, NC, K), beta.new_empty(B, H, K)
     dl, r = torch.empty_like(dm), torch.empty_like(dm)
-    chunk_fused.pre_intra_fwd_kernel[(B * H * NC,)](
+    chunk_precond.pre_intra_fwd_kernel[(B * H * NC,)](
         k, beta, eta, lam, y, r, dm, p, gc, tinv, K=K, C=C, BK=32, PRECISION="ieee"
     )
     chunk_scan.precond_scan_fwd_kernel[(B * H,)](
@@ -676,7 +684,7 @@ def test_overlapped_precond_forward_gives_the_same_bits(K, dtype, NC):
         got = [torch.empty_like(x) for x in ref]
         y, r, dm, p, gc, tinv, es, df, dl = got
         ready = torch.zeros(B * H * NC + 1, dtype=torch.int32)
-        chunk_fused.precond_fwd_overlap_kernel[(workers + B * H,)](
+        chunk_precond.precond_fwd_overlap_kernel[(workers + B * H,)](
             k, beta, eta, lam, y, r if read_inverse else None, dm, p, gc, tinv, d0, es, df, dl, ready, NC, B * H,
             workers, K=K, C=C, BK=32, SBK=triton.next_power_of_2(K), PRECISION="ieee", RUN=run,
         )  # fmt: skip
@@ -716,8 +724,10 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC, fold):
 
     walk = dict(UNROLL=False, STAGES=3)  # as the launch table walks both kernels' blocks
     ref = outputs()
-    chunk_fused.pre_y_kernel[(B * H * NC,)](k, beta, eta, lam, tinv, ref["y"], K=K, C=C, BK=32, PRECISION=prec, **walk)
-    chunk_fused.pre_out_bwd_kernel[(B * H * NC,)](
+    chunk_precond.pre_y_kernel[(B * H * NC,)](
+        k, beta, eta, lam, tinv, ref["y"], K=K, C=C, BK=32, PRECISION=prec, **walk
+    )
+    chunk_precond.pre_out_bwd_kernel[(B * H * NC,)](
         k, lam, dl, es, dw, *(ref[n] for n in names[1:7]), K=K, C=C, BK=32, PRECISION=prec, **walk
     )
     chunk_scan.precond_scan_bwd_de_kernel[(B * H,)](
@@ -727,7 +737,7 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC, fold):
     assert not torch.equal(ref["de0"], gef)  # the scan moved
     if fold:  # dK as the unfolded kernel's two outputs make it
         apart = outputs(fold=False)
-        chunk_fused.pre_out_bwd_kernel[(B * H * NC,)](
+        chunk_precond.pre_out_bwd_kernel[(B * H * NC,)](
             k, lam, dl, es, dw, *(apart[n] for n in names[1:7]), K=K, C=C, BK=32, PRECISION=prec, **walk
         )
         torch.testing.assert_close(ref["dk"], apart["dk"] + 2 * k.float() * apart["du"], rtol=1e-5, atol=1e-6)
@@ -735,7 +745,7 @@ def test_overlapped_precond_backward_gives_the_same_bits(K, dtype, NC, fold):
     for workers, run in ((1, 1), (3, 1), (1, 2), (3, 4)):
         got = outputs()
         ready = torch.zeros(B * H * NC + 1, dtype=torch.int32)
-        chunk_fused.precond_bwd_overlap_kernel[(workers + B * H,)](
+        chunk_precond.precond_bwd_overlap_kernel[(workers + B * H,)](
             k, beta, eta, lam, tinv, got["y"], dl, es, dw, *(got[n] for n in names[1:7]), p, gc, gef,
             got["des"], got["de0"], ready, NC, B * H, workers, K=K, C=C, BK=32, SBK=BK, PRECISION=prec,
             Y_BK=32, Y_UNROLL=False, Y_STAGES=3, RUN=run, **walk,
@@ -749,24 +759,24 @@ def test_phase1_takes_chunks_of_32_where_its_scans_run_alone(monkeypatch):
     """`_phase1_chunk`: phase 1 splits phase 2's chunks of 64 in two from `min_scans` (batch,
     head) scans up, except where its scans run beside their chunks' making (on a GPU,
     `_overlap_workers`) or 32 does not divide phase 2's chunk."""
-    assert (chunk_fused.PHASE1["chunk"], chunk_fused.PHASE1["min_scans"]) == (32, 34)
+    assert (tuning.PHASE1["chunk"], tuning.PHASE1["min_scans"]) == (32, 34)
     assert chunk_fused._phase1_chunk(64, 34, "cpu") == 32
     assert chunk_fused._phase1_chunk(64, 33, "cpu") == 64
     assert chunk_fused._phase1_chunk(48, 64, "cpu") == 48
-    monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1)
+    monkeypatch.setitem(tuning.PHASE1, "min_scans", 1)
     assert chunk_fused._phase1_chunk(64, 2, "cpu") == 32
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)
     assert chunk_fused._phase1_chunk(64, 16, "cuda") == 64  # the scans overlapped, one worker an SM
     assert chunk_fused._phase1_chunk(64, 33, "cuda") == 64  # two an SM
     assert chunk_fused._phase1_chunk(64, 34, "cuda") == 32  # alone
     # float32 storage: chunks of 32 at any number of scans (`IEEE_LAUNCH["phase1_split"]`)
-    monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 34)
+    monkeypatch.setitem(tuning.PHASE1, "min_scans", 34)
     assert chunk_fused._phase1_chunk(64, 16, "cuda", float32=True) == 32
     assert chunk_fused._phase1_chunk(64, 1, "cpu", float32=True) == 32
     assert chunk_fused._phase1_chunk(48, 1, "cpu", float32=True) == 48
-    monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "phase1_split", False)
+    monkeypatch.setitem(tuning.IEEE_LAUNCH, "phase1_split", False)
     assert chunk_fused._phase1_chunk(64, 16, "cuda", float32=True) == 64
-    monkeypatch.setitem(chunk_fused.PHASE1, "chunk", 64)
+    monkeypatch.setitem(tuning.PHASE1, "chunk", 64)
     assert chunk_fused._phase1_chunk(64, 34, "cuda") == 64
 
 
@@ -801,7 +811,7 @@ def test_phase1_in_chunks_of_32_matches_torch_chunk_path(K, V, tile, prefetch, s
     """`test_fused_chunk_kernels_match_torch_chunk_path` with phase 1 in chunks of 32 (`PHASE1`'s
     `min_scans` lowered to the test's two scans): three chunks of 64, six of phase 1's, the last
     one partly padding."""
-    monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1)
+    monkeypatch.setitem(tuning.PHASE1, "min_scans", 1)
     chunks, _ = _record_phase1_and_launches(monkeypatch)
     test_fused_chunk_kernels_match_torch_chunk_path(K, V, tile, prefetch, split, unrolled, sms, ieee, monkeypatch)
     assert chunks == [32], chunks
@@ -816,10 +826,10 @@ def test_float32_phase1_runs_in_chunks_of_32_never_overlapped(split, monkeypatch
     (`PHASE1["launch"]`'s are bf16's); with `phase1_split` off,
     chunks of 64, overlapped. Outputs and all gradients match the torch chunked path either way."""
     chunks, launches = _record_phase1_and_launches(monkeypatch)
-    monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "phase1_split", split)
+    monkeypatch.setitem(tuning.IEEE_LAUNCH, "phase1_split", split)
     test_fused_chunk_kernels_match_torch_chunk_path(48, 80, None, True, True, False, 16, True, monkeypatch)
     overlapped = {"precond_fwd_overlap_kernel", "precond_bwd_overlap_kernel"}
-    ieee = chunk_fused.IEEE_LAUNCH["chunk"]
+    ieee = tuning.IEEE_LAUNCH["chunk"]
     if split:
         assert chunks == [32] and not overlapped & set(launches), (chunks, sorted(launches))
         assert {"precond_scan_fwd_kernel", "precond_scan_bwd_de_kernel"} <= set(launches), sorted(launches)
@@ -827,7 +837,7 @@ def test_float32_phase1_runs_in_chunks_of_32_never_overlapped(split, monkeypatch
             kw = launches[f"{name}_kernel"]
             want = (ieee[name]["num_warps"], chunk_fused.block_width(48, ieee[name]["tile"]))
             assert (kw["num_warps"], kw["BK"]) == want, (name, kw)
-        split_warps = chunk_fused.IEEE_LAUNCH["precond_bwd"]["split_num_warps"]
+        split_warps = tuning.IEEE_LAUNCH["precond_bwd"]["split_num_warps"]
         assert split_warps == 4 and launches["precond_scan_bwd_de_kernel"]["num_warps"] == split_warps, launches
     else:
         assert chunks == [64] and overlapped <= set(launches), (chunks, sorted(launches))
@@ -867,7 +877,7 @@ def test_float32_inputs_under_tf32_run_tf32_products_at_their_own_scan_launches(
     assert precisions - {None} == {"tf32"} and chunks == [32], (precisions, chunks)
     own, wy_bwd = chunk_fused._chunk_launch("wy_bwd", 48, 80, "tf32", float32=True), launches["wy_bwd_kernel"]
     assert (wy_bwd["num_warps"], wy_bwd["BK"], wy_bwd["BV"]) == (own["num_warps"], 32, 32), launches  # TF32_LAUNCH's
-    split_warps = chunk_fused.IEEE_LAUNCH["precond_bwd"]["split_num_warps"]
+    split_warps = tuning.IEEE_LAUNCH["precond_bwd"]["split_num_warps"]
     assert launches["precond_scan_bwd_de_kernel"]["num_warps"] == split_warps, launches
 
 
@@ -879,10 +889,10 @@ def test_phase1_reading_the_inverse_matches_torch_chunk_path(K, V, c1, sms, monk
     chunk's inverse and r instead of Y (`SCAN_TUNING["precond_fwd"]["read_inverse"]` lowered to the
     test's two scans), in phase 1's chunks of 32 and 64, and beside the workers making its chunks
     (`sms` 8): pre_intra_fwd then makes no Y. At K = 256 the scan does not prefetch, and reads Y."""
-    tuning = chunk_fused.SCAN_TUNING["precond_fwd"]
-    assert tuning["read_inverse"] == 128  # as measured (benchmarks/results/sweep20_*.json)
-    monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_fwd", dict(tuning, read_inverse=2))
-    monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1 if c1 == 32 else 1 << 30)
+    entry = tuning.SCAN_TUNING["precond_fwd"]
+    assert entry["read_inverse"] == 128  # as measured (benchmarks/results/sweep20_*.json)
+    monkeypatch.setitem(tuning.SCAN_TUNING, "precond_fwd", dict(entry, read_inverse=2))
+    monkeypatch.setitem(tuning.PHASE1, "min_scans", 1 if c1 == 32 else 1 << 30)
     ys, enqueue = [], chunk_fused.enqueue
 
     def recorded(kernel, grid, *args, **kw):
@@ -923,10 +933,10 @@ def test_phase1_scanned_in_groups_matches_torch_chunk_path(
     (`test_group_maps_are_the_products_of_their_chunks_maps` checks the maps themselves); with
     ieee products (float32) or keys the op does not normalise they never do."""
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 16)
-    tuning = chunk_fused.SCAN_TUNING["precond_fwd"]
-    groups = dict(tuning["groups"], length=length, long_from=1 << 30, min_groups=2, BJ=32, read_inverse=inverse)
-    monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_fwd", dict(tuning, groups=groups))
-    monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
+    entry = tuning.SCAN_TUNING["precond_fwd"]
+    groups = dict(entry["groups"], length=length, long_from=1 << 30, min_groups=2, BJ=32, read_inverse=inverse)
+    monkeypatch.setitem(tuning.SCAN_TUNING, "precond_fwd", dict(entry, groups=groups))
+    monkeypatch.setitem(tuning.IEEE_LAUNCH, "max_head_dim", 0)
     ran, enqueue = [], chunk_fused.enqueue
 
     def recorded(kernel, grid, *args, **kw):
@@ -1015,8 +1025,8 @@ def test_phase1_in_chunks_of_32_launches_with_its_own_settings(c1, monkeypatch):
     output step takes one of its own chunks a program either way. (The inputs are float32, whose
     own launches, `IEEE_LAUNCH`, are turned off here; `test_float32_products_launch_with_their_own_
     settings_up_to_head_dim_128` checks them.)"""
-    monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1 if c1 == 32 else 1 << 30)
-    monkeypatch.setitem(chunk_fused.IEEE_LAUNCH, "max_head_dim", 0)
+    monkeypatch.setitem(tuning.PHASE1, "min_scans", 1 if c1 == 32 else 1 << 30)
+    monkeypatch.setitem(tuning.IEEE_LAUNCH, "max_head_dim", 0)
     launches, grids = {}, {}
     enqueue = chunk_fused.enqueue
 
@@ -1050,24 +1060,24 @@ def test_overlap_runs_with_few_scans_per_sm(monkeypatch):
     `overlap_alone`, two where at most one in `overlap_shared`; none off CUDA, with more scans, or
     with the settings off. Phase 1's backward scans take the same tiers from their own entry."""
     monkeypatch.setattr(chunk_fused, "_sm_count", lambda device: 132)
-    tuning = chunk_fused.SCAN_TUNING["precond_fwd"]
-    assert (tuning["overlap_alone"], tuning["overlap_shared"]) == (8, 4)
-    bwd = chunk_fused.SCAN_TUNING["precond_bwd"]
+    entry = tuning.SCAN_TUNING["precond_fwd"]
+    assert (entry["overlap_alone"], entry["overlap_shared"]) == (8, 4)
+    bwd = tuning.SCAN_TUNING["precond_bwd"]
     assert (bwd["overlap_alone"], bwd["overlap_shared"]) == (8, 4)
-    assert (tuning["flag_run"], bwd["flag_run"]) == (4, 1)  # chunks' flags read a run at a time (measured)
+    assert (entry["flag_run"], bwd["flag_run"]) == (4, 1)  # chunks' flags read a run at a time (measured)
     assert chunk_fused._overlap_workers(16, "cuda", "precond_bwd") == 116
     assert chunk_fused._overlap_workers(32, "cuda", "precond_bwd") == 2 * 100
     assert chunk_fused._overlap_workers(64, "cuda", "precond_bwd") is None
-    monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_bwd", dict(bwd, overlap_alone=None))
+    monkeypatch.setitem(tuning.SCAN_TUNING, "precond_bwd", dict(bwd, overlap_alone=None))
     assert chunk_fused._overlap_workers(16, "cuda", "precond_bwd") == 2 * 116
     assert chunk_fused._overlap_workers(16, "cuda") == 116  # the forward's own tiers stand
     assert chunk_fused._overlap_workers(1, "cuda") == 131
     assert chunk_fused._overlap_workers(17, "cuda") == 2 * 115
     assert chunk_fused._overlap_workers(33, "cuda") == 2 * 99
     assert chunk_fused._overlap_workers(34, "cuda") is None
-    monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_fwd", dict(tuning, overlap_alone=None))
+    monkeypatch.setitem(tuning.SCAN_TUNING, "precond_fwd", dict(entry, overlap_alone=None))
     assert chunk_fused._overlap_workers(16, "cuda") == 2 * 116
-    monkeypatch.setitem(chunk_fused.SCAN_TUNING, "precond_fwd", dict(tuning, overlap_alone=None, overlap_shared=None))
+    monkeypatch.setitem(tuning.SCAN_TUNING, "precond_fwd", dict(entry, overlap_alone=None, overlap_shared=None))
     assert chunk_fused._overlap_workers(16, "cuda") is None
     monkeypatch.undo()
     assert chunk_fused._overlap_workers(1, "cpu") is None
@@ -1077,8 +1087,8 @@ def test_profile_groups_every_kernel_of_the_op():
     """`profile_kernels.py` groups each of the op's kernels by phase: none falls into 'other'."""
     import profile_kernels
 
-    kernels = [n for n in dir(chunk_fused) if n.endswith("_kernel") and n != "inverse_kernel"]
-    kernels += [n for n in dir(chunk_scan) if n.endswith("_kernel")]
+    modules = (chunk_kernels, chunk_delta, chunk_precond, chunk_scan)
+    kernels = [n for m in modules for n in dir(m) if n.endswith("_kernel") and n != "inverse_kernel"]
     assert {"precond_fwd_overlap_kernel", "precond_bwd_overlap_kernel"} <= set(kernels)
     times = profile_kernels.grouped({n: 1.0 for n in kernels})
     assert times["other"] == 0 and times["phase 1: preconditioner"] > 0, times
@@ -1092,8 +1102,9 @@ def test_fused_kernels_store_16bit_inputs_in_16_bits(grad_storage, c1, monkeypat
     each gradient in its input's dtype (so autograd casts none), and its outputs and all gradients
     still match the torch chunked path run on the same values in float32. Phase 1 in chunks of
     `c1` (`PHASE1`)."""
-    monkeypatch.setitem(chunk_fused.PHASE1, "min_scans", 1 if c1 == 32 else 1 << 30)
-    monkeypatch.setattr(chunk_fused, "GRAD_STORAGE", dict(phase1=grad_storage, phase2=grad_storage))
+    monkeypatch.setitem(tuning.PHASE1, "min_scans", 1 if c1 == 32 else 1 << 30)
+    monkeypatch.setitem(tuning.GRAD_STORAGE, "phase1", grad_storage)
+    monkeypatch.setitem(tuning.GRAD_STORAGE, "phase2", grad_storage)
     pieces = []  # (phase, dtype) of each gradient piece the backward passes between kernels
     grad_buffer = chunk_fused._grad_buffer
 
@@ -1167,7 +1178,8 @@ def test_grad_storage_names_a_dtype_or_is_refused(monkeypatch):
     """`GRAD_STORAGE` takes "storage" or "float32"; anything else is refused by name, not read as
     one of them."""
     x = torch.zeros(1, 1, 1, 64, 8, dtype=torch.float16)
-    monkeypatch.setattr(chunk_fused, "GRAD_STORAGE", dict(phase1="float32", phase2="bfloat16"))
+    monkeypatch.setitem(tuning.GRAD_STORAGE, "phase1", "float32")
+    monkeypatch.setitem(tuning.GRAD_STORAGE, "phase2", "bfloat16")
     assert chunk_fused._grad_buffer(x, "phase1").dtype == torch.float32
     with pytest.raises(
         ValueError, match=r"GRAD_STORAGE\['phase2'\] must be one of \['float32', 'storage'\], got 'bfloat16'"
@@ -1215,7 +1227,7 @@ def test_doubling_inverse_serves_16bit_inputs_only(monkeypatch):
     assert launched == [("pre_intra_fwd_kernel", False), ("wy_fwd_kernel", False)]
     results = {}
     for doubling in (False, True):
-        monkeypatch.setitem(chunk_fused.INVERSE, "doubling", doubling)
+        monkeypatch.setitem(tuning.INVERSE, "doubling", doubling)
         launched.clear()
         assert chunk_fused._doubling("tf32") == doubling
         inputs = make_inputs(1, 150, 2, 32, 48, dtype=torch.float16, with_states=True)
@@ -1333,11 +1345,11 @@ def test_launch_settings_are_a_copy_that_results_can_record():
     JSON-able copy that later changes to the tables do not reach."""
     settings = chunk_fused.launch_settings()
     assert json.loads(json.dumps(settings)) == settings
-    assert settings["scans"]["precond_bwd"]["split_below"] == chunk_fused.SCAN_TUNING["precond_bwd"]["split_below"]
+    assert settings["scans"]["precond_bwd"]["split_below"] == tuning.SCAN_TUNING["precond_bwd"]["split_below"]
     settings["scans"]["state_fwd"]["prefetch"] = not settings["scans"]["state_fwd"]["prefetch"]
-    assert settings["scans"]["state_fwd"]["prefetch"] != chunk_fused.SCAN_TUNING["state_fwd"]["prefetch"]
-    assert settings["grad_storage"] == chunk_fused.GRAD_STORAGE
-    assert settings["phase1"] == chunk_fused.PHASE1 and settings["phase1"] is not chunk_fused.PHASE1
+    assert settings["scans"]["state_fwd"]["prefetch"] != tuning.SCAN_TUNING["state_fwd"]["prefetch"]
+    assert settings["grad_storage"] == tuning.GRAD_STORAGE
+    assert settings["phase1"] == tuning.PHASE1 and settings["phase1"] is not tuning.PHASE1
 
 
 def test_grid_profile_runs_each_setting_alone_and_records_a_fault(tmp_path, capsys):
@@ -1356,12 +1368,12 @@ def test_grid_profile_runs_each_setting_alone_and_records_a_fault(tmp_path, caps
         warps, tile = setting
         if setting == (8, 16):
             return {}, "exit 1: illegal memory access"
-        return {f"{name}_kernel": 1000.0 / tile + warps for name in chunk_fused.CHUNK_LAUNCH}, None
+        return {f"{name}_kernel": 1000.0 / tile + warps for name in tuning.CHUNK_LAUNCH}, None
 
     result = profile_kernels.grid(args, {"commit": "abc"}, measure=fake)
     failed = [r for r in result["rows"] if r["error"]]
     assert {(r["num_warps"], r["tile"]) for r in failed} == {(8, 16)} and all(r["us"] is None for r in failed)
-    assert len(result["rows"]) == len(profile_kernels.GRID) * len(chunk_fused.CHUNK_LAUNCH)
+    assert len(result["rows"]) == len(profile_kernels.GRID) * len(tuning.CHUNK_LAUNCH)
     assert result["fastest"]["wy_fwd"] == dict(num_warps=4, tile=64, us=1000.0 / 64 + 4)
     assert json.loads((tmp_path / "grid.json").read_text())["rows"] == result["rows"]  # written as it went
 
@@ -1398,7 +1410,7 @@ def test_relayout_warps_come_from_the_launch_table(monkeypatch):
     """The relayouts' warps: by size unless `CHUNK_LAUNCH` names them (as `--grid` does)."""
     assert chunk_fused._relayout_launch("from_chunks", 64, 64)["num_warps"] == 4  # 4096 elements a chunk
     assert chunk_fused._relayout_launch("from_chunks", 128, 64)["num_warps"] == 8  # 8192
-    monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, "from_chunks", dict(num_warps=4, tile=None))
+    monkeypatch.setitem(tuning.CHUNK_LAUNCH, "from_chunks", dict(num_warps=4, tile=None))
     assert chunk_fused._relayout_launch("from_chunks", 128, 64)["num_warps"] == 4
     assert chunk_fused._relayout_launch("to_chunks", 128, 64)["num_warps"] == 8
 
@@ -1406,12 +1418,12 @@ def test_relayout_warps_come_from_the_launch_table(monkeypatch):
 def test_grid_setting_runs_every_block_at_its_tile(monkeypatch, capsys):
     """A `--grid` child (`--grid-one warps,tile`) runs every kernel at that one setting, its V
     blocks too: out_fwd's `tile_v` does not survive into it."""
-    import copy
 
     import profile_kernels
 
-    monkeypatch.setattr(chunk_fused, "CHUNK_LAUNCH", copy.deepcopy(chunk_fused.CHUNK_LAUNCH))
-    assert "tile_v" in chunk_fused.CHUNK_LAUNCH["out_fwd"]
+    for name, entry in tuning.CHUNK_LAUNCH.items():  # profile_kernels changes the entries in place
+        monkeypatch.setitem(tuning.CHUNK_LAUNCH, name, dict(entry))
+    assert "tile_v" in tuning.CHUNK_LAUNCH["out_fwd"]
     seen = {}
     monkeypatch.setattr(profile_kernels, "_step", lambda *a: None)
     monkeypatch.setattr(
@@ -1421,7 +1433,7 @@ def test_grid_setting_runs_every_block_at_its_tile(monkeypatch, capsys):
     )
     profile_kernels.main(["--grid-one", "2,32"])
     assert seen["out_fwd"] == dict(BK=32, BV=32, num_warps=2)
-    assert all((t["num_warps"], t["tile"]) == (2, 32) and "tile_v" not in t for t in chunk_fused.CHUNK_LAUNCH.values())
+    assert all((t["num_warps"], t["tile"]) == (2, 32) and "tile_v" not in t for t in tuning.CHUNK_LAUNCH.values())
     assert profile_kernels.GRID_MARK in capsys.readouterr().out
 
 
@@ -1455,14 +1467,14 @@ def test_loops_stay_plain_loops_for_float32_above_head_dim_128(monkeypatch):
     assert not chunk_fused._unrolled("ieee", 256, 256) and not chunk_fused._unrolled("ieee", 64, 160)
     assert chunk_fused._unrolled("ieee", 128, 128) and chunk_fused._unrolled("ieee", 128)
     assert chunk_fused._unrolled("tf32", 256, 256)
-    monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, "wy_bwd", dict(num_warps=4, tile=64, stages=3))
+    monkeypatch.setitem(tuning.CHUNK_LAUNCH, "wy_bwd", dict(num_warps=4, tile=64, stages=3))
     assert chunk_fused._chunk_launch("wy_bwd", 256, 256, "ieee") == dict(
         BK=64, BV=64, num_warps=4, UNROLL=False, STAGES=1
     )
     for precision in ("ieee", "tf32"):
         launch = chunk_fused._chunk_launch("wy_bwd", 128, 128, precision)
         assert (launch["UNROLL"], launch["STAGES"]) == (False, 3)
-    monkeypatch.setitem(chunk_fused.CHUNK_LAUNCH, "wy_bwd", dict(num_warps=4, tile=64, stages=None))
+    monkeypatch.setitem(tuning.CHUNK_LAUNCH, "wy_bwd", dict(num_warps=4, tile=64, stages=None))
     launch = chunk_fused._chunk_launch("wy_bwd", 256, 256, "tf32")
     assert (launch["UNROLL"], launch["STAGES"]) == (True, 1)
     assert "UNROLL" not in chunk_fused._chunk_launch("out_fwd", 128, 128, "tf32")  # no loop switch
@@ -1473,11 +1485,11 @@ def test_float32_products_launch_with_their_own_settings_up_to_head_dim_128():
     dims up to 128, after phase 1's own (`small`); 16-bit products (tf32) and wider heads keep the
     tables'; a kernel's loop switch still comes from the table. Tf32 products on float32 storage
     take `TF32_LAUNCH`'s for the phase-2 kernels it names."""
-    ieee = chunk_fused.IEEE_LAUNCH["chunk"]
+    ieee = tuning.IEEE_LAUNCH["chunk"]
     assert chunk_fused._chunk_launch("out_fwd", 128, 128, "ieee") == dict(
         BK=ieee["out_fwd"]["tile"], BV=ieee["out_fwd"]["tile"], num_warps=ieee["out_fwd"]["num_warps"]
     )
-    table = chunk_fused.CHUNK_LAUNCH["out_fwd"]
+    table = tuning.CHUNK_LAUNCH["out_fwd"]
     for args in ((128, 128, "tf32"), (256, 256, "ieee"), (128, 256, "ieee")):
         launch = chunk_fused._chunk_launch("out_fwd", *args)
         assert launch["num_warps"] == table["num_warps"] and launch["BK"] == min(args[0], table["tile"]), args
@@ -1501,14 +1513,14 @@ def test_float32_products_launch_with_their_own_settings_up_to_head_dim_128():
         assert (launch["BK"], launch["num_warps"]) == (32, 2), (name, launch)
     wy_bwd = chunk_fused._chunk_launch("wy_bwd", 128, 128, "ieee")
     assert (wy_bwd["BK"], wy_bwd["BV"], wy_bwd["num_warps"]) == (16, 16, ieee["wy_bwd"]["num_warps"])
-    assert wy_bwd["STAGES"] == chunk_fused.CHUNK_LAUNCH["wy_bwd"]["stages"]
+    assert wy_bwd["STAGES"] == tuning.CHUNK_LAUNCH["wy_bwd"]["stages"]
     # tf32 products on float32 storage (float32 inputs under TF32): `TF32_LAUNCH`'s for phase 2's
     # kernels it names (sweep33_737c347.json), the tables' for the rest, for 16-bit storage and at
     # head dims above 128
-    tf32 = chunk_fused.TF32_LAUNCH["chunk"]
+    tf32 = tuning.TF32_LAUNCH["chunk"]
     for name in ("wy_fwd", "out_bwd", "state_grads", "wy_bwd", "out_fwd", "kb"):
         launch = chunk_fused._chunk_launch(name, 128, 128, "tf32", float32=True)
-        want = dict(chunk_fused.CHUNK_LAUNCH[name], **tf32.get(name, {}))
+        want = dict(tuning.CHUNK_LAUNCH[name], **tf32.get(name, {}))
         assert (launch["BK"], launch["num_warps"]) == (want["tile"], want["num_warps"]), (name, launch)
         for args in ((128, 128, "tf32"), (256, 256, "tf32", False, True)):
             got, plain = chunk_fused._chunk_launch(name, *args), chunk_fused._chunk_launch(name, *args[:3])

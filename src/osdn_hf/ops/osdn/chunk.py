@@ -20,7 +20,8 @@ from functools import partial
 
 import torch
 
-from .chunk_fused import LAM_MIN, GatesToChunks, ToChunks, chunk_osdn_fused
+from .chunk_fused import GatesToChunks, ToChunks, chunk_osdn_fused
+from .chunk_precond import LAM_MIN
 from .chunk_scan import precond_scan_torch, state_scan_torch
 from .utils import dot_precision, l2norm, run_padded, use_triton
 

@@ -140,7 +140,7 @@ if HAS_TRITON:
         `r` (not None), `y` holds each chunk's `(I + L)^{-1}` and r its columns' factors
         (`_precond_fwd_rows`). With `ready` (not None), each chunk's rows are read only once its
         flag `ready[i_c]` is raised: another program is still writing them
-        (`chunk_fused.precond_fwd_overlap_kernel`). The flags are read RUN chunks at a time
+        (`chunk_precond.precond_fwd_overlap_kernel`). The flags are read RUN chunks at a time
         (`_wait_for_run`): every RUN-th step waits for the next RUN chunks."""
         o_k = tl.arange(0, BK)
         m_k = o_k < K
@@ -495,7 +495,7 @@ if HAS_TRITON:
         """`precond_scan_bwd_de_kernel` with PREFETCH for (batch, head) `i_bh`: the chunk before is
         loaded while this one is reduced. With `ready` (not None), each chunk's rows are read only
         once its flag `ready[i_c]` is raised: other programs are still writing its y, `ges` and
-        `ddm` (`chunk_fused.precond_bwd_overlap_kernel`), RUN chunks at a time (`_wait_for_run`)."""
+        `ddm` (`chunk_precond.precond_bwd_overlap_kernel`), RUN chunks at a time (`_wait_for_run`)."""
         o_k = tl.arange(0, BK)
         m_k = o_k < K
         o_s = tl.arange(0, C)
@@ -542,7 +542,7 @@ if HAS_TRITON:
         PREFETCH: tl.constexpr = False,
     ):
         """The sequential half of `precond_scan_bwd_kernel`: only the gradient of e, written per
-        chunk (`des[n]`, the gradient of e_{n+1}) for `chunk_fused.pre_intra_bwd_kernel`, which
+        chunk (`des[n]`, the gradient of e_{n+1}) for `chunk_precond.pre_intra_bwd_kernel`, which
         does the rest in parallel over chunks. It reads y, u and p, not dm or e, and writes no rows, so each
         step of the scan is shorter. SQUARE and PREFETCH as in the other scans. With `ddm` (not
         None) e_n's gradient also loses `Y^T ddm` (YDDM of `precond_scan_bwd_kernel`)."""
