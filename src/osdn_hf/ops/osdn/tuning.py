@@ -36,7 +36,7 @@ SCAN_TUNING = {
     # split backward also needs no dU buffer (pre_out_bwd adds its share to dK:
     # split_exp_07fbba5.json, launch_sweep_pre_out_bwd_*_07fbba5.json).
     # Grouping phase 1's scans (chunks in parallel groups, each group's K x K map, a short scan over
-    # groups) measured no faster and was taken out (953acd4; README.md).
+    # groups) measured no faster and was taken out (953acd4; benchmarks/KERNELS.md).
     # overlap_alone / overlap_shared: with at most one (batch, head) scan per `overlap_alone` SMs,
     # phase 1's forward scans run beside the chunks' making, in one launch with a worker on each
     # SM they leave; with at most one per `overlap_shared`, two workers on each (the scans then
