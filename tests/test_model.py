@@ -946,6 +946,44 @@ def test_bad_model_inputs_raise_value_error():
         model(ids[:1], cu_seqlens=torch.tensor([0, 2, 5], device="meta"))
 
 
+def test_malformed_inputs_are_named_before_any_layer_runs():
+    """Inputs of the wrong rank, width or length, masks or `position_ids` that do not cover the
+    input, `cu_seqlens` that does not pack it and a cache of another batch each raise a
+    `ValueError` that names them, where torch's own errors (from the embedding, a norm, the
+    convolution's padding, an index copy) said nothing of which input was wrong, or a mask of
+    ones was silently dropped. The cache is left as it was."""
+    model = tiny_model()
+    ids = torch.randint(1, 97, (2, 5))
+    cache = output_cache(model(ids, use_cache=True))
+    before = [cache.get_layer_state(i)["recurrent_state"].clone() for i in range(2)]
+    cases = [
+        (dict(input_ids=ids[0]), r"`input_ids` must be \[batch, seq_len\], got shape \(5,\)"),
+        (dict(inputs_embeds=torch.zeros(2, 5, 16)), r"hidden_size = 32\], got shape \(2, 5, 16\)"),
+        (dict(input_ids=ids[:, :0]), r"no tokens: shape \(2, 0\)"),
+        (dict(input_ids=ids, attention_mask=torch.ones(2, 4, dtype=torch.long)), r"got shape \(2, 4\)"),
+        (dict(input_ids=ids, attention_mask=torch.ones(3, 5, dtype=torch.long)), r"batch = 2 .* got shape \(3, 5\)"),
+        (dict(input_ids=ids[:1], cu_seqlens=torch.tensor([0, 2, 4])), r"rise from 0 to T = 5, got \[0, 2, 4\]"),
+        (dict(input_ids=ids[:1], cu_seqlens=torch.tensor([0, 3, 2, 5])), r"rise from 0 to T = 5"),
+        (dict(input_ids=ids[:1], cu_seqlens=torch.tensor([0.0, 5.0])), r"1-D int64 .* dtype torch.float32"),
+        (dict(input_ids=ids, cu_seqlens=torch.tensor([0, 2, 5])), r"B = 1, got input_ids of shape \(2, 5\)"),
+        (dict(input_ids=ids[:1, :1], cache=cache, use_cache=True), r"states of 2 sequences, but the input has 1"),
+        (dict(input_ids=ids[:1], cache=cache, cu_seqlens=torch.tensor([0, 5])), r"states of 2 sequences, .* has 1"),
+        (dict(input_ids=ids[:1], position_ids=torch.arange(4)[None]), r"\(1, 5\) for this input, got shape \(1, 4\)"),
+        (dict(input_ids=ids[:1], cu_seqlens=torch.tensor([0, 5]), cu_seq_lens_q=torch.tensor([0, 5])), "not both"),
+    ]
+    with torch.no_grad():
+        for kwargs, message in cases:
+            with pytest.raises(ValueError, match=message):
+                model(**kwargs)
+    assert all(torch.equal(cache.get_layer_state(i)["recurrent_state"], before[i]) for i in range(2))
+    # A layer called alone checks what it is given too.
+    attn = model.model.layers[0].attn
+    with pytest.raises(ValueError, match=r"B = 1, got hidden_states of shape \(2, 5, 32\)"):
+        attn(torch.zeros(2, 5, 32), cu_seqlens=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="states of 2 sequences, but the input has 3"):
+        attn(torch.zeros(3, 1, 32), past_key_values=cache, use_cache=True)
+
+
 def test_cache_under_either_name():
     """The cache goes in as `cache` (transformers >= 5.24, what generate passes there) or as
     `past_key_values` (before), and comes back under the installed version's output field."""

@@ -22,6 +22,7 @@ from .hub_code import AUTO_MAP, write_code
 from .layers.loss import causal_lm_loss
 from .layers.modules import RMSNorm, ShortConvolution, SwiGLUMLP, pack_if_padded, unpack_padding
 from .layers.osdn_attention import OSDNAttention
+from .ops.osdn.utils import check_cu_seqlens
 
 # transformers 5.24 renamed the cache, as a forward argument and as an output field, from
 # `past_key_values` to `cache`. The forwards take either name; outputs carry it under the installed
@@ -40,6 +41,32 @@ def _one_cache(past_key_values, cache):
             "pass the cache as `cache` or as `past_key_values` (its name before transformers 5.24), not both"
         )
     return cache if cache is not None else past_key_values
+
+
+def _packing(cu_seqlens, input_ids, inputs_embeds, kwargs: dict) -> torch.Tensor | None:
+    """`cu_seqlens`, or the packing that transformers' padding-free collator
+    (`DataCollatorWithFlattening`) describes in a batch of one row with the keyword arguments it
+    adds: its flash-attention `cu_seq_lens_q`, or else `position_ids` `[1, T]`, where a new
+    sequence begins wherever they do not continue the token before by one (one wait on the GPU to
+    read them; not for one token, a decoding step). None where nothing is packed."""
+    flash, position_ids = kwargs.get("cu_seq_lens_q"), kwargs.get("position_ids")
+    if flash is not None:
+        if cu_seqlens is not None:
+            raise ValueError("pass packed sequences as `cu_seqlens` or as `cu_seq_lens_q`, not both")
+        return flash
+    x = input_ids if input_ids is not None else inputs_embeds
+    if cu_seqlens is not None or position_ids is None or x is None or x.shape[0] != 1 or x.shape[1] < 2:
+        return cu_seqlens
+    if tuple(position_ids.shape) != (1, x.shape[1]):
+        raise ValueError(
+            f"`position_ids` must be [1, seq_len] = (1, {x.shape[1]}) for this input, "
+            f"got shape {tuple(position_ids.shape)}"
+        )
+    positions = position_ids[0]
+    starts = (positions[1:] != positions[:-1] + 1).nonzero().view(-1) + 1  # (sequences - 1,)
+    if starts.numel() == 0:
+        return None
+    return torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), x.shape[1])])
 
 
 class OSDNLayerCache:
@@ -273,11 +300,15 @@ class OSDNModel(OSDNPreTrainedModel):
             boundary.
         cache (`OSDNCache`, *optional*): `past_key_values` under its name since transformers
             5.24; pass one or the other.
-        **kwargs: accepted for API compatibility (for example `position_ids`, which OSDN
-            does not use) and ignored.
+        **kwargs: accepted for API compatibility and ignored, but for the packing that
+            transformers' `DataCollatorWithFlattening` writes into a batch of one row:
+            `cu_seq_lens_q` (its flash-attention offsets) is taken as `cu_seqlens`, and where
+            neither is given, `position_ids` that restart begin a new sequence there (OSDN has no
+            position embeddings and reads them for nothing else).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
+        cu_seqlens = _packing(cu_seqlens, input_ids, inputs_embeds, kwargs)
         past_key_values = _one_cache(past_key_values, cache)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
@@ -294,10 +325,24 @@ class OSDNModel(OSDNPreTrainedModel):
                 f"`attention_mask` must be a [batch, seq_len] 0/1 padding mask, got shape {tuple(attention_mask.shape)}"
             )
 
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        if inputs_embeds is not None and (
+            inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size
+        ):
+            raise ValueError(
+                f"`inputs_embeds` must be [batch, seq_len, hidden_size = {self.config.hidden_size}], "
+                f"got shape {tuple(inputs_embeds.shape)}"
+            )
         hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = hidden_states.shape[:2]
+        if T == 0:
+            raise ValueError(f"the input has no tokens: shape {tuple(hidden_states.shape[:2])} (batch, seq_len)")
         if cu_seqlens is not None and cu_seqlens.device != hidden_states.device:
             raise ValueError(f"`cu_seqlens` is on {cu_seqlens.device} but the inputs are on {hidden_states.device}")
+        if cu_seqlens is not None:  # (each layer checks it too, for callers of the layer alone)
+            inputs = ("input_ids", input_ids) if inputs_embeds is None else ("inputs_embeds", inputs_embeds)
+            check_cu_seqlens(cu_seqlens, inputs[1], inputs[0])
         # Padding neither reads nor writes the state: the real tokens are packed once here, and
         # every layer gets them as packed sequences (one wait on the GPU per forward, not several
         # per layer). A mask of ones, what `generate` passes at every step, is simply dropped.
@@ -539,11 +584,13 @@ class OSDNForCausalLM(OSDNPreTrainedModel, GenerationMixin):
         logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0): compute logits
             only for the last `logits_to_keep` positions (0: all), or for the given indices.
         cache (`OSDNCache`, *optional*): as in `OSDNModel.forward`.
-        **kwargs: loss arguments such as `num_items_in_batch` (passed by `Trainer`); others
-            are ignored.
+        **kwargs: loss arguments such as `num_items_in_batch` (passed by `Trainer`), and the
+            packing of `DataCollatorWithFlattening` (`cu_seq_lens_q` or `position_ids`, as in
+            `OSDNModel.forward`); others are ignored.
         """
         if return_dict is None:
             return_dict = self.config.return_dict
+        cu_seqlens = _packing(cu_seqlens, input_ids, inputs_embeds, kwargs)
         if self.config.cuda_graph_decoding:
             step_cache = _one_cache(past_key_values, cache)
             logits = self._replayed_step(

@@ -180,9 +180,15 @@ def pack_if_padded(
     """`(x, indices, cu_seqlens)`: x `[B, T, ...]` packed by `pack_padding` when the last T columns
     of `attention_mask` pad (one wait on the GPU to ask), else x, None and `cu_seqlens` as given.
 
-    Raises `ValueError` for a padding mask together with `cu_seqlens`.
+    Raises `ValueError` for a mask that does not cover x's B rows and T tokens, and for a padding
+    mask together with `cu_seqlens`.
     """
-    T = x.shape[1]
+    B, T = x.shape[:2]
+    if attention_mask is not None and (attention_mask.shape[0] != B or attention_mask.shape[-1] < T):
+        raise ValueError(
+            f"`attention_mask` must be [batch, past + seq_len] with batch = {B} and at least seq_len = {T} "
+            f"columns, got shape {tuple(attention_mask.shape)}"
+        )
     if attention_mask is None or bool(attention_mask[:, -T:].all()):
         return x, None, cu_seqlens
     if cu_seqlens is not None:

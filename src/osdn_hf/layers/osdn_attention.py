@@ -13,6 +13,7 @@ from ..ops.gates import gates_step, gates_step_applies
 from ..ops.linear_step import linear_step, linear_step_applies, norm_linear_step, norm_linear_step_applies
 from ..ops.osdn.chunk import chunk_osdn
 from ..ops.osdn.fused_recurrent import fused_recurrent_osdn
+from ..ops.osdn.utils import check_cu_seqlens
 from ..ops.step import plain_module
 from .modules import GatedRMSNorm, RMSNorm, ShortConvolution, pack_if_padded, short_conv_steps_in_place, unpack_padding
 
@@ -127,7 +128,13 @@ class OSDNAttention(nn.Module):
         Returns `[B, T, hidden]`, zero at masked positions.
         """
         B, T, _ = hidden_states.shape
+        N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, hidden_states, "hidden_states")
         state = past_key_values.get_layer_state(self.layer_idx) if past_key_values is not None else None
+        if state is not None and state["recurrent_state"].shape[0] != N:
+            raise ValueError(
+                f"the cache holds the states of {state['recurrent_state'].shape[0]} sequences, but the input has {N}: "
+                "pass the cache made for this batch, or none"
+            )
 
         # 0. Masked positions neither read nor write the state: pack the real tokens. (OSDNModel
         # packs once for all its layers and passes `cu_seqlens` instead of a mask.)

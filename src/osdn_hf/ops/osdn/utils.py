@@ -116,19 +116,7 @@ def check_inputs(
     if scale is not None and not scale > 0:
         raise ValueError(f"`scale` must be positive, got {scale}")
 
-    N = B
-    if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(
-                f"`cu_seqlens` must be a 1-D int64 tensor [N+1], "
-                f"got shape {_shape(cu_seqlens)} and dtype {cu_seqlens.dtype}"
-            )
-        if B != 1:
-            raise ValueError(f"`cu_seqlens` needs packed input with B = 1, got q of shape {_shape(q)}")
-        offsets = varlen_offsets(cu_seqlens)
-        if offsets[0] != 0 or offsets[-1] != T or any(b < a for a, b in zip(offsets, offsets[1:])):
-            raise ValueError(f"`cu_seqlens` must rise from 0 to T = {T}, got {offsets}")
-        N = len(offsets) - 1
+    N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q, "q")
     for name, x, want in (
         ("initial_state", initial_state, (N, H, K, V)),
         ("initial_precond", initial_precond, (N, H, K)),
@@ -140,6 +128,25 @@ def check_inputs(
         if not x.is_floating_point():
             raise ValueError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}")
     return N
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, x: torch.Tensor, name: str) -> int:
+    """The number of sequences `cu_seqlens` packs into `x` `[1, T, ...]` (called `name` in the
+    messages), after checking that it is a 1-D int32 or int64 tensor rising from 0 to T. Raises
+    `ValueError` naming what is wrong. One host copy per tensor (`varlen_offsets`), which the ops
+    and the short convolution read anyway."""
+    B, T = x.shape[:2]
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"`cu_seqlens` must be a 1-D int64 tensor [N+1], "
+            f"got shape {_shape(cu_seqlens)} and dtype {cu_seqlens.dtype}"
+        )
+    if B != 1:
+        raise ValueError(f"`cu_seqlens` needs packed input with B = 1, got {name} of shape {_shape(x)}")
+    offsets = varlen_offsets(cu_seqlens)
+    if offsets[0] != 0 or offsets[-1] != T or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"`cu_seqlens` must rise from 0 to T = {T}, got {offsets}")
+    return len(offsets) - 1
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
