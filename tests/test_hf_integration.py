@@ -16,7 +16,6 @@ from test_model import tiny_model
 from transformers import (
     AutoModelForCausalLM,
     DataCollatorForLanguageModeling,
-    DataCollatorWithFlattening,
     Trainer,
     TrainingArguments,
     pipeline,
@@ -162,32 +161,6 @@ def test_trainer_lowers_the_loss(tmp_path, tokenizer):
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
     assert after < before - 0.5, (before, after)
-
-
-@pytest.mark.parametrize("flash_kwargs", [False, True])
-def test_padding_free_collator_packs_sequences(flash_kwargs):
-    """transformers' `DataCollatorWithFlattening` packs a batch into one row and marks where each
-    sequence begins by restarting `position_ids` (and, when asked, with the flash-attention
-    offsets `cu_seq_lens_q`): the state resets there, so logits, loss and gradients are those of
-    each sequence alone. (Before, the model read neither and carried the state across.)"""
-    model = tiny_model().float()
-    seqs = [torch.randint(1, 97, (n,)).tolist() for n in (5, 9, 3)]
-    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(
-        [{"input_ids": s, "labels": s} for s in seqs]
-    )
-    assert ("cu_seq_lens_q" in batch) == flash_kwargs and "position_ids" in batch
-    packed = model(**batch)
-    packed.loss.backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    alone = [model(torch.tensor([s]), labels=torch.tensor([s])) for s in seqs]
-    torch.testing.assert_close(packed.logits[0], torch.cat([a.logits[0] for a in alone]), atol=1e-5, rtol=1e-5)
-    counted = [len(s) - 1 for s in seqs]  # each sequence's first token predicts nothing before it
-    loss = sum(a.loss * n for a, n in zip(alone, counted)) / sum(counted)
-    torch.testing.assert_close(packed.loss, loss)
-    loss.backward()
-    for got, p in zip(grads, model.parameters()):
-        torch.testing.assert_close(got, p.grad, atol=1e-6, rtol=1e-4)
 
 
 def test_pipeline_generates_from_model_and_from_folder(tmp_path, tokenizer):

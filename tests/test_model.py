@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DataCollatorWithFlattening
 
 from osdn_hf import OSDNCache, OSDNConfig, OSDNForCausalLM, OSDNModel
 from osdn_hf.layers.modules import RMSNorm, ShortConvolution
@@ -982,6 +982,34 @@ def test_malformed_inputs_are_named_before_any_layer_runs():
         attn(torch.zeros(2, 5, 32), cu_seqlens=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="states of 2 sequences, but the input has 3"):
         attn(torch.zeros(3, 1, 32), past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True])
+def test_padding_free_collator_packs_sequences(flash_kwargs):
+    """transformers' `DataCollatorWithFlattening` packs a batch into one row and marks where each
+    sequence begins by restarting `position_ids` (and, when asked, with the flash-attention
+    offsets `cu_seq_lens_q`): the state resets there, so logits, loss and gradients are those of
+    each sequence alone, on the Triton kernels where a GPU is present. (Before, the model read
+    neither and carried the state across.)"""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model().to(device)
+    seqs = [torch.randint(1, 97, (n,)).tolist() for n in (5, 9, 3)]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(
+        [{"input_ids": s, "labels": s} for s in seqs]
+    )
+    assert ("cu_seq_lens_q" in batch) == flash_kwargs and "position_ids" in batch
+    packed = model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    packed.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    alone = [model(torch.tensor([s], device=device), labels=torch.tensor([s], device=device)) for s in seqs]
+    torch.testing.assert_close(packed.logits[0], torch.cat([a.logits[0] for a in alone]), atol=1e-5, rtol=1e-5)
+    counted = [len(s) - 1 for s in seqs]  # each sequence's first token predicts nothing before it
+    loss = sum(a.loss * n for a, n in zip(alone, counted)) / sum(counted)
+    torch.testing.assert_close(packed.loss, loss)
+    loss.backward()
+    for got, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(got, p.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_cache_under_either_name():
