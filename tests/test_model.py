@@ -969,6 +969,7 @@ def test_malformed_inputs_are_named_before_any_layer_runs():
         (dict(input_ids=ids[:1, :1], cache=cache, use_cache=True), r"states of 2 sequences, but the input has 1"),
         (dict(input_ids=ids[:1], cache=cache, cu_seqlens=torch.tensor([0, 5])), r"states of 2 sequences, .* has 1"),
         (dict(input_ids=ids[:1], position_ids=torch.arange(4)[None]), r"\(1, 5\) for this input, got shape \(1, 4\)"),
+        (dict(input_ids=ids[0], position_ids=torch.arange(5)[None]), r"`input_ids` must be \[batch, seq_len\]"),
         (dict(input_ids=ids[:1], cu_seqlens=torch.tensor([0, 5]), cu_seq_lens_q=torch.tensor([0, 5])), "not both"),
     ]
     with torch.no_grad():

@@ -55,8 +55,8 @@ def _packing(cu_seqlens, input_ids, inputs_embeds, kwargs: dict) -> torch.Tensor
             raise ValueError("pass packed sequences as `cu_seqlens` or as `cu_seq_lens_q`, not both")
         return flash
     x = input_ids if input_ids is not None else inputs_embeds
-    if cu_seqlens is not None or position_ids is None or x is None or x.shape[0] != 1 or x.shape[1] < 2:
-        return cu_seqlens
+    if cu_seqlens is not None or position_ids is None or x is None or x.dim() < 2 or x.shape[0] != 1 or x.shape[1] < 2:
+        return cu_seqlens  # (a malformed input is named by OSDNModel.forward)
     if tuple(position_ids.shape) != (1, x.shape[1]):
         raise ValueError(
             f"`position_ids` must be [1, seq_len] = (1, {x.shape[1]}) for this input, "
@@ -308,7 +308,6 @@ class OSDNModel(OSDNPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
-        cu_seqlens = _packing(cu_seqlens, input_ids, inputs_embeds, kwargs)
         past_key_values = _one_cache(past_key_values, cache)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
@@ -338,6 +337,7 @@ class OSDNModel(OSDNPreTrainedModel):
         B, T = hidden_states.shape[:2]
         if T == 0:
             raise ValueError(f"the input has no tokens: shape {tuple(hidden_states.shape[:2])} (batch, seq_len)")
+        cu_seqlens = _packing(cu_seqlens, input_ids, inputs_embeds, kwargs)
         if cu_seqlens is not None and cu_seqlens.device != hidden_states.device:
             raise ValueError(f"`cu_seqlens` is on {cu_seqlens.device} but the inputs are on {hidden_states.device}")
         if cu_seqlens is not None:  # (each layer checks it too, for callers of the layer alone)

@@ -133,8 +133,8 @@ def check_inputs(
 def check_cu_seqlens(cu_seqlens: torch.Tensor, x: torch.Tensor, name: str) -> int:
     """The number of sequences `cu_seqlens` packs into `x` `[1, T, ...]` (called `name` in the
     messages), after checking that it is a 1-D int32 or int64 tensor rising from 0 to T. Raises
-    `ValueError` naming what is wrong. One host copy per tensor (`varlen_offsets`), which the ops
-    and the short convolution read anyway."""
+    `ValueError` naming what is wrong. One host copy and one pass over the offsets per tensor
+    (`_Varlen`), which the ops and the short convolution read anyway."""
     B, T = x.shape[:2]
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(
@@ -143,10 +143,10 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, x: torch.Tensor, name: str) -> in
         )
     if B != 1:
         raise ValueError(f"`cu_seqlens` needs packed input with B = 1, got {name} of shape {_shape(x)}")
-    offsets = varlen_offsets(cu_seqlens)
-    if offsets[0] != 0 or offsets[-1] != T or any(b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"`cu_seqlens` must rise from 0 to T = {T}, got {offsets}")
-    return len(offsets) - 1
+    info = _Varlen.of(cu_seqlens)
+    if info.rises_to != T:
+        raise ValueError(f"`cu_seqlens` must rise from 0 to T = {T}, got {info.offsets}")
+    return len(info.offsets) - 1
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -169,6 +169,11 @@ class _Varlen:
     def __init__(self, cu_seqlens: torch.Tensor):
         self.offsets: list[int] = cu_seqlens.tolist()
         self.index: tuple[torch.Tensor, int] | None = None
+        # The T the offsets pack (they rise from 0 to it), or None: checked once, not by every layer.
+        rising = (
+            bool(self.offsets) and self.offsets[0] == 0 and all(b >= a for a, b in zip(self.offsets, self.offsets[1:]))
+        )
+        self.rises_to: int | None = self.offsets[-1] if rising else None
 
     @classmethod
     def of(cls, cu_seqlens: torch.Tensor) -> _Varlen:
