@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 # Relative error ||actual - expected|| / ||expected|| allowed per input dtype. float32 ops
@@ -72,3 +73,16 @@ def make_inputs(B, T, H, K, V, dtype=torch.float32, with_states=False, N=None, s
         q=q.to(dtype), k=k.to(dtype), v=v.to(dtype), beta=beta, eta=eta, lam=lam, initial_state=S0, initial_precond=d0
     )
     return {name: (x.clone().requires_grad_() if x is not None else None) for name, x in tensors.items()}
+
+
+def interpreted_triton():
+    """Triton, for a test module of the kernels run on CPU tensors; else that module is skipped,
+    saying why. Call it at the module's top, before importing the kernels."""
+    triton = pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
+    if torch.cuda.is_available():
+        pytest.skip(
+            "CPU tensors reach Triton only through the interpreter, which conftest.py enables on machines "
+            "without a GPU; on a GPU run scripts/check_kernels.py",
+            allow_module_level=True,
+        )
+    return triton

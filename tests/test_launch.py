@@ -14,15 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import make_inputs
+from helpers import interpreted_triton, make_inputs
 
-triton = pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
-if torch.cuda.is_available():
-    pytest.skip(
-        "CPU tensors reach Triton only through the interpreter, which conftest.py enables on machines "
-        "without a GPU; on a GPU run scripts/check_kernels.py",
-        allow_module_level=True,
-    )
+interpreted_triton()
 
 from osdn_hf.ops import chunk_osdn  # noqa: E402
 from osdn_hf.ops.osdn import (  # noqa: E402

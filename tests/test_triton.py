@@ -11,15 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close, make_inputs
+from helpers import assert_close, interpreted_triton, make_inputs
 
-triton = pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
-if torch.cuda.is_available():
-    pytest.skip(
-        "CPU tensors reach Triton only through the interpreter, which conftest.py enables on machines "
-        "without a GPU; on a GPU run scripts/check_kernels.py",
-        allow_module_level=True,
-    )
+triton = interpreted_triton()
 
 from osdn_hf.ops import chunk_osdn, fused_recurrent_osdn  # noqa: E402
 from osdn_hf.ops.osdn import (  # noqa: E402

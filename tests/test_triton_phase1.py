@@ -7,15 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, interpreted_triton
 
-triton = pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
-if torch.cuda.is_available():
-    pytest.skip(
-        "CPU tensors reach Triton only through the interpreter, which conftest.py enables on machines "
-        "without a GPU; on a GPU run scripts/check_kernels.py",
-        allow_module_level=True,
-    )
+triton = interpreted_triton()
 
 import test_triton  # noqa: E402  (its tests called with other settings; `from` would collect them twice)
 from test_triton import _assert_fused_matches_torch_chunk_path, _core_args  # noqa: E402
