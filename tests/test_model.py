@@ -957,7 +957,8 @@ def test_malformed_inputs_are_named_before_any_layer_runs():
     cache = output_cache(model(ids, use_cache=True))
     before = [cache.get_layer_state(i)["recurrent_state"].clone() for i in range(2)]
     cases = [
-        (dict(input_ids=ids[0]), r"`input_ids` must be \[batch, seq_len\], got shape \(5,\)"),
+        (dict(input_ids=ids[0]), r"`input_ids` must be integer token ids \[batch, seq_len\], got shape \(5,\)"),
+        (dict(input_ids=ids.float()), r"got shape \(2, 5\) and dtype torch.float32"),
         (dict(inputs_embeds=torch.zeros(2, 5, 16)), r"hidden_size = 32\], got shape \(2, 5, 16\)"),
         (dict(input_ids=ids[:, :0]), r"no tokens: shape \(2, 0\)"),
         (dict(input_ids=ids, attention_mask=torch.ones(2, 4, dtype=torch.long)), r"got shape \(2, 4\)"),
@@ -969,7 +970,7 @@ def test_malformed_inputs_are_named_before_any_layer_runs():
         (dict(input_ids=ids[:1, :1], cache=cache, use_cache=True), r"states of 2 sequences, but the input has 1"),
         (dict(input_ids=ids[:1], cache=cache, cu_seqlens=torch.tensor([0, 5])), r"states of 2 sequences, .* has 1"),
         (dict(input_ids=ids[:1], position_ids=torch.arange(4)[None]), r"\(1, 5\) for this input, got shape \(1, 4\)"),
-        (dict(input_ids=ids[0], position_ids=torch.arange(5)[None]), r"`input_ids` must be \[batch, seq_len\]"),
+        (dict(input_ids=ids[0], position_ids=torch.arange(5)[None]), r"`input_ids` must be integer token ids"),
         (dict(input_ids=ids[:1], cu_seqlens=torch.tensor([0, 5]), cu_seq_lens_q=torch.tensor([0, 5])), "not both"),
     ]
     with torch.no_grad():

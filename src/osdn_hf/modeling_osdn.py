@@ -324,8 +324,11 @@ class OSDNModel(OSDNPreTrainedModel):
                 f"`attention_mask` must be a [batch, seq_len] 0/1 padding mask, got shape {tuple(attention_mask.shape)}"
             )
 
-        if input_ids is not None and input_ids.dim() != 2:
-            raise ValueError(f"`input_ids` must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        if input_ids is not None and (input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.is_complex()):
+            raise ValueError(
+                f"`input_ids` must be integer token ids [batch, seq_len], got shape {tuple(input_ids.shape)} "
+                f"and dtype {input_ids.dtype}"
+            )
         if inputs_embeds is not None and (
             inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size
         ):
