@@ -1014,6 +1014,19 @@ def test_padding_free_collator_packs_sequences(flash_kwargs):
         torch.testing.assert_close(got, p.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_position_ids_beside_a_padding_mask_pack_nothing():
+    """A one-row batch with left padding and the position ids transformers derives from its mask
+    (0 at the pads, then 0, 1, ...): the mask says where the tokens are, so the position ids, which
+    restart there, are not read as packed sequences; the logits are those without them."""
+    model = tiny_model()
+    ids = torch.randint(1, 97, (1, 7))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(model(ids, attention_mask=mask, position_ids=positions).logits, plain)
+
+
 def test_cache_under_either_name():
     """The cache goes in as `cache` (transformers >= 5.24, what generate passes there) or as
     `past_key_values` (before), and comes back under the installed version's output field."""

@@ -43,12 +43,13 @@ def _one_cache(past_key_values, cache):
     return cache if cache is not None else past_key_values
 
 
-def _packing(cu_seqlens, input_ids, inputs_embeds, kwargs: dict) -> torch.Tensor | None:
+def _packing(cu_seqlens, input_ids, inputs_embeds, attention_mask, kwargs: dict) -> torch.Tensor | None:
     """`cu_seqlens`, or the packing that transformers' padding-free collator
     (`DataCollatorWithFlattening`) describes in a batch of one row with the keyword arguments it
     adds: its flash-attention `cu_seq_lens_q`, or else `position_ids` `[1, T]`, where a new
     sequence begins wherever they do not continue the token before by one (one wait on the GPU to
-    read them; not for one token, a decoding step). None where nothing is packed."""
+    read them; not for one token, a decoding step, nor beside a mask that pads, whose position
+    ids number the padding, not packed sequences). None where nothing is packed."""
     flash, position_ids = kwargs.get("cu_seq_lens_q"), kwargs.get("position_ids")
     if flash is not None:
         if cu_seqlens is not None:
@@ -62,6 +63,8 @@ def _packing(cu_seqlens, input_ids, inputs_embeds, kwargs: dict) -> torch.Tensor
             f"`position_ids` must be [1, seq_len] = (1, {x.shape[1]}) for this input, "
             f"got shape {tuple(position_ids.shape)}"
         )
+    if attention_mask is not None and not bool(attention_mask[:, -x.shape[1] :].all()):
+        return None
     positions = position_ids[0]
     starts = (positions[1:] != positions[:-1] + 1).nonzero().view(-1) + 1  # (sequences - 1,)
     if starts.numel() == 0:
@@ -340,7 +343,7 @@ class OSDNModel(OSDNPreTrainedModel):
         B, T = hidden_states.shape[:2]
         if T == 0:
             raise ValueError(f"the input has no tokens: shape {tuple(hidden_states.shape[:2])} (batch, seq_len)")
-        cu_seqlens = _packing(cu_seqlens, input_ids, inputs_embeds, kwargs)
+        cu_seqlens = _packing(cu_seqlens, input_ids, inputs_embeds, attention_mask, kwargs)
         if cu_seqlens is not None and cu_seqlens.device != hidden_states.device:
             raise ValueError(f"`cu_seqlens` is on {cu_seqlens.device} but the inputs are on {hidden_states.device}")
         if cu_seqlens is not None:  # (each layer checks it too, for callers of the layer alone)
@@ -593,7 +596,7 @@ class OSDNForCausalLM(OSDNPreTrainedModel, GenerationMixin):
         """
         if return_dict is None:
             return_dict = self.config.return_dict
-        cu_seqlens = _packing(cu_seqlens, input_ids, inputs_embeds, kwargs)
+        cu_seqlens = _packing(cu_seqlens, input_ids, inputs_embeds, attention_mask, kwargs)
         if self.config.cuda_graph_decoding:
             step_cache = _one_cache(past_key_values, cache)
             logits = self._replayed_step(
