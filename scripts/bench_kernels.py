@@ -216,7 +216,7 @@ def main(argv=None):
     from tqdm import tqdm
     from triton.testing import do_bench as _do_bench
 
-    from osdn_hf.ops.osdn.chunk_fused import launch_settings
+    from osdn_hf.ops.osdn.tuning import launch_settings
     from osdn_hf.run_info import run_metadata
 
     do_bench = lambda fn: _do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731

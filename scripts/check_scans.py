@@ -215,12 +215,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{worst} {'ok' if r['ok'] else 'FAIL'}")  # fmt: skip
     print(f"{len(rows) - failures}/{len(rows)} cases within tolerance")
     if args.out:
-        from osdn_hf.ops.osdn import chunk_fused
+        from osdn_hf.ops.osdn import tuning
         from osdn_hf.run_info import run_metadata
 
         result = dict(
             run_metadata(args.commit),
-            launch=chunk_fused.launch_settings(),
+            launch=tuning.launch_settings(),
             reference="chunk_scan.state_scan_torch and its autograd gradients, float32, on the same rounded inputs",
             error="max |a - b| / max |b| per output",
             failures=failures,

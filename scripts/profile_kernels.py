@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from osdn_hf.ops import chunk_osdn
-from osdn_hf.ops.osdn import chunk_fused, tuning
+from osdn_hf.ops.osdn import tuning
 from osdn_hf.run_info import run_metadata
 from osdn_hf.throughput import cuda_profile, fwd_bwd_step
 
@@ -399,7 +399,7 @@ def main(argv=None):
         print(GRID_MARK + json.dumps(kernel_times(_step(args.B, args.T, args.H, args.D))), flush=True)
         return
     if args.tune or args.grid or args.peer:
-        meta = dict(run_metadata(args.commit, "scripts/profile_kernels.py", argv), launch=chunk_fused.launch_settings())
+        meta = dict(run_metadata(args.commit, "scripts/profile_kernels.py", argv), launch=tuning.launch_settings())
         if args.grid:
             result = grid(args, meta)
         else:

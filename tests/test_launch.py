@@ -130,7 +130,7 @@ def test_compile_times_script_compiles_the_ops_kernels_for_hopper(tmp_path):
 def test_launch_settings_are_a_copy_that_results_can_record():
     """What bench/check/profile write beside their figures: the scan and per-chunk tables, as a
     JSON-able copy that later changes to the tables do not reach."""
-    settings = chunk_fused.launch_settings()
+    settings = tuning.launch_settings()
     assert json.loads(json.dumps(settings)) == settings
     assert settings["scans"]["precond_bwd"]["split_below"] == tuning.SCAN_TUNING["precond_bwd"]["split_below"]
     settings["scans"]["state_fwd"]["prefetch"] = not settings["scans"]["state_fwd"]["prefetch"]

@@ -344,11 +344,13 @@ class OSDNModel(OSDNPreTrainedModel):
         if T == 0:
             raise ValueError(f"the input has no tokens: shape {tuple(hidden_states.shape[:2])} (batch, seq_len)")
         cu_seqlens = _packing(cu_seqlens, input_ids, inputs_embeds, attention_mask, kwargs)
-        if cu_seqlens is not None and cu_seqlens.device != hidden_states.device:
-            raise ValueError(f"`cu_seqlens` is on {cu_seqlens.device} but the inputs are on {hidden_states.device}")
         if cu_seqlens is not None:  # (each layer checks it too, for callers of the layer alone)
-            inputs = ("input_ids", input_ids) if inputs_embeds is None else ("inputs_embeds", inputs_embeds)
-            check_cu_seqlens(cu_seqlens, inputs[1], inputs[0])
+            if cu_seqlens.device != hidden_states.device:
+                raise ValueError(f"`cu_seqlens` is on {cu_seqlens.device} but the inputs are on {hidden_states.device}")
+            if inputs_embeds is None:
+                check_cu_seqlens(cu_seqlens, input_ids, "input_ids")
+            else:
+                check_cu_seqlens(cu_seqlens, inputs_embeds, "inputs_embeds")
         # Padding neither reads nor writes the state: the real tokens are packed once here, and
         # every layer gets them as packed sequences (one wait on the GPU per forward, not several
         # per layer). A mask of ones, what `generate` passes at every step, is simply dropped.

@@ -39,7 +39,6 @@ Phase 2 (`DeltaRuleAsym`): `(q, k, w, v, beta, S0) -> (O, S_final)`
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import torch
@@ -99,21 +98,6 @@ def _float32_launch(x: torch.Tensor, K: int) -> bool:
     """Whether phase 1 runs as float32 inputs have it (`IEEE_LAUNCH`'s `phase1_split` and
     `precond_bwd`), exact products or tf32: float32 storage `x`, head dim K up to `max_head_dim`."""
     return x.dtype == torch.float32 and K <= IEEE_LAUNCH["max_head_dim"]
-
-
-def launch_settings() -> dict:
-    """A copy of the kernels' launch tables as they stand, for results to record what they ran
-    (deep: the tables nest dicts, e.g. `PHASE1["launch"]`, `SCAN_TUNING[...]["fit"]`)."""
-    tables = dict(
-        scans=SCAN_TUNING,
-        chunk=CHUNK_LAUNCH,
-        inverse=INVERSE,
-        grad_storage=GRAD_STORAGE,
-        phase1=PHASE1,
-        ieee=IEEE_LAUNCH,
-        tf32=TF32_LAUNCH,
-    )
-    return copy.deepcopy(tables)
 
 
 def _scan_launch(

@@ -5,8 +5,10 @@
 (float32 storage), `GRAD_STORAGE` (the dtype of the gradient pieces between backward kernels) and
 `PHASE1` (phase 1's chunks). `chunk_fused.py` reads them at every call, so a change made in place
 (`scripts/profile_kernels.py --tune`, the tests) takes effect at the next one;
-`chunk_fused.launch_settings()` copies them for results to record.
+`launch_settings()` copies them for results to record.
 """
+
+import copy
 
 # Launch settings of the two chunk scans (sequential over chunks, parallel over batch, head and
 # V blocks). `None` keeps `chunk_scan._block_sizes`'s choice; benchmarks/tune can override.
@@ -446,3 +448,18 @@ PHASE1 = dict(
         precond_bwd=dict(split_num_warps=2),
     ),
 )
+
+
+def launch_settings() -> dict:
+    """A copy of the kernels' launch tables as they stand, for results to record what they ran
+    (deep: the tables nest dicts, e.g. `PHASE1["launch"]`, `SCAN_TUNING[...]["fit"]`)."""
+    tables = dict(
+        scans=SCAN_TUNING,
+        chunk=CHUNK_LAUNCH,
+        inverse=INVERSE,
+        grad_storage=GRAD_STORAGE,
+        phase1=PHASE1,
+        ieee=IEEE_LAUNCH,
+        tf32=TF32_LAUNCH,
+    )
+    return copy.deepcopy(tables)
