@@ -15,6 +15,9 @@ AUTO_MAP = {
     "AutoConfig": "configuration_osdn.OSDNConfig",
     "AutoModel": "modeling_osdn.OSDNModel",
     "AutoModelForCausalLM": "modeling_osdn.OSDNForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_osdn.OSDNForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_osdn.OSDNForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_osdn.OSDNForQuestionAnswering",
 }
 ROOT_MODULES = ("configuration_osdn", "modeling_osdn")
 _RELATIVE_IMPORT = re.compile(r"^(\s*from\s+)(\.+)([\w.]*)(\s+import\b)", flags=re.MULTILINE)

@@ -1,4 +1,5 @@
-"""OSDN language models on the Hugging Face API: cache, block, base model and causal LM."""
+"""OSDN language models on the Hugging Face API: cache, block, base model, causal LM and the
+classification and question-answering heads."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
 
 from .configuration_osdn import OSDNConfig
 from .hub_code import AUTO_MAP, write_code
@@ -695,4 +702,208 @@ class OSDNForCausalLM(OSDNPreTrainedModel, GenerationMixin):
         return graphs(self, input_ids, states)
 
 
-__all__ = ["OSDNCache", "OSDNModel", "OSDNForCausalLM", "OSDNPreTrainedModel", "OSDNBlock"]
+class _OSDNWithHead(OSDNPreTrainedModel):
+    """The base model under a task head (`self.model`, as in `OSDNForCausalLM`, so a causal LM's
+    checkpoint loads into any head, the head itself initialised anew)."""
+
+    def __init__(self, config: OSDNConfig):
+        super().__init__(config)
+        self.model = OSDNModel(config)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embeddings = value
+
+    def _base(self, input_ids, attention_mask, inputs_embeds, cu_seqlens, kwargs: dict, **model_kwargs):
+        """`(outputs, cu_seqlens)`: the base model's outputs, and the packing it ran with."""
+        cu_seqlens = _packing(cu_seqlens, input_ids, inputs_embeds, attention_mask, kwargs)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            return_dict=True,
+            cu_seqlens=cu_seqlens,
+            **model_kwargs,
+        )
+        return outputs, cu_seqlens
+
+
+def last_token_positions(
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    pad_token_id: int | None,
+    seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(rows, columns)` of each sequence's last token in an input of `seq_len` tokens a row: the
+    end of every packed sequence (`cu_seqlens`), else each row's last position the mask keeps
+    (left or right padding), else, as transformers does, each row's last id that is not
+    `pad_token_id`. None where every row ends at its last position. Nothing here waits on the GPU."""
+    if cu_seqlens is not None:
+        ends = cu_seqlens[1:] - 1
+        return torch.zeros_like(ends), ends
+    if attention_mask is not None:
+        kept = attention_mask[:, -seq_len:].to(torch.int32)
+    elif input_ids is not None and pad_token_id is not None:
+        kept = (input_ids != pad_token_id).to(torch.int32)
+    else:
+        return None
+    columns = torch.arange(seq_len, device=kept.device, dtype=torch.int32)
+    return torch.arange(kept.shape[0], device=kept.device), (columns * kept).argmax(-1)
+
+
+class OSDNForSequenceClassification(_OSDNWithHead):
+    """OSDN with a linear classifier (`score`) on each sequence's last token, the one whose hidden
+    state has read the whole sequence. Padding is found from `attention_mask` (left or right),
+    else from `config.pad_token_id` in `input_ids`; packed sequences (`cu_seqlens`, or transformers'
+    padding-free collator) each get their own logits. The loss is transformers' for
+    `config.problem_type` (regression, single- or multi-label)."""
+
+    def __init__(self, config: OSDNConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: OSDNCache | None = None,
+        labels: torch.LongTensor | torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cu_seqlens: torch.LongTensor | None = None,
+        cache: OSDNCache | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast | tuple:
+        """Args as in `OSDNForCausalLM.forward`, but:
+        labels (`[B]` class ids, `[B, num_labels]` targets for multi-label or regression;
+            `[N]` / `[N, num_labels]` for N packed sequences), *optional*.
+        Returns logits `[B, num_labels]`, or `[N, num_labels]` for packed sequences.
+        """
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        outputs, cu_seqlens = self._base(
+            input_ids, attention_mask, inputs_embeds, cu_seqlens, kwargs,
+            past_key_values=past_key_values, cache=cache, use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )  # fmt: skip
+        hidden_states = outputs.last_hidden_state
+        last = last_token_positions(
+            input_ids, attention_mask, cu_seqlens, self.config.pad_token_id, hidden_states.shape[1]
+        )
+        pooled = hidden_states[:, -1] if last is None else hidden_states[last]
+        logits = self.score(pooled)
+        loss = None
+        if labels is not None:
+            if labels.shape[0] != logits.shape[0]:
+                raise ValueError(
+                    f"`labels` must hold one entry a sequence, {logits.shape[0]} here, got shape {tuple(labels.shape)}"
+                )
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+        output = SequenceClassifierOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_FIELD: output_cache(outputs)}
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class OSDNForTokenClassification(_OSDNWithHead):
+    """OSDN with a linear classifier (`score`) on every token, after dropout
+    (`config.classifier_dropout`, 0.1 when unset, as transformers' generic heads). Each token's
+    hidden state has read only the tokens before it. Positions the mask pads get the classifier's
+    bias; give them the label -100."""
+
+    def __init__(self, config: OSDNConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cu_seqlens: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> TokenClassifierOutput | tuple:
+        """Args as in `OSDNForCausalLM.forward`, but `labels` `[B, T]` (-100 left out of the loss)
+        are not shifted. Returns logits `[B, T, num_labels]`."""
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        outputs, _ = self._base(
+            input_ids, attention_mask, inputs_embeds, cu_seqlens, kwargs,
+            use_cache=False, output_hidden_states=output_hidden_states,
+        )  # fmt: skip
+        logits = self.score(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            if tuple(labels.shape) != tuple(logits.shape[:2]):
+                raise ValueError(
+                    f"`labels` must be [batch, seq_len] = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}"
+                )
+            loss = self.loss_function(logits, labels, self.config)
+        output = TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return output if return_dict else output.to_tuple()
+
+
+class OSDNForQuestionAnswering(_OSDNWithHead):
+    """OSDN with extractive question answering's head (`qa_outputs`): start and end logits for
+    every token. The model reads left to right, so put the question before the context."""
+
+    def __init__(self, config: OSDNConfig):
+        super().__init__(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cu_seqlens: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> QuestionAnsweringModelOutput | tuple:
+        """Args as in `OSDNForCausalLM.forward`, but `start_positions` and `end_positions` `[B]`
+        (the answer's first and last token; positions past the input are left out of the loss).
+        Returns `start_logits` and `end_logits` `[B, T]`."""
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        outputs, _ = self._base(
+            input_ids, attention_mask, inputs_embeds, cu_seqlens, kwargs,
+            use_cache=False, output_hidden_states=output_hidden_states,
+        )  # fmt: skip
+        start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).unbind(-1)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
+        output = QuestionAnsweringModelOutput(
+            loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=outputs.hidden_states
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "OSDNCache",
+    "OSDNModel",
+    "OSDNForCausalLM",
+    "OSDNForSequenceClassification",
+    "OSDNForTokenClassification",
+    "OSDNForQuestionAnswering",
+    "OSDNPreTrainedModel",
+    "OSDNBlock",
+]

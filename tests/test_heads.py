@@ -1,0 +1,255 @@
+"""Sequence classification, token classification and question answering on the OSDN base model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from test_hf_integration import tokenizer  # noqa: F401  (module-scoped fixture)
+from test_model import tiny_config, tiny_model
+from transformers import (
+    AutoConfig,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    DataCollatorWithFlattening,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+    pipeline,
+)
+
+from osdn_hf import OSDNForQuestionAnswering, OSDNForSequenceClassification, OSDNForTokenClassification
+from osdn_hf.modeling_osdn import output_cache
+
+HEADS = [
+    (AutoModelForSequenceClassification, OSDNForSequenceClassification),
+    (AutoModelForTokenClassification, OSDNForTokenClassification),
+    (AutoModelForQuestionAnswering, OSDNForQuestionAnswering),
+]
+
+
+def tiny_head(cls, **overrides):
+    """A head on `tiny_model`'s base (gates that vary per head and token), the head random."""
+    torch.manual_seed(1)
+    head = cls(tiny_config(**overrides)).eval()
+    head.model.load_state_dict(tiny_model(**overrides).model.state_dict())
+    return head
+
+
+def sequences(*lengths: int) -> list[torch.Tensor]:
+    torch.manual_seed(2)
+    return [torch.randint(1, 97, (1, n)) for n in lengths]
+
+
+def padded(seqs: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, attention_mask)`: the sequences padded with id 0 on `side`."""
+    width = max(s.shape[1] for s in seqs)
+    rows, masks = [], []
+    for s in seqs:
+        pad = torch.zeros(1, width - s.shape[1], dtype=torch.long)
+        rows.append(torch.cat([pad, s] if side == "left" else [s, pad], 1))
+        masks.append(torch.cat([pad, torch.ones_like(s)] if side == "left" else [torch.ones_like(s), pad], 1))
+    return torch.cat(rows), torch.cat(masks)
+
+
+@pytest.mark.parametrize("auto, cls", HEADS)
+def test_heads_are_registered_and_take_a_causal_lm_checkpoint(tmp_path, auto, cls):
+    config = AutoConfig.for_model("osdn", vocab_size=50, hidden_size=32, num_hidden_layers=1, num_heads=2)
+    assert isinstance(auto.from_config(config), cls)
+    lm = tiny_model()
+    lm.save_pretrained(tmp_path / "lm")
+    head = auto.from_pretrained(tmp_path / "lm", num_labels=4)
+    assert isinstance(head, cls)
+    base = lm.model.state_dict()
+    for name, weight in head.model.state_dict().items():
+        assert torch.equal(weight, base[name]), name
+    head.save_pretrained(tmp_path / "head")
+    again = auto.from_pretrained(tmp_path / "head")
+    for (name, a), (_, b) in zip(head.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("layout", ["left", "right", "right, pad ids without a mask", "cu_seqlens", "collator"])
+def test_sequence_classification_reads_each_sequence_at_its_last_token(layout):
+    model = tiny_head(OSDNForSequenceClassification, num_labels=3)
+    seqs = sequences(9, 5, 7)
+    with torch.no_grad():
+        alone = torch.cat([model(s).logits for s in seqs])
+        if layout in ("left", "right"):
+            ids, mask = padded(seqs, layout)
+            logits = model(ids, attention_mask=mask).logits
+        elif layout == "right, pad ids without a mask":  # transformers' rule: the last id that is not padding
+            logits = model(padded(seqs, "right")[0]).logits
+        elif layout == "cu_seqlens":
+            cu_seqlens = torch.tensor([0, 9, 14, 21])
+            logits = model(torch.cat(seqs, 1), cu_seqlens=cu_seqlens).logits
+        else:
+            batch = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": s[0].tolist()} for s in seqs])
+            logits = model(batch["input_ids"], position_ids=batch["position_ids"]).logits
+    assert logits.shape == (3, 3)
+    torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_classification_losses_and_gradients():
+    model = tiny_head(OSDNForSequenceClassification, num_labels=3).train()
+    ids, mask = padded(sequences(9, 5, 7), "left")
+    labels = torch.tensor([0, 2, 1])
+    out = model(ids, attention_mask=mask, labels=labels)
+    assert model.config.problem_type == "single_label_classification"
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+    regression = tiny_head(OSDNForSequenceClassification, num_labels=1)
+    out = regression(ids, attention_mask=mask, labels=torch.tensor([0.5, -1.0, 2.0]))
+    assert regression.config.problem_type == "regression"
+    torch.testing.assert_close(out.loss, F.mse_loss(out.logits.view(-1), torch.tensor([0.5, -1.0, 2.0])))
+
+    multi = tiny_head(OSDNForSequenceClassification, num_labels=3, problem_type="multi_label_classification")
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    out = multi(ids, attention_mask=mask, labels=targets)
+    torch.testing.assert_close(out.loss, F.binary_cross_entropy_with_logits(out.logits, targets))
+
+    with pytest.raises(ValueError, match="one entry a sequence, 3 here"):
+        model(ids, attention_mask=mask, labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="one entry a sequence, 2 here"):  # two packed sequences
+        model(torch.cat(sequences(9, 5), 1), cu_seqlens=torch.tensor([0, 9, 14]), labels=torch.tensor([0, 1, 2]))
+
+
+def test_sequence_classification_returns_a_cache_that_continues():
+    """The last token's state is the whole sequence's: a cache from classifying a prefix, fed the
+    rest, gives the whole sequence's logits."""
+    model = tiny_head(OSDNForSequenceClassification, num_labels=3)
+    (ids,) = sequences(12)
+    with torch.no_grad():
+        whole = model(ids).logits
+        first = model(ids[:, :7], use_cache=True)
+        rest = model(ids[:, 7:], cache=output_cache(first))
+    torch.testing.assert_close(rest.logits, whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_token_classification_and_question_answering_equal_each_sequence_alone(side):
+    tagger = tiny_head(OSDNForTokenClassification, num_labels=5)
+    reader = tiny_head(OSDNForQuestionAnswering)
+    seqs = sequences(9, 5)
+    ids, mask = padded(seqs, side)
+    real = mask.bool()
+    with torch.no_grad():
+        tags = tagger(ids, attention_mask=mask).logits
+        answers = reader(ids, attention_mask=mask)
+        for row, s in enumerate(seqs):
+            torch.testing.assert_close(tags[row][real[row]], tagger(s).logits[0], atol=1e-5, rtol=1e-5)
+            alone = reader(s)
+            torch.testing.assert_close(
+                answers.start_logits[row][real[row]], alone.start_logits[0], atol=1e-5, rtol=1e-5
+            )
+            torch.testing.assert_close(answers.end_logits[row][real[row]], alone.end_logits[0], atol=1e-5, rtol=1e-5)
+
+    labels = torch.randint(0, 5, ids.shape).masked_fill(~real, -100)
+    out = tagger(ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits[real], labels[real]))
+    with pytest.raises(ValueError, match="must be \\[batch, seq_len\\]"):
+        tagger(ids, attention_mask=mask, labels=labels[:, 1:])
+
+    start, end = torch.tensor([1, 2]), torch.tensor([3, 4])
+    out = reader(ids, attention_mask=mask, start_positions=start, end_positions=end)
+    expected = (F.cross_entropy(out.start_logits, start) + F.cross_entropy(out.end_logits, end)) / 2
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_token_classification_keeps_packed_sequences_apart():
+    tagger = tiny_head(OSDNForTokenClassification, num_labels=5)
+    seqs = sequences(9, 5, 7)
+    with torch.no_grad():
+        packed = tagger(torch.cat(seqs, 1), cu_seqlens=torch.tensor([0, 9, 14, 21])).logits
+        alone = torch.cat([tagger(s).logits for s in seqs], 1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_heads_load_as_remote_code_without_the_package(tmp_path):
+    heads = {auto.__name__: tiny_head(cls, num_labels=3) for auto, cls in HEADS}
+    ids, mask = padded(sequences(9, 5), "left")
+    reference = {}
+    for name, head in heads.items():
+        head.save_pretrained(tmp_path / name)
+        with torch.no_grad():
+            out = head(ids, attention_mask=mask)
+        reference[name] = out.logits if "Question" not in name else out.start_logits
+    torch.save({"ids": ids, "mask": mask, **reference}, tmp_path / "ref.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["osdn_hf"] = None  # any import of the package now raises ImportError
+        import torch, transformers
+        ref = torch.load({str(tmp_path / "ref.pt")!r})
+        for name in {sorted(heads)!r}:
+            model = getattr(transformers, name).from_pretrained({str(tmp_path)!r} + "/" + name, trust_remote_code=True)
+            assert "osdn_hf" not in type(model).__module__, type(model).__module__
+            with torch.no_grad():
+                out = model(ref["ids"], attention_mask=ref["mask"])
+            assert torch.equal(out.logits if "Question" not in name else out.start_logits, ref[name]), name
+        print("remote heads ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote heads ok" in result.stdout
+
+
+def test_trainer_fine_tunes_a_classifier_and_the_pipelines_run(tmp_path, tokenizer):  # noqa: F811
+    """A task only the last real token decides (is its id in the vocabulary's upper half?), over
+    right-padded batches of varied lengths: a head that read a padding position could not learn it."""
+    torch.manual_seed(3)
+    vocab = len(tokenizer)
+    rows = [torch.randint(5, vocab, (int(n),)).tolist() for n in torch.randint(3, 17, (256,))]
+    labels = [int(row[-1] >= vocab // 2) for row in rows]
+    data = Dataset.from_dict({"input_ids": rows, "label": labels})
+    model = tiny_head(
+        OSDNForSequenceClassification, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, num_labels=2
+    ).train()
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "train"),
+        max_steps=60,
+        per_device_train_batch_size=16,
+        learning_rate=5e-3,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        eval_dataset=data.select(range(64)),
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < before - 0.3, (before, after)
+
+    model.save_pretrained(tmp_path / "classifier")
+    tokenizer.save_pretrained(tmp_path / "classifier")
+    classify = pipeline("text-classification", model=str(tmp_path / "classifier"), device=-1)
+    results = classify(["ROMEO: what light", "JULIET: ay me"], batch_size=2)
+    assert [r["label"] for r in results] and all(r["label"] in ("LABEL_0", "LABEL_1") for r in results)
+
+    tagger = tiny_head(OSDNForTokenClassification, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id)
+    tagger.save_pretrained(tmp_path / "tagger")
+    tokenizer.save_pretrained(tmp_path / "tagger")
+    tags = pipeline("token-classification", model=str(tmp_path / "tagger"), device=-1)("ROMEO: what light")
+    assert tags and all("entity" in t for t in tags)
