@@ -28,6 +28,8 @@ from transformers import (
 from osdn_hf import OSDNForQuestionAnswering, OSDNForSequenceClassification, OSDNForTokenClassification
 from osdn_hf.modeling_osdn import output_cache
 
+# Where a GPU is present, the comparisons with each sequence alone run on the Triton kernels.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HEADS = [
     (AutoModelForSequenceClassification, OSDNForSequenceClassification),
     (AutoModelForTokenClassification, OSDNForTokenClassification),
@@ -35,17 +37,17 @@ HEADS = [
 ]
 
 
-def tiny_head(cls, **overrides):
+def tiny_head(cls, device: str = "cpu", **overrides):
     """A head on `tiny_model`'s base (gates that vary per head and token), the head random."""
     torch.manual_seed(1)
     head = cls(tiny_config(**overrides)).eval()
     head.model.load_state_dict(tiny_model(**overrides).model.state_dict())
-    return head
+    return head.to(device)
 
 
-def sequences(*lengths: int) -> list[torch.Tensor]:
+def sequences(*lengths: int, device: str = "cpu") -> list[torch.Tensor]:
     torch.manual_seed(2)
-    return [torch.randint(1, 97, (1, n)) for n in lengths]
+    return [torch.randint(1, 97, (1, n)).to(device) for n in lengths]
 
 
 def padded(seqs: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +55,7 @@ def padded(seqs: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Ten
     width = max(s.shape[1] for s in seqs)
     rows, masks = [], []
     for s in seqs:
-        pad = torch.zeros(1, width - s.shape[1], dtype=torch.long)
+        pad = s.new_zeros(1, width - s.shape[1])
         rows.append(torch.cat([pad, s] if side == "left" else [s, pad], 1))
         masks.append(torch.cat([pad, torch.ones_like(s)] if side == "left" else [torch.ones_like(s), pad], 1))
     return torch.cat(rows), torch.cat(masks)
@@ -78,8 +80,8 @@ def test_heads_are_registered_and_take_a_causal_lm_checkpoint(tmp_path, auto, cl
 
 @pytest.mark.parametrize("layout", ["left", "right", "right, pad ids without a mask", "cu_seqlens", "collator"])
 def test_sequence_classification_reads_each_sequence_at_its_last_token(layout):
-    model = tiny_head(OSDNForSequenceClassification, num_labels=3)
-    seqs = sequences(9, 5, 7)
+    model = tiny_head(OSDNForSequenceClassification, DEVICE, num_labels=3)
+    seqs = sequences(9, 5, 7, device=DEVICE)
     with torch.no_grad():
         alone = torch.cat([model(s).logits for s in seqs])
         if layout in ("left", "right"):
@@ -88,11 +90,11 @@ def test_sequence_classification_reads_each_sequence_at_its_last_token(layout):
         elif layout == "right, pad ids without a mask":  # transformers' rule: the last id that is not padding
             logits = model(padded(seqs, "right")[0]).logits
         elif layout == "cu_seqlens":
-            cu_seqlens = torch.tensor([0, 9, 14, 21])
+            cu_seqlens = torch.tensor([0, 9, 14, 21], device=DEVICE)
             logits = model(torch.cat(seqs, 1), cu_seqlens=cu_seqlens).logits
         else:
             batch = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": s[0].tolist()} for s in seqs])
-            logits = model(batch["input_ids"], position_ids=batch["position_ids"]).logits
+            logits = model(batch["input_ids"].to(DEVICE), position_ids=batch["position_ids"].to(DEVICE)).logits
     assert logits.shape == (3, 3)
     torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-5)
 
@@ -138,9 +140,9 @@ def test_sequence_classification_returns_a_cache_that_continues():
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_token_classification_and_question_answering_equal_each_sequence_alone(side):
-    tagger = tiny_head(OSDNForTokenClassification, num_labels=5)
-    reader = tiny_head(OSDNForQuestionAnswering)
-    seqs = sequences(9, 5)
+    tagger = tiny_head(OSDNForTokenClassification, DEVICE, num_labels=5)
+    reader = tiny_head(OSDNForQuestionAnswering, DEVICE)
+    seqs = sequences(9, 5, device=DEVICE)
     ids, mask = padded(seqs, side)
     real = mask.bool()
     with torch.no_grad():
@@ -154,23 +156,23 @@ def test_token_classification_and_question_answering_equal_each_sequence_alone(s
             )
             torch.testing.assert_close(answers.end_logits[row][real[row]], alone.end_logits[0], atol=1e-5, rtol=1e-5)
 
-    labels = torch.randint(0, 5, ids.shape).masked_fill(~real, -100)
+    labels = torch.randint(0, 5, ids.shape, device=DEVICE).masked_fill(~real, -100)
     out = tagger(ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(out.loss, F.cross_entropy(out.logits[real], labels[real]))
     with pytest.raises(ValueError, match="must be \\[batch, seq_len\\]"):
         tagger(ids, attention_mask=mask, labels=labels[:, 1:])
 
-    start, end = torch.tensor([1, 2]), torch.tensor([3, 4])
+    start, end = torch.tensor([1, 2], device=DEVICE), torch.tensor([3, 4], device=DEVICE)
     out = reader(ids, attention_mask=mask, start_positions=start, end_positions=end)
     expected = (F.cross_entropy(out.start_logits, start) + F.cross_entropy(out.end_logits, end)) / 2
     torch.testing.assert_close(out.loss, expected)
 
 
 def test_token_classification_keeps_packed_sequences_apart():
-    tagger = tiny_head(OSDNForTokenClassification, num_labels=5)
-    seqs = sequences(9, 5, 7)
+    tagger = tiny_head(OSDNForTokenClassification, DEVICE, num_labels=5)
+    seqs = sequences(9, 5, 7, device=DEVICE)
     with torch.no_grad():
-        packed = tagger(torch.cat(seqs, 1), cu_seqlens=torch.tensor([0, 9, 14, 21])).logits
+        packed = tagger(torch.cat(seqs, 1), cu_seqlens=torch.tensor([0, 9, 14, 21], device=DEVICE)).logits
         alone = torch.cat([tagger(s).logits for s in seqs], 1)
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
 
