@@ -10,8 +10,6 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
-from test_hf_integration import tokenizer  # noqa: F401  (module-scoped fixture)
 from test_model import tiny_config, tiny_model
 from transformers import (
     AutoConfig,
@@ -19,10 +17,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     DataCollatorWithFlattening,
-    DataCollatorWithPadding,
-    Trainer,
-    TrainingArguments,
-    pipeline,
 )
 
 from osdn_hf import OSDNForQuestionAnswering, OSDNForSequenceClassification, OSDNForTokenClassification
@@ -209,49 +203,3 @@ def test_heads_load_as_remote_code_without_the_package(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote heads ok" in result.stdout
-
-
-def test_trainer_fine_tunes_a_classifier_and_the_pipelines_run(tmp_path, tokenizer):  # noqa: F811
-    """A task only the last real token decides (is its id in the vocabulary's upper half?), over
-    right-padded batches of varied lengths: a head that read a padding position could not learn it."""
-    torch.manual_seed(3)
-    vocab = len(tokenizer)
-    rows = [torch.randint(5, vocab, (int(n),)).tolist() for n in torch.randint(3, 17, (256,))]
-    labels = [int(row[-1] >= vocab // 2) for row in rows]
-    data = Dataset.from_dict({"input_ids": rows, "label": labels})
-    model = tiny_head(
-        OSDNForSequenceClassification, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, num_labels=2
-    ).train()
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "train"),
-        max_steps=60,
-        per_device_train_batch_size=16,
-        learning_rate=5e-3,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=data,
-        eval_dataset=data.select(range(64)),
-        data_collator=DataCollatorWithPadding(tokenizer),
-    )
-    before = trainer.evaluate()["eval_loss"]
-    trainer.train()
-    after = trainer.evaluate()["eval_loss"]
-    assert after < before - 0.3, (before, after)
-
-    model.save_pretrained(tmp_path / "classifier")
-    tokenizer.save_pretrained(tmp_path / "classifier")
-    classify = pipeline("text-classification", model=str(tmp_path / "classifier"), device=-1)
-    results = classify(["ROMEO: what light", "JULIET: ay me"], batch_size=2)
-    assert [r["label"] for r in results] and all(r["label"] in ("LABEL_0", "LABEL_1") for r in results)
-
-    tagger = tiny_head(OSDNForTokenClassification, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id)
-    tagger.save_pretrained(tmp_path / "tagger")
-    tokenizer.save_pretrained(tmp_path / "tagger")
-    tags = pipeline("token-classification", model=str(tmp_path / "tagger"), device=-1)("ROMEO: what light")
-    assert tags and all("entity" in t for t in tags)
