@@ -52,7 +52,7 @@ class OSDNConfig(PretrainedConfig):
             toward 1. Without it `lam_t = 1` and `apf_proj` does not exist.
         eta_max (`float`, *optional*, defaults to 2.0):
             Upper bound of the preconditioner step: `eta_t = eta_max * sigmoid(eta_proj(x))`. 2.0 won
-            the MQAR defaults sweep over 1.0 (README, `benchmarks/results/mqar_defaults.json`).
+            the MQAR defaults sweep over 1.0 (`benchmarks/RECALL.md`, `benchmarks/results/mqar_defaults.json`).
         precond_eta_init (`float`, *optional*, defaults to 0.9):
             Initial `eta_t` (the bias of `eta_proj` is set to `logit(precond_eta_init / eta_max)`);
             must lie in (0, eta_max).
