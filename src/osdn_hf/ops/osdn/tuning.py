@@ -6,6 +6,10 @@
 `PHASE1` (phase 1's chunks). `chunk_fused.py` reads them at every call, so a change made in place
 (`scripts/profile_kernels.py --tune`, the tests) takes effect at the next one;
 `launch_settings()` copies them for results to record.
+
+The notes name functions without their module: they are
+`chunk_fused.py`'s, but for `_decay_matrix` (`chunk_precond.py`) and `_unit_lower_inverse_blocked`
+(`chunk_kernels.py`).
 """
 
 import copy
@@ -256,7 +260,7 @@ CHUNK_LAUNCH = {
 }
 
 
-# How `_unit_lower_inverse_64` inverts the four diagonal 16 x 16 blocks of the 64 x 64 inverses
+# How `_unit_lower_inverse_blocked` inverts the diagonal 16 x 16 blocks of the 64 x 64 (and 32 x 32) inverses
 # (`wy_fwd_kernel`, `pre_intra_fwd_kernel`): by forward substitution (15 dependent row steps), or,
 # with `doubling`, as the product (I - N)(I + N^2)(I + N^4)(I + N^8) (six batched products), for
 # 16-bit inputs only (`_doubling`). Measured on an H200 (benchmarks/results/inverse.json, 4096
