@@ -1,6 +1,13 @@
-"""Shared test helpers: the float64 reference of SPEC section 2, inputs, and one assert_close."""
+"""Shared test helpers: the float64 reference of SPEC section 2, inputs, one assert_close, and a
+Python process where the package cannot be imported."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +93,22 @@ def interpreted_triton():
             allow_module_level=True,
         )
     return triton
+
+
+def run_without_the_package(script: str, folder: Path) -> str:
+    """Run `script` in a fresh Python where `import osdn_hf` fails (as where only a checkpoint's
+    remote code is at hand), in `folder`, with its own module cache there; assert it succeeds and
+    return what it printed."""
+    blocked = "import sys\nsys.modules['osdn_hf'] = None  # any import of the package now raises ImportError\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(folder / "modules")
+    result = subprocess.run(
+        [sys.executable, "-c", blocked + textwrap.dedent(script)],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_without_the_package
 from test_model import tiny_config, tiny_model
 from transformers import (
     AutoConfig,
@@ -181,10 +177,7 @@ def test_heads_load_as_remote_code_without_the_package(tmp_path):
             out = head(ids, attention_mask=mask)
         reference[name] = out.logits if "Question" not in name else out.start_logits
     torch.save({"ids": ids, "mask": mask, **reference}, tmp_path / "ref.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["osdn_hf"] = None  # any import of the package now raises ImportError
+    script = f"""
         import torch, transformers
         ref = torch.load({str(tmp_path / "ref.pt")!r})
         for name in {sorted(heads)!r}:
@@ -195,11 +188,4 @@ def test_heads_load_as_remote_code_without_the_package(tmp_path):
             assert torch.equal(out.logits if "Question" not in name else out.start_logits, ref[name]), name
         print("remote heads ok")
         """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "remote heads ok" in result.stdout
+    assert "remote heads ok" in run_without_the_package(script, tmp_path)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
+from helpers import run_without_the_package
 from test_heads import tiny_head
 from test_model import tiny_model
 from transformers import (
@@ -108,10 +105,7 @@ def test_remote_code_loads_without_the_package(tmp_path):
     ids = torch.randint(1, 97, (2, 10))
     with torch.no_grad():
         torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "ref.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["osdn_hf"] = None  # any import of the package now raises ImportError
+    script = f"""
         import torch
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
@@ -124,14 +118,7 @@ def test_remote_code_loads_without_the_package(tmp_path):
         model.save_pretrained({str(tmp_path / "again")!r})
         print("remote ok")
         """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "remote ok" in result.stdout
+    assert "remote ok" in run_without_the_package(script, tmp_path)
     again = sorted(p.name for p in (tmp_path / "again").glob("*.py"))
     assert again == sorted(p.name for p in (tmp_path / "ckpt").glob("*.py"))
 
