@@ -226,3 +226,64 @@ def test_trainer_fine_tunes_a_classifier_and_the_pipelines_run(tmp_path, tokeniz
     tokenizer.save_pretrained(tmp_path / "tagger")
     tags = pipeline("token-classification", model=str(tmp_path / "tagger"), device=-1)("ROMEO: what light")
     assert tags and all("entity" in t for t in tags)
+
+
+def _padded_batch(examples: list[dict]) -> dict:
+    """Right-pad `input_ids` with 0 (masked) and `labels` with -100 where they are per token."""
+    width = max(len(e["input_ids"]) for e in examples)
+    batch = {
+        "input_ids": torch.tensor([e["input_ids"] + [0] * (width - len(e["input_ids"])) for e in examples]),
+        "attention_mask": torch.tensor(
+            [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples]
+        ),
+    }
+    if isinstance(examples[0]["labels"], list):
+        batch["labels"] = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in examples])
+    else:
+        batch["labels"] = torch.tensor([e["labels"] for e in examples])
+    return batch
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "sequence-classification", "token-classification"])
+def test_accumulated_steps_equal_one_whole_batch(tmp_path, task):
+    """One optimizer step over 8 examples, as one batch or as 2 accumulated batches of 4, moves the
+    weights alike: `Trainer` passes `num_items_in_batch` to a forward with **kwargs and then leaves
+    the loss undivided, so each head must either average over all the accumulated items or refuse
+    the count (the sequence head did neither at first, and its accumulated step was twice as long)."""
+    torch.manual_seed(4)
+    lengths = [3, 9, 5, 12, 7, 4, 10, 6]
+    rows = [torch.randint(1, 97, (n,)).tolist() for n in lengths]
+    if task == "causal-lm":
+        examples = [{"input_ids": r, "labels": r[:-2] + [-100, -100]} for r in rows]
+        make = lambda: tiny_model()  # noqa: E731
+    elif task == "sequence-classification":
+        examples = [{"input_ids": r, "labels": i % 3} for i, r in enumerate(rows)]
+        make = lambda: tiny_head(OSDNForSequenceClassification, num_labels=3)  # noqa: E731
+    else:  # labelled tokens differ between the two halves, so a mean per micro-batch would differ
+        examples = [{"input_ids": r, "labels": [t % 5 if t % 3 else -100 for t in r]} for r in rows]
+        make = lambda: tiny_head(OSDNForTokenClassification, num_labels=5, classifier_dropout=0.0)  # noqa: E731
+
+    def one_step(batch_size: int, accumulation: int) -> dict:
+        model = make().train()
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"{batch_size}x{accumulation}"),
+            max_steps=1,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            learning_rate=0.5,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,  # no clipping, which would hide a scaled gradient
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        Trainer(model=model, args=args, train_dataset=examples, data_collator=_padded_batch).train()
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    whole, accumulated = one_step(8, 1), one_step(4, 2)
+    start = {name: p.detach() for name, p in make().named_parameters()}
+    for name, weight in whole.items():
+        assert not torch.equal(weight, start[name]) or "embeddings" in name, name  # the step moved it
+        torch.testing.assert_close(accumulated[name], weight, atol=1e-6, rtol=1e-5, msg=name)

@@ -759,7 +759,11 @@ class OSDNForSequenceClassification(_OSDNWithHead):
     state has read the whole sequence. Padding is found from `attention_mask` (left or right),
     else from `config.pad_token_id` in `input_ids`; packed sequences (`cu_seqlens`, or transformers'
     padding-free collator) each get their own logits. The loss is transformers' for
-    `config.problem_type` (regression, single- or multi-label)."""
+    `config.problem_type` (regression, single- or multi-label), a mean over the batch's sequences."""
+
+    # Trainer passes `num_items_in_batch` to a forward that takes **kwargs and then leaves the loss
+    # undivided by the accumulation steps; a mean over sequences needs it divided (tested).
+    accepts_loss_kwargs = False
 
     def __init__(self, config: OSDNConfig):
         super().__init__(config)
@@ -838,7 +842,9 @@ class OSDNForTokenClassification(_OSDNWithHead):
         **kwargs,
     ) -> TokenClassifierOutput | tuple:
         """Args as in `OSDNForCausalLM.forward`, but `labels` `[B, T]` (-100 left out of the loss)
-        are not shifted. Returns logits `[B, T, num_labels]`."""
+        are not shifted. Returns logits `[B, T, num_labels]`. The loss is a mean over the labelled
+        tokens, or their sum over `num_items_in_batch` where `Trainer` passes it (so that
+        accumulated steps average over all their tokens)."""
         if return_dict is None:
             return_dict = self.config.return_dict
         outputs, _ = self._base(
@@ -852,7 +858,7 @@ class OSDNForTokenClassification(_OSDNWithHead):
                 raise ValueError(
                     f"`labels` must be [batch, seq_len] = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}"
                 )
-            loss = self.loss_function(logits, labels, self.config)
+            loss = self.loss_function(logits, labels, self.config, num_items_in_batch=kwargs.get("num_items_in_batch"))
         output = TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
         return output if return_dict else output.to_tuple()
 
