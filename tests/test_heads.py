@@ -146,6 +146,9 @@ def test_token_classification_and_question_answering_equal_each_sequence_alone(s
             )
             torch.testing.assert_close(answers.end_logits[row][real[row]], alone.end_logits[0], atol=1e-5, rtol=1e-5)
 
+    lowest = torch.finfo(answers.start_logits.dtype).min  # no answer starts or ends in the padding
+    assert (answers.start_logits[~real] == lowest).all() and (answers.end_logits[~real] == lowest).all()
+
     labels = torch.randint(0, 5, ids.shape, device=DEVICE).masked_fill(~real, -100)
     out = tagger(ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(out.loss, F.cross_entropy(out.logits[real], labels[real]))

@@ -21,7 +21,12 @@ from transformers import (
 )
 
 import osdn_hf.modeling_osdn
-from osdn_hf import OSDNForCausalLM, OSDNForSequenceClassification, OSDNForTokenClassification
+from osdn_hf import (
+    OSDNForCausalLM,
+    OSDNForQuestionAnswering,
+    OSDNForSequenceClassification,
+    OSDNForTokenClassification,
+)
 from osdn_hf.data import pack_blocks, shakespeare_texts, train_bpe_tokenizer
 
 
@@ -237,19 +242,23 @@ def _padded_batch(examples: list[dict]) -> dict:
             [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples]
         ),
     }
-    if isinstance(examples[0]["labels"], list):
+    if "start_positions" in examples[0]:
+        for key in ("start_positions", "end_positions"):
+            batch[key] = torch.tensor([e[key] for e in examples])
+    elif isinstance(examples[0]["labels"], list):
         batch["labels"] = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in examples])
     else:
         batch["labels"] = torch.tensor([e["labels"] for e in examples])
     return batch
 
 
-@pytest.mark.parametrize("task", ["causal-lm", "sequence-classification", "token-classification"])
+@pytest.mark.parametrize("task", ["causal-lm", "sequence-classification", "token-classification", "question-answering"])
 def test_accumulated_steps_equal_one_whole_batch(tmp_path, task):
     """One optimizer step over 8 examples, as one batch or as 2 accumulated batches of 4, moves the
     weights alike: `Trainer` passes `num_items_in_batch` to a forward with **kwargs and then leaves
     the loss undivided, so each head must either average over all the accumulated items or refuse
-    the count (the sequence head did neither at first, and its accumulated step was twice as long)."""
+    the count (the sequence head did neither at first, and its accumulated step was twice as long),
+    and no loss may depend on how wide a batch is padded (the span head's once did)."""
     torch.manual_seed(4)
     lengths = [3, 9, 5, 12, 7, 4, 10, 6]
     rows = [torch.randint(1, 97, (n,)).tolist() for n in lengths]
@@ -259,9 +268,12 @@ def test_accumulated_steps_equal_one_whole_batch(tmp_path, task):
     elif task == "sequence-classification":
         examples = [{"input_ids": r, "labels": i % 3} for i, r in enumerate(rows)]
         make = lambda: tiny_head(OSDNForSequenceClassification, num_labels=3)  # noqa: E731
-    else:  # labelled tokens differ between the two halves, so a mean per micro-batch would differ
+    elif task == "token-classification":  # the halves label different numbers of tokens
         examples = [{"input_ids": r, "labels": [t % 5 if t % 3 else -100 for t in r]} for r in rows]
         make = lambda: tiny_head(OSDNForTokenClassification, num_labels=5, classifier_dropout=0.0)  # noqa: E731
+    else:
+        examples = [{"input_ids": r, "start_positions": len(r) // 3, "end_positions": len(r) // 2} for r in rows]
+        make = lambda: tiny_head(OSDNForQuestionAnswering)  # noqa: E731
 
     def one_step(batch_size: int, accumulation: int) -> dict:
         model = make().train()
@@ -286,4 +298,4 @@ def test_accumulated_steps_equal_one_whole_batch(tmp_path, task):
     start = {name: p.detach() for name, p in make().named_parameters()}
     for name, weight in whole.items():
         assert not torch.equal(weight, start[name]) or "embeddings" in name, name  # the step moved it
-        torch.testing.assert_close(accumulated[name], weight, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(accumulated[name], weight, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")

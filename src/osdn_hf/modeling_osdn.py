@@ -865,7 +865,9 @@ class OSDNForTokenClassification(_OSDNWithHead):
 
 class OSDNForQuestionAnswering(_OSDNWithHead):
     """OSDN with extractive question answering's head (`qa_outputs`): start and end logits for
-    every token. The model reads left to right, so put the question before the context."""
+    every token, the lowest float at positions `attention_mask` pads (so that no answer starts or
+    ends there and a batch's padding changes no loss). The model reads left to right, so put the
+    question before the context."""
 
     def __init__(self, config: OSDNConfig):
         super().__init__(config)
@@ -894,6 +896,10 @@ class OSDNForQuestionAnswering(_OSDNWithHead):
             use_cache=False, output_hidden_states=output_hidden_states,
         )  # fmt: skip
         start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).unbind(-1)
+        if attention_mask is not None:  # padding is no answer, and its width changes no loss
+            pads = attention_mask[:, -start_logits.shape[1] :] == 0
+            start_logits = start_logits.masked_fill(pads, torch.finfo(start_logits.dtype).min)
+            end_logits = end_logits.masked_fill(pads, torch.finfo(end_logits.dtype).min)
         loss = None
         if start_positions is not None and end_positions is not None:
             loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
