@@ -298,4 +298,6 @@ def test_accumulated_steps_equal_one_whole_batch(tmp_path, task):
     start = {name: p.detach() for name, p in make().named_parameters()}
     for name, weight in whole.items():
         assert not torch.equal(weight, start[name]) or "embeddings" in name, name  # the step moved it
-        torch.testing.assert_close(accumulated[name], weight, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            accumulated[name], weight, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
