@@ -56,6 +56,8 @@ def test_own_data_learns_with_any_labels_and_an_explicit_max_length(tmp_path):
     one_class.write_text("text,label\nhello,a\nthere,a\n")
     with pytest.raises(ValueError, match="hold 1 class"):
         main([*FAST, "--data", str(one_class), "--vocab-size", "300"])
+    with pytest.raises(ValueError, match="--config no/such/folder is not a folder with a config.json"):
+        main([*args, "--config", "no/such/folder"])
     with pytest.raises(ValueError, match="must all be one of"):
         main([*FAST, "--data", str(tmp_path / "notes.txt")])
 

@@ -29,6 +29,7 @@ from transformers import (
 
 from .configuration_osdn import OSDNConfig
 from .data import train_bpe_tokenizer
+from .demo import DEMO_CONFIG
 from .run_info import run_metadata
 from .training import plot_losses
 
@@ -81,7 +82,9 @@ def load_examples(files: list[str] | None, text_column: str, label_column: str) 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Fine-tune OSDN as a sequence classifier with the HF Trainer.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--config", default="configs/osdn-tiny", help="config folder to train from scratch")
+    src.add_argument(
+        "--config", help="config folder to train from scratch (default: osdn-tiny's, embedded in the package)"
+    )
     src.add_argument("--model", help="checkpoint folder to fine-tune (a causal LM's loads too: its head is new)")
     p.add_argument("--data", nargs="*", help="local .csv/.json/.jsonl/.parquet files (default: two plays' passages)")
     p.add_argument("--text-column", default="text")
@@ -138,7 +141,12 @@ def main(argv: list[str] | None = None) -> dict:
         model = AutoModelForSequenceClassification.from_pretrained(args.model, **heads)
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
-        config = AutoConfig.from_pretrained(args.config)
+        if args.config is None:
+            config = OSDNConfig(**DEMO_CONFIG)
+        elif Path(args.config, "config.json").is_file():
+            config = AutoConfig.from_pretrained(args.config)
+        else:
+            raise ValueError(f"--config {args.config} is not a folder with a config.json")
         if not isinstance(config, OSDNConfig):
             raise ValueError(f"--config {args.config} is a {type(config).__name__}, not an OSDN config")
         config.update(dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **heads))

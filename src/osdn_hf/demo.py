@@ -11,7 +11,6 @@ import argparse
 import time
 
 import torch
-from datasets import Dataset
 from transformers import (
     AutoModelForCausalLM,
     DataCollatorForLanguageModeling,
@@ -57,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = train_bpe_tokenizer(texts, vocab_size=DEMO_CONFIG["vocab_size"])
     blocks = pack_blocks(tokenizer("\n".join(texts))["input_ids"], args.block_size)
     n_eval = max(len(blocks) // 50, 8)
+    from datasets import Dataset  # here, so that DEMO_CONFIG serves code without `datasets`
+
     train_ds = Dataset.from_dict({"input_ids": blocks[:-n_eval].tolist()})
     eval_ds = Dataset.from_dict({"input_ids": blocks[-n_eval:].tolist()})
     print(
