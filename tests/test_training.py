@@ -223,3 +223,18 @@ def test_accelerate_launch_two_processes(tmp_path, corpus):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "final" / "model.safetensors").exists() and (out / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_scratch_config_is_embedded_by_default_and_names_a_bad_folder(tmp_path):
+    from osdn_hf.demo import DEMO_CONFIG
+    from osdn_hf.training import scratch_config
+
+    config = scratch_config(None)  # no folder needed: the scripts run from anywhere
+    assert {k: getattr(config, k) for k in DEMO_CONFIG} == DEMO_CONFIG
+    assert scratch_config(str(REPO / "configs" / "osdn-340m")).hidden_size == 1024
+    with pytest.raises(ValueError, match="is not a folder with a config.json"):
+        scratch_config(str(tmp_path / "missing"))
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="is a GPT2Config, not an OSDN config"):
+        scratch_config(str(tmp_path / "gpt2"))

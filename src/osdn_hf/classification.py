@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -27,11 +26,9 @@ from transformers import (
     set_seed,
 )
 
-from .configuration_osdn import OSDNConfig
 from .data import train_bpe_tokenizer
-from .demo import DEMO_CONFIG
 from .run_info import run_metadata
-from .training import plot_losses
+from .training import plot_losses, scratch_config
 
 _FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 DEFAULT_PLAYS = ("hamlet", "macbeth")
@@ -141,14 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = AutoModelForSequenceClassification.from_pretrained(args.model, **heads)
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
-        if args.config is None:
-            config = OSDNConfig(**DEMO_CONFIG)
-        elif Path(args.config, "config.json").is_file():
-            config = AutoConfig.from_pretrained(args.config)
-        else:
-            raise ValueError(f"--config {args.config} is not a folder with a config.json")
-        if not isinstance(config, OSDNConfig):
-            raise ValueError(f"--config {args.config} is a {type(config).__name__}, not an OSDN config")
+        config = scratch_config(args.config)
         config.update(dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **heads))
         model = AutoModelForSequenceClassification.from_config(config)
     if len(tokenizer) > model.config.vocab_size:

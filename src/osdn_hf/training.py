@@ -30,6 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_osdn import OSDNConfig
 from .data import shakespeare_texts, train_bpe_tokenizer
+from .demo import DEMO_CONFIG
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -62,6 +63,19 @@ def load_texts(files: list[str] | None, text_column: str = "text") -> list[str]:
     if text_column not in dataset.column_names:
         raise ValueError(f"--text-column {text_column!r} is not in the data; columns: {dataset.column_names}")
     return [t for t in dataset[text_column] if t]
+
+
+def scratch_config(folder: str | None) -> OSDNConfig:
+    """The config to train from scratch: `folder`'s `config.json`, or osdn-tiny's, embedded in the
+    package, where `folder` is None (so the scripts run from any folder)."""
+    if folder is None:
+        return OSDNConfig(**DEMO_CONFIG)
+    if not Path(folder, "config.json").is_file():
+        raise ValueError(f"--config {folder} is not a folder with a config.json")
+    config = AutoConfig.from_pretrained(folder)
+    if not isinstance(config, OSDNConfig):
+        raise ValueError(f"--config {folder} is a {type(config).__name__}, not an OSDN config")
+    return config
 
 
 def pack_fixed(docs: list[list[int]], block_size: int, eos_id: int) -> Dataset:
@@ -136,7 +150,9 @@ def plot_losses(log_history: list[dict], png: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Pretrain or fine-tune an OSDN model with the HF Trainer.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--config", default="configs/osdn-tiny", help="config folder to pretrain from scratch")
+    src.add_argument(
+        "--config", help="config folder to pretrain from scratch (default: osdn-tiny's, embedded in the package)"
+    )
     src.add_argument("--model", help="checkpoint folder to fine-tune (an OSDN or converted DeltaNet model)")
     p.add_argument("--data", nargs="*", help="local .txt/.json/.jsonl/.parquet files (default: Shakespeare)")
     p.add_argument("--text-column", default="text")
@@ -189,9 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model:
         model = AutoModelForCausalLM.from_pretrained(args.model)
     else:
-        config = AutoConfig.from_pretrained(args.config)
-        if not isinstance(config, OSDNConfig):
-            raise ValueError(f"--config {args.config} is a {type(config).__name__}, not an OSDN config")
+        config = scratch_config(args.config)
         config.update(
             dict(
                 vocab_size=len(tokenizer),
