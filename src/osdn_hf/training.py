@@ -47,15 +47,21 @@ CHECKPOINTING_ARG = (
 )
 
 
+def data_format(files: list[str], formats: dict[str, str] = _FORMATS) -> str:
+    """The `datasets` loader (`"json"`, ...) that reads all of `files`, from their suffixes, which
+    `formats` maps to loaders; a ValueError where they need none or several."""
+    suffixes = {Path(f).suffix for f in files}
+    loaders = {formats.get(s) for s in suffixes}
+    if None in loaders or len(loaders) != 1:
+        raise ValueError(f"--data files must all be one of {sorted(formats)}, got suffixes {sorted(suffixes)}")
+    return loaders.pop()
+
+
 def load_texts(files: list[str] | None, text_column: str = "text") -> list[str]:
     """Documents from local files (one format per call), or the Shakespeare plays if none."""
     if not files:
         return shakespeare_texts()
-    suffixes = {Path(f).suffix for f in files}
-    formats = {_FORMATS.get(s) for s in suffixes}
-    if None in formats or len(formats) != 1:
-        raise ValueError(f"--data files must all be one of {sorted(_FORMATS)}, got suffixes {sorted(suffixes)}")
-    fmt = formats.pop()
+    fmt = data_format(files)
     from datasets import load_dataset
 
     kwargs = {"sample_by": "document"} if fmt == "text" else {}
