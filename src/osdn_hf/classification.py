@@ -27,7 +27,7 @@ from transformers import (
 
 from .data import shakespeare_folder, train_bpe_tokenizer
 from .run_info import run_metadata
-from .training import data_format, plot_losses, scratch_config
+from .training import data_format, plot_losses, scratch_config, tokenizer_folder
 
 _FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 DEFAULT_PLAYS = ("hamlet", "macbeth")
@@ -114,17 +114,17 @@ def main(argv: list[str] | None = None) -> dict:
     classes = sorted(set(labels))
     if len(classes) < 2:
         raise ValueError(f"the labels hold {len(classes)} class; a classifier needs at least 2")
-    label2id = {str(c): i for i, c in enumerate(classes)}
+    class_id = {c: i for i, c in enumerate(classes)}
 
-    tokenizer_dir = args.tokenizer or (
-        args.model if args.model and Path(args.model, "tokenizer_config.json").exists() else None
-    )
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else None
-    if tokenizer is None:
+    tokenizer_dir = tokenizer_folder(args.tokenizer, args.model)
+    if tokenizer_dir:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
         tokenizer = train_bpe_tokenizer(texts, vocab_size=args.vocab_size)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    heads = dict(num_labels=len(classes), id2label={i: c for c, i in label2id.items()}, label2id=label2id)
+    id2label = {i: str(c) for c, i in class_id.items()}
+    heads = dict(num_labels=len(classes), id2label=id2label, label2id={name: i for i, name in id2label.items()})
     if args.model:
         model = AutoModelForSequenceClassification.from_pretrained(args.model, **heads)
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.max_length is not None:
         cut = sum(len(row) > args.max_length for row in ids)
         ids = [row[: args.max_length] for row in ids]
-    rows = [{"input_ids": row, "labels": label2id[str(label)]} for row, label in zip(ids, labels)]
+    rows = [{"input_ids": row, "labels": class_id[label]} for row, label in zip(ids, labels)]
     random.Random(args.seed).shuffle(rows)
     n_eval = max(1, math.ceil(len(rows) * args.eval_fraction))
     if n_eval >= len(rows):

@@ -71,6 +71,14 @@ def load_texts(files: list[str] | None, text_column: str = "text") -> list[str]:
     return [t for t in dataset[text_column] if t]
 
 
+def tokenizer_folder(tokenizer: str | None, model: str | None) -> str | None:
+    """The folder to load the tokenizer from: `--tokenizer`, else the `--model` checkpoint's where
+    it holds one, else None (train one on the data)."""
+    if tokenizer:
+        return tokenizer
+    return model if model and Path(model, "tokenizer_config.json").exists() else None
+
+
 def scratch_config(folder: str | None) -> OSDNConfig:
     """The config to train from scratch: `folder`'s `config.json`, or osdn-tiny's, embedded in the
     package, where `folder` is None (so the scripts run from any folder)."""
@@ -188,9 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     texts = load_texts(args.data, args.text_column)
 
-    tokenizer_dir = args.tokenizer or (
-        args.model if args.model and Path(args.model, "tokenizer_config.json").exists() else None
-    )
+    tokenizer_dir = tokenizer_folder(args.tokenizer, args.model)
     if tokenizer_dir:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:
