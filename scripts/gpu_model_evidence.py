@@ -10,7 +10,8 @@ memory of OSDN and of fla's DeltaNetForCausalLM of the same shapes, same batch, 
 each model alone first (its peak memory), then both resident and timed in `--rounds`
 alternating rounds of `--throughput-steps` steps, the order reversed every round; the
 reported ratio is the median of the per-round ratios (`osdn_hf.throughput`).
-`--only-throughput` runs the last part alone. With `--config configs/osdn-tiny` it runs on
+`--only-throughput` runs the last part alone; `--compile` adds `torch.compile` of OSDN as a third
+model to the rounds (its first step, which compiles, is timed apart). With `--config configs/osdn-tiny` it runs on
 CPU as a dry run (no fla comparison).
 """
 
@@ -32,7 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForLangua
 import osdn_hf  # noqa: F401  registers the Auto classes
 from osdn_hf.data import pack_blocks, shakespeare_texts, train_bpe_tokenizer
 from osdn_hf.run_info import run_metadata
-from osdn_hf.throughput import alternate, fla_deltanet_kwargs, measure_alone, training_step
+from osdn_hf.throughput import alternate, fla_deltanet_kwargs, measure_alone, ratio_summary, training_step
 from osdn_hf.training import CHECKPOINTING_ARG
 
 
@@ -128,6 +129,7 @@ def main(argv=None):
     p.add_argument("--throughput-steps", type=int, default=10, help="timed steps per model in each round")
     p.add_argument("--rounds", type=int, default=6, help="alternating throughput rounds (order reversed each round)")
     p.add_argument("--only-throughput", action="store_true", help="skip the Trainer, generate and save/reload stages")
+    p.add_argument("--compile", action="store_true", help="time torch.compile(OSDN) too, a third model in the rounds")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = dict(config=args.config, **run_metadata(args.commit, "scripts/gpu_model_evidence.py", argv))
@@ -170,22 +172,33 @@ def main(argv=None):
         tokens = args.batch * args.seq
         fla_config = DeltaNetConfig(**fla_deltanet_kwargs(config))
         steps = {}
-        for name, build in (
+        builds = [
             ("osdn", lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32)),
             ("fla_deltanet", lambda: DeltaNetForCausalLM(fla_config)),
-        ):
+        ]
+        if args.compile:
+            builds.append(
+                ("osdn_compiled", lambda: torch.compile(AutoModelForCausalLM.from_config(config, dtype=torch.float32)))
+            )
+        for name, build in builds:
             base = torch.cuda.memory_allocated()
             torch.manual_seed(0)
             with torch.device(device):  # built where it runs: a 1.3B init on the CPU takes minutes
                 model = build()
-            model.gradient_checkpointing_enable()
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
             parameters = sum(p.numel() for p in model.parameters())
             dtypes = sorted({str(p.dtype) for p in model.parameters()})
             steps[name] = training_step(model, args.batch, args.seq, device)
+            start = time.perf_counter()  # the first step: kernels' compilation, and torch.compile's
+            steps[name]()
+            torch.cuda.synchronize()
+            first_step_s = time.perf_counter() - start
             result[f"throughput_{name}"] = measure_alone(
                 steps[name], tokens, args.throughput_steps, device, base_bytes=base
             )
-            result[f"throughput_{name}"].update(parameters=parameters, parameter_dtypes=dtypes)
+            result[f"throughput_{name}"].update(
+                parameters=parameters, parameter_dtypes=dtypes, first_step_s=first_step_s
+            )
             save()
         stage("throughput, alternating rounds")
         result["throughput_rounds"] = alternate(steps, tokens, args.throughput_steps, args.rounds, device)
@@ -199,6 +212,18 @@ def main(argv=None):
             "tokens_per_s_first_block": o["tokens_per_s"] / f["tokens_per_s"],
             "peak_memory": o["peak_mib"] / f["peak_mib"],
         }
+        if args.compile:
+            per_round = result["throughput_rounds"]["tokens_per_s"]
+            c = result["throughput_osdn_compiled"]
+            result["ratios"]["compiled"] = {
+                "tokens_per_s_over_eager": ratio_summary(
+                    per_round["osdn_compiled"], per_round["osdn"], "compiled / eager"
+                ),
+                "tokens_per_s_over_fla": ratio_summary(
+                    per_round["osdn_compiled"], per_round["fla_deltanet"], "compiled / fla_deltanet"
+                ),
+                "peak_memory_over_eager": c["peak_mib"] / o["peak_mib"],
+            }
     save()
 
     print(json.dumps({k: v for k, v in result.items() if k != "trainer"}, indent=1))

@@ -91,6 +91,7 @@ def gates_step_applies(
     )
 
 
+@torch.compiler.disable
 def gates_step(
     x: torch.Tensor,
     b_proj: torch.nn.Linear,

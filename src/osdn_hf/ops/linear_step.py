@@ -144,6 +144,7 @@ def _feature_block(N: int, weights: int) -> int:
     return 32 if cdiv(N, 32) * weights >= 264 else 16
 
 
+@torch.compiler.disable
 def linear_step(x: torch.Tensor, linears: Sequence[nn.Linear]) -> list[torch.Tensor]:
     """`[m(x) for m in linears]` (1 to 3) in one launch. Call it only where `linear_step_applies`."""
     if not 1 <= len(linears) <= 3:
@@ -163,6 +164,7 @@ def linear_step(x: torch.Tensor, linears: Sequence[nn.Linear]) -> list[torch.Ten
     return ys
 
 
+@torch.compiler.disable
 def swiglu_step(x: torch.Tensor, gate: nn.Linear, up: nn.Linear) -> torch.Tensor:
     """`F.silu(gate(x)) * up(x)` in one launch. Call it only where `linear_step_applies`."""
     K = x.shape[-1]
@@ -192,6 +194,7 @@ def norm_linear_step_applies(x: torch.Tensor, norm_weight: torch.Tensor, linear:
     return linear_step_applies(x.flatten(-2), (linear,)) and weights_apply(x, (norm_weight,))
 
 
+@torch.compiler.disable
 def norm_linear_step(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, linear: nn.Linear) -> torch.Tensor:
     """`linear(F.rms_norm(x, (G,), norm_weight, eps).flatten(-2))` for x `[..., H, G]` (a layer's
     per-head output norm and output projection) in one launch. Call it only where

@@ -94,6 +94,7 @@ def short_conv_step_applies(x: torch.Tensor, cache: torch.Tensor | None, weight:
     )
 
 
+@torch.compiler.disable
 def short_conv_step(
     xs: Sequence[torch.Tensor],
     caches: Sequence[torch.Tensor],

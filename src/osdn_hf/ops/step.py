@@ -1,5 +1,7 @@
 """What the one-kernel decoding steps (`gates`, `linear_step`, `short_conv`, `swiglu`) take, in one
-place: their dtypes, a step's rows on Triton's device, and weights a kernel may read directly."""
+place: their dtypes, a step's rows on Triton's device, and weights a kernel may read directly.
+Each step's launching function is `torch.compiler.disable`d, as the OSDN ops' kernel paths are:
+under `torch.compile` the kernels run as they are, outside the graph."""
 
 from __future__ import annotations
 

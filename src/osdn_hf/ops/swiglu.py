@@ -66,6 +66,7 @@ def silu_mul_applies(gate: torch.Tensor, up: torch.Tensor) -> bool:
     )
 
 
+@torch.compiler.disable
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """`F.silu(gate) * up` in one kernel, in their dtype. Call it only where `silu_mul_applies`."""
     y = torch.empty_like(gate)

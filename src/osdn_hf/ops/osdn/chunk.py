@@ -141,6 +141,22 @@ def chunk_delta_rule_asym(
     return scale * (q @ S_starts + Mqw @ U), S
 
 
+@torch.compiler.disable
+def _chunk_osdn_kernels(q, k, v, beta, eta, lam, scale, S0, d0, precision, l2norm_qk, chunk_size):
+    """`_chunk_osdn_core` on the Triton kernels. Under `torch.compile` it runs as it is, outside the
+    graph (as fla's ops do): Dynamo would otherwise trace the launches and their autograd
+    Functions, which it cannot follow."""
+    # q, k, v and the kernels' [B, H, NC, C, *] intermediates (per-chunk states included) are
+    # stored in the inputs' dtype when it is 16-bit, as fla does, and in float32 otherwise;
+    # products run in 16 bits where both operands are stored ones (chunk_fused.py), and the
+    # states are carried from chunk to chunk in float32
+    # v and o stay [B, T, H, V] (the kernels address their rows there)
+    sd = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    qc, kc = (ToChunks.apply(x, chunk_size, l2norm_qk, sd) for x in (q, k))
+    bc, ec, lc = GatesToChunks.apply(beta, eta, lam, chunk_size)
+    return chunk_osdn_fused(qc, kc, v.to(sd), bc, ec, lc, scale, S0, d0, precision, q.dtype, l2norm_qk)
+
+
 def _chunk_osdn_core(
     q, k, v, beta, eta, lam, scale, S0, d0, use_triton=False, precision="ieee", l2norm_qk=False, chunk_size=CHUNK_SIZE
 ):
@@ -149,15 +165,7 @@ def _chunk_osdn_core(
     first: on the Triton path inside the kernels that relayout them."""
     T = q.shape[1]
     if use_triton:
-        # q, k, v and the kernels' [B, H, NC, C, *] intermediates (per-chunk states included) are
-        # stored in the inputs' dtype when it is 16-bit, as fla does, and in float32 otherwise;
-        # products run in 16 bits where both operands are stored ones (chunk_fused.py), and the
-        # states are carried from chunk to chunk in float32
-        # v and o stay [B, T, H, V] (the kernels address their rows there)
-        sd = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        qc, kc = (ToChunks.apply(x, chunk_size, l2norm_qk, sd) for x in (q, k))
-        bc, ec, lc = GatesToChunks.apply(beta, eta, lam, chunk_size)
-        return chunk_osdn_fused(qc, kc, v.to(sd), bc, ec, lc, scale, S0, d0, precision, q.dtype, l2norm_qk)
+        return _chunk_osdn_kernels(q, k, v, beta, eta, lam, scale, S0, d0, precision, l2norm_qk, chunk_size)
     bc, ec = _to_chunks(beta, chunk_size), _to_chunks(eta, chunk_size)
     lc = _to_chunks(lam, chunk_size, fill=1.0)
     if l2norm_qk:
@@ -210,7 +218,8 @@ def chunk_osdn(
         (torch.Size([2, 100, 4, 32]), torch.Size([2, 4, 32, 32]), torch.Size([2, 4, 32]))
     """
     kernels = use_triton(q)
-    core = partial(_chunk_osdn_core, use_triton=kernels, precision=dot_precision(q), l2norm_qk=use_qk_l2norm_in_kernel)
+    precision = dot_precision(q) if kernels else "ieee"  # (torch's float32 setting is read only for the kernels)
+    core = partial(_chunk_osdn_core, use_triton=kernels, precision=precision, l2norm_qk=use_qk_l2norm_in_kernel)
     return run_padded(
         core,
         q,

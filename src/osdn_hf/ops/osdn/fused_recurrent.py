@@ -290,6 +290,28 @@ def _fused_recurrent_osdn_torch(q, k, v, beta, eta, lam, scale, S, d):
     return o, S, d
 
 
+@torch.compiler.disable
+def _fused_recurrent_osdn_kernels(
+    q, k, v, beta, eta, lam, scale, initial_state, initial_precond, output_final_state, cu_seqlens,
+    use_qk_l2norm_in_kernel, inplace_final_state, needs_grad,
+):  # fmt: skip
+    """`fused_recurrent_osdn` on its Triton kernel. Under `torch.compile` it runs as it is, outside
+    the graph (as fla's ops do): Dynamo would otherwise trace the launch, which it cannot follow."""
+    N = check_inputs(q, k, v, beta, eta, lam, scale, initial_state, initial_precond, cu_seqlens)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)  # one kernel for int and float scales
+    if not needs_grad:
+        # outside autograd (in place always is: checked above), so no Function is needed, nor
+        # its bookkeeping on the host
+        return fused_recurrent_osdn_fwd(
+            q, k, v, beta, eta, lam, scale, initial_state, initial_precond, output_final_state, cu_seqlens,
+            use_qk_l2norm_in_kernel, N, inplace_final_state=inplace_final_state,
+        )  # fmt: skip
+    return FusedRecurrentOSDNFunction.apply(
+        q, k, v, beta, eta, lam, initial_state, initial_precond, scale, output_final_state, cu_seqlens,
+        use_qk_l2norm_in_kernel, N,
+    )  # fmt: skip
+
+
 def fused_recurrent_osdn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -331,31 +353,10 @@ def fused_recurrent_osdn(
         _check_inplace(initial_state, initial_precond, needs_grad)
         output_final_state = True
     if use_triton(q):
-        N = check_inputs(q, k, v, beta, eta, lam, scale, initial_state, initial_precond, cu_seqlens)
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)  # one kernel for int and float scales
-        if not needs_grad:
-            # outside autograd (in place always is: checked above), so no Function is needed, nor
-            # its bookkeeping on the host
-            return fused_recurrent_osdn_fwd(
-                q, k, v, beta, eta, lam, scale, initial_state, initial_precond, output_final_state, cu_seqlens,
-                use_qk_l2norm_in_kernel, N, inplace_final_state=inplace_final_state,
-            )  # fmt: skip
-        o, S, d = FusedRecurrentOSDNFunction.apply(
-            q,
-            k,
-            v,
-            beta,
-            eta,
-            lam,
-            initial_state,
-            initial_precond,
-            scale,
-            output_final_state,
-            cu_seqlens,
-            use_qk_l2norm_in_kernel,
-            N,
-        )
-        return o, S, d
+        return _fused_recurrent_osdn_kernels(
+            q, k, v, beta, eta, lam, scale, initial_state, initial_precond, output_final_state, cu_seqlens,
+            use_qk_l2norm_in_kernel, inplace_final_state, needs_grad,
+        )  # fmt: skip
     o, S, d = run_padded(
         _fused_recurrent_osdn_torch,
         q,

@@ -1,0 +1,79 @@
+"""`torch.compile` of the model: training and decoding give what the model gives without it.
+
+The Triton paths (the ops' kernels and the one-kernel decoding steps) run outside the compiled
+graphs (`torch.compiler.disable`, as fla's ops do); the rest of the model, and the pure-PyTorch
+path, compiles. Off the GPU the Triton paths run through Triton's interpreter (forced), on the GPU
+on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_model import tiny_model
+
+from osdn_hf.ops.osdn import utils
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+BACKENDS = ["triton"] if ON_GPU else ["torch", "triton"]  # CUDA tensors always take the kernels
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """A clean slate for Dynamo (its caches would otherwise outlive the test), and the path: the
+    pure-PyTorch one, or the Triton kernels (interpreted where there is no GPU)."""
+    if request.param == "triton":
+        pytest.importorskip("triton", reason="Triton is not installed (it is a Linux-only dependency)")
+        if not ON_GPU:
+            monkeypatch.setenv(utils.FORCE_TRITON_ENV, "1")
+    torch._dynamo.reset()
+    yield request.param
+    torch._dynamo.reset()
+
+
+def _padded_batch(seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of 70 tokens (more than a chunk), the second left-padded by 9."""
+    torch.manual_seed(seed)
+    ids = torch.randint(1, 97, (2, 70))
+    mask = torch.ones_like(ids)
+    ids[1, :9], mask[1, :9] = 0, 0
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_training_step_equals_eager(backend, checkpointing):
+    model = tiny_model(num_hidden_layers=1).train().to(DEVICE)
+    if checkpointing:
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()  # (renamed in 5.24)
+    ids, mask = _padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def step(forward):
+        model.zero_grad()
+        out = forward(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        return out.loss.detach(), out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, logits, grads = step(model)
+    compiled = torch.compile(model)
+    for _ in range(2):  # the second call runs the compiled code as cached
+        c_loss, c_logits, c_grads = step(compiled)
+        torch.testing.assert_close(c_loss, loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(c_logits, logits, atol=1e-4, rtol=1e-4)
+        for name, grad in grads.items():
+            torch.testing.assert_close(c_grads[name], grad, atol=1e-4, rtol=1e-3, msg=name)
+    assert torch.stack([g.abs().sum() for g in grads.values()]).min() > 0  # every parameter learns
+
+
+def test_compiled_forward_generates_like_eager(backend):
+    """`generate` with a compiled forward (as transformers compiles a model's): a prefill, then
+    one-token steps that continue the cache, to the same tokens."""
+    model = tiny_model(num_hidden_layers=1).to(DEVICE)
+    ids, mask = _padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    eager = model.generate(ids, **kwargs)
+    model.forward = torch.compile(model.forward)
+    compiled = model.generate(ids, **kwargs)
+    assert torch.equal(compiled, eager)
+    assert eager.shape == (2, 76)
