@@ -77,3 +77,31 @@ def test_compiled_forward_generates_like_eager(backend):
     compiled = model.generate(ids, **kwargs)
     assert torch.equal(compiled, eager)
     assert eager.shape == (2, 76)
+
+
+def test_trainer_torch_compile_trains_like_eager(backend, tmp_path):
+    """`Trainer(torch_compile=True)`, as a user turns it on: the same losses as without it."""
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(4)
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(1, 97, (8, 70)).tolist()]
+    losses = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(compiled)),
+            max_steps=3,
+            per_device_train_batch_size=4,
+            learning_rate=1e-3,
+            torch_compile=compiled,
+            use_cpu=not ON_GPU,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=1,
+        )
+        trainer = Trainer(model=tiny_model(num_hidden_layers=1).train(), args=args, train_dataset=data)
+        trainer.train()
+        assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule) == compiled
+        losses[compiled] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses[True]) == 3
+    torch.testing.assert_close(losses[True], losses[False], atol=1e-4, rtol=1e-4)
