@@ -11,8 +11,8 @@ each model alone first (its peak memory), then both resident and timed in `--rou
 alternating rounds of `--throughput-steps` steps, the order reversed every round; the
 reported ratio is the median of the per-round ratios (`osdn_hf.throughput`).
 `--only-throughput` runs the last part alone; `--compile` adds `torch.compile` of OSDN as a third
-model to the rounds (its first step, which compiles, is timed apart). With `--config configs/osdn-tiny` it runs on
-CPU as a dry run (no fla comparison).
+model to the rounds (each model's first step, which compiles, is timed apart). With
+`--config configs/osdn-tiny` it runs on CPU as a dry run (no fla comparison, no throughput).
 """
 
 from __future__ import annotations

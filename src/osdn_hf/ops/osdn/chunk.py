@@ -144,8 +144,8 @@ def chunk_delta_rule_asym(
 @torch.compiler.disable
 def _chunk_osdn_kernels(q, k, v, beta, eta, lam, scale, S0, d0, precision, l2norm_qk, chunk_size):
     """`_chunk_osdn_core` on the Triton kernels. Under `torch.compile` it runs as it is, outside the
-    graph (as fla's ops do): Dynamo would otherwise trace the launches and their autograd
-    Functions, which it cannot follow."""
+    graph, as fla's ops do; Dynamo would otherwise trace into the launches (under Triton's
+    interpreter that fails: `tests/test_compile.py`)."""
     # q, k, v and the kernels' [B, H, NC, C, *] intermediates (per-chunk states included) are
     # stored in the inputs' dtype when it is 16-bit, as fla does, and in float32 otherwise;
     # products run in 16 bits where both operands are stored ones (chunk_fused.py), and the

@@ -296,7 +296,7 @@ def _fused_recurrent_osdn_kernels(
     use_qk_l2norm_in_kernel, inplace_final_state, needs_grad,
 ):  # fmt: skip
     """`fused_recurrent_osdn` on its Triton kernel. Under `torch.compile` it runs as it is, outside
-    the graph (as fla's ops do): Dynamo would otherwise trace the launch, which it cannot follow."""
+    the graph, as `chunk_osdn`'s kernels do."""
     N = check_inputs(q, k, v, beta, eta, lam, scale, initial_state, initial_precond, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)  # one kernel for int and float scales
     if not needs_grad:
