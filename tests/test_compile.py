@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_model import tiny_model
 
+from osdn_hf.modeling_osdn import _DECODE_GRAPHS
 from osdn_hf.ops.osdn import utils
 
 ON_GPU = torch.cuda.is_available()
@@ -66,17 +67,21 @@ def test_compiled_training_step_equals_eager(backend, checkpointing):
     assert torch.stack([g.abs().sum() for g in grads.values()]).min() > 0  # every parameter learns
 
 
-def test_compiled_forward_generates_like_eager(backend):
-    """`generate` with a compiled forward (as transformers compiles a model's): a prefill, then
+# On a GPU, also with decoding steps replayed from CUDA graphs (off the GPU the option changes nothing)
+@pytest.mark.parametrize("cuda_graphs", [False, True] if ON_GPU else [False])
+def test_compiled_forward_generates_like_eager(backend, cuda_graphs):
+    """`generate` with a compiled `forward` (as transformers compiles a model's): a prefill, then
     one-token steps that continue the cache, to the same tokens."""
-    model = tiny_model(num_hidden_layers=1).to(DEVICE)
+    model = tiny_model(num_hidden_layers=1, cuda_graph_decoding=cuda_graphs).to(DEVICE)
     ids, mask = _padded_batch()
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     eager = model.generate(ids, **kwargs)
+    _DECODE_GRAPHS.pop(model, None)
     model.forward = torch.compile(model.forward)
     compiled = model.generate(ids, **kwargs)
     assert torch.equal(compiled, eager)
     assert eager.shape == (2, 76)
+    assert (model in _DECODE_GRAPHS) == cuda_graphs  # the compiled steps were replayed from graphs
 
 
 def test_trainer_torch_compile_trains_like_eager(backend, tmp_path):

@@ -656,6 +656,7 @@ class OSDNForCausalLM(OSDNPreTrainedModel, GenerationMixin):
         hidden_states = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True).last_hidden_state
         return self.lm_head(hidden_states)
 
+    @torch.compiler.disable  # under torch.compile too, a step is captured and replayed as it is
     def _replayed_step(
         self,
         input_ids,
