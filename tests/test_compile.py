@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_model import tiny_model
+from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
 from osdn_hf.modeling_osdn import _DECODE_GRAPHS
 from osdn_hf.ops.osdn import utils
@@ -42,17 +43,29 @@ def _padded_batch(seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.to(DEVICE), mask.to(DEVICE)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_compiled_training_step_equals_eager(backend, checkpointing):
+def _packed_batch(seed: int = 3) -> dict:
+    """Three sequences of 30, 50 and 17 tokens packed in one row by transformers' padding-free
+    collator (its restarting `position_ids` and `cu_seq_lens_q`)."""
+    torch.manual_seed(seed)
+    rows = [{"input_ids": torch.randint(1, 97, (n,)).tolist()} for n in (30, 50, 17)]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(rows)
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("case", ["padded", "padded, checkpointing", "packed"])
+def test_compiled_training_step_equals_eager(backend, case):
     model = tiny_model(num_hidden_layers=1).train().to(DEVICE)
-    if checkpointing:
+    if "checkpointing" in case:
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()  # (renamed in 5.24)
-    ids, mask = _padded_batch()
-    labels = ids.masked_fill(mask == 0, -100)
+    if case == "packed":
+        batch = _packed_batch()
+    else:
+        ids, mask = _padded_batch()
+        batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
 
     def step(forward):
         model.zero_grad()
-        out = forward(input_ids=ids, attention_mask=mask, labels=labels)
+        out = forward(**batch)
         out.loss.backward()
         return out.loss.detach(), out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -86,8 +99,6 @@ def test_compiled_forward_generates_like_eager(backend, cuda_graphs):
 
 def test_trainer_torch_compile_trains_like_eager(backend, tmp_path):
     """`Trainer(torch_compile=True)`, as a user turns it on: the same losses as without it."""
-    from transformers import Trainer, TrainingArguments
-
     torch.manual_seed(4)
     data = [{"input_ids": row, "labels": row} for row in torch.randint(1, 97, (8, 70)).tolist()]
     losses = {}
