@@ -145,7 +145,10 @@ def chunk_delta_rule_asym(
 def _chunk_osdn_kernels(q, k, v, beta, eta, lam, scale, S0, d0, precision, l2norm_qk, chunk_size):
     """`_chunk_osdn_core` on the Triton kernels. Under `torch.compile` it runs as it is, outside the
     graph, as fla's ops do; Dynamo would otherwise trace into the launches (under Triton's
-    interpreter that fails: `tests/test_compile.py`)."""
+    interpreter that fails: `tests/test_compile.py`). `precision` None reads torch's float32 setting
+    (`dot_precision`) here, where Dynamo does not trace it."""
+    if precision is None:
+        precision = dot_precision(q)
     # q, k, v and the kernels' [B, H, NC, C, *] intermediates (per-chunk states included) are
     # stored in the inputs' dtype when it is 16-bit, as fla does, and in float32 otherwise;
     # products run in 16 bits where both operands are stored ones (chunk_fused.py), and the
@@ -162,7 +165,8 @@ def _chunk_osdn_core(
 ):
     """`[B, T, H, *]` in (any float dtype; the states float32), `(o [B, T, H, V]` in
     q's dtype, `S [B, H, K, V], d [B, H, K])` out. With `l2norm_qk` q and k are L2-normalised
-    first: on the Triton path inside the kernels that relayout them."""
+    first: on the Triton path inside the kernels that relayout them. `precision` is the kernels'
+    (None: from torch's float32 setting); the torch path ignores it."""
     T = q.shape[1]
     if use_triton:
         return _chunk_osdn_kernels(q, k, v, beta, eta, lam, scale, S0, d0, precision, l2norm_qk, chunk_size)
@@ -218,8 +222,8 @@ def chunk_osdn(
         (torch.Size([2, 100, 4, 32]), torch.Size([2, 4, 32, 32]), torch.Size([2, 4, 32]))
     """
     kernels = use_triton(q)
-    precision = dot_precision(q) if kernels else "ieee"  # (torch's float32 setting is read only for the kernels)
-    core = partial(_chunk_osdn_core, use_triton=kernels, precision=precision, l2norm_qk=use_qk_l2norm_in_kernel)
+    # precision None: the kernels read torch's float32 setting themselves (`_chunk_osdn_kernels`)
+    core = partial(_chunk_osdn_core, use_triton=kernels, precision=None, l2norm_qk=use_qk_l2norm_in_kernel)
     return run_padded(
         core,
         q,

@@ -282,7 +282,6 @@ def use_triton(x: torch.Tensor) -> bool:
     return HAS_TRITON and (x.is_cuda or os.environ.get(FORCE_TRITON_ENV) == "1")
 
 
-@torch.compiler.disable  # Dynamo cannot trace the setting's getter (it would warn and break the graph anyway)
 def float32_tf32() -> bool:
     """Whether torch lets float32 matmuls on CUDA run in TF32: `torch.backends.cuda.matmul.
     fp32_precision` (or the global `torch.backends.fp32_precision` it follows) is "tf32", as
