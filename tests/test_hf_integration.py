@@ -80,6 +80,24 @@ def test_tied_embeddings_round_trip(tmp_path):
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
+@pytest.mark.parametrize(
+    "cls", [OSDNForCausalLM, OSDNForSequenceClassification, OSDNForTokenClassification, OSDNForQuestionAnswering]
+)
+def test_no_module_is_registered_for_hub_kernels(cls):
+    # transformers 5.25's from_pretrained runs the `kernels` package's `kernelize` on every model by
+    # default. It swaps the forward of modules whose class has a `kernel_layer_name` or that hold
+    # `_kernel_funcs`: with `kernels` installed, transformers' own modules (its activations, norms)
+    # get them. OSDN's model is built of its own modules and torch's only, with neither, so that pass
+    # leaves it as it is (CI cannot install `kernels` 0.19 to run the pass itself).
+    model = tiny_head(cls) if cls is not OSDNForCausalLM else tiny_model()
+    classes = {type(module) for module in model.modules()}
+    foreign = sorted(c.__qualname__ for c in classes if not c.__module__.startswith(("osdn_hf.", "torch.nn.")))
+    assert foreign == []
+    registered = [c.__qualname__ for c in classes if hasattr(c, "kernel_layer_name")]
+    registered += [type(m).__qualname__ for m in model.modules() if getattr(m, "_kernel_funcs", None)]
+    assert registered == []
+
+
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     model = tiny_model()
     model.save_pretrained(tmp_path / "old")
