@@ -52,7 +52,10 @@ def _packed_batch(seed: int = 3) -> dict:
     return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-@pytest.mark.parametrize("case", ["padded", "padded, checkpointing", "packed"])
+TRAINING_CASES = ["padded", "padded, checkpointing", "packed"] + (["padded, reduce-overhead"] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("case", TRAINING_CASES)
 def test_compiled_training_step_equals_eager(backend, case):
     model = tiny_model(num_hidden_layers=1).train().to(DEVICE)
     if "checkpointing" in case:
@@ -70,8 +73,10 @@ def test_compiled_training_step_equals_eager(backend, case):
         return out.loss.detach(), out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     loss, logits, grads = step(model)
-    compiled = torch.compile(model)
-    for _ in range(2):  # the second call runs the compiled code as cached
+    compiled = torch.compile(model, mode="reduce-overhead" if "reduce-overhead" in case else None)
+    # the second call runs the compiled code as cached; with mode="reduce-overhead" the first warms
+    # up, the second records the CUDA graphs and the third replays them
+    for _ in range(3 if "reduce-overhead" in case else 2):
         c_loss, c_logits, c_grads = step(compiled)
         torch.testing.assert_close(c_loss, loss, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(c_logits, logits, atol=1e-4, rtol=1e-4)
@@ -80,9 +85,13 @@ def test_compiled_training_step_equals_eager(backend, case):
     assert torch.stack([g.abs().sum() for g in grads.values()]).min() > 0  # every parameter learns
 
 
-# On a GPU, also with decoding steps replayed from CUDA graphs (off the GPU the option changes nothing)
-@pytest.mark.parametrize("cuda_graphs", [False, True] if ON_GPU else [False])
-def test_compiled_forward_generates_like_eager(backend, cuda_graphs):
+# On a GPU, also with decoding steps replayed from CUDA graphs (off the GPU the option changes nothing),
+# and compiled with mode="reduce-overhead" (torch's CUDA graphs of the compiled parts; CPU tensors skip them)
+@pytest.mark.parametrize(
+    "cuda_graphs, mode",
+    [(False, None), (True, None), (False, "reduce-overhead"), (True, "reduce-overhead")] if ON_GPU else [(False, None)],
+)
+def test_compiled_forward_generates_like_eager(backend, cuda_graphs, mode):
     """`generate` with a compiled `forward` (as transformers compiles a model's): a prefill, then
     one-token steps that continue the cache, to the same tokens."""
     model = tiny_model(num_hidden_layers=1, cuda_graph_decoding=cuda_graphs).to(DEVICE)
@@ -90,7 +99,7 @@ def test_compiled_forward_generates_like_eager(backend, cuda_graphs):
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     eager = model.generate(ids, **kwargs)
     _DECODE_GRAPHS.pop(model, None)
-    model.forward = torch.compile(model.forward)
+    model.forward = torch.compile(model.forward, mode=mode)
     compiled = model.generate(ids, **kwargs)
     assert torch.equal(compiled, eager)
     assert eager.shape == (2, 76)
