@@ -13,7 +13,8 @@ import torch
 from test_model import tiny_model
 from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
-from osdn_hf.modeling_osdn import _DECODE_GRAPHS
+import osdn_hf.modeling_osdn
+from osdn_hf.modeling_osdn import _DECODE_GRAPHS, OSDNLayerCache, _own_states, output_cache
 from osdn_hf.ops.osdn import utils
 
 ON_GPU = torch.cuda.is_available()
@@ -130,3 +131,51 @@ def test_trainer_torch_compile_trains_like_eager(backend, tmp_path):
         losses[compiled] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses[True]) == 3
     torch.testing.assert_close(losses[True], losses[False], atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_forward_keeps_the_caches_own_states(backend, monkeypatch):
+    """Compiled, a layer hands its new states to `_own_states`, so the cache holds tensors of its own
+    and not memory the compiled code may reuse (with mode="reduce-overhead" it does: CUDA graphs;
+    `test_compiled_forward_generates_like_eager` runs that on a GPU); eagerly it keeps them as given."""
+    calls = []
+
+    @torch.compiler.disable
+    def spy(layer, *states):
+        calls.append(layer)
+        return real(layer, *states)
+
+    real = osdn_hf.modeling_osdn._own_states
+    monkeypatch.setattr(osdn_hf.modeling_osdn, "_own_states", spy)
+    model = tiny_model(num_hidden_layers=2).to(DEVICE)
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        eager = model(ids, attention_mask=mask, use_cache=True)
+        assert calls == []
+        compiled = torch.compile(model)(ids, attention_mask=mask, use_cache=True)
+    assert len(calls) == 2  # one call a layer
+    torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-4, rtol=1e-4)
+    for a, b in zip(output_cache(compiled).layers, output_cache(eager).layers):
+        torch.testing.assert_close(a.recurrent_state, b.recurrent_state, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.precond_state, b.precond_state, atol=1e-4, rtol=1e-4)
+        for x, y in zip(a.conv_state, b.conv_state, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+def test_own_states_copies_into_held_states_or_clones():
+    layer = OSDNLayerCache()
+    states = [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4), (torch.randn(2, 8, 3),) * 3]
+    first = _own_states(layer, *states)  # nothing held: clones
+    assert all(a is not b and torch.equal(a, b) for a, b in zip(first[:2] + first[2], states[:2] + list(states[2])))
+    layer.recurrent_state, layer.precond_state, layer.conv_state = first
+    new = [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4), tuple(torch.randn(2, 8, 3) for _ in range(3))]
+    with torch.no_grad():
+        second = _own_states(layer, *new)  # held ones of the same shape: written over
+    for kept, held, given in zip(second[:2] + second[2], first[:2] + first[2], new[:2] + list(new[2])):
+        assert kept is held and torch.equal(kept, given)
+    # what the layer holds (updated in place) and what autograd needs stay as they are
+    grad = torch.randn(2, 3, 4, 4, requires_grad=True)
+    third = _own_states(layer, grad, layer.precond_state, layer.conv_state)
+    assert third[0] is grad and third[1] is layer.precond_state and third[2][0] is layer.conv_state[0]
+    # another batch size: cloned, the held states untouched
+    fourth = _own_states(layer, torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4), (torch.randn(1, 8, 3),) * 3)
+    assert fourth[0].shape[0] == 1 and layer.recurrent_state.shape[0] == 2

@@ -121,6 +121,34 @@ class OSDNLayerCache:
         raise NotImplementedError("the cache counts tokens, not its layers: call OSDNCache.get_seq_length()")
 
 
+@torch.compiler.disable
+def _own_states(layer: OSDNLayerCache, recurrent_state, precond_state, conv_state):
+    """The states `layer` should keep, in memory of the cache's own. A tensor that compiled code
+    made can live in memory the code's next call reuses: with `mode="reduce-overhead"`, torch's
+    CUDA graphs give each call's outputs the same memory, and a cache that kept the prefill's
+    convolution inputs read them overwritten on the next step (an error on the H200:
+    `tests/test_compile.py`). So, run outside the compiled code: a state the layer already holds
+    (updated in place) stays; one that requires grad stays as given (autograd's); otherwise, without
+    gradients, the new state is copied into the one held where that has its shape, dtype and device
+    (as an in-place decoding step would have written it), and else cloned."""
+    old = (layer.recurrent_state, layer.precond_state, *(layer.conv_state or (None,) * len(conv_state)))
+    new = (recurrent_state, precond_state, *conv_state)
+    kept = []
+    for held, given in zip(old, new):
+        if given is held or given.requires_grad:
+            kept.append(given)
+        elif (
+            held is not None
+            and not torch.is_grad_enabled()
+            and (held.shape, held.dtype, held.device) == (given.shape, given.dtype, given.device)
+            and held.is_contiguous()
+        ):
+            kept.append(held.copy_(given))
+        else:
+            kept.append(given.clone(memory_format=torch.contiguous_format))
+    return kept[0], kept[1], tuple(kept[2:])
+
+
 class OSDNCache(Cache):
     """Recurrent cache of an OSDN model: one `OSDNLayerCache` per layer plus a token count.
 
@@ -149,8 +177,13 @@ class OSDNCache(Cache):
         recurrent_state: torch.Tensor,
         precond_state: torch.Tensor,
         conv_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        own: bool = False,
     ) -> None:
+        """Keep a layer's new states. With `own` (the layer passes it under `torch.compile`) the
+        cache keeps tensors of its own (`_own_states`) instead of the ones it is given."""
         layer = self.layers[layer_idx]
+        if own:
+            recurrent_state, precond_state, conv_state = _own_states(layer, recurrent_state, precond_state, conv_state)
         layer.recurrent_state, layer.precond_state, layer.conv_state = recurrent_state, precond_state, conv_state
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

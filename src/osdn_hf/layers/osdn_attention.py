@@ -171,7 +171,10 @@ class OSDNAttention(nn.Module):
             use_qk_l2norm_in_kernel=True,
         )
         if use_cache:
-            past_key_values.update_layer_state(self.layer_idx, recurrent_state, precond_state, conv_state)
+            # Compiled, the cache keeps copies of its own: compiled code's outputs may live in memory
+            # that its next call reuses (CUDA graphs, mode="reduce-overhead"; `OSDNCache`'s `_own_states`)
+            own = torch.compiler.is_compiling()
+            past_key_values.update_layer_state(self.layer_idx, recurrent_state, precond_state, conv_state, own=own)
 
         # 6. Per-head output norm (optionally gated), then the output projection; for a few rows
         # without gradients, the norm and the projection in one kernel (`ops.linear_step`).
