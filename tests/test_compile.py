@@ -107,7 +107,23 @@ def test_compiled_forward_generates_like_eager(backend, cuda_graphs, mode):
     assert (model in _DECODE_GRAPHS) == cuda_graphs  # the compiled steps were replayed from graphs
 
 
-def test_trainer_torch_compile_trains_like_eager(backend, tmp_path):
+@pytest.fixture
+def float32_settings():
+    """On a GPU, `TrainingArguments(torch_compile=True)` turns TF32 on for the whole process
+    (transformers' `enable_tf32`), which the kernels then follow (`dot_precision`); put torch's
+    float32 settings back after the test, so that the tests after it run as they would alone."""
+    levels = [torch.backends, torch.backends.cuda.matmul, torch.backends.cudnn]
+    saved = [(level, level.fp32_precision) for level in levels if hasattr(level, "fp32_precision")]
+    legacy = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    if saved:  # torch 2.9 and later
+        for level, value in saved:
+            level.fp32_precision = value
+    else:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = legacy
+
+
+def test_trainer_torch_compile_trains_like_eager(backend, tmp_path, float32_settings):
     """`Trainer(torch_compile=True)`, as a user turns it on: the same losses as without it."""
     torch.manual_seed(4)
     data = [{"input_ids": row, "labels": row} for row in torch.randint(1, 97, (8, 70)).tolist()]
